@@ -1,0 +1,239 @@
+//! The executable form of a CNN+LSTM model: a list of layers with weights
+//! already laid out for the kernels, and the forward pass over a batch.
+//!
+//! Activations between sequence layers are kept sample-major, `[B, T, C]`
+//! rows of `C` channels. That one layout serves every layer: a Conv1d tap is
+//! a GEMM over rows shifted in time, the LSTM input projection is one GEMM
+//! over all `B·T` rows, and the recurrent step reads the rows of time `t`
+//! with a stride of `T·4H`. Transposes in the ONNX graph therefore cost
+//! nothing at run time; the recogniser only tracks them.
+
+use crate::kernels::{broadcast_rows, lstm_cell, matmul, relu_in_place};
+
+/// Conv1d over time, stride 1, dilation 1.
+#[derive(Debug, Clone)]
+pub(crate) struct Conv1d {
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub kernel: usize,
+    pub pad_begin: usize,
+    pub pad_end: usize,
+    /// `[kernel][in_channels][out_channels]`: one GEMM right-hand side per tap.
+    pub taps: Vec<f32>,
+    pub bias: Vec<f32>,
+    pub relu: bool,
+}
+
+/// One forward LSTM layer with ONNX gate order (i, o, f, c).
+#[derive(Debug, Clone)]
+pub(crate) struct Lstm {
+    pub input: usize,
+    pub hidden: usize,
+    /// `[input][4·hidden]`, the transposed input weights.
+    pub w_t: Vec<f32>,
+    /// `[hidden][4·hidden]`, the transposed recurrent weights.
+    pub r_t: Vec<f32>,
+    /// Input and recurrent biases summed, `[4·hidden]`.
+    pub bias: Vec<f32>,
+}
+
+/// Fully connected layer `y = x·Wᵀ + b`.
+#[derive(Debug, Clone)]
+pub(crate) struct Linear {
+    pub input: usize,
+    pub output: usize,
+    /// `[input][output]`.
+    pub w_t: Vec<f32>,
+    pub bias: Vec<f32>,
+    pub relu: bool,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) enum SeqLayer {
+    Conv(Conv1d),
+    Lstm(Lstm),
+}
+
+/// A recognised model: sequence layers over `[B, T, C]`, then the last time
+/// step, then the head over `[B, C]`.
+#[derive(Debug, Clone)]
+pub(crate) struct Plan {
+    pub time_steps: usize,
+    pub features: usize,
+    pub seq: Vec<SeqLayer>,
+    pub head: Vec<Linear>,
+    pub output_width: usize,
+}
+
+impl Plan {
+    /// Runs `rows` samples of `[time_steps, features]` and returns
+    /// `rows × output_width` values.
+    pub fn forward(&self, rows: usize, input: &[f32]) -> Vec<f32> {
+        let mut time = self.time_steps;
+        let mut channels = self.features;
+        let mut act = input.to_vec();
+        let last = self.seq.len().saturating_sub(1);
+        for (index, layer) in self.seq.iter().enumerate() {
+            match layer {
+                SeqLayer::Conv(conv) => {
+                    let (out, out_time) = conv.forward(rows, time, &act);
+                    act = out;
+                    time = out_time;
+                    channels = conv.out_channels;
+                }
+                SeqLayer::Lstm(lstm) => {
+                    // The recogniser only puts "last step" after the final
+                    // sequence layer, so that LSTM can skip storing Y.
+                    let last_only = index == last;
+                    act = lstm.forward(rows, time, &act, last_only);
+                    if last_only {
+                        time = 1;
+                    }
+                    channels = lstm.hidden;
+                }
+            }
+        }
+        // Last time step of each sample (a no-op when the LSTM already
+        // returned only its final state).
+        let mut vec = if time == 1 {
+            act
+        } else {
+            let mut v = Vec::with_capacity(rows * channels);
+            for b in 0..rows {
+                let start = (b * time + time - 1) * channels;
+                v.extend_from_slice(&act[start..start + channels]);
+            }
+            v
+        };
+        for linear in &self.head {
+            vec = linear.forward(rows, &vec);
+        }
+        vec
+    }
+}
+
+impl Conv1d {
+    fn forward(&self, rows: usize, time: usize, input: &[f32]) -> (Vec<f32>, usize) {
+        let (cin, cout, k) = (self.in_channels, self.out_channels, self.kernel);
+        let span = time + self.pad_begin + self.pad_end;
+        let out_time = span + 1 - k;
+        // Each sample's rows with its zero padding; the taps then read this
+        // buffer shifted by 0..k rows, so no im2col copy is needed.
+        let mut padded = vec![0.0f32; rows * span * cin];
+        for b in 0..rows {
+            let dst = (b * span + self.pad_begin) * cin;
+            padded[dst..dst + time * cin]
+                .copy_from_slice(&input[b * time * cin..(b + 1) * time * cin]);
+        }
+        // Output row r of the shifted GEMMs is time r - b·span of sample b;
+        // rows that straddle two samples are computed and then skipped.
+        let full_rows = rows * span - (k - 1);
+        let mut full = vec![0.0f32; full_rows * cout];
+        broadcast_rows(&mut full, full_rows, cout, &self.bias);
+        for tap in 0..k {
+            matmul(
+                full_rows,
+                cout,
+                cin,
+                &mut full,
+                cout,
+                true,
+                &padded[tap * cin..],
+                cin,
+                &self.taps[tap * cin * cout..(tap + 1) * cin * cout],
+                cout,
+            );
+        }
+        let mut out = Vec::with_capacity(rows * out_time * cout);
+        for b in 0..rows {
+            let start = b * span * cout;
+            out.extend_from_slice(&full[start..start + out_time * cout]);
+        }
+        if self.relu {
+            relu_in_place(&mut out);
+        }
+        (out, out_time)
+    }
+}
+
+impl Lstm {
+    /// Returns `[B, T, H]`, or only the final `[B, H]` with `last_only`.
+    fn forward(&self, rows: usize, time: usize, input: &[f32], last_only: bool) -> Vec<f32> {
+        let hidden = self.hidden;
+        let gates_width = 4 * hidden;
+        // Input projection of every time step of every sample in one GEMM.
+        let mut gates = vec![0.0f32; rows * time * gates_width];
+        broadcast_rows(&mut gates, rows * time, gates_width, &self.bias);
+        matmul(
+            rows * time,
+            gates_width,
+            self.input,
+            &mut gates,
+            gates_width,
+            true,
+            input,
+            self.input,
+            &self.w_t,
+            gates_width,
+        );
+        let mut h = vec![0.0f32; rows * hidden];
+        let mut c = vec![0.0f32; rows * hidden];
+        let mut y = if last_only {
+            Vec::new()
+        } else {
+            vec![0.0f32; rows * time * hidden]
+        };
+        let step_stride = time * gates_width;
+        for t in 0..time {
+            let offset = t * gates_width;
+            if t > 0 {
+                // The initial state is zero, so step 0 has no recurrent term.
+                matmul(
+                    rows,
+                    gates_width,
+                    hidden,
+                    &mut gates[offset..],
+                    step_stride,
+                    true,
+                    &h,
+                    hidden,
+                    &self.r_t,
+                    gates_width,
+                );
+            }
+            for b in 0..rows {
+                let g = &gates[offset + b * step_stride..offset + b * step_stride + gates_width];
+                let hb = &mut h[b * hidden..(b + 1) * hidden];
+                lstm_cell(g, &mut c[b * hidden..(b + 1) * hidden], hb);
+                if !last_only {
+                    let dst = (b * time + t) * hidden;
+                    y[dst..dst + hidden].copy_from_slice(hb);
+                }
+            }
+        }
+        if last_only { h } else { y }
+    }
+}
+
+impl Linear {
+    fn forward(&self, rows: usize, input: &[f32]) -> Vec<f32> {
+        let mut out = vec![0.0f32; rows * self.output];
+        broadcast_rows(&mut out, rows, self.output, &self.bias);
+        matmul(
+            rows,
+            self.output,
+            self.input,
+            &mut out,
+            self.output,
+            true,
+            input,
+            self.input,
+            &self.w_t,
+            self.output,
+        );
+        if self.relu {
+            relu_in_place(&mut out);
+        }
+        out
+    }
+}

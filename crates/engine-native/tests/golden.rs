@@ -1,0 +1,161 @@
+//! The native engine against PyTorch's own outputs (fixtures written by
+//! `tools/export_reference.py`): the bundled reference model and two
+//! variants of the family, at every batch size, within 1e-5.
+
+use std::path::{Path, PathBuf};
+
+use tickserve_engine::{Batch, Engine, EngineError};
+use tickserve_engine_native::NativeEngine;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn read_npy(path: &Path) -> (Vec<usize>, Vec<f32>) {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let npy = npyz::NpyFile::new(&bytes[..]).unwrap();
+    let shape = npy.shape().iter().map(|&d| d as usize).collect();
+    (shape, npy.into_vec::<f32>().unwrap())
+}
+
+struct Golden {
+    engine: NativeEngine,
+    input_shape: Vec<usize>,
+    input: Vec<f32>,
+    output: Vec<f32>,
+    width: usize,
+}
+
+fn golden(model: &Path, name: &str) -> Golden {
+    let engine = NativeEngine::load(model).unwrap();
+    let dir = root().join("fixtures/golden").join(name);
+    let (input_shape, input) = read_npy(&dir.join("input.npy"));
+    let (output_shape, output) = read_npy(&dir.join("output.npy"));
+    Golden {
+        engine,
+        input_shape,
+        input,
+        output,
+        width: output_shape[1],
+    }
+}
+
+/// Runs every batch size from 1 to `max_batch` over the fixture's rows
+/// (wrapping around) and compares each row with PyTorch's.
+fn check_all_batch_sizes(g: &Golden, max_batch: usize) {
+    let samples = g.input_shape[0];
+    let row_len: usize = g.input_shape[1..].iter().product();
+    let mut worst = 0.0f32;
+    for batch in 1..=max_batch {
+        let rows: Vec<usize> = (0..batch).map(|i| (i * 7 + batch) % samples).collect();
+        let mut data = Vec::with_capacity(batch * row_len);
+        for &r in &rows {
+            data.extend_from_slice(&g.input[r * row_len..(r + 1) * row_len]);
+        }
+        let out = g
+            .engine
+            .infer(&Batch {
+                rows: batch,
+                inputs: vec![data],
+            })
+            .unwrap();
+        assert_eq!(out.rows, batch);
+        let got = &out.outputs[0];
+        assert_eq!(got.len(), batch * g.width);
+        for (i, &r) in rows.iter().enumerate() {
+            for j in 0..g.width {
+                let diff = (got[i * g.width + j] - g.output[r * g.width + j]).abs();
+                worst = worst.max(diff);
+                assert!(
+                    diff <= 1e-5,
+                    "batch {batch}, row {i} (sample {r}), output {j}: {} vs {} (diff {diff})",
+                    got[i * g.width + j],
+                    g.output[r * g.width + j]
+                );
+            }
+        }
+    }
+    eprintln!("max abs diff over batch sizes 1..={max_batch}: {worst:e}");
+}
+
+#[test]
+fn reference_model_matches_pytorch_at_every_batch_size() {
+    let g = golden(&root().join("models/cnn_lstm/1/model.onnx"), "cnn_lstm");
+    let sig = g.engine.signature();
+    assert_eq!(sig.inputs[0].name, "input");
+    assert_eq!(sig.inputs[0].dims, vec![50, 60]);
+    assert_eq!(sig.outputs[0].name, "output");
+    assert_eq!(sig.outputs[0].dims, vec![3]);
+    let arch = g.engine.architecture();
+    assert_eq!((arch.conv_layers, arch.lstm_layers, arch.head_layers), (2, 2, 2));
+    check_all_batch_sizes(&g, 32);
+    // The whole fixture in one call, larger than the default max batch.
+    check_all_batch_sizes_once(&g, g.input_shape[0]);
+}
+
+fn check_all_batch_sizes_once(g: &Golden, batch: usize) {
+    let out = g
+        .engine
+        .infer(&Batch {
+            rows: batch,
+            inputs: vec![g.input.clone()],
+        })
+        .unwrap();
+    for (a, b) in out.outputs[0].iter().zip(&g.output) {
+        assert!((a - b).abs() <= 1e-5, "{a} vs {b}");
+    }
+}
+
+#[test]
+fn reference_outputs_vary_with_the_input() {
+    // A fixture whose logits barely move would make every numeric test weak.
+    let g = golden(&root().join("models/cnn_lstm/1/model.onnx"), "cnn_lstm");
+    let rows = g.output.len() / g.width;
+    for j in 0..g.width {
+        let col: Vec<f32> = (0..rows).map(|r| g.output[r * g.width + j]).collect();
+        let mean = col.iter().sum::<f32>() / rows as f32;
+        let var = col.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / rows as f32;
+        assert!(var.sqrt() > 0.1, "output {j} has std {}", var.sqrt());
+    }
+}
+
+#[test]
+fn variant_a_one_conv_kernel_5_one_lstm_layer() {
+    let g = golden(&root().join("fixtures/models/variant_a/model.onnx"), "variant_a");
+    assert_eq!(g.engine.signature().inputs[0].dims, vec![20, 8]);
+    assert_eq!(g.engine.signature().outputs[0].dims, vec![5]);
+    check_all_batch_sizes(&g, 16);
+}
+
+#[test]
+fn variant_b_unpadded_convs_three_lstm_layers_width_one() {
+    let g = golden(&root().join("fixtures/models/variant_b/model.onnx"), "variant_b");
+    assert_eq!(g.engine.signature().inputs[0].dims, vec![30, 12]);
+    assert_eq!(g.engine.signature().outputs[0].dims, vec![1]);
+    let arch = g.engine.architecture();
+    assert_eq!((arch.conv_layers, arch.lstm_layers), (2, 3));
+    check_all_batch_sizes(&g, 16);
+}
+
+#[test]
+fn a_graph_outside_the_family_is_refused_naming_the_node() {
+    let err = NativeEngine::load(&root().join("fixtures/models/unsupported/model.onnx")).unwrap_err();
+    let EngineError::Unsupported(message) = &err else {
+        panic!("expected Unsupported, got {err:?}");
+    };
+    assert!(message.contains("GRU"), "{message}");
+    assert!(message.contains("node"), "{message}");
+}
+
+#[test]
+fn a_file_that_is_not_onnx_is_refused() {
+    let dir = std::env::temp_dir().join(format!("tickserve-not-onnx-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("model.onnx");
+    std::fs::write(&path, b"this is not a protobuf \xff\xff\xff").unwrap();
+    let err = NativeEngine::load(&path).unwrap_err();
+    assert!(matches!(err, EngineError::Unreadable { .. }), "{err:?}");
+    assert!(err.to_string().contains("model.onnx"), "{err}");
+    let missing = NativeEngine::load(&dir.join("absent.onnx")).unwrap_err();
+    assert!(missing.to_string().contains("absent.onnx"), "{missing}");
+}

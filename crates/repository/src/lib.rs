@@ -1,0 +1,336 @@
+//! The model repository: which models exist, how each is configured, and
+//! which engine runs it.
+//!
+//! The layout is Triton's, so existing repositories need only a
+//! `config.toml` beside their versions:
+//!
+//! ```text
+//! <repository>/<model>/config.toml
+//! <repository>/<model>/<version>/model.onnx     (version: a positive integer)
+//! ```
+//!
+//! [`scan`] reads every model's configuration without touching the model
+//! files, so a bad config fails fast; [`load_version`] then builds the
+//! engine and checks that what the model file declares matches what the
+//! config promises, so clients are never told one shape and served another.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+use tickserve_engine::{DataType, Engine, EngineError, TensorSpec};
+use tickserve_engine_native::NativeEngine;
+
+/// Name of the per-model configuration file.
+pub const CONFIG_FILE: &str = "config.toml";
+/// Name of the model file inside each version folder.
+pub const MODEL_FILE: &str = "model.onnx";
+
+/// Why the repository or one of its models cannot be served.
+#[derive(Debug, thiserror::Error)]
+pub enum RepositoryError {
+    #[error("cannot read model repository {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("model repository {0} holds no models (expected <model>/config.toml)")]
+    Empty(PathBuf),
+    #[error("invalid {path}: {reason}")]
+    Config { path: PathBuf, reason: String },
+    #[error("model '{model}' has no version folders with a {MODEL_FILE} (expected {dir}/<version>/{MODEL_FILE})")]
+    NoVersions { model: String, dir: PathBuf },
+    #[error("model '{model}' version {version}: {source}")]
+    Engine {
+        model: String,
+        version: u64,
+        #[source]
+        source: EngineError,
+    },
+    #[error("model '{model}' version {version}: config.toml does not match the model file: {reason}")]
+    Mismatch {
+        model: String,
+        version: u64,
+        reason: String,
+    },
+}
+
+/// Which engine runs a model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineChoice {
+    /// tickserve's own CNN+LSTM engine.
+    Native,
+    /// ONNX Runtime, loaded at run time (not built yet: refused at load).
+    Onnxruntime,
+    /// The native engine when it recognises the graph.
+    #[default]
+    Auto,
+}
+
+/// One input or output as config.toml declares it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TensorConfig {
+    pub name: String,
+    pub datatype: String,
+    /// Dimensions without the batch axis.
+    pub dims: Vec<usize>,
+}
+
+/// How requests are merged into engine calls.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatchingConfig {
+    /// How long the oldest waiting request may wait for others to join its
+    /// batch (e.g. `"5ms"`, `"500us"`).
+    #[serde(with = "humantime_serde")]
+    pub max_queue_delay: Duration,
+    /// Requests (not rows) that may wait; past it requests are refused
+    /// with 503 instead of queueing without bound.
+    pub max_queue_size: usize,
+}
+
+impl Default for BatchingConfig {
+    fn default() -> Self {
+        BatchingConfig {
+            max_queue_delay: Duration::from_millis(5),
+            max_queue_size: 1000,
+        }
+    }
+}
+
+/// The contents of `<model>/config.toml`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Defaults to the folder name; when given it must equal it.
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub engine: EngineChoice,
+    /// Largest number of rows in one engine call (and in one request).
+    #[serde(default = "default_max_batch_size")]
+    pub max_batch_size: usize,
+    /// Engine worker threads for this model; each runs one batch at a time.
+    #[serde(default = "default_instances")]
+    pub instances: usize,
+    #[serde(rename = "input")]
+    pub inputs: Vec<TensorConfig>,
+    #[serde(rename = "output")]
+    pub outputs: Vec<TensorConfig>,
+    #[serde(default)]
+    pub dynamic_batching: BatchingConfig,
+}
+
+fn default_max_batch_size() -> usize {
+    32
+}
+
+fn default_instances() -> usize {
+    1
+}
+
+/// A model found in the repository, configured but not yet loaded.
+#[derive(Debug, Clone)]
+pub struct ModelEntry {
+    pub name: String,
+    pub dir: PathBuf,
+    pub config: ModelConfig,
+    /// Version numbers found, ascending.
+    pub versions: Vec<u64>,
+}
+
+/// A loaded model version, ready to hand to a scheduler.
+#[derive(Debug, Clone)]
+pub struct LoadedVersion {
+    pub version: u64,
+    pub engine: Arc<dyn Engine>,
+}
+
+/// Reads every `<model>/config.toml` under `root` and lists the versions.
+/// Models are returned sorted by name.
+pub fn scan(root: &Path) -> Result<Vec<ModelEntry>, RepositoryError> {
+    let io = |source| RepositoryError::Io {
+        path: root.to_path_buf(),
+        source,
+    };
+    let mut models = Vec::new();
+    for dir_entry in std::fs::read_dir(root).map_err(io)? {
+        let dir = dir_entry.map_err(io)?.path();
+        let config_path = dir.join(CONFIG_FILE);
+        if !config_path.is_file() {
+            continue;
+        }
+        let folder = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let config = read_config(&config_path)?;
+        if let Some(name) = &config.name
+            && name != &folder
+        {
+            return Err(RepositoryError::Config {
+                path: config_path,
+                reason: format!("name '{name}' differs from its folder '{folder}'"),
+            });
+        }
+        let versions = list_versions(&dir)?;
+        if versions.is_empty() {
+            return Err(RepositoryError::NoVersions { model: folder, dir });
+        }
+        models.push(ModelEntry {
+            name: folder,
+            dir,
+            config,
+            versions,
+        });
+    }
+    if models.is_empty() {
+        return Err(RepositoryError::Empty(root.to_path_buf()));
+    }
+    models.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(models)
+}
+
+/// Parses and checks one config.toml.
+pub fn read_config(path: &Path) -> Result<ModelConfig, RepositoryError> {
+    let text = std::fs::read_to_string(path).map_err(|source| RepositoryError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let invalid = |reason: String| RepositoryError::Config {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let config: ModelConfig = toml::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+    if config.max_batch_size == 0 {
+        return Err(invalid("max_batch_size must be at least 1".into()));
+    }
+    if config.instances == 0 {
+        return Err(invalid("instances must be at least 1".into()));
+    }
+    if config.dynamic_batching.max_queue_size == 0 {
+        return Err(invalid("dynamic_batching.max_queue_size must be at least 1".into()));
+    }
+    if config.inputs.is_empty() || config.outputs.is_empty() {
+        return Err(invalid("at least one [[input]] and one [[output]] are required".into()));
+    }
+    for tensor in config.inputs.iter().chain(&config.outputs) {
+        if DataType::parse(&tensor.datatype).is_none() {
+            return Err(invalid(format!(
+                "'{}' has datatype '{}'; expected one of {}",
+                tensor.name,
+                tensor.datatype,
+                DataType::ALL.map(DataType::as_str).join(", ")
+            )));
+        }
+    }
+    Ok(config)
+}
+
+fn list_versions(dir: &Path) -> Result<Vec<u64>, RepositoryError> {
+    let io = |source| RepositoryError::Io {
+        path: dir.to_path_buf(),
+        source,
+    };
+    let mut versions = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(io)? {
+        let path = entry.map_err(io)?.path();
+        let Some(version) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.parse::<u64>().ok())
+            .filter(|&v| v > 0)
+        else {
+            continue;
+        };
+        if path.join(MODEL_FILE).is_file() {
+            versions.push(version);
+        }
+    }
+    versions.sort_unstable();
+    Ok(versions)
+}
+
+impl ModelEntry {
+    /// Loads one version with the configured engine and checks it against
+    /// the config.
+    pub fn load_version(&self, version: u64) -> Result<LoadedVersion, RepositoryError> {
+        let path = self.dir.join(version.to_string()).join(MODEL_FILE);
+        let engine_error = |source| RepositoryError::Engine {
+            model: self.name.clone(),
+            version,
+            source,
+        };
+        let engine: Arc<dyn Engine> = match self.config.engine {
+            EngineChoice::Native | EngineChoice::Auto => {
+                let engine = NativeEngine::load(&path).map_err(engine_error)?;
+                let arch = engine.architecture();
+                tracing::info!(
+                    model = %self.name,
+                    version,
+                    engine = "native",
+                    conv_layers = arch.conv_layers,
+                    lstm_layers = arch.lstm_layers,
+                    head_layers = arch.head_layers,
+                    mflop_per_row = arch.flops_per_row as f64 / 1e6,
+                    "model loaded"
+                );
+                Arc::new(engine)
+            }
+            EngineChoice::Onnxruntime => {
+                return Err(engine_error(EngineError::Unsupported(
+                    "engine = \"onnxruntime\" is not available in this build yet; use \"native\" or \"auto\"".into(),
+                )));
+            }
+        };
+        let signature = engine.signature();
+        let check = |kind: &str, config: &[TensorConfig], actual: &[TensorSpec]| {
+            check_tensors(kind, config, actual).map_err(|reason| RepositoryError::Mismatch {
+                model: self.name.clone(),
+                version,
+                reason,
+            })
+        };
+        check("input", &self.config.inputs, &signature.inputs)?;
+        check("output", &self.config.outputs, &signature.outputs)?;
+        Ok(LoadedVersion { version, engine })
+    }
+}
+
+fn check_tensors(kind: &str, config: &[TensorConfig], actual: &[TensorSpec]) -> Result<(), String> {
+    for declared in config {
+        let Some(found) = actual.iter().find(|a| a.name == declared.name) else {
+            let names: Vec<&str> = actual.iter().map(|a| a.name.as_str()).collect();
+            return Err(format!(
+                "{kind} '{}' is not in the model, which has {kind}s {names:?}",
+                declared.name
+            ));
+        };
+        if found.datatype.as_str() != declared.datatype {
+            return Err(format!(
+                "{kind} '{}' is {} in config.toml but {} in the model",
+                declared.name, declared.datatype, found.datatype
+            ));
+        }
+        if found.dims != declared.dims {
+            return Err(format!(
+                "{kind} '{}' has dims {:?} in config.toml but {:?} in the model",
+                declared.name, declared.dims, found.dims
+            ));
+        }
+    }
+    if let Some(missing) = actual
+        .iter()
+        .find(|a| !config.iter().any(|c| c.name == a.name))
+    {
+        return Err(format!(
+            "the model's {kind} '{}' is not declared in config.toml",
+            missing.name
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,163 @@
+//! Telemetry in one place: every Prometheus metric name, label and bucket
+//! set tickserve exports, the recorder that renders them, and logging.
+//!
+//! Names follow the platform's design document (seed-requirements.md,
+//! Metrics) where a metric there fits — `batch_processing_*` with its
+//! labels and buckets — and use the `tickserve_` prefix for figures the
+//! design does not have. Every other crate records through the `metrics`
+//! macros with the constants below, so a name is never spelled twice.
+
+use std::sync::OnceLock;
+
+use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Counter of finished requests. Labels: `model`, `outcome`
+/// (`success` or an [`error_type`] value), `batch_type` (`single` for a
+/// one-row request, `multi` otherwise), `source` (`http`).
+pub const REQUESTS_TOTAL: &str = "batch_processing_requests_total";
+/// Histogram of request latency from arrival to answer, seconds. Labels:
+/// `model`, `batch_size_range` (see [`batch_size_range`]).
+pub const REQUEST_LATENCY: &str = "batch_processing_latency_seconds";
+/// Histogram of rows per engine call. Label: `model`.
+pub const BATCH_SIZE: &str = "batch_processing_batch_size";
+/// Histogram of the time a request waited in the queue before its batch
+/// left for the engine, seconds. Label: `model`.
+pub const QUEUE_WAIT: &str = "batch_processing_wait_time_seconds";
+/// Gauge of requests waiting in the queue. Label: `model`.
+pub const QUEUE_LENGTH: &str = "batch_processing_queue_length";
+/// Counter of failed requests. Labels: `model`, `error_type`.
+pub const ERRORS_TOTAL: &str = "batch_processing_errors_total";
+/// Histogram of engine execution time per batch, seconds. Label: `model`.
+pub const ENGINE_EXECUTION: &str = "tickserve_engine_execution_seconds";
+/// Counter of batches run by the engine. Label: `model`.
+pub const BATCHES_TOTAL: &str = "tickserve_batches_total";
+/// Counter of requests dropped before the engine because their client had
+/// gone. Label: `model`.
+pub const DROPPED_TOTAL: &str = "tickserve_requests_dropped_total";
+/// Gauge, 1 when every model is loaded and warmed up.
+pub const READY: &str = "tickserve_ready";
+
+/// Latency buckets of the design document, seconds.
+pub const LATENCY_BUCKETS: [f64; 12] = [
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0,
+];
+/// Batch-size buckets of the design document, rows.
+pub const BATCH_SIZE_BUCKETS: [f64; 9] = [1.0, 5.0, 10.0, 20.0, 32.0, 64.0, 128.0, 256.0, 512.0];
+/// Queue-wait buckets of the design document, with sub-millisecond steps
+/// added: tickserve's waits are measured in hundreds of microseconds.
+pub const WAIT_BUCKETS: [f64; 13] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+];
+/// Engine time buckets, seconds: a batch runs in 0.1–20 ms.
+pub const ENGINE_BUCKETS: [f64; 12] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+];
+
+/// The `batch_size_range` label of the design document for a request of
+/// `rows` rows.
+pub fn batch_size_range(rows: usize) -> &'static str {
+    match rows {
+        0..=1 => "single",
+        2..=10 => "small",
+        11..=50 => "medium",
+        51..=100 => "large",
+        _ => "xlarge",
+    }
+}
+
+/// Values of the `error_type` / `outcome` labels.
+pub mod error_type {
+    pub const INVALID: &str = "invalid_request";
+    pub const NOT_FOUND: &str = "not_found";
+    pub const QUEUE_FULL: &str = "queue_full";
+    pub const UNAVAILABLE: &str = "unavailable";
+    pub const ENGINE: &str = "engine";
+    pub const CANCELLED: &str = "cancelled";
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    #[error("cannot install the Prometheus recorder: {0}")]
+    Recorder(String),
+}
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide Prometheus recorder (once; later calls return
+/// the same handle, so tests that start several servers share it) and
+/// describes every metric.
+pub fn install_recorder() -> Result<PrometheusHandle, TelemetryError> {
+    if let Some(handle) = HANDLE.get() {
+        return Ok(handle.clone());
+    }
+    let recorder = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Full(REQUEST_LATENCY.into()), &LATENCY_BUCKETS)
+        .and_then(|b| b.set_buckets_for_metric(Matcher::Full(BATCH_SIZE.into()), &BATCH_SIZE_BUCKETS))
+        .and_then(|b| b.set_buckets_for_metric(Matcher::Full(QUEUE_WAIT.into()), &WAIT_BUCKETS))
+        .and_then(|b| b.set_buckets_for_metric(Matcher::Full(ENGINE_EXECUTION.into()), &ENGINE_BUCKETS))
+        .map_err(|e| TelemetryError::Recorder(e.to_string()))?
+        .build_recorder();
+    let handle = recorder.handle();
+    // A second install in the same process (a race between tests) loses
+    // here; the winner's handle is the one everybody renders.
+    if metrics::set_global_recorder(recorder).is_ok() {
+        describe();
+        let _ = HANDLE.set(handle);
+    }
+    HANDLE
+        .get()
+        .cloned()
+        .ok_or_else(|| TelemetryError::Recorder("another metrics recorder is installed".into()))
+}
+
+fn describe() {
+    describe_counter!(REQUESTS_TOTAL, "Inference requests answered, by outcome");
+    describe_histogram!(REQUEST_LATENCY, Unit::Seconds, "Request latency from arrival to answer");
+    describe_histogram!(BATCH_SIZE, Unit::Count, "Rows per engine call");
+    describe_histogram!(QUEUE_WAIT, Unit::Seconds, "Time a request waited before its batch left for the engine");
+    describe_gauge!(QUEUE_LENGTH, Unit::Count, "Requests waiting in the batch queue");
+    describe_counter!(ERRORS_TOTAL, "Failed inference requests, by error type");
+    describe_histogram!(ENGINE_EXECUTION, Unit::Seconds, "Engine execution time per batch");
+    describe_counter!(BATCHES_TOTAL, "Batches run by the engine");
+    describe_counter!(DROPPED_TOTAL, "Requests dropped before the engine because the client disconnected");
+    describe_gauge!(READY, "1 when every model is loaded and warmed up");
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Installs the global `tracing` subscriber. `filter` takes `RUST_LOG`
+/// syntax (`info`, `tickserve_scheduler=debug,info`).
+pub fn init_logging(format: LogFormat, filter: &str) -> Result<(), String> {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .map_err(|e| format!("invalid log level '{filter}': {e}"))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let result = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+    result.map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_size_ranges_follow_the_design_document() {
+        assert_eq!(batch_size_range(1), "single");
+        assert_eq!(batch_size_range(10), "small");
+        assert_eq!(batch_size_range(11), "medium");
+        assert_eq!(batch_size_range(50), "medium");
+        assert_eq!(batch_size_range(100), "large");
+        assert_eq!(batch_size_range(101), "xlarge");
+    }
+}

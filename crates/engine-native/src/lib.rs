@@ -63,10 +63,13 @@ impl NativeEngine {
             path: String::from("<bytes>"),
             reason: format!("not an ONNX model: {e}"),
         })?;
-        let graph = model.graph.as_ref().ok_or_else(|| EngineError::Unreadable {
-            path: String::from("<bytes>"),
-            reason: "the ONNX model has no graph".into(),
-        })?;
+        let graph = model
+            .graph
+            .as_ref()
+            .ok_or_else(|| EngineError::Unreadable {
+                path: String::from("<bytes>"),
+                reason: "the ONNX model has no graph".into(),
+            })?;
         let plan = recognise::recognise(graph).map_err(EngineError::Unsupported)?;
         let name_of = |v: &onnx::ValueInfoProto| v.name.clone().unwrap_or_default();
         let input = graph

@@ -204,7 +204,10 @@ impl TensorProto {
     /// Reads the tensor's values from whichever field holds them.
     pub fn decode(&self) -> Result<ConstData, String> {
         if self.data_location == Some(1) {
-            return Err("external tensor data is not supported; save the model with weights embedded".into());
+            return Err(
+                "external tensor data is not supported; save the model with weights embedded"
+                    .into(),
+            );
         }
         let raw = self.raw_data.as_deref().filter(|r| !r.is_empty());
         match self.data_type.unwrap_or(0) {

@@ -113,7 +113,12 @@ pub(crate) fn recognise(graph: &GraphProto) -> Result<Plan, String> {
     let dims: Vec<Option<i64>> = tensor_type
         .shape
         .as_ref()
-        .map(|s| s.dim.iter().map(|d| d.dim_value.filter(|&v| v > 0)).collect())
+        .map(|s| {
+            s.dim
+                .iter()
+                .map(|d| d.dim_value.filter(|&v| v > 0))
+                .collect()
+        })
         .unwrap_or_default();
     let (time, features) = match dims.as_slice() {
         [_, Some(t), Some(f)] => (*t as usize, *f as usize),
@@ -189,45 +194,71 @@ impl Recogniser {
         let name = node
             .input_name(index)
             .ok_or_else(|| unsupported(node, format!("input {index} is missing")))?;
-        self.values
-            .get(name)
-            .ok_or_else(|| unsupported(node, format!("input '{name}' is not produced earlier in the graph")))
+        self.values.get(name).ok_or_else(|| {
+            unsupported(
+                node,
+                format!("input '{name}' is not produced earlier in the graph"),
+            )
+        })
     }
 
     fn act(&self, node: &NodeProto, index: usize) -> Result<Vec<Axis>, String> {
         match self.get(node, index)? {
             Value::Act(axes) => Ok(axes.clone()),
-            _ => Err(unsupported(node, format!("input {index} is expected to be the model's activation"))),
+            _ => Err(unsupported(
+                node,
+                format!("input {index} is expected to be the model's activation"),
+            )),
         }
     }
 
-    fn float_const(&self, node: &NodeProto, index: usize) -> Result<(Vec<usize>, Vec<f32>), String> {
+    fn float_const(
+        &self,
+        node: &NodeProto,
+        index: usize,
+    ) -> Result<(Vec<usize>, Vec<f32>), String> {
         match self.get(node, index)? {
-            Value::Const(Const { dims, data: ConstData::Float(v) }) => Ok((dims.clone(), v.clone())),
-            _ => Err(unsupported(node, format!("input {index} must be a float constant (weights)"))),
+            Value::Const(Const {
+                dims,
+                data: ConstData::Float(v),
+            }) => Ok((dims.clone(), v.clone())),
+            _ => Err(unsupported(
+                node,
+                format!("input {index} must be a float constant (weights)"),
+            )),
         }
     }
 
     fn int_list(&self, node: &NodeProto, index: usize) -> Result<Vec<i64>, String> {
         match self.get(node, index)? {
-            Value::Const(Const { data: ConstData::Int(v), .. }) => Ok(v.clone()),
+            Value::Const(Const {
+                data: ConstData::Int(v),
+                ..
+            }) => Ok(v.clone()),
             Value::Shape(dims) => dims
                 .iter()
                 .map(|d| match d {
                     Dim::Known(v) => Ok(*v),
-                    Dim::Batch => Err(unsupported(node, "needs a constant that depends on the batch size")),
+                    Dim::Batch => Err(unsupported(
+                        node,
+                        "needs a constant that depends on the batch size",
+                    )),
                 })
                 .collect(),
-            _ => Err(unsupported(node, format!("input {index} must be an integer constant"))),
+            _ => Err(unsupported(
+                node,
+                format!("input {index} must be an integer constant"),
+            )),
         }
     }
 
     /// A 1-D symbolic int tensor (a constant or a computed shape).
     fn shape_list(&self, node: &NodeProto, index: usize) -> Result<Vec<Dim>, String> {
         match self.get(node, index)? {
-            Value::Const(Const { data: ConstData::Int(v), .. }) => {
-                Ok(v.iter().map(|&x| Dim::Known(x)).collect())
-            }
+            Value::Const(Const {
+                data: ConstData::Int(v),
+                ..
+            }) => Ok(v.iter().map(|&x| Dim::Known(x)).collect()),
             Value::Shape(dims) => Ok(dims.clone()),
             _ => Err(unsupported(node, format!("input {index} must be a shape"))),
         }
@@ -249,8 +280,18 @@ impl Recogniser {
     }
 
     fn node(&mut self, node: &NodeProto) -> Result<(), String> {
-        if node.domain.as_deref().is_some_and(|d| !d.is_empty() && d != "ai.onnx") {
-            return Err(unsupported(node, format!("operator domain '{}' is not supported", node.domain.as_deref().unwrap_or(""))));
+        if node
+            .domain
+            .as_deref()
+            .is_some_and(|d| !d.is_empty() && d != "ai.onnx")
+        {
+            return Err(unsupported(
+                node,
+                format!(
+                    "operator domain '{}' is not supported",
+                    node.domain.as_deref().unwrap_or("")
+                ),
+            ));
         }
         match node.op() {
             "Constant" => self.constant(node),
@@ -271,7 +312,10 @@ impl Recogniser {
             "Relu" => self.relu(node),
             "LSTM" => self.lstm(node),
             "Gemm" => self.gemm(node),
-            other => Err(unsupported(node, format!("operator '{other}' is outside the CNN+LSTM family"))),
+            other => Err(unsupported(
+                node,
+                format!("operator '{other}' is outside the CNN+LSTM family"),
+            )),
         }
     }
 
@@ -303,7 +347,10 @@ impl Recogniser {
         let axis = node.attr_int("axis").unwrap_or(0);
         let index_value = self.get(node, 1)?.clone();
         let (index_dims, indices) = match index_value {
-            Value::Const(Const { dims, data: ConstData::Int(v) }) => (dims, v),
+            Value::Const(Const {
+                dims,
+                data: ConstData::Int(v),
+            }) => (dims, v),
             _ => return Err(unsupported(node, "indices must be an integer constant")),
         };
         match self.get(node, 0)?.clone() {
@@ -312,7 +359,9 @@ impl Recogniser {
                     .iter()
                     .map(|&i| {
                         let i = if i < 0 { i + dims.len() as i64 } else { i };
-                        dims.get(i as usize).copied().ok_or_else(|| unsupported(node, "index out of range"))
+                        dims.get(i as usize)
+                            .copied()
+                            .ok_or_else(|| unsupported(node, "index out of range"))
                     })
                     .collect::<Result<Vec<_>, _>>()?;
                 self.set(node, 0, Value::Shape(picked));
@@ -325,7 +374,10 @@ impl Recogniser {
                 let is_last = index_dims.is_empty()
                     && matches!(indices.as_slice(), [i] if *i == -1 || *i == last);
                 if axes[axis] != Axis::Time || !is_last {
-                    return Err(unsupported(node, "only taking the last time step (index -1 on the time axis) is supported"));
+                    return Err(unsupported(
+                        node,
+                        "only taking the last time step (index -1 on the time axis) is supported",
+                    ));
                 }
                 self.last_step(node, axes, axis)
             }
@@ -333,13 +385,24 @@ impl Recogniser {
         }
     }
 
-    fn last_step(&mut self, node: &NodeProto, mut axes: Vec<Axis>, axis: usize) -> Result<(), String> {
+    fn last_step(
+        &mut self,
+        node: &NodeProto,
+        mut axes: Vec<Axis>,
+        axis: usize,
+    ) -> Result<(), String> {
         if self.stage != Stage::Lstm {
-            return Err(unsupported(node, "the last time step must follow the LSTM layers"));
+            return Err(unsupported(
+                node,
+                "the last time step must follow the LSTM layers",
+            ));
         }
         axes.remove(axis);
         if axes != [Axis::Batch, Axis::Channel] {
-            return Err(unsupported(node, format!("leaves axes {axes:?}, expected [batch, channels]")));
+            return Err(unsupported(
+                node,
+                format!("leaves axes {axes:?}, expected [batch, channels]"),
+            ));
         }
         self.stage = Stage::Head;
         self.last_layer_output = None;
@@ -399,7 +462,10 @@ impl Recogniser {
                 idx.sort_unstable();
                 for a in idx.into_iter().rev() {
                     if axes[a] != Axis::Direction {
-                        return Err(unsupported(node, "only the LSTM's direction axis can be squeezed"));
+                        return Err(unsupported(
+                            node,
+                            "only the LSTM's direction axis can be squeezed",
+                        ));
                     }
                     axes.remove(a);
                 }
@@ -438,12 +504,18 @@ impl Recogniser {
 
     fn expand(&mut self, node: &NodeProto) -> Result<(), String> {
         let zero = match self.get(node, 0)? {
-            Value::Const(Const { data: ConstData::Float(v), .. }) => v.iter().all(|&x| x == 0.0),
+            Value::Const(Const {
+                data: ConstData::Float(v),
+                ..
+            }) => v.iter().all(|&x| x == 0.0),
             Value::Zeros(_) => true,
             _ => false,
         };
         if !zero {
-            return Err(unsupported(node, "only expanding zeros (initial LSTM states) is supported"));
+            return Err(unsupported(
+                node,
+                "only expanding zeros (initial LSTM states) is supported",
+            ));
         }
         let dims = self.shape_list(node, 1)?;
         self.set(node, 0, Value::Zeros(dims));
@@ -473,7 +545,13 @@ impl Recogniser {
                     let Dim::Known(size) = dims[a] else {
                         return Err(unsupported(node, "slices the batch axis"));
                     };
-                    let clamp = |v: i64| if v < 0 { (v + size).max(0) } else { v.min(size) };
+                    let clamp = |v: i64| {
+                        if v < 0 {
+                            (v + size).max(0)
+                        } else {
+                            v.min(size)
+                        }
+                    };
                     dims[a] = Dim::Known((clamp(e) - clamp(s)).max(0));
                 }
                 self.set(node, 0, Value::Zeros(dims));
@@ -490,7 +568,10 @@ impl Recogniser {
                 // x[:, -1:, :] followed by a squeeze is also "last step", but
                 // only the Gather form is produced by the exporters we know.
                 let _ = act_axes;
-                Err(unsupported(node, "slicing the activation is not supported; index the last time step with x[:, -1, :]"))
+                Err(unsupported(
+                    node,
+                    "slicing the activation is not supported; index the last time step with x[:, -1, :]",
+                ))
             }
             _ => Err(unsupported(node, "is applied to an unsupported tensor")),
         }
@@ -516,10 +597,16 @@ impl Recogniser {
     fn conv(&mut self, node: &NodeProto) -> Result<(), String> {
         let axes = self.act(node, 0)?;
         if axes != [Axis::Batch, Axis::Channel, Axis::Time] {
-            return Err(unsupported(node, format!("Conv needs a [batch, channels, time] input, found axes {axes:?}")));
+            return Err(unsupported(
+                node,
+                format!("Conv needs a [batch, channels, time] input, found axes {axes:?}"),
+            ));
         }
         if self.stage != Stage::Conv {
-            return Err(unsupported(node, "Conv layers must come before the LSTM layers"));
+            return Err(unsupported(
+                node,
+                "Conv layers must come before the LSTM layers",
+            ));
         }
         let (wdims, weights) = self.float_const(node, 1)?;
         let [cout, cin, kernel] = wdims.as_slice() else {
@@ -527,18 +614,30 @@ impl Recogniser {
         };
         let (cout, cin, kernel) = (*cout, *cin, *kernel);
         if cin != self.channels {
-            return Err(unsupported(node, format!("weights take {cin} channels, input has {}", self.channels)));
+            return Err(unsupported(
+                node,
+                format!("weights take {cin} channels, input has {}", self.channels),
+            ));
         }
         if node.attr_int("group").unwrap_or(1) != 1 {
             return Err(unsupported(node, "grouped convolutions are not supported"));
         }
         for name in ["strides", "dilations"] {
-            if node.attr_ints(name).is_some_and(|v| v.iter().any(|&x| x != 1)) {
-                return Err(unsupported(node, format!("{name} other than 1 are not supported")));
+            if node
+                .attr_ints(name)
+                .is_some_and(|v| v.iter().any(|&x| x != 1))
+            {
+                return Err(unsupported(
+                    node,
+                    format!("{name} other than 1 are not supported"),
+                ));
             }
         }
         if node.attr_string("auto_pad").is_some_and(|p| p != "NOTSET") {
-            return Err(unsupported(node, "auto_pad is not supported; export explicit pads"));
+            return Err(unsupported(
+                node,
+                "auto_pad is not supported; export explicit pads",
+            ));
         }
         let (pad_begin, pad_end) = match node.attr_ints("pads") {
             None => (0, 0),
@@ -546,14 +645,20 @@ impl Recogniser {
             Some(p) => return Err(unsupported(node, format!("pads {p:?} are not supported"))),
         };
         if self.time + pad_begin + pad_end < kernel {
-            return Err(unsupported(node, "kernel is longer than the padded sequence"));
+            return Err(unsupported(
+                node,
+                "kernel is longer than the padded sequence",
+            ));
         }
         let bias = match node.input_name(2) {
             Some(_) => self.float_const(node, 2)?.1,
             None => vec![0.0; cout],
         };
         if bias.len() != cout {
-            return Err(unsupported(node, "bias length does not match the output channels"));
+            return Err(unsupported(
+                node,
+                "bias length does not match the output channels",
+            ));
         }
         // ONNX stores [cout][cin][k]; the kernel wants one [cin][cout]
         // matrix per tap.
@@ -590,12 +695,20 @@ impl Recogniser {
         let axes = self.act(node, 0)?;
         let input = node.input_name(0).unwrap_or_default();
         if self.last_layer_output.as_deref() != Some(input) {
-            return Err(unsupported(node, "ReLU must directly follow a Conv or Gemm layer"));
+            return Err(unsupported(
+                node,
+                "ReLU must directly follow a Conv or Gemm layer",
+            ));
         }
         match (self.seq.last_mut(), self.head.last_mut(), self.stage) {
             (_, Some(linear), Stage::Head) if !linear.relu => linear.relu = true,
             (Some(SeqLayer::Conv(conv)), _, Stage::Conv) if !conv.relu => conv.relu = true,
-            _ => return Err(unsupported(node, "ReLU must directly follow a Conv or Gemm layer")),
+            _ => {
+                return Err(unsupported(
+                    node,
+                    "ReLU must directly follow a Conv or Gemm layer",
+                ));
+            }
         }
         self.produced(node, axes);
         Ok(())
@@ -610,18 +723,31 @@ impl Recogniser {
             [Axis::Batch, Axis::Time, Axis::Channel]
         };
         if axes != expected {
-            return Err(unsupported(node, format!("LSTM input has axes {axes:?}, expected {expected:?} for layout {layout}")));
+            return Err(unsupported(
+                node,
+                format!("LSTM input has axes {axes:?}, expected {expected:?} for layout {layout}"),
+            ));
         }
         if self.stage > Stage::Lstm {
             return Err(unsupported(node, "LSTM after the head"));
         }
-        if node.attr_string("direction").is_some_and(|d| d != "forward") {
+        if node
+            .attr_string("direction")
+            .is_some_and(|d| d != "forward")
+        {
             return Err(unsupported(node, "only forward LSTMs are supported"));
         }
         if let Some(acts) = node.attr("activations") {
-            let names: Vec<String> = acts.strings.iter().map(|s| String::from_utf8_lossy(s).to_lowercase()).collect();
+            let names: Vec<String> = acts
+                .strings
+                .iter()
+                .map(|s| String::from_utf8_lossy(s).to_lowercase())
+                .collect();
             if names != ["sigmoid", "tanh", "tanh"] {
-                return Err(unsupported(node, format!("activations {names:?} are not supported")));
+                return Err(unsupported(
+                    node,
+                    format!("activations {names:?} are not supported"),
+                ));
             }
         }
         if node.attr("clip").is_some() {
@@ -630,14 +756,19 @@ impl Recogniser {
         if node.attr_int("input_forget").unwrap_or(0) != 0 {
             return Err(unsupported(node, "input_forget is not supported"));
         }
-        let hidden = node
-            .attr_int("hidden_size")
-            .ok_or_else(|| unsupported(node, "hidden_size is missing"))? as usize;
+        let hidden =
+            node.attr_int("hidden_size")
+                .ok_or_else(|| unsupported(node, "hidden_size is missing"))? as usize;
         let (wdims, w) = self.float_const(node, 1)?;
         let (rdims, r) = self.float_const(node, 2)?;
         let input = self.channels;
         if wdims != [1, 4 * hidden, input] || rdims != [1, 4 * hidden, hidden] {
-            return Err(unsupported(node, format!("weight shapes {wdims:?} / {rdims:?} do not match input {input} and hidden {hidden}")));
+            return Err(unsupported(
+                node,
+                format!(
+                    "weight shapes {wdims:?} / {rdims:?} do not match input {input} and hidden {hidden}"
+                ),
+            ));
         }
         let bias = match node.input_name(3) {
             Some(_) => {
@@ -653,7 +784,9 @@ impl Recogniser {
             return Err(unsupported(node, "sequence_lens is not supported"));
         }
         for (index, what) in [(5, "initial_h"), (6, "initial_c")] {
-            if node.input_name(index).is_some() && !matches!(self.get(node, index)?, Value::Zeros(_)) {
+            if node.input_name(index).is_some()
+                && !matches!(self.get(node, index)?, Value::Zeros(_))
+            {
                 return Err(unsupported(node, format!("{what} must be absent or zero")));
             }
         }
@@ -703,13 +836,21 @@ impl Recogniser {
     fn gemm(&mut self, node: &NodeProto) -> Result<(), String> {
         let axes = self.act(node, 0)?;
         if self.stage != Stage::Head || axes != [Axis::Batch, Axis::Channel] {
-            return Err(unsupported(node, "Gemm must come after the last time step, on [batch, channels]"));
+            return Err(unsupported(
+                node,
+                "Gemm must come after the last time step, on [batch, channels]",
+            ));
         }
         if node.attr_int("transA").unwrap_or(0) != 0 {
             return Err(unsupported(node, "transA is not supported"));
         }
-        if node.attr_float("alpha").unwrap_or(1.0) != 1.0 || node.attr_float("beta").unwrap_or(1.0) != 1.0 {
-            return Err(unsupported(node, "alpha and beta other than 1 are not supported"));
+        if node.attr_float("alpha").unwrap_or(1.0) != 1.0
+            || node.attr_float("beta").unwrap_or(1.0) != 1.0
+        {
+            return Err(unsupported(
+                node,
+                "alpha and beta other than 1 are not supported",
+            ));
         }
         let (wdims, w) = self.float_const(node, 1)?;
         let trans_b = node.attr_int("transB").unwrap_or(0) != 0;
@@ -719,7 +860,10 @@ impl Recogniser {
             _ => return Err(unsupported(node, "weights must be a matrix")),
         };
         if input != self.channels {
-            return Err(unsupported(node, format!("weights take {input} values, input has {}", self.channels)));
+            return Err(unsupported(
+                node,
+                format!("weights take {input} values, input has {}", self.channels),
+            ));
         }
         let w_t = if trans_b {
             let mut t = vec![0.0f32; input * output];
@@ -736,7 +880,10 @@ impl Recogniser {
             Some(_) => {
                 let (bdims, b) = self.float_const(node, 2)?;
                 if b.len() != output || bdims.len() > 1 && bdims[0] != 1 {
-                    return Err(unsupported(node, format!("bias of shape {bdims:?} is not a per-output vector")));
+                    return Err(unsupported(
+                        node,
+                        format!("bias of shape {bdims:?} is not a per-output vector"),
+                    ));
                 }
                 b
             }
@@ -758,7 +905,10 @@ impl Recogniser {
 fn normalise_axis(node: &NodeProto, axis: i64, rank: usize) -> Result<usize, String> {
     let a = if axis < 0 { axis + rank as i64 } else { axis };
     if a < 0 || a as usize >= rank {
-        return Err(unsupported(node, format!("axis {axis} is out of range for rank {rank}")));
+        return Err(unsupported(
+            node,
+            format!("axis {axis} is out of range for rank {rank}"),
+        ));
     }
     Ok(a as usize)
 }

@@ -87,7 +87,10 @@ fn reference_model_matches_pytorch_at_every_batch_size() {
     assert_eq!(sig.outputs[0].name, "output");
     assert_eq!(sig.outputs[0].dims, vec![3]);
     let arch = g.engine.architecture();
-    assert_eq!((arch.conv_layers, arch.lstm_layers, arch.head_layers), (2, 2, 2));
+    assert_eq!(
+        (arch.conv_layers, arch.lstm_layers, arch.head_layers),
+        (2, 2, 2)
+    );
     check_all_batch_sizes(&g, 32);
     // The whole fixture in one call, larger than the default max batch.
     check_all_batch_sizes_once(&g, g.input_shape[0]);
@@ -121,7 +124,10 @@ fn reference_outputs_vary_with_the_input() {
 
 #[test]
 fn variant_a_one_conv_kernel_5_one_lstm_layer() {
-    let g = golden(&root().join("fixtures/models/variant_a/model.onnx"), "variant_a");
+    let g = golden(
+        &root().join("fixtures/models/variant_a/model.onnx"),
+        "variant_a",
+    );
     assert_eq!(g.engine.signature().inputs[0].dims, vec![20, 8]);
     assert_eq!(g.engine.signature().outputs[0].dims, vec![5]);
     check_all_batch_sizes(&g, 16);
@@ -129,7 +135,10 @@ fn variant_a_one_conv_kernel_5_one_lstm_layer() {
 
 #[test]
 fn variant_b_unpadded_convs_three_lstm_layers_width_one() {
-    let g = golden(&root().join("fixtures/models/variant_b/model.onnx"), "variant_b");
+    let g = golden(
+        &root().join("fixtures/models/variant_b/model.onnx"),
+        "variant_b",
+    );
     assert_eq!(g.engine.signature().inputs[0].dims, vec![30, 12]);
     assert_eq!(g.engine.signature().outputs[0].dims, vec![1]);
     let arch = g.engine.architecture();
@@ -139,7 +148,8 @@ fn variant_b_unpadded_convs_three_lstm_layers_width_one() {
 
 #[test]
 fn a_graph_outside_the_family_is_refused_naming_the_node() {
-    let err = NativeEngine::load(&root().join("fixtures/models/unsupported/model.onnx")).unwrap_err();
+    let err =
+        NativeEngine::load(&root().join("fixtures/models/unsupported/model.onnx")).unwrap_err();
     let EngineError::Unsupported(message) = &err else {
         panic!("expected Unsupported, got {err:?}");
     };

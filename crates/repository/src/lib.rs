@@ -40,7 +40,9 @@ pub enum RepositoryError {
     Empty(PathBuf),
     #[error("invalid {path}: {reason}")]
     Config { path: PathBuf, reason: String },
-    #[error("model '{model}' has no version folders with a {MODEL_FILE} (expected {dir}/<version>/{MODEL_FILE})")]
+    #[error(
+        "model '{model}' has no version folders with a {MODEL_FILE} (expected {dir}/<version>/{MODEL_FILE})"
+    )]
     NoVersions { model: String, dir: PathBuf },
     #[error("model '{model}' version {version}: {source}")]
     Engine {
@@ -49,7 +51,9 @@ pub enum RepositoryError {
         #[source]
         source: EngineError,
     },
-    #[error("model '{model}' version {version}: config.toml does not match the model file: {reason}")]
+    #[error(
+        "model '{model}' version {version}: config.toml does not match the model file: {reason}"
+    )]
     Mismatch {
         model: String,
         version: u64,
@@ -213,10 +217,14 @@ pub fn read_config(path: &Path) -> Result<ModelConfig, RepositoryError> {
         return Err(invalid("instances must be at least 1".into()));
     }
     if config.dynamic_batching.max_queue_size == 0 {
-        return Err(invalid("dynamic_batching.max_queue_size must be at least 1".into()));
+        return Err(invalid(
+            "dynamic_batching.max_queue_size must be at least 1".into(),
+        ));
     }
     if config.inputs.is_empty() || config.outputs.is_empty() {
-        return Err(invalid("at least one [[input]] and one [[output]] are required".into()));
+        return Err(invalid(
+            "at least one [[input]] and one [[output]] are required".into(),
+        ));
     }
     for tensor in config.inputs.iter().chain(&config.outputs) {
         if DataType::parse(&tensor.datatype).is_none() {

@@ -46,7 +46,9 @@ pub(crate) fn start(
             .spawn(move || engine_worker(index, &*engine, &model, &job_rx, &idle_tx));
         match spawned {
             Ok(_) => workers.push(job_tx),
-            Err(e) => tracing::error!(model = %config.model, error = %e, "cannot start engine thread"),
+            Err(e) => {
+                tracing::error!(model = %config.model, error = %e, "cannot start engine thread")
+            }
         }
     }
     tokio::spawn(batching_task(config, command_rx, idle_rx, workers));
@@ -59,14 +61,16 @@ async fn batching_task(
     workers: Vec<std_mpsc::SyncSender<WorkerJob>>,
 ) {
     let model = config.model.clone();
-    let mut queue: BatchQueue<Request> =
-        BatchQueue::new(config.max_batch_size, config.max_queue_delay, config.max_queue_size);
+    let mut queue: BatchQueue<Request> = BatchQueue::new(
+        config.max_batch_size,
+        config.max_queue_delay,
+        config.max_queue_size,
+    );
     let mut idle: Vec<usize> = (0..workers.len()).rev().collect();
     let mut open = true;
     let queue_length = gauge!(telemetry::QUEUE_LENGTH, "model" => model.clone());
     let queue_wait = histogram!(telemetry::QUEUE_WAIT, "model" => model.clone());
     let dropped = counter!(telemetry::DROPPED_TOTAL, "model" => model.clone());
-    let rejected = counter!(telemetry::ERRORS_TOTAL, "model" => model.clone(), "error_type" => telemetry::error_type::QUEUE_FULL);
 
     loop {
         // Dispatch while a worker is idle and a batch is due. Once every
@@ -77,7 +81,11 @@ async fn batching_task(
             if queue.is_empty() || (open && !queue.is_due(now)) {
                 break;
             }
-            let Taken { items, rows, dropped: gone } = queue.take();
+            let Taken {
+                items,
+                rows,
+                dropped: gone,
+            } = queue.take();
             dropped.increment(gone.len() as u64);
             if items.is_empty() {
                 continue;
@@ -88,13 +96,19 @@ async fn batching_task(
                 requests.push(request);
             }
             idle.pop();
-            if let Err(std_mpsc::TrySendError::Full(job) | std_mpsc::TrySendError::Disconnected(job)) =
-                workers[worker].try_send(WorkerJob { requests, rows })
+            if let Err(
+                std_mpsc::TrySendError::Full(job) | std_mpsc::TrySendError::Disconnected(job),
+            ) = workers[worker].try_send(WorkerJob { requests, rows })
             {
                 // The worker thread died (it never panics on an engine
                 // error); answer its job rather than lose it.
                 tracing::error!(model = %model, worker, "engine worker is gone");
-                fail(job.requests, &SchedulerError::Engine(EngineError::Execution("engine worker thread is gone".into())));
+                fail(
+                    job.requests,
+                    &SchedulerError::Engine(EngineError::Execution(
+                        "engine worker thread is gone".into(),
+                    )),
+                );
             }
         }
         queue_length.set(queue.len() as f64);
@@ -103,19 +117,31 @@ async fn batching_task(
         }
         if workers.is_empty() {
             // No engine thread could start: refuse everything that waits.
-            let Taken { items, dropped: _, .. } = queue.take();
-            fail(items.into_iter().map(|(r, _)| r).collect(), &SchedulerError::Engine(EngineError::Execution("no engine thread is running".into())));
+            let Taken {
+                items, dropped: _, ..
+            } = queue.take();
+            fail(
+                items.into_iter().map(|(r, _)| r).collect(),
+                &SchedulerError::Engine(EngineError::Execution(
+                    "no engine thread is running".into(),
+                )),
+            );
             if !open && queue.is_empty() {
                 break;
             }
         }
-        let deadline = if idle.is_empty() { None } else { queue.deadline() };
+        let deadline = if idle.is_empty() {
+            None
+        } else {
+            queue.deadline()
+        };
         tokio::select! {
             command = command_rx.recv(), if open => match command {
                 Some(SchedulerCommand::Enqueue(request)) => {
                     let arrived = request.arrived;
+                    // Refusals are counted by the front end, with the
+                    // request's other outcomes.
                     if let Err(request) = queue.push(request, arrived) {
-                        rejected.increment(1);
                         let _ = request.response_tx.send(Err(SchedulerError::QueueFull {
                             model: model.clone(),
                             capacity: config.max_queue_size,

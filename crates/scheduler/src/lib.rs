@@ -119,7 +119,11 @@ impl Scheduler {
     /// Queues `rows` rows and waits for their outputs. Dropping the future
     /// (a client that disconnected) withdraws the request: it is removed
     /// before it reaches the engine.
-    pub async fn infer(&self, rows: usize, inputs: Vec<Vec<f32>>) -> Result<Outputs, SchedulerError> {
+    pub async fn infer(
+        &self,
+        rows: usize,
+        inputs: Vec<Vec<f32>>,
+    ) -> Result<Outputs, SchedulerError> {
         if rows == 0 || rows > self.config.max_batch_size {
             return Err(SchedulerError::TooManyRows {
                 rows,

@@ -136,7 +136,11 @@ async fn a_full_batch_leaves_at_once() {
         let out = h.await.unwrap().unwrap();
         assert_eq!(out, vec![vec![1001.0 * i as f32, 4.0]]);
     }
-    assert_eq!(start.elapsed(), Duration::ZERO, "a full batch must not wait for the delay");
+    assert_eq!(
+        start.elapsed(),
+        Duration::ZERO,
+        "a full batch must not wait for the delay"
+    );
     assert_eq!(engine.batches(), [4]);
 }
 
@@ -175,7 +179,10 @@ async fn a_request_whose_client_left_never_reaches_the_engine() {
     let scheduler = Scheduler::spawn(engine.clone(), config(8));
     let abandoned = tokio::spawn({
         let s = scheduler.clone();
-        async move { s.infer(3, vec![[row(1.0), row(2.0), row(3.0)].concat()]).await }
+        async move {
+            s.infer(3, vec![[row(1.0), row(2.0), row(3.0)].concat()])
+                .await
+        }
     });
     tokio::time::sleep(Duration::from_millis(1)).await;
     abandoned.abort();
@@ -194,7 +201,9 @@ async fn engine_errors_reach_every_request_of_the_batch() {
         let s = scheduler.clone();
         async move { s.infer(1, vec![row(1.0)]).await }
     });
-    let b = scheduler.infer(2, vec![[row(1.0), row(2.0)].concat()]).await;
+    let b = scheduler
+        .infer(2, vec![[row(1.0), row(2.0)].concat()])
+        .await;
     let a = a.await.unwrap();
     for result in [a, b] {
         assert_eq!(
@@ -263,5 +272,8 @@ async fn dropping_every_handle_flushes_the_queue() {
     drop(scheduler);
     let out = rx.await.unwrap().unwrap();
     assert_eq!(out, vec![vec![3003.0, 1.0]]);
-    assert!(start.elapsed() < Duration::from_secs(60), "shutdown must not wait out the delay");
+    assert!(
+        start.elapsed() < Duration::from_secs(60),
+        "shutdown must not wait out the delay"
+    );
 }

@@ -93,9 +93,13 @@ pub fn install_recorder() -> Result<PrometheusHandle, TelemetryError> {
     }
     let recorder = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Full(REQUEST_LATENCY.into()), &LATENCY_BUCKETS)
-        .and_then(|b| b.set_buckets_for_metric(Matcher::Full(BATCH_SIZE.into()), &BATCH_SIZE_BUCKETS))
+        .and_then(|b| {
+            b.set_buckets_for_metric(Matcher::Full(BATCH_SIZE.into()), &BATCH_SIZE_BUCKETS)
+        })
         .and_then(|b| b.set_buckets_for_metric(Matcher::Full(QUEUE_WAIT.into()), &WAIT_BUCKETS))
-        .and_then(|b| b.set_buckets_for_metric(Matcher::Full(ENGINE_EXECUTION.into()), &ENGINE_BUCKETS))
+        .and_then(|b| {
+            b.set_buckets_for_metric(Matcher::Full(ENGINE_EXECUTION.into()), &ENGINE_BUCKETS)
+        })
         .map_err(|e| TelemetryError::Recorder(e.to_string()))?
         .build_recorder();
     let handle = recorder.handle();
@@ -113,14 +117,33 @@ pub fn install_recorder() -> Result<PrometheusHandle, TelemetryError> {
 
 fn describe() {
     describe_counter!(REQUESTS_TOTAL, "Inference requests answered, by outcome");
-    describe_histogram!(REQUEST_LATENCY, Unit::Seconds, "Request latency from arrival to answer");
+    describe_histogram!(
+        REQUEST_LATENCY,
+        Unit::Seconds,
+        "Request latency from arrival to answer"
+    );
     describe_histogram!(BATCH_SIZE, Unit::Count, "Rows per engine call");
-    describe_histogram!(QUEUE_WAIT, Unit::Seconds, "Time a request waited before its batch left for the engine");
-    describe_gauge!(QUEUE_LENGTH, Unit::Count, "Requests waiting in the batch queue");
+    describe_histogram!(
+        QUEUE_WAIT,
+        Unit::Seconds,
+        "Time a request waited before its batch left for the engine"
+    );
+    describe_gauge!(
+        QUEUE_LENGTH,
+        Unit::Count,
+        "Requests waiting in the batch queue"
+    );
     describe_counter!(ERRORS_TOTAL, "Failed inference requests, by error type");
-    describe_histogram!(ENGINE_EXECUTION, Unit::Seconds, "Engine execution time per batch");
+    describe_histogram!(
+        ENGINE_EXECUTION,
+        Unit::Seconds,
+        "Engine execution time per batch"
+    );
     describe_counter!(BATCHES_TOTAL, "Batches run by the engine");
-    describe_counter!(DROPPED_TOTAL, "Requests dropped before the engine because the client disconnected");
+    describe_counter!(
+        DROPPED_TOTAL,
+        "Requests dropped before the engine because the client disconnected"
+    );
     describe_gauge!(READY, "1 when every model is loaded and warmed up");
 }
 

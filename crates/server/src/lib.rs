@@ -1,0 +1,240 @@
+//! tickserve's server: loads the model repository, starts a scheduler per
+//! model version and answers the Open Inference Protocol over HTTP, with
+//! Prometheus metrics on an address of their own.
+//!
+//! Start-up binds both listeners first, so liveness answers at once and
+//! readiness answers 503 until every model is loaded and warmed up
+//! ([`models::ModelRegistry::load`]). Shutdown flips readiness to 503,
+//! stops accepting connections, lets queued and running requests finish
+//! within the drain timeout, then returns.
+//!
+//! The HTTP handlers ([`http`]) and the future gRPC service share one
+//! [`AppState`]: the same registry, schedulers and error mapping.
+
+pub mod error;
+mod http;
+pub mod models;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use axum::Router;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tickserve_repository::RepositoryError;
+use tickserve_telemetry as telemetry;
+use tokio::net::TcpListener;
+
+use crate::error::ServeError;
+use crate::models::ModelRegistry;
+
+/// Everything `serve` needs, as plain data (the CLI fills it from flags,
+/// environment and the TOML file).
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub model_repository: PathBuf,
+    pub http_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    /// How long shutdown waits for queued and running requests.
+    pub drain_timeout: Duration,
+    /// Largest accepted request body; larger ones get 413.
+    pub max_body_bytes: usize,
+}
+
+/// Why the server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Repository(#[from] RepositoryError),
+    #[error(transparent)]
+    Telemetry(#[from] telemetry::TelemetryError),
+    #[error("server task failed: {0}")]
+    Task(String),
+}
+
+/// State shared by every handler.
+#[derive(Debug, Clone)]
+pub(crate) struct AppState {
+    registry: Arc<OnceLock<ModelRegistry>>,
+    draining: Arc<AtomicBool>,
+    max_body_bytes: usize,
+}
+
+impl AppState {
+    fn registry(&self) -> Result<&ModelRegistry, ServeError> {
+        self.registry.get().ok_or_else(|| {
+            ServeError::NotReady("the server is starting: models are still loading".into())
+        })
+    }
+
+    fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    fn is_ready(&self) -> bool {
+        self.registry.get().is_some() && !self.is_draining()
+    }
+}
+
+/// A server whose listeners are bound; [`BoundServer::serve`] runs it.
+#[derive(Debug)]
+pub struct BoundServer {
+    config: ServerConfig,
+    http_listener: TcpListener,
+    metrics_listener: TcpListener,
+    metrics: PrometheusHandle,
+}
+
+impl BoundServer {
+    /// Binds the HTTP and metrics listeners (port 0 picks a free port).
+    pub async fn bind(config: ServerConfig) -> Result<Self, StartError> {
+        let metrics = telemetry::install_recorder()?;
+        let bind = |addr: SocketAddr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Bind { addr, source })
+        };
+        let http_listener = bind(config.http_addr).await?;
+        let metrics_listener = bind(config.metrics_addr).await?;
+        Ok(BoundServer {
+            config,
+            http_listener,
+            metrics_listener,
+            metrics,
+        })
+    }
+
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_listener
+            .local_addr()
+            .unwrap_or(self.config.http_addr)
+    }
+
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics_listener
+            .local_addr()
+            .unwrap_or(self.config.metrics_addr)
+    }
+
+    /// Serves until `shutdown` resolves, then drains. Returns an error if
+    /// the model repository cannot be loaded.
+    pub async fn serve(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), StartError> {
+        let BoundServer {
+            config,
+            http_listener,
+            metrics_listener,
+            metrics,
+        } = self;
+        let state = AppState {
+            registry: Arc::new(OnceLock::new()),
+            draining: Arc::new(AtomicBool::new(false)),
+            max_body_bytes: config.max_body_bytes,
+        };
+        metrics::gauge!(telemetry::READY).set(0.0);
+
+        // Shutdown fans out to both servers and to the loader.
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let stopped = move |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|&stop| stop).await;
+        };
+
+        let http_app = http::router(state.clone());
+        let http_server = tokio::spawn(
+            axum::serve(http_listener, http_app)
+                .with_graceful_shutdown(stopped(stop_rx.clone()))
+                .into_future(),
+        );
+        let metrics_app = metrics_router(metrics.clone());
+        let metrics_server = tokio::spawn(
+            axum::serve(metrics_listener, metrics_app)
+                .with_graceful_shutdown(stopped(stop_rx.clone()))
+                .into_future(),
+        );
+        let upkeep = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tick.tick().await;
+                metrics.run_upkeep();
+            }
+        });
+
+        let root = config.model_repository.clone();
+        let runtime = tokio::runtime::Handle::current();
+        let loaded = tokio::task::spawn_blocking(move || ModelRegistry::load(&root, &runtime))
+            .await
+            .map_err(|e| StartError::Task(e.to_string()));
+        let registry = match loaded {
+            Ok(Ok(registry)) => registry,
+            Ok(Err(e)) | Err(StartError::Repository(e)) => {
+                let _ = stop_tx.send(true);
+                upkeep.abort();
+                return Err(StartError::Repository(e));
+            }
+            Err(e) => {
+                let _ = stop_tx.send(true);
+                upkeep.abort();
+                return Err(e);
+            }
+        };
+        for model in registry.models() {
+            tracing::info!(model = %model.name, versions = ?model.version_names(), "model ready");
+        }
+        let _ = state.registry.set(registry);
+        metrics::gauge!(telemetry::READY).set(1.0);
+        tracing::info!(http = %config.http_addr, "ready");
+
+        shutdown.await;
+        tracing::info!(drain_timeout = ?config.drain_timeout, "shutting down: draining requests");
+        state.draining.store(true, Ordering::Release);
+        metrics::gauge!(telemetry::READY).set(0.0);
+        let _ = stop_tx.send(true);
+        let drained = tokio::time::timeout(config.drain_timeout, async {
+            let _ = http_server.await;
+            let _ = metrics_server.await;
+        })
+        .await;
+        upkeep.abort();
+        match drained {
+            Ok(()) => tracing::info!("drained; bye"),
+            Err(_) => tracing::warn!(
+                drain_timeout = ?config.drain_timeout,
+                "drain timeout passed with requests still running; exiting anyway"
+            ),
+        }
+        Ok(())
+    }
+}
+
+fn metrics_router(handle: PrometheusHandle) -> Router {
+    Router::new().route(
+        "/metrics",
+        get(move || {
+            let handle = handle.clone();
+            async move {
+                (
+                    [(
+                        header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    )],
+                    handle.render(),
+                )
+                    .into_response()
+            }
+        }),
+    )
+}

@@ -1,0 +1,352 @@
+//! The loaded models and the protocol-neutral inference path.
+//!
+//! [`ModelRegistry::load`] scans the repository, loads every version, warms
+//! each engine up at every batch size it will run (so the first real
+//! request of a new size pays no first-call cost, Triton #7776 in
+//! serving-systems.md) and starts one [`Scheduler`] per version.
+//!
+//! [`ModelVersion::infer`] is what every front end calls: it validates a
+//! decoded request against the model's signature, queues it and shapes the
+//! answer. HTTP (and later gRPC) only translate their wire formats into
+//! [`InferRequest`] and back from [`InferResponse`].
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use tickserve_engine::{Batch, DataType, Engine, Signature, TensorSpec};
+use tickserve_repository::{self as repository, ModelEntry, RepositoryError};
+use tickserve_scheduler::{Scheduler, SchedulerConfig};
+
+use crate::error::ServeError;
+
+/// One decoded input tensor of a request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InputTensor {
+    pub name: String,
+    pub datatype: String,
+    pub shape: Vec<i64>,
+    pub data: Vec<f32>,
+}
+
+/// A request as every protocol front end hands it over.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InferRequest {
+    pub id: Option<String>,
+    pub inputs: Vec<InputTensor>,
+    /// Outputs to return; `None` means all of them.
+    pub outputs: Option<Vec<String>>,
+}
+
+/// One output tensor of an answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutputTensor {
+    pub name: String,
+    pub datatype: DataType,
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct InferResponse {
+    pub model_name: String,
+    pub model_version: String,
+    pub id: Option<String>,
+    pub outputs: Vec<OutputTensor>,
+}
+
+/// One loaded, warmed-up model version and its scheduler.
+#[derive(Debug)]
+pub struct ModelVersion {
+    pub name: String,
+    pub version: u64,
+    pub engine_kind: &'static str,
+    pub signature: Signature,
+    pub max_batch_size: usize,
+    scheduler: Scheduler,
+}
+
+/// Every version of one model.
+#[derive(Debug)]
+pub struct Model {
+    pub name: String,
+    /// Ascending by version number.
+    pub versions: BTreeMap<u64, Arc<ModelVersion>>,
+}
+
+impl Model {
+    /// The version a request names, or the latest when it names none.
+    pub fn version(&self, version: Option<&str>) -> Result<&Arc<ModelVersion>, ServeError> {
+        let found = match version {
+            None => self.versions.values().next_back(),
+            Some(v) => v.parse::<u64>().ok().and_then(|n| self.versions.get(&n)),
+        };
+        found.ok_or_else(|| ServeError::VersionNotFound {
+            model: self.name.clone(),
+            version: version.unwrap_or("").to_owned(),
+            available: self.version_names().join(", "),
+        })
+    }
+
+    pub fn version_names(&self) -> Vec<String> {
+        self.versions.keys().map(u64::to_string).collect()
+    }
+}
+
+/// All models of the repository, by name.
+#[derive(Debug)]
+pub struct ModelRegistry {
+    models: BTreeMap<String, Model>,
+}
+
+impl ModelRegistry {
+    /// Loads and warms up every model in `root`. Blocking: call it off the
+    /// async runtime's worker threads. Schedulers are started on `runtime`.
+    pub fn load(root: &Path, runtime: &tokio::runtime::Handle) -> Result<Self, RepositoryError> {
+        let mut models = BTreeMap::new();
+        for entry in repository::scan(root)? {
+            let mut versions = BTreeMap::new();
+            for &version in &entry.versions {
+                let loaded = entry.load_version(version)?;
+                warm_up(&entry, version, &*loaded.engine)?;
+                let scheduler = {
+                    let _guard = runtime.enter();
+                    Scheduler::spawn(
+                        Arc::clone(&loaded.engine),
+                        SchedulerConfig {
+                            model: entry.name.clone(),
+                            max_batch_size: entry.config.max_batch_size,
+                            max_queue_delay: entry.config.dynamic_batching.max_queue_delay,
+                            max_queue_size: entry.config.dynamic_batching.max_queue_size,
+                            instances: entry.config.instances,
+                        },
+                    )
+                };
+                versions.insert(
+                    version,
+                    Arc::new(ModelVersion {
+                        name: entry.name.clone(),
+                        version,
+                        engine_kind: loaded.engine.kind(),
+                        signature: loaded.engine.signature().clone(),
+                        max_batch_size: entry.config.max_batch_size,
+                        scheduler,
+                    }),
+                );
+            }
+            models.insert(
+                entry.name.clone(),
+                Model {
+                    name: entry.name,
+                    versions,
+                },
+            );
+        }
+        Ok(ModelRegistry { models })
+    }
+
+    pub fn get(&self, name: &str) -> Result<&Model, ServeError> {
+        self.models
+            .get(name)
+            .ok_or_else(|| ServeError::ModelNotFound(name.to_owned()))
+    }
+
+    pub fn models(&self) -> impl Iterator<Item = &Model> {
+        self.models.values()
+    }
+}
+
+/// Runs every batch size from 1 to `max_batch_size` once, so allocations,
+/// page faults and code paths of each size are paid before readiness.
+fn warm_up(entry: &ModelEntry, version: u64, engine: &dyn Engine) -> Result<(), RepositoryError> {
+    let started = std::time::Instant::now();
+    for rows in 1..=entry.config.max_batch_size {
+        let inputs = engine
+            .signature()
+            .inputs
+            .iter()
+            .map(|spec| vec![0.0f32; rows * spec.row_len()])
+            .collect();
+        engine
+            .infer(&Batch { rows, inputs })
+            .map_err(|source| RepositoryError::Engine {
+                model: entry.name.clone(),
+                version,
+                source,
+            })?;
+    }
+    tracing::info!(
+        model = %entry.name,
+        version,
+        batch_sizes = entry.config.max_batch_size,
+        elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+        "warmed up"
+    );
+    Ok(())
+}
+
+impl ModelVersion {
+    /// Validates `request`, runs it through the scheduler and shapes the
+    /// answer.
+    pub async fn infer(&self, request: InferRequest) -> Result<InferResponse, ServeError> {
+        let (rows, order) = self.validate(&request)?;
+        let wanted = self.requested_outputs(request.outputs.as_deref())?;
+        let InferRequest { id, inputs, .. } = request;
+        let mut slots: Vec<Option<InputTensor>> = inputs.into_iter().map(Some).collect();
+        let inputs = order
+            .into_iter()
+            .map(|index| slots[index].take().map(|t| t.data).unwrap_or_default())
+            .collect();
+        let mut outputs = self.scheduler.infer(rows, inputs).await?;
+        let tensors = wanted
+            .into_iter()
+            .map(|index| {
+                let spec = &self.signature.outputs[index];
+                let mut shape = Vec::with_capacity(spec.dims.len() + 1);
+                shape.push(rows);
+                shape.extend_from_slice(&spec.dims);
+                OutputTensor {
+                    name: spec.name.clone(),
+                    datatype: spec.datatype,
+                    shape,
+                    data: std::mem::take(&mut outputs[index]),
+                }
+            })
+            .collect();
+        Ok(InferResponse {
+            model_name: self.name.clone(),
+            model_version: self.version.to_string(),
+            id,
+            outputs: tensors,
+        })
+    }
+
+    /// Checks names, datatypes, shapes, counts and values of every input
+    /// and returns the row count and, for each input of the signature, the
+    /// index of the request's tensor that feeds it.
+    fn validate(&self, request: &InferRequest) -> Result<(usize, Vec<usize>), ServeError> {
+        let invalid = |m: String| Err(ServeError::Invalid(m));
+        if request.inputs.is_empty() {
+            return invalid("the request has no inputs".into());
+        }
+        for (i, input) in request.inputs.iter().enumerate() {
+            if !self.signature.inputs.iter().any(|s| s.name == input.name) {
+                return invalid(format!(
+                    "unknown input '{}'; model '{}' takes {}",
+                    input.name,
+                    self.name,
+                    names(&self.signature.inputs)
+                ));
+            }
+            if request.inputs[..i]
+                .iter()
+                .any(|other| other.name == input.name)
+            {
+                return invalid(format!("input '{}' is given twice", input.name));
+            }
+        }
+        let mut rows = None;
+        let mut ordered = Vec::with_capacity(self.signature.inputs.len());
+        for spec in &self.signature.inputs {
+            let Some(index) = request.inputs.iter().position(|i| i.name == spec.name) else {
+                return invalid(format!("input '{}' is missing", spec.name));
+            };
+            let input = &request.inputs[index];
+            if input.datatype != spec.datatype.as_str() {
+                return invalid(format!(
+                    "input '{}' has datatype {}; the model takes {}",
+                    spec.name, input.datatype, spec.datatype
+                ));
+            }
+            let expected_shape = format!("[n, {}]", join(&spec.dims));
+            let row_shape_ok = input.shape.len() == spec.dims.len() + 1
+                && input.shape[1..]
+                    .iter()
+                    .zip(&spec.dims)
+                    .all(|(&got, &want)| got >= 0 && got as usize == want);
+            if !row_shape_ok {
+                return invalid(format!(
+                    "input '{}' has shape {:?}; the model takes {expected_shape} with n the batch size",
+                    spec.name, input.shape
+                ));
+            }
+            let n = input.shape[0];
+            if n < 1 {
+                return invalid(format!(
+                    "input '{}' has batch size {n}; it must be at least 1",
+                    spec.name
+                ));
+            }
+            let n = n as usize;
+            if n > self.max_batch_size {
+                return invalid(format!(
+                    "input '{}' has batch size {n}, more than the model's max_batch_size {}",
+                    spec.name, self.max_batch_size
+                ));
+            }
+            if let Some(previous) = rows
+                && previous != n
+            {
+                return invalid(format!(
+                    "inputs disagree on the batch size ({previous} vs {n} for '{}')",
+                    spec.name
+                ));
+            }
+            rows = Some(n);
+            let expected = n * spec.row_len();
+            if input.data.len() != expected {
+                return invalid(format!(
+                    "input '{}' has {} values; shape {:?} needs {expected}",
+                    spec.name,
+                    input.data.len(),
+                    input.shape
+                ));
+            }
+            if let Some(position) = input.data.iter().position(|v| !v.is_finite()) {
+                return invalid(format!(
+                    "input '{}' has a non-finite value at position {position} (NaN, infinity or out of FP32 range)",
+                    spec.name
+                ));
+            }
+            ordered.push(index);
+        }
+        Ok((rows.unwrap_or(1), ordered))
+    }
+
+    fn requested_outputs(&self, requested: Option<&[String]>) -> Result<Vec<usize>, ServeError> {
+        let Some(requested) = requested.filter(|r| !r.is_empty()) else {
+            return Ok((0..self.signature.outputs.len()).collect());
+        };
+        requested
+            .iter()
+            .map(|name| {
+                self.signature
+                    .outputs
+                    .iter()
+                    .position(|s| &s.name == name)
+                    .ok_or_else(|| {
+                        ServeError::Invalid(format!(
+                            "unknown output '{name}'; model '{}' gives {}",
+                            self.name,
+                            names(&self.signature.outputs)
+                        ))
+                    })
+            })
+            .collect()
+    }
+}
+
+fn names(specs: &[TensorSpec]) -> String {
+    specs
+        .iter()
+        .map(|s| format!("'{}'", s.name))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn join(dims: &[usize]) -> String {
+    dims.iter()
+        .map(usize::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}

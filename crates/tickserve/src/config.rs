@@ -1,0 +1,219 @@
+//! `tickserve serve` settings: clap flags with `TICKSERVE_*` environment
+//! variables, an optional TOML file, and defaults, merged in that order of
+//! precedence into the server's plain [`ServerConfig`].
+//!
+//! Flags are `Option`s without clap defaults so that a value from the TOML
+//! file is not hidden by a default; defaults are applied last, here, and
+//! stated in each flag's help.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, ValueEnum};
+use serde::Deserialize;
+use tickserve_server::ServerConfig;
+use tickserve_telemetry::LogFormat;
+
+const DEFAULT_REPOSITORY: &str = "models";
+const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:8000";
+const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:8002";
+const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+const DEFAULT_MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
+const DEFAULT_LOG_LEVEL: &str = "info";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormatArg {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// TOML file with any of the settings below (keys as the long flags,
+    /// with underscores: `model_repository = "models"`). Flags and
+    /// environment variables override it.
+    #[arg(long, env = "TICKSERVE_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Model repository: <dir>/<model>/config.toml and
+    /// <dir>/<model>/<version>/model.onnx. [default: models]
+    #[arg(long, env = "TICKSERVE_MODEL_REPOSITORY", value_name = "DIR")]
+    pub model_repository: Option<PathBuf>,
+
+    /// Address of the Open Inference Protocol HTTP API. [default: 127.0.0.1:8000]
+    #[arg(long, env = "TICKSERVE_HTTP_ADDR", value_name = "ADDR")]
+    pub http_addr: Option<SocketAddr>,
+
+    /// Address of the Prometheus endpoint (GET /metrics). [default: 127.0.0.1:8002]
+    #[arg(long, env = "TICKSERVE_METRICS_ADDR", value_name = "ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+
+    /// On SIGTERM/SIGINT, how long to let queued and running requests
+    /// finish before exiting, e.g. "30s", "500ms". [default: 30s]
+    #[arg(long, env = "TICKSERVE_DRAIN_TIMEOUT", value_name = "DURATION", value_parser = humantime_duration)]
+    pub drain_timeout: Option<Duration>,
+
+    /// Largest accepted request body in bytes; larger bodies get 413.
+    /// [default: 16777216]
+    #[arg(long, env = "TICKSERVE_MAX_BODY_BYTES", value_name = "BYTES")]
+    pub max_body_bytes: Option<usize>,
+
+    /// Log format. [default: text]
+    #[arg(long, env = "TICKSERVE_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormatArg>,
+
+    /// Log level or filter in RUST_LOG syntax ("info",
+    /// "tickserve_scheduler=debug,info"). [default: info]
+    #[arg(long, env = "TICKSERVE_LOG_LEVEL", value_name = "FILTER")]
+    pub log_level: Option<String>,
+}
+
+/// The TOML file's contents: every key optional, unknown keys refused.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    model_repository: Option<PathBuf>,
+    http_addr: Option<SocketAddr>,
+    metrics_addr: Option<SocketAddr>,
+    #[serde(default, with = "humantime_serde")]
+    drain_timeout: Option<Duration>,
+    max_body_bytes: Option<usize>,
+    log_format: Option<LogFormatArg>,
+    log_level: Option<String>,
+}
+
+/// The merged settings.
+#[derive(Debug)]
+pub struct Settings {
+    pub server: ServerConfig,
+    pub log_format: LogFormat,
+    pub log_level: String,
+}
+
+fn humantime_duration(text: &str) -> Result<Duration, String> {
+    humantime_serde::re::humantime::parse_duration(text).map_err(|e| e.to_string())
+}
+
+fn read_file(path: &Path) -> anyhow::Result<FileConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config file {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
+}
+
+impl ServeArgs {
+    pub fn resolve(self) -> anyhow::Result<Settings> {
+        let file = match &self.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        let parse_addr = |text: &str| -> anyhow::Result<SocketAddr> {
+            text.parse()
+                .with_context(|| format!("invalid address {text}"))
+        };
+        let log_format = self
+            .log_format
+            .or(file.log_format)
+            .unwrap_or(LogFormatArg::Text);
+        let max_body_bytes = self
+            .max_body_bytes
+            .or(file.max_body_bytes)
+            .unwrap_or(DEFAULT_MAX_BODY_BYTES);
+        anyhow::ensure!(max_body_bytes > 0, "max_body_bytes must be positive");
+        Ok(Settings {
+            server: ServerConfig {
+                model_repository: self
+                    .model_repository
+                    .or(file.model_repository)
+                    .unwrap_or_else(|| PathBuf::from(DEFAULT_REPOSITORY)),
+                http_addr: match self.http_addr.or(file.http_addr) {
+                    Some(addr) => addr,
+                    None => parse_addr(DEFAULT_HTTP_ADDR)?,
+                },
+                metrics_addr: match self.metrics_addr.or(file.metrics_addr) {
+                    Some(addr) => addr,
+                    None => parse_addr(DEFAULT_METRICS_ADDR)?,
+                },
+                drain_timeout: self
+                    .drain_timeout
+                    .or(file.drain_timeout)
+                    .unwrap_or(DEFAULT_DRAIN_TIMEOUT),
+                max_body_bytes,
+            },
+            log_format: match log_format {
+                LogFormatArg::Text => LogFormat::Text,
+                LogFormatArg::Json => LogFormat::Json,
+            },
+            log_level: self
+                .log_level
+                .or(file.log_level)
+                .unwrap_or_else(|| DEFAULT_LOG_LEVEL.to_owned()),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Wrapper {
+        #[command(flatten)]
+        args: ServeArgs,
+    }
+
+    fn parse(argv: &[&str]) -> ServeArgs {
+        Wrapper::try_parse_from(std::iter::once("serve").chain(argv.iter().copied()))
+            .unwrap()
+            .args
+    }
+
+    #[test]
+    fn defaults_apply_when_nothing_is_given() {
+        let settings = parse(&[]).resolve().unwrap();
+        assert_eq!(settings.server.model_repository, PathBuf::from("models"));
+        assert_eq!(settings.server.http_addr.to_string(), "127.0.0.1:8000");
+        assert_eq!(settings.server.metrics_addr.to_string(), "127.0.0.1:8002");
+        assert_eq!(settings.server.drain_timeout, Duration::from_secs(30));
+        assert_eq!(settings.log_format, LogFormat::Text);
+        assert_eq!(settings.log_level, "info");
+    }
+
+    #[test]
+    fn flags_override_the_file_and_the_file_overrides_defaults() {
+        let dir = std::env::temp_dir().join(format!("tickserve-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("tickserve.toml");
+        std::fs::write(
+            &file,
+            "http_addr = \"127.0.0.1:9000\"\ndrain_timeout = \"2s\"\nlog_format = \"json\"\n",
+        )
+        .unwrap();
+        let settings = parse(&[
+            "--config",
+            file.to_str().unwrap(),
+            "--http-addr",
+            "127.0.0.1:9100",
+        ])
+        .resolve()
+        .unwrap();
+        assert_eq!(settings.server.http_addr.to_string(), "127.0.0.1:9100");
+        assert_eq!(settings.server.drain_timeout, Duration::from_secs(2));
+        assert_eq!(settings.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn unknown_keys_in_the_file_are_refused() {
+        let dir = std::env::temp_dir().join(format!("tickserve-cfg-bad-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("tickserve.toml");
+        std::fs::write(&file, "http_adr = \"127.0.0.1:9000\"\n").unwrap();
+        let err = parse(&["--config", file.to_str().unwrap()])
+            .resolve()
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("http_adr"), "{err:#}");
+    }
+}

@@ -8,7 +8,7 @@
 //! with a stride of `T·4H`. Transposes in the ONNX graph therefore cost
 //! nothing at run time; the recogniser only tracks them.
 
-use crate::kernels::{broadcast_rows, lstm_cell, matmul, relu_in_place};
+use crate::kernels::{broadcast_rows, detect_simd, lstm_cell, matmul, relu_in_place};
 
 /// Conv1d over time, stride 1, dilation 1.
 #[derive(Debug, Clone)]
@@ -184,6 +184,7 @@ impl Lstm {
             vec![0.0f32; rows * time * hidden]
         };
         let step_stride = time * gates_width;
+        let simd = detect_simd();
         for t in 0..time {
             let offset = t * gates_width;
             if t > 0 {
@@ -204,7 +205,7 @@ impl Lstm {
             for b in 0..rows {
                 let g = &gates[offset + b * step_stride..offset + b * step_stride + gates_width];
                 let hb = &mut h[b * hidden..(b + 1) * hidden];
-                lstm_cell(g, &mut c[b * hidden..(b + 1) * hidden], hb);
+                lstm_cell(simd, g, &mut c[b * hidden..(b + 1) * hidden], hb);
                 if !last_only {
                     let dst = (b * time + t) * hidden;
                     y[dst..dst + hidden].copy_from_slice(hb);

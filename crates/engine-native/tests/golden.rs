@@ -1,6 +1,7 @@
 //! The native engine against PyTorch's own outputs (fixtures written by
 //! `tools/export_reference.py`): the bundled reference model and two
 //! variants of the family, at every batch size, within 1e-5.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
 

@@ -1,0 +1,141 @@
+//! Repository scanning and the config-versus-model checks, on the bundled
+//! model and the fixture variants.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tickserve_repository::{RepositoryError, scan};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// A repository with one model `name` whose version 1 is `model` and whose
+/// config.toml is `config`.
+fn repo(name: &str, model: &Path, config: &str) -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "tickserve-repo-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(dir.join(name).join("1")).unwrap();
+    std::fs::write(dir.join(name).join("config.toml"), config).unwrap();
+    std::fs::copy(model, dir.join(name).join("1/model.onnx")).unwrap();
+    dir
+}
+
+const VARIANT_A: &str = r#"
+max_batch_size = 16
+[[input]]
+name = "input"
+datatype = "FP32"
+dims = [20, 8]
+[[output]]
+name = "output"
+datatype = "FP32"
+dims = [5]
+"#;
+
+#[test]
+fn the_bundled_repository_loads_with_its_defaults() {
+    let models = scan(&root().join("models")).unwrap();
+    assert_eq!(models.len(), 1);
+    let model = &models[0];
+    assert_eq!(model.name, "cnn_lstm");
+    assert_eq!(model.versions, vec![1]);
+    assert_eq!(model.config.max_batch_size, 32);
+    assert_eq!(
+        model.config.dynamic_batching.max_queue_delay,
+        std::time::Duration::from_millis(5)
+    );
+    assert_eq!(model.config.dynamic_batching.max_queue_size, 1000);
+    let loaded = model.load_version(1).unwrap();
+    assert_eq!(loaded.engine.kind(), "native");
+}
+
+#[test]
+fn a_variant_loads_with_a_matching_config_and_default_batching() {
+    let dir = repo(
+        "variant_a",
+        &root().join("fixtures/models/variant_a/model.onnx"),
+        VARIANT_A,
+    );
+    let models = scan(&dir).unwrap();
+    assert_eq!(
+        models[0].config.dynamic_batching.max_queue_delay,
+        std::time::Duration::from_millis(5)
+    );
+    let loaded = models[0].load_version(1).unwrap();
+    assert_eq!(loaded.engine.signature().outputs[0].dims, vec![5]);
+}
+
+fn load_error(config: &str, model: &str) -> String {
+    let dir = repo("m", &root().join(model), config);
+    match scan(&dir) {
+        Err(e) => e.to_string(),
+        Ok(models) => models[0].load_version(1).unwrap_err().to_string(),
+    }
+}
+
+#[test]
+fn mismatches_between_config_and_model_are_named() {
+    let a = "fixtures/models/variant_a/model.onnx";
+    let err = load_error(&VARIANT_A.replace("dims = [20, 8]", "dims = [20, 9]"), a);
+    assert!(
+        err.contains("input 'input' has dims [20, 9] in config.toml but [20, 8] in the model"),
+        "{err}"
+    );
+    let err = load_error(
+        &VARIANT_A.replace("name = \"output\"", "name = \"signal\""),
+        a,
+    );
+    assert!(err.contains("output 'signal' is not in the model"), "{err}");
+    let err = load_error(
+        &VARIANT_A.replacen("datatype = \"FP32\"", "datatype = \"FP64\"", 1),
+        a,
+    );
+    assert!(
+        err.contains("input 'input' is FP64 in config.toml but FP32 in the model"),
+        "{err}"
+    );
+}
+
+#[test]
+fn invalid_configs_are_refused_with_the_reason() {
+    let a = "fixtures/models/variant_a/model.onnx";
+    let err = load_error(&VARIANT_A.replacen("FP32", "FLOAT", 1), a);
+    assert!(err.contains("datatype 'FLOAT'"), "{err}");
+    let err = load_error(&format!("max_queue_delay = \"5ms\"\n{VARIANT_A}"), a);
+    assert!(err.contains("unknown field `max_queue_delay`"), "{err}");
+    let err = load_error(
+        &VARIANT_A.replace("max_batch_size = 16", "max_batch_size = 0"),
+        a,
+    );
+    assert!(err.contains("max_batch_size must be at least 1"), "{err}");
+    let err = load_error(&format!("name = \"other\"\n{VARIANT_A}"), a);
+    assert!(
+        err.contains("name 'other' differs from its folder 'm'"),
+        "{err}"
+    );
+    let err = load_error(&format!("engine = \"onnxruntime\"\n{VARIANT_A}"), a);
+    assert!(err.contains("onnxruntime"), "{err}");
+}
+
+#[test]
+fn a_model_outside_the_family_is_refused_at_load() {
+    let err = load_error(VARIANT_A, "fixtures/models/unsupported/model.onnx");
+    assert!(err.contains("GRU"), "{err}");
+}
+
+#[test]
+fn empty_repositories_and_models_without_versions_are_refused() {
+    let dir = std::env::temp_dir().join(format!("tickserve-empty-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    assert!(matches!(scan(&dir), Err(RepositoryError::Empty(_))));
+    std::fs::create_dir_all(dir.join("m")).unwrap();
+    std::fs::write(dir.join("m/config.toml"), VARIANT_A).unwrap();
+    let err = scan(&dir).unwrap_err().to_string();
+    assert!(err.contains("no version folders"), "{err}");
+}

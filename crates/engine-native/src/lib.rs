@@ -29,6 +29,8 @@ use crate::model::{Plan, SeqLayer};
 pub struct NativeEngine {
     signature: Signature,
     plan: Plan,
+    /// Threads one batch is split across (rows divided evenly).
+    threads: usize,
 }
 
 /// A one-line summary of what the recogniser found, for logs and metadata.
@@ -91,7 +93,52 @@ impl NativeEngine {
                 dims: vec![plan.output_width],
             }],
         };
-        Ok(NativeEngine { signature, plan })
+        Ok(NativeEngine {
+            signature,
+            plan,
+            threads: 1,
+        })
+    }
+
+    /// Splits each batch of two or more rows across `threads` threads (the
+    /// calling thread and `threads − 1` scoped helpers). A batch of one
+    /// row always runs on the calling thread.
+    pub fn with_threads(mut self, threads: usize) -> Self {
+        self.threads = threads.max(1);
+        self
+    }
+
+    /// Runs the rows split over the configured threads. Each thread runs
+    /// whole samples; results differ from a single-threaded run only by the
+    /// GEMM's summation order for a different row count (~1e-6).
+    fn forward_split(&self, rows: usize, input: &[f32]) -> Result<Vec<f32>, EngineError> {
+        let threads = self.threads.min(rows);
+        if threads <= 1 {
+            return Ok(self.plan.forward(rows, input));
+        }
+        let row_len = self.plan.time_steps * self.plan.features;
+        let mut bounds = Vec::with_capacity(threads + 1);
+        for t in 0..=threads {
+            bounds.push(rows * t / threads);
+        }
+        std::thread::scope(|scope| {
+            let helpers: Vec<_> = bounds[1..]
+                .windows(2)
+                .map(|w| {
+                    let (start, end) = (w[0], w[1]);
+                    let chunk = &input[start * row_len..end * row_len];
+                    scope.spawn(move || self.plan.forward(end - start, chunk))
+                })
+                .collect();
+            let mut output = self.plan.forward(bounds[1], &input[..bounds[1] * row_len]);
+            for helper in helpers {
+                let part = helper
+                    .join()
+                    .map_err(|_| EngineError::Execution("an engine thread panicked".into()))?;
+                output.extend_from_slice(&part);
+            }
+            Ok(output)
+        })
     }
 
     /// What the recogniser found in the graph.
@@ -135,7 +182,7 @@ impl Engine for NativeEngine {
 
     fn infer(&self, batch: &Batch) -> Result<BatchOutput, EngineError> {
         check_batch(&self.signature, batch)?;
-        let output = self.plan.forward(batch.rows, &batch.inputs[0]);
+        let output = self.forward_split(batch.rows, &batch.inputs[0])?;
         Ok(BatchOutput {
             rows: batch.rows,
             outputs: vec![output],

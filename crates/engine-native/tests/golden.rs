@@ -170,3 +170,23 @@ fn a_file_that_is_not_onnx_is_refused() {
     let missing = NativeEngine::load(&dir.join("absent.onnx")).unwrap_err();
     assert!(missing.to_string().contains("absent.onnx"), "{missing}");
 }
+
+#[test]
+fn splitting_a_batch_across_threads_gives_the_same_results() {
+    let path = root().join("models/cnn_lstm/1/model.onnx");
+    let single = NativeEngine::load(&path).unwrap();
+    let split = NativeEngine::load(&path).unwrap().with_threads(3);
+    let (_, input) = read_npy(&root().join("fixtures/golden/cnn_lstm/input.npy"));
+    for rows in [1usize, 2, 3, 7, 32] {
+        let batch = Batch {
+            rows,
+            inputs: vec![input[..rows * 3000].to_vec()],
+        };
+        let a = single.infer(&batch).unwrap();
+        let b = split.infer(&batch).unwrap();
+        assert_eq!(b.rows, rows);
+        for (x, y) in a.outputs[0].iter().zip(&b.outputs[0]) {
+            assert!((x - y).abs() <= 1e-5, "batch {rows}: {x} vs {y}");
+        }
+    }
+}

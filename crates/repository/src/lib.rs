@@ -67,9 +67,10 @@ pub enum RepositoryError {
 pub enum EngineChoice {
     /// tickserve's own CNN+LSTM engine.
     Native,
-    /// ONNX Runtime, loaded at run time (not built yet: refused at load).
+    /// ONNX Runtime, loaded at run time from `ORT_DYLIB_PATH`.
     Onnxruntime,
-    /// The native engine when it recognises the graph.
+    /// The native engine when it recognises the graph, else ONNX Runtime
+    /// when its library is present.
     #[default]
     Auto,
 }
@@ -121,6 +122,11 @@ pub struct ModelConfig {
     /// Engine worker threads for this model; each runs one batch at a time.
     #[serde(default = "default_instances")]
     pub instances: usize,
+    /// Threads each engine instance uses inside one batch (the native
+    /// engine splits the batch's rows between them; ONNX Runtime uses them
+    /// as intra-op threads).
+    #[serde(default = "default_threads")]
+    pub threads: usize,
     #[serde(rename = "input")]
     pub inputs: Vec<TensorConfig>,
     #[serde(rename = "output")]
@@ -134,6 +140,10 @@ fn default_max_batch_size() -> usize {
 }
 
 fn default_instances() -> usize {
+    1
+}
+
+fn default_threads() -> usize {
     1
 }
 
@@ -216,6 +226,9 @@ pub fn read_config(path: &Path) -> Result<ModelConfig, RepositoryError> {
     if config.instances == 0 {
         return Err(invalid("instances must be at least 1".into()));
     }
+    if config.threads == 0 {
+        return Err(invalid("threads must be at least 1".into()));
+    }
     if config.dynamic_batching.max_queue_size == 0 {
         return Err(invalid(
             "dynamic_batching.max_queue_size must be at least 1".into(),
@@ -266,6 +279,37 @@ fn list_versions(dir: &Path) -> Result<Vec<u64>, RepositoryError> {
 impl ModelEntry {
     /// Loads one version with the configured engine and checks it against
     /// the config.
+    fn load_native(&self, path: &Path) -> Result<NativeEngine, EngineError> {
+        let engine = NativeEngine::load(path)?.with_threads(self.config.threads);
+        let arch = engine.architecture();
+        tracing::debug!(
+            model = %self.name,
+            conv_layers = arch.conv_layers,
+            lstm_layers = arch.lstm_layers,
+            head_layers = arch.head_layers,
+            mflop_per_row = arch.flops_per_row as f64 / 1e6,
+            "native engine recognised the graph"
+        );
+        Ok(engine)
+    }
+
+    #[cfg(feature = "onnxruntime")]
+    fn load_onnxruntime(&self, path: &Path) -> Result<Arc<dyn Engine>, EngineError> {
+        let engine = tickserve_engine_ort::OrtEngine::load(
+            path,
+            self.config.threads,
+            self.config.instances,
+        )?;
+        Ok(Arc::new(engine))
+    }
+
+    #[cfg(not(feature = "onnxruntime"))]
+    fn load_onnxruntime(&self, _path: &Path) -> Result<Arc<dyn Engine>, EngineError> {
+        Err(EngineError::Unsupported(
+            "this tickserve was built without the `onnxruntime` feature".into(),
+        ))
+    }
+
     pub fn load_version(&self, version: u64) -> Result<LoadedVersion, RepositoryError> {
         let path = self.dir.join(version.to_string()).join(MODEL_FILE);
         let engine_error = |source| RepositoryError::Engine {
@@ -274,27 +318,27 @@ impl ModelEntry {
             source,
         };
         let engine: Arc<dyn Engine> = match self.config.engine {
-            EngineChoice::Native | EngineChoice::Auto => {
-                let engine = NativeEngine::load(&path).map_err(engine_error)?;
-                let arch = engine.architecture();
-                tracing::info!(
-                    model = %self.name,
-                    version,
-                    engine = "native",
-                    conv_layers = arch.conv_layers,
-                    lstm_layers = arch.lstm_layers,
-                    head_layers = arch.head_layers,
-                    mflop_per_row = arch.flops_per_row as f64 / 1e6,
-                    "model loaded"
-                );
-                Arc::new(engine)
-            }
-            EngineChoice::Onnxruntime => {
-                return Err(engine_error(EngineError::Unsupported(
-                    "engine = \"onnxruntime\" is not available in this build yet; use \"native\" or \"auto\"".into(),
-                )));
-            }
+            EngineChoice::Native => Arc::new(self.load_native(&path).map_err(engine_error)?),
+            EngineChoice::Onnxruntime => self.load_onnxruntime(&path).map_err(engine_error)?,
+            EngineChoice::Auto => match self.load_native(&path) {
+                Ok(native) => Arc::new(native),
+                Err(EngineError::Unsupported(native_reason)) => {
+                    match self.load_onnxruntime(&path) {
+                        Ok(engine) => {
+                            tracing::info!(model = %self.name, version, reason = %native_reason, "the native engine does not run this graph; using ONNX Runtime");
+                            engine
+                        }
+                        Err(ort_error) => {
+                            return Err(engine_error(EngineError::Unsupported(format!(
+                                "no engine can serve it: native engine: {native_reason}; ONNX Runtime: {ort_error}"
+                            ))));
+                        }
+                    }
+                }
+                Err(other) => return Err(engine_error(other)),
+            },
         };
+        tracing::info!(model = %self.name, version, engine = engine.kind(), threads = self.config.threads, "model loaded");
         let signature = engine.signature();
         let check = |kind: &str, config: &[TensorConfig], actual: &[TensorSpec]| {
             check_tensors(kind, config, actual).map_err(|reason| RepositoryError::Mismatch {

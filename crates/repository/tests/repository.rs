@@ -119,14 +119,68 @@ fn invalid_configs_are_refused_with_the_reason() {
         err.contains("name 'other' differs from its folder 'm'"),
         "{err}"
     );
-    let err = load_error(&format!("engine = \"onnxruntime\"\n{VARIANT_A}"), a);
-    assert!(err.contains("onnxruntime"), "{err}");
 }
 
 #[test]
-fn a_model_outside_the_family_is_refused_at_load() {
-    let err = load_error(VARIANT_A, "fixtures/models/unsupported/model.onnx");
+fn the_native_engine_refuses_a_model_outside_the_family() {
+    let err = load_error(
+        &format!("engine = \"native\"\n{VARIANT_A}"),
+        "fixtures/models/unsupported/model.onnx",
+    );
     assert!(err.contains("GRU"), "{err}");
+}
+
+/// `engine = "auto"` falls back to ONNX Runtime for a graph the native
+/// engine refuses, or names both reasons when ONNX Runtime is missing.
+#[test]
+fn auto_picks_onnxruntime_for_other_graphs_or_names_both_reasons() {
+    let dir = repo(
+        "m",
+        &root().join("fixtures/models/unsupported/model.onnx"),
+        VARIANT_A,
+    );
+    let result = scan(&dir).unwrap()[0].load_version(1);
+    match tickserve_engine_ort::is_available() {
+        Ok(()) => assert_eq!(result.unwrap().engine.kind(), "onnxruntime"),
+        Err(ort_reason) => {
+            assert!(
+                std::env::var_os("TICKSERVE_REQUIRE_ORT").is_none(),
+                "{ort_reason}"
+            );
+            let err = result.unwrap_err().to_string();
+            assert!(
+                err.contains("native engine:") && err.contains("GRU"),
+                "{err}"
+            );
+            assert!(
+                err.contains("ONNX Runtime:") && err.contains("ORT_DYLIB_PATH"),
+                "{err}"
+            );
+        }
+    }
+}
+
+#[test]
+fn engine_onnxruntime_runs_the_reference_model_or_says_why_not() {
+    let dir = repo(
+        "m",
+        &root().join("models/cnn_lstm/1/model.onnx"),
+        &format!(
+            "engine = \"onnxruntime\"\n{}",
+            VARIANT_A
+                .replace("[20, 8]", "[50, 60]")
+                .replace("[5]", "[3]")
+        ),
+    );
+    let result = scan(&dir).unwrap()[0].load_version(1);
+    match tickserve_engine_ort::is_available() {
+        Ok(()) => assert_eq!(result.unwrap().engine.kind(), "onnxruntime"),
+        Err(_) => {
+            assert!(std::env::var_os("TICKSERVE_REQUIRE_ORT").is_none());
+            let err = result.unwrap_err().to_string();
+            assert!(err.contains("ORT_DYLIB_PATH"), "{err}");
+        }
+    }
 }
 
 #[test]

@@ -1,0 +1,118 @@
+//! ONNX Runtime against PyTorch's fixtures, and the native engine against
+//! ONNX Runtime on every architecture the export script produces.
+//!
+//! These tests need the ONNX Runtime library (`ORT_DYLIB_PATH`).
+//! `scripts/test.sh` installs it and sets `TICKSERVE_REQUIRE_ORT=1`, so in CI
+//! a missing library fails the tests; on a machine without it they print
+//! that they were skipped, and why.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+
+use tickserve_engine::{Batch, Engine};
+use tickserve_engine_native::NativeEngine;
+use tickserve_engine_ort::OrtEngine;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// `true` when ONNX Runtime is usable; otherwise reports the skip (or
+/// fails, when the environment requires ONNX Runtime).
+fn onnxruntime_or_skip(test: &str) -> bool {
+    match tickserve_engine_ort::is_available() {
+        Ok(()) => true,
+        Err(reason) => {
+            assert!(
+                std::env::var_os("TICKSERVE_REQUIRE_ORT").is_none(),
+                "TICKSERVE_REQUIRE_ORT is set but {reason}"
+            );
+            eprintln!("SKIPPED {test}: {reason}");
+            false
+        }
+    }
+}
+
+fn read_npy(path: &Path) -> (Vec<usize>, Vec<f32>) {
+    let bytes = std::fs::read(path).unwrap();
+    let npy = npyz::NpyFile::new(&bytes[..]).unwrap();
+    let shape = npy.shape().iter().map(|&d| d as usize).collect();
+    (shape, npy.into_vec::<f32>().unwrap())
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+fn run(engine: &dyn Engine, rows: usize, data: &[f32]) -> Vec<f32> {
+    engine
+        .infer(&Batch {
+            rows,
+            inputs: vec![data.to_vec()],
+        })
+        .unwrap()
+        .outputs
+        .remove(0)
+}
+
+#[test]
+fn onnxruntime_and_native_agree_with_pytorch_and_each_other() {
+    if !onnxruntime_or_skip("onnxruntime_and_native_agree_with_pytorch_and_each_other") {
+        return;
+    }
+    for (model, fixture, max_batch) in [
+        ("models/cnn_lstm/1/model.onnx", "cnn_lstm", 32),
+        ("fixtures/models/variant_a/model.onnx", "variant_a", 16),
+        ("fixtures/models/variant_b/model.onnx", "variant_b", 16),
+    ] {
+        let path = root().join(model);
+        let ort = OrtEngine::load(&path, 1, 1).unwrap();
+        let native = NativeEngine::load(&path).unwrap();
+        assert_eq!(ort.signature(), native.signature(), "{model}");
+        let dir = root().join("fixtures/golden").join(fixture);
+        let (shape, input) = read_npy(&dir.join("input.npy"));
+        let (_, expected) = read_npy(&dir.join("output.npy"));
+        let row_len: usize = shape[1..].iter().product();
+        let width = expected.len() / shape[0];
+        let mut worst_native_vs_ort = 0.0f32;
+        for rows in 1..=max_batch.min(shape[0]) {
+            let data = &input[..rows * row_len];
+            let from_ort = run(&ort, rows, data);
+            let from_native = run(&native, rows, data);
+            let torch = &expected[..rows * width];
+            assert!(
+                max_diff(&from_ort, torch) <= 1e-5,
+                "{model} batch {rows}: ONNX Runtime vs PyTorch"
+            );
+            let diff = max_diff(&from_native, &from_ort);
+            assert!(
+                diff <= 1e-5,
+                "{model} batch {rows}: native vs ONNX Runtime differ by {diff}"
+            );
+            worst_native_vs_ort = worst_native_vs_ort.max(diff);
+        }
+        eprintln!("{model}: native vs ONNX Runtime max abs diff {worst_native_vs_ort:e}");
+    }
+}
+
+#[test]
+fn onnxruntime_serves_a_model_the_native_engine_refuses() {
+    if !onnxruntime_or_skip("onnxruntime_serves_a_model_the_native_engine_refuses") {
+        return;
+    }
+    let path = root().join("fixtures/models/unsupported/model.onnx");
+    assert!(NativeEngine::load(&path).is_err());
+    let ort = OrtEngine::load(&path, 1, 2).unwrap();
+    assert_eq!(ort.kind(), "onnxruntime");
+    assert_eq!(ort.signature().inputs[0].dims, vec![20, 8]);
+    assert_eq!(ort.signature().outputs[0].dims, vec![5]);
+    let out = run(&ort, 3, &vec![0.25; 3 * 20 * 8]);
+    assert_eq!(out.len(), 15);
+    assert!(out.iter().all(|v| v.is_finite()));
+    // Three identical rows give three identical answers.
+    assert_eq!(out[0..5], out[5..10]);
+}

@@ -139,6 +139,207 @@ fn lstm_cell_avx2(gates: &[f32], c: &mut [f32], h: &mut [f32]) {
     lstm_cell_body(gates, c, h);
 }
 
+/// Columns one register block of the small-batch kernel covers: with up to
+/// four rows that is 16 AVX-512 accumulators, all kept in registers.
+const BLOCK_COLS: usize = 64;
+
+/// Lays a row-major `[k][n]` matrix out for [`matmul_small_rows`]: for each
+/// block of [`BLOCK_COLS`] columns, its `k` row pieces one after another,
+/// then the remaining columns as a row-major `[k][n % BLOCK_COLS]`. The
+/// kernel then streams every block sequentially (prefetcher-friendly)
+/// instead of striding `n` floats per row, which matters because at small
+/// batch sizes the recurrent weights are re-read from L2 every time step.
+pub(crate) fn pack_columns(matrix: &[f32], k: usize, n: usize) -> Vec<f32> {
+    let full = n / BLOCK_COLS * BLOCK_COLS;
+    let mut packed = Vec::with_capacity(k * n);
+    for col in (0..full).step_by(BLOCK_COLS) {
+        for p in 0..k {
+            packed.extend_from_slice(&matrix[p * n + col..p * n + col + BLOCK_COLS]);
+        }
+    }
+    for p in 0..k {
+        packed.extend_from_slice(&matrix[p * n + full..p * n + n]);
+    }
+    packed
+}
+
+/// `dst[r] += lhs[r] · rhs` for `R` rows, `rhs` packed by [`pack_columns`]:
+/// the LSTM's recurrent product at small batch sizes, where a general
+/// GEMM's packing and dispatch cost more than the arithmetic.
+/// Accumulators for one 64-column block stay in registers while the
+/// block's panel streams through once for all `R` rows; with one or two
+/// rows, even and odd `p` accumulate separately so the FMA latency chain
+/// does not limit throughput.
+#[inline(always)]
+fn small_rows_body<const R: usize>(
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    lhs: &[f32],
+    lhs_rs: usize,
+    packed: &[f32],
+) {
+    let full = n / BLOCK_COLS * BLOCK_COLS;
+    let split_chains = R <= 2;
+    for (block, panel) in packed[..k * full].chunks_exact(k * BLOCK_COLS).enumerate() {
+        let col = block * BLOCK_COLS;
+        let mut acc = [[0.0f32; BLOCK_COLS]; R];
+        let mut acc_odd = [[0.0f32; BLOCK_COLS]; R];
+        let mut p = 0;
+        if split_chains {
+            while p + 1 < k {
+                let (r0, r1) = panel[p * BLOCK_COLS..(p + 2) * BLOCK_COLS].split_at(BLOCK_COLS);
+                for row in 0..R {
+                    let a0 = lhs[row * lhs_rs + p];
+                    let a1 = lhs[row * lhs_rs + p + 1];
+                    for j in 0..BLOCK_COLS {
+                        acc[row][j] = a0.mul_add(r0[j], acc[row][j]);
+                        acc_odd[row][j] = a1.mul_add(r1[j], acc_odd[row][j]);
+                    }
+                }
+                p += 2;
+            }
+        }
+        while p < k {
+            let r = &panel[p * BLOCK_COLS..(p + 1) * BLOCK_COLS];
+            for row in 0..R {
+                let a = lhs[row * lhs_rs + p];
+                for j in 0..BLOCK_COLS {
+                    acc[row][j] = a.mul_add(r[j], acc[row][j]);
+                }
+            }
+            p += 1;
+        }
+        for row in 0..R {
+            let out = &mut dst[row * dst_rs + col..row * dst_rs + col + BLOCK_COLS];
+            for j in 0..BLOCK_COLS {
+                out[j] += acc[row][j] + acc_odd[row][j];
+            }
+        }
+    }
+    // Columns past the last full block, stored row-major after the panels.
+    let tail = n - full;
+    if tail > 0 {
+        let rest = &packed[k * full..k * n];
+        for row in 0..R {
+            let out = &mut dst[row * dst_rs + full..row * dst_rs + n];
+            for p in 0..k {
+                let a = lhs[row * lhs_rs + p];
+                for (o, &v) in out.iter_mut().zip(&rest[p * tail..(p + 1) * tail]) {
+                    *o = a.mul_add(v, *o);
+                }
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn small_rows_dispatch(
+    rows: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    lhs: &[f32],
+    lhs_rs: usize,
+    rhs: &[f32],
+) {
+    let mut row = 0;
+    while row < rows {
+        let d = &mut dst[row * dst_rs..];
+        let l = &lhs[row * lhs_rs..];
+        match rows - row {
+            1 => small_rows_body::<1>(n, k, d, dst_rs, l, lhs_rs, rhs),
+            2 => small_rows_body::<2>(n, k, d, dst_rs, l, lhs_rs, rhs),
+            3 => small_rows_body::<3>(n, k, d, dst_rs, l, lhs_rs, rhs),
+            _ => small_rows_body::<4>(n, k, d, dst_rs, l, lhs_rs, rhs),
+        }
+        row += 4;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+fn small_rows_avx512(
+    rows: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    lhs: &[f32],
+    lhs_rs: usize,
+    rhs: &[f32],
+) {
+    small_rows_dispatch(rows, n, k, dst, dst_rs, lhs, lhs_rs, rhs);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+fn small_rows_avx2(
+    rows: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    lhs: &[f32],
+    lhs_rs: usize,
+    rhs: &[f32],
+) {
+    small_rows_dispatch(rows, n, k, dst, dst_rs, lhs, lhs_rs, rhs);
+}
+
+/// Largest batch for which [`matmul_small_rows`] beats the general GEMM
+/// (measured with `scripts/bench-engines.sh`).
+pub(crate) const SMALL_ROWS_MAX: usize = 4;
+
+/// `dst[rows×n] += lhs[rows×k] · rhs[k×n]` for few rows (see
+/// [`small_rows_body`]); row-major with the given row strides, `rhs`
+/// packed by [`pack_columns`].
+///
+/// # Panics
+/// If a stride or length would reach outside a slice (a bug, as in
+/// [`matmul`]).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul_small_rows(
+    simd: Simd,
+    rows: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    lhs: &[f32],
+    lhs_rs: usize,
+    rhs: &[f32],
+) {
+    if rows == 0 || n == 0 {
+        return;
+    }
+    assert!(dst_rs >= n && lhs_rs >= k, "small GEMM strides");
+    assert!(
+        dst.len() >= (rows - 1) * dst_rs + n,
+        "small GEMM dst bounds"
+    );
+    assert!(
+        k == 0 || lhs.len() >= (rows - 1) * lhs_rs + k,
+        "small GEMM lhs bounds"
+    );
+    assert!(rhs.len() >= k * n, "small GEMM rhs bounds");
+    match simd {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Simd::Avx512` comes from `detect_simd` only after the
+        // CPU reported every feature this function is compiled for.
+        Simd::Avx512 => unsafe { small_rows_avx512(rows, n, k, dst, dst_rs, lhs, lhs_rs, rhs) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above, for AVX2 and FMA.
+        Simd::Avx2 => unsafe { small_rows_avx2(rows, n, k, dst, dst_rs, lhs, lhs_rs, rhs) },
+        _ => small_rows_dispatch(rows, n, k, dst, dst_rs, lhs, lhs_rs, rhs),
+    }
+}
+
 /// SIMD level picked once per process from the CPU's features.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Simd {
@@ -245,6 +446,44 @@ mod tests {
         1.0 / (1.0 + (-x).exp())
     }
 
+    fn simd_levels() -> Vec<Simd> {
+        let mut levels = vec![Simd::Portable];
+        if detect_simd() != Simd::Portable {
+            levels.push(Simd::Avx2);
+        }
+        if detect_simd() == Simd::Avx512 {
+            levels.push(Simd::Avx512);
+        }
+        levels
+    }
+
+    #[test]
+    fn small_rows_kernel_matches_the_general_gemm_on_every_simd_level() {
+        // 96 and 200 columns exercise the tail after full 64-column blocks.
+        for (rows, n, k) in [
+            (1, 512, 128),
+            (3, 96, 24),
+            (4, 200, 7),
+            (6, 128, 32),
+            (2, 64, 1),
+        ] {
+            let lhs: Vec<f32> = (0..rows * k).map(|v| ((v as f32) * 0.7).sin()).collect();
+            let rhs: Vec<f32> = (0..k * n).map(|v| ((v as f32) * 0.3).cos()).collect();
+            let start: Vec<f32> = (0..rows * n).map(|v| v as f32 * 0.01).collect();
+            let mut expected = start.clone();
+            matmul(rows, n, k, &mut expected, n, true, &lhs, k, &rhs, n);
+            let packed = pack_columns(&rhs, k, n);
+            assert_eq!(packed.len(), rhs.len());
+            for level in simd_levels() {
+                let mut got = start.clone();
+                matmul_small_rows(level, rows, n, k, &mut got, n, &lhs, k, &packed);
+                for (g, e) in got.iter().zip(&expected) {
+                    assert!((g - e).abs() < 1e-4, "{level:?} {rows}x{n}x{k}: {g} vs {e}");
+                }
+            }
+        }
+    }
+
     #[test]
     fn fast_activations_are_accurate_over_the_whole_range() {
         let mut worst_sigmoid = 0.0f64;
@@ -270,14 +509,7 @@ mod tests {
             .map(|v| ((v as f32) * 0.37).sin() * 4.0)
             .collect();
         let c0: Vec<f32> = (0..hidden).map(|v| ((v as f32) * 0.11).cos()).collect();
-        let mut levels = vec![Simd::Portable];
-        if detect_simd() != Simd::Portable {
-            levels.push(Simd::Avx2);
-        }
-        if detect_simd() == Simd::Avx512 {
-            levels.push(Simd::Avx512);
-        }
-        for level in levels {
+        for level in simd_levels() {
             let mut c = c0.clone();
             let mut h = vec![0.0; hidden];
             lstm_cell(level, &gates, &mut c, &mut h);

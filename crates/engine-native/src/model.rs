@@ -8,7 +8,10 @@
 //! with a stride of `T·4H`. Transposes in the ONNX graph therefore cost
 //! nothing at run time; the recogniser only tracks them.
 
-use crate::kernels::{broadcast_rows, detect_simd, lstm_cell, matmul, relu_in_place};
+use crate::kernels::{
+    SMALL_ROWS_MAX, broadcast_rows, detect_simd, lstm_cell, matmul, matmul_small_rows,
+    relu_in_place,
+};
 
 /// Conv1d over time, stride 1, dilation 1.
 #[derive(Debug, Clone)]
@@ -33,6 +36,8 @@ pub(crate) struct Lstm {
     pub w_t: Vec<f32>,
     /// `[hidden][4·hidden]`, the transposed recurrent weights.
     pub r_t: Vec<f32>,
+    /// `r_t` packed for the small-batch recurrent kernel.
+    pub r_packed: Vec<f32>,
     /// Input and recurrent biases summed, `[4·hidden]`.
     pub bias: Vec<f32>,
 }
@@ -187,7 +192,19 @@ impl Lstm {
         let simd = detect_simd();
         for t in 0..time {
             let offset = t * gates_width;
-            if t > 0 {
+            if t > 0 && rows <= SMALL_ROWS_MAX {
+                matmul_small_rows(
+                    simd,
+                    rows,
+                    gates_width,
+                    hidden,
+                    &mut gates[offset..],
+                    step_stride,
+                    &h,
+                    hidden,
+                    &self.r_packed,
+                );
+            } else if t > 0 {
                 // The initial state is zero, so step 0 has no recurrent term.
                 matmul(
                     rows,

@@ -809,11 +809,13 @@ impl Recogniser {
             }
             t
         };
+        let r_t = transpose(&r, 4 * hidden, hidden);
         self.seq.push(SeqLayer::Lstm(Lstm {
             input,
             hidden,
             w_t: transpose(&w, 4 * hidden, input),
-            r_t: transpose(&r, 4 * hidden, hidden),
+            r_packed: crate::kernels::pack_columns(&r_t, hidden, 4 * hidden),
+            r_t,
             bias,
         }));
         self.stage = Stage::Lstm;

@@ -8,7 +8,8 @@
 #
 # It installs what the tests need when it is missing: ONNX Runtime's
 # library from PyPI into target/venv-onnxruntime (python3 with venv;
-# as root it installs Debian's python3-venv if needed).
+# as root it installs Debian's python3-venv if needed), and
+# kubernetes-validate + yamllint into target/venv-deploy.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,6 +19,9 @@ export ORT_DYLIB_PATH
 # With the library installed, the ONNX Runtime tests must run, not skip.
 export TICKSERVE_REQUIRE_ORT=1
 echo "ORT_DYLIB_PATH=$ORT_DYLIB_PATH"
+
+echo "== deployment manifests"
+scripts/validate-deploy.sh
 
 echo "== cargo test"
 cargo test --workspace --locked "$@"

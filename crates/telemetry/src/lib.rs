@@ -112,6 +112,10 @@ static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 /// the same handle, so tests that start several servers share it) and
 /// describes every metric.
 pub fn install_recorder() -> Result<PrometheusHandle, TelemetryError> {
+    // Serialises installs: without it, a second caller racing the first
+    // could find the recorder set but the handle not yet stored.
+    static INSTALL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _installing = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(handle) = HANDLE.get() {
         return Ok(handle.clone());
     }

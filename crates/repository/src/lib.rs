@@ -331,7 +331,9 @@ pub fn read_config(path: &Path) -> Result<ModelConfig, RepositoryError> {
         )));
     }
     if adaptive.interval.is_zero() {
-        return Err(invalid("adaptive_batching.interval must be above zero".into()));
+        return Err(invalid(
+            "adaptive_batching.interval must be above zero".into(),
+        ));
     }
     if config.inputs.is_empty() || config.outputs.is_empty() {
         return Err(invalid(

@@ -134,12 +134,18 @@ fn invalid_configs_are_refused_with_the_reason() {
         &format!("{VARIANT_A}[dynamic_batching]\ndefault_priority = 6\n"),
         a,
     );
-    assert!(err.contains("default_priority is 6; expected 1 (highest) to 5"), "{err}");
+    assert!(
+        err.contains("default_priority is 6; expected 1 (highest) to 5"),
+        "{err}"
+    );
     let err = load_error(
         &format!("{VARIANT_A}[dynamic_batching.priority.0]\nmax_queue_size = 5\n"),
         a,
     );
-    assert!(err.contains("[dynamic_batching.priority.0]: expected a priority level 1 to 5"), "{err}");
+    assert!(
+        err.contains("[dynamic_batching.priority.0]: expected a priority level 1 to 5"),
+        "{err}"
+    );
     let err = load_error(
         &format!("{VARIANT_A}[dynamic_batching.priority.2]\ntimeout = \"1s\"\n"),
         a,
@@ -149,7 +155,10 @@ fn invalid_configs_are_refused_with_the_reason() {
         &format!("{VARIANT_A}[adaptive_batching]\nmin_batch_size = 17\n"),
         a,
     );
-    assert!(err.contains("min_batch_size is 17; expected 1 to max_batch_size (16)"), "{err}");
+    assert!(
+        err.contains("min_batch_size is 17; expected 1 to max_batch_size (16)"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -109,15 +109,30 @@ mod tests {
     #[test]
     fn the_seed_rules_halve_and_double_within_bounds() {
         let c = AdaptiveConfig::default();
-        assert_eq!(c.step(32, 128, &seen(90.0, 50.0, None)), (16, Decision::ShrinkForUtilisation));
+        assert_eq!(
+            c.step(32, 128, &seen(90.0, 50.0, None)),
+            (16, Decision::ShrinkForUtilisation)
+        );
         assert_eq!(c.step(1, 128, &seen(90.0, 50.0, None)).0, 1);
-        assert_eq!(c.step(16, 128, &seen(20.0, 50.0, None)), (32, Decision::Grow));
+        assert_eq!(
+            c.step(16, 128, &seen(20.0, 50.0, None)),
+            (32, Decision::Grow)
+        );
         assert_eq!(c.step(100, 128, &seen(20.0, 50.0, None)).0, 128);
         // Low utilisation but memory tight: keep.
-        assert_eq!(c.step(16, 128, &seen(20.0, 75.0, None)), (16, Decision::Keep));
-        assert_eq!(c.step(16, 128, &seen(50.0, 50.0, None)), (16, Decision::Keep));
+        assert_eq!(
+            c.step(16, 128, &seen(20.0, 75.0, None)),
+            (16, Decision::Keep)
+        );
+        assert_eq!(
+            c.step(16, 128, &seen(50.0, 50.0, None)),
+            (16, Decision::Keep)
+        );
         // No sample yet: keep.
-        assert_eq!(c.step(16, 128, &Observation::default()), (16, Decision::Keep));
+        assert_eq!(
+            c.step(16, 128, &Observation::default()),
+            (16, Decision::Keep)
+        );
     }
 
     #[test]
@@ -132,7 +147,13 @@ mod tests {
     fn the_highest_class_nearing_its_slo_shrinks_first() {
         let c = AdaptiveConfig::default();
         // 41 ms > 80 % of 50 ms, even though the CPU has headroom.
-        assert_eq!(c.step(32, 32, &seen(10.0, 10.0, Some(41))), (16, Decision::ShrinkForSlo));
-        assert_eq!(c.step(16, 32, &seen(10.0, 10.0, Some(39))), (32, Decision::Grow));
+        assert_eq!(
+            c.step(32, 32, &seen(10.0, 10.0, Some(41))),
+            (16, Decision::ShrinkForSlo)
+        );
+        assert_eq!(
+            c.step(16, 32, &seen(10.0, 10.0, Some(39))),
+            (32, Decision::Grow)
+        );
     }
 }

@@ -394,7 +394,8 @@ impl Batcher {
         mut done_rx: mpsc::Receiver<Done>,
     ) {
         let mut open = true;
-        let mut tick = tokio::time::interval(self.config.adaptive.interval.max(Duration::from_millis(10)));
+        let mut tick =
+            tokio::time::interval(self.config.adaptive.interval.max(Duration::from_millis(10)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let now = Instant::now();

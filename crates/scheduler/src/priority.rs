@@ -85,7 +85,10 @@ impl Priority {
             .iter()
             .map(|p| format!("{} = {}", p.0, p.name()))
             .collect();
-        format!("an integer 1 (highest) to 5 (lowest), or a request type: {}", names.join(", "))
+        format!(
+            "an integer 1 (highest) to 5 (lowest), or a request type: {}",
+            names.join(", ")
+        )
     }
 
     /// This class raised by `levels`, never above priority 1.
@@ -185,9 +188,7 @@ impl Aging {
         }
         // `levels` needs strictly more than the threshold; one nanosecond
         // past it counts.
-        self.threshold
-            + self.interval * u32::from(self.max_levels - 1)
-            + Duration::from_nanos(1)
+        self.threshold + self.interval * u32::from(self.max_levels - 1) + Duration::from_nanos(1)
     }
 }
 

@@ -204,9 +204,7 @@ impl<T: Pending> PriorityQueue<T> {
         if self.rows() >= fill_rows.max(1) {
             return Some(now);
         }
-        let for_deadline = self
-            .next_expiry()
-            .map(|d| d.checked_sub(exec).unwrap_or(d));
+        let for_deadline = self.next_expiry().map(|d| d.checked_sub(exec).unwrap_or(d));
         Some(for_deadline.map_or(delay, |d| d.min(delay)))
     }
 
@@ -218,8 +216,11 @@ impl<T: Pending> PriorityQueue<T> {
             .enumerate()
             .filter_map(|(class, entries)| {
                 let (seq, entry) = entries.iter().next()?;
-                (now.saturating_duration_since(entry.arrived) >= after)
-                    .then_some((entry.arrived, *seq, class))
+                (now.saturating_duration_since(entry.arrived) >= after).then_some((
+                    entry.arrived,
+                    *seq,
+                    class,
+                ))
             })
             .min()
             .map(|(_, seq, class)| (class, seq))

@@ -18,8 +18,10 @@ struct Timed {
 impl Timed {
     fn add(&self, took: Duration) {
         self.count.fetch_add(1, Ordering::Relaxed);
-        self.ns
-            .fetch_add(took.as_nanos().min(u128::from(u64::MAX)) as u64, Ordering::Relaxed);
+        self.ns.fetch_add(
+            took.as_nanos().min(u128::from(u64::MAX)) as u64,
+            Ordering::Relaxed,
+        );
     }
 
     fn read(&self) -> Timing {
@@ -134,7 +136,9 @@ impl SchedulerStats {
     pub fn new(max_batch_size: usize) -> Self {
         SchedulerStats {
             classes: Default::default(),
-            batches: (0..=max_batch_size).map(|_| BatchSizeStats::default()).collect(),
+            batches: (0..=max_batch_size)
+                .map(|_| BatchSizeStats::default())
+                .collect(),
             inference_count: AtomicU64::new(0),
             execution_count: AtomicU64::new(0),
             last_inference_ms: AtomicU64::new(0),
@@ -147,8 +151,15 @@ impl SchedulerStats {
         &self.classes[priority.index()]
     }
 
-    pub(crate) fn record_batch(&self, rows: usize, input: Duration, infer: Duration, output: Duration) {
-        self.inference_count.fetch_add(rows as u64, Ordering::Relaxed);
+    pub(crate) fn record_batch(
+        &self,
+        rows: usize,
+        input: Duration,
+        infer: Duration,
+        output: Duration,
+    ) {
+        self.inference_count
+            .fetch_add(rows as u64, Ordering::Relaxed);
         self.execution_count.fetch_add(1, Ordering::Relaxed);
         let now_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -166,8 +177,10 @@ impl SchedulerStats {
     }
 
     pub(crate) fn set_retry_hint(&self, hint: Duration) {
-        self.retry_hint_ns
-            .store(hint.as_nanos().min(u128::from(u64::MAX)) as u64, Ordering::Relaxed);
+        self.retry_hint_ns.store(
+            hint.as_nanos().min(u128::from(u64::MAX)) as u64,
+            Ordering::Relaxed,
+        );
     }
 
     /// The batcher's latest estimate of when a refused client should retry.

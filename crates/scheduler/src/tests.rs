@@ -149,7 +149,10 @@ async fn the_delay_counts_from_the_oldest_arrival() {
         async move { (s.infer(1, vec![row(1.0)], NONE).await, Instant::now()) }
     });
     tokio::time::sleep(Duration::from_millis(3)).await;
-    let (second, second_at) = (scheduler.infer(1, vec![row(2.0)], NONE).await, Instant::now());
+    let (second, second_at) = (
+        scheduler.infer(1, vec![row(2.0)], NONE).await,
+        Instant::now(),
+    );
     let (first, first_at) = first.await.unwrap();
     // Both left together 5 ms after the FIRST arrival, not 5 ms after the
     // second one.
@@ -221,7 +224,8 @@ async fn a_request_whose_client_left_never_reaches_the_engine() {
     let abandoned = tokio::spawn({
         let s = scheduler.clone();
         async move {
-            s.infer(3, vec![[row(1.0), row(2.0), row(3.0)].concat()], NONE).await
+            s.infer(3, vec![[row(1.0), row(2.0), row(3.0)].concat()], NONE)
+                .await
         }
     });
     tokio::time::sleep(Duration::from_millis(1)).await;
@@ -242,7 +246,8 @@ async fn engine_errors_reach_every_request_of_the_batch() {
         async move { s.infer(1, vec![row(1.0)], NONE).await }
     });
     let b = scheduler
-        .infer(2, vec![[row(1.0), row(2.0)].concat()], NONE).await;
+        .infer(2, vec![[row(1.0), row(2.0)].concat()], NONE)
+        .await;
     let a = a.await.unwrap();
     for result in [a, b] {
         assert_eq!(
@@ -257,7 +262,10 @@ async fn engine_errors_reach_every_request_of_the_batch() {
 async fn too_many_rows_are_refused_before_queueing() {
     let engine = FakeEngine::new(false);
     let scheduler = Scheduler::spawn(engine.clone(), config(4));
-    let err = scheduler.infer(5, vec![vec![0.0; 10]], NONE).await.unwrap_err();
+    let err = scheduler
+        .infer(5, vec![vec![0.0; 10]], NONE)
+        .await
+        .unwrap_err();
     assert_eq!(err, SchedulerError::TooManyRows { rows: 5, max: 4 });
     assert!(engine.batches().is_empty());
 }
@@ -476,7 +484,10 @@ async fn admission_refuses_a_request_that_cannot_meet_its_deadline() {
         }
         other => panic!("expected a refusal, got {other:?}"),
     }
-    assert!(err.to_string().contains("cannot meet its 10 ms deadline"), "{err}");
+    assert!(
+        err.to_string().contains("cannot meet its 10 ms deadline"),
+        "{err}"
+    );
     assert!(busy.await.unwrap().0.is_ok());
     assert_eq!(scheduler.stats().classes[2].rejected_deadline, 1);
     assert_eq!(engine.batches(), [1, 1]);

@@ -435,17 +435,26 @@ mod tests {
     fn scheduling_parameters_and_the_header_become_options() {
         let body = br#"{"parameters":{"request_type":"real_time_trading","timeout":2500},"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":[1]}]}"#;
         let decoded = decode_request(body, Some("5")).unwrap();
-        assert_eq!(decoded.options.priority, tickserve_scheduler::Priority::new(1));
+        assert_eq!(
+            decoded.options.priority,
+            tickserve_scheduler::Priority::new(1)
+        );
         assert_eq!(
             decoded.options.timeout,
             Some(std::time::Duration::from_micros(2500))
         );
         let plain = br#"{"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":[1]}]}"#;
         let decoded = decode_request(plain, Some("background")).unwrap();
-        assert_eq!(decoded.options.priority, tickserve_scheduler::Priority::new(5));
+        assert_eq!(
+            decoded.options.priority,
+            tickserve_scheduler::Priority::new(5)
+        );
         let bad = br#"{"parameters":{"priority":7},"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":[1]}]}"#;
         let err = decode_request(bad, None).unwrap_err();
         assert_eq!(err.status(), StatusCode::BAD_REQUEST);
-        assert!(err.to_string().contains("invalid priority parameter 7"), "{err}");
+        assert!(
+            err.to_string().contains("invalid priority parameter 7"),
+            "{err}"
+        );
     }
 }

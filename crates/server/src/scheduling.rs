@@ -86,7 +86,9 @@ impl Param<'_> {
     /// A JSON value as a parameter.
     pub fn from_json(value: &Value) -> Param<'_> {
         match value {
-            Value::Number(n) => n.as_i64().map_or(Param::Other("a non-integer number"), Param::Int),
+            Value::Number(n) => n
+                .as_i64()
+                .map_or(Param::Other("a non-integer number"), Param::Int),
             Value::String(s) => Param::Str(s),
             Value::Bool(_) => Param::Other("a boolean"),
             Value::Null => Param::Other("null"),
@@ -235,7 +237,13 @@ mod tests {
         let o = resolve_options(None, None, None, Some("market_data_update")).unwrap();
         assert_eq!(o.priority, Priority::new(2));
         let o = resolve_options(None, None, Some(Param::Int(1500)), None).unwrap();
-        assert_eq!(o, InferOptions { priority: None, timeout: Some(Duration::from_micros(1500)) });
+        assert_eq!(
+            o,
+            InferOptions {
+                priority: None,
+                timeout: Some(Duration::from_micros(1500))
+            }
+        );
     }
 
     #[test]
@@ -251,10 +259,18 @@ mod tests {
             assert!(matches!(err, ServeError::Invalid(_)));
             assert!(err.to_string().contains("1 = real_time_trading"), "{err}");
         }
-        let err = resolve_options(Some(Param::Int(1)), Some(Param::Str("background")), None, None)
-            .unwrap_err();
+        let err = resolve_options(
+            Some(Param::Int(1)),
+            Some(Param::Str("background")),
+            None,
+            None,
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("disagree"), "{err}");
         let err = resolve_options(None, None, Some(Param::Int(0)), None).unwrap_err();
-        assert!(err.to_string().contains("positive number of microseconds"), "{err}");
+        assert!(
+            err.to_string().contains("positive number of microseconds"),
+            "{err}"
+        );
     }
 }

@@ -367,7 +367,9 @@ async fn a_full_queue_answers_429_with_retry_after_and_says_so() {
 async fn shutdown_drains_queued_requests_then_returns() {
     let repo = repository_with(
         "cnn_lstm",
-        &cnn_lstm_config("[dynamic_batching]\nmax_queue_delay = \"400ms\"\nwork_conserving = false\n"),
+        &cnn_lstm_config(
+            "[dynamic_batching]\nmax_queue_delay = \"400ms\"\nwork_conserving = false\n",
+        ),
     );
     let mut server = start(config(repo)).await;
     let golden = golden();

@@ -82,7 +82,11 @@ async fn real_time_requests_overtake_a_background_flood() {
                                 .parse()
                                 .unwrap();
                             assert!(seconds >= 1);
-                            if status == 429 { refused += 1 } else { expired += 1 }
+                            if status == 429 {
+                                refused += 1
+                            } else {
+                                expired += 1
+                            }
                             // Back off a little (not the full second: the
                             // flood must keep the queue full).
                             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -138,9 +142,15 @@ async fn real_time_requests_overtake_a_background_flood() {
         bg_p50,
         percentile(&background, 0.99)
     );
-    assert!(!background.is_empty(), "background requests must complete too");
+    assert!(
+        !background.is_empty(),
+        "background requests must complete too"
+    );
     assert!(refused > 0, "the background queue never filled");
-    assert!(rt_p99 < bg_p50, "priority-1 p99 {rt_p99:?} ≥ priority-5 p50 {bg_p50:?}");
+    assert!(
+        rt_p99 < bg_p50,
+        "priority-1 p99 {rt_p99:?} ≥ priority-5 p50 {bg_p50:?}"
+    );
 
     // The statistics endpoint counts per priority.
     let stats: Value = server
@@ -155,8 +165,12 @@ async fn real_time_requests_overtake_a_background_flood() {
     let model = &stats["model_stats"][0];
     for class in model["priority_stats"].as_array().unwrap() {
         let queue = &class["queue"];
-        let mean_ms = queue["ns"].as_f64().unwrap() / queue["count"].as_f64().unwrap().max(1.0) / 1e6;
-        eprintln!("priority {}: mean queue wait {mean_ms:.2} ms over {} requests", class["priority"], queue["count"]);
+        let mean_ms =
+            queue["ns"].as_f64().unwrap() / queue["count"].as_f64().unwrap().max(1.0) / 1e6;
+        eprintln!(
+            "priority {}: mean queue wait {mean_ms:.2} ms over {} requests",
+            class["priority"], queue["count"]
+        );
     }
     assert_eq!(model["name"], "cnn_lstm");
     assert_eq!(model["version"], "1");

@@ -64,7 +64,10 @@ fn the_delay_is_an_upper_bound_counted_from_the_oldest_arrival() {
     push(&mut q, req(2, 1), 3, t0 + ms(4));
     // Waiting for 32 rows (a busy stream): due when the OLDEST request's
     // delay runs out, even though the newest arrived only 1 ms before.
-    assert_eq!(q.next_dispatch(t0 + ms(4), 32, Duration::ZERO), Some(t0 + DELAY));
+    assert_eq!(
+        q.next_dispatch(t0 + ms(4), 32, Duration::ZERO),
+        Some(t0 + DELAY)
+    );
     let taken = q.take(t0 + DELAY, 32);
     assert_eq!(ids(&taken), [1, 2]);
     assert!(q.is_empty());
@@ -365,7 +368,11 @@ proptest! {
 
 #[derive(Debug, Clone)]
 enum Op {
-    Push { level: i64, rows: usize, timeout_ms: u64 },
+    Push {
+        level: i64,
+        rows: usize,
+        timeout_ms: u64,
+    },
     Advance(u64),
     Take(usize),
     Expire,

@@ -11,9 +11,11 @@
 //!   left over with lower classes (mixed-priority padding), so a waiting
 //!   real-time request never sits behind a full background batch;
 //! * starvation guard: a request that has gained every aging level it can
-//!   is *starving*; the oldest starving request leads every batch. With
-//!   aging capped at two levels this is what bounds the wait of a
-//!   priority-5 request under a saturating priority-1 stream;
+//!   is *starving*; the oldest starving request leads every batch (every
+//!   other batch when the live batch size is 1, so that starving requests
+//!   never take the whole engine). With aging capped at two levels this is
+//!   what bounds the wait of a priority-5 request under a saturating
+//!   priority-1 stream;
 //! * a request's rows stay together: a request joins a batch only whole
 //!   (one too large for the rows left is skipped and stays queued); the
 //!   request leading a batch always goes, even when it alone exceeds the
@@ -79,6 +81,9 @@ pub struct PriorityQueue<T> {
     capacities: [usize; Priority::LEVELS],
     aging: Aging,
     next_seq: u64,
+    /// Whether the last batch of at most one request was led by the
+    /// starvation guard (see [`PriorityQueue::take`]).
+    guard_led_last_single: bool,
 }
 
 impl<T: Pending> PriorityQueue<T> {
@@ -95,6 +100,7 @@ impl<T: Pending> PriorityQueue<T> {
             capacities,
             aging,
             next_seq: 0,
+            guard_led_last_single: false,
         }
     }
 
@@ -235,7 +241,16 @@ impl<T: Pending> PriorityQueue<T> {
         let mut chosen: Vec<(usize, u64)> = Vec::new();
         let mut gone: Vec<(usize, u64)> = Vec::new();
         let mut rows = 0;
-        let starving = self.starving(now);
+        // The guard takes one place per batch: at most 1/max_rows of the
+        // engine. A batch of one row would hand it the whole engine, so
+        // then it leads every other batch only (at most half).
+        let mut starving = self.starving(now);
+        if limit == 1 {
+            if self.guard_led_last_single {
+                starving = None;
+            }
+            self.guard_led_last_single = starving.is_some();
+        }
         {
             let mut consider = |class: usize, seq: u64, entry: &Entry<T>| -> bool {
                 if !entry.item.is_wanted() {

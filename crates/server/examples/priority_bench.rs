@@ -8,8 +8,11 @@
 //! omission). Bounded in time and in requests in flight.
 //!
 //! ```text
-//! cargo run --release -p tickserve-server --example priority_bench -- [seconds] [capacity-seconds]
+//! cargo run --release -p tickserve-server --example priority_bench -- [seconds] [capacity-seconds] [repository]
 //! ```
+//!
+//! `repository` defaults to the bundled `models/` (its cnn_lstm model is
+//! the one exercised).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
@@ -74,7 +77,10 @@ async fn main() {
         .and_then(|a| a.parse().ok())
         .unwrap_or(3)
         .min(30);
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models");
+    let root = args.next().map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models"),
+        std::path::PathBuf::from,
+    );
     let server = BoundServer::bind(ServerConfig {
         model_repository: root,
         http_addr: "127.0.0.1:0".parse().unwrap(),

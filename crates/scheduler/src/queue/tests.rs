@@ -252,6 +252,23 @@ fn the_oldest_starving_request_leads_every_batch() {
     assert_eq!(ids(&q.take(after, 2)), [5, 102]);
 }
 
+#[test]
+fn with_batches_of_one_the_guard_leads_every_other_batch_only() {
+    // Otherwise a backlog of starving background requests would take the
+    // whole engine once the adaptive controller shrinks batches to one.
+    let t0 = Instant::now();
+    let mut q = queue(100);
+    for id in 0..3 {
+        push(&mut q, req(50 + id, 1), 5, t0);
+    }
+    let late = t0 + ms(5000);
+    for id in 0..3 {
+        push(&mut q, req(10 + id, 1), 1, late);
+    }
+    let order: Vec<u32> = (0..6).flat_map(|_| ids(&q.take(late, 1))).collect();
+    assert_eq!(order, [50, 10, 51, 11, 52, 12]);
+}
+
 // --- Deadlines -------------------------------------------------------------
 
 #[test]

@@ -14,6 +14,7 @@
 //! engine and checks that what the model file declares matches what the
 //! config promises, so clients are never told one shape and served another.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -85,24 +86,99 @@ pub struct TensorConfig {
     pub dims: Vec<usize>,
 }
 
-/// How requests are merged into engine calls.
+/// How requests are merged into engine calls and scheduled
+/// (docs/scheduling.md). Every field has a default, so a config may omit
+/// the section.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BatchingConfig {
-    /// How long the oldest waiting request may wait for others to join its
-    /// batch (e.g. `"5ms"`, `"500us"`).
+    /// When given, the max queue delay of every priority that does not set
+    /// its own (e.g. `"5ms"`, `"500us"`). Without it each priority has the
+    /// seed's delay: 2, 2, 5, 20, 20 ms.
     #[serde(with = "humantime_serde")]
-    pub max_queue_delay: Duration,
-    /// Requests (not rows) that may wait; past it requests are refused
-    /// with 503 instead of queueing without bound.
+    pub max_queue_delay: Option<Duration>,
+    /// Requests (not rows) that may wait per priority, unless the priority
+    /// sets its own; past it requests are refused with 429.
     pub max_queue_size: usize,
+    /// Priority (1–5) of a request that names none.
+    pub default_priority: u8,
+    /// Whether an idle engine starts a batch as soon as the measured
+    /// arrival rate says waiting is useless (true), or always waits for a
+    /// full batch or the max queue delay (false).
+    pub work_conserving: bool,
+    /// A request older than this gains one priority level…
+    #[serde(with = "humantime_serde")]
+    pub aging_threshold: Duration,
+    /// …and one more per further interval…
+    #[serde(with = "humantime_serde")]
+    pub aging_interval: Duration,
+    /// …at most this many levels (never above priority 1).
+    pub max_aging_levels: u8,
+    /// Per-priority policy, keyed by level `"1"` … `"5"`.
+    pub priority: BTreeMap<String, PriorityConfig>,
 }
 
 impl Default for BatchingConfig {
     fn default() -> Self {
         BatchingConfig {
-            max_queue_delay: Duration::from_millis(5),
+            max_queue_delay: None,
             max_queue_size: 1000,
+            default_priority: 3,
+            work_conserving: true,
+            aging_threshold: Duration::from_secs(1),
+            aging_interval: Duration::from_secs(1),
+            max_aging_levels: 2,
+            priority: BTreeMap::new(),
+        }
+    }
+}
+
+/// `[dynamic_batching.priority.<level>]`: what one priority overrides.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PriorityConfig {
+    #[serde(with = "humantime_serde")]
+    pub max_queue_delay: Option<Duration>,
+    pub max_queue_size: Option<usize>,
+    /// Deadline of a request that sets no `timeout` parameter.
+    #[serde(with = "humantime_serde")]
+    pub default_timeout: Option<Duration>,
+    /// Whether a request may set a shorter `timeout` of its own.
+    pub allow_timeout_override: Option<bool>,
+}
+
+/// `[adaptive_batching]`: the live max batch size controller.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdaptiveBatchingConfig {
+    pub enabled: bool,
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    pub min_batch_size: usize,
+    /// Halve the batch size above this CPU/GPU utilisation, percent.
+    pub shrink_above_utilisation: u8,
+    /// Double it below this utilisation…
+    pub grow_below_utilisation: u8,
+    /// …while memory use is below this, percent.
+    pub grow_below_memory: u8,
+    /// Priority-1 p99 latency objective…
+    #[serde(with = "humantime_serde")]
+    pub slo_p99: Duration,
+    /// …halve when the p99 exceeds this percentage of it.
+    pub slo_margin_percent: u8,
+}
+
+impl Default for AdaptiveBatchingConfig {
+    fn default() -> Self {
+        AdaptiveBatchingConfig {
+            enabled: true,
+            interval: Duration::from_secs(1),
+            min_batch_size: 1,
+            shrink_above_utilisation: 85,
+            grow_below_utilisation: 30,
+            grow_below_memory: 70,
+            slo_p99: Duration::from_millis(50),
+            slo_margin_percent: 80,
         }
     }
 }
@@ -133,6 +209,8 @@ pub struct ModelConfig {
     pub outputs: Vec<TensorConfig>,
     #[serde(default)]
     pub dynamic_batching: BatchingConfig,
+    #[serde(default)]
+    pub adaptive_batching: AdaptiveBatchingConfig,
 }
 
 fn default_max_batch_size() -> usize {
@@ -229,9 +307,45 @@ pub fn read_config(path: &Path) -> Result<ModelConfig, RepositoryError> {
     if config.threads == 0 {
         return Err(invalid("threads must be at least 1".into()));
     }
-    if config.dynamic_batching.max_queue_size == 0 {
+    let batching = &config.dynamic_batching;
+    if batching.max_queue_size == 0 {
         return Err(invalid(
             "dynamic_batching.max_queue_size must be at least 1".into(),
+        ));
+    }
+    if !(1..=5).contains(&batching.default_priority) {
+        return Err(invalid(format!(
+            "dynamic_batching.default_priority is {}; expected 1 (highest) to 5 (lowest)",
+            batching.default_priority
+        )));
+    }
+    for (level, policy) in &batching.priority {
+        if !matches!(level.as_str(), "1" | "2" | "3" | "4" | "5") {
+            return Err(invalid(format!(
+                "[dynamic_batching.priority.{level}]: expected a priority level 1 to 5"
+            )));
+        }
+        if policy.max_queue_size == Some(0) {
+            return Err(invalid(format!(
+                "dynamic_batching.priority.{level}.max_queue_size must be at least 1"
+            )));
+        }
+        if policy.default_timeout.is_some_and(|t| t.is_zero()) {
+            return Err(invalid(format!(
+                "dynamic_batching.priority.{level}.default_timeout must be above zero"
+            )));
+        }
+    }
+    let adaptive = &config.adaptive_batching;
+    if adaptive.min_batch_size == 0 || adaptive.min_batch_size > config.max_batch_size {
+        return Err(invalid(format!(
+            "adaptive_batching.min_batch_size is {}; expected 1 to max_batch_size ({})",
+            adaptive.min_batch_size, config.max_batch_size
+        )));
+    }
+    if adaptive.interval.is_zero() {
+        return Err(invalid(
+            "adaptive_batching.interval must be above zero".into(),
         ));
     }
     if config.inputs.is_empty() || config.outputs.is_empty() {

@@ -46,11 +46,20 @@ fn the_bundled_repository_loads_with_its_defaults() {
     assert_eq!(model.name, "cnn_lstm");
     assert_eq!(model.versions, vec![1]);
     assert_eq!(model.config.max_batch_size, 32);
+    let batching = &model.config.dynamic_batching;
+    // The bundled config spells out the seed's per-priority policy.
+    assert_eq!(batching.max_queue_delay, None);
+    assert_eq!(batching.max_queue_size, 1000);
+    assert_eq!(batching.default_priority, 3);
     assert_eq!(
-        model.config.dynamic_batching.max_queue_delay,
-        std::time::Duration::from_millis(5)
+        batching.priority["1"].max_queue_delay,
+        Some(std::time::Duration::from_millis(2))
     );
-    assert_eq!(model.config.dynamic_batching.max_queue_size, 1000);
+    assert_eq!(
+        batching.priority["5"].default_timeout,
+        Some(std::time::Duration::from_secs(10))
+    );
+    assert!(model.config.adaptive_batching.enabled);
     let loaded = model.load_version(1).unwrap();
     assert_eq!(loaded.engine.kind(), "native");
 }
@@ -64,8 +73,8 @@ fn a_variant_loads_with_a_matching_config_and_default_batching() {
     );
     let models = scan(&dir).unwrap();
     assert_eq!(
-        models[0].config.dynamic_batching.max_queue_delay,
-        std::time::Duration::from_millis(5)
+        models[0].config.dynamic_batching,
+        tickserve_repository::BatchingConfig::default()
     );
     let loaded = models[0].load_version(1).unwrap();
     assert_eq!(loaded.engine.signature().outputs[0].dims, vec![5]);
@@ -117,6 +126,35 @@ fn invalid_configs_are_refused_with_the_reason() {
     let err = load_error(&format!("name = \"other\"\n{VARIANT_A}"), a);
     assert!(
         err.contains("name 'other' differs from its folder 'm'"),
+        "{err}"
+    );
+    let err = load_error(
+        &format!("{VARIANT_A}[dynamic_batching]\ndefault_priority = 6\n"),
+        a,
+    );
+    assert!(
+        err.contains("default_priority is 6; expected 1 (highest) to 5"),
+        "{err}"
+    );
+    let err = load_error(
+        &format!("{VARIANT_A}[dynamic_batching.priority.0]\nmax_queue_size = 5\n"),
+        a,
+    );
+    assert!(
+        err.contains("[dynamic_batching.priority.0]: expected a priority level 1 to 5"),
+        "{err}"
+    );
+    let err = load_error(
+        &format!("{VARIANT_A}[dynamic_batching.priority.2]\ntimeout = \"1s\"\n"),
+        a,
+    );
+    assert!(err.contains("unknown field `timeout`"), "{err}");
+    let err = load_error(
+        &format!("{VARIANT_A}[adaptive_batching]\nmin_batch_size = 17\n"),
+        a,
+    );
+    assert!(
+        err.contains("min_batch_size is 17; expected 1 to max_batch_size (16)"),
         "{err}"
     );
 }

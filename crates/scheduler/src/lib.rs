@@ -10,19 +10,30 @@
 //!
 //! * [`Scheduler`] is the cloneable handle the server holds, one per model
 //!   version; [`SchedulerCommand`] is what it sends to the task.
-//! * The batcher task ([`batcher`]) owns the pure [`queue::BatchQueue`]
-//!   and decides *when* a batch leaves: full, or the oldest request's
-//!   `max_queue_delay` has run out. It only hands a batch to a worker that
-//!   is idle, so requests keep joining the queue while the engine runs.
+//! * The batcher task ([`batcher`]) owns the pure [`queue::PriorityQueue`]
+//!   (one FIFO per request class, aging, deadlines) and decides *when* a
+//!   batch leaves and *what* it holds (see [`queue`]). It only hands a
+//!   batch to a worker that is idle, so requests keep joining the queue
+//!   while the engine runs. It also admits or refuses each arrival
+//!   against its deadline, expires requests on a timer, fits the engine
+//!   time per batch size ([`estimate`]) and runs the adaptive batch-size
+//!   controller ([`adaptive`], fed by [`monitor`]).
 //! * Engine workers are OS threads: engine calls are long, CPU-bound and
 //!   synchronous, and must never block the async runtime.
 //!
-//! Every channel is bounded, and the queue itself is capped by
-//! `max_queue_size`: overload turns into a fast, explicit
-//! [`SchedulerError::QueueFull`], never into unbounded memory.
+//! Every channel is bounded, and every class queue is capped by its
+//! `max_queue_size`: overload turns into a fast, explicit refusal
+//! ([`SchedulerError::QueueFull`], [`SchedulerError::DeadlineUnmeetable`])
+//! with a computed retry hint, never into unbounded memory.
+//! docs/scheduling.md describes the policy for operators.
 
+pub mod adaptive;
 mod batcher;
+pub mod estimate;
+pub mod monitor;
+pub mod priority;
 pub mod queue;
+pub mod stats;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,32 +42,119 @@ use tickserve_engine::{Engine, EngineError};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-/// How one model version's requests are batched.
+pub use adaptive::AdaptiveConfig;
+pub use priority::{Aging, ClassPolicy, Priority};
+pub use stats::{SchedulerStats, StatsSnapshot};
+
+/// How one model version's requests are scheduled.
 #[derive(Debug, Clone)]
 pub struct SchedulerConfig {
     /// Model name, used as the `model` label of metrics and in logs.
     pub model: String,
-    /// Most rows in one engine call.
+    /// Most rows in one engine call (and in one request); the adaptive
+    /// controller moves the live batch size between its minimum and this.
     pub max_batch_size: usize,
-    /// Longest the oldest waiting request waits for others to join.
-    pub max_queue_delay: Duration,
-    /// Most requests waiting at once.
-    pub max_queue_size: usize,
+    /// Per-class policy, index 0 = priority 1.
+    pub classes: [ClassPolicy; Priority::LEVELS],
+    /// Class of a request that names none.
+    pub default_priority: Priority,
+    pub aging: Aging,
+    /// Whether an idle engine starts a batch as soon as waiting is not
+    /// useful (measured arrival rate), instead of always waiting for a
+    /// full batch or the class delay.
+    pub work_conserving: bool,
     /// Engine worker threads.
     pub instances: usize,
+    pub adaptive: AdaptiveConfig,
+}
+
+impl SchedulerConfig {
+    /// The seed's defaults for every class, one instance.
+    pub fn new(model: impl Into<String>, max_batch_size: usize) -> Self {
+        SchedulerConfig {
+            model: model.into(),
+            max_batch_size,
+            classes: Priority::ALL.map(ClassPolicy::default_for),
+            default_priority: Priority::new(3).unwrap_or(Priority::LOWEST),
+            aging: Aging::default(),
+            work_conserving: true,
+            instances: 1,
+            adaptive: AdaptiveConfig::default(),
+        }
+    }
+
+    pub fn class(&self, priority: Priority) -> &ClassPolicy {
+        &self.classes[priority.index()]
+    }
+}
+
+/// Per-request scheduling options, filled by every protocol front end.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct InferOptions {
+    /// `None`: the model's default class.
+    pub priority: Option<Priority>,
+    /// A timeout of the request's own; capped at its class default.
+    pub timeout: Option<Duration>,
 }
 
 /// Why a request was not answered by the engine.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum SchedulerError {
-    #[error("the queue of model '{model}' is full ({capacity} requests waiting); retry later")]
-    QueueFull { model: String, capacity: usize },
+    #[error(
+        "the priority {priority} queue of model '{model}' is full ({capacity} requests waiting); retry in {} ms",
+        retry_after.as_millis()
+    )]
+    QueueFull {
+        model: String,
+        priority: Priority,
+        capacity: usize,
+        retry_after: Duration,
+    },
+    #[error(
+        "admission refused: a priority {priority} request to model '{model}' cannot meet its {} ms deadline (predicted completion in {} ms from the queue ahead and the measured service rate); retry in {} ms",
+        timeout.as_millis(),
+        predicted.as_millis(),
+        retry_after.as_millis()
+    )]
+    DeadlineUnmeetable {
+        model: String,
+        priority: Priority,
+        timeout: Duration,
+        predicted: Duration,
+        retry_after: Duration,
+    },
+    #[error(
+        "request timeout expired: the priority {priority} request to model '{model}' waited its {} ms timeout without reaching the engine",
+        timeout.as_millis()
+    )]
+    TimeoutExpired {
+        model: String,
+        priority: Priority,
+        timeout: Duration,
+        retry_after: Duration,
+    },
+    #[error("priority {0} does not allow a per-request timeout (allow_timeout_override = false)")]
+    TimeoutNotAllowed(Priority),
+    #[error("timeout must be at least 1 microsecond")]
+    ZeroTimeout,
     #[error("model '{model}' is shutting down")]
     ShuttingDown { model: String },
     #[error("request has {rows} rows, more than the model's max_batch_size {max}")]
     TooManyRows { rows: usize, max: usize },
     #[error(transparent)]
     Engine(#[from] EngineError),
+}
+
+impl SchedulerError {
+    /// When the client should retry, for refusals caused by load.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            SchedulerError::QueueFull { retry_after, .. }
+            | SchedulerError::DeadlineUnmeetable { retry_after, .. }
+            | SchedulerError::TimeoutExpired { retry_after, .. } => Some(*retry_after),
+            _ => None,
+        }
+    }
 }
 
 /// The answer to one request: its own rows of every output, in the order of
@@ -69,7 +167,10 @@ pub struct Request {
     pub rows: usize,
     /// Row-major values of every input, in signature order.
     pub inputs: Vec<Vec<f32>>,
+    pub priority: Priority,
     pub arrived: Instant,
+    /// The timeout it runs under; `arrived + timeout` is its deadline.
+    pub timeout: Duration,
     pub response_tx: oneshot::Sender<Result<Outputs, SchedulerError>>,
 }
 
@@ -95,6 +196,7 @@ pub enum SchedulerCommand {
 pub struct Scheduler {
     command_tx: mpsc::Sender<SchedulerCommand>,
     config: Arc<SchedulerConfig>,
+    stats: Arc<SchedulerStats>,
 }
 
 impl Scheduler {
@@ -104,16 +206,27 @@ impl Scheduler {
     /// # Panics
     /// Outside a tokio runtime.
     pub fn spawn(engine: Arc<dyn Engine>, config: SchedulerConfig) -> Self {
-        // Enough room for a burst of a full queue; the batcher drains it
+        // Room for every class's queue at once; the batcher drains it
         // continuously, and a full channel is reported as a full queue.
-        let (command_tx, command_rx) = mpsc::channel(config.max_queue_size.max(64));
+        let capacity: usize = config.classes.iter().map(|c| c.max_queue_size).sum();
+        let (command_tx, command_rx) = mpsc::channel(capacity.max(64));
         let config = Arc::new(config);
-        batcher::start(engine, Arc::clone(&config), command_rx);
-        Scheduler { command_tx, config }
+        let stats = Arc::new(SchedulerStats::new(config.max_batch_size));
+        batcher::start(engine, Arc::clone(&config), Arc::clone(&stats), command_rx);
+        Scheduler {
+            command_tx,
+            config,
+            stats,
+        }
     }
 
     pub fn config(&self) -> &SchedulerConfig {
         &self.config
+    }
+
+    /// Counters since start, for the statistics endpoint.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.stats.snapshot()
     }
 
     /// Queues `rows` rows and waits for their outputs. Dropping the future
@@ -123,6 +236,7 @@ impl Scheduler {
         &self,
         rows: usize,
         inputs: Vec<Vec<f32>>,
+        options: InferOptions,
     ) -> Result<Outputs, SchedulerError> {
         if rows == 0 || rows > self.config.max_batch_size {
             return Err(SchedulerError::TooManyRows {
@@ -130,20 +244,37 @@ impl Scheduler {
                 max: self.config.max_batch_size,
             });
         }
+        let priority = options.priority.unwrap_or(self.config.default_priority);
+        let class = self.config.class(priority);
+        let timeout = match options.timeout {
+            None => class.default_timeout,
+            Some(t) if t.is_zero() => return Err(SchedulerError::ZeroTimeout),
+            Some(_) if !class.allow_timeout_override => {
+                return Err(SchedulerError::TimeoutNotAllowed(priority));
+            }
+            Some(t) => t.min(class.default_timeout),
+        };
         let (response_tx, response_rx) = oneshot::channel();
         let request = Request {
             rows,
             inputs,
+            priority,
             arrived: Instant::now(),
+            timeout,
             response_tx,
         };
         self.command_tx
             .try_send(SchedulerCommand::Enqueue(request))
             .map_err(|e| match e {
-                mpsc::error::TrySendError::Full(_) => SchedulerError::QueueFull {
-                    model: self.config.model.clone(),
-                    capacity: self.config.max_queue_size,
-                },
+                mpsc::error::TrySendError::Full(_) => {
+                    self.stats.class(priority).count_rejected_queue_full();
+                    SchedulerError::QueueFull {
+                        model: self.config.model.clone(),
+                        priority,
+                        capacity: class.max_queue_size,
+                        retry_after: self.stats.retry_hint(),
+                    }
+                }
                 mpsc::error::TrySendError::Closed(_) => SchedulerError::ShuttingDown {
                     model: self.config.model.clone(),
                 },

@@ -3,20 +3,36 @@
 //! current time and asks it for batches; the tests below drive it directly.
 //!
 //! Rules:
-//! * a request's rows stay together: a request joins a batch only whole;
-//! * the oldest request always leads the next batch, later requests fill
-//!   the remaining rows in arrival order (one too large to fit is skipped,
-//!   and leads a later batch);
-//! * a batch is due when the queued rows fill `max_batch_rows`, or when the
-//!   oldest request has waited `max_delay` (counted from its arrival, not
-//!   from when anyone looked at the queue);
-//! * the queue holds at most `capacity` requests; past that a push is
-//!   refused and the request goes back to the caller.
+//! * one FIFO per request class (base [`Priority`]), each capped at its
+//!   class's `max_queue_size`: past it a push is refused and the request
+//!   goes back to the caller;
+//! * a batch takes requests in order of *effective* priority (base priority
+//!   raised by [`Aging`]), oldest first within a level, and fills the rows
+//!   left over with lower classes (mixed-priority padding), so a waiting
+//!   real-time request never sits behind a full background batch;
+//! * starvation guard: a request that has gained every aging level it can
+//!   is *starving*; the oldest starving request leads every batch (every
+//!   other batch when the live batch size is 1, so that starving requests
+//!   never take the whole engine). With aging capped at two levels this is
+//!   what bounds the wait of a priority-5 request under a saturating
+//!   priority-1 stream;
+//! * a request's rows stay together: a request joins a batch only whole
+//!   (one too large for the rows left is skipped and stays queued); the
+//!   request leading a batch always goes, even when it alone exceeds the
+//!   live (adaptive) batch size;
+//! * every request has a deadline; [`PriorityQueue::expire`] removes the
+//!   expired ones and [`PriorityQueue::take`] never hands one out;
+//! * [`PriorityQueue::next_dispatch`] says when the next batch is due: at
+//!   once when enough rows wait, else when the first class delay (counted
+//!   from that request's arrival) runs out, or when waiting longer would
+//!   make the earliest deadline miss given the predicted engine time.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use tokio::time::Instant;
+
+use crate::priority::{Aging, Priority};
 
 /// Something waiting in the queue.
 pub trait Pending {
@@ -28,227 +44,289 @@ pub trait Pending {
 }
 
 #[derive(Debug)]
-struct Queued<T> {
+struct Entry<T> {
     item: T,
+    rows: usize,
     arrived: Instant,
+    deadline: Instant,
 }
 
-/// A batch taken from the queue, oldest request first.
+/// One request of a batch.
+#[derive(Debug)]
+pub struct Chosen<T> {
+    pub item: T,
+    pub priority: Priority,
+    pub arrived: Instant,
+}
+
+/// A batch taken from the queue, in the order it was chosen.
 #[derive(Debug)]
 pub struct Taken<T> {
-    pub items: Vec<(T, Instant)>,
+    pub items: Vec<Chosen<T>>,
     pub rows: usize,
     /// Requests removed because their client had gone.
     pub dropped: Vec<T>,
+    /// Requests removed because their deadline had passed.
+    pub expired: Vec<(T, Priority)>,
 }
 
-/// Requests waiting to be batched, in arrival order.
+/// Requests waiting to be batched, one FIFO per class.
 #[derive(Debug)]
-pub struct BatchQueue<T> {
-    entries: VecDeque<Queued<T>>,
-    queued_rows: usize,
-    max_batch_rows: usize,
-    max_delay: Duration,
-    capacity: usize,
+pub struct PriorityQueue<T> {
+    /// Per class, by arrival sequence number (= arrival order).
+    classes: [BTreeMap<u64, Entry<T>>; Priority::LEVELS],
+    class_rows: [usize; Priority::LEVELS],
+    deadlines: BTreeSet<(Instant, u64, usize)>,
+    delays: [Duration; Priority::LEVELS],
+    capacities: [usize; Priority::LEVELS],
+    aging: Aging,
+    next_seq: u64,
+    /// Whether the last batch of at most one request was led by the
+    /// starvation guard (see [`PriorityQueue::take`]).
+    guard_led_last_single: bool,
 }
 
-impl<T: Pending> BatchQueue<T> {
-    pub fn new(max_batch_rows: usize, max_delay: Duration, capacity: usize) -> Self {
-        BatchQueue {
-            entries: VecDeque::new(),
-            queued_rows: 0,
-            max_batch_rows: max_batch_rows.max(1),
-            max_delay,
-            capacity,
+impl<T: Pending> PriorityQueue<T> {
+    pub fn new(
+        delays: [Duration; Priority::LEVELS],
+        capacities: [usize; Priority::LEVELS],
+        aging: Aging,
+    ) -> Self {
+        PriorityQueue {
+            classes: Default::default(),
+            class_rows: [0; Priority::LEVELS],
+            deadlines: BTreeSet::new(),
+            delays,
+            capacities,
+            aging,
+            next_seq: 0,
+            guard_led_last_single: false,
         }
     }
 
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.classes.iter().map(BTreeMap::len).sum()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.classes.iter().all(BTreeMap::is_empty)
     }
 
-    /// Adds a request that arrived at `arrived`; hands it back when the
+    /// Requests of class `priority` waiting.
+    pub fn len_of(&self, priority: Priority) -> usize {
+        self.classes[priority.index()].len()
+    }
+
+    /// Rows waiting, all classes.
+    pub fn rows(&self) -> usize {
+        self.class_rows.iter().sum()
+    }
+
+    /// Rows of class `priority` and every higher class: what a new request
+    /// of that class has ahead of it (aging can only add to this).
+    pub fn rows_at_or_above(&self, priority: Priority) -> usize {
+        self.class_rows[..=priority.index()].iter().sum()
+    }
+
+    /// Adds a request of class `priority`; hands it back when that class's
     /// queue is full.
-    pub fn push(&mut self, item: T, arrived: Instant) -> Result<(), T> {
-        if self.entries.len() >= self.capacity {
+    pub fn push(
+        &mut self,
+        item: T,
+        priority: Priority,
+        arrived: Instant,
+        deadline: Instant,
+    ) -> Result<(), T> {
+        let class = priority.index();
+        if self.classes[class].len() >= self.capacities[class] {
             return Err(item);
         }
-        self.queued_rows += item.rows();
-        self.entries.push_back(Queued { item, arrived });
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let rows = item.rows();
+        self.class_rows[class] += rows;
+        self.deadlines.insert((deadline, seq, class));
+        self.classes[class].insert(
+            seq,
+            Entry {
+                item,
+                rows,
+                arrived,
+                deadline,
+            },
+        );
         Ok(())
     }
 
-    /// When the oldest request's wait runs out; `None` when empty.
-    pub fn deadline(&self) -> Option<Instant> {
-        self.entries.front().map(|q| q.arrived + self.max_delay)
+    fn remove(&mut self, class: usize, seq: u64) -> Option<Entry<T>> {
+        let entry = self.classes[class].remove(&seq)?;
+        self.class_rows[class] -= entry.rows;
+        self.deadlines.remove(&(entry.deadline, seq, class));
+        Some(entry)
     }
 
-    /// Whether a batch should leave now: enough rows to fill one, or the
-    /// oldest request has waited long enough.
-    pub fn is_due(&self, now: Instant) -> bool {
-        self.queued_rows >= self.max_batch_rows || self.deadline().is_some_and(|d| d <= now)
+    /// The earliest deadline of any waiting request.
+    pub fn next_expiry(&self) -> Option<Instant> {
+        self.deadlines.first().map(|(d, _, _)| *d)
     }
 
-    /// Takes the next batch, due or not (the caller decides when). Requests
-    /// whose client has gone are removed on the way and returned apart.
-    pub fn take(&mut self) -> Taken<T> {
-        let mut taken = Taken {
-            items: Vec::new(),
-            rows: 0,
-            dropped: Vec::new(),
-        };
-        let mut kept = VecDeque::with_capacity(self.entries.len());
-        while let Some(queued) = self.entries.pop_front() {
-            let rows = queued.item.rows();
-            if !queued.item.is_wanted() {
-                self.queued_rows -= rows;
-                taken.dropped.push(queued.item);
-            } else if taken.rows + rows <= self.max_batch_rows {
-                self.queued_rows -= rows;
-                taken.rows += rows;
-                taken.items.push((queued.item, queued.arrived));
+    /// Removes every request whose deadline is at or before `now`.
+    pub fn expire(&mut self, now: Instant) -> Vec<(T, Priority)> {
+        let mut expired = Vec::new();
+        while let Some(&(deadline, seq, class)) = self.deadlines.first() {
+            if deadline > now {
+                break;
+            }
+            if let Some(entry) = self.remove(class, seq) {
+                expired.push((entry.item, Priority::ALL[class]));
             } else {
-                kept.push_back(queued);
-                if taken.rows == self.max_batch_rows {
-                    break;
-                }
+                self.deadlines.pop_first();
             }
         }
-        // Skipped requests go back in front of the untouched tail, so
-        // arrival order is preserved.
-        kept.append(&mut self.entries);
-        self.entries = kept;
+        expired
+    }
+
+    /// When the first class delay runs out: the earliest `arrived +
+    /// max_queue_delay` over the oldest request of every class.
+    pub fn delay_expires(&self) -> Option<Instant> {
+        self.classes
+            .iter()
+            .zip(&self.delays)
+            .filter_map(|(class, delay)| class.values().next().map(|e| e.arrived + *delay))
+            .min()
+    }
+
+    /// When the next batch should leave (at or before `now`: at once);
+    /// `None` when nothing waits.
+    ///
+    /// * `fill_rows`: rows worth waiting for. The batcher passes what the
+    ///   measured arrival rate makes useful (1 for a lone client, so it
+    ///   never waits) or the live max batch size when work-conserving
+    ///   dispatch is off;
+    /// * `exec`: the predicted engine time of the batch, so that the batch
+    ///   leaves early enough for the earliest deadline.
+    pub fn next_dispatch(&self, now: Instant, fill_rows: usize, exec: Duration) -> Option<Instant> {
+        let delay = self.delay_expires()?;
+        if self.rows() >= fill_rows.max(1) {
+            return Some(now);
+        }
+        let for_deadline = self.next_expiry().map(|d| d.checked_sub(exec).unwrap_or(d));
+        Some(for_deadline.map_or(delay, |d| d.min(delay)))
+    }
+
+    /// The oldest request that has gained every aging level, if any.
+    fn starving(&self, now: Instant) -> Option<(usize, u64)> {
+        let after = self.aging.fully_aged_after();
+        self.classes
+            .iter()
+            .enumerate()
+            .filter_map(|(class, entries)| {
+                let (seq, entry) = entries.iter().next()?;
+                (now.saturating_duration_since(entry.arrived) >= after).then_some((
+                    entry.arrived,
+                    *seq,
+                    class,
+                ))
+            })
+            .min()
+            .map(|(_, seq, class)| (class, seq))
+    }
+
+    /// Takes the next batch of at most `max_rows` rows, due or not (the
+    /// caller decides when). Expired requests and requests whose client has
+    /// gone are removed on the way and returned apart.
+    pub fn take(&mut self, now: Instant, max_rows: usize) -> Taken<T> {
+        let expired = self.expire(now);
+        let mut limit = max_rows.max(1);
+        let mut chosen: Vec<(usize, u64)> = Vec::new();
+        let mut gone: Vec<(usize, u64)> = Vec::new();
+        let mut rows = 0;
+        // The guard takes one place per batch: at most 1/max_rows of the
+        // engine. A batch of one row would hand it the whole engine, so
+        // then it leads every other batch only (at most half).
+        let mut starving = self.starving(now);
+        if limit == 1 {
+            if self.guard_led_last_single {
+                starving = None;
+            }
+            self.guard_led_last_single = starving.is_some();
+        }
+        {
+            let mut consider = |class: usize, seq: u64, entry: &Entry<T>| -> bool {
+                if !entry.item.is_wanted() {
+                    gone.push((class, seq));
+                } else if chosen.is_empty() {
+                    limit = limit.max(entry.rows);
+                    rows += entry.rows;
+                    chosen.push((class, seq));
+                } else if rows + entry.rows <= limit {
+                    rows += entry.rows;
+                    chosen.push((class, seq));
+                }
+                rows >= limit
+            };
+            let mut full = false;
+            if let Some((class, seq)) = starving
+                && let Some(entry) = self.classes[class].get(&seq)
+            {
+                full = consider(class, seq, entry);
+            }
+            let mut cursors: Vec<_> = self.classes.iter().map(|c| c.iter().peekable()).collect();
+            while !full {
+                let best = cursors
+                    .iter_mut()
+                    .enumerate()
+                    .filter_map(|(class, cursor)| {
+                        let (seq, entry) = cursor.peek()?;
+                        let waited = now.saturating_duration_since(entry.arrived);
+                        let effective = self.aging.effective(Priority::ALL[class], waited);
+                        Some(((effective, entry.arrived, **seq), class))
+                    })
+                    .min();
+                let Some((_, class)) = best else { break };
+                let Some((&seq, entry)) = cursors[class].next() else {
+                    break;
+                };
+                if starving == Some((class, seq)) {
+                    continue;
+                }
+                full = consider(class, seq, entry);
+            }
+        }
+        let mut taken = Taken {
+            items: Vec::with_capacity(chosen.len()),
+            rows,
+            dropped: Vec::with_capacity(gone.len()),
+            expired,
+        };
+        for (class, seq) in chosen {
+            if let Some(entry) = self.remove(class, seq) {
+                taken.items.push(Chosen {
+                    item: entry.item,
+                    priority: Priority::ALL[class],
+                    arrived: entry.arrived,
+                });
+            }
+        }
+        for (class, seq) in gone {
+            if let Some(entry) = self.remove(class, seq) {
+                taken.dropped.push(entry.item);
+            }
+        }
         taken
+    }
+
+    /// Removes everything (shutdown without an engine).
+    pub fn drain(&mut self) -> Vec<T> {
+        let mut all = Vec::with_capacity(self.len());
+        for class in &mut self.classes {
+            all.extend(std::mem::take(class).into_values().map(|e| e.item));
+        }
+        self.class_rows = [0; Priority::LEVELS];
+        self.deadlines.clear();
+        all
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::cell::Cell;
-    use std::rc::Rc;
-
-    #[derive(Debug)]
-    struct Req {
-        id: u32,
-        rows: usize,
-        wanted: Rc<Cell<bool>>,
-    }
-
-    fn req(id: u32, rows: usize) -> Req {
-        Req {
-            id,
-            rows,
-            wanted: Rc::new(Cell::new(true)),
-        }
-    }
-
-    impl Pending for Req {
-        fn rows(&self) -> usize {
-            self.rows
-        }
-        fn is_wanted(&self) -> bool {
-            self.wanted.get()
-        }
-    }
-
-    fn ids(taken: &Taken<Req>) -> Vec<u32> {
-        taken.items.iter().map(|(r, _)| r.id).collect()
-    }
-
-    const DELAY: Duration = Duration::from_millis(5);
-
-    #[test]
-    fn the_delay_counts_from_the_oldest_arrival() {
-        let t0 = Instant::now();
-        let mut q = BatchQueue::new(32, DELAY, 100);
-        q.push(req(1, 1), t0).unwrap();
-        q.push(req(2, 1), t0 + Duration::from_millis(4)).unwrap();
-        assert_eq!(q.deadline(), Some(t0 + DELAY));
-        assert!(!q.is_due(t0 + Duration::from_millis(4)));
-        // Due at the oldest request's deadline even though the newest
-        // arrived only 1 ms ago.
-        assert!(q.is_due(t0 + DELAY));
-        let taken = q.take();
-        assert_eq!(ids(&taken), [1, 2]);
-        assert!(q.is_empty());
-        assert_eq!(q.deadline(), None);
-    }
-
-    #[test]
-    fn a_full_batch_is_due_at_once() {
-        let t0 = Instant::now();
-        let mut q = BatchQueue::new(4, DELAY, 100);
-        q.push(req(1, 3), t0).unwrap();
-        assert!(!q.is_due(t0));
-        q.push(req(2, 1), t0).unwrap();
-        assert!(q.is_due(t0));
-        let taken = q.take();
-        assert_eq!(taken.rows, 4);
-        assert_eq!(ids(&taken), [1, 2]);
-    }
-
-    #[test]
-    fn rows_of_a_request_stay_together_and_order_is_kept() {
-        let t0 = Instant::now();
-        let mut q = BatchQueue::new(4, DELAY, 100);
-        q.push(req(1, 2), t0).unwrap();
-        q.push(req(2, 3), t0).unwrap(); // does not fit after 1
-        q.push(req(3, 2), t0).unwrap(); // fills the batch
-        q.push(req(4, 1), t0).unwrap();
-        let first = q.take();
-        assert_eq!(ids(&first), [1, 3]);
-        assert_eq!(first.rows, 4);
-        // The skipped request now leads, ahead of later arrivals.
-        let second = q.take();
-        assert_eq!(ids(&second), [2, 4]);
-        assert_eq!(second.rows, 4);
-        assert!(q.is_empty());
-    }
-
-    #[test]
-    fn requests_whose_client_left_are_dropped_not_batched() {
-        let t0 = Instant::now();
-        let mut q = BatchQueue::new(8, DELAY, 100);
-        let gone = req(1, 2);
-        gone.wanted.set(false);
-        q.push(gone, t0).unwrap();
-        q.push(req(2, 1), t0).unwrap();
-        let taken = q.take();
-        assert_eq!(ids(&taken), [2]);
-        assert_eq!(taken.dropped.len(), 1);
-        assert_eq!(taken.dropped[0].id, 1);
-        assert!(q.is_empty());
-    }
-
-    #[test]
-    fn a_full_queue_refuses_and_hands_the_request_back() {
-        let t0 = Instant::now();
-        let mut q = BatchQueue::new(8, DELAY, 2);
-        q.push(req(1, 1), t0).unwrap();
-        q.push(req(2, 1), t0).unwrap();
-        let refused = q.push(req(3, 1), t0).unwrap_err();
-        assert_eq!(refused.id, 3);
-        assert_eq!(q.len(), 2);
-    }
-
-    #[test]
-    fn queued_rows_are_tracked_through_takes() {
-        let t0 = Instant::now();
-        let mut q = BatchQueue::new(3, DELAY, 100);
-        for id in 0..7 {
-            q.push(req(id, 1), t0).unwrap();
-        }
-        assert!(q.is_due(t0));
-        assert_eq!(q.take().rows, 3);
-        assert_eq!(q.take().rows, 3);
-        // One row left: not full, so not due before its deadline.
-        assert!(!q.is_due(t0));
-        assert!(q.is_due(t0 + DELAY));
-        assert_eq!(ids(&q.take()), [6]);
-    }
-}
+mod tests;

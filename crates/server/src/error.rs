@@ -3,11 +3,15 @@
 //! Every failure a client can see is a [`ServeError`]; the engine's and the
 //! scheduler's errors convert into it here, and [`ServeError::status`] is
 //! the single place that decides the HTTP status (gRPC will map the same
-//! enum to its codes). The body is always `{"error": "<message>"}`, as
+//! enum to its codes). Refusals under load carry a retry hint: 429 for
+//! admission control and full priority queues, 503 for an expired request
+//! timeout, both with `Retry-After` (serving-systems.md §9.11). The body is always `{"error": "<message>"}`, as
 //! the Open Inference Protocol specifies.
 
 use axum::Json;
-use axum::http::StatusCode;
+use std::time::Duration;
+
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use tickserve_scheduler::SchedulerError;
 use tickserve_telemetry::error_type;
@@ -34,6 +38,21 @@ pub enum ServeError {
     /// The queue is full: retry later or elsewhere.
     #[error("{0}")]
     Overloaded(String),
+    /// Refused at arrival by admission control or a full priority queue:
+    /// 429 with `Retry-After`. `reason` is the `error_type` label.
+    #[error("{message}")]
+    Rejected {
+        message: String,
+        reason: &'static str,
+        retry_after: Duration,
+    },
+    /// The request's timeout expired before it reached the engine: 503
+    /// with `Retry-After`.
+    #[error("{message}")]
+    TimedOut {
+        message: String,
+        retry_after: Duration,
+    },
     /// The engine failed on a valid request.
     #[error("inference failed: {0}")]
     Internal(String),
@@ -51,6 +70,18 @@ impl ServeError {
             ServeError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ServeError::NotReady(_) | ServeError::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
             ServeError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ServeError::Rejected { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ServeError::TimedOut { .. } => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// When the client should retry, for refusals caused by load.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ServeError::Rejected { retry_after, .. } | ServeError::TimedOut { retry_after, .. } => {
+                Some(*retry_after)
+            }
+            _ => None,
         }
     }
 
@@ -64,6 +95,8 @@ impl ServeError {
             ServeError::NotReady(_) => error_type::UNAVAILABLE,
             ServeError::Overloaded(_) => error_type::QUEUE_FULL,
             ServeError::Internal(_) => error_type::ENGINE,
+            ServeError::Rejected { reason, .. } => reason,
+            ServeError::TimedOut { .. } => error_type::TIMEOUT,
         }
     }
 }
@@ -71,7 +104,23 @@ impl ServeError {
 impl From<SchedulerError> for ServeError {
     fn from(error: SchedulerError) -> Self {
         match error {
-            SchedulerError::QueueFull { .. } => ServeError::Overloaded(error.to_string()),
+            SchedulerError::QueueFull { retry_after, .. } => ServeError::Rejected {
+                message: error.to_string(),
+                reason: error_type::QUEUE_FULL,
+                retry_after,
+            },
+            SchedulerError::DeadlineUnmeetable { retry_after, .. } => ServeError::Rejected {
+                message: error.to_string(),
+                reason: error_type::DEADLINE,
+                retry_after,
+            },
+            SchedulerError::TimeoutExpired { retry_after, .. } => ServeError::TimedOut {
+                message: error.to_string(),
+                retry_after,
+            },
+            SchedulerError::TimeoutNotAllowed(_) | SchedulerError::ZeroTimeout => {
+                ServeError::Invalid(error.to_string())
+            }
             SchedulerError::ShuttingDown { .. } => ServeError::NotReady(error.to_string()),
             SchedulerError::TooManyRows { .. } => ServeError::Invalid(error.to_string()),
             SchedulerError::Engine(e) => ServeError::Internal(e.to_string()),
@@ -82,6 +131,15 @@ impl From<SchedulerError> for ServeError {
 impl IntoResponse for ServeError {
     fn into_response(self) -> Response {
         let body = serde_json::json!({ "error": self.to_string() });
-        (self.status(), Json(body)).into_response()
+        let mut response = (self.status(), Json(body)).into_response();
+        if let Some(retry_after) = self.retry_after() {
+            // Whole seconds, rounded up (RFC 9110 §10.2.3); the exact
+            // figure is in the message.
+            let seconds = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
+        }
+        response
     }
 }

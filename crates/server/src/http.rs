@@ -13,7 +13,7 @@ use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, State};
-use axum::http::{StatusCode, Uri, header};
+use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use metrics::{counter, histogram};
@@ -24,6 +24,7 @@ use tickserve_telemetry as telemetry;
 use crate::AppState;
 use crate::error::ServeError;
 use crate::models::{InferRequest, InferResponse, InputTensor};
+use crate::scheduling::{self, Param};
 
 pub(crate) fn router(state: AppState) -> Router {
     let limit = state.max_body_bytes;
@@ -37,6 +38,11 @@ pub(crate) fn router(state: AppState) -> Router {
         .route(
             "/v2/models/{model}/versions/{version}/ready",
             get(model_ready),
+        )
+        .route("/v2/models/{model}/stats", get(model_stats))
+        .route(
+            "/v2/models/{model}/versions/{version}/stats",
+            get(model_stats),
         )
         .route("/v2/models/{model}/infer", post(infer))
         .route("/v2/models/{model}/versions/{version}/infer", post(infer))
@@ -119,6 +125,26 @@ async fn model_ready(State(state): State<AppState>, Path(path): Path<ModelPath>)
     }
 }
 
+/// Triton's statistics extension plus per-priority counts: one entry per
+/// version, or only the version the path names.
+async fn model_stats(State(state): State<AppState>, Path(path): Path<ModelPath>) -> Response {
+    let result = state.registry().and_then(|registry| {
+        let model = registry.get(&path.model)?;
+        let versions: Vec<_> = match path.version.as_deref() {
+            Some(v) => vec![model.version(Some(v))?],
+            None => model.versions.values().collect(),
+        };
+        Ok(versions
+            .into_iter()
+            .map(|v| scheduling::model_stats(&v.name, v.version, &v.stats()))
+            .collect::<Vec<_>>())
+    });
+    match result {
+        Ok(stats) => Json(serde_json::json!({ "model_stats": stats })).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
 async fn no_route(uri: Uri) -> ServeError {
     ServeError::NoRoute(uri.path().to_owned())
 }
@@ -126,10 +152,12 @@ async fn no_route(uri: Uri) -> ServeError {
 async fn infer(
     State(state): State<AppState>,
     Path(path): Path<ModelPath>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let started = Instant::now();
     let mut rows = 0usize;
+    let mut priority = "none";
     let mut known_model = false;
     let result = async {
         let registry = state.registry()?;
@@ -150,7 +178,20 @@ async fn infer(
                 ))
             }
         })?;
-        let request = decode_request(&body)?;
+        let header = headers
+            .get(scheduling::PRIORITY_HEADER)
+            .map(|h| {
+                h.to_str().map_err(|_| {
+                    ServeError::Invalid("the x-priority header is not valid text".into())
+                })
+            })
+            .transpose()?;
+        let request = decode_request(&body, header)?;
+        priority = request
+            .options
+            .priority
+            .unwrap_or_else(|| version.default_priority())
+            .label();
         rows = request
             .inputs
             .first()
@@ -168,15 +209,15 @@ async fn infer(
     let outcome = match &result {
         Ok(_) => "success",
         Err(e) => {
-            counter!(telemetry::ERRORS_TOTAL, "model" => model.to_owned(), "error_type" => e.kind()).increment(1);
+            counter!(telemetry::ERRORS_TOTAL, "model" => model.to_owned(), "error_type" => e.kind(), "priority" => priority).increment(1);
             e.kind()
         }
     };
     if known_model {
         let batch_type = if rows <= 1 { "single" } else { "multi" };
-        counter!(telemetry::REQUESTS_TOTAL, "model" => model.to_owned(), "outcome" => outcome, "batch_type" => batch_type, "source" => "http")
+        counter!(telemetry::REQUESTS_TOTAL, "model" => model.to_owned(), "outcome" => outcome, "batch_type" => batch_type, "source" => "http", "priority" => priority)
             .increment(1);
-        histogram!(telemetry::REQUEST_LATENCY, "model" => model.to_owned(), "batch_size_range" => telemetry::batch_size_range(rows))
+        histogram!(telemetry::REQUEST_LATENCY, "model" => model.to_owned(), "batch_size_range" => telemetry::batch_size_range(rows), "priority" => priority)
             .record(started.elapsed().as_secs_f64());
     }
     match result {
@@ -197,7 +238,6 @@ struct RequestJson {
     #[serde(default)]
     id: Option<String>,
     #[serde(default)]
-    #[allow(dead_code)]
     parameters: Option<serde_json::Map<String, serde_json::Value>>,
     inputs: Vec<InputJson>,
     #[serde(default)]
@@ -223,10 +263,25 @@ struct RequestedOutputJson {
     parameters: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
-fn decode_request(body: &[u8]) -> Result<InferRequest, ServeError> {
+/// Decodes a request body; `priority_header` is the `x-priority` header.
+fn decode_request(body: &[u8], priority_header: Option<&str>) -> Result<InferRequest, ServeError> {
     let request: RequestJson = serde_json::from_slice(body)
         .map_err(|e| ServeError::Invalid(format!("malformed inference request JSON: {e}")))?;
+    let parameter = |name: &str| {
+        request
+            .parameters
+            .as_ref()
+            .and_then(|p| p.get(name))
+            .map(Param::from_json)
+    };
+    let options = scheduling::resolve_options(
+        parameter(scheduling::PRIORITY_PARAMETER),
+        parameter(scheduling::REQUEST_TYPE_PARAMETER),
+        parameter(scheduling::TIMEOUT_PARAMETER),
+        priority_header,
+    )?;
     Ok(InferRequest {
+        options,
         id: request.id,
         inputs: request
             .inputs
@@ -345,9 +400,10 @@ mod tests {
     fn nested_and_flat_data_decode_to_the_same_values() {
         let flat = decode_request(
             br#"{"inputs":[{"name":"x","shape":[2,2],"datatype":"FP32","data":[1,2.5,-3,4e0]}]}"#,
+            None,
         )
         .unwrap();
-        let nested = decode_request(br#"{"inputs":[{"name":"x","shape":[2,2],"datatype":"FP32","data":[[1,2.5],[-3,4e0]]}]}"#).unwrap();
+        let nested = decode_request(br#"{"inputs":[{"name":"x","shape":[2,2],"datatype":"FP32","data":[[1,2.5],[-3,4e0]]}]}"#, None).unwrap();
         assert_eq!(flat.inputs[0].data, vec![1.0, 2.5, -3.0, 4.0]);
         assert_eq!(flat, nested);
         assert_eq!(flat.id, None);
@@ -358,6 +414,7 @@ mod tests {
     fn strings_in_data_are_refused_with_a_reason() {
         let err = decode_request(
             br#"{"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":["a"]}]}"#,
+            None,
         )
         .unwrap_err();
         assert!(err.to_string().contains("array of numbers"), "{err}");
@@ -370,7 +427,34 @@ mod tests {
             r#"{{"inputs":[{{"name":"x","shape":[1],"datatype":"FP32","data":[{}]}}]}}"#,
             value as f64
         );
-        let decoded = decode_request(text.as_bytes()).unwrap();
+        let decoded = decode_request(text.as_bytes(), None).unwrap();
         assert_eq!(decoded.inputs[0].data[0].to_bits(), value.to_bits());
+    }
+
+    #[test]
+    fn scheduling_parameters_and_the_header_become_options() {
+        let body = br#"{"parameters":{"request_type":"real_time_trading","timeout":2500},"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":[1]}]}"#;
+        let decoded = decode_request(body, Some("5")).unwrap();
+        assert_eq!(
+            decoded.options.priority,
+            tickserve_scheduler::Priority::new(1)
+        );
+        assert_eq!(
+            decoded.options.timeout,
+            Some(std::time::Duration::from_micros(2500))
+        );
+        let plain = br#"{"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":[1]}]}"#;
+        let decoded = decode_request(plain, Some("background")).unwrap();
+        assert_eq!(
+            decoded.options.priority,
+            tickserve_scheduler::Priority::new(5)
+        );
+        let bad = br#"{"parameters":{"priority":7},"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":[1]}]}"#;
+        let err = decode_request(bad, None).unwrap_err();
+        assert_eq!(err.status(), StatusCode::BAD_REQUEST);
+        assert!(
+            err.to_string().contains("invalid priority parameter 7"),
+            "{err}"
+        );
     }
 }

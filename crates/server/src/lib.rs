@@ -14,6 +14,7 @@
 pub mod error;
 mod http;
 pub mod models;
+pub mod scheduling;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use tickserve_engine::{Batch, DataType, Engine, Signature, TensorSpec};
 use tickserve_repository::{self as repository, ModelEntry, RepositoryError};
-use tickserve_scheduler::{Scheduler, SchedulerConfig};
+use tickserve_scheduler::{InferOptions, Priority, Scheduler, StatsSnapshot};
 
 use crate::error::ServeError;
 
@@ -36,6 +36,8 @@ pub struct InferRequest {
     pub inputs: Vec<InputTensor>,
     /// Outputs to return; `None` means all of them.
     pub outputs: Option<Vec<String>>,
+    /// Priority and timeout (crate::scheduling::resolve_options).
+    pub options: InferOptions,
 }
 
 /// One output tensor of an answer.
@@ -113,13 +115,7 @@ impl ModelRegistry {
                     let _guard = runtime.enter();
                     Scheduler::spawn(
                         Arc::clone(&loaded.engine),
-                        SchedulerConfig {
-                            model: entry.name.clone(),
-                            max_batch_size: entry.config.max_batch_size,
-                            max_queue_delay: entry.config.dynamic_batching.max_queue_delay,
-                            max_queue_size: entry.config.dynamic_batching.max_queue_size,
-                            instances: entry.config.instances,
-                        },
+                        crate::scheduling::scheduler_config(&entry),
                     )
                 };
                 versions.insert(
@@ -186,18 +182,33 @@ fn warm_up(entry: &ModelEntry, version: u64, engine: &dyn Engine) -> Result<(), 
 }
 
 impl ModelVersion {
+    /// Class of a request that names none.
+    pub fn default_priority(&self) -> Priority {
+        self.scheduler.config().default_priority
+    }
+
+    /// Scheduler counters, for the statistics endpoint.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.scheduler.stats()
+    }
+
     /// Validates `request`, runs it through the scheduler and shapes the
     /// answer.
     pub async fn infer(&self, request: InferRequest) -> Result<InferResponse, ServeError> {
         let (rows, order) = self.validate(&request)?;
         let wanted = self.requested_outputs(request.outputs.as_deref())?;
-        let InferRequest { id, inputs, .. } = request;
+        let InferRequest {
+            id,
+            inputs,
+            options,
+            ..
+        } = request;
         let mut slots: Vec<Option<InputTensor>> = inputs.into_iter().map(Some).collect();
         let inputs = order
             .into_iter()
             .map(|index| slots[index].take().map(|t| t.data).unwrap_or_default())
             .collect();
-        let mut outputs = self.scheduler.infer(rows, inputs).await?;
+        let mut outputs = self.scheduler.infer(rows, inputs, options).await?;
         let tensors = wanted
             .into_iter()
             .map(|index| {

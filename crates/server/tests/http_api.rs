@@ -313,12 +313,15 @@ async fn a_body_over_the_limit_is_413() {
 }
 
 #[tokio::test]
-async fn a_full_queue_answers_503_and_says_so() {
-    // A long delay and a queue of two: the first two requests wait in the
-    // queue (the batch is not full), the third finds it full.
+async fn a_full_queue_answers_429_with_retry_after_and_says_so() {
+    // Waiting mode, a long delay and a queue of two: the first two
+    // requests wait in the queue (the batch is not full), the third finds
+    // it full.
     let repo = repository_with(
         "cnn_lstm",
-        &cnn_lstm_config("[dynamic_batching]\nmax_queue_delay = \"1s\"\nmax_queue_size = 2\n"),
+        &cnn_lstm_config(
+            "[dynamic_batching]\nmax_queue_delay = \"1s\"\nmax_queue_size = 2\nwork_conserving = false\n[dynamic_batching.priority.3]\ndefault_timeout = \"10s\"\n",
+        ),
     );
     let server = start(config(repo)).await;
     let golden = golden();
@@ -329,15 +332,21 @@ async fn a_full_queue_answers_503_and_says_so() {
         async move {
             let r = client.post(url).body(body).send().await.unwrap();
             let status = r.status().as_u16();
-            (status, r.json::<Value>().await.unwrap())
+            let retry_after = r
+                .headers()
+                .get("retry-after")
+                .map(|v| v.to_str().unwrap().to_owned());
+            (status, r.json::<Value>().await.unwrap(), retry_after)
         }
     };
     let first = tokio::spawn(send(0));
     let second = tokio::spawn(send(1));
     // Give the two time to be queued, then overflow.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let (status, body) = send(2).await;
-    assert_eq!(status, 503, "{body}");
+    let (status, body, retry_after) = send(2).await;
+    assert_eq!(status, 429, "{body}");
+    let retry_after: u64 = retry_after.expect("Retry-After").parse().unwrap();
+    assert!(retry_after >= 1, "{retry_after}");
     assert!(
         error_of(&body).contains("queue of model 'cnn_lstm' is full"),
         "{body}"
@@ -347,7 +356,7 @@ async fn a_full_queue_answers_503_and_says_so() {
     let metrics = server.metrics_text().await;
     assert!(
         metrics.contains(
-            "batch_processing_errors_total{model=\"cnn_lstm\",error_type=\"queue_full\"} 1"
+            "batch_processing_errors_total{model=\"cnn_lstm\",error_type=\"queue_full\",priority=\"3\"} 1"
         ),
         "{metrics}"
     );
@@ -358,7 +367,9 @@ async fn a_full_queue_answers_503_and_says_so() {
 async fn shutdown_drains_queued_requests_then_returns() {
     let repo = repository_with(
         "cnn_lstm",
-        &cnn_lstm_config("[dynamic_batching]\nmax_queue_delay = \"400ms\"\n"),
+        &cnn_lstm_config(
+            "[dynamic_batching]\nmax_queue_delay = \"400ms\"\nwork_conserving = false\n",
+        ),
     );
     let mut server = start(config(repo)).await;
     let golden = golden();
@@ -417,14 +428,15 @@ async fn requests_and_batches_are_counted_in_prometheus_format() {
     let text = server.metrics_text().await;
     for needle in [
         "# TYPE batch_processing_requests_total counter",
-        "batch_processing_requests_total{model=\"cnn_lstm\",outcome=\"success\",batch_type=\"multi\",source=\"http\"}",
+        "batch_processing_requests_total{model=\"cnn_lstm\",outcome=\"success\",batch_type=\"multi\",source=\"http\",priority=\"3\"}",
         "batch_processing_requests_total{model=\"cnn_lstm\",outcome=\"invalid_request\"",
-        "batch_processing_latency_seconds_bucket{model=\"cnn_lstm\",batch_size_range=\"small\",le=\"0.001\"}",
+        "batch_processing_latency_seconds_bucket{model=\"cnn_lstm\",batch_size_range=\"small\",priority=\"3\",le=\"0.001\"}",
         "batch_processing_batch_size_bucket{model=\"cnn_lstm\",le=\"32\"}",
-        "batch_processing_wait_time_seconds_bucket{model=\"cnn_lstm\",le=\"0.005\"}",
-        "batch_processing_queue_length{model=\"cnn_lstm\"}",
+        "batch_processing_wait_time_seconds_bucket{model=\"cnn_lstm\",priority=\"3\",le=\"0.005\"}",
+        "batch_processing_queue_length{model=\"cnn_lstm\",priority=\"1\"}",
+        "batch_processing_adaptive_batch_size{model=\"cnn_lstm\"}",
         "tickserve_engine_execution_seconds_count{model=\"cnn_lstm\"}",
-        "batch_processing_errors_total{model=\"cnn_lstm\",error_type=\"invalid_request\"}",
+        "batch_processing_errors_total{model=\"cnn_lstm\",error_type=\"invalid_request\",priority=\"none\"}",
         "tickserve_ready 1",
     ] {
         assert!(text.contains(needle), "metrics lack {needle}:\n{text}");

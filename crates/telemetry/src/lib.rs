@@ -22,9 +22,9 @@ pub const REQUEST_LATENCY: &str = "batch_processing_latency_seconds";
 /// Histogram of rows per engine call. Label: `model`.
 pub const BATCH_SIZE: &str = "batch_processing_batch_size";
 /// Histogram of the time a request waited in the queue before its batch
-/// left for the engine, seconds. Label: `model`.
+/// left for the engine, seconds. Labels: `model`, `priority` (1–5).
 pub const QUEUE_WAIT: &str = "batch_processing_wait_time_seconds";
-/// Gauge of requests waiting in the queue. Label: `model`.
+/// Gauge of requests waiting in the queue. Labels: `model`, `priority`.
 pub const QUEUE_LENGTH: &str = "batch_processing_queue_length";
 /// Counter of failed requests. Labels: `model`, `error_type`.
 pub const ERRORS_TOTAL: &str = "batch_processing_errors_total";
@@ -35,6 +35,16 @@ pub const BATCHES_TOTAL: &str = "tickserve_batches_total";
 /// Counter of requests dropped before the engine because their client had
 /// gone. Label: `model`.
 pub const DROPPED_TOTAL: &str = "tickserve_requests_dropped_total";
+/// Counter of requests refused or expired by the scheduler. Labels:
+/// `model`, `priority`, `reason` (a [`rejection`] value).
+pub const REJECTIONS_TOTAL: &str = "tickserve_rejections_total";
+/// Gauge of the live max batch size the adaptive controller set. Label:
+/// `model`.
+pub const ADAPTIVE_BATCH_SIZE: &str = "batch_processing_adaptive_batch_size";
+/// Gauge of machine CPU utilisation, percent (resource monitor).
+pub const CPU_UTILISATION: &str = "batch_processing_cpu_utilization_percent";
+/// Gauge of machine memory utilisation, percent (resource monitor).
+pub const MEMORY_UTILISATION: &str = "batch_processing_memory_utilization_percent";
 /// Gauge, 1 when every model is loaded and warmed up.
 pub const READY: &str = "tickserve_ready";
 
@@ -66,11 +76,25 @@ pub fn batch_size_range(rows: usize) -> &'static str {
     }
 }
 
+/// Values of the `reason` label of [`REJECTIONS_TOTAL`].
+pub mod rejection {
+    /// The request's class queue was full.
+    pub const QUEUE_FULL: &str = "queue_full";
+    /// Admission control: the deadline could not be met.
+    pub const DEADLINE: &str = "deadline";
+    /// The request's timeout expired while it waited.
+    pub const TIMEOUT_EXPIRED: &str = "timeout_expired";
+}
+
 /// Values of the `error_type` / `outcome` labels.
 pub mod error_type {
     pub const INVALID: &str = "invalid_request";
     pub const NOT_FOUND: &str = "not_found";
     pub const QUEUE_FULL: &str = "queue_full";
+    /// Refused at admission: the deadline could not be met.
+    pub const DEADLINE: &str = "deadline";
+    /// The request's timeout expired in the queue.
+    pub const TIMEOUT: &str = "timeout";
     pub const UNAVAILABLE: &str = "unavailable";
     pub const ENGINE: &str = "engine";
     pub const CANCELLED: &str = "cancelled";
@@ -88,6 +112,10 @@ static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 /// the same handle, so tests that start several servers share it) and
 /// describes every metric.
 pub fn install_recorder() -> Result<PrometheusHandle, TelemetryError> {
+    // Serialises installs: without it, a second caller racing the first
+    // could find the recorder set but the handle not yet stored.
+    static INSTALL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _installing = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(handle) = HANDLE.get() {
         return Ok(handle.clone());
     }
@@ -144,6 +172,17 @@ fn describe() {
         DROPPED_TOTAL,
         "Requests dropped before the engine because the client disconnected"
     );
+    describe_counter!(
+        REJECTIONS_TOTAL,
+        "Requests refused (queue full, deadline) or expired in the queue, by priority and reason"
+    );
+    describe_gauge!(
+        ADAPTIVE_BATCH_SIZE,
+        Unit::Count,
+        "Live max batch size set by the adaptive controller"
+    );
+    describe_gauge!(CPU_UTILISATION, "Machine CPU utilisation, percent");
+    describe_gauge!(MEMORY_UTILISATION, "Machine memory utilisation, percent");
     describe_gauge!(READY, "1 when every model is loaded and warmed up");
 }
 

@@ -171,8 +171,9 @@ pub struct RateArgs {
     /// an error.
     #[arg(long, default_value_t = 1024)]
     pub max_in_flight: usize,
-    /// A send later than its schedule by more than this counts as late.
-    #[arg(long, default_value = "1ms", value_parser = parse_duration)]
+    /// A send later than its schedule by more than this counts as late
+    /// (tokio's timer has 1 ms granularity, so keep this above 1 ms).
+    #[arg(long, default_value = "5ms", value_parser = parse_duration)]
     pub late_threshold: Duration,
 }
 
@@ -542,7 +543,7 @@ async fn run_stress(
                     rate: level,
                     arrival: s.arrival,
                     max_in_flight: s.max_in_flight,
-                    late_threshold: Duration::from_millis(1),
+                    late_threshold: Duration::from_millis(5),
                     seed: c.seed,
                 };
                 run_rate(&t, w.clone(), open, s.step_duration, u64::MAX, &step_common).await
@@ -645,7 +646,7 @@ async fn run_compare(
                         rate: a.rate,
                         arrival: Arrival::Constant,
                         max_in_flight: 1024,
-                        late_threshold: Duration::from_millis(1),
+                        late_threshold: Duration::from_millis(5),
                         seed: c.seed,
                     };
                     run_rate(t, w.clone(), open, a.duration, u64::MAX, c).await

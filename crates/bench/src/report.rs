@@ -478,7 +478,10 @@ fn line_chart(
 ) -> String {
     let all: Vec<(f64, f64)> = series.iter().flat_map(|(_, p)| p.iter().copied()).collect();
     if all.is_empty() {
-        return String::new();
+        return format!(
+            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{W}\" height=\"60\" role=\"img\"><title>{t}</title><text x=\"10\" y=\"35\" font-size=\"14\">{t}: no successful requests, nothing to plot</text></svg>",
+            t = esc(title)
+        );
     }
     let (mut x0, mut x1) = bounds(all.iter().map(|p| p.0));
     let (_, mut y1) = bounds(all.iter().map(|p| p.1));

@@ -178,6 +178,10 @@ async fn infer(
             .increment(1);
         histogram!(telemetry::REQUEST_LATENCY, "model" => model.to_owned(), "batch_size_range" => telemetry::batch_size_range(rows))
             .record(started.elapsed().as_secs_f64());
+        // No priority class on requests yet: the default class (None).
+        state
+            .sla
+            .record(model, None, started.elapsed(), result.is_ok());
     }
     match result {
         Ok(response) => encode_response(&response),

@@ -69,7 +69,11 @@ pub enum Mode {
 #[derive(Debug, Clone, Args)]
 pub struct Common {
     /// Base URL of the server's HTTP endpoint.
-    #[arg(long, env = "TICKSERVE_BENCH_URL", default_value = "http://127.0.0.1:8000")]
+    #[arg(
+        long,
+        env = "TICKSERVE_BENCH_URL",
+        default_value = "http://127.0.0.1:8000"
+    )]
     pub url: String,
     /// Model name.
     #[arg(long, short = 'm', default_value = "cnn_lstm")]
@@ -360,21 +364,23 @@ pub async fn run(args: BenchArgs) -> Result<Finished, BenchError> {
                 duration: None,
                 count: Some(requests),
             };
-            let m = closed_loop(
-                &t,
-                w,
-                1,
-                limits,
-                common.warmup,
-                &Progress::new(show, "latency", limits),
-            )
-            .await;
+            let progress = Progress::new(show, "latency", limits);
+            let m = closed_loop(&t, w, 1, limits, common.warmup, &progress).await;
+            progress.finish();
             judge(m, &sla)
         }
         Mode::Load { load, .. } => {
             let t = target(&common, &common.url, load.concurrency)?;
             let w = workload(&common, params)?;
-            let m = run_load(&t, w, load.concurrency, load.duration, load.max_requests, &common).await;
+            let m = run_load(
+                &t,
+                w,
+                load.concurrency,
+                load.duration,
+                load.max_requests,
+                &common,
+            )
+            .await;
             judge(m, &sla)
         }
         Mode::Rate { rate, .. } => {
@@ -412,11 +418,7 @@ pub async fn run(args: BenchArgs) -> Result<Finished, BenchError> {
         }
         Mode::Compare { compare: c, .. } => {
             let report = run_compare(&common, &c, params).await?;
-            let last = report
-                .candidate_runs
-                .last()
-                .cloned()
-                .unwrap_or_default();
+            let last = report.candidate_runs.last().cloned().unwrap_or_default();
             let compliance = evaluate(&last, &sla);
             compare = Some(report);
             (last, compliance)
@@ -536,7 +538,15 @@ async fn run_stress(
         first = false;
         let m = match s.by {
             StressBy::Concurrency => {
-                run_load(&t, w.clone(), level as usize, s.step_duration, u64::MAX, &step_common).await
+                run_load(
+                    &t,
+                    w.clone(),
+                    level as usize,
+                    s.step_duration,
+                    u64::MAX,
+                    &step_common,
+                )
+                .await
             }
             StressBy::Rate => {
                 let open = OpenLoop {
@@ -558,7 +568,11 @@ async fn run_stress(
                 "step {by} {level}: {:.1} req/s, p99 {p99:.1} ms, errors {:.2}%, SLA {}",
                 stats.overall.throughput_rps,
                 err * 100.0,
-                if compliance.compliant { "met" } else { "missed" }
+                if compliance.compliant {
+                    "met"
+                } else {
+                    "missed"
+                }
             );
         }
         steps.push(StressStep {
@@ -582,9 +596,9 @@ async fn run_stress(
     }
     let last_compliant_level = steps
         .iter()
-        .filter(|st| st.compliance.compliant)
-        .map(|st| st.level)
-        .last();
+        .rev()
+        .find(|st| st.compliance.compliant)
+        .map(|st| st.level);
     Ok(StressReport {
         by: by.to_owned(),
         steps,
@@ -604,7 +618,10 @@ async fn run_compare(
         if p.is_empty() {
             url.to_owned()
         } else {
-            format!("{url} with parameters {}", serde_json::Value::Object(p.clone()))
+            format!(
+                "{url} with parameters {}",
+                serde_json::Value::Object(p.clone())
+            )
         }
     };
     let sides = [

@@ -200,32 +200,36 @@ impl Report {
         );
         body.push_str("<h2>Latency per class</h2>");
         body.push_str(&stats_table(&self.result));
-        let series: Vec<(String, Vec<(f64, f64)>)> = std::iter::once((
-            "all".to_owned(),
-            self.result.overall.cdf.clone(),
-        ))
-        .chain(
-            self.result
-                .classes
-                .iter()
-                .filter(|_| self.result.classes.len() > 1)
-                .map(|(k, v)| (k.clone(), v.cdf.clone())),
-        )
-        .map(|(k, pts)| {
-            // x: percentile on the "nines" scale, log10(1/(1-p)).
-            let pts = pts
-                .into_iter()
-                .map(|(p, ms)| (nines(p), ms))
-                .collect::<Vec<_>>();
-            (k, pts)
-        })
-        .collect();
+        let series: Vec<(String, Vec<(f64, f64)>)> =
+            std::iter::once(("all".to_owned(), self.result.overall.cdf.clone()))
+                .chain(
+                    self.result
+                        .classes
+                        .iter()
+                        .filter(|_| self.result.classes.len() > 1)
+                        .map(|(k, v)| (k.clone(), v.cdf.clone())),
+                )
+                .map(|(k, pts)| {
+                    // x: percentile on the "nines" scale, log10(1/(1-p)).
+                    let pts = pts
+                        .into_iter()
+                        .map(|(p, ms)| (nines(p), ms))
+                        .collect::<Vec<_>>();
+                    (k, pts)
+                })
+                .collect();
         body.push_str(&line_chart(
             "Latency by percentile (CDF)",
             "percentile (0, 90, 99, 99.9, … : log scale of nines)",
             "latency ms",
             &series,
-            Some(&[(0.0, "0"), (1.0, "90"), (2.0, "99"), (3.0, "99.9"), (4.0, "99.99")]),
+            Some(&[
+                (0.0, "0"),
+                (1.0, "90"),
+                (2.0, "99"),
+                (3.0, "99.9"),
+                (4.0, "99.99"),
+            ]),
         ));
         if let Some(s) = &self.stress {
             let rps: Vec<(f64, f64)> = s
@@ -318,7 +322,7 @@ impl Report {
     }
 }
 
-const CSS: &str = "body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#eee}tr.fail td{background:#fdd}.health.healthy{color:#070}.health.warning{color:#a60}.health.critical{color:#c00}svg{background:#fafafa;border:1px solid #ddd;margin:.5em 0}";
+const CSS: &str = "body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#eee}tr.fail td{background:#fdd}.health.healthy{color:#070}.health.warning{color:#a60}.health.critical{color:#c00}svg{background:#fafafa;border:1px solid #ddd;margin:.5em 0}pre{white-space:pre-wrap;word-break:break-all}";
 
 fn mean(v: &[f64]) -> f64 {
     if v.is_empty() {
@@ -378,7 +382,10 @@ fn section(o: &mut String, title: &str, r: &RunStats) {
             l.std
         );
     }
-    let _ = writeln!(o, "  (latencies in ms; goodput = req/s within the SLA's max latency)");
+    let _ = writeln!(
+        o,
+        "  (latencies in ms; goodput = req/s within the SLA's max latency)"
+    );
     if let Some(a) = &r.overall.actual_latency_ms {
         let _ = writeln!(
             o,
@@ -689,7 +696,12 @@ mod tests {
         let mut r = Recorder::new(false);
         for i in 1..=50u64 {
             r.record(&Sample {
-                class: if i % 2 == 0 { "priority 1" } else { "priority 5" }.into(),
+                class: if i % 2 == 0 {
+                    "priority 1"
+                } else {
+                    "priority 5"
+                }
+                .into(),
                 outcome: if i == 7 {
                     Outcome::Status(503)
                 } else {

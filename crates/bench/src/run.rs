@@ -464,7 +464,11 @@ mod tests {
         // waits for it: sent at 1500 + 10 (i - 6), done 10 ms later, so
         // 1450 - 90 i ms after its intended time. Sorted: 10 ×9, 100, 190,
         // 280, 370, 460, 550, 640, 730, 820, 910, 1000.
-        assert!(approx(corrected.median, 100.0), "median {}", corrected.median);
+        assert!(
+            approx(corrected.median, 100.0),
+            "median {}",
+            corrected.median
+        );
         assert!(approx(corrected.p90, 820.0), "p90 {}", corrected.p90);
         assert!(approx(corrected.p95, 910.0), "p95 {}", corrected.p95);
         assert!(approx(corrected.max, 1000.0), "max {}", corrected.max);

@@ -344,7 +344,10 @@ mod tests {
     #[test]
     fn boundaries_pass_and_one_failure_of_six_is_a_warning() {
         // Exactly at the thresholds passes; max 201 fails: 5/6 = 83 %.
-        let c = evaluate(&stats(50.0, 80.0, 100.0, 201.0, 50.0, 0.01), &Sla::default());
+        let c = evaluate(
+            &stats(50.0, 80.0, 100.0, 201.0, 50.0, 0.01),
+            &Sla::default(),
+        );
         assert!(!c.compliant);
         assert_eq!((c.passed, c.total), (5, 6));
         assert_eq!(c.health, Health::Warning);
@@ -356,7 +359,10 @@ mod tests {
     #[test]
     fn two_failures_of_six_is_critical() {
         // 4/6 = 66.7 % < 70 %.
-        let c = evaluate(&stats(10.0, 20.0, 300.0, 400.0, 100.0, 0.0), &Sla::default());
+        let c = evaluate(
+            &stats(10.0, 20.0, 300.0, 400.0, 100.0, 0.0),
+            &Sla::default(),
+        );
         assert_eq!((c.passed, c.total), (4, 6));
         assert_eq!(c.health, Health::Critical);
     }
@@ -373,7 +379,8 @@ mod tests {
 
     #[test]
     fn class_overrides_add_checks_on_that_class() {
-        let sla = Sla::parse("[classes.\"priority 1\"]\np99_ms = 5\nmax_error_rate = 0.0\n").unwrap();
+        let sla =
+            Sla::parse("[classes.\"priority 1\"]\np99_ms = 5\nmax_error_rate = 0.0\n").unwrap();
         let mut s = stats(10.0, 20.0, 30.0, 40.0, 100.0, 0.0);
         let mut p1 = s.overall.clone();
         p1.latency_ms.p99 = 7.0;

@@ -155,9 +155,7 @@ impl Workload {
                 values.chunks(per_request).map(<[f32]>::to_vec).collect()
             }
         };
-        let slots: Vec<Option<u8>> = std::iter::once(None)
-            .chain((1..=5).map(Some))
-            .collect();
+        let slots: Vec<Option<u8>> = std::iter::once(None).chain((1..=5).map(Some)).collect();
         let mut hot = Vec::new();
         let mut fresh = Vec::new();
         for priority in slots {
@@ -189,7 +187,8 @@ impl Workload {
 
     /// The `seq`-th request of the stream.
     pub fn request(&self, seq: u64) -> Request {
-        let mut rng = StdRng::seed_from_u64(self.rng_seed ^ seq.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let mut rng =
+            StdRng::seed_from_u64(self.rng_seed ^ seq.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let priority = self
             .spec
             .priorities
@@ -342,7 +341,8 @@ mod tests {
         let mut s = spec();
         s.repeat_fraction = 1.0;
         s.priorities = Some("2:1".parse().unwrap());
-        s.parameters.insert("cache".into(), serde_json::Value::Bool(false));
+        s.parameters
+            .insert("cache".into(), serde_json::Value::Bool(false));
         let w = Workload::new(s).unwrap();
         let distinct: std::collections::HashSet<String> =
             (0..200).map(|i| body(&w, i).to_string()).collect();

@@ -14,8 +14,8 @@ fn root() -> &'static Path {
 
 #[test]
 fn grafana_dashboard_has_the_seed_panels_and_sla_thresholds() {
-    let text =
-        std::fs::read_to_string(root().join("deploy/grafana/tickserve-sla-dashboard.json")).unwrap();
+    let text = std::fs::read_to_string(root().join("deploy/grafana/tickserve-sla-dashboard.json"))
+        .unwrap();
     let d: serde_json::Value = serde_json::from_str(&text).unwrap();
     assert_eq!(d["title"], "Batch Processing Performance SLA Dashboard");
     assert_eq!(d["refresh"], "30s");

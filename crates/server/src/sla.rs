@@ -462,7 +462,10 @@ mod tests {
         let v = m.view(t0 + Duration::from_secs(10));
         assert_eq!(v.classes.len(), 1);
         let c = &v.classes[0];
-        assert_eq!((c.class.as_str(), c.stats.requests, c.stats.errors), ("default", 101, 1));
+        assert_eq!(
+            (c.class.as_str(), c.stats.requests, c.stats.errors),
+            ("default", 101, 1)
+        );
         assert_eq!(c.stats.p50_ms, 50.0);
         assert_eq!(c.stats.p95_ms, 95.0);
         assert_eq!(c.stats.p99_ms, 99.0);

@@ -130,7 +130,10 @@ async fn sla_view_and_dashboard_show_live_numbers() {
         let shot = Command::new(&chromium)
             .args(common_flags("shot"))
             .arg("--window-size=1280,1000")
-            .arg(format!("--screenshot={}", dir2.join("dashboard.png").display()))
+            .arg(format!(
+                "--screenshot={}",
+                dir2.join("dashboard.png").display()
+            ))
             .arg(&url)
             .output()
             .unwrap();
@@ -163,7 +166,10 @@ async fn sla_view_and_dashboard_show_live_numbers() {
     assert!(panel("errors").contains('%'));
     assert!(["healthy", "warning", "critical"].contains(&panel("health").as_str()));
     assert_eq!(panel("cache"), "n/a");
-    assert!(dom.contains("<td>cnn_lstm</td><td>default</td><td>21</td>"), "{dom}");
+    assert!(
+        dom.contains("<td>cnn_lstm</td><td>default</td><td>21</td>"),
+        "{dom}"
+    );
     assert!(dom.contains("Too many errors"), "{dom}");
     let png = std::fs::metadata(dir.join("dashboard.png")).unwrap();
     assert!(png.len() > 10_000, "screenshot of {} bytes", png.len());

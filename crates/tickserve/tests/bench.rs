@@ -160,15 +160,14 @@ fn every_mode_runs_against_a_real_server_and_reports_plausible_numbers() {
     assert_eq!(r.result.classes.keys().collect::<Vec<_>>(), vec!["default"]);
 
     // load: 4 clients for 2 s.
-    let (code, r) = bench(
-        &server,
-        LOOSE_SLA,
-        "load",
-        &["load", "-c", "4", "-d", "2s"],
-    );
+    let (code, r) = bench(&server, LOOSE_SLA, "load", &["load", "-c", "4", "-d", "2s"]);
     assert_eq!(code, 0);
     assert_healthy_run(&r);
-    assert!((1.9..4.0).contains(&r.result.duration_s), "{}", r.result.duration_s);
+    assert!(
+        (1.9..4.0).contains(&r.result.duration_s),
+        "{}",
+        r.result.duration_s
+    );
 
     // rate: 40/s for 2 s, constant arrivals: exactly 80 scheduled sends,
     // split between two priority classes; both latency views reported.
@@ -225,7 +224,11 @@ fn every_mode_runs_against_a_real_server_and_reports_plausible_numbers() {
         s.steps.iter().map(|st| st.level).collect::<Vec<_>>(),
         vec![1.0, 2.0, 3.0]
     );
-    assert!(s.stopped_because.contains("reached"), "{}", s.stopped_because);
+    assert!(
+        s.stopped_because.contains("reached"),
+        "{}",
+        s.stopped_because
+    );
     assert_eq!(s.last_compliant_level, Some(3.0));
     for st in &s.steps {
         assert_eq!(st.stats.overall.errors, 0);

@@ -22,7 +22,8 @@ pub struct BenchArgs {
     pub mode: Mode,
 }
 
-#[derive(Debug, Subcommand)]
+#[derive(Debug, Subcommand, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// N sequential requests from one client.
     Latency {
@@ -66,7 +67,7 @@ pub enum Mode {
 }
 
 /// Options every mode takes.
-#[derive(Debug, Clone, Args)]
+#[derive(Debug, Clone, Args, serde::Serialize)]
 pub struct Common {
     /// Base URL of the server's HTTP endpoint.
     #[arg(
@@ -117,6 +118,7 @@ pub struct Common {
     pub warmup: u64,
     /// Per-request timeout (counted as an error "timeout").
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    #[serde(with = "humantime_serde")]
     pub timeout: Duration,
     /// SLA file (TOML); the seed's defaults when not given.
     #[arg(long, value_name = "FILE")]
@@ -135,7 +137,8 @@ pub struct Common {
     pub quiet: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Format {
     Text,
     Json,
@@ -143,13 +146,14 @@ pub enum Format {
 }
 
 /// Closed-loop load options.
-#[derive(Debug, Clone, Args)]
+#[derive(Debug, Clone, Args, serde::Serialize)]
 pub struct LoadArgs {
     /// Concurrent clients.
     #[arg(long, short = 'c', default_value_t = 100)]
     pub concurrency: usize,
     /// Run time.
     #[arg(long, short = 'd', default_value = "60s", value_parser = parse_duration)]
+    #[serde(with = "humantime_serde")]
     pub duration: Duration,
     /// Stop after this many requests even before the duration.
     #[arg(long, default_value_t = 10_000_000)]
@@ -157,7 +161,7 @@ pub struct LoadArgs {
 }
 
 /// Open-loop options.
-#[derive(Debug, Clone, Args)]
+#[derive(Debug, Clone, Args, serde::Serialize)]
 pub struct RateArgs {
     /// Requests per second.
     #[arg(long, short = 'r', default_value_t = 100.0)]
@@ -167,6 +171,7 @@ pub struct RateArgs {
     pub arrival: Arrival,
     /// Run time.
     #[arg(long, short = 'd', default_value = "30s", value_parser = parse_duration)]
+    #[serde(with = "humantime_serde")]
     pub duration: Duration,
     /// Stop after this many requests even before the duration.
     #[arg(long, default_value_t = 10_000_000)]
@@ -178,17 +183,19 @@ pub struct RateArgs {
     /// A send later than its schedule by more than this counts as late
     /// (tokio's timer has 1 ms granularity, so keep this above 1 ms).
     #[arg(long, default_value = "5ms", value_parser = parse_duration)]
+    #[serde(with = "humantime_serde")]
     pub late_threshold: Duration,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum StressBy {
     Concurrency,
     Rate,
 }
 
 /// Stress options.
-#[derive(Debug, Clone, Args)]
+#[derive(Debug, Clone, Args, serde::Serialize)]
 pub struct StressArgs {
     /// Step the client concurrency (closed loop) or the rate (open loop).
     #[arg(long, value_enum, default_value_t = StressBy::Concurrency)]
@@ -204,12 +211,14 @@ pub struct StressArgs {
     pub max: f64,
     /// Time per step.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    #[serde(with = "humantime_serde")]
     pub step_duration: Duration,
     /// Stop when a step's error rate passes this fraction.
     #[arg(long, default_value_t = 0.10)]
     pub stop_error_rate: f64,
     /// Stop when a step's p99 passes this.
     #[arg(long, default_value = "200ms", value_parser = parse_duration)]
+    #[serde(with = "humantime_serde")]
     pub stop_p99: Duration,
     /// Arrival process when stepping the rate.
     #[arg(long, value_enum, default_value_t = Arrival::Constant)]
@@ -219,7 +228,8 @@ pub struct StressArgs {
     pub max_in_flight: usize,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum CompareWorkload {
     Latency,
     Load,
@@ -229,7 +239,7 @@ pub enum CompareWorkload {
 /// Compare options. The baseline is `--url` with `--param`s; the
 /// candidate is `--candidate-url` (default: the same URL) with
 /// `--candidate-param`s.
-#[derive(Debug, Clone, Args)]
+#[derive(Debug, Clone, Args, serde::Serialize)]
 pub struct CompareArgs {
     /// Candidate server's base URL (default: `--url`).
     #[arg(long)]
@@ -252,6 +262,7 @@ pub struct CompareArgs {
     pub rate: f64,
     /// Time per run.
     #[arg(long, short = 'd', default_value = "10s", value_parser = parse_duration)]
+    #[serde(with = "humantime_serde")]
     pub duration: Duration,
     /// Requests per run of the latency workload.
     #[arg(long, short = 'n', default_value_t = 200)]
@@ -331,9 +342,7 @@ fn load_sla(c: &Common) -> Result<Sla, BenchError> {
 }
 
 fn settings_json(mode: &Mode) -> serde_json::Value {
-    // The Debug form of the options is complete and stable enough for a
-    // record of what ran; structured fields would duplicate clap's.
-    serde_json::Value::String(format!("{mode:?}"))
+    serde_json::to_value(mode).unwrap_or(serde_json::Value::Null)
 }
 
 /// Runs one bench mode to completion. Must be called inside a tokio

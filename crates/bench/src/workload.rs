@@ -51,6 +51,17 @@ impl std::str::FromStr for PriorityMix {
     }
 }
 
+impl serde::Serialize for PriorityMix {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let text: Vec<String> = self
+            .weights
+            .iter()
+            .map(|(p, w)| format!("{p}:{w}"))
+            .collect();
+        s.serialize_str(&text.join(","))
+    }
+}
+
 impl PriorityMix {
     /// The priority for a uniform draw `u` in [0, 1).
     pub fn pick(&self, u: f64) -> u8 {
@@ -351,6 +362,31 @@ mod tests {
         assert_eq!(b["parameters"]["priority"], 2);
         assert_eq!(b["parameters"]["cache"], false);
         assert_eq!(w.request(3).priority, Some(2));
+    }
+
+    #[test]
+    fn rows_come_from_a_npy_file() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../fixtures/golden/cnn_lstm/input.npy");
+        let bytes = std::fs::read(&path).unwrap();
+        let first: Vec<f32> = npyz::NpyFile::new(&bytes[..])
+            .unwrap()
+            .into_vec::<f32>()
+            .unwrap()[..3000]
+            .to_vec();
+        let mut s = spec();
+        s.shape = vec![1, 50, 60];
+        s.source = InputSource::File(path);
+        s.repeat_fraction = 1.0;
+        s.hot_set = 1;
+        let w = Workload::new(s).unwrap();
+        let data: Vec<f32> = body(&w, 0)["inputs"][0]["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect();
+        assert_eq!(data, first);
     }
 
     #[test]

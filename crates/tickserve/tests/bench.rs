@@ -168,6 +168,9 @@ fn every_mode_runs_against_a_real_server_and_reports_plausible_numbers() {
         "{}",
         r.result.duration_s
     );
+    // The options are recorded as structured JSON.
+    assert_eq!(r.settings["load"]["load"]["concurrency"], 4);
+    assert_eq!(r.settings["load"]["load"]["duration"], "2s");
 
     // rate: 40/s for 2 s, constant arrivals: exactly 80 scheduled sends,
     // split between two priority classes; both latency views reported.

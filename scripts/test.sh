@@ -1,17 +1,34 @@
 #!/usr/bin/env bash
 # Runs every test of the project: unit tests, the engine's golden tests
-# against PyTorch fixtures, the ONNX Runtime equivalence tests, and the
-# integration tests that start the real server on loopback ports.
+# against PyTorch fixtures, the ONNX Runtime equivalence tests, the
+# integration tests that start the real server on loopback ports, the
+# dashboard test in headless Chromium, and the checks of the deployment
+# files (Kubernetes manifests, Prometheus alert rules).
 #
 #   scripts/test.sh                          # everything
 #   scripts/test.sh -p tickserve-scheduler   # extra args go to cargo test
 #
-# It installs what the tests need when it is missing: ONNX Runtime's
-# library from PyPI into target/venv-onnxruntime (python3 with venv;
-# as root it installs Debian's python3-venv if needed), and
-# kubernetes-validate + yamllint into target/venv-deploy.
+# Needs the Rust toolchain and python3. It installs what the tests need
+# when it is missing: Debian's `chromium` and `prometheus` (promtool)
+# when run as root; ONNX Runtime's library from PyPI into
+# target/venv-onnxruntime (as root, Debian's python3-venv if needed);
+# kubernetes-validate and yamllint into target/venv-deploy.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+need=()
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+if [ ${#need[@]} -gt 0 ]; then
+    if [ "$(id -u)" -eq 0 ]; then
+        echo "== installing ${need[*]}"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+    else
+        echo "missing ${need[*]}: install them (apt-get install ${need[*]}) or run as root" >&2
+        exit 1
+    fi
+fi
 
 echo "== ONNX Runtime for the engine equivalence tests"
 eval "$(scripts/onnxruntime-env.sh)"
@@ -22,6 +39,9 @@ echo "ORT_DYLIB_PATH=$ORT_DYLIB_PATH"
 
 echo "== deployment manifests"
 scripts/validate-deploy.sh
+
+echo "== promtool check rules"
+promtool check rules deploy/prometheus/*.yml
 
 echo "== cargo test"
 cargo test --workspace --locked "$@"

@@ -158,6 +158,7 @@ async fn infer(
     let started = Instant::now();
     let mut rows = 0usize;
     let mut priority = "none";
+    let mut class = None;
     let mut known_model = false;
     let result = async {
         let registry = state.registry()?;
@@ -187,11 +188,12 @@ async fn infer(
             })
             .transpose()?;
         let request = decode_request(&body, header)?;
-        priority = request
+        let chosen = request
             .options
             .priority
-            .unwrap_or_else(|| version.default_priority())
-            .label();
+            .unwrap_or_else(|| version.default_priority());
+        priority = chosen.label();
+        class = Some(chosen.level());
         rows = request
             .inputs
             .first()
@@ -219,6 +221,9 @@ async fn infer(
             .increment(1);
         histogram!(telemetry::REQUEST_LATENCY, "model" => model.to_owned(), "batch_size_range" => telemetry::batch_size_range(rows), "priority" => priority)
             .record(started.elapsed().as_secs_f64());
+        state
+            .sla
+            .record(model, class, started.elapsed(), result.is_ok());
     }
     match result {
         Ok(response) => encode_response(&response),

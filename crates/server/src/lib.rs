@@ -15,6 +15,7 @@ pub mod error;
 mod http;
 pub mod models;
 pub mod scheduling;
+pub mod sla;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -71,6 +72,9 @@ pub(crate) struct AppState {
     registry: Arc<OnceLock<ModelRegistry>>,
     draining: Arc<AtomicBool>,
     max_body_bytes: usize,
+    /// Rolling-window SLA view (`GET /v2/sla`, `GET /dashboard`).
+    sla: Arc<sla::SlaMonitor>,
+    metrics: PrometheusHandle,
 }
 
 impl AppState {
@@ -145,6 +149,8 @@ impl BoundServer {
             registry: Arc::new(OnceLock::new()),
             draining: Arc::new(AtomicBool::new(false)),
             max_body_bytes: config.max_body_bytes,
+            sla: Arc::new(sla::SlaMonitor::new()),
+            metrics: metrics.clone(),
         };
         metrics::gauge!(telemetry::READY).set(0.0);
 
@@ -154,7 +160,7 @@ impl BoundServer {
             let _ = rx.wait_for(|&stop| stop).await;
         };
 
-        let http_app = http::router(state.clone());
+        let http_app = http::router(state.clone()).merge(sla::router(state.clone()));
         let http_server = tokio::spawn(
             axum::serve(http_listener, http_app)
                 .with_graceful_shutdown(stopped(stop_rx.clone()))

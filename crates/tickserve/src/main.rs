@@ -1,7 +1,7 @@
 //! The `tickserve` binary: one executable, one subcommand per job.
 //!
-//! `serve` runs the server; the benchmark (`bench`) and model tools
-//! (`model`) arrive as further subcommands. Settings come, in order of
+//! `serve` runs the server; `bench` measures a server against an SLA
+//! (crates/bench); model tools (`model`) arrive as further subcommands. Settings come, in order of
 //! precedence, from flags, `TICKSERVE_*` environment variables, the TOML
 //! file given with `--config`, and the built-in defaults.
 
@@ -19,18 +19,35 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once per process: the size of the bench options does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve the models of a model repository over the Open Inference
     /// Protocol (HTTP), with Prometheus metrics.
     Serve(ServeArgs),
+    /// Measure an Open Inference Protocol server (tickserve, Triton,
+    /// KServe) and judge it against an SLA: latency, load, rate, stress,
+    /// compare. Exit code 0 when the SLA is met, 3 when not.
+    Bench(tickserve_bench::cli::BenchArgs),
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<std::process::ExitCode> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(args).map(|()| std::process::ExitCode::SUCCESS),
+        Command::Bench(args) => bench(args),
     }
+}
+
+fn bench(args: tickserve_bench::cli::BenchArgs) -> anyhow::Result<std::process::ExitCode> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("tickserve-bench")
+        .build()
+        .context("cannot start the async runtime")?;
+    let finished = runtime.block_on(tickserve_bench::cli::run(args))?;
+    Ok(std::process::ExitCode::from(finished.exit_code))
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {

@@ -1,0 +1,448 @@
+//! Measurements of one run: HDR latency histograms per priority class,
+//! outcome counters, and their summary in SLA terms.
+//!
+//! Every finished request lands in a [`Recorder`] as one [`Sample`]. A
+//! run's request tasks share one recorder behind a mutex (held for a few
+//! hundred nanoseconds, never across an await). At the end,
+//! [`Recorder::summarise`] turns the histograms into a [`RunStats`]: the
+//! numbers the reports print and the SLA checks read. Latencies are kept in
+//! microseconds with 3 significant digits (0.1 % error), from 1 µs to 1 h.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+
+use crate::sla::Sla;
+
+/// The name of the class that requests without a priority fall into.
+pub const DEFAULT_CLASS: &str = "default";
+
+/// The class label of a request sent with `priority` (or none).
+pub fn class_label(priority: Option<u8>) -> String {
+    match priority {
+        Some(p) => format!("priority {p}"),
+        None => DEFAULT_CLASS.to_owned(),
+    }
+}
+
+/// How one request ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// A 2xx response, read to the end.
+    Ok,
+    /// A response with a non-2xx status.
+    Status(u16),
+    /// No response in time (`--timeout`).
+    Timeout,
+    /// Not sent: the open-loop in-flight cap was reached.
+    Dropped,
+    /// The connection failed or broke (reason given).
+    Transport(String),
+}
+
+impl Outcome {
+    /// The key of this outcome in `errors_by_reason`.
+    pub fn reason(&self) -> String {
+        match self {
+            Outcome::Ok => "ok".to_owned(),
+            Outcome::Status(code) => format!("http {code}"),
+            Outcome::Timeout => "timeout".to_owned(),
+            Outcome::Dropped => "in-flight cap exceeded (not sent)".to_owned(),
+            Outcome::Transport(reason) => format!("transport: {reason}"),
+        }
+    }
+}
+
+/// One finished (or dropped) request.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    pub class: String,
+    pub outcome: Outcome,
+    /// Response time measured from the moment the request should have been
+    /// sent (open loop: its scheduled time; closed loop: the send time).
+    pub latency: Duration,
+    /// Open loop only: response time from the actual send time.
+    pub actual_latency: Option<Duration>,
+    /// Open loop only: the send left later than scheduled by more than the
+    /// late threshold.
+    pub late: bool,
+}
+
+#[derive(Debug)]
+struct ClassRecorder {
+    latency: Histogram<u64>,
+    actual: Histogram<u64>,
+    requests: u64,
+    ok: u64,
+    late: u64,
+    errors: BTreeMap<String, u64>,
+}
+
+impl ClassRecorder {
+    fn new() -> Self {
+        Self {
+            latency: new_histogram(),
+            actual: new_histogram(),
+            requests: 0,
+            ok: 0,
+            late: 0,
+            errors: BTreeMap::new(),
+        }
+    }
+
+    fn record(&mut self, sample: &Sample) {
+        self.requests += 1;
+        if sample.late {
+            self.late += 1;
+        }
+        if sample.outcome == Outcome::Ok {
+            self.ok += 1;
+            self.latency.saturating_record(micros(sample.latency));
+            if let Some(actual) = sample.actual_latency {
+                self.actual.saturating_record(micros(actual));
+            }
+        } else {
+            *self.errors.entry(sample.outcome.reason()).or_default() += 1;
+        }
+    }
+
+    fn merge(&mut self, other: &ClassRecorder) {
+        // Both histograms share the same bounds, so `add` cannot fail.
+        let _ = self.latency.add(&other.latency);
+        let _ = self.actual.add(&other.actual);
+        self.requests += other.requests;
+        self.ok += other.ok;
+        self.late += other.late;
+        for (reason, n) in &other.errors {
+            *self.errors.entry(reason.clone()).or_default() += n;
+        }
+    }
+}
+
+fn new_histogram() -> Histogram<u64> {
+    // 1 µs .. 1 h at 3 significant digits: fixed, valid bounds.
+    match Histogram::new_with_bounds(1, 3_600_000_000, 3) {
+        Ok(h) => h,
+        Err(_) => unreachable!("constant histogram bounds are valid"),
+    }
+}
+
+fn micros(d: Duration) -> u64 {
+    (d.as_micros() as u64).max(1)
+}
+
+/// Collects the samples of one run (or one stress step).
+#[derive(Debug)]
+pub struct Recorder {
+    classes: BTreeMap<String, ClassRecorder>,
+    open_loop: bool,
+}
+
+impl Recorder {
+    /// `open_loop`: the run schedules its sends, so `actual_latency` and
+    /// late sends are reported.
+    pub fn new(open_loop: bool) -> Self {
+        Self {
+            classes: BTreeMap::new(),
+            open_loop,
+        }
+    }
+
+    pub fn record(&mut self, sample: &Sample) {
+        self.classes
+            .entry(sample.class.clone())
+            .or_insert_with(ClassRecorder::new)
+            .record(sample);
+    }
+
+    /// Requests recorded so far and the p99 of the successful ones (ms),
+    /// for the live progress line.
+    pub fn live(&self) -> (u64, u64, f64) {
+        let mut all = ClassRecorder::new();
+        for c in self.classes.values() {
+            all.merge(c);
+        }
+        let p99 = if all.ok > 0 {
+            all.latency.value_at_quantile(0.99) as f64 / 1000.0
+        } else {
+            0.0
+        };
+        (all.requests, all.requests - all.ok, p99)
+    }
+
+    /// The statistics of the run, over `elapsed` wall time. Goodput counts
+    /// the successful requests at or under the SLA's max latency of their
+    /// class.
+    pub fn summarise(&self, elapsed: Duration, sla: &Sla) -> RunStats {
+        let secs = elapsed.as_secs_f64().max(1e-9);
+        let mut all = ClassRecorder::new();
+        for c in self.classes.values() {
+            all.merge(c);
+        }
+        let mut classes = BTreeMap::new();
+        let mut good_total = 0u64;
+        for (name, c) in &self.classes {
+            let limit = sla.thresholds_for(name).max_ms;
+            let summary = class_stats(c, secs, limit, self.open_loop);
+            good_total += summary.good;
+            classes.insert(name.clone(), summary);
+        }
+        let mut overall = class_stats(&all, secs, sla.thresholds_for("").max_ms, self.open_loop);
+        // The overall goodput honours each class's own limit.
+        overall.good = good_total;
+        overall.goodput_rps = good_total as f64 / secs;
+        RunStats {
+            duration_s: secs,
+            overall,
+            classes,
+        }
+    }
+}
+
+fn class_stats(c: &ClassRecorder, secs: f64, max_ms: f64, open_loop: bool) -> ClassStats {
+    let errors = c.requests - c.ok;
+    let good = if c.ok == 0 {
+        0
+    } else {
+        let limit = (max_ms * 1000.0) as u64;
+        c.latency.count_between(0, limit)
+    };
+    ClassStats {
+        requests: c.requests,
+        ok: c.ok,
+        errors,
+        error_rate: if c.requests == 0 {
+            0.0
+        } else {
+            errors as f64 / c.requests as f64
+        },
+        errors_by_reason: c.errors.clone(),
+        throughput_rps: c.ok as f64 / secs,
+        good,
+        goodput_rps: good as f64 / secs,
+        latency_ms: LatencySummary::of(&c.latency),
+        actual_latency_ms: open_loop.then(|| LatencySummary::of(&c.actual)),
+        late_sends: open_loop.then_some(c.late),
+        cdf: cdf_points(&c.latency),
+    }
+}
+
+/// Latency statistics in milliseconds. All zero when nothing succeeded.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LatencySummary {
+    pub count: u64,
+    pub mean: f64,
+    pub median: f64,
+    pub p90: f64,
+    pub p95: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub min: f64,
+    pub max: f64,
+    pub std: f64,
+}
+
+impl LatencySummary {
+    pub fn of(h: &Histogram<u64>) -> Self {
+        if h.is_empty() {
+            return Self::default();
+        }
+        let ms = |us: u64| us as f64 / 1000.0;
+        // HDR quantiles are the highest value of their bucket: within
+        // 0.1 % of the exact value, and never below it.
+        let q = |quantile: f64| ms(h.value_at_quantile(quantile));
+        Self {
+            count: h.len(),
+            mean: h.mean() / 1000.0,
+            median: q(0.5),
+            p90: q(0.90),
+            p95: q(0.95),
+            p99: q(0.99),
+            p999: q(0.999),
+            min: ms(h.min()),
+            max: ms(h.max()),
+            std: h.stdev() / 1000.0,
+        }
+    }
+}
+
+/// Statistics of one class (or of all requests).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ClassStats {
+    pub requests: u64,
+    pub ok: u64,
+    pub errors: u64,
+    pub error_rate: f64,
+    pub errors_by_reason: BTreeMap<String, u64>,
+    /// Successful requests per second.
+    pub throughput_rps: f64,
+    /// Successful requests within the class's max-latency SLA.
+    pub good: u64,
+    pub goodput_rps: f64,
+    /// From the intended send time (coordinated-omission corrected in
+    /// open-loop runs; the actual send time in closed-loop runs).
+    pub latency_ms: LatencySummary,
+    /// Open loop only: from the actual send time.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub actual_latency_ms: Option<LatencySummary>,
+    /// Open loop only: sends that left later than scheduled.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub late_sends: Option<u64>,
+    /// (percentile, latency ms) points for CDF plots.
+    pub cdf: Vec<(f64, f64)>,
+}
+
+/// Statistics of a whole run.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RunStats {
+    pub duration_s: f64,
+    pub overall: ClassStats,
+    pub classes: BTreeMap<String, ClassStats>,
+}
+
+/// Percentiles at which the CDF plot samples the histogram: dense in the
+/// tail, where SLAs live.
+const CDF_PERCENTILES: [f64; 16] = [
+    0.0, 10.0, 25.0, 50.0, 75.0, 90.0, 95.0, 97.5, 99.0, 99.5, 99.9, 99.95, 99.99, 99.999, 99.9999,
+    100.0,
+];
+
+fn cdf_points(h: &Histogram<u64>) -> Vec<(f64, f64)> {
+    if h.is_empty() {
+        return Vec::new();
+    }
+    CDF_PERCENTILES
+        .iter()
+        .map(|&p| (p, h.value_at_percentile(p) as f64 / 1000.0))
+        .collect()
+}
+
+/// Mean and the half-width of its two-sided 95 % confidence interval
+/// (Student's t) over repeated measurements. A single value has no
+/// interval (half-width infinite).
+pub fn mean_ci95(values: &[f64]) -> (f64, f64) {
+    let n = values.len();
+    if n == 0 {
+        return (0.0, f64::INFINITY);
+    }
+    let mean = values.iter().sum::<f64>() / n as f64;
+    if n == 1 {
+        return (mean, f64::INFINITY);
+    }
+    let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
+    (mean, t95(n - 1) * (var / n as f64).sqrt())
+}
+
+/// Two-sided 95 % quantile of Student's t with `df` degrees of freedom.
+fn t95(df: usize) -> f64 {
+    const TABLE: [f64; 30] = [
+        12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
+        2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
+        2.052, 2.048, 2.045, 2.042,
+    ];
+    match df {
+        0 => f64::INFINITY,
+        1..=30 => TABLE[df - 1],
+        _ => 1.96,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// Equal within the histogram's 3 significant digits.
+    pub(crate) fn approx(got: f64, want: f64) -> bool {
+        (got - want).abs() <= want.abs() * 1e-3 + 1e-9
+    }
+
+    fn ok(class: &str, ms: u64) -> Sample {
+        Sample {
+            class: class.to_owned(),
+            outcome: Outcome::Ok,
+            latency: Duration::from_millis(ms),
+            actual_latency: None,
+            late: false,
+        }
+    }
+
+    #[test]
+    fn percentiles_of_1_to_100_ms_match_the_hand_computed_values() {
+        let mut r = Recorder::new(false);
+        for ms in 1..=100 {
+            r.record(&ok(DEFAULT_CLASS, ms));
+        }
+        let s = r.summarise(Duration::from_secs(10), &Sla::default());
+        let l = &s.overall.latency_ms;
+        assert_eq!(l.count, 100);
+        assert!(approx(l.min, 1.0), "min {}", l.min);
+        assert!(approx(l.max, 100.0), "max {}", l.max);
+        // Nearest-rank percentiles: the p-th of 100 sorted values.
+        assert!(approx(l.median, 50.0), "median {}", l.median);
+        assert!(approx(l.p90, 90.0), "p90 {}", l.p90);
+        assert!(approx(l.p95, 95.0), "p95 {}", l.p95);
+        assert!(approx(l.p99, 99.0), "p99 {}", l.p99);
+        assert!(approx(l.p999, 100.0), "p999 {}", l.p999);
+        assert!((l.mean - 50.5).abs() < 0.05, "{}", l.mean);
+        // Population standard deviation of 1..=100: sqrt((100²-1)/12).
+        assert!((l.std - 28.866).abs() < 0.05, "{}", l.std);
+        assert_eq!(s.overall.throughput_rps, 10.0);
+        // Default SLA max is 200 ms: all 100 are good.
+        assert_eq!(s.overall.good, 100);
+    }
+
+    #[test]
+    fn errors_are_counted_by_reason_and_per_class() {
+        let mut r = Recorder::new(false);
+        r.record(&ok("priority 1", 10));
+        r.record(&ok("priority 1", 300));
+        r.record(&Sample {
+            outcome: Outcome::Status(503),
+            ..ok("priority 5", 0)
+        });
+        r.record(&Sample {
+            outcome: Outcome::Timeout,
+            ..ok("priority 5", 0)
+        });
+        r.record(&ok("priority 5", 20));
+        let s = r.summarise(Duration::from_secs(1), &Sla::default());
+        assert_eq!(s.overall.requests, 5);
+        assert_eq!(s.overall.ok, 3);
+        assert_eq!(s.overall.errors, 2);
+        assert_eq!(s.overall.error_rate, 0.4);
+        assert_eq!(s.overall.errors_by_reason["http 503"], 1);
+        assert_eq!(s.overall.errors_by_reason["timeout"], 1);
+        let p1 = &s.classes["priority 1"];
+        assert_eq!((p1.requests, p1.ok, p1.errors), (2, 2, 0));
+        // 300 ms is over the 200 ms max: not good.
+        assert_eq!(p1.good, 1);
+        let p5 = &s.classes["priority 5"];
+        assert_eq!((p5.requests, p5.ok, p5.errors), (3, 1, 2));
+        assert_eq!(s.overall.good, 2);
+        assert_eq!(s.overall.goodput_rps, 2.0);
+    }
+
+    #[test]
+    fn goodput_uses_each_class_override() {
+        let sla: Sla = toml::from_str("[classes.\"priority 1\"]\nmax_ms = 5.0\n").unwrap();
+        let mut r = Recorder::new(false);
+        r.record(&ok("priority 1", 10));
+        r.record(&ok("priority 3", 10));
+        let s = r.summarise(Duration::from_secs(1), &sla);
+        assert_eq!(s.classes["priority 1"].good, 0);
+        assert_eq!(s.classes["priority 3"].good, 1);
+        assert_eq!(s.overall.good, 1);
+    }
+
+    #[test]
+    fn confidence_interval_matches_a_hand_computed_case() {
+        // mean 2, sample sd 1, n 3: half-width t(2) * 1/sqrt(3).
+        let (mean, half) = mean_ci95(&[1.0, 2.0, 3.0]);
+        assert_eq!(mean, 2.0);
+        assert!((half - 4.303 / 3f64.sqrt()).abs() < 1e-9);
+        assert!(mean_ci95(&[5.0]).1.is_infinite());
+    }
+}

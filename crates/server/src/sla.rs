@@ -1,0 +1,513 @@
+//! The server's own SLA view: `GET /v2/sla` (JSON) and `GET /dashboard`
+//! (a self-contained page that polls it).
+//!
+//! The HTTP handler reports every finished inference request to the
+//! [`SlaMonitor`] (model, priority class, latency, success). The monitor
+//! keeps the requests of the last window (60 s, at most
+//! [`MAX_SAMPLES`] of them) in a bounded ring; a query sorts each class's
+//! latencies and checks them against the seed's SLA (seed-requirements.md,
+//! "Benchmarks and SLA reports": p50 ≤ 50 ms, p95 ≤ 80, p99 ≤ 100,
+//! max ≤ 200, ≥ 50 requests/s, errors ≤ 1 %; healthy ≥ 90 % of checks,
+//! warning ≥ 70 %, else critical) — the same numbers `tickserve bench`
+//! applies to its own measurements (crates/bench/src/sla.rs). Queue
+//! lengths and cache counters are read from the Prometheus registry, CPU
+//! and memory from sysinfo.
+//!
+//! Each request is recorded under its priority class (the request's own,
+//! or the model's `default_priority`); `class: None` ("default") is for
+//! requests that failed before a class could be read.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use axum::Json;
+use axum::Router;
+use axum::extract::State;
+use axum::http::header;
+use axum::response::{Html, IntoResponse};
+use axum::routing::get;
+use serde::Serialize;
+use tickserve_telemetry as telemetry;
+
+use crate::AppState;
+
+/// Most requests kept in the window; older ones are dropped first.
+pub const MAX_SAMPLES: usize = 200_000;
+/// Length of the rolling window.
+pub const WINDOW: Duration = Duration::from_secs(60);
+
+/// The seed's SLA thresholds (latencies in ms).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Thresholds {
+    pub p50_ms: f64,
+    pub p95_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+    pub min_throughput_rps: f64,
+    pub max_error_rate: f64,
+}
+
+pub const DEFAULT_THRESHOLDS: Thresholds = Thresholds {
+    p50_ms: 50.0,
+    p95_ms: 80.0,
+    p99_ms: 100.0,
+    max_ms: 200.0,
+    min_throughput_rps: 50.0,
+    max_error_rate: 0.01,
+};
+
+/// The dashboard's alert thresholds (seed's dashboard config).
+pub const ALERTS: Alerts = Alerts {
+    p99_ms: 100.0,
+    error_percent: 1.0,
+    cpu_percent: 90.0,
+    gpu_percent: 85.0,
+};
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Alerts {
+    pub p99_ms: f64,
+    pub error_percent: f64,
+    pub cpu_percent: f64,
+    pub gpu_percent: f64,
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    at: Instant,
+    model: String,
+    class: Option<u8>,
+    latency_us: u64,
+    ok: bool,
+}
+
+/// Rolling-window record of finished requests; cheap to record into.
+#[derive(Debug)]
+pub struct SlaMonitor {
+    started: Instant,
+    entries: Mutex<VecDeque<Entry>>,
+    system: Mutex<sysinfo::System>,
+}
+
+impl Default for SlaMonitor {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl SlaMonitor {
+    pub fn new() -> Self {
+        Self {
+            started: Instant::now(),
+            entries: Mutex::new(VecDeque::with_capacity(1024)),
+            system: Mutex::new(sysinfo::System::new()),
+        }
+    }
+
+    /// Records one finished request. `class` is its priority (1–5) when
+    /// the request had one.
+    pub fn record(&self, model: &str, class: Option<u8>, latency: Duration, ok: bool) {
+        self.record_at(Instant::now(), model, class, latency, ok);
+    }
+
+    fn record_at(&self, at: Instant, model: &str, class: Option<u8>, latency: Duration, ok: bool) {
+        let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        if entries.len() >= MAX_SAMPLES {
+            entries.pop_front();
+        }
+        entries.push_back(Entry {
+            at,
+            model: model.to_owned(),
+            class,
+            latency_us: latency.as_micros() as u64,
+            ok,
+        });
+    }
+
+    /// The window's statistics and verdict as of `now`.
+    pub fn view(&self, now: Instant) -> SlaView {
+        let since = now.checked_sub(WINDOW).unwrap_or(self.started);
+        // Seconds the window covers: shorter right after start.
+        let span = now
+            .saturating_duration_since(since.max(self.started))
+            .as_secs_f64()
+            .max(1.0);
+        let mut groups: BTreeMap<(String, String), Vec<(u64, bool)>> = BTreeMap::new();
+        {
+            let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+            while entries.front().is_some_and(|e| e.at < since) {
+                entries.pop_front();
+            }
+            for e in entries.iter() {
+                let class = e
+                    .class
+                    .map_or_else(|| "default".to_owned(), |p| format!("priority {p}"));
+                groups
+                    .entry((e.model.clone(), class))
+                    .or_default()
+                    .push((e.latency_us, e.ok));
+            }
+        }
+        let t = DEFAULT_THRESHOLDS;
+        let mut classes = Vec::new();
+        let mut checks = Vec::new();
+        let mut all: Vec<(u64, bool)> = Vec::new();
+        for ((model, class), samples) in groups {
+            let stats = WindowStats::of(&samples, span);
+            let scope = format!("{model} {class}");
+            latency_checks(&mut checks, &scope, &stats, &t);
+            all.extend(samples);
+            classes.push(ClassView {
+                model,
+                class,
+                stats,
+            });
+        }
+        let overall = WindowStats::of(&all, span);
+        if overall.requests > 0 {
+            checks.push(check(
+                "overall",
+                "throughput",
+                overall.rps,
+                t.min_throughput_rps,
+                false,
+            ));
+        }
+        let total = checks.len();
+        let passed = checks.iter().filter(|c| c.passed).count();
+        let pass_ratio = if total == 0 {
+            1.0
+        } else {
+            passed as f64 / total as f64
+        };
+        let mut recommendations: Vec<String> = Vec::new();
+        for c in checks.iter().filter(|c| !c.passed) {
+            let r = format!("[{} {}] {}", c.scope, c.metric, recommendation(c.metric));
+            if !recommendations.contains(&r) {
+                recommendations.push(r);
+            }
+        }
+        let (cpu_percent, memory_percent, memory_used_bytes) = self.host();
+        SlaView {
+            window_s: span,
+            health: health(pass_ratio),
+            compliant: passed == total,
+            passed,
+            total,
+            pass_ratio,
+            thresholds: t,
+            alerts: ALERTS,
+            overall,
+            classes,
+            checks,
+            recommendations,
+            queue_length: None,
+            cache_hit_rate: None,
+            cpu_percent,
+            memory_percent,
+            memory_used_bytes,
+            gpu_percent: None,
+        }
+    }
+
+    /// Host CPU % (since the previous call) and memory.
+    fn host(&self) -> (f64, f64, u64) {
+        let mut sys = self.system.lock().unwrap_or_else(PoisonError::into_inner);
+        sys.refresh_cpu_usage();
+        sys.refresh_memory();
+        let total = sys.total_memory().max(1);
+        let used = sys.used_memory();
+        (
+            f64::from(sys.global_cpu_usage()),
+            used as f64 / total as f64 * 100.0,
+            used,
+        )
+    }
+}
+
+fn latency_checks(checks: &mut Vec<Check>, scope: &str, s: &WindowStats, t: &Thresholds) {
+    if s.ok > 0 {
+        checks.push(check(scope, "p50", s.p50_ms, t.p50_ms, true));
+        checks.push(check(scope, "p95", s.p95_ms, t.p95_ms, true));
+        checks.push(check(scope, "p99", s.p99_ms, t.p99_ms, true));
+        checks.push(check(scope, "max", s.max_ms, t.max_ms, true));
+    }
+    if s.requests > 0 {
+        checks.push(check(
+            scope,
+            "error_rate",
+            s.error_rate,
+            t.max_error_rate,
+            true,
+        ));
+    }
+}
+
+fn check(scope: &str, metric: &'static str, measured: f64, threshold: f64, at_most: bool) -> Check {
+    Check {
+        scope: scope.to_owned(),
+        metric,
+        measured,
+        threshold,
+        op: if at_most { "<=" } else { ">=" },
+        passed: if at_most {
+            measured <= threshold
+        } else {
+            measured >= threshold
+        },
+    }
+}
+
+fn health(pass_ratio: f64) -> &'static str {
+    if pass_ratio >= 0.9 {
+        "healthy"
+    } else if pass_ratio >= 0.7 {
+        "warning"
+    } else {
+        "critical"
+    }
+}
+
+fn recommendation(metric: &str) -> &'static str {
+    match metric {
+        "p50" => "Median latency too high: add engine instances (CPU cores) or replicas.",
+        "p95" | "p99" => {
+            "Tail latency too high: lower max_batch_size or max_wait, raise the priority of latency-critical traffic, enable the result cache, or add replicas."
+        }
+        "max" => {
+            "Worst-case latency too high: look for stalls; set a queue timeout so requests fail fast."
+        }
+        "throughput" => {
+            "Throughput below the SLA: raise max_batch_size, add engine instances or replicas (or the traffic is simply low)."
+        }
+        "error_rate" => {
+            "Too many errors: see batch_processing_errors_total by error_type (503 = queue full, 4xx = bad requests)."
+        }
+        _ => "Investigate this metric.",
+    }
+}
+
+/// Statistics of the window for one class (or all).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct WindowStats {
+    pub requests: u64,
+    pub ok: u64,
+    pub errors: u64,
+    pub error_rate: f64,
+    pub rps: f64,
+    pub p50_ms: f64,
+    pub p95_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+impl WindowStats {
+    fn of(samples: &[(u64, bool)], span_s: f64) -> Self {
+        let mut ok: Vec<u64> = samples.iter().filter(|s| s.1).map(|s| s.0).collect();
+        ok.sort_unstable();
+        let requests = samples.len() as u64;
+        let errors = requests - ok.len() as u64;
+        // Nearest rank: the smallest value with at least q of the samples
+        // at or below it.
+        let q = |q: f64| -> f64 {
+            if ok.is_empty() {
+                return 0.0;
+            }
+            let rank = ((q * ok.len() as f64).ceil() as usize).clamp(1, ok.len());
+            ok[rank - 1] as f64 / 1000.0
+        };
+        Self {
+            requests,
+            ok: ok.len() as u64,
+            errors,
+            error_rate: if requests == 0 {
+                0.0
+            } else {
+                errors as f64 / requests as f64
+            },
+            rps: ok.len() as f64 / span_s,
+            p50_ms: q(0.5),
+            p95_ms: q(0.95),
+            p99_ms: q(0.99),
+            max_ms: ok.last().map_or(0.0, |&v| v as f64 / 1000.0),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ClassView {
+    pub model: String,
+    pub class: String,
+    #[serde(flatten)]
+    pub stats: WindowStats,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    pub scope: String,
+    pub metric: &'static str,
+    pub measured: f64,
+    pub threshold: f64,
+    pub op: &'static str,
+    pub passed: bool,
+}
+
+/// The body of `GET /v2/sla`.
+#[derive(Debug, Clone, Serialize)]
+pub struct SlaView {
+    pub window_s: f64,
+    pub health: &'static str,
+    pub compliant: bool,
+    pub passed: usize,
+    pub total: usize,
+    pub pass_ratio: f64,
+    pub thresholds: Thresholds,
+    pub alerts: Alerts,
+    pub overall: WindowStats,
+    pub classes: Vec<ClassView>,
+    pub checks: Vec<Check>,
+    pub recommendations: Vec<String>,
+    /// Requests waiting in the batch queues, per model.
+    pub queue_length: Option<BTreeMap<String, f64>>,
+    /// Result-cache hits / (hits + misses) since start, when a cache
+    /// reports `*cache_hits_total` / `*cache_misses_total`.
+    pub cache_hit_rate: Option<f64>,
+    pub cpu_percent: f64,
+    pub memory_percent: f64,
+    pub memory_used_bytes: u64,
+    /// No GPU engine yet.
+    pub gpu_percent: Option<f64>,
+}
+
+/// Reads queue lengths and cache counters from Prometheus' text format.
+fn from_metrics(text: &str) -> (BTreeMap<String, f64>, Option<f64>) {
+    let mut queues = BTreeMap::new();
+    let (mut hits, mut misses) = (0.0, 0.0);
+    let mut cache_seen = false;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let Ok(value) = value.parse::<f64>() else {
+            continue;
+        };
+        let name = series.split('{').next().unwrap_or(series);
+        if name == telemetry::QUEUE_LENGTH {
+            let model = series
+                .split("model=\"")
+                .nth(1)
+                .and_then(|s| s.split('"').next())
+                .unwrap_or("")
+                .to_owned();
+            *queues.entry(model).or_insert(0.0) += value;
+        } else if name.ends_with("cache_hits_total") {
+            hits += value;
+            cache_seen = true;
+        } else if name.ends_with("cache_misses_total") {
+            misses += value;
+            cache_seen = true;
+        }
+    }
+    let rate = (cache_seen && hits + misses > 0.0).then(|| hits / (hits + misses));
+    (queues, rate)
+}
+
+pub(crate) fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v2/sla", get(sla))
+        .route("/dashboard", get(dashboard))
+        .with_state(state)
+}
+
+async fn sla(State(state): State<AppState>) -> Json<SlaView> {
+    let monitor = state.sla.clone();
+    let metrics = state.metrics.clone();
+    // Sorting the window and reading /proc is blocking work.
+    let view = tokio::task::spawn_blocking(move || {
+        let mut view = monitor.view(Instant::now());
+        let (queues, cache) = from_metrics(&metrics.render());
+        view.queue_length = Some(queues);
+        view.cache_hit_rate = cache;
+        view
+    })
+    .await;
+    match view {
+        Ok(v) => Json(v),
+        // Only a panic in the closure gets here; answer with an empty view.
+        Err(_) => Json(SlaMonitor::new().view(Instant::now())),
+    }
+}
+
+async fn dashboard() -> impl IntoResponse {
+    (
+        [(header::CACHE_CONTROL, "no-store")],
+        Html(include_str!("dashboard.html")),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn window_statistics_match_hand_computed_values() {
+        let m = SlaMonitor::new();
+        let t0 = Instant::now();
+        for ms in 1..=100u64 {
+            m.record_at(t0, "cnn_lstm", None, Duration::from_millis(ms), true);
+        }
+        m.record_at(t0, "cnn_lstm", None, Duration::from_millis(5), false);
+        let v = m.view(t0 + Duration::from_secs(10));
+        assert_eq!(v.classes.len(), 1);
+        let c = &v.classes[0];
+        assert_eq!(
+            (c.class.as_str(), c.stats.requests, c.stats.errors),
+            ("default", 101, 1)
+        );
+        assert_eq!(c.stats.p50_ms, 50.0);
+        assert_eq!(c.stats.p95_ms, 95.0);
+        assert_eq!(c.stats.p99_ms, 99.0);
+        assert_eq!(c.stats.max_ms, 100.0);
+        assert!((c.stats.rps - 10.0).abs() < 0.01, "{}", c.stats.rps);
+        // p50 50 ≤ 50 passes, p95 95 > 80 fails, p99 99 ≤ 100 passes,
+        // max 100 ≤ 200, errors 1/101 = 0.99 % ≤ 1 %, throughput 10 < 50
+        // fails: 4 of 6 = 67 % < 70 %.
+        assert_eq!((v.passed, v.total), (4, 6));
+        assert_eq!(v.health, "critical");
+        assert_eq!(v.recommendations.len(), 2);
+    }
+
+    #[test]
+    fn old_requests_leave_the_window_and_classes_are_separate() {
+        let m = SlaMonitor::new();
+        let t0 = Instant::now();
+        m.record_at(t0, "m", Some(1), Duration::from_millis(500), true);
+        let later = t0 + WINDOW + Duration::from_secs(1);
+        m.record_at(later, "m", Some(1), Duration::from_millis(5), true);
+        m.record_at(later, "m", Some(5), Duration::from_millis(7), true);
+        let v = m.view(later);
+        let names: Vec<_> = v.classes.iter().map(|c| c.class.as_str()).collect();
+        assert_eq!(names, vec!["priority 1", "priority 5"]);
+        assert_eq!(v.classes[0].stats.requests, 1);
+        assert_eq!(v.classes[0].stats.max_ms, 5.0);
+    }
+
+    #[test]
+    fn no_traffic_is_healthy_with_no_checks() {
+        let v = SlaMonitor::new().view(Instant::now());
+        assert_eq!(v.total, 0);
+        assert_eq!(v.health, "healthy");
+    }
+
+    #[test]
+    fn queue_lengths_and_cache_rate_come_from_the_metrics_text() {
+        let text = "# TYPE batch_processing_queue_length gauge\nbatch_processing_queue_length{model=\"a\"} 3\nbatch_processing_queue_length{model=\"b\"} 0\ntickserve_cache_hits_total{model=\"a\"} 30\ntickserve_cache_misses_total{model=\"a\"} 10\n";
+        let (q, rate) = from_metrics(text);
+        assert_eq!(q["a"], 3.0);
+        assert_eq!(q["b"], 0.0);
+        assert_eq!(rate, Some(0.75));
+        assert_eq!(from_metrics("").1, None);
+    }
+}

@@ -2,8 +2,9 @@
 //!
 //! Every failure a client can see is a [`ServeError`]; the engine's and the
 //! scheduler's errors convert into it here, and [`ServeError::status`] is
-//! the single place that decides the HTTP status (gRPC will map the same
-//! enum to its codes). The body is always `{"error": "<message>"}`, as
+//! the single place that decides the HTTP status, and
+//! [`ServeError::grpc_code`] the one place that decides the gRPC code, so
+//! both protocols answer the same failure the same way. The body is always `{"error": "<message>"}`, as
 //! the Open Inference Protocol specifies.
 
 use axum::Json;
@@ -54,6 +55,22 @@ impl ServeError {
         }
     }
 
+    /// The gRPC code of the same failure, following the HTTP status:
+    /// 400 → INVALID_ARGUMENT, 404 → NOT_FOUND, 413 → RESOURCE_EXHAUSTED,
+    /// 503 (overloaded or not ready) → UNAVAILABLE, 500 → INTERNAL.
+    pub fn grpc_code(&self) -> tonic::Code {
+        match self {
+            ServeError::Invalid(_) => tonic::Code::InvalidArgument,
+            ServeError::ModelNotFound(_) | ServeError::VersionNotFound { .. } => {
+                tonic::Code::NotFound
+            }
+            ServeError::NoRoute(_) => tonic::Code::Unimplemented,
+            ServeError::PayloadTooLarge(_) => tonic::Code::ResourceExhausted,
+            ServeError::NotReady(_) | ServeError::Overloaded(_) => tonic::Code::Unavailable,
+            ServeError::Internal(_) => tonic::Code::Internal,
+        }
+    }
+
     /// The `error_type` label of the error metrics.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -83,5 +100,11 @@ impl IntoResponse for ServeError {
     fn into_response(self) -> Response {
         let body = serde_json::json!({ "error": self.to_string() });
         (self.status(), Json(body)).into_response()
+    }
+}
+
+impl From<ServeError> for tonic::Status {
+    fn from(error: ServeError) -> Self {
+        tonic::Status::new(error.grpc_code(), error.to_string())
     }
 }

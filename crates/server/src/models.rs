@@ -63,6 +63,11 @@ pub struct ModelVersion {
     pub engine_kind: &'static str,
     pub signature: Signature,
     pub max_batch_size: usize,
+    /// Batching settings, reported by Triton's model-configuration extension.
+    pub max_queue_delay: std::time::Duration,
+    pub instances: usize,
+    /// Counters for Triton's statistics extension.
+    pub stats: crate::stats::InferStats,
     scheduler: Scheduler,
 }
 
@@ -130,6 +135,9 @@ impl ModelRegistry {
                         engine_kind: loaded.engine.kind(),
                         signature: loaded.engine.signature().clone(),
                         max_batch_size: entry.config.max_batch_size,
+                        max_queue_delay: entry.config.dynamic_batching.max_queue_delay,
+                        instances: entry.config.instances,
+                        stats: Default::default(),
                         scheduler,
                     }),
                 );
@@ -189,6 +197,19 @@ impl ModelVersion {
     /// Validates `request`, runs it through the scheduler and shapes the
     /// answer.
     pub async fn infer(&self, request: InferRequest) -> Result<InferResponse, ServeError> {
+        let started = std::time::Instant::now();
+        let result = self.infer_inner(request).await;
+        let rows = result
+            .as_ref()
+            .ok()
+            .and_then(|r| r.outputs.first())
+            .and_then(|o| o.shape.first().copied())
+            .unwrap_or(0);
+        self.stats.record(result.is_ok(), rows, started.elapsed());
+        result
+    }
+
+    async fn infer_inner(&self, request: InferRequest) -> Result<InferResponse, ServeError> {
         let (rows, order) = self.validate(&request)?;
         let wanted = self.requested_outputs(request.outputs.as_deref())?;
         let InferRequest { id, inputs, .. } = request;

@@ -230,7 +230,7 @@ impl GrpcInferenceService for InferenceService {
                     inference_stats: Some(pb::InferStatistics {
                         success: duration(v.stats.success_count, v.stats.success_ns),
                         fail: duration(v.stats.fail_count, v.stats.fail_ns),
-                        queue: duration(0, 0),
+                        queue: duration(v.stats.scheduled_count, v.stats.scheduled_ns),
                         compute_input: duration(0, 0),
                         compute_infer: duration(0, 0),
                         compute_output: duration(0, 0),

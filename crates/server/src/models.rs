@@ -218,7 +218,10 @@ impl ModelVersion {
             .into_iter()
             .map(|index| slots[index].take().map(|t| t.data).unwrap_or_default())
             .collect();
-        let mut outputs = self.scheduler.infer(rows, inputs).await?;
+        let scheduled = std::time::Instant::now();
+        let outputs = self.scheduler.infer(rows, inputs).await;
+        self.stats.record_scheduled(scheduled.elapsed());
+        let mut outputs = outputs?;
         let tensors = wanted
             .into_iter()
             .map(|index| {

@@ -165,7 +165,8 @@ pub fn statistics(
     }
 }
 
-/// Triton's statistics JSON; unmeasured durations are zero.
+/// Triton's statistics JSON; `queue` is the time in the scheduler (see
+/// [`crate::stats`]), the compute breakdown and cache statistics are zero.
 pub fn statistics_json(stats: &[VersionStats]) -> serde_json::Value {
     let duration = |count: u64, ns: u64| serde_json::json!({ "count": count, "ns": ns });
     let zero = duration(0, 0);
@@ -179,7 +180,7 @@ pub fn statistics_json(stats: &[VersionStats]) -> serde_json::Value {
             "inference_stats": {
                 "success": duration(v.stats.success_count, v.stats.success_ns),
                 "fail": duration(v.stats.fail_count, v.stats.fail_ns),
-                "queue": zero,
+                "queue": duration(v.stats.scheduled_count, v.stats.scheduled_ns),
                 "compute_input": zero,
                 "compute_infer": zero,
                 "compute_output": zero,

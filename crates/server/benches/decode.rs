@@ -91,7 +91,10 @@ fn decode(c: &mut Criterion) {
         });
         let msgpack = msgpack_body(rows);
         let mut mp_headers = HeaderMap::new();
-        mp_headers.insert("content-type", HeaderValue::from_static("application/msgpack"));
+        mp_headers.insert(
+            "content-type",
+            HeaderValue::from_static("application/msgpack"),
+        );
         group.bench_function("http_msgpack", |b| {
             b.iter(|| decode_http_body(&mp_headers, black_box(&msgpack)))
         });

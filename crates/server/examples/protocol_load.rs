@@ -56,7 +56,12 @@ fn args() -> Args {
 /// user+system CPU seconds of a process.
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
     let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
     ticks as f64 / 100.0 // CLK_TCK is 100 on Linux
 }
@@ -208,7 +213,10 @@ async fn main() {
         let count = hist.len();
         let cpu = match (args.server_pid, cpu_before) {
             (Some(pid), Some(before)) => {
-                format!("{:.3}", (cpu_seconds(pid) - before) * 1e3 / count.max(1) as f64)
+                format!(
+                    "{:.3}",
+                    (cpu_seconds(pid) - before) * 1e3 / count.max(1) as f64
+                )
             }
             _ => "-".into(),
         };

@@ -53,16 +53,14 @@ pub(crate) struct Answer {
 }
 
 fn is_msgpack(value: Option<&HeaderValue>) -> bool {
-    value
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.split(',').any(|part| {
-                let mime = part.split(';').next().unwrap_or("").trim();
-                mime.eq_ignore_ascii_case(MSGPACK)
-                    || mime.eq_ignore_ascii_case("application/x-msgpack")
-                    || mime.eq_ignore_ascii_case("application/vnd.msgpack")
-            })
+    value.and_then(|v| v.to_str().ok()).is_some_and(|v| {
+        v.split(',').any(|part| {
+            let mime = part.split(';').next().unwrap_or("").trim();
+            mime.eq_ignore_ascii_case(MSGPACK)
+                || mime.eq_ignore_ascii_case("application/x-msgpack")
+                || mime.eq_ignore_ascii_case("application/vnd.msgpack")
         })
+    })
 }
 
 impl Answer {
@@ -99,9 +97,8 @@ impl Answer {
                         name: &o.name,
                         datatype: o.datatype.as_str(),
                         shape: &o.shape,
-                        parameters: as_binary.then(|| {
-                            serde_json::json!({ "binary_data_size": o.data.len() * 4 })
-                        }),
+                        parameters: as_binary
+                            .then(|| serde_json::json!({ "binary_data_size": o.data.len() * 4 })),
                         data: (!as_binary).then_some(o.data.as_slice()),
                     }
                 })
@@ -110,8 +107,9 @@ impl Answer {
         if self.msgpack {
             return match rmp_serde::to_vec_named(&body) {
                 Ok(bytes) => ([(header::CONTENT_TYPE, MSGPACK)], bytes).into_response(),
-                Err(e) => ServeError::Internal(format!("cannot encode the response: {e}"))
-                    .into_response(),
+                Err(e) => {
+                    ServeError::Internal(format!("cannot encode the response: {e}")).into_response()
+                }
             };
         }
         let mut bytes = match serde_json::to_vec(&body) {
@@ -171,9 +169,8 @@ pub(crate) fn decode_request(
     match header_len {
         Some(0) => {
             answer.binary = BinaryOutputs::All;
-            let version = version.ok_or_else(|| {
-                ServeError::Invalid("a raw binary request needs a model".into())
-            })?;
+            let version = version
+                .ok_or_else(|| ServeError::Invalid("a raw binary request needs a model".into()))?;
             raw_request(body, version)
         }
         Some(len) => {
@@ -296,7 +293,7 @@ pub(crate) fn tensor_from_le_bytes(
     if datatype != "FP32" {
         return Ok(Vec::new());
     }
-    if bytes.len() % 4 != 0 {
+    if !bytes.len().is_multiple_of(4) {
         return Err(ServeError::Invalid(format!(
             "input '{name}' has {} bytes of FP32 data, not a multiple of 4",
             bytes.len()
@@ -330,7 +327,9 @@ mod tests {
             BinaryOutputs::All
         );
         assert_eq!(
-            parse(r#"{"inputs":[],"outputs":[{"name":"a","parameters":{"binary_data":true}},{"name":"b"}]}"#),
+            parse(
+                r#"{"inputs":[],"outputs":[{"name":"a","parameters":{"binary_data":true}},{"name":"b"}]}"#
+            ),
             BinaryOutputs::Named(vec!["a".into()])
         );
     }
@@ -339,7 +338,10 @@ mod tests {
     fn binary_inputs_take_their_bytes_in_order() {
         let header = br#"{"inputs":[{"name":"a","shape":[1],"datatype":"FP32","parameters":{"binary_data_size":4}},{"name":"b","shape":[2],"datatype":"FP32","parameters":{"binary_data_size":8}}]}"#;
         let request: RequestJson = serde_json::from_slice(header).unwrap();
-        let tail: Vec<u8> = [1.0f32, 2.0, 3.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let tail: Vec<u8> = [1.0f32, 2.0, 3.0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
         let decoded = http::request_from_wire(request, &tail).unwrap();
         assert_eq!(decoded.inputs[0].data, vec![1.0]);
         assert_eq!(decoded.inputs[1].data, vec![2.0, 3.0]);

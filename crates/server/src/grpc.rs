@@ -141,7 +141,9 @@ impl GrpcInferenceService for InferenceService {
         &self,
         request: Request<pb::ModelInferRequest>,
     ) -> Result<Response<pb::ModelInferResponse>, Status> {
-        Ok(Response::new(infer(&self.state, request.into_inner()).await?))
+        Ok(Response::new(
+            infer(&self.state, request.into_inner()).await?,
+        ))
     }
 
     type ModelStreamInferStream = ReceiverStream<Result<pb::ModelStreamInferResponse, Status>>;

@@ -26,8 +26,8 @@ use serde::{Deserialize, Deserializer, Serialize};
 use tickserve_telemetry as telemetry;
 
 use crate::AppState;
-use crate::error::ServeError;
 use crate::codec;
+use crate::error::ServeError;
 use crate::models::{InferRequest, InputTensor};
 
 pub(crate) fn router(state: AppState) -> Router {
@@ -52,7 +52,10 @@ pub(crate) fn router(state: AppState) -> Router {
         )
         .route("/v2/models/stats", get(all_stats))
         .route("/v2/models/{model}/stats", get(model_stats))
-        .route("/v2/models/{model}/versions/{version}/stats", get(model_stats))
+        .route(
+            "/v2/models/{model}/versions/{version}/stats",
+            get(model_stats),
+        )
         .route("/v2/repository/index", post(repository_index))
         .fallback(no_route)
         .layer(DefaultBodyLimit::max(limit))
@@ -312,7 +315,10 @@ pub(crate) fn request_from_wire(
     let mut rest = binary;
     let mut inputs = Vec::with_capacity(request.inputs.len());
     for i in request.inputs {
-        let data = match (codec::binary_data_size(i.parameters.as_ref(), &i.name)?, i.data) {
+        let data = match (
+            codec::binary_data_size(i.parameters.as_ref(), &i.name)?,
+            i.data,
+        ) {
             (Some(size), _) => {
                 let Some((bytes, tail)) = rest.split_at_checked(size) else {
                     return Err(ServeError::Invalid(format!(

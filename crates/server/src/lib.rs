@@ -186,13 +186,12 @@ impl BoundServer {
         );
         let (health, health_service) = tonic_health::server::health_reporter();
         set_health(&health, tonic_health::ServingStatus::NotServing).await;
-        let inference = grpc::GrpcInferenceServiceServer::new(grpc::InferenceService::new(
-            state.clone(),
-        ))
-        .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
-        .send_compressed(tonic::codec::CompressionEncoding::Gzip)
-        .max_decoding_message_size(config.max_body_bytes)
-        .max_encoding_message_size(usize::MAX);
+        let inference =
+            grpc::GrpcInferenceServiceServer::new(grpc::InferenceService::new(state.clone()))
+                .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
+                .send_compressed(tonic::codec::CompressionEncoding::Gzip)
+                .max_decoding_message_size(config.max_body_bytes)
+                .max_encoding_message_size(usize::MAX);
         let grpc_server = tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(health_service)
@@ -268,7 +267,10 @@ impl BoundServer {
 
 /// Sets the gRPC health status of the server ("") and of the inference
 /// service together.
-async fn set_health(health: &tonic_health::server::HealthReporter, status: tonic_health::ServingStatus) {
+async fn set_health(
+    health: &tonic_health::server::HealthReporter,
+    status: tonic_health::ServingStatus,
+) {
     health.set_service_status("", status).await;
     health
         .set_service_status(

@@ -121,10 +121,8 @@ impl ModelConfigJson {
             }],
             dynamic_batching: DynamicBatchingJson {
                 preferred_batch_size: Vec::new(),
-                max_queue_delay_microseconds: u64::try_from(
-                    version.max_queue_delay.as_micros(),
-                )
-                .unwrap_or(u64::MAX),
+                max_queue_delay_microseconds: u64::try_from(version.max_queue_delay.as_micros())
+                    .unwrap_or(u64::MAX),
             },
         }
     }

@@ -287,7 +287,10 @@ async fn errors_map_to_grpc_codes_with_the_reason() {
     unknown.model_name = "nope".into();
     let status = c.model_infer(unknown).await.unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
-    assert!(status.message().contains("unknown model 'nope'"), "{status}");
+    assert!(
+        status.message().contains("unknown model 'nope'"),
+        "{status}"
+    );
 
     let mut version = request("v", 1, rows_of(&golden, &[0]), false);
     version.model_version = "7".into();
@@ -305,7 +308,9 @@ async fn errors_map_to_grpc_codes_with_the_reason() {
     let status = c.model_infer(fp64).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
     assert!(
-        status.message().contains("datatype FP64; the model takes FP32"),
+        status
+            .message()
+            .contains("datatype FP64; the model takes FP32"),
         "{status}"
     );
 

@@ -358,9 +358,10 @@ async fn a_datatype_the_model_does_not_take_is_400_with_the_reason() {
     let server = start_default().await;
     for (datatype, binary) in [("FP64", false), ("INT32", false), ("FP16", true)] {
         let response = if binary {
-            let header = serde_json::to_vec(&json!({"inputs": [{"name": "input", "shape": [1, 50, 60],
+            let header =
+                serde_json::to_vec(&json!({"inputs": [{"name": "input", "shape": [1, 50, 60],
                 "datatype": datatype, "parameters": {"binary_data_size": 6000}}]}))
-            .unwrap();
+                .unwrap();
             let mut body = header.clone();
             body.extend_from_slice(&[0; 6000]);
             server

@@ -4,7 +4,9 @@
 //! sends the next, for `--seconds` per protocol. Prints requests/s,
 //! p50/p99 latency and, with `--server-pid`, the server's CPU time per
 //! request (user+system from /proc, so it includes the engine: the
-//! difference between rows is the protocol's cost).
+//! difference between rows is the protocol's cost). HTTP clients share a
+//! connection pool (one connection per client in practice); gRPC clients
+//! share `--grpc-channels` HTTP/2 connections (default 1), round-robin.
 //!
 //!   cargo run --release -p tickserve-server --example protocol_load -- \
 //!       --http 127.0.0.1:8000 --grpc 127.0.0.1:8001 --clients 64 --seconds 10 \
@@ -25,6 +27,7 @@ struct Args {
     clients: usize,
     seconds: u64,
     rows: usize,
+    grpc_channels: usize,
     server_pid: Option<u32>,
 }
 
@@ -35,6 +38,7 @@ fn args() -> Args {
         clients: 64,
         seconds: 10,
         rows: 1,
+        grpc_channels: 1,
         server_pid: None,
     };
     let mut it = std::env::args().skip(1);
@@ -46,6 +50,7 @@ fn args() -> Args {
             "--clients" => args.clients = value.parse().unwrap(),
             "--seconds" => args.seconds = value.parse().unwrap(),
             "--rows" => args.rows = value.parse().unwrap(),
+            "--grpc-channels" => args.grpc_channels = value.parse().unwrap(),
             "--server-pid" => args.server_pid = Some(value.parse().unwrap()),
             other => panic!("unknown flag {other}"),
         }
@@ -87,6 +92,21 @@ fn read_ok(response: reqwest::Response) -> Ready {
     Box::pin(async move { response.status().is_success() && response.bytes().await.is_ok() })
 }
 
+/// The request as a MessagePack client builds it: FP32 values as
+/// MessagePack float32 (5 bytes each), not float64.
+#[derive(serde::Serialize)]
+struct MsgpackRequest<'a> {
+    inputs: [MsgpackInput<'a>; 1],
+}
+
+#[derive(serde::Serialize)]
+struct MsgpackInput<'a> {
+    name: &'a str,
+    shape: [usize; 3],
+    datatype: &'a str,
+    data: &'a [f32],
+}
+
 #[derive(Clone, Copy, PartialEq)]
 enum Form {
     Json,
@@ -103,7 +123,15 @@ async fn main() {
         "inputs": [{"name": "input", "shape": [args.rows, 50, 60], "datatype": "FP32", "data": data}]
     });
     let json = serde_json::to_vec(&json_value).unwrap();
-    let msgpack = rmp_serde::to_vec_named(&json_value).unwrap();
+    let msgpack = rmp_serde::to_vec_named(&MsgpackRequest {
+        inputs: [MsgpackInput {
+            name: "input",
+            shape: [args.rows, 50, 60],
+            datatype: "FP32",
+            data: &data,
+        }],
+    })
+    .unwrap();
     let raw: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
     let header = serde_json::to_vec(&serde_json::json!({
         "inputs": [{"name": "input", "shape": [args.rows, 50, 60], "datatype": "FP32",
@@ -127,8 +155,8 @@ async fn main() {
     };
 
     println!(
-        "{} clients, {} s per form, {} row(s) per request",
-        args.clients, args.seconds, args.rows
+        "{} clients, {} s per form, {} row(s) per request, {} gRPC connection(s)",
+        args.clients, args.seconds, args.rows, args.grpc_channels
     );
     println!("| form | requests/s | p50 ms | p99 ms | errors | server CPU ms/request |");
     println!("|---|---|---|---|---|---|");
@@ -140,16 +168,22 @@ async fn main() {
     ] {
         let http = reqwest::Client::new();
         let url = format!("http://{}/v2/models/cnn_lstm/infer", args.http);
-        let grpc = GrpcInferenceServiceClient::connect(format!("http://{}", args.grpc))
-            .await
-            .unwrap()
-            .max_decoding_message_size(64 << 20);
+        let mut channels = Vec::new();
+        for _ in 0..args.grpc_channels {
+            channels.push(
+                GrpcInferenceServiceClient::connect(format!("http://{}", args.grpc))
+                    .await
+                    .unwrap()
+                    .max_decoding_message_size(64 << 20),
+            );
+        }
         let cpu_before = args.server_pid.map(cpu_seconds);
         let started = Instant::now();
         let deadline = started + Duration::from_secs(args.seconds);
         let mut tasks = Vec::new();
-        for _ in 0..args.clients {
-            let (http, url, mut grpc) = (http.clone(), url.clone(), grpc.clone());
+        for client in 0..args.clients {
+            let mut grpc = channels[client % channels.len()].clone();
+            let (http, url) = (http.clone(), url.clone());
             let (json, msgpack, binary, grpc_request) = (
                 json.clone(),
                 msgpack.clone(),

@@ -197,7 +197,9 @@ impl BoundServer {
                 .add_service(health_service)
                 .add_service(inference)
                 .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
+                    // Small answers must not wait for Nagle's algorithm.
+                    tonic::transport::server::TcpIncoming::from(grpc_listener)
+                        .with_nodelay(Some(true)),
                     stopped(stop_rx.clone()),
                 ),
         );

@@ -2,17 +2,21 @@
 # Runs every test of the project: unit tests, the engine's golden tests
 # against PyTorch fixtures, the ONNX Runtime equivalence tests, the
 # integration tests that start the real server on loopback ports, the
-# dashboard test in headless Chromium, and the checks of the deployment
-# files (Kubernetes manifests, Prometheus alert rules).
+# dashboard test in headless Chromium, the checks of the deployment files
+# (Kubernetes manifests, Prometheus alert rules), and then Triton's own
+# clients against a running tickserve: tritonclient (Python, HTTP and
+# gRPC) and perf_analyzer.
 #
 #   scripts/test.sh                          # everything
-#   scripts/test.sh -p tickserve-scheduler   # extra args go to cargo test
+#   scripts/test.sh -p tickserve-scheduler   # extra args go to cargo test (Rust tests only)
 #
 # Needs the Rust toolchain and python3. It installs what the tests need
 # when it is missing: Debian's `chromium` and `prometheus` (promtool)
 # when run as root; ONNX Runtime's library from PyPI into
 # target/venv-onnxruntime (as root, Debian's python3-venv if needed);
-# kubernetes-validate and yamllint into target/venv-deploy.
+# kubernetes-validate and yamllint into target/venv-deploy; the Triton
+# client venvs under ~/.cache/tickserve (perf_analyzer also apt-installs
+# libb64-0d).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -45,3 +49,9 @@ promtool check rules deploy/prometheus/*.yml
 
 echo "== cargo test"
 cargo test --workspace --locked "$@"
+
+if [[ $# -eq 0 ]]; then
+    echo "== Triton clients"
+    scripts/python_client_check.sh
+    scripts/perf_analyzer_check.sh
+fi

@@ -85,6 +85,7 @@ async fn main() {
         model_repository: root,
         http_addr: "127.0.0.1:0".parse().unwrap(),
         metrics_addr: "127.0.0.1:0".parse().unwrap(),
+        grpc_addr: "127.0.0.1:0".parse().unwrap(),
         drain_timeout: Duration::from_secs(5),
         max_body_bytes: 16 * 1024 * 1024,
     })

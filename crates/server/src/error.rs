@@ -2,10 +2,12 @@
 //!
 //! Every failure a client can see is a [`ServeError`]; the engine's and the
 //! scheduler's errors convert into it here, and [`ServeError::status`] is
-//! the single place that decides the HTTP status (gRPC will map the same
-//! enum to its codes). Refusals under load carry a retry hint: 429 for
-//! admission control and full priority queues, 503 for an expired request
-//! timeout, both with `Retry-After` (serving-systems.md §9.11). The body is always `{"error": "<message>"}`, as
+//! the single place that decides the HTTP status, and
+//! [`ServeError::grpc_code`] the one place that decides the gRPC code, so
+//! both protocols answer the same failure the same way. Refusals under
+//! load carry a retry hint: 429 for admission control and full priority
+//! queues, 503 for an expired request timeout, both with `Retry-After`
+//! (serving-systems.md §9.11). The body is always `{"error": "<message>"}`, as
 //! the Open Inference Protocol specifies.
 
 use axum::Json;
@@ -85,6 +87,26 @@ impl ServeError {
         }
     }
 
+    /// The gRPC code of the same failure, following the HTTP status:
+    /// 400 → INVALID_ARGUMENT, 404 → NOT_FOUND, 413 → RESOURCE_EXHAUSTED,
+    /// 503 (overloaded or not ready) → UNAVAILABLE, 500 → INTERNAL.
+    pub fn grpc_code(&self) -> tonic::Code {
+        match self {
+            ServeError::Invalid(_) => tonic::Code::InvalidArgument,
+            ServeError::ModelNotFound(_) | ServeError::VersionNotFound { .. } => {
+                tonic::Code::NotFound
+            }
+            ServeError::NoRoute(_) => tonic::Code::Unimplemented,
+            ServeError::PayloadTooLarge(_) => tonic::Code::ResourceExhausted,
+            ServeError::NotReady(_) | ServeError::Overloaded(_) => tonic::Code::Unavailable,
+            // HTTP's 429: the client should back off or go elsewhere.
+            ServeError::Rejected { .. } => tonic::Code::ResourceExhausted,
+            // HTTP's 503 for an expired timeout.
+            ServeError::TimedOut { .. } => tonic::Code::Unavailable,
+            ServeError::Internal(_) => tonic::Code::Internal,
+        }
+    }
+
     /// The `error_type` label of the error metrics.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -141,5 +163,11 @@ impl IntoResponse for ServeError {
                 .insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
         }
         response
+    }
+}
+
+impl From<ServeError> for tonic::Status {
+    fn from(error: ServeError) -> Self {
+        tonic::Status::new(error.grpc_code(), error.to_string())
     }
 }

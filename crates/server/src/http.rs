@@ -3,7 +3,11 @@
 //!
 //! Handlers decode the wire format into the protocol-neutral
 //! [`InferRequest`], call [`ModelVersion::infer`](crate::models::ModelVersion::infer)
-//! and encode the [`InferResponse`]. Nothing here knows about batching.
+//! and encode the [`InferResponse`](crate::models::InferResponse). Nothing
+//! here knows about batching.
+//! The binary-tensor, MessagePack and raw forms of the same request and
+//! answer are chosen by headers in [`crate::codec`]; compression is a tower
+//! layer around the router.
 
 use std::fmt;
 use std::time::Instant;
@@ -13,7 +17,7 @@ use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, State};
-use axum::http::{HeaderMap, StatusCode, Uri, header};
+use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use metrics::{counter, histogram};
@@ -22,8 +26,9 @@ use serde::{Deserialize, Deserializer, Serialize};
 use tickserve_telemetry as telemetry;
 
 use crate::AppState;
+use crate::codec;
 use crate::error::ServeError;
-use crate::models::{InferRequest, InferResponse, InputTensor};
+use crate::models::{InferRequest, InputTensor};
 use crate::scheduling::{self, Param};
 
 pub(crate) fn router(state: AppState) -> Router {
@@ -46,8 +51,17 @@ pub(crate) fn router(state: AppState) -> Router {
         )
         .route("/v2/models/{model}/infer", post(infer))
         .route("/v2/models/{model}/versions/{version}/infer", post(infer))
+        .route("/v2/models/{model}/config", get(model_config))
+        .route(
+            "/v2/models/{model}/versions/{version}/config",
+            get(model_config),
+        )
+        .route("/v2/models/stats", get(all_stats))
+        .route("/v2/repository/index", post(repository_index))
         .fallback(no_route)
         .layer(DefaultBodyLimit::max(limit))
+        .layer(codec::decompression_layer())
+        .layer(codec::compression_layer())
         .with_state(state)
 }
 
@@ -62,7 +76,7 @@ async fn server_metadata() -> Json<serde_json::Value> {
     Json(serde_json::json!({
         "name": "tickserve",
         "version": env!("CARGO_PKG_VERSION"),
-        "extensions": [],
+        "extensions": codec::EXTENSIONS,
     }))
 }
 
@@ -125,6 +139,21 @@ async fn model_ready(State(state): State<AppState>, Path(path): Path<ModelPath>)
     }
 }
 
+/// Triton's model-configuration extension: the model's configuration in
+/// Triton's JSON shape, which perf_analyzer reads before sending anything.
+async fn model_config(State(state): State<AppState>, Path(path): Path<ModelPath>) -> Response {
+    let result = state.registry().and_then(|registry| {
+        let version = registry
+            .get(&path.model)?
+            .version(path.version.as_deref())?;
+        Ok(crate::triton::ModelConfigJson::of(version))
+    });
+    match result {
+        Ok(config) => Json(config).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
 /// Triton's statistics extension plus per-priority counts: one entry per
 /// version, or only the version the path names.
 async fn model_stats(State(state): State<AppState>, Path(path): Path<ModelPath>) -> Response {
@@ -145,6 +174,37 @@ async fn model_stats(State(state): State<AppState>, Path(path): Path<ModelPath>)
     }
 }
 
+/// The same statistics for every version of every model.
+async fn all_stats(State(state): State<AppState>) -> Response {
+    match state.registry() {
+        Ok(registry) => {
+            let stats: Vec<_> = registry
+                .models()
+                .flat_map(|m| m.versions.values())
+                .map(|v| scheduling::model_stats(&v.name, v.version, &v.stats()))
+                .collect();
+            Json(serde_json::json!({ "model_stats": stats })).into_response()
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Triton's repository index: every loaded version and its state.
+async fn repository_index(State(state): State<AppState>) -> Response {
+    match state.registry() {
+        Ok(registry) => Json(
+            crate::triton::repository_index(registry)
+                .into_iter()
+                .map(|(name, version)| {
+                    serde_json::json!({"name": name, "version": version, "state": "READY", "reason": ""})
+                })
+                .collect::<Vec<_>>(),
+        )
+        .into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
 async fn no_route(uri: Uri) -> ServeError {
     ServeError::NoRoute(uri.path().to_owned())
 }
@@ -155,6 +215,7 @@ async fn infer(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    let mut answer = codec::Answer::from_accept(&headers);
     let started = Instant::now();
     let mut rows = 0usize;
     let mut priority = "none";
@@ -179,15 +240,7 @@ async fn infer(
                 ))
             }
         })?;
-        let header = headers
-            .get(scheduling::PRIORITY_HEADER)
-            .map(|h| {
-                h.to_str().map_err(|_| {
-                    ServeError::Invalid("the x-priority header is not valid text".into())
-                })
-            })
-            .transpose()?;
-        let request = decode_request(&body, header)?;
+        let request = codec::decode_request(&headers, &body, Some(version), &mut answer)?;
         let chosen = request
             .options
             .priority
@@ -226,7 +279,7 @@ async fn infer(
             .record(model, class, started.elapsed(), result.is_ok());
     }
     match result {
-        Ok(response) => encode_response(&response),
+        Ok(response) => answer.encode(&response),
         Err(error) => {
             if error.status().is_server_error() {
                 tracing::warn!(model = %path.model, %error, "inference request failed");
@@ -238,40 +291,54 @@ async fn infer(
 
 // === JSON wire format ===
 
+/// The request body's structure, shared by the JSON, MessagePack and
+/// binary-tensor forms (the latter's JSON header omits `data` of inputs
+/// that carry `binary_data_size`).
 #[derive(Debug, Deserialize)]
-struct RequestJson {
+pub(crate) struct RequestJson {
     #[serde(default)]
-    id: Option<String>,
+    pub(crate) id: Option<String>,
     #[serde(default)]
-    parameters: Option<serde_json::Map<String, serde_json::Value>>,
-    inputs: Vec<InputJson>,
+    pub(crate) parameters: Option<serde_json::Map<String, serde_json::Value>>,
+    pub(crate) inputs: Vec<InputJson>,
     #[serde(default)]
-    outputs: Option<Vec<RequestedOutputJson>>,
+    pub(crate) outputs: Option<Vec<RequestedOutputJson>>,
 }
 
 #[derive(Debug, Deserialize)]
-struct InputJson {
-    name: String,
-    shape: Vec<i64>,
-    datatype: String,
+pub(crate) struct InputJson {
+    pub(crate) name: String,
+    pub(crate) shape: Vec<i64>,
+    pub(crate) datatype: String,
     #[serde(default)]
-    #[allow(dead_code)]
-    parameters: Option<serde_json::Map<String, serde_json::Value>>,
-    data: FlatData,
+    pub(crate) parameters: Option<serde_json::Map<String, serde_json::Value>>,
+    #[serde(default)]
+    pub(crate) data: Option<FlatData>,
 }
 
 #[derive(Debug, Deserialize)]
-struct RequestedOutputJson {
-    name: String,
+pub(crate) struct RequestedOutputJson {
+    pub(crate) name: String,
     #[serde(default)]
-    #[allow(dead_code)]
-    parameters: Option<serde_json::Map<String, serde_json::Value>>,
+    pub(crate) parameters: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
-/// Decodes a request body; `priority_header` is the `x-priority` header.
+#[cfg(test)]
 fn decode_request(body: &[u8], priority_header: Option<&str>) -> Result<InferRequest, ServeError> {
     let request: RequestJson = serde_json::from_slice(body)
         .map_err(|e| ServeError::Invalid(format!("malformed inference request JSON: {e}")))?;
+    request_from_wire(request, &[], priority_header)
+}
+
+/// Converts the decoded body into the protocol-neutral request. `binary`
+/// holds the raw tensors that follow a binary-tensor request's JSON header,
+/// consumed in input order by inputs with `binary_data_size`;
+/// `priority_header` is the `x-priority` header.
+pub(crate) fn request_from_wire(
+    request: RequestJson,
+    binary: &[u8],
+    priority_header: Option<&str>,
+) -> Result<InferRequest, ServeError> {
     let parameter = |name: &str| {
         request
             .parameters
@@ -285,19 +352,49 @@ fn decode_request(body: &[u8], priority_header: Option<&str>) -> Result<InferReq
         parameter(scheduling::TIMEOUT_PARAMETER),
         priority_header,
     )?;
+    let mut rest = binary;
+    let mut inputs = Vec::with_capacity(request.inputs.len());
+    for i in request.inputs {
+        let data = match (
+            codec::binary_data_size(i.parameters.as_ref(), &i.name)?,
+            i.data,
+        ) {
+            (Some(size), _) => {
+                let Some((bytes, tail)) = rest.split_at_checked(size) else {
+                    return Err(ServeError::Invalid(format!(
+                        "input '{}' has binary_data_size {size} but only {} bytes of binary data remain",
+                        i.name,
+                        rest.len()
+                    )));
+                };
+                rest = tail;
+                codec::tensor_from_le_bytes(&i.name, &i.datatype, bytes)?
+            }
+            (None, Some(data)) => data.0,
+            (None, None) => {
+                return Err(ServeError::Invalid(format!(
+                    "input '{}' has neither data nor binary_data_size",
+                    i.name
+                )));
+            }
+        };
+        inputs.push(InputTensor {
+            name: i.name,
+            datatype: i.datatype,
+            shape: i.shape,
+            data,
+        });
+    }
+    if !rest.is_empty() {
+        return Err(ServeError::Invalid(format!(
+            "{} bytes of binary data follow the inputs' binary_data_size",
+            rest.len()
+        )));
+    }
     Ok(InferRequest {
         options,
         id: request.id,
-        inputs: request
-            .inputs
-            .into_iter()
-            .map(|i| InputTensor {
-                name: i.name,
-                datatype: i.datatype,
-                shape: i.shape,
-                data: i.data.0,
-            })
-            .collect(),
+        inputs,
         outputs: request
             .outputs
             .map(|outputs| outputs.into_iter().map(|o| o.name).collect()),
@@ -305,48 +402,30 @@ fn decode_request(body: &[u8], priority_header: Option<&str>) -> Result<InferReq
 }
 
 #[derive(Serialize)]
-struct ResponseJson<'a> {
-    model_name: &'a str,
-    model_version: &'a str,
+pub(crate) struct ResponseJson<'a> {
+    pub(crate) model_name: &'a str,
+    pub(crate) model_version: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
-    id: Option<&'a str>,
-    outputs: Vec<OutputJson<'a>>,
+    pub(crate) id: Option<&'a str>,
+    pub(crate) outputs: Vec<OutputJson<'a>>,
 }
 
 #[derive(Serialize)]
-struct OutputJson<'a> {
-    name: &'a str,
-    datatype: &'static str,
-    shape: &'a [usize],
-    data: &'a [f32],
-}
-
-fn encode_response(response: &InferResponse) -> Response {
-    let body = ResponseJson {
-        model_name: &response.model_name,
-        model_version: &response.model_version,
-        id: response.id.as_deref(),
-        outputs: response
-            .outputs
-            .iter()
-            .map(|o| OutputJson {
-                name: &o.name,
-                datatype: o.datatype.as_str(),
-                shape: &o.shape,
-                data: &o.data,
-            })
-            .collect(),
-    };
-    match serde_json::to_vec(&body) {
-        Ok(bytes) => ([(header::CONTENT_TYPE, "application/json")], bytes).into_response(),
-        Err(e) => ServeError::Internal(format!("cannot encode the response: {e}")).into_response(),
-    }
+pub(crate) struct OutputJson<'a> {
+    pub(crate) name: &'a str,
+    pub(crate) datatype: &'static str,
+    pub(crate) shape: &'a [usize],
+    /// `{"binary_data_size": N}` when the data follows the JSON header.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) parameters: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) data: Option<&'a [f32]>,
 }
 
 /// Tensor `data`, flat or nested to any depth, flattened in row-major
 /// order while parsing (no intermediate `serde_json::Value` tree).
 #[derive(Debug, Default)]
-struct FlatData(Vec<f32>);
+pub(crate) struct FlatData(pub(crate) Vec<f32>);
 
 impl<'de> Deserialize<'de> for FlatData {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {

@@ -1,6 +1,6 @@
 //! tickserve's server: loads the model repository, starts a scheduler per
-//! model version and answers the Open Inference Protocol over HTTP, with
-//! Prometheus metrics on an address of their own.
+//! model version and answers the Open Inference Protocol over HTTP and
+//! gRPC, with Prometheus metrics on an address of their own.
 //!
 //! Start-up binds both listeners first, so liveness answers at once and
 //! readiness answers 503 until every model is loaded and warmed up
@@ -8,14 +8,27 @@
 //! stops accepting connections, lets queued and running requests finish
 //! within the drain timeout, then returns.
 //!
-//! The HTTP handlers ([`http`]) and the future gRPC service share one
-//! [`AppState`]: the same registry, schedulers and error mapping.
+//! The HTTP handlers ([`http`]) and the gRPC service ([`grpc`]) share one
+//! [`AppState`]: the same registry, schedulers and error mapping. The gRPC
+//! listener also serves grpc.health.v1 for Kubernetes probes, SERVING once
+//! the models are ready and NOT_SERVING while draining.
 
+mod codec;
 pub mod error;
+pub mod grpc;
 mod http;
 pub mod models;
 pub mod scheduling;
 pub mod sla;
+pub mod stats;
+pub mod triton;
+
+/// Entry points for the decoding benchmark (benches/decode.rs).
+#[doc(hidden)]
+pub mod bench {
+    pub use crate::codec::decode_http_body;
+    pub use crate::grpc::decode_infer_message;
+}
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -42,6 +55,8 @@ use crate::models::ModelRegistry;
 pub struct ServerConfig {
     pub model_repository: PathBuf,
     pub http_addr: SocketAddr,
+    /// Address of the gRPC service (and gRPC health checking).
+    pub grpc_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
     /// How long shutdown waits for queued and running requests.
     pub drain_timeout: Duration,
@@ -98,12 +113,13 @@ impl AppState {
 pub struct BoundServer {
     config: ServerConfig,
     http_listener: TcpListener,
+    grpc_listener: TcpListener,
     metrics_listener: TcpListener,
     metrics: PrometheusHandle,
 }
 
 impl BoundServer {
-    /// Binds the HTTP and metrics listeners (port 0 picks a free port).
+    /// Binds the HTTP, gRPC and metrics listeners (port 0 picks a free port).
     pub async fn bind(config: ServerConfig) -> Result<Self, StartError> {
         let metrics = telemetry::install_recorder()?;
         let bind = |addr: SocketAddr| async move {
@@ -112,10 +128,12 @@ impl BoundServer {
                 .map_err(|source| StartError::Bind { addr, source })
         };
         let http_listener = bind(config.http_addr).await?;
+        let grpc_listener = bind(config.grpc_addr).await?;
         let metrics_listener = bind(config.metrics_addr).await?;
         Ok(BoundServer {
             config,
             http_listener,
+            grpc_listener,
             metrics_listener,
             metrics,
         })
@@ -125,6 +143,12 @@ impl BoundServer {
         self.http_listener
             .local_addr()
             .unwrap_or(self.config.http_addr)
+    }
+
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_listener
+            .local_addr()
+            .unwrap_or(self.config.grpc_addr)
     }
 
     pub fn metrics_addr(&self) -> SocketAddr {
@@ -142,6 +166,7 @@ impl BoundServer {
         let BoundServer {
             config,
             http_listener,
+            grpc_listener,
             metrics_listener,
             metrics,
         } = self;
@@ -165,6 +190,25 @@ impl BoundServer {
             axum::serve(http_listener, http_app)
                 .with_graceful_shutdown(stopped(stop_rx.clone()))
                 .into_future(),
+        );
+        let (health, health_service) = tonic_health::server::health_reporter();
+        set_health(&health, tonic_health::ServingStatus::NotServing).await;
+        let inference =
+            grpc::GrpcInferenceServiceServer::new(grpc::InferenceService::new(state.clone()))
+                .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
+                .send_compressed(tonic::codec::CompressionEncoding::Gzip)
+                .max_decoding_message_size(config.max_body_bytes)
+                .max_encoding_message_size(usize::MAX);
+        let grpc_server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(health_service)
+                .add_service(inference)
+                .serve_with_incoming_shutdown(
+                    // Small answers must not wait for Nagle's algorithm.
+                    tonic::transport::server::TcpIncoming::from(grpc_listener)
+                        .with_nodelay(Some(true)),
+                    stopped(stop_rx.clone()),
+                ),
         );
         let metrics_app = metrics_router(metrics.clone());
         let metrics_server = tokio::spawn(
@@ -203,15 +247,18 @@ impl BoundServer {
         }
         let _ = state.registry.set(registry);
         metrics::gauge!(telemetry::READY).set(1.0);
-        tracing::info!(http = %config.http_addr, "ready");
+        set_health(&health, tonic_health::ServingStatus::Serving).await;
+        tracing::info!(http = %config.http_addr, grpc = %config.grpc_addr, "ready");
 
         shutdown.await;
         tracing::info!(drain_timeout = ?config.drain_timeout, "shutting down: draining requests");
         state.draining.store(true, Ordering::Release);
         metrics::gauge!(telemetry::READY).set(0.0);
+        set_health(&health, tonic_health::ServingStatus::NotServing).await;
         let _ = stop_tx.send(true);
         let drained = tokio::time::timeout(config.drain_timeout, async {
             let _ = http_server.await;
+            let _ = grpc_server.await;
             let _ = metrics_server.await;
         })
         .await;
@@ -225,6 +272,21 @@ impl BoundServer {
         }
         Ok(())
     }
+}
+
+/// Sets the gRPC health status of the server ("") and of the inference
+/// service together.
+async fn set_health(
+    health: &tonic_health::server::HealthReporter,
+    status: tonic_health::ServingStatus,
+) {
+    health.set_service_status("", status).await;
+    health
+        .set_service_status(
+            <grpc::GrpcInferenceServiceServer<grpc::InferenceService> as tonic::server::NamedService>::NAME,
+            status,
+        )
+        .await;
 }
 
 fn metrics_router(handle: PrometheusHandle) -> Router {

@@ -65,6 +65,11 @@ pub struct ModelVersion {
     pub engine_kind: &'static str,
     pub signature: Signature,
     pub max_batch_size: usize,
+    /// Batching settings, reported by Triton's model-configuration extension.
+    pub max_queue_delay: std::time::Duration,
+    pub instances: usize,
+    /// Counters for Triton's statistics extension.
+    pub stats: crate::stats::InferStats,
     scheduler: Scheduler,
 }
 
@@ -111,12 +116,16 @@ impl ModelRegistry {
             for &version in &entry.versions {
                 let loaded = entry.load_version(version)?;
                 warm_up(&entry, version, &*loaded.engine)?;
+                let scheduler_config = crate::scheduling::scheduler_config(&entry);
+                // What Triton's model configuration reports: the delay of
+                // the model's default class.
+                let max_queue_delay =
+                    Priority::new(i64::from(entry.config.dynamic_batching.default_priority))
+                        .map(|p| scheduler_config.class(p).max_queue_delay)
+                        .unwrap_or_default();
                 let scheduler = {
                     let _guard = runtime.enter();
-                    Scheduler::spawn(
-                        Arc::clone(&loaded.engine),
-                        crate::scheduling::scheduler_config(&entry),
-                    )
+                    Scheduler::spawn(Arc::clone(&loaded.engine), scheduler_config)
                 };
                 versions.insert(
                     version,
@@ -126,6 +135,9 @@ impl ModelRegistry {
                         engine_kind: loaded.engine.kind(),
                         signature: loaded.engine.signature().clone(),
                         max_batch_size: entry.config.max_batch_size,
+                        max_queue_delay,
+                        instances: entry.config.instances,
+                        stats: Default::default(),
                         scheduler,
                     }),
                 );
@@ -195,6 +207,19 @@ impl ModelVersion {
     /// Validates `request`, runs it through the scheduler and shapes the
     /// answer.
     pub async fn infer(&self, request: InferRequest) -> Result<InferResponse, ServeError> {
+        let started = std::time::Instant::now();
+        let result = self.infer_inner(request).await;
+        let rows = result
+            .as_ref()
+            .ok()
+            .and_then(|r| r.outputs.first())
+            .and_then(|o| o.shape.first().copied())
+            .unwrap_or(0);
+        self.stats.record(result.is_ok(), rows, started.elapsed());
+        result
+    }
+
+    async fn infer_inner(&self, request: InferRequest) -> Result<InferResponse, ServeError> {
         let (rows, order) = self.validate(&request)?;
         let wanted = self.requested_outputs(request.outputs.as_deref())?;
         let InferRequest {
@@ -208,7 +233,10 @@ impl ModelVersion {
             .into_iter()
             .map(|index| slots[index].take().map(|t| t.data).unwrap_or_default())
             .collect();
-        let mut outputs = self.scheduler.infer(rows, inputs, options).await?;
+        let scheduled = std::time::Instant::now();
+        let outputs = self.scheduler.infer(rows, inputs, options).await;
+        self.stats.record_scheduled(scheduled.elapsed());
+        let mut outputs = outputs?;
         let tensors = wanted
             .into_iter()
             .map(|index| {

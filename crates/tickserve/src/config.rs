@@ -18,6 +18,7 @@ use tickserve_telemetry::LogFormat;
 
 const DEFAULT_REPOSITORY: &str = "models";
 const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:8000";
+const DEFAULT_GRPC_ADDR: &str = "127.0.0.1:8001";
 const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:8002";
 const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
@@ -46,6 +47,11 @@ pub struct ServeArgs {
     /// Address of the Open Inference Protocol HTTP API. [default: 127.0.0.1:8000]
     #[arg(long, env = "TICKSERVE_HTTP_ADDR", value_name = "ADDR")]
     pub http_addr: Option<SocketAddr>,
+
+    /// Address of the Open Inference Protocol gRPC service
+    /// (inference.GRPCInferenceService and grpc.health.v1). [default: 127.0.0.1:8001]
+    #[arg(long, env = "TICKSERVE_GRPC_ADDR", value_name = "ADDR")]
+    pub grpc_addr: Option<SocketAddr>,
 
     /// Address of the Prometheus endpoint (GET /metrics). [default: 127.0.0.1:8002]
     #[arg(long, env = "TICKSERVE_METRICS_ADDR", value_name = "ADDR")]
@@ -77,6 +83,7 @@ pub struct ServeArgs {
 struct FileConfig {
     model_repository: Option<PathBuf>,
     http_addr: Option<SocketAddr>,
+    grpc_addr: Option<SocketAddr>,
     metrics_addr: Option<SocketAddr>,
     #[serde(default, with = "humantime_serde")]
     drain_timeout: Option<Duration>,
@@ -132,6 +139,10 @@ impl ServeArgs {
                     Some(addr) => addr,
                     None => parse_addr(DEFAULT_HTTP_ADDR)?,
                 },
+                grpc_addr: match self.grpc_addr.or(file.grpc_addr) {
+                    Some(addr) => addr,
+                    None => parse_addr(DEFAULT_GRPC_ADDR)?,
+                },
                 metrics_addr: match self.metrics_addr.or(file.metrics_addr) {
                     Some(addr) => addr,
                     None => parse_addr(DEFAULT_METRICS_ADDR)?,
@@ -176,6 +187,7 @@ mod tests {
         let settings = parse(&[]).resolve().unwrap();
         assert_eq!(settings.server.model_repository, PathBuf::from("models"));
         assert_eq!(settings.server.http_addr.to_string(), "127.0.0.1:8000");
+        assert_eq!(settings.server.grpc_addr.to_string(), "127.0.0.1:8001");
         assert_eq!(settings.server.metrics_addr.to_string(), "127.0.0.1:8002");
         assert_eq!(settings.server.drain_timeout, Duration::from_secs(30));
         assert_eq!(settings.log_format, LogFormat::Text);

@@ -67,7 +67,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
         let server = tickserve_server::BoundServer::bind(settings.server).await?;
-        tracing::info!(http = %server.http_addr(), metrics = %server.metrics_addr(), "listening");
+        tracing::info!(http = %server.http_addr(), grpc = %server.grpc_addr(), metrics = %server.metrics_addr(), "listening");
         server.serve(shutdown_signal()).await?;
         anyhow::Ok(())
     })

@@ -22,6 +22,8 @@ fn serve_answers_and_exits_zero_on_sigterm() {
             "127.0.0.1:0",
             "--metrics-addr",
             "127.0.0.1:0",
+            "--grpc-addr",
+            "127.0.0.1:0",
             "--log-format",
             "json",
         ])
@@ -88,6 +90,8 @@ fn a_missing_repository_exits_non_zero_with_the_reason() {
             "--http-addr",
             "127.0.0.1:0",
             "--metrics-addr",
+            "127.0.0.1:0",
+            "--grpc-addr",
             "127.0.0.1:0",
         ])
         .output()

@@ -17,6 +17,7 @@ pub fn root() -> PathBuf {
 
 pub struct TestServer {
     pub http: SocketAddr,
+    pub grpc: SocketAddr,
     pub metrics: SocketAddr,
     pub client: reqwest::Client,
     stop: Option<oneshot::Sender<()>>,
@@ -58,6 +59,7 @@ pub fn config(repository: PathBuf) -> ServerConfig {
     ServerConfig {
         model_repository: repository,
         http_addr: "127.0.0.1:0".parse().unwrap(),
+        grpc_addr: "127.0.0.1:0".parse().unwrap(),
         metrics_addr: "127.0.0.1:0".parse().unwrap(),
         drain_timeout: Duration::from_secs(10),
         max_body_bytes: 16 * 1024 * 1024,
@@ -67,7 +69,11 @@ pub fn config(repository: PathBuf) -> ServerConfig {
 /// Starts a server and waits until it reports ready.
 pub async fn start(config: ServerConfig) -> TestServer {
     let server = BoundServer::bind(config).await.unwrap();
-    let (http, metrics) = (server.http_addr(), server.metrics_addr());
+    let (http, grpc, metrics) = (
+        server.http_addr(),
+        server.grpc_addr(),
+        server.metrics_addr(),
+    );
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(server.serve(async move {
         let _ = stopped.await;
@@ -80,6 +86,7 @@ pub async fn start(config: ServerConfig) -> TestServer {
         {
             return TestServer {
                 http,
+                grpc,
                 metrics,
                 client,
                 stop: Some(stop),

@@ -1,0 +1,375 @@
+//! The HTTP request and answer forms other than plain JSON: Triton's
+//! binary-tensor extension (including the raw single-input form),
+//! MessagePack bodies, and gzip/deflate compression (serving-systems.md §6).
+//!
+//! [`decode_request`] picks the form from the headers
+//! (`Inference-Header-Content-Length`, `Content-Type`), decodes into the
+//! same [`RequestJson`] structure the JSON path uses and hands it to
+//! [`http::request_from_wire`]; it also records in [`Answer`] how the
+//! client wants the answer (binary outputs, MessagePack via `Accept`).
+//! Compression is done by tower-http layers before and after the handlers,
+//! so every route, not only inference, honours `Content-Encoding` and
+//! `Accept-Encoding`; the body limit applies to the decompressed size.
+
+use axum::http::{HeaderMap, HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use tower_http::compression::CompressionLayer;
+use tower_http::decompression::RequestDecompressionLayer;
+
+use crate::error::ServeError;
+use crate::http::{self, OutputJson, RequestJson, ResponseJson};
+use crate::models::{InferRequest, InferResponse, InputTensor, ModelVersion};
+use crate::scheduling;
+
+/// Header giving the length of the JSON header of a binary-tensor body.
+pub const INFERENCE_HEADER_CONTENT_LENGTH: &str = "inference-header-content-length";
+
+/// Protocol extensions listed by `GET /v2` and gRPC ServerMetadata.
+pub const EXTENSIONS: [&str; 3] = ["binary_tensor_data", "model_configuration", "statistics"];
+
+const MSGPACK: &str = "application/msgpack";
+
+pub(crate) fn decompression_layer() -> RequestDecompressionLayer {
+    RequestDecompressionLayer::new()
+}
+
+pub(crate) fn compression_layer() -> CompressionLayer {
+    CompressionLayer::new()
+}
+
+/// Which outputs go as raw bytes after the JSON header.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+enum BinaryOutputs {
+    #[default]
+    None,
+    All,
+    Named(Vec<String>),
+}
+
+/// How to encode the answer, decided from the request.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Answer {
+    msgpack: bool,
+    binary: BinaryOutputs,
+}
+
+fn is_msgpack(value: Option<&HeaderValue>) -> bool {
+    value.and_then(|v| v.to_str().ok()).is_some_and(|v| {
+        v.split(',').any(|part| {
+            let mime = part.split(';').next().unwrap_or("").trim();
+            mime.eq_ignore_ascii_case(MSGPACK)
+                || mime.eq_ignore_ascii_case("application/x-msgpack")
+                || mime.eq_ignore_ascii_case("application/vnd.msgpack")
+        })
+    })
+}
+
+impl Answer {
+    /// MessagePack when `Accept` names it, JSON otherwise.
+    pub(crate) fn from_accept(headers: &HeaderMap) -> Self {
+        Answer {
+            msgpack: is_msgpack(headers.get(header::ACCEPT)),
+            binary: BinaryOutputs::None,
+        }
+    }
+
+    fn is_binary(&self, name: &str) -> bool {
+        match &self.binary {
+            BinaryOutputs::None => false,
+            BinaryOutputs::All => true,
+            BinaryOutputs::Named(names) => names.iter().any(|n| n == name),
+        }
+    }
+
+    /// Encodes the answer: MessagePack, JSON, or a JSON header followed by
+    /// the binary outputs in output order.
+    pub(crate) fn encode(&self, response: &InferResponse) -> Response {
+        let binary = !self.msgpack && response.outputs.iter().any(|o| self.is_binary(&o.name));
+        let body = ResponseJson {
+            model_name: &response.model_name,
+            model_version: &response.model_version,
+            id: response.id.as_deref(),
+            outputs: response
+                .outputs
+                .iter()
+                .map(|o| {
+                    let as_binary = binary && self.is_binary(&o.name);
+                    OutputJson {
+                        name: &o.name,
+                        datatype: o.datatype.as_str(),
+                        shape: &o.shape,
+                        parameters: as_binary
+                            .then(|| serde_json::json!({ "binary_data_size": o.data.len() * 4 })),
+                        data: (!as_binary).then_some(o.data.as_slice()),
+                    }
+                })
+                .collect(),
+        };
+        if self.msgpack {
+            return match rmp_serde::to_vec_named(&body) {
+                Ok(bytes) => ([(header::CONTENT_TYPE, MSGPACK)], bytes).into_response(),
+                Err(e) => {
+                    ServeError::Internal(format!("cannot encode the response: {e}")).into_response()
+                }
+            };
+        }
+        let mut bytes = match serde_json::to_vec(&body) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                return ServeError::Internal(format!("cannot encode the response: {e}"))
+                    .into_response();
+            }
+        };
+        if !binary {
+            return ([(header::CONTENT_TYPE, "application/json")], bytes).into_response();
+        }
+        let header_len = bytes.len();
+        for output in response.outputs.iter().filter(|o| self.is_binary(&o.name)) {
+            bytes.reserve(output.data.len() * 4);
+            for value in &output.data {
+                bytes.extend_from_slice(&value.to_le_bytes());
+            }
+        }
+        (
+            [
+                (
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/octet-stream"),
+                ),
+                (
+                    header::HeaderName::from_static(INFERENCE_HEADER_CONTENT_LENGTH),
+                    HeaderValue::from(header_len),
+                ),
+            ],
+            bytes,
+        )
+            .into_response()
+    }
+}
+
+/// Decodes an inference body in whichever form its headers announce.
+pub(crate) fn decode_request(
+    headers: &HeaderMap,
+    body: &[u8],
+    version: Option<&ModelVersion>,
+    answer: &mut Answer,
+) -> Result<InferRequest, ServeError> {
+    let header_len = headers
+        .get(INFERENCE_HEADER_CONTENT_LENGTH)
+        .map(|v| {
+            v.to_str()
+                .ok()
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .ok_or_else(|| {
+                    ServeError::Invalid(format!(
+                        "Inference-Header-Content-Length must be a byte count, got {v:?}"
+                    ))
+                })
+        })
+        .transpose()?;
+    let priority_header = headers
+        .get(scheduling::PRIORITY_HEADER)
+        .map(|h| {
+            h.to_str()
+                .map_err(|_| ServeError::Invalid("the x-priority header is not valid text".into()))
+        })
+        .transpose()?;
+    match header_len {
+        Some(0) => {
+            answer.binary = BinaryOutputs::All;
+            let version = version
+                .ok_or_else(|| ServeError::Invalid("a raw binary request needs a model".into()))?;
+            let mut request = raw_request(body, version)?;
+            request.options = scheduling::resolve_options(None, None, None, priority_header)?;
+            Ok(request)
+        }
+        Some(len) => {
+            let Some((json, binary)) = body.split_at_checked(len) else {
+                return Err(ServeError::Invalid(format!(
+                    "Inference-Header-Content-Length is {len} but the body has only {} bytes",
+                    body.len()
+                )));
+            };
+            let request: RequestJson = serde_json::from_slice(json).map_err(|e| {
+                ServeError::Invalid(format!("malformed inference request JSON header: {e}"))
+            })?;
+            answer.binary = binary_outputs(&request);
+            http::request_from_wire(request, binary, priority_header)
+        }
+        None if is_msgpack(headers.get(header::CONTENT_TYPE)) => {
+            let request: RequestJson = rmp_serde::from_slice(body).map_err(|e| {
+                ServeError::Invalid(format!("malformed inference request MessagePack: {e}"))
+            })?;
+            answer.binary = binary_outputs(&request);
+            http::request_from_wire(request, &[], priority_header)
+        }
+        None => {
+            let request: RequestJson = serde_json::from_slice(body).map_err(|e| {
+                ServeError::Invalid(format!("malformed inference request JSON: {e}"))
+            })?;
+            answer.binary = binary_outputs(&request);
+            http::request_from_wire(request, &[], priority_header)
+        }
+    }
+}
+
+/// Decodes an HTTP inference body (JSON, MessagePack or binary-tensor form,
+/// not the raw form) exactly as the server does. Public for the decoding
+/// benchmark only.
+#[doc(hidden)]
+pub fn decode_http_body(headers: &HeaderMap, body: &[u8]) -> Result<InferRequest, ServeError> {
+    decode_request(headers, body, None, &mut Answer::default())
+}
+
+/// The raw single-input form (`Inference-Header-Content-Length: 0`): the
+/// whole body is the model's only input, one row, all outputs binary.
+fn raw_request(body: &[u8], version: &ModelVersion) -> Result<InferRequest, ServeError> {
+    let [spec] = version.signature.inputs.as_slice() else {
+        return Err(ServeError::Invalid(format!(
+            "a raw binary request (Inference-Header-Content-Length: 0) needs a model with one input; '{}' has {}",
+            version.name,
+            version.signature.inputs.len()
+        )));
+    };
+    let mut shape = vec![1i64];
+    shape.extend(spec.dims.iter().map(|&d| d as i64));
+    let datatype = spec.datatype.as_str().to_owned();
+    let data = tensor_from_le_bytes(&spec.name, &datatype, body)?;
+    Ok(InferRequest {
+        id: None,
+        inputs: vec![InputTensor {
+            name: spec.name.clone(),
+            datatype,
+            shape,
+            data,
+        }],
+        outputs: None,
+        options: Default::default(),
+    })
+}
+
+fn flag(parameters: Option<&serde_json::Map<String, serde_json::Value>>, key: &str) -> bool {
+    parameters
+        .and_then(|p| p.get(key))
+        .and_then(serde_json::Value::as_bool)
+        .unwrap_or(false)
+}
+
+/// Outputs to send binary: all with the request-wide `binary_data_output`,
+/// or those requested with `"binary_data": true`.
+fn binary_outputs(request: &RequestJson) -> BinaryOutputs {
+    let named: Vec<String> = request
+        .outputs
+        .iter()
+        .flatten()
+        .filter(|o| flag(o.parameters.as_ref(), "binary_data"))
+        .map(|o| o.name.clone())
+        .collect();
+    if flag(request.parameters.as_ref(), "binary_data_output") {
+        BinaryOutputs::All
+    } else if named.is_empty() {
+        BinaryOutputs::None
+    } else {
+        BinaryOutputs::Named(named)
+    }
+}
+
+/// An input's `binary_data_size` parameter, if it has one.
+pub(crate) fn binary_data_size(
+    parameters: Option<&serde_json::Map<String, serde_json::Value>>,
+    name: &str,
+) -> Result<Option<usize>, ServeError> {
+    let Some(value) = parameters.and_then(|p| p.get("binary_data_size")) else {
+        return Ok(None);
+    };
+    value
+        .as_u64()
+        .and_then(|v| usize::try_from(v).ok())
+        .map(Some)
+        .ok_or_else(|| {
+            ServeError::Invalid(format!(
+                "input '{name}' has binary_data_size {value}; it must be a byte count"
+            ))
+        })
+}
+
+/// Decodes little-endian row-major tensor bytes. Only FP32 is decoded:
+/// another datatype yields no values, and validation against the model's
+/// signature then refuses it with the datatype the model takes.
+pub(crate) fn tensor_from_le_bytes(
+    name: &str,
+    datatype: &str,
+    bytes: &[u8],
+) -> Result<Vec<f32>, ServeError> {
+    if datatype != "FP32" {
+        return Ok(Vec::new());
+    }
+    if !bytes.len().is_multiple_of(4) {
+        return Err(ServeError::Invalid(format!(
+            "input '{name}' has {} bytes of FP32 data, not a multiple of 4",
+            bytes.len()
+        )));
+    }
+    Ok(bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn le_bytes_decode_to_the_same_bits() {
+        let values = [0.1f32, -2.5, f32::MIN_POSITIVE, 1e30];
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        assert_eq!(tensor_from_le_bytes("x", "FP32", &bytes).unwrap(), values);
+        let err = tensor_from_le_bytes("x", "FP32", &bytes[..5]).unwrap_err();
+        assert!(err.to_string().contains("multiple of 4"), "{err}");
+    }
+
+    #[test]
+    fn binary_outputs_follow_request_and_output_parameters() {
+        let parse = |text: &str| binary_outputs(&serde_json::from_str(text).unwrap());
+        assert_eq!(parse(r#"{"inputs":[]}"#), BinaryOutputs::None);
+        assert_eq!(
+            parse(r#"{"inputs":[],"parameters":{"binary_data_output":true}}"#),
+            BinaryOutputs::All
+        );
+        assert_eq!(
+            parse(
+                r#"{"inputs":[],"outputs":[{"name":"a","parameters":{"binary_data":true}},{"name":"b"}]}"#
+            ),
+            BinaryOutputs::Named(vec!["a".into()])
+        );
+    }
+
+    #[test]
+    fn binary_inputs_take_their_bytes_in_order() {
+        let header = br#"{"inputs":[{"name":"a","shape":[1],"datatype":"FP32","parameters":{"binary_data_size":4}},{"name":"b","shape":[2],"datatype":"FP32","parameters":{"binary_data_size":8}}]}"#;
+        let request: RequestJson = serde_json::from_slice(header).unwrap();
+        let tail: Vec<u8> = [1.0f32, 2.0, 3.0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let decoded = http::request_from_wire(request, &tail, None).unwrap();
+        assert_eq!(decoded.inputs[0].data, vec![1.0]);
+        assert_eq!(decoded.inputs[1].data, vec![2.0, 3.0]);
+        let request: RequestJson = serde_json::from_slice(header).unwrap();
+        let err = http::request_from_wire(request, &tail[..8], None).unwrap_err();
+        assert!(err.to_string().contains("remain"), "{err}");
+    }
+
+    #[test]
+    fn msgpack_accept_is_recognised() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
+        assert!(!Answer::from_accept(&headers).msgpack);
+        headers.insert(
+            header::ACCEPT,
+            HeaderValue::from_static("text/plain, application/msgpack;q=0.9"),
+        );
+        assert!(Answer::from_accept(&headers).msgpack);
+    }
+}

@@ -1,0 +1,481 @@
+//! The Open Inference Protocol over gRPC: `inference.GRPCInferenceService`
+//! from proto/grpc_service.proto (KServe's field numbers, plus Triton's
+//! ModelStreamInfer, ModelConfig, ModelStatistics and RepositoryIndex), so
+//! tritonclient and perf_analyzer work unchanged.
+//!
+//! Each RPC translates its message into the protocol-neutral
+//! [`InferRequest`], calls the same [`ModelVersion::infer`] as HTTP (same
+//! scheduler, validation and limits) and translates the answer back;
+//! failures become a `tonic::Status` through the one mapping in
+//! [`crate::error`]. Tensors arrive either as typed `contents` or as
+//! little-endian `raw_input_contents`; the answer uses the same form the
+//! request used. The stream RPC runs a bounded number of requests of one
+//! stream at once and answers each as it completes (clients match answers
+//! by `id`, as with Triton).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use metrics::{counter, histogram};
+use tickserve_telemetry as telemetry;
+use tokio::sync::{Semaphore, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::AppState;
+use crate::codec;
+use crate::error::ServeError;
+use crate::models::{InferRequest, InferResponse, InputTensor, ModelVersion};
+use crate::scheduling::{self, Param};
+use crate::triton;
+
+/// Code generated from proto/grpc_service.proto.
+#[allow(
+    clippy::all,
+    clippy::pedantic,
+    missing_debug_implementations,
+    rust_2018_idioms
+)]
+pub mod pb {
+    tonic::include_proto!("inference");
+}
+
+use pb::grpc_inference_service_server::GrpcInferenceService;
+pub use pb::grpc_inference_service_server::GrpcInferenceServiceServer;
+
+/// Requests of one stream in flight at once; the next waits for a slot.
+const STREAM_IN_FLIGHT: usize = 256;
+/// Answers of one stream buffered for a slow reader.
+const STREAM_BUFFER: usize = 256;
+
+/// The gRPC service; cheap to clone (shares the HTTP [`AppState`]).
+#[derive(Debug, Clone)]
+pub(crate) struct InferenceService {
+    state: AppState,
+}
+
+impl InferenceService {
+    pub(crate) fn new(state: AppState) -> Self {
+        InferenceService { state }
+    }
+}
+
+fn version_arg(version: &str) -> Option<&str> {
+    (!version.is_empty()).then_some(version)
+}
+
+fn lookup<'a>(
+    state: &'a AppState,
+    name: &str,
+    version: &str,
+) -> Result<&'a Arc<ModelVersion>, ServeError> {
+    state.registry()?.get(name)?.version(version_arg(version))
+}
+
+#[tonic::async_trait]
+impl GrpcInferenceService for InferenceService {
+    async fn server_live(
+        &self,
+        _: Request<pb::ServerLiveRequest>,
+    ) -> Result<Response<pb::ServerLiveResponse>, Status> {
+        Ok(Response::new(pb::ServerLiveResponse { live: true }))
+    }
+
+    async fn server_ready(
+        &self,
+        _: Request<pb::ServerReadyRequest>,
+    ) -> Result<Response<pb::ServerReadyResponse>, Status> {
+        Ok(Response::new(pb::ServerReadyResponse {
+            ready: self.state.is_ready(),
+        }))
+    }
+
+    async fn model_ready(
+        &self,
+        request: Request<pb::ModelReadyRequest>,
+    ) -> Result<Response<pb::ModelReadyResponse>, Status> {
+        let request = request.into_inner();
+        lookup(&self.state, &request.name, &request.version)?;
+        Ok(Response::new(pb::ModelReadyResponse {
+            ready: !self.state.is_draining(),
+        }))
+    }
+
+    async fn server_metadata(
+        &self,
+        _: Request<pb::ServerMetadataRequest>,
+    ) -> Result<Response<pb::ServerMetadataResponse>, Status> {
+        Ok(Response::new(pb::ServerMetadataResponse {
+            name: "tickserve".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            extensions: codec::EXTENSIONS.iter().map(|e| (*e).to_owned()).collect(),
+        }))
+    }
+
+    async fn model_metadata(
+        &self,
+        request: Request<pb::ModelMetadataRequest>,
+    ) -> Result<Response<pb::ModelMetadataResponse>, Status> {
+        let request = request.into_inner();
+        let registry = self.state.registry()?;
+        let model = registry.get(&request.name)?;
+        let version = model.version(version_arg(&request.version))?;
+        let tensor = |spec: &tickserve_engine::TensorSpec| {
+            let mut shape = vec![-1i64];
+            shape.extend(spec.dims.iter().map(|&d| d as i64));
+            pb::model_metadata_response::TensorMetadata {
+                name: spec.name.clone(),
+                datatype: spec.datatype.as_str().to_owned(),
+                shape,
+            }
+        };
+        Ok(Response::new(pb::ModelMetadataResponse {
+            name: model.name.clone(),
+            versions: model.version_names(),
+            platform: "onnx".into(),
+            inputs: version.signature.inputs.iter().map(tensor).collect(),
+            outputs: version.signature.outputs.iter().map(tensor).collect(),
+        }))
+    }
+
+    async fn model_infer(
+        &self,
+        request: Request<pb::ModelInferRequest>,
+    ) -> Result<Response<pb::ModelInferResponse>, Status> {
+        Ok(Response::new(
+            infer(&self.state, request.into_inner()).await?,
+        ))
+    }
+
+    type ModelStreamInferStream = ReceiverStream<Result<pb::ModelStreamInferResponse, Status>>;
+
+    async fn model_stream_infer(
+        &self,
+        request: Request<Streaming<pb::ModelInferRequest>>,
+    ) -> Result<Response<Self::ModelStreamInferStream>, Status> {
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let state = self.state.clone();
+        let slots = Arc::new(Semaphore::new(STREAM_IN_FLIGHT));
+        tokio::spawn(async move {
+            loop {
+                match inbound.message().await {
+                    Ok(Some(request)) => {
+                        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+                            break;
+                        };
+                        let (tx, state) = (tx.clone(), state.clone());
+                        tokio::spawn(async move {
+                            let (id, model_name, model_version) = (
+                                request.id.clone(),
+                                request.model_name.clone(),
+                                request.model_version.clone(),
+                            );
+                            let answer = match infer(&state, request).await {
+                                Ok(response) => pb::ModelStreamInferResponse {
+                                    error_message: String::new(),
+                                    infer_response: Some(response),
+                                },
+                                Err(error) => pb::ModelStreamInferResponse {
+                                    error_message: error.to_string(),
+                                    infer_response: Some(pb::ModelInferResponse {
+                                        model_name,
+                                        model_version,
+                                        id,
+                                        ..Default::default()
+                                    }),
+                                },
+                            };
+                            let _ = tx.send(Ok(answer)).await;
+                            drop(slot);
+                        });
+                    }
+                    Ok(None) => break,
+                    Err(status) => {
+                        let _ = tx.send(Err(status)).await;
+                        break;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn model_config(
+        &self,
+        request: Request<pb::ModelConfigRequest>,
+    ) -> Result<Response<pb::ModelConfigResponse>, Status> {
+        let request = request.into_inner();
+        let version = lookup(&self.state, &request.name, &request.version)?;
+        Ok(Response::new(pb::ModelConfigResponse {
+            config: Some(model_config(&triton::ModelConfigJson::of(version))),
+        }))
+    }
+
+    async fn model_statistics(
+        &self,
+        request: Request<pb::ModelStatisticsRequest>,
+    ) -> Result<Response<pb::ModelStatisticsResponse>, Status> {
+        let request = request.into_inner();
+        let registry = self.state.registry()?;
+        let model = (!request.name.is_empty()).then_some(request.name.as_str());
+        let stats = triton::statistics(registry, model, version_arg(&request.version))?;
+        let duration = |count, ns| Some(pb::StatisticDuration { count, ns });
+        Ok(Response::new(pb::ModelStatisticsResponse {
+            model_stats: stats
+                .into_iter()
+                .map(|v| pb::ModelStatistics {
+                    name: v.name,
+                    version: v.version,
+                    last_inference: v.stats.last_inference_ms,
+                    inference_count: v.stats.inference_count,
+                    execution_count: 0,
+                    inference_stats: Some(pb::InferStatistics {
+                        success: duration(v.stats.success_count, v.stats.success_ns),
+                        fail: duration(v.stats.fail_count, v.stats.fail_ns),
+                        queue: duration(v.stats.scheduled_count, v.stats.scheduled_ns),
+                        compute_input: duration(0, 0),
+                        compute_infer: duration(0, 0),
+                        compute_output: duration(0, 0),
+                        cache_hit: duration(0, 0),
+                        cache_miss: duration(0, 0),
+                    }),
+                    batch_stats: Vec::new(),
+                })
+                .collect(),
+        }))
+    }
+
+    async fn repository_index(
+        &self,
+        _: Request<pb::RepositoryIndexRequest>,
+    ) -> Result<Response<pb::RepositoryIndexResponse>, Status> {
+        let registry = self.state.registry()?;
+        Ok(Response::new(pb::RepositoryIndexResponse {
+            models: triton::repository_index(registry)
+                .into_iter()
+                .map(
+                    |(name, version)| pb::repository_index_response::ModelIndex {
+                        name,
+                        version,
+                        state: "READY".into(),
+                        reason: String::new(),
+                    },
+                )
+                .collect(),
+        }))
+    }
+}
+
+fn data_type(name: &str) -> i32 {
+    pb::DataType::from_str_name(name).map_or(pb::DataType::TypeInvalid as i32, |t| t as i32)
+}
+
+fn model_config(config: &triton::ModelConfigJson) -> pb::ModelConfig {
+    pb::ModelConfig {
+        name: config.name.clone(),
+        platform: config.platform.into(),
+        backend: config.backend.into(),
+        max_batch_size: i32::try_from(config.max_batch_size).unwrap_or(i32::MAX),
+        input: config
+            .input
+            .iter()
+            .map(|i| pb::ModelInput {
+                name: i.name.clone(),
+                data_type: data_type(i.data_type),
+                dims: i.dims.clone(),
+            })
+            .collect(),
+        output: config
+            .output
+            .iter()
+            .map(|o| pb::ModelOutput {
+                name: o.name.clone(),
+                data_type: data_type(o.data_type),
+                dims: o.dims.clone(),
+            })
+            .collect(),
+        instance_group: config
+            .instance_group
+            .iter()
+            .map(|g| pb::ModelInstanceGroup {
+                name: g.name.clone(),
+                count: i32::try_from(g.count).unwrap_or(i32::MAX),
+                kind: pb::model_instance_group::Kind::Cpu as i32,
+            })
+            .collect(),
+        scheduling_choice: Some(pb::model_config::SchedulingChoice::DynamicBatching(
+            pb::ModelDynamicBatching {
+                preferred_batch_size: Vec::new(),
+                max_queue_delay_microseconds: config.dynamic_batching.max_queue_delay_microseconds,
+            },
+        )),
+    }
+}
+
+/// One unary inference, with the same metrics as HTTP (`source="grpc"`).
+async fn infer(
+    state: &AppState,
+    request: pb::ModelInferRequest,
+) -> Result<pb::ModelInferResponse, ServeError> {
+    let started = Instant::now();
+    let model = request.model_name.clone();
+    let version = match lookup(state, &request.model_name, &request.model_version) {
+        Ok(version) => version,
+        Err(error) => {
+            counter!(telemetry::ERRORS_TOTAL, "model" => "unknown", "error_type" => error.kind())
+                .increment(1);
+            return Err(error);
+        }
+    };
+    let (decoded, raw) = request_from_proto(request);
+    let result = match decoded {
+        Ok(decoded) => {
+            let rows = decoded
+                .inputs
+                .first()
+                .and_then(|i| i.shape.first())
+                .map_or(0, |&n| n.max(0) as usize);
+            version.infer(decoded).await.map(|r| (r, rows))
+        }
+        Err(error) => Err(error),
+    };
+    let (outcome, rows) = match &result {
+        Ok((_, rows)) => ("success", *rows),
+        Err(error) => {
+            counter!(telemetry::ERRORS_TOTAL, "model" => model.clone(), "error_type" => error.kind())
+                .increment(1);
+            (error.kind(), 0)
+        }
+    };
+    let batch_type = if rows <= 1 { "single" } else { "multi" };
+    counter!(telemetry::REQUESTS_TOTAL, "model" => model.clone(), "outcome" => outcome, "batch_type" => batch_type, "source" => "grpc")
+        .increment(1);
+    histogram!(telemetry::REQUEST_LATENCY, "model" => model, "batch_size_range" => telemetry::batch_size_range(rows))
+        .record(started.elapsed().as_secs_f64());
+    if let Err(error) = &result
+        && error.grpc_code() == tonic::Code::Internal
+    {
+        tracing::warn!(%error, "gRPC inference request failed");
+    }
+    result.map(|(response, _)| response_to_proto(response, raw))
+}
+
+/// Decodes a serialized `ModelInferRequest` exactly as the service does.
+/// Public for the decoding benchmark only.
+#[doc(hidden)]
+pub fn decode_infer_message(bytes: &[u8]) -> Result<InferRequest, ServeError> {
+    let message = <pb::ModelInferRequest as prost::Message>::decode(bytes)
+        .map_err(|e| ServeError::Invalid(format!("malformed ModelInferRequest: {e}")))?;
+    request_from_proto(message).0
+}
+
+/// The protocol-neutral request, and whether tensors came as raw bytes.
+fn request_from_proto(request: pb::ModelInferRequest) -> (Result<InferRequest, ServeError>, bool) {
+    let raw = !request.raw_input_contents.is_empty();
+    let decode = || {
+        if raw && request.raw_input_contents.len() != request.inputs.len() {
+            return Err(ServeError::Invalid(format!(
+                "the request has {} inputs but {} raw_input_contents",
+                request.inputs.len(),
+                request.raw_input_contents.len()
+            )));
+        }
+        let mut inputs = Vec::with_capacity(request.inputs.len());
+        for (index, tensor) in request.inputs.into_iter().enumerate() {
+            let data = if raw {
+                if tensor.contents.is_some_and(|c| !c.fp32_contents.is_empty()) {
+                    return Err(ServeError::Invalid(format!(
+                        "input '{}' has contents although the request uses raw_input_contents",
+                        tensor.name
+                    )));
+                }
+                codec::tensor_from_le_bytes(
+                    &tensor.name,
+                    &tensor.datatype,
+                    &request.raw_input_contents[index],
+                )?
+            } else if tensor.datatype == "FP32" {
+                tensor.contents.map(|c| c.fp32_contents).unwrap_or_default()
+            } else {
+                // Validation refuses the datatype with the one the model takes.
+                Vec::new()
+            };
+            inputs.push(InputTensor {
+                name: tensor.name,
+                datatype: tensor.datatype,
+                shape: tensor.shape,
+                data,
+            });
+        }
+        let param = |name: &str| request.parameters.get(name).map(parameter);
+        // Priority, request type and timeout mean what they mean over HTTP.
+        let options = scheduling::resolve_options(
+            param(scheduling::PRIORITY_PARAMETER),
+            param(scheduling::REQUEST_TYPE_PARAMETER),
+            param(scheduling::TIMEOUT_PARAMETER),
+            None,
+        )?;
+        Ok(InferRequest {
+            id: (!request.id.is_empty()).then_some(request.id),
+            inputs,
+            outputs: (!request.outputs.is_empty())
+                .then(|| request.outputs.into_iter().map(|o| o.name).collect()),
+            options,
+        })
+    };
+    (decode(), raw)
+}
+
+/// A gRPC request parameter in the form the scheduling options take.
+fn parameter(value: &pb::InferParameter) -> Param<'_> {
+    use pb::infer_parameter::ParameterChoice;
+    match &value.parameter_choice {
+        Some(ParameterChoice::Int64Param(v)) => Param::Int(*v),
+        Some(ParameterChoice::Uint64Param(v)) => {
+            i64::try_from(*v).map_or(Param::Other("uint64"), Param::Int)
+        }
+        Some(ParameterChoice::StringParam(v)) => Param::Str(v),
+        Some(ParameterChoice::BoolParam(_)) => Param::Other("bool"),
+        Some(ParameterChoice::DoubleParam(_)) => Param::Other("double"),
+        None => Param::Other("empty"),
+    }
+}
+
+fn response_to_proto(response: InferResponse, raw: bool) -> pb::ModelInferResponse {
+    let mut raw_output_contents = Vec::new();
+    let outputs = response
+        .outputs
+        .into_iter()
+        .map(|o| {
+            let contents = if raw {
+                let mut bytes = Vec::with_capacity(o.data.len() * 4);
+                for value in &o.data {
+                    bytes.extend_from_slice(&value.to_le_bytes());
+                }
+                raw_output_contents.push(bytes);
+                None
+            } else {
+                Some(pb::InferTensorContents {
+                    fp32_contents: o.data,
+                    ..Default::default()
+                })
+            };
+            pb::model_infer_response::InferOutputTensor {
+                name: o.name,
+                datatype: o.datatype.as_str().to_owned(),
+                shape: o.shape.iter().map(|&d| d as i64).collect(),
+                parameters: Default::default(),
+                contents,
+            }
+        })
+        .collect();
+    pb::ModelInferResponse {
+        model_name: response.model_name,
+        model_version: response.model_version,
+        id: response.id.unwrap_or_default(),
+        parameters: Default::default(),
+        outputs,
+        raw_output_contents,
+    }
+}

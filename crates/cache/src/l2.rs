@@ -27,8 +27,8 @@ use crate::breaker::{Breaker, BreakerState};
 use crate::codec::{self, RowOutputs};
 use crate::key::CacheKey;
 
-/// Settings of the Redis tier.
-#[derive(Debug, Clone, PartialEq)]
+/// Settings of the Redis tier. `Debug` hides the URL's password.
+#[derive(Clone, PartialEq)]
 pub struct RedisConfig {
     /// `redis://[user:password@]host:port`; the database in the URL is
     /// replaced by `db`.
@@ -48,6 +48,33 @@ pub struct RedisConfig {
     pub failure_threshold: u32,
     /// How long an open breaker keeps Redis out before probing it.
     pub open_for: Duration,
+}
+
+/// The URL with anything between `://` and `@` (user and password)
+/// replaced by `***`.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}***{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+impl std::fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &redact(&self.url))
+            .field("db", &self.db)
+            .field("key_prefix", &self.key_prefix)
+            .field("ttl", &self.ttl)
+            .field("timeout", &self.timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("write_queue", &self.write_queue)
+            .field("failure_threshold", &self.failure_threshold)
+            .field("open_for", &self.open_for)
+            .finish()
+    }
 }
 
 impl Default for RedisConfig {
@@ -470,5 +497,11 @@ mod tests {
     fn glob_characters_in_model_names_are_escaped() {
         assert_eq!(escape_glob("a*b?[c]\\"), "a\\*b\\?\\[c\\]\\\\");
         assert_eq!(escape_glob("cnn_lstm"), "cnn_lstm");
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(redact("redis://:pw@h:1"), "redis://***@h:1");
+        assert_eq!(redact("redis://h:1"), "redis://h:1");
     }
 }

@@ -274,9 +274,20 @@ impl ResultCache {
         counter!(telemetry::CACHE_COALESCED, "model" => model.to_owned()).increment(rows);
     }
 
-    /// Removes every entry of `model` (all versions) from L1 and Redis.
-    /// Returns the Redis keys deleted (`None` without Redis).
-    pub async fn clear_model(&self, model: &str) -> Result<Option<u64>, L2Error> {
+    /// Removes every entry of `model` (all versions) from L1 and/or
+    /// Redis. Returns the Redis keys deleted (`None` without Redis or when
+    /// `l2` is false).
+    pub async fn clear_model(&self, model: &str, l1: bool, l2: bool) -> Result<Option<u64>, L2Error> {
+        if l1 {
+            self.clear_l1(model).await;
+        }
+        match &self.inner.l2 {
+            Some(tier) if l2 => tier.clear_model(model).await.map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    async fn clear_l1(&self, model: &str) {
         let target: Arc<str> = Arc::from(model);
         // Only fails when invalidation closures are not enabled, which the
         // builder above always does.
@@ -288,10 +299,6 @@ impl ResultCache {
             tracing::error!(%error, "cannot clear the in-process cache");
         }
         self.inner.l1.run_pending_tasks().await;
-        match &self.inner.l2 {
-            Some(l2) => l2.clear_model(model).await.map(Some),
-            None => Ok(None),
-        }
     }
 
     pub fn stats(&self) -> CacheStats {
@@ -378,7 +385,7 @@ mod tests {
         cache.sync().await;
         assert_eq!(cache.stats().l1.entries, 2);
         assert!(cache.stats().l1.bytes > 0);
-        assert_eq!(cache.clear_model("a").await.unwrap(), None);
+        assert_eq!(cache.clear_model("a", true, true).await.unwrap(), None);
         assert!(cache.peek(&CacheKey(1)).await.is_none());
         assert!(cache.peek(&CacheKey(2)).await.is_some());
         cache.sync().await;

@@ -106,6 +106,28 @@ impl Default for BatchingConfig {
     }
 }
 
+/// The model's result cache (`[cache]`; see docs/cache.md).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelCacheConfig {
+    /// Whether this model's results are cached (when the server's cache
+    /// is on).
+    pub enabled: bool,
+    /// How long an entry lives (e.g. `"30s"`); the server's
+    /// `--cache-ttl` when absent.
+    #[serde(with = "humantime_serde")]
+    pub ttl: Option<Duration>,
+}
+
+impl Default for ModelCacheConfig {
+    fn default() -> Self {
+        ModelCacheConfig {
+            enabled: true,
+            ttl: None,
+        }
+    }
+}
+
 /// The contents of `<model>/config.toml`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -127,6 +149,8 @@ pub struct ModelConfig {
     pub outputs: Vec<TensorConfig>,
     #[serde(default)]
     pub dynamic_batching: BatchingConfig,
+    #[serde(default)]
+    pub cache: ModelCacheConfig,
 }
 
 fn default_max_batch_size() -> usize {
@@ -220,6 +244,9 @@ pub fn read_config(path: &Path) -> Result<ModelConfig, RepositoryError> {
         return Err(invalid(
             "dynamic_batching.max_queue_size must be at least 1".into(),
         ));
+    }
+    if config.cache.ttl.is_some_and(|ttl| ttl.is_zero()) {
+        return Err(invalid("cache.ttl must be positive".into()));
     }
     if config.inputs.is_empty() || config.outputs.is_empty() {
         return Err(invalid(

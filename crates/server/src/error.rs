@@ -39,6 +39,9 @@ pub enum ServeError {
     Internal(String),
     #[error("no route for {0}")]
     NoRoute(String),
+    /// An admin endpoint without the right bearer token.
+    #[error("{0}")]
+    Unauthorized(String),
 }
 
 impl ServeError {
@@ -51,13 +54,16 @@ impl ServeError {
             ServeError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ServeError::NotReady(_) | ServeError::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
             ServeError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ServeError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
         }
     }
 
     /// The `error_type` label of the error metrics.
     pub fn kind(&self) -> &'static str {
         match self {
-            ServeError::Invalid(_) | ServeError::PayloadTooLarge(_) => error_type::INVALID,
+            ServeError::Invalid(_)
+            | ServeError::PayloadTooLarge(_)
+            | ServeError::Unauthorized(_) => error_type::INVALID,
             ServeError::ModelNotFound(_)
             | ServeError::VersionNotFound { .. }
             | ServeError::NoRoute(_) => error_type::NOT_FOUND,

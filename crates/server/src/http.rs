@@ -156,7 +156,7 @@ async fn infer(
             .first()
             .and_then(|i| i.shape.first())
             .map_or(0, |&n| n.max(0) as usize);
-        version.infer(request).await
+        crate::cached::infer(state.cache.as_deref(), version, request).await
     }
     .await;
 
@@ -197,7 +197,6 @@ struct RequestJson {
     #[serde(default)]
     id: Option<String>,
     #[serde(default)]
-    #[allow(dead_code)]
     parameters: Option<serde_json::Map<String, serde_json::Value>>,
     inputs: Vec<InputJson>,
     #[serde(default)]
@@ -241,6 +240,7 @@ fn decode_request(body: &[u8]) -> Result<InferRequest, ServeError> {
         outputs: request
             .outputs
             .map(|outputs| outputs.into_iter().map(|o| o.name).collect()),
+        parameters: request.parameters.unwrap_or_default(),
     })
 }
 

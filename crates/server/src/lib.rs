@@ -11,6 +11,8 @@
 //! The HTTP handlers ([`http`]) and the future gRPC service share one
 //! [`AppState`]: the same registry, schedulers and error mapping.
 
+mod cache_admin;
+mod cached;
 pub mod error;
 mod http;
 pub mod models;
@@ -27,12 +29,15 @@ use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
+use tickserve_cache::{L2Error, ResultCache};
 use tickserve_repository::RepositoryError;
 use tickserve_telemetry as telemetry;
 use tokio::net::TcpListener;
 
 use crate::error::ServeError;
 use crate::models::ModelRegistry;
+
+pub use tickserve_cache::{CacheConfig, RedisConfig};
 
 /// Everything `serve` needs, as plain data (the CLI fills it from flags,
 /// environment and the TOML file).
@@ -45,6 +50,31 @@ pub struct ServerConfig {
     pub drain_timeout: Duration,
     /// Largest accepted request body; larger ones get 413.
     pub max_body_bytes: usize,
+    /// The result cache (docs/cache.md).
+    pub cache: CacheConfig,
+    /// Bearer token of the admin endpoints; `None` turns them off.
+    pub admin_token: Option<AdminToken>,
+}
+
+/// A secret that never shows in `Debug` output (settings are logged at
+/// start-up).
+#[derive(Clone, PartialEq, Eq)]
+pub struct AdminToken(String);
+
+impl AdminToken {
+    pub fn new(token: impl Into<String>) -> Self {
+        AdminToken(token.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminToken(***)")
+    }
 }
 
 /// Why the server could not start or stopped with an error.
@@ -60,6 +90,8 @@ pub enum StartError {
     Repository(#[from] RepositoryError),
     #[error(transparent)]
     Telemetry(#[from] telemetry::TelemetryError),
+    #[error("cannot set up the result cache: {0}")]
+    Cache(#[from] L2Error),
     #[error("server task failed: {0}")]
     Task(String),
 }
@@ -70,6 +102,8 @@ pub(crate) struct AppState {
     registry: Arc<OnceLock<ModelRegistry>>,
     draining: Arc<AtomicBool>,
     max_body_bytes: usize,
+    cache: Option<Arc<cached::CacheLayer>>,
+    admin_token: Option<Arc<str>>,
 }
 
 impl AppState {
@@ -140,10 +174,18 @@ impl BoundServer {
             metrics_listener,
             metrics,
         } = self;
+        let cache = match config.cache.enabled {
+            true => Some(Arc::new(cached::CacheLayer::new(ResultCache::new(
+                config.cache.clone(),
+            )?))),
+            false => None,
+        };
         let state = AppState {
             registry: Arc::new(OnceLock::new()),
             draining: Arc::new(AtomicBool::new(false)),
             max_body_bytes: config.max_body_bytes,
+            cache,
+            admin_token: config.admin_token.as_ref().map(|t| Arc::from(t.expose())),
         };
         metrics::gauge!(telemetry::READY).set(0.0);
 
@@ -153,7 +195,7 @@ impl BoundServer {
             let _ = rx.wait_for(|&stop| stop).await;
         };
 
-        let http_app = http::router(state.clone());
+        let http_app = http::router(state.clone()).merge(cache_admin::router(state.clone()));
         let http_server = tokio::spawn(
             axum::serve(http_listener, http_app)
                 .with_graceful_shutdown(stopped(stop_rx.clone()))

@@ -15,7 +15,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use tickserve_engine::{Batch, DataType, Engine, Signature, TensorSpec};
-use tickserve_repository::{self as repository, ModelEntry, RepositoryError};
+use tickserve_repository::{self as repository, ModelCacheConfig, ModelEntry, RepositoryError};
 use tickserve_scheduler::{Scheduler, SchedulerConfig};
 
 use crate::error::ServeError;
@@ -36,6 +36,9 @@ pub struct InferRequest {
     pub inputs: Vec<InputTensor>,
     /// Outputs to return; `None` means all of them.
     pub outputs: Option<Vec<String>>,
+    /// The request's `parameters` object (the result cache reads `cache`
+    /// and keys on the others; see crate::cached).
+    pub parameters: serde_json::Map<String, serde_json::Value>,
 }
 
 /// One output tensor of an answer.
@@ -63,6 +66,8 @@ pub struct ModelVersion {
     pub engine_kind: &'static str,
     pub signature: Signature,
     pub max_batch_size: usize,
+    /// The `[cache]` section of the model's config.toml.
+    pub cache: ModelCacheConfig,
     scheduler: Scheduler,
 }
 
@@ -130,6 +135,7 @@ impl ModelRegistry {
                         engine_kind: loaded.engine.kind(),
                         signature: loaded.engine.signature().clone(),
                         max_batch_size: entry.config.max_batch_size,
+                        cache: entry.config.cache.clone(),
                         scheduler,
                     }),
                 );
@@ -197,10 +203,27 @@ impl ModelVersion {
             .into_iter()
             .map(|index| slots[index].take().map(|t| t.data).unwrap_or_default())
             .collect();
-        let mut outputs = self.scheduler.infer(rows, inputs).await?;
+        let outputs = self.scheduler.infer(rows, inputs).await?;
+        Ok(self.respond(id, rows, &wanted, outputs))
+    }
+
+    /// The scheduler, for the cache layer that sends only missing rows.
+    pub(crate) fn scheduler(&self) -> &Scheduler {
+        &self.scheduler
+    }
+
+    /// Shapes `rows` rows of every output (signature order) into the
+    /// answer, keeping the `wanted` outputs.
+    pub(crate) fn respond(
+        &self,
+        id: Option<String>,
+        rows: usize,
+        wanted: &[usize],
+        mut outputs: Vec<Vec<f32>>,
+    ) -> InferResponse {
         let tensors = wanted
             .into_iter()
-            .map(|index| {
+            .map(|&index| {
                 let spec = &self.signature.outputs[index];
                 let mut shape = Vec::with_capacity(spec.dims.len() + 1);
                 shape.push(rows);
@@ -213,18 +236,18 @@ impl ModelVersion {
                 }
             })
             .collect();
-        Ok(InferResponse {
+        InferResponse {
             model_name: self.name.clone(),
             model_version: self.version.to_string(),
             id,
             outputs: tensors,
-        })
+        }
     }
 
     /// Checks names, datatypes, shapes, counts and values of every input
     /// and returns the row count and, for each input of the signature, the
     /// index of the request's tensor that feeds it.
-    fn validate(&self, request: &InferRequest) -> Result<(usize, Vec<usize>), ServeError> {
+    pub(crate) fn validate(&self, request: &InferRequest) -> Result<(usize, Vec<usize>), ServeError> {
         let invalid = |m: String| Err(ServeError::Invalid(m));
         if request.inputs.is_empty() {
             return invalid("the request has no inputs".into());
@@ -313,7 +336,7 @@ impl ModelVersion {
         Ok((rows.unwrap_or(1), ordered))
     }
 
-    fn requested_outputs(&self, requested: Option<&[String]>) -> Result<Vec<usize>, ServeError> {
+    pub(crate) fn requested_outputs(&self, requested: Option<&[String]>) -> Result<Vec<usize>, ServeError> {
         let Some(requested) = requested.filter(|r| !r.is_empty()) else {
             return Ok((0..self.signature.outputs.len()).collect());
         };

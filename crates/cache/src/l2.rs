@@ -326,7 +326,8 @@ impl L2 {
         counters
             .misses
             .fetch_add(keys.len() as u64 - found, Ordering::Relaxed);
-        counter!(telemetry::CACHE_HITS, "model" => model.to_owned(), "tier" => "l2").increment(found);
+        counter!(telemetry::CACHE_HITS, "model" => model.to_owned(), "tier" => "l2")
+            .increment(found);
         counter!(telemetry::CACHE_MISSES, "model" => model.to_owned(), "tier" => "l2")
             .increment(keys.len() as u64 - found);
         Some(hits)

@@ -202,7 +202,8 @@ impl ResultCache {
         let c = &self.inner.counters;
         c.l1_hits.fetch_add(hits, Ordering::Relaxed);
         c.l1_misses.fetch_add(misses, Ordering::Relaxed);
-        counter!(telemetry::CACHE_HITS, "model" => model.to_owned(), "tier" => "l1").increment(hits);
+        counter!(telemetry::CACHE_HITS, "model" => model.to_owned(), "tier" => "l1")
+            .increment(hits);
         counter!(telemetry::CACHE_MISSES, "model" => model.to_owned(), "tier" => "l1")
             .increment(misses);
         metrics::histogram!(telemetry::CACHE_LOOKUP, "tier" => "l1")
@@ -245,7 +246,10 @@ impl ResultCache {
 
     async fn insert_l1(&self, model: &str, key: CacheKey, row: Row, ttl: Duration) {
         let bytes = codec::encoded_len(&row) as u64;
-        self.inner.counters.bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.inner
+            .counters
+            .bytes
+            .fetch_add(bytes, Ordering::Relaxed);
         let entry = Entry {
             model: Arc::from(model),
             row,
@@ -277,7 +281,12 @@ impl ResultCache {
     /// Removes every entry of `model` (all versions) from L1 and/or
     /// Redis. Returns the Redis keys deleted (`None` without Redis or when
     /// `l2` is false).
-    pub async fn clear_model(&self, model: &str, l1: bool, l2: bool) -> Result<Option<u64>, L2Error> {
+    pub async fn clear_model(
+        &self,
+        model: &str,
+        l1: bool,
+        l2: bool,
+    ) -> Result<Option<u64>, L2Error> {
         if l1 {
             self.clear_l1(model).await;
         }

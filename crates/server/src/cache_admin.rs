@@ -93,7 +93,9 @@ async fn clear_model(
         };
         state.registry()?.get(&model)?;
         let Some(layer) = &state.cache else {
-            return Ok(serde_json::json!({ "model": model, "l1_cleared": false, "l2_cleared": false }));
+            return Ok(
+                serde_json::json!({ "model": model, "l1_cleared": false, "l2_cleared": false }),
+            );
         };
         match layer.cache.clear_model(&model, l1, l2).await {
             Ok(deleted) => Ok(serde_json::json!({

@@ -284,13 +284,15 @@ mod tests {
 
     #[test]
     fn scheduling_parameters_stay_out_of_the_key_and_others_go_in() {
-        let params = |json: &str| -> serde_json::Map<String, Value> {
-            serde_json::from_str(json).unwrap()
-        };
+        let params =
+            |json: &str| -> serde_json::Map<String, Value> { serde_json::from_str(json).unwrap() };
         assert!(key_parameters(&params(r#"{"cache": true, "priority": "high"}"#)).is_empty());
         let a = key_parameters(&params(r#"{"b": 1, "a": {"y": 2, "x": 1}, "priority": 1}"#));
         let b = key_parameters(&params(r#"{"a": {"x": 1, "y": 2}, "b": 1}"#));
         assert_eq!(a, b, "canonical: sorted, scheduling parameters dropped");
-        assert_ne!(a, key_parameters(&params(r#"{"a": {"x": 1, "y": 3}, "b": 1}"#)));
+        assert_ne!(
+            a,
+            key_parameters(&params(r#"{"a": {"x": 1, "y": 3}, "b": 1}"#))
+        );
     }
 }

@@ -222,7 +222,7 @@ impl ModelVersion {
         mut outputs: Vec<Vec<f32>>,
     ) -> InferResponse {
         let tensors = wanted
-            .into_iter()
+            .iter()
             .map(|&index| {
                 let spec = &self.signature.outputs[index];
                 let mut shape = Vec::with_capacity(spec.dims.len() + 1);
@@ -247,7 +247,10 @@ impl ModelVersion {
     /// Checks names, datatypes, shapes, counts and values of every input
     /// and returns the row count and, for each input of the signature, the
     /// index of the request's tensor that feeds it.
-    pub(crate) fn validate(&self, request: &InferRequest) -> Result<(usize, Vec<usize>), ServeError> {
+    pub(crate) fn validate(
+        &self,
+        request: &InferRequest,
+    ) -> Result<(usize, Vec<usize>), ServeError> {
         let invalid = |m: String| Err(ServeError::Invalid(m));
         if request.inputs.is_empty() {
             return invalid("the request has no inputs".into());
@@ -336,7 +339,10 @@ impl ModelVersion {
         Ok((rows.unwrap_or(1), ordered))
     }
 
-    pub(crate) fn requested_outputs(&self, requested: Option<&[String]>) -> Result<Vec<usize>, ServeError> {
+    pub(crate) fn requested_outputs(
+        &self,
+        requested: Option<&[String]>,
+    ) -> Result<Vec<usize>, ServeError> {
         let Some(requested) = requested.filter(|r| !r.is_empty()) else {
             return Ok((0..self.signature.outputs.len()).collect());
         };

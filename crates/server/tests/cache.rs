@@ -111,14 +111,21 @@ async fn l1_hit_then_after_l1_clear_an_l2_hit_that_is_promoted() {
 
     assert_golden_rows(&g, &infer(&server, model, &body).await, &[0, 1]);
     let s = stats(&server).await;
-    assert_eq!((s["l1"]["hits"].as_u64(), s["l1"]["misses"].as_u64()), (Some(0), Some(2)));
+    assert_eq!(
+        (s["l1"]["hits"].as_u64(), s["l1"]["misses"].as_u64()),
+        (Some(0), Some(2))
+    );
     assert_eq!(s["l2"]["misses"], 2);
     assert_eq!(engine_rows(&server, model).await, 2.0);
 
     assert_golden_rows(&g, &infer(&server, model, &body).await, &[0, 1]);
     let s = stats(&server).await;
     assert_eq!(s["l1"]["hits"], 2, "{s}");
-    assert_eq!(engine_rows(&server, model).await, 2.0, "an L1 hit never reaches the engine");
+    assert_eq!(
+        engine_rows(&server, model).await,
+        2.0,
+        "an L1 hit never reaches the engine"
+    );
 
     wait_for_keys(&redis, 2).await;
     let cleared = clear(&server, model, "l1").await;
@@ -214,17 +221,35 @@ async fn versions_and_parameters_get_their_own_entries() {
     let post = |path: String, body: serde_json::Value| {
         let server = &server;
         async move {
-            let r = server.client.post(server.url(&path)).json(&body).send().await.unwrap();
+            let r = server
+                .client
+                .post(server.url(&path))
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
             assert_eq!(r.status(), 200);
         }
     };
     post(format!("/v2/models/{model}/versions/1/infer"), body.clone()).await;
     post(format!("/v2/models/{model}/versions/2/infer"), body.clone()).await;
-    assert_eq!(stats(&server).await["l1"]["hits"], 0, "another version is another key");
+    assert_eq!(
+        stats(&server).await["l1"]["hits"],
+        0,
+        "another version is another key"
+    );
     let mut with_param = body.clone();
     with_param["parameters"] = serde_json::json!({"horizon": 5});
-    post(format!("/v2/models/{model}/versions/1/infer"), with_param.clone()).await;
-    assert_eq!(stats(&server).await["l1"]["hits"], 0, "a parameter is part of the key");
+    post(
+        format!("/v2/models/{model}/versions/1/infer"),
+        with_param.clone(),
+    )
+    .await;
+    assert_eq!(
+        stats(&server).await["l1"]["hits"],
+        0,
+        "a parameter is part of the key"
+    );
     with_param["parameters"]["priority"] = "high".into();
     post(format!("/v2/models/{model}/versions/1/infer"), with_param).await;
     assert_eq!(stats(&server).await["l1"]["hits"], 1, "priority is not");
@@ -232,11 +257,24 @@ async fn versions_and_parameters_get_their_own_entries() {
     opt_out["parameters"] = serde_json::json!({"cache": false});
     post(format!("/v2/models/{model}/versions/1/infer"), opt_out).await;
     let s = stats(&server).await;
-    assert_eq!((s["l1"]["hits"].as_u64(), s["l1"]["misses"].as_u64()), (Some(1), Some(3)), "{s}");
-    assert_eq!(engine_rows(&server, model).await, 4.0, "cache: false runs the engine");
+    assert_eq!(
+        (s["l1"]["hits"].as_u64(), s["l1"]["misses"].as_u64()),
+        (Some(1), Some(3)),
+        "{s}"
+    );
+    assert_eq!(
+        engine_rows(&server, model).await,
+        4.0,
+        "cache: false runs the engine"
+    );
 
     // Admin endpoints need the token.
-    let r = server.client.get(server.url("/v2/cache/stats")).send().await.unwrap();
+    let r = server
+        .client
+        .get(server.url("/v2/cache/stats"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 401);
     let r = server
         .client
@@ -289,7 +327,9 @@ async fn concurrent_identical_requests_run_one_engine_row() {
 }
 
 /// `join_all` without a futures dependency: spawn-free, polls in order.
-async fn futures_join_all<F: std::future::Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output> {
+async fn futures_join_all<F: std::future::Future>(
+    futures: impl Iterator<Item = F>,
+) -> Vec<F::Output> {
     let mut set = Vec::new();
     for f in futures {
         set.push(Box::pin(f));
@@ -335,9 +375,15 @@ async fn redis_dying_and_coming_back_fails_no_request() {
         assert_eq!(answer["outputs"][0]["shape"], serde_json::json!([1, 3]));
     }
     let s = stats(&server).await;
-    assert!(s["l2"]["errors"].as_u64().unwrap() > 0, "the outage was noticed: {s}");
+    assert!(
+        s["l2"]["errors"].as_u64().unwrap() > 0,
+        "the outage was noticed: {s}"
+    );
     let metrics = server.metrics_text().await;
-    assert!(!metrics.contains(&format!("batch_processing_errors_total{{model=\"{model}\"")), "{metrics}");
+    assert!(
+        !metrics.contains(&format!("batch_processing_errors_total{{model=\"{model}\"")),
+        "{metrics}"
+    );
 
     // L2 hits resume on their own: a fresh row computed now reaches the
     // restarted Redis and is read back from it after an L1 clear.
@@ -356,6 +402,10 @@ async fn redis_dying_and_coming_back_fails_no_request() {
             break;
         }
     }
-    assert!(resumed, "no L2 hit after Redis came back: {}", stats(&server).await);
+    assert!(
+        resumed,
+        "no L2 hit after Redis came back: {}",
+        stats(&server).await
+    );
     server.shutdown().await.unwrap();
 }

@@ -115,7 +115,12 @@ pub struct ServeArgs {
     /// Bearer token of the admin endpoints (GET /v2/cache/stats,
     /// DELETE /v2/cache/models/{model}); unset turns them off.
     /// [default: unset]
-    #[arg(long, env = "TICKSERVE_ADMIN_TOKEN", value_name = "TOKEN", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "TICKSERVE_ADMIN_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
     pub admin_token: Option<String>,
 }
 
@@ -286,7 +291,10 @@ mod tests {
         assert!(settings.server.cache.enabled);
         assert_eq!(settings.server.cache.capacity, 10_000);
         assert_eq!(settings.server.cache.ttl, Duration::from_secs(600));
-        assert!(settings.server.cache.redis.is_none(), "Redis is off by default");
+        assert!(
+            settings.server.cache.redis.is_none(),
+            "Redis is off by default"
+        );
         assert!(settings.server.admin_token.is_none());
     }
 
@@ -307,7 +315,10 @@ mod tests {
         assert_eq!(redis.key_prefix, "tickserve:");
         assert_eq!(redis.timeout, Duration::from_millis(20));
         let shown = format!("{settings:?}");
-        assert!(!shown.contains("hunter2") && !shown.contains("s3cret"), "{shown}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("s3cret"),
+            "{shown}"
+        );
     }
 
     #[test]

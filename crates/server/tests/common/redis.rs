@@ -53,7 +53,10 @@ impl RedisServer {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("redis-server on port {} did not answer PING in 10 s", self.port);
+        panic!(
+            "redis-server on port {} did not answer PING in 10 s",
+            self.port
+        );
     }
 
     fn ping(&self) -> bool {

@@ -304,11 +304,11 @@ async fn admin_endpoints_are_off_without_a_token() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_identical_requests_run_one_engine_row() {
     let model = "cache_coalesce";
-    // A long queue delay keeps the first row waiting while the others
-    // arrive, so they meet it in flight.
+    // A long queue delay keeps the first row waiting (alone, its batch
+    // never fills) while the others arrive, so they meet it in flight.
     let repo = repository_with(
         model,
-        &cnn_lstm_config("[dynamic_batching]\nmax_queue_delay = \"50ms\"\n"),
+        &cnn_lstm_config("[dynamic_batching]\nmax_queue_delay = \"1s\"\n"),
     );
     let server = start(cached_config(repo, None)).await;
     let g = golden();

@@ -90,7 +90,12 @@ pub struct ServeArgs {
     /// Redis second-level cache, e.g. "redis://127.0.0.1:6379" or
     /// "redis://:password@host:6379" (TLS "rediss://" is not built in yet).
     /// Unset: memory only. [default: unset]
-    #[arg(long, env = "TICKSERVE_REDIS_URL", value_name = "URL", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "TICKSERVE_REDIS_URL",
+        value_name = "URL",
+        hide_env_values = true
+    )]
     pub redis_url: Option<String>,
 
     /// Redis database number (replaces one given in the URL). [default: 1]

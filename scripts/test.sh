@@ -11,7 +11,8 @@
 #   scripts/test.sh -p tickserve-scheduler   # extra args go to cargo test (Rust tests only)
 #
 # Needs the Rust toolchain and python3. It installs what the tests need
-# when it is missing: Debian's `chromium` and `prometheus` (promtool)
+# when it is missing: Debian's `chromium`, `prometheus` (promtool) and
+# `redis-server` (the cache tests start their own on a free loopback port)
 # when run as root; ONNX Runtime's library from PyPI into
 # target/venv-onnxruntime (as root, Debian's python3-venv if needed);
 # kubernetes-validate and yamllint into target/venv-deploy; the Triton
@@ -23,6 +24,7 @@ cd "$(dirname "$0")/.."
 need=()
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" -eq 0 ]; then
         echo "== installing ${need[*]}"

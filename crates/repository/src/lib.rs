@@ -183,6 +183,28 @@ impl Default for AdaptiveBatchingConfig {
     }
 }
 
+/// The model's result cache (`[cache]`; see docs/cache.md).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelCacheConfig {
+    /// Whether this model's results are cached (when the server's cache
+    /// is on).
+    pub enabled: bool,
+    /// How long an entry lives (e.g. `"30s"`); the server's
+    /// `--cache-ttl` when absent.
+    #[serde(with = "humantime_serde")]
+    pub ttl: Option<Duration>,
+}
+
+impl Default for ModelCacheConfig {
+    fn default() -> Self {
+        ModelCacheConfig {
+            enabled: true,
+            ttl: None,
+        }
+    }
+}
+
 /// The contents of `<model>/config.toml`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -211,6 +233,9 @@ pub struct ModelConfig {
     pub dynamic_batching: BatchingConfig,
     #[serde(default)]
     pub adaptive_batching: AdaptiveBatchingConfig,
+    /// Result caching of this model (the `[cache]` section).
+    #[serde(default)]
+    pub cache: ModelCacheConfig,
 }
 
 fn default_max_batch_size() -> usize {
@@ -347,6 +372,9 @@ pub fn read_config(path: &Path) -> Result<ModelConfig, RepositoryError> {
         return Err(invalid(
             "adaptive_batching.interval must be above zero".into(),
         ));
+    }
+    if config.cache.ttl.is_some_and(|ttl| ttl.is_zero()) {
+        return Err(invalid("cache.ttl must be positive".into()));
     }
     if config.inputs.is_empty() || config.outputs.is_empty() {
         return Err(invalid(

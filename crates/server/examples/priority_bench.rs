@@ -82,12 +82,8 @@ async fn main() {
         std::path::PathBuf::from,
     );
     let server = BoundServer::bind(ServerConfig {
-        model_repository: root,
-        http_addr: "127.0.0.1:0".parse().unwrap(),
-        metrics_addr: "127.0.0.1:0".parse().unwrap(),
-        grpc_addr: "127.0.0.1:0".parse().unwrap(),
         drain_timeout: Duration::from_secs(5),
-        max_body_bytes: 16 * 1024 * 1024,
+        ..ServerConfig::loopback(root)
     })
     .await
     .unwrap();

@@ -245,6 +245,7 @@ fn raw_request(body: &[u8], version: &ModelVersion) -> Result<InferRequest, Serv
         }],
         outputs: None,
         options: Default::default(),
+        parameters: Default::default(),
     })
 }
 

@@ -60,6 +60,9 @@ pub enum ServeError {
     Internal(String),
     #[error("no route for {0}")]
     NoRoute(String),
+    /// An admin endpoint without the right bearer token.
+    #[error("{0}")]
+    Unauthorized(String),
 }
 
 impl ServeError {
@@ -72,6 +75,7 @@ impl ServeError {
             ServeError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ServeError::NotReady(_) | ServeError::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
             ServeError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ServeError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ServeError::Rejected { .. } => StatusCode::TOO_MANY_REQUESTS,
             ServeError::TimedOut { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
@@ -88,8 +92,8 @@ impl ServeError {
     }
 
     /// The gRPC code of the same failure, following the HTTP status:
-    /// 400 → INVALID_ARGUMENT, 404 → NOT_FOUND, 413 → RESOURCE_EXHAUSTED,
-    /// 503 (overloaded or not ready) → UNAVAILABLE, 500 → INTERNAL.
+    /// 400 → INVALID_ARGUMENT, 401 → UNAUTHENTICATED, 404 → NOT_FOUND,
+    /// 413 and 429 → RESOURCE_EXHAUSTED, 503 → UNAVAILABLE, 500 → INTERNAL.
     pub fn grpc_code(&self) -> tonic::Code {
         match self {
             ServeError::Invalid(_) => tonic::Code::InvalidArgument,
@@ -104,13 +108,16 @@ impl ServeError {
             // HTTP's 503 for an expired timeout.
             ServeError::TimedOut { .. } => tonic::Code::Unavailable,
             ServeError::Internal(_) => tonic::Code::Internal,
+            ServeError::Unauthorized(_) => tonic::Code::Unauthenticated,
         }
     }
 
     /// The `error_type` label of the error metrics.
     pub fn kind(&self) -> &'static str {
         match self {
-            ServeError::Invalid(_) | ServeError::PayloadTooLarge(_) => error_type::INVALID,
+            ServeError::Invalid(_)
+            | ServeError::PayloadTooLarge(_)
+            | ServeError::Unauthorized(_) => error_type::INVALID,
             ServeError::ModelNotFound(_)
             | ServeError::VersionNotFound { .. }
             | ServeError::NoRoute(_) => error_type::NOT_FOUND,

@@ -336,7 +336,10 @@ async fn infer(
                 .first()
                 .and_then(|i| i.shape.first())
                 .map_or(0, |&n| n.max(0) as usize);
-            version.infer(decoded).await.map(|r| (r, rows))
+            // The same path as HTTP: the result cache, then the scheduler.
+            crate::cached::infer(state.cache.as_deref(), version, decoded)
+                .await
+                .map(|r| (r, rows))
         }
         Err(error) => Err(error),
     };
@@ -422,9 +425,28 @@ fn request_from_proto(request: pb::ModelInferRequest) -> (Result<InferRequest, S
             outputs: (!request.outputs.is_empty())
                 .then(|| request.outputs.into_iter().map(|o| o.name).collect()),
             options,
+            parameters: request
+                .parameters
+                .iter()
+                .map(|(name, value)| (name.clone(), json_parameter(value)))
+                .collect(),
         })
     };
     (decode(), raw)
+}
+
+/// A gRPC request parameter as the JSON value the HTTP form would carry
+/// (the result cache reads `cache` and keys on the others).
+fn json_parameter(value: &pb::InferParameter) -> serde_json::Value {
+    use pb::infer_parameter::ParameterChoice;
+    match &value.parameter_choice {
+        Some(ParameterChoice::BoolParam(v)) => serde_json::Value::Bool(*v),
+        Some(ParameterChoice::Int64Param(v)) => serde_json::Value::from(*v),
+        Some(ParameterChoice::Uint64Param(v)) => serde_json::Value::from(*v),
+        Some(ParameterChoice::StringParam(v)) => serde_json::Value::String(v.clone()),
+        Some(ParameterChoice::DoubleParam(v)) => serde_json::Value::from(*v),
+        None => serde_json::Value::Null,
+    }
 }
 
 /// A gRPC request parameter in the form the scheduling options take.

@@ -252,7 +252,7 @@ async fn infer(
             .first()
             .and_then(|i| i.shape.first())
             .map_or(0, |&n| n.max(0) as usize);
-        version.infer(request).await
+        crate::cached::infer(state.cache.as_deref(), version, request).await
     }
     .await;
 
@@ -398,6 +398,7 @@ pub(crate) fn request_from_wire(
         outputs: request
             .outputs
             .map(|outputs| outputs.into_iter().map(|o| o.name).collect()),
+        parameters: request.parameters.unwrap_or_default(),
     })
 }
 

@@ -13,6 +13,8 @@
 //! listener also serves grpc.health.v1 for Kubernetes probes, SERVING once
 //! the models are ready and NOT_SERVING while draining.
 
+mod cache_admin;
+mod cached;
 mod codec;
 pub mod error;
 pub mod grpc;
@@ -42,12 +44,15 @@ use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
+use tickserve_cache::{L2Error, ResultCache};
 use tickserve_repository::RepositoryError;
 use tickserve_telemetry as telemetry;
 use tokio::net::TcpListener;
 
 use crate::error::ServeError;
 use crate::models::ModelRegistry;
+
+pub use tickserve_cache::{CacheConfig, RedisConfig};
 
 /// Everything `serve` needs, as plain data (the CLI fills it from flags,
 /// environment and the TOML file).
@@ -62,6 +67,49 @@ pub struct ServerConfig {
     pub drain_timeout: Duration,
     /// Largest accepted request body; larger ones get 413.
     pub max_body_bytes: usize,
+    /// The result cache (docs/cache.md).
+    pub cache: CacheConfig,
+    /// Bearer token of the admin endpoints; `None` turns them off.
+    pub admin_token: Option<AdminToken>,
+}
+
+impl ServerConfig {
+    /// Every listener on a free loopback port, the in-process cache on its
+    /// defaults, no Redis, no admin token: for tests, benches and examples.
+    pub fn loopback(model_repository: PathBuf) -> Self {
+        let any_port = SocketAddr::from(([127, 0, 0, 1], 0));
+        ServerConfig {
+            model_repository,
+            http_addr: any_port,
+            grpc_addr: any_port,
+            metrics_addr: any_port,
+            drain_timeout: Duration::from_secs(10),
+            max_body_bytes: 16 * 1024 * 1024,
+            cache: CacheConfig::default(),
+            admin_token: None,
+        }
+    }
+}
+
+/// A secret that never shows in `Debug` output (settings are logged at
+/// start-up).
+#[derive(Clone, PartialEq, Eq)]
+pub struct AdminToken(String);
+
+impl AdminToken {
+    pub fn new(token: impl Into<String>) -> Self {
+        AdminToken(token.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminToken(***)")
+    }
 }
 
 /// Why the server could not start or stopped with an error.
@@ -77,6 +125,8 @@ pub enum StartError {
     Repository(#[from] RepositoryError),
     #[error(transparent)]
     Telemetry(#[from] telemetry::TelemetryError),
+    #[error("cannot set up the result cache: {0}")]
+    Cache(#[from] L2Error),
     #[error("server task failed: {0}")]
     Task(String),
 }
@@ -90,6 +140,8 @@ pub(crate) struct AppState {
     /// Rolling-window SLA view (`GET /v2/sla`, `GET /dashboard`).
     sla: Arc<sla::SlaMonitor>,
     metrics: PrometheusHandle,
+    cache: Option<Arc<cached::CacheLayer>>,
+    admin_token: Option<Arc<str>>,
 }
 
 impl AppState {
@@ -170,12 +222,20 @@ impl BoundServer {
             metrics_listener,
             metrics,
         } = self;
+        let cache = match config.cache.enabled {
+            true => Some(Arc::new(cached::CacheLayer::new(ResultCache::new(
+                config.cache.clone(),
+            )?))),
+            false => None,
+        };
         let state = AppState {
             registry: Arc::new(OnceLock::new()),
             draining: Arc::new(AtomicBool::new(false)),
             max_body_bytes: config.max_body_bytes,
             sla: Arc::new(sla::SlaMonitor::new()),
             metrics: metrics.clone(),
+            cache,
+            admin_token: config.admin_token.as_ref().map(|t| Arc::from(t.expose())),
         };
         metrics::gauge!(telemetry::READY).set(0.0);
 
@@ -185,7 +245,9 @@ impl BoundServer {
             let _ = rx.wait_for(|&stop| stop).await;
         };
 
-        let http_app = http::router(state.clone()).merge(sla::router(state.clone()));
+        let http_app = http::router(state.clone())
+            .merge(sla::router(state.clone()))
+            .merge(cache_admin::router(state.clone()));
         let http_server = tokio::spawn(
             axum::serve(http_listener, http_app)
                 .with_graceful_shutdown(stopped(stop_rx.clone()))

@@ -15,7 +15,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use tickserve_engine::{Batch, DataType, Engine, Signature, TensorSpec};
-use tickserve_repository::{self as repository, ModelEntry, RepositoryError};
+use tickserve_repository::{self as repository, ModelCacheConfig, ModelEntry, RepositoryError};
 use tickserve_scheduler::{InferOptions, Priority, Scheduler, StatsSnapshot};
 
 use crate::error::ServeError;
@@ -38,6 +38,9 @@ pub struct InferRequest {
     pub outputs: Option<Vec<String>>,
     /// Priority and timeout (crate::scheduling::resolve_options).
     pub options: InferOptions,
+    /// The request's `parameters` object (the result cache reads `cache`
+    /// and keys on the others; see crate::cached).
+    pub parameters: serde_json::Map<String, serde_json::Value>,
 }
 
 /// One output tensor of an answer.
@@ -70,6 +73,8 @@ pub struct ModelVersion {
     pub instances: usize,
     /// Counters for Triton's statistics extension.
     pub stats: crate::stats::InferStats,
+    /// The `[cache]` section of the model's config.toml.
+    pub cache: ModelCacheConfig,
     scheduler: Scheduler,
 }
 
@@ -138,6 +143,7 @@ impl ModelRegistry {
                         max_queue_delay,
                         instances: entry.config.instances,
                         stats: Default::default(),
+                        cache: entry.config.cache.clone(),
                         scheduler,
                     }),
                 );
@@ -209,6 +215,17 @@ impl ModelVersion {
     pub async fn infer(&self, request: InferRequest) -> Result<InferResponse, ServeError> {
         let started = std::time::Instant::now();
         let result = self.infer_inner(request).await;
+        self.record_outcome(&result, started);
+        result
+    }
+
+    /// Counts a finished request for Triton's statistics extension, on
+    /// whichever path (scheduler or result cache) answered it.
+    pub(crate) fn record_outcome(
+        &self,
+        result: &Result<InferResponse, ServeError>,
+        started: std::time::Instant,
+    ) {
         let rows = result
             .as_ref()
             .ok()
@@ -216,7 +233,6 @@ impl ModelVersion {
             .and_then(|o| o.shape.first().copied())
             .unwrap_or(0);
         self.stats.record(result.is_ok(), rows, started.elapsed());
-        result
     }
 
     async fn infer_inner(&self, request: InferRequest) -> Result<InferResponse, ServeError> {
@@ -236,10 +252,26 @@ impl ModelVersion {
         let scheduled = std::time::Instant::now();
         let outputs = self.scheduler.infer(rows, inputs, options).await;
         self.stats.record_scheduled(scheduled.elapsed());
-        let mut outputs = outputs?;
+        Ok(self.respond(id, rows, &wanted, outputs?))
+    }
+
+    /// The scheduler, for the cache layer that sends only missing rows.
+    pub(crate) fn scheduler(&self) -> &Scheduler {
+        &self.scheduler
+    }
+
+    /// Shapes `rows` rows of every output (signature order) into the
+    /// answer, keeping the `wanted` outputs.
+    pub(crate) fn respond(
+        &self,
+        id: Option<String>,
+        rows: usize,
+        wanted: &[usize],
+        mut outputs: Vec<Vec<f32>>,
+    ) -> InferResponse {
         let tensors = wanted
-            .into_iter()
-            .map(|index| {
+            .iter()
+            .map(|&index| {
                 let spec = &self.signature.outputs[index];
                 let mut shape = Vec::with_capacity(spec.dims.len() + 1);
                 shape.push(rows);
@@ -252,18 +284,21 @@ impl ModelVersion {
                 }
             })
             .collect();
-        Ok(InferResponse {
+        InferResponse {
             model_name: self.name.clone(),
             model_version: self.version.to_string(),
             id,
             outputs: tensors,
-        })
+        }
     }
 
     /// Checks names, datatypes, shapes, counts and values of every input
     /// and returns the row count and, for each input of the signature, the
     /// index of the request's tensor that feeds it.
-    fn validate(&self, request: &InferRequest) -> Result<(usize, Vec<usize>), ServeError> {
+    pub(crate) fn validate(
+        &self,
+        request: &InferRequest,
+    ) -> Result<(usize, Vec<usize>), ServeError> {
         let invalid = |m: String| Err(ServeError::Invalid(m));
         if request.inputs.is_empty() {
             return invalid("the request has no inputs".into());
@@ -352,7 +387,10 @@ impl ModelVersion {
         Ok((rows.unwrap_or(1), ordered))
     }
 
-    fn requested_outputs(&self, requested: Option<&[String]>) -> Result<Vec<usize>, ServeError> {
+    pub(crate) fn requested_outputs(
+        &self,
+        requested: Option<&[String]>,
+    ) -> Result<Vec<usize>, ServeError> {
         let Some(requested) = requested.filter(|r| !r.is_empty()) else {
             return Ok((0..self.signature.outputs.len()).collect());
         };

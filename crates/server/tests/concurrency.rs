@@ -22,7 +22,16 @@ fn sample(text: &str, series: &str) -> Option<f64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixty_four_concurrent_clients_each_get_their_golden_rows_in_shared_batches() {
-    let server = start_default().await;
+    // The result cache would answer repeated rows without the engine;
+    // this test is about batching, so every row must reach it.
+    let server = start(tickserve_server::ServerConfig {
+        cache: tickserve_server::CacheConfig {
+            enabled: false,
+            ..Default::default()
+        },
+        ..config(root().join("models"))
+    })
+    .await;
     let golden = std::sync::Arc::new(golden());
     let clients: Vec<_> = (0..64usize)
         .map(|i| {

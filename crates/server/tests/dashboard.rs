@@ -166,7 +166,8 @@ async fn sla_view_and_dashboard_show_live_numbers() {
     }
     assert!(panel("errors").contains('%'));
     assert!(["healthy", "warning", "critical"].contains(&panel("health").as_str()));
-    assert_eq!(panel("cache"), "n/a");
+    // The same window 20 times: the result cache answers most of them.
+    assert!(panel("cache").ends_with('%'), "{}", panel("cache"));
     assert!(
         dom.contains("<td>cnn_lstm</td><td>priority 3</td><td>21</td>"),
         "{dom}"

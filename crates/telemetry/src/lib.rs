@@ -47,6 +47,23 @@ pub const CPU_UTILISATION: &str = "batch_processing_cpu_utilization_percent";
 pub const MEMORY_UTILISATION: &str = "batch_processing_memory_utilization_percent";
 /// Gauge, 1 when every model is loaded and warmed up.
 pub const READY: &str = "tickserve_ready";
+/// Counter of rows answered from the result cache. Labels: `model`,
+/// `tier` (`l1` in-process, `l2` Redis).
+pub const CACHE_HITS: &str = "batch_processing_cache_hits_total";
+/// Counter of rows the result cache did not hold. Labels: `model`, `tier`.
+pub const CACHE_MISSES: &str = "batch_processing_cache_misses_total";
+/// Counter of rows that waited for an identical row already in flight
+/// instead of running the engine. Label: `model`.
+pub const CACHE_COALESCED: &str = "tickserve_cache_coalesced_total";
+/// Counter of failed or timed-out Redis operations. Label: `operation`.
+pub const CACHE_REDIS_ERRORS: &str = "tickserve_cache_redis_errors_total";
+/// Counter of Redis writes dropped because the write-behind queue was
+/// full or Redis was unavailable.
+pub const CACHE_REDIS_WRITES_DROPPED: &str = "tickserve_cache_redis_writes_dropped_total";
+/// Gauge of the Redis circuit breaker: 0 closed, 1 open, 2 half-open.
+pub const CACHE_REDIS_CIRCUIT: &str = "tickserve_cache_redis_circuit_state";
+/// Histogram of one request's cache lookup time, seconds. Label: `tier`.
+pub const CACHE_LOOKUP: &str = "tickserve_cache_lookup_seconds";
 
 /// Latency buckets of the design document, seconds.
 pub const LATENCY_BUCKETS: [f64; 12] = [
@@ -62,6 +79,12 @@ pub const WAIT_BUCKETS: [f64; 13] = [
 /// Engine time buckets, seconds: a batch runs in 0.1–20 ms.
 pub const ENGINE_BUCKETS: [f64; 12] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+];
+
+/// Cache lookup buckets, seconds: an L1 lookup takes microseconds, a
+/// Redis round trip on loopback a few hundred.
+pub const CACHE_LOOKUP_BUCKETS: [f64; 10] = [
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
 ];
 
 /// The `batch_size_range` label of the design document for a request of
@@ -119,6 +142,15 @@ pub fn install_recorder() -> Result<PrometheusHandle, TelemetryError> {
     if let Some(handle) = HANDLE.get() {
         return Ok(handle.clone());
     }
+    // Servers started in parallel (tests) must not race between installing
+    // the recorder and publishing its handle: the loser would find neither.
+    static INSTALLING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _installing = INSTALLING
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(handle) = HANDLE.get() {
+        return Ok(handle.clone());
+    }
     let recorder = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Full(REQUEST_LATENCY.into()), &LATENCY_BUCKETS)
         .and_then(|b| {
@@ -127,6 +159,9 @@ pub fn install_recorder() -> Result<PrometheusHandle, TelemetryError> {
         .and_then(|b| b.set_buckets_for_metric(Matcher::Full(QUEUE_WAIT.into()), &WAIT_BUCKETS))
         .and_then(|b| {
             b.set_buckets_for_metric(Matcher::Full(ENGINE_EXECUTION.into()), &ENGINE_BUCKETS)
+        })
+        .and_then(|b| {
+            b.set_buckets_for_metric(Matcher::Full(CACHE_LOOKUP.into()), &CACHE_LOOKUP_BUCKETS)
         })
         .map_err(|e| TelemetryError::Recorder(e.to_string()))?
         .build_recorder();
@@ -184,6 +219,26 @@ fn describe() {
     describe_gauge!(CPU_UTILISATION, "Machine CPU utilisation, percent");
     describe_gauge!(MEMORY_UTILISATION, "Machine memory utilisation, percent");
     describe_gauge!(READY, "1 when every model is loaded and warmed up");
+    describe_counter!(CACHE_HITS, "Rows answered from the result cache, by tier");
+    describe_counter!(CACHE_MISSES, "Rows not found in the result cache, by tier");
+    describe_counter!(
+        CACHE_COALESCED,
+        "Rows that waited for an identical row in flight instead of running the engine"
+    );
+    describe_counter!(CACHE_REDIS_ERRORS, "Failed or timed-out Redis operations");
+    describe_counter!(
+        CACHE_REDIS_WRITES_DROPPED,
+        "Redis writes dropped (write-behind queue full or Redis unavailable)"
+    );
+    describe_gauge!(
+        CACHE_REDIS_CIRCUIT,
+        "Redis circuit breaker: 0 closed, 1 open, 2 half-open"
+    );
+    describe_histogram!(
+        CACHE_LOOKUP,
+        Unit::Seconds,
+        "Cache lookup time of one request, by tier"
+    );
 }
 
 /// Log output format.

@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, ValueEnum};
 use serde::Deserialize;
-use tickserve_server::ServerConfig;
+use tickserve_server::{AdminToken, CacheConfig, RedisConfig, ServerConfig};
 use tickserve_telemetry::LogFormat;
 
 const DEFAULT_REPOSITORY: &str = "models";
@@ -75,6 +75,64 @@ pub struct ServeArgs {
     /// "tickserve_scheduler=debug,info"). [default: info]
     #[arg(long, env = "TICKSERVE_LOG_LEVEL", value_name = "FILTER")]
     pub log_level: Option<String>,
+
+    /// Result cache on or off (in-process, plus Redis when --redis-url is
+    /// set). Models can opt out in their config.toml ([cache] enabled =
+    /// false), requests with the parameter "cache": false. See
+    /// docs/cache.md. [default: true]
+    #[arg(long, env = "TICKSERVE_CACHE", value_name = "BOOL")]
+    pub cache: Option<bool>,
+
+    /// Most rows held in the in-process cache (TinyLFU/LRU eviction).
+    /// [default: 10000]
+    #[arg(long, env = "TICKSERVE_CACHE_CAPACITY", value_name = "ROWS")]
+    pub cache_capacity: Option<u64>,
+
+    /// Lifetime of a cached row, in memory and Redis, for models whose
+    /// config.toml sets no [cache] ttl, e.g. "10m", "30s". [default: 10m]
+    #[arg(long, env = "TICKSERVE_CACHE_TTL", value_name = "DURATION", value_parser = humantime_duration)]
+    pub cache_ttl: Option<Duration>,
+
+    /// Redis second-level cache, e.g. "redis://127.0.0.1:6379" or
+    /// "redis://:password@host:6379" (TLS "rediss://" is not built in yet).
+    /// Unset: memory only. [default: unset]
+    #[arg(
+        long,
+        env = "TICKSERVE_REDIS_URL",
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    pub redis_url: Option<String>,
+
+    /// Redis database number (replaces one given in the URL). [default: 1]
+    #[arg(long, env = "TICKSERVE_REDIS_DB", value_name = "N")]
+    pub redis_db: Option<i64>,
+
+    /// Prefix of every Redis key: <prefix><model>:<32 hex digits>.
+    /// [default: tickserve:]
+    #[arg(long, env = "TICKSERVE_REDIS_KEY_PREFIX", value_name = "PREFIX")]
+    pub redis_key_prefix: Option<String>,
+
+    /// Lifetime of rows in Redis, when it should differ from the cache
+    /// TTL. [default: the model's cache TTL]
+    #[arg(long, env = "TICKSERVE_REDIS_TTL", value_name = "DURATION", value_parser = humantime_duration)]
+    pub redis_ttl: Option<Duration>,
+
+    /// Longest one Redis read or write may take; slower counts as a
+    /// failure and the request goes on without Redis. [default: 5ms]
+    #[arg(long, env = "TICKSERVE_REDIS_TIMEOUT", value_name = "DURATION", value_parser = humantime_duration)]
+    pub redis_timeout: Option<Duration>,
+
+    /// Bearer token of the admin endpoints (GET /v2/cache/stats,
+    /// DELETE /v2/cache/models/{model}); unset turns them off.
+    /// [default: unset]
+    #[arg(
+        long,
+        env = "TICKSERVE_ADMIN_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    pub admin_token: Option<String>,
 }
 
 /// The TOML file's contents: every key optional, unknown keys refused.
@@ -90,6 +148,18 @@ struct FileConfig {
     max_body_bytes: Option<usize>,
     log_format: Option<LogFormatArg>,
     log_level: Option<String>,
+    cache: Option<bool>,
+    cache_capacity: Option<u64>,
+    #[serde(default, with = "humantime_serde")]
+    cache_ttl: Option<Duration>,
+    redis_url: Option<String>,
+    redis_db: Option<i64>,
+    redis_key_prefix: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    redis_ttl: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    redis_timeout: Option<Duration>,
+    admin_token: Option<String>,
 }
 
 /// The merged settings.
@@ -129,6 +199,47 @@ impl ServeArgs {
             .or(file.max_body_bytes)
             .unwrap_or(DEFAULT_MAX_BODY_BYTES);
         anyhow::ensure!(max_body_bytes > 0, "max_body_bytes must be positive");
+        let defaults = CacheConfig::default();
+        let cache_ttl = self.cache_ttl.or(file.cache_ttl).unwrap_or(defaults.ttl);
+        anyhow::ensure!(!cache_ttl.is_zero(), "cache_ttl must be positive");
+        let capacity = self
+            .cache_capacity
+            .or(file.cache_capacity)
+            .unwrap_or(defaults.capacity);
+        anyhow::ensure!(capacity > 0, "cache_capacity must be positive");
+        let redis = match self.redis_url.or(file.redis_url) {
+            None => None,
+            Some(url) => {
+                let d = RedisConfig::default();
+                let timeout = self
+                    .redis_timeout
+                    .or(file.redis_timeout)
+                    .unwrap_or(d.timeout);
+                anyhow::ensure!(!timeout.is_zero(), "redis_timeout must be positive");
+                Some(RedisConfig {
+                    url,
+                    db: self.redis_db.or(file.redis_db).unwrap_or(d.db),
+                    key_prefix: self
+                        .redis_key_prefix
+                        .or(file.redis_key_prefix)
+                        .unwrap_or(d.key_prefix),
+                    ttl: self.redis_ttl.or(file.redis_ttl),
+                    timeout,
+                    ..d
+                })
+            }
+        };
+        let cache = CacheConfig {
+            enabled: self.cache.or(file.cache).unwrap_or(defaults.enabled),
+            capacity,
+            ttl: cache_ttl,
+            redis,
+        };
+        let admin_token = self
+            .admin_token
+            .or(file.admin_token)
+            .filter(|t| !t.is_empty())
+            .map(AdminToken::new);
         Ok(Settings {
             server: ServerConfig {
                 model_repository: self
@@ -152,6 +263,8 @@ impl ServeArgs {
                     .or(file.drain_timeout)
                     .unwrap_or(DEFAULT_DRAIN_TIMEOUT),
                 max_body_bytes,
+                cache,
+                admin_token,
             },
             log_format: match log_format {
                 LogFormatArg::Text => LogFormat::Text,
@@ -192,6 +305,37 @@ mod tests {
         assert_eq!(settings.server.drain_timeout, Duration::from_secs(30));
         assert_eq!(settings.log_format, LogFormat::Text);
         assert_eq!(settings.log_level, "info");
+        assert!(settings.server.cache.enabled);
+        assert_eq!(settings.server.cache.capacity, 10_000);
+        assert_eq!(settings.server.cache.ttl, Duration::from_secs(600));
+        assert!(
+            settings.server.cache.redis.is_none(),
+            "Redis is off by default"
+        );
+        assert!(settings.server.admin_token.is_none());
+    }
+
+    #[test]
+    fn redis_settings_merge_and_secrets_stay_out_of_debug_output() {
+        let settings = parse(&[
+            "--redis-url",
+            "redis://:hunter2@127.0.0.1:6390",
+            "--redis-timeout",
+            "20ms",
+            "--admin-token",
+            "s3cret",
+        ])
+        .resolve()
+        .unwrap();
+        let redis = settings.server.cache.redis.clone().unwrap();
+        assert_eq!(redis.db, 1);
+        assert_eq!(redis.key_prefix, "tickserve:");
+        assert_eq!(redis.timeout, Duration::from_millis(20));
+        let shown = format!("{settings:?}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("s3cret"),
+            "{shown}"
+        );
     }
 
     #[test]

@@ -2,6 +2,8 @@
 //! the bundled model, and helpers to talk to it.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod redis;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -63,6 +65,8 @@ pub fn config(repository: PathBuf) -> ServerConfig {
         metrics_addr: "127.0.0.1:0".parse().unwrap(),
         drain_timeout: Duration::from_secs(10),
         max_body_bytes: 16 * 1024 * 1024,
+        cache: tickserve_server::CacheConfig::default(),
+        admin_token: None,
     }
 }
 

@@ -323,15 +323,24 @@ async fn model_configuration_and_statistics_extensions() {
         "/v2/models/cnn_lstm/stats",
         "/v2/models/cnn_lstm/versions/1/stats",
     ] {
-        let stats: Value = server
-            .client
-            .get(server.url(path))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        // The engine thread counts a batch just after answering it: give
+        // the counters a moment to catch up with the answer.
+        let mut stats = Value::Null;
+        for _ in 0..100 {
+            stats = server
+                .client
+                .get(server.url(path))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if stats["model_stats"][0]["inference_count"] == 3 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
         let model = &stats["model_stats"][0];
         assert_eq!(model["name"], "cnn_lstm", "{path}");
         assert_eq!(model["inference_count"], 3, "{path}");

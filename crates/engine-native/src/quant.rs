@@ -3,8 +3,8 @@
 //!
 //! A model is always read as fp32 from ONNX; [`LowMat::new`] converts one
 //! GEMM right-hand side (`[k][n]`, row-major, as the fp32 layers keep it)
-//! at load. At run time each call converts its left-hand rows (int8: one
-//! scale per row, `max|x| / 127`; bf16: round to nearest even), runs the
+//! at load. At run time each call converts its left-hand rows (int8: a
+//! scale and zero point per row; bf16: round to nearest even), runs the
 //! low-precision dot products and adds `row_scale · col_scale · dot` (int8)
 //! or the fp32 sum (bf16) onto the fp32 destination, which already holds
 //! the bias. Everything around the GEMMs (gate non-linearities, cell state,
@@ -16,11 +16,16 @@
 //! values next to each other: exactly one 64-byte operand of `vpdpbusd`
 //! or `vdpbf16ps`. Left-hand rows are padded with zeros to whole groups.
 //!
-//! int8 uses `vpdpbusd`, which multiplies unsigned by signed bytes: the
-//! signed activations are made unsigned by flipping their sign bit
-//! (`a + 128`), and `128 · Σ_k w[k][j]`, precomputed per column, is
-//! subtracted again. The int32 sums are exact on every path (|a|,|w| ≤ 127
-//! and `k` < 2^17), so all SIMD levels give bit-identical dot products.
+//! int8 activations are asymmetric unsigned bytes per row (`x ≈ scale ·
+//! (u − zero_point)`, 255 steps between the row's minimum and maximum,
+//! zero exact), weights symmetric signed bytes per output column: exactly
+//! what `vpdpbusd` multiplies (u8 × i8). The zero point is taken out after
+//! the integer sums, `Σ (u − z)·w = Σ u·w − z · Σ w`, with `Σ w` per column
+//! precomputed. The int32 sums are exact on every path (255 · 127 · k <
+//! 2^31 for k < 66 000), so all SIMD levels give bit-identical dot
+//! products. Asymmetric activations halve the rounding error of
+//! symmetric ones on this model family, where most GEMM inputs are ReLU
+//! outputs (never negative).
 
 use crate::kernels::Simd;
 
@@ -76,8 +81,8 @@ pub(crate) struct QWeights {
     packed: Vec<i8>,
     /// Dequantisation scale of each (padded) column.
     col_scale: Vec<f32>,
-    /// `128 · Σ_k w[k][j]`, the offset the unsigned-activation trick adds.
-    col_offset: Vec<i32>,
+    /// `Σ_k w[k][j]`, to take each row's zero point out of its sums.
+    col_sum: Vec<i32>,
 }
 
 /// A bf16 GEMM right-hand side.
@@ -122,7 +127,7 @@ impl QWeights {
         let k_pad = k.div_ceil(4) * 4;
         let n_pad = blocks(n) * COLS;
         let mut col_scale = vec![0.0f32; n_pad];
-        let mut col_offset = vec![0i32; n_pad];
+        let mut col_sum = vec![0i32; n_pad];
         let mut q = vec![0i8; k_pad * n_pad];
         for j in 0..n {
             let max = (0..k).map(|p| w[p * n + j].abs()).fold(0.0f32, f32::max);
@@ -134,7 +139,7 @@ impl QWeights {
                 q[p * n_pad + j] = v;
                 sum += v as i32;
             }
-            col_offset[j] = 128 * sum;
+            col_sum[j] = sum;
         }
         let groups = k_pad / 4;
         let mut packed = vec![0i8; k_pad * n_pad];
@@ -154,7 +159,7 @@ impl QWeights {
             k_pad,
             packed,
             col_scale,
-            col_offset,
+            col_sum,
         }
     }
 }
@@ -180,30 +185,36 @@ impl BWeights {
     }
 }
 
-/// Quantises `m` rows of `k` values (row stride `rs`) to int8, one scale
-/// per row, into rows of `k_pad` bytes (zero-padded).
-pub(crate) fn quantize_rows(
-    m: usize,
-    k: usize,
-    k_pad: usize,
-    src: &[f32],
-    rs: usize,
-    q: &mut Vec<i8>,
-    scales: &mut Vec<f32>,
-) {
-    q.clear();
-    q.resize(m * k_pad, 0);
-    scales.clear();
+/// Int8 activation rows: unsigned bytes with a scale and zero point per
+/// row.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct QRows {
+    /// `m` rows of `k_pad` bytes (padding 0: it meets zero weights).
+    pub q: Vec<u8>,
+    pub scale: Vec<f32>,
+    pub zero: Vec<i32>,
+}
+
+/// Quantises `m` rows of `k` values (row stride `rs`) to unsigned bytes,
+/// one scale and zero point per row, into rows of `k_pad` bytes.
+pub(crate) fn quantize_rows(m: usize, k: usize, k_pad: usize, src: &[f32], rs: usize, out: &mut QRows) {
+    out.q.clear();
+    out.q.resize(m * k_pad, 0);
+    out.scale.clear();
+    out.zero.clear();
     for r in 0..m {
         let row = &src[r * rs..r * rs + k];
-        let max = row.iter().fold(0.0f32, |a, v| a.max(v.abs()));
-        let scale = if max > 0.0 { max / 127.0 } else { 1.0 };
+        let (lo, hi) = row
+            .iter()
+            .fold((0.0f32, 0.0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+        let scale = if hi > lo { (hi - lo) / 255.0 } else { 1.0 };
         let inv = 1.0 / scale;
-        for (d, &v) in q[r * k_pad..r * k_pad + k].iter_mut().zip(row) {
-            // |v·inv| ≤ 127 up to rounding; the clamp keeps that exact.
-            *d = (v * inv).round().clamp(-127.0, 127.0) as i8;
+        let zero = (-lo * inv).round().clamp(0.0, 255.0);
+        for (d, &v) in out.q[r * k_pad..r * k_pad + k].iter_mut().zip(row) {
+            *d = v.mul_add(inv, zero).round().clamp(0.0, 255.0) as u8;
         }
-        scales.push(scale);
+        out.scale.push(scale);
+        out.zero.push(zero as i32);
     }
 }
 
@@ -256,8 +267,7 @@ pub(crate) fn detect_low_simd() -> LowSimd {
 /// Per-call scratch for converted left-hand rows.
 #[derive(Default)]
 pub(crate) struct Scratch {
-    q: Vec<i8>,
-    scales: Vec<f32>,
+    q: QRows,
     b: Vec<u16>,
 }
 
@@ -292,16 +302,8 @@ impl LowMat {
         match self {
             LowMat::Int8(w) => {
                 assert!(lhs_rs >= w.k && lhs.len() >= (m - 1) * lhs_rs + w.k);
-                quantize_rows(
-                    m,
-                    w.k,
-                    w.k_pad,
-                    lhs,
-                    lhs_rs,
-                    &mut scratch.q,
-                    &mut scratch.scales,
-                );
-                int8_gemm(simd, m, dst, dst_rs, &scratch.q, &scratch.scales, w);
+                quantize_rows(m, w.k, w.k_pad, lhs, lhs_rs, &mut scratch.q);
+                int8_gemm(simd, m, dst, dst_rs, &scratch.q, w);
             }
             LowMat::Bf16(w) => {
                 assert!(lhs_rs >= w.k && lhs.len() >= (m - 1) * lhs_rs + w.k);
@@ -312,35 +314,37 @@ impl LowMat {
     }
 }
 
-/// `dst[r][j] += row_scale[r] · col_scale[j] · Σ_k q[r][k] · w[k][j]` over
-/// quantised rows of `w.k_pad` bytes.
+/// `dst[r][j] += scale[r] · col_scale[j] · Σ_k (q[r][k] − zero[r]) · w[k][j]`
+/// over quantised rows of `w.k_pad` bytes.
 ///
 /// # Panics
-/// If `dst`, `q` or `row_scale` are too short for `m` rows.
+/// If `dst` or `a` are too short for `m` rows.
 pub(crate) fn int8_gemm(
     simd: LowSimd,
     m: usize,
     dst: &mut [f32],
     dst_rs: usize,
-    q: &[i8],
-    row_scale: &[f32],
+    a: &QRows,
     w: &QWeights,
 ) {
     if m == 0 || w.n == 0 {
         return;
     }
     assert!(dst_rs >= w.n && dst.len() >= (m - 1) * dst_rs + w.n, "int8 dst");
-    assert!(q.len() >= m * w.k_pad && row_scale.len() >= m, "int8 lhs");
+    assert!(
+        a.q.len() >= m * w.k_pad && a.scale.len() >= m && a.zero.len() >= m,
+        "int8 lhs"
+    );
     match simd {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `LowSimd::Avx512` comes from `detect_low_simd` only after
         // the CPU reported avx512f, avx512bw and avx512vnni; the asserts
         // above are the bounds the kernel relies on.
-        LowSimd::Avx512 => unsafe { avx512::int8_gemm(m, dst, dst_rs, q, row_scale, w) },
+        LowSimd::Avx512 => unsafe { avx512::int8_gemm(m, dst, dst_rs, a, w) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above, for AVX2 and FMA.
-        LowSimd::Avx2 => unsafe { int8_gemm_avx2(m, dst, dst_rs, q, row_scale, w) },
-        _ => int8_gemm_body(m, dst, dst_rs, q, row_scale, w),
+        LowSimd::Avx2 => unsafe { int8_gemm_avx2(m, dst, dst_rs, a, w) },
+        _ => int8_gemm_body(m, dst, dst_rs, a, w),
     }
 }
 
@@ -374,35 +378,30 @@ pub(crate) fn bf16_gemm(
     }
 }
 
-/// Portable int8 GEMM: signed products straight into int32 (no offset
-/// trick needed), one 16-column block at a time.
+/// Portable int8 GEMM: the same integer sums as `vpdpbusd`, one 16-column
+/// block at a time.
 #[inline(always)]
-fn int8_gemm_body(
-    m: usize,
-    dst: &mut [f32],
-    dst_rs: usize,
-    q: &[i8],
-    row_scale: &[f32],
-    w: &QWeights,
-) {
+fn int8_gemm_body(m: usize, dst: &mut [f32], dst_rs: usize, a: &QRows, w: &QWeights) {
     let groups = w.k_pad / 4;
     for b in 0..blocks(w.n) {
         let panel = &w.packed[b * groups * COLS * 4..(b + 1) * groups * COLS * 4];
         let cols = COLS.min(w.n - b * COLS);
         for r in 0..m {
-            let row = &q[r * w.k_pad..(r + 1) * w.k_pad];
+            let row = &a.q[r * w.k_pad..(r + 1) * w.k_pad];
             let mut acc = [0i32; COLS];
-            for (a, wg) in row.chunks_exact(4).zip(panel.chunks_exact(COLS * 4)) {
+            for (u, wg) in row.chunks_exact(4).zip(panel.chunks_exact(COLS * 4)) {
                 for (c, wc) in acc.iter_mut().zip(wg.chunks_exact(4)) {
-                    *c += a[0] as i32 * wc[0] as i32
-                        + a[1] as i32 * wc[1] as i32
-                        + a[2] as i32 * wc[2] as i32
-                        + a[3] as i32 * wc[3] as i32;
+                    *c += u[0] as i32 * wc[0] as i32
+                        + u[1] as i32 * wc[1] as i32
+                        + u[2] as i32 * wc[2] as i32
+                        + u[3] as i32 * wc[3] as i32;
                 }
             }
             let out = &mut dst[r * dst_rs + b * COLS..r * dst_rs + b * COLS + cols];
             for (c, o) in out.iter_mut().enumerate() {
-                *o += (row_scale[r] * w.col_scale[b * COLS + c]) * acc[c] as f32;
+                let j = b * COLS + c;
+                let dot = acc[c] - a.zero[r] * w.col_sum[j];
+                *o = (a.scale[r] * w.col_scale[j]).mul_add(dot as f32, *o);
             }
         }
     }
@@ -436,15 +435,8 @@ fn bf16_gemm_body(m: usize, dst: &mut [f32], dst_rs: usize, bq: &[u16], w: &BWei
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn int8_gemm_avx2(
-    m: usize,
-    dst: &mut [f32],
-    dst_rs: usize,
-    q: &[i8],
-    row_scale: &[f32],
-    w: &QWeights,
-) {
-    int8_gemm_body(m, dst, dst_rs, q, row_scale, w);
+fn int8_gemm_avx2(m: usize, dst: &mut [f32], dst_rs: usize, a: &QRows, w: &QWeights) {
+    int8_gemm_body(m, dst, dst_rs, a, w);
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -461,7 +453,7 @@ mod avx512 {
 
     use std::arch::x86_64::*;
 
-    use super::{BWeights, COLS, QWeights, blocks};
+    use super::{BWeights, COLS, QRows, QWeights, blocks};
 
     /// Lanes of a 16-column block that are real columns.
     fn mask(cols: usize) -> __mmask16 {
@@ -476,14 +468,7 @@ mod avx512 {
     /// The CPU must support avx512f/bw/vnni; `int8_gemm` checked the
     /// bounds: `dst` holds `m` rows of `w.n`, `q` `m` rows of `w.k_pad`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    pub(super) unsafe fn int8_gemm(
-        m: usize,
-        dst: &mut [f32],
-        dst_rs: usize,
-        q: &[i8],
-        row_scale: &[f32],
-        w: &QWeights,
-    ) {
+    pub(super) unsafe fn int8_gemm(m: usize, dst: &mut [f32], dst_rs: usize, a: &QRows, w: &QWeights) {
         let nb = blocks(w.n);
         let mut r = 0;
         while r < m {
@@ -495,16 +480,16 @@ mod avx512 {
                 // every access is inside the bounds the caller checked.
                 unsafe {
                     match (rows, cb) {
-                        (4, 4) => int8_tile::<4, 4>(r, b, dst, dst_rs, q, row_scale, w),
-                        (4, 3) => int8_tile::<4, 3>(r, b, dst, dst_rs, q, row_scale, w),
-                        (4, 2) => int8_tile::<4, 2>(r, b, dst, dst_rs, q, row_scale, w),
-                        (4, _) => int8_tile::<4, 1>(r, b, dst, dst_rs, q, row_scale, w),
-                        (3, 4) => int8_tile::<3, 4>(r, b, dst, dst_rs, q, row_scale, w),
-                        (3, _) => int8_tile::<3, 1>(r, b, dst, dst_rs, q, row_scale, w),
-                        (2, 4) => int8_tile::<2, 4>(r, b, dst, dst_rs, q, row_scale, w),
-                        (2, _) => int8_tile::<2, 1>(r, b, dst, dst_rs, q, row_scale, w),
-                        (_, 4) => int8_tile::<1, 4>(r, b, dst, dst_rs, q, row_scale, w),
-                        (_, _) => int8_tile::<1, 1>(r, b, dst, dst_rs, q, row_scale, w),
+                        (4, 4) => int8_tile::<4, 4>(r, b, dst, dst_rs, a, w),
+                        (4, 3) => int8_tile::<4, 3>(r, b, dst, dst_rs, a, w),
+                        (4, 2) => int8_tile::<4, 2>(r, b, dst, dst_rs, a, w),
+                        (4, _) => int8_tile::<4, 1>(r, b, dst, dst_rs, a, w),
+                        (3, 4) => int8_tile::<3, 4>(r, b, dst, dst_rs, a, w),
+                        (3, _) => int8_tile::<3, 1>(r, b, dst, dst_rs, a, w),
+                        (2, 4) => int8_tile::<2, 4>(r, b, dst, dst_rs, a, w),
+                        (2, _) => int8_tile::<2, 1>(r, b, dst, dst_rs, a, w),
+                        (_, 4) => int8_tile::<1, 4>(r, b, dst, dst_rs, a, w),
+                        (_, _) => int8_tile::<1, 1>(r, b, dst, dst_rs, a, w),
                     }
                 }
                 b += if rows == 4 || cb == 4 { cb } else { 1 };
@@ -522,12 +507,11 @@ mod avx512 {
         b0: usize,
         dst: &mut [f32],
         dst_rs: usize,
-        q: &[i8],
-        row_scale: &[f32],
+        a: &QRows,
         w: &QWeights,
     ) {
         let groups = w.k_pad / 4;
-        let flip = _mm512_set1_epi32(0x8080_8080u32 as i32);
+        let q = &a.q;
         let mut acc = [[_mm512_setzero_si512(); C]; R];
         let wp = w.packed.as_ptr();
         let qp = q.as_ptr();
@@ -544,24 +528,26 @@ mod avx512 {
                 // SAFETY: row r0+r < m and 4g+4 ≤ k_pad: inside `q`.
                 let word =
                     unsafe { qp.add((r0 + r) * w.k_pad + g * 4).cast::<i32>().read_unaligned() };
-                let a = _mm512_xor_si512(_mm512_set1_epi32(word), flip);
+                let u = _mm512_set1_epi32(word);
                 for (c, v) in row.iter_mut().enumerate() {
-                    *v = _mm512_dpbusd_epi32(*v, a, wv[c]);
+                    *v = _mm512_dpbusd_epi32(*v, u, wv[c]);
                 }
             }
         }
         for (r, row) in acc.iter().enumerate() {
-            let rs = _mm512_set1_ps(row_scale[r0 + r]);
+            let rs = _mm512_set1_ps(a.scale[r0 + r]);
+            let zero = _mm512_set1_epi32(a.zero[r0 + r]);
             for (c, v) in row.iter().enumerate() {
                 let col = (b0 + c) * COLS;
                 let k = mask(w.n - col);
-                // SAFETY: `col_offset`/`col_scale` hold nb·16 entries.
-                let (off, cs) = unsafe {
+                // SAFETY: `col_sum`/`col_scale` hold nb·16 entries.
+                let (sum, cs) = unsafe {
                     (
-                        _mm512_loadu_si512(w.col_offset.as_ptr().add(col).cast()),
+                        _mm512_loadu_si512(w.col_sum.as_ptr().add(col).cast()),
                         _mm512_loadu_ps(w.col_scale.as_ptr().add(col)),
                     )
                 };
+                let off = _mm512_mullo_epi32(zero, sum);
                 let dot = _mm512_cvtepi32_ps(_mm512_sub_epi32(*v, off));
                 let d = dst.as_mut_ptr().wrapping_add((r0 + r) * dst_rs + col);
                 // SAFETY: the mask limits the access to columns < n of row
@@ -659,7 +645,8 @@ mod avx512 {
     }
 }
 
-/// The levels the current CPU can run, for tests and benches.
+/// The levels the current CPU can run, for tests.
+#[cfg(test)]
 pub(crate) fn low_simd_levels() -> Vec<LowSimd> {
     let mut levels = vec![LowSimd::Portable];
     if crate::kernels::detect_simd() != Simd::Portable {
@@ -702,7 +689,7 @@ mod tests {
 
     /// The int8 arithmetic in i64 from the quantised operands, with the
     /// same fp32 dequantisation expression as the kernels.
-    fn int8_reference(m: usize, q: &[i8], scales: &[f32], w: &QWeights, dst: &mut [f32]) {
+    fn int8_reference(m: usize, a: &QRows, w: &QWeights, dst: &mut [f32]) {
         let n_pad = blocks(w.n) * COLS;
         let groups = w.k_pad / 4;
         // Unpack to [k][n] first so the reference does not share the
@@ -721,10 +708,12 @@ mod tests {
         for r in 0..m {
             for j in 0..w.n {
                 let dot: i64 = (0..w.k)
-                    .map(|p| q[r * w.k_pad + p] as i64 * wq[p * n_pad + j] as i64)
+                    .map(|p| {
+                        (a.q[r * w.k_pad + p] as i64 - a.zero[r] as i64) * wq[p * n_pad + j] as i64
+                    })
                     .sum();
                 assert!(dot.abs() < 1 << 24, "test sums must stay exact in fp32");
-                dst[r * w.n + j] += (scales[r] * w.col_scale[j]) * dot as f32;
+                dst[r * w.n + j] = (a.scale[r] * w.col_scale[j]).mul_add(dot as f32, dst[r * w.n + j]);
             }
         }
     }
@@ -735,23 +724,24 @@ mod tests {
             let w = values(k * n, seed as u32);
             let x = values(m * k, 100 + seed as u32);
             let qw = QWeights::new(&w, k, n);
-            let (mut q, mut scales) = (Vec::new(), Vec::new());
-            quantize_rows(m, k, qw.k_pad, &x, k, &mut q, &mut scales);
-            // Raw dot products: unit scales, zero start.
-            let unit = vec![1.0f32; m];
+            let mut a = QRows::default();
+            quantize_rows(m, k, qw.k_pad, &x, k, &mut a);
+            // Raw integer dot products: unit scales, zero start.
+            let mut unit = a.clone();
+            unit.scale.iter_mut().for_each(|s| *s = 1.0);
             let mut raw_w = qw.clone();
             raw_w.col_scale.iter_mut().for_each(|s| *s = 1.0);
             let mut expected_raw = vec![0.0f32; m * n];
-            int8_reference(m, &q, &unit, &raw_w, &mut expected_raw);
+            int8_reference(m, &unit, &raw_w, &mut expected_raw);
             let start = values(m * n, 200 + seed as u32);
             let mut expected = start.clone();
-            int8_reference(m, &q, &scales, &qw, &mut expected);
+            int8_reference(m, &a, &qw, &mut expected);
             for level in low_simd_levels() {
                 let mut raw = vec![0.0f32; m * n];
-                int8_gemm(level, m, &mut raw, n, &q, &unit, &raw_w);
+                int8_gemm(level, m, &mut raw, n, &unit, &raw_w);
                 assert_eq!(raw, expected_raw, "{level:?} {m}x{n}x{k}: int32 sums");
                 let mut got = start.clone();
-                int8_gemm(level, m, &mut got, n, &q, &scales, &qw);
+                int8_gemm(level, m, &mut got, n, &a, &qw);
                 for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
                     // One fused vs separate multiply-add in the dequantisation.
                     assert!(
@@ -763,15 +753,24 @@ mod tests {
         }
     }
 
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_vnni_and_bf16_kernels_are_tested_where_the_cpu_has_them() {
+        let has = std::arch::is_x86_feature_detected!("avx512vnni")
+            && std::arch::is_x86_feature_detected!("avx512bf16")
+            && std::arch::is_x86_feature_detected!("avx512bw");
+        assert_eq!(low_simd_levels().contains(&LowSimd::Avx512), has);
+    }
+
     #[test]
     fn int8_kernels_respect_the_destination_row_stride() {
         let (m, n, k, rs) = (6, 40, 12, 57);
         let qw = QWeights::new(&values(k * n, 1), k, n);
-        let (mut q, mut scales) = (Vec::new(), Vec::new());
-        quantize_rows(m, k, qw.k_pad, &values(m * k, 2), k, &mut q, &mut scales);
+        let mut a = QRows::default();
+        quantize_rows(m, k, qw.k_pad, &values(m * k, 2), k, &mut a);
         for level in low_simd_levels() {
             let mut dst = vec![7.0f32; (m - 1) * rs + n + 5];
-            int8_gemm(level, m, &mut dst, rs, &q, &scales, &qw);
+            int8_gemm(level, m, &mut dst, rs, &a, &qw);
             for r in 0..m - 1 {
                 assert!(dst[r * rs + n..(r + 1) * rs].iter().all(|&v| v == 7.0));
             }
@@ -780,15 +779,18 @@ mod tests {
     }
 
     #[test]
-    fn quantisation_is_symmetric_per_row_and_per_column() {
+    fn quantisation_is_symmetric_per_column_and_asymmetric_per_row() {
         let w = [0.5, -2.0, -1.0, 1.0, 0.25, 0.0];
         let qw = QWeights::new(&w, 3, 2);
         assert_eq!(qw.col_scale[0], 1.0 / 127.0);
         assert_eq!(qw.col_scale[1], 2.0 / 127.0);
-        let (mut q, mut s) = (Vec::new(), Vec::new());
-        quantize_rows(2, 3, 4, &[0.5, -1.0, 0.25, 0.0, 0.0, 0.0], 3, &mut q, &mut s);
-        assert_eq!(&q, &[64, -127, 32, 0, 0, 0, 0, 0]);
-        assert_eq!(s, vec![1.0 / 127.0, 1.0]);
+        let mut a = QRows::default();
+        quantize_rows(2, 3, 4, &[0.5, -1.0, 0.25, 0.0, 2.0, 1.0], 3, &mut a);
+        // Row 0 spans [-1, 0.5]: 255 steps of 1.5/255, zero at 170.
+        assert_eq!(a.scale, vec![1.5 / 255.0, 2.0 / 255.0]);
+        assert_eq!(a.zero, vec![170, 0]);
+        // 1.0 / (2/255) rounds to 127.49999 in fp32, hence 127.
+        assert_eq!(&a.q, &[255, 0, 213, 0, 0, 255, 127, 0]);
     }
 
     #[test]

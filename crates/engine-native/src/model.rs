@@ -279,17 +279,17 @@ impl Lstm {
             );
         } else {
             matmul(
-            rows * time,
-            gates_width,
-            self.input,
-            &mut gates,
-            gates_width,
-            true,
-            input,
-            self.input,
-            &self.w_t,
-            gates_width,
-        );
+                rows * time,
+                gates_width,
+                self.input,
+                &mut gates,
+                gates_width,
+                true,
+                input,
+                self.input,
+                &self.w_t,
+                gates_width,
+            );
         }
         let mut h = vec![0.0f32; rows * hidden];
         let mut c = vec![0.0f32; rows * hidden];
@@ -369,17 +369,17 @@ impl Linear {
             );
         } else {
             matmul(
-            rows,
-            self.output,
-            self.input,
-            &mut out,
-            self.output,
-            true,
-            input,
-            self.input,
-            &self.w_t,
-            self.output,
-        );
+                rows,
+                self.output,
+                self.input,
+                &mut out,
+                self.output,
+                true,
+                input,
+                self.input,
+                &self.w_t,
+                self.output,
+            );
         }
         if self.relu {
             relu_in_place(&mut out);

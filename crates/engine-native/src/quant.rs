@@ -27,8 +27,6 @@
 //! symmetric ones on this model family, where most GEMM inputs are ReLU
 //! outputs (never negative).
 
-use crate::kernels::Simd;
-
 /// Numeric precision the native engine runs a model's GEMMs in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Precision {
@@ -181,7 +179,12 @@ impl BWeights {
                 }
             }
         }
-        BWeights { k, n, k_pad, packed }
+        BWeights {
+            k,
+            n,
+            k_pad,
+            packed,
+        }
     }
 }
 
@@ -195,13 +198,56 @@ pub(crate) struct QRows {
     pub zero: Vec<i32>,
 }
 
+/// Rounds a value in [0, 2^22) to the nearest integer, ties to even:
+/// adding 1.5·2^23 leaves no fraction bits. Plain arithmetic, so the row
+/// loops vectorise (`f32::round` is a libm call on baseline x86-64).
+#[inline(always)]
+fn round_small(x: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0;
+    (x + MAGIC) - MAGIC
+}
+
 /// Quantises `m` rows of `k` values (row stride `rs`) to unsigned bytes,
 /// one scale and zero point per row, into rows of `k_pad` bytes.
-pub(crate) fn quantize_rows(m: usize, k: usize, k_pad: usize, src: &[f32], rs: usize, out: &mut QRows) {
+pub(crate) fn quantize_rows(
+    simd: LowSimd,
+    m: usize,
+    k: usize,
+    k_pad: usize,
+    src: &[f32],
+    rs: usize,
+    out: &mut QRows,
+) {
     out.q.clear();
     out.q.resize(m * k_pad, 0);
     out.scale.clear();
     out.zero.clear();
+    match simd {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `LowSimd::Avx512` comes from `detect_low_simd` only after
+        // the CPU reported avx512f and avx512bw.
+        LowSimd::Avx512 => unsafe { quantize_avx512(m, k, k_pad, src, rs, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `LowSimd::Avx2` is only used where avx2 and fma exist.
+        LowSimd::Avx2 => unsafe { quantize_avx2(m, k, k_pad, src, rs, out) },
+        _ => quantize_body(m, k, k_pad, src, rs, out),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+fn quantize_avx512(m: usize, k: usize, k_pad: usize, src: &[f32], rs: usize, out: &mut QRows) {
+    quantize_body(m, k, k_pad, src, rs, out);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn quantize_avx2(m: usize, k: usize, k_pad: usize, src: &[f32], rs: usize, out: &mut QRows) {
+    quantize_body(m, k, k_pad, src, rs, out);
+}
+
+#[inline(always)]
+fn quantize_body(m: usize, k: usize, k_pad: usize, src: &[f32], rs: usize, out: &mut QRows) {
     for r in 0..m {
         let row = &src[r * rs..r * rs + k];
         let (lo, hi) = row
@@ -209,9 +255,11 @@ pub(crate) fn quantize_rows(m: usize, k: usize, k_pad: usize, src: &[f32], rs: u
             .fold((0.0f32, 0.0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)));
         let scale = if hi > lo { (hi - lo) / 255.0 } else { 1.0 };
         let inv = 1.0 / scale;
-        let zero = (-lo * inv).round().clamp(0.0, 255.0);
+        let zero = round_small(-lo * inv).clamp(0.0, 255.0);
         for (d, &v) in out.q[r * k_pad..r * k_pad + k].iter_mut().zip(row) {
-            *d = v.mul_add(inv, zero).round().clamp(0.0, 255.0) as u8;
+            // v·inv + zero lies in [0, 255] up to rounding; the clamp
+            // keeps the cast exact.
+            *d = round_small(v * inv + zero).clamp(0.0, 255.0) as u8;
         }
         out.scale.push(scale);
         out.zero.push(zero as i32);
@@ -302,7 +350,7 @@ impl LowMat {
         match self {
             LowMat::Int8(w) => {
                 assert!(lhs_rs >= w.k && lhs.len() >= (m - 1) * lhs_rs + w.k);
-                quantize_rows(m, w.k, w.k_pad, lhs, lhs_rs, &mut scratch.q);
+                quantize_rows(simd, m, w.k, w.k_pad, lhs, lhs_rs, &mut scratch.q);
                 int8_gemm(simd, m, dst, dst_rs, &scratch.q, w);
             }
             LowMat::Bf16(w) => {
@@ -330,7 +378,10 @@ pub(crate) fn int8_gemm(
     if m == 0 || w.n == 0 {
         return;
     }
-    assert!(dst_rs >= w.n && dst.len() >= (m - 1) * dst_rs + w.n, "int8 dst");
+    assert!(
+        dst_rs >= w.n && dst.len() >= (m - 1) * dst_rs + w.n,
+        "int8 dst"
+    );
     assert!(
         a.q.len() >= m * w.k_pad && a.scale.len() >= m && a.zero.len() >= m,
         "int8 lhs"
@@ -363,7 +414,10 @@ pub(crate) fn bf16_gemm(
     if m == 0 || w.n == 0 {
         return;
     }
-    assert!(dst_rs >= w.n && dst.len() >= (m - 1) * dst_rs + w.n, "bf16 dst");
+    assert!(
+        dst_rs >= w.n && dst.len() >= (m - 1) * dst_rs + w.n,
+        "bf16 dst"
+    );
     assert!(b.len() >= m * w.k_pad, "bf16 lhs");
     match simd {
         #[cfg(target_arch = "x86_64")]
@@ -468,7 +522,13 @@ mod avx512 {
     /// The CPU must support avx512f/bw/vnni; `int8_gemm` checked the
     /// bounds: `dst` holds `m` rows of `w.n`, `q` `m` rows of `w.k_pad`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    pub(super) unsafe fn int8_gemm(m: usize, dst: &mut [f32], dst_rs: usize, a: &QRows, w: &QWeights) {
+    pub(super) unsafe fn int8_gemm(
+        m: usize,
+        dst: &mut [f32],
+        dst_rs: usize,
+        a: &QRows,
+        w: &QWeights,
+    ) {
         let nb = blocks(w.n);
         let mut r = 0;
         while r < m {
@@ -526,8 +586,11 @@ mod avx512 {
             }
             for (r, row) in acc.iter_mut().enumerate() {
                 // SAFETY: row r0+r < m and 4g+4 ≤ k_pad: inside `q`.
-                let word =
-                    unsafe { qp.add((r0 + r) * w.k_pad + g * 4).cast::<i32>().read_unaligned() };
+                let word = unsafe {
+                    qp.add((r0 + r) * w.k_pad + g * 4)
+                        .cast::<i32>()
+                        .read_unaligned()
+                };
                 let u = _mm512_set1_epi32(word);
                 for (c, v) in row.iter_mut().enumerate() {
                     *v = _mm512_dpbusd_epi32(*v, u, wv[c]);
@@ -565,7 +628,13 @@ mod avx512 {
     /// The CPU must support avx512f/bw/bf16; `bf16_gemm` checked the
     /// bounds: `dst` holds `m` rows of `w.n`, `b` `m` rows of `w.k_pad`.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    pub(super) unsafe fn bf16_gemm(m: usize, dst: &mut [f32], dst_rs: usize, b: &[u16], w: &BWeights) {
+    pub(super) unsafe fn bf16_gemm(
+        m: usize,
+        dst: &mut [f32],
+        dst_rs: usize,
+        b: &[u16],
+        w: &BWeights,
+    ) {
         let nb = blocks(w.n);
         let mut r = 0;
         while r < m {
@@ -613,14 +682,16 @@ mod avx512 {
             for (c, v) in wv.iter_mut().enumerate() {
                 // SAFETY: block b0+c and pair g index a 64-byte run inside
                 // `packed` (length nb·pairs·32 u16).
-                *v = unsafe {
-                    _mm512_loadu_si512(wp.add(((b0 + c) * pairs + g) * COLS * 2).cast())
-                };
+                *v =
+                    unsafe { _mm512_loadu_si512(wp.add(((b0 + c) * pairs + g) * COLS * 2).cast()) };
             }
             for (r, row) in acc.iter_mut().enumerate() {
                 // SAFETY: row r0+r < m and 2g+2 ≤ k_pad: inside `b`.
-                let word =
-                    unsafe { bp.add((r0 + r) * w.k_pad + g * 2).cast::<i32>().read_unaligned() };
+                let word = unsafe {
+                    bp.add((r0 + r) * w.k_pad + g * 2)
+                        .cast::<i32>()
+                        .read_unaligned()
+                };
                 let a: __m512bh = unsafe { std::mem::transmute(_mm512_set1_epi32(word)) };
                 for (c, v) in row.iter_mut().enumerate() {
                     // SAFETY: same-size reinterpretation of 32 bf16 lanes.
@@ -649,7 +720,7 @@ mod avx512 {
 #[cfg(test)]
 pub(crate) fn low_simd_levels() -> Vec<LowSimd> {
     let mut levels = vec![LowSimd::Portable];
-    if crate::kernels::detect_simd() != Simd::Portable {
+    if crate::kernels::detect_simd() != crate::kernels::Simd::Portable {
         levels.push(LowSimd::Avx2);
     }
     if detect_low_simd() == LowSimd::Avx512 {
@@ -713,7 +784,8 @@ mod tests {
                     })
                     .sum();
                 assert!(dot.abs() < 1 << 24, "test sums must stay exact in fp32");
-                dst[r * w.n + j] = (a.scale[r] * w.col_scale[j]).mul_add(dot as f32, dst[r * w.n + j]);
+                dst[r * w.n + j] =
+                    (a.scale[r] * w.col_scale[j]).mul_add(dot as f32, dst[r * w.n + j]);
             }
         }
     }
@@ -725,7 +797,7 @@ mod tests {
             let x = values(m * k, 100 + seed as u32);
             let qw = QWeights::new(&w, k, n);
             let mut a = QRows::default();
-            quantize_rows(m, k, qw.k_pad, &x, k, &mut a);
+            quantize_rows(LowSimd::Portable, m, k, qw.k_pad, &x, k, &mut a);
             // Raw integer dot products: unit scales, zero start.
             let mut unit = a.clone();
             unit.scale.iter_mut().for_each(|s| *s = 1.0);
@@ -767,7 +839,15 @@ mod tests {
         let (m, n, k, rs) = (6, 40, 12, 57);
         let qw = QWeights::new(&values(k * n, 1), k, n);
         let mut a = QRows::default();
-        quantize_rows(m, k, qw.k_pad, &values(m * k, 2), k, &mut a);
+        quantize_rows(
+            LowSimd::Portable,
+            m,
+            k,
+            qw.k_pad,
+            &values(m * k, 2),
+            k,
+            &mut a,
+        );
         for level in low_simd_levels() {
             let mut dst = vec![7.0f32; (m - 1) * rs + n + 5];
             int8_gemm(level, m, &mut dst, rs, &a, &qw);
@@ -785,12 +865,35 @@ mod tests {
         assert_eq!(qw.col_scale[0], 1.0 / 127.0);
         assert_eq!(qw.col_scale[1], 2.0 / 127.0);
         let mut a = QRows::default();
-        quantize_rows(2, 3, 4, &[0.5, -1.0, 0.25, 0.0, 2.0, 1.0], 3, &mut a);
+        quantize_rows(
+            LowSimd::Portable,
+            2,
+            3,
+            4,
+            &[0.5, -1.0, 0.25, 0.0, 2.0, 1.0],
+            3,
+            &mut a,
+        );
         // Row 0 spans [-1, 0.5]: 255 steps of 1.5/255, zero at 170.
         assert_eq!(a.scale, vec![1.5 / 255.0, 2.0 / 255.0]);
         assert_eq!(a.zero, vec![170, 0]);
-        // 1.0 / (2/255) rounds to 127.49999 in fp32, hence 127.
-        assert_eq!(&a.q, &[255, 0, 213, 0, 0, 255, 127, 0]);
+        // 0.25 → 212.5, ties to even; 1.0 / (2/255) is 127.49999 in fp32.
+        assert_eq!(&a.q, &[255, 0, 212, 0, 0, 255, 127, 0]);
+    }
+
+    #[test]
+    fn every_level_quantises_rows_identically() {
+        let x = values(7 * 61, 9);
+        let mut expected = QRows::default();
+        quantize_rows(LowSimd::Portable, 7, 61, 64, &x, 61, &mut expected);
+        for level in low_simd_levels() {
+            let mut got = QRows::default();
+            quantize_rows(level, 7, 61, 64, &x, 61, &mut got);
+            assert_eq!(
+                (&got.q, &got.scale, &got.zero),
+                (&expected.q, &expected.scale, &expected.zero)
+            );
+        }
     }
 
     #[test]
@@ -820,7 +923,9 @@ mod tests {
             let mut expected = vec![0.0f32; m * n];
             for r in 0..m {
                 for j in 0..n {
-                    let dot: f64 = (0..k).map(|p| x[r * k + p] as f64 * w[p * n + j] as f64).sum();
+                    let dot: f64 = (0..k)
+                        .map(|p| x[r * k + p] as f64 * w[p * n + j] as f64)
+                        .sum();
                     expected[r * n + j] = dot as f32;
                 }
             }

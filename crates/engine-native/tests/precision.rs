@@ -29,7 +29,10 @@ struct Figures {
 fn argmax(row: &[f32]) -> usize {
     row.iter()
         .enumerate()
-        .fold((0, f32::MIN), |(bi, bv), (i, &v)| if v > bv { (i, v) } else { (bi, bv) })
+        .fold(
+            (0, f32::MIN),
+            |(bi, bv), (i, &v)| if v > bv { (i, v) } else { (bi, bv) },
+        )
         .0
 }
 
@@ -63,7 +66,8 @@ fn figures(model: &Path, name: &str, precision: Precision, batch: usize) -> Figu
         .fold(0.0, f32::max);
     let agree = (0..samples)
         .filter(|&r| {
-            argmax(&got[r * width..(r + 1) * width]) == argmax(&expected[r * width..(r + 1) * width])
+            argmax(&got[r * width..(r + 1) * width])
+                == argmax(&expected[r * width..(r + 1) * width])
         })
         .count();
     Figures {

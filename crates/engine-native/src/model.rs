@@ -215,16 +215,13 @@ impl Conv1d {
         let full_rows = rows * span - (k - 1);
         let mut full = vec![0.0f32; full_rows * cout];
         broadcast_rows(&mut full, full_rows, cout, &self.bias);
+        // Every padded row is converted once; tap `t` then reads the
+        // converted rows shifted by `t`, as the fp32 taps below do.
+        if let Some(first) = self.low_taps.first() {
+            first.prepare(ctx.low_simd, rows * span, &padded, cin, &mut ctx.scratch);
+        }
         for (tap, low) in self.low_taps.iter().enumerate() {
-            low.matmul_acc(
-                ctx.low_simd,
-                full_rows,
-                &mut full,
-                cout,
-                &padded[tap * cin..],
-                cin,
-                &mut ctx.scratch,
-            );
+            low.run_prepared(ctx.low_simd, full_rows, tap, &mut full, cout, &ctx.scratch);
         }
         for tap in 0..if self.low_taps.is_empty() { k } else { 0 } {
             matmul(

@@ -207,6 +207,25 @@ fn round_small(x: f32) -> f32 {
     (x + MAGIC) - MAGIC
 }
 
+impl QRows {
+    /// Rows `row0..` (of `k_pad` bytes each) as the kernels read them.
+    pub(crate) fn view(&self, row0: usize, k_pad: usize) -> QView<'_> {
+        QView {
+            q: &self.q[row0 * k_pad..],
+            scale: &self.scale[row0..],
+            zero: &self.zero[row0..],
+        }
+    }
+}
+
+/// Borrowed int8 activation rows, starting at some row of a [`QRows`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct QView<'a> {
+    pub q: &'a [u8],
+    pub scale: &'a [f32],
+    pub zero: &'a [i32],
+}
+
 /// Quantises `m` rows of `k` values (row stride `rs`) to unsigned bytes,
 /// one scale and zero point per row, into rows of `k_pad` bytes.
 pub(crate) fn quantize_rows(
@@ -248,18 +267,34 @@ fn quantize_avx2(m: usize, k: usize, k_pad: usize, src: &[f32], rs: usize, out: 
 
 #[inline(always)]
 fn quantize_body(m: usize, k: usize, k_pad: usize, src: &[f32], rs: usize, out: &mut QRows) {
+    const LANES: usize = 16;
     for r in 0..m {
         let row = &src[r * rs..r * rs + k];
-        let (lo, hi) = row
-            .iter()
-            .fold((0.0f32, 0.0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+        // Lane-wise minimum and maximum, reduced at the end: a single
+        // running min/max is an ordered reduction LLVM will not vectorise.
+        let (mut lo, mut hi) = ([0.0f32; LANES], [0.0f32; LANES]);
+        let mut chunks = row.chunks_exact(LANES);
+        for chunk in &mut chunks {
+            for j in 0..LANES {
+                lo[j] = lo[j].min(chunk[j]);
+                hi[j] = hi[j].max(chunk[j]);
+            }
+        }
+        for (j, &v) in chunks.remainder().iter().enumerate() {
+            lo[j] = lo[j].min(v);
+            hi[j] = hi[j].max(v);
+        }
+        let lo = lo.iter().fold(0.0f32, |a, &v| a.min(v));
+        let hi = hi.iter().fold(0.0f32, |a, &v| a.max(v));
         let scale = if hi > lo { (hi - lo) / 255.0 } else { 1.0 };
         let inv = 1.0 / scale;
         let zero = round_small(-lo * inv).clamp(0.0, 255.0);
         for (d, &v) in out.q[r * k_pad..r * k_pad + k].iter_mut().zip(row) {
-            // v·inv + zero lies in [0, 255] up to rounding; the clamp
-            // keeps the cast exact.
-            *d = round_small(v * inv + zero).clamp(0.0, 255.0) as u8;
+            // Clamped to [0, 255] (rounding can step just outside), then
+            // rounded by adding 1.5·2^23: the integer is the low mantissa
+            // byte, so no float-to-int conversion is needed.
+            let y = (v * inv + zero).clamp(0.0, 255.0);
+            *d = (y + 12_582_912.0).to_bits() as u8;
         }
         out.scale.push(scale);
         out.zero.push(zero as i32);
@@ -344,6 +379,20 @@ impl LowMat {
         lhs_rs: usize,
         scratch: &mut Scratch,
     ) {
+        self.prepare(simd, m, lhs, lhs_rs, scratch);
+        self.run_prepared(simd, m, 0, dst, dst_rs, scratch);
+    }
+
+    /// Converts `m` left-hand rows into `scratch`, for [`Self::run_prepared`]
+    /// on this or any other `LowMat` of the same precision and `k`.
+    pub(crate) fn prepare(
+        &self,
+        simd: LowSimd,
+        m: usize,
+        lhs: &[f32],
+        lhs_rs: usize,
+        scratch: &mut Scratch,
+    ) {
         if m == 0 {
             return;
         }
@@ -351,12 +400,36 @@ impl LowMat {
             LowMat::Int8(w) => {
                 assert!(lhs_rs >= w.k && lhs.len() >= (m - 1) * lhs_rs + w.k);
                 quantize_rows(simd, m, w.k, w.k_pad, lhs, lhs_rs, &mut scratch.q);
-                int8_gemm(simd, m, dst, dst_rs, &scratch.q, w);
             }
             LowMat::Bf16(w) => {
                 assert!(lhs_rs >= w.k && lhs.len() >= (m - 1) * lhs_rs + w.k);
                 bf16_rows(m, w.k, w.k_pad, lhs, lhs_rs, &mut scratch.b);
-                bf16_gemm(simd, m, dst, dst_rs, &scratch.b, w);
+            }
+        }
+    }
+
+    /// `dst[m×n] += rows[row0..row0+m] · W` over rows [`Self::prepare`]d.
+    ///
+    /// # Panics
+    /// If fewer than `row0 + m` rows were prepared.
+    pub(crate) fn run_prepared(
+        &self,
+        simd: LowSimd,
+        m: usize,
+        row0: usize,
+        dst: &mut [f32],
+        dst_rs: usize,
+        scratch: &Scratch,
+    ) {
+        if m == 0 {
+            return;
+        }
+        match self {
+            LowMat::Int8(w) => {
+                int8_gemm(simd, m, dst, dst_rs, scratch.q.view(row0, w.k_pad), w);
+            }
+            LowMat::Bf16(w) => {
+                bf16_gemm(simd, m, dst, dst_rs, &scratch.b[row0 * w.k_pad..], w);
             }
         }
     }
@@ -372,7 +445,7 @@ pub(crate) fn int8_gemm(
     m: usize,
     dst: &mut [f32],
     dst_rs: usize,
-    a: &QRows,
+    a: QView<'_>,
     w: &QWeights,
 ) {
     if m == 0 || w.n == 0 {
@@ -435,7 +508,7 @@ pub(crate) fn bf16_gemm(
 /// Portable int8 GEMM: the same integer sums as `vpdpbusd`, one 16-column
 /// block at a time.
 #[inline(always)]
-fn int8_gemm_body(m: usize, dst: &mut [f32], dst_rs: usize, a: &QRows, w: &QWeights) {
+fn int8_gemm_body(m: usize, dst: &mut [f32], dst_rs: usize, a: QView<'_>, w: &QWeights) {
     let groups = w.k_pad / 4;
     for b in 0..blocks(w.n) {
         let panel = &w.packed[b * groups * COLS * 4..(b + 1) * groups * COLS * 4];
@@ -489,7 +562,7 @@ fn bf16_gemm_body(m: usize, dst: &mut [f32], dst_rs: usize, bq: &[u16], w: &BWei
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn int8_gemm_avx2(m: usize, dst: &mut [f32], dst_rs: usize, a: &QRows, w: &QWeights) {
+fn int8_gemm_avx2(m: usize, dst: &mut [f32], dst_rs: usize, a: QView<'_>, w: &QWeights) {
     int8_gemm_body(m, dst, dst_rs, a, w);
 }
 
@@ -507,7 +580,7 @@ mod avx512 {
 
     use std::arch::x86_64::*;
 
-    use super::{BWeights, COLS, QRows, QWeights, blocks};
+    use super::{BWeights, COLS, QView, QWeights, blocks};
 
     /// Lanes of a 16-column block that are real columns.
     fn mask(cols: usize) -> __mmask16 {
@@ -526,7 +599,7 @@ mod avx512 {
         m: usize,
         dst: &mut [f32],
         dst_rs: usize,
-        a: &QRows,
+        a: QView<'_>,
         w: &QWeights,
     ) {
         let nb = blocks(w.n);
@@ -567,11 +640,11 @@ mod avx512 {
         b0: usize,
         dst: &mut [f32],
         dst_rs: usize,
-        a: &QRows,
+        a: QView<'_>,
         w: &QWeights,
     ) {
         let groups = w.k_pad / 4;
-        let q = &a.q;
+        let q = a.q;
         let mut acc = [[_mm512_setzero_si512(); C]; R];
         let wp = w.packed.as_ptr();
         let qp = q.as_ptr();
@@ -810,10 +883,10 @@ mod tests {
             int8_reference(m, &a, &qw, &mut expected);
             for level in low_simd_levels() {
                 let mut raw = vec![0.0f32; m * n];
-                int8_gemm(level, m, &mut raw, n, &unit, &raw_w);
+                int8_gemm(level, m, &mut raw, n, unit.view(0, qw.k_pad), &raw_w);
                 assert_eq!(raw, expected_raw, "{level:?} {m}x{n}x{k}: int32 sums");
                 let mut got = start.clone();
-                int8_gemm(level, m, &mut got, n, &a, &qw);
+                int8_gemm(level, m, &mut got, n, a.view(0, qw.k_pad), &qw);
                 for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
                     // One fused vs separate multiply-add in the dequantisation.
                     assert!(
@@ -850,7 +923,7 @@ mod tests {
         );
         for level in low_simd_levels() {
             let mut dst = vec![7.0f32; (m - 1) * rs + n + 5];
-            int8_gemm(level, m, &mut dst, rs, &a, &qw);
+            int8_gemm(level, m, &mut dst, rs, a.view(0, qw.k_pad), &qw);
             for r in 0..m - 1 {
                 assert!(dst[r * rs + n..(r + 1) * rs].iter().all(|&v| v == 7.0));
             }

@@ -274,15 +274,17 @@ fn quantize_body(m: usize, k: usize, k_pad: usize, src: &[f32], rs: usize, out: 
         // running min/max is an ordered reduction LLVM will not vectorise.
         let (mut lo, mut hi) = ([0.0f32; LANES], [0.0f32; LANES]);
         let mut chunks = row.chunks_exact(LANES);
+        // Compare-and-select, not `f32::min`: its NaN rules kept LLVM
+        // from vectorising this loop at all.
         for chunk in &mut chunks {
             for j in 0..LANES {
-                lo[j] = lo[j].min(chunk[j]);
-                hi[j] = hi[j].max(chunk[j]);
+                lo[j] = if chunk[j] < lo[j] { chunk[j] } else { lo[j] };
+                hi[j] = if chunk[j] > hi[j] { chunk[j] } else { hi[j] };
             }
         }
         for (j, &v) in chunks.remainder().iter().enumerate() {
-            lo[j] = lo[j].min(v);
-            hi[j] = hi[j].max(v);
+            lo[j] = if v < lo[j] { v } else { lo[j] };
+            hi[j] = if v > hi[j] { v } else { hi[j] };
         }
         let lo = lo.iter().fold(0.0f32, |a, &v| a.min(v));
         let hi = hi.iter().fold(0.0f32, |a, &v| a.max(v));
@@ -293,7 +295,9 @@ fn quantize_body(m: usize, k: usize, k_pad: usize, src: &[f32], rs: usize, out: 
             // Clamped to [0, 255] (rounding can step just outside), then
             // rounded by adding 1.5·2^23: the integer is the low mantissa
             // byte, so no float-to-int conversion is needed.
-            let y = (v * inv + zero).clamp(0.0, 255.0);
+            let y = v * inv + zero;
+            let y = if y < 0.0 { 0.0 } else { y };
+            let y = if y > 255.0 { 255.0 } else { y };
             *d = (y + 12_582_912.0).to_bits() as u8;
         }
         out.scale.push(scale);

@@ -2,7 +2,9 @@
 //! the same inputs, 1 thread: ONNX Runtime fp32 (and its dynamically
 //! quantised int8 model when `TICKSERVE_ORT_INT8_MODEL` names one), then
 //! the native engine at fp32, bf16 and int8; median and p99 per call,
-//! samples/s and the ratios to both ONNX Runtime baselines.
+//! samples/s and the ratios to both ONNX Runtime baselines. The engines
+//! are measured in interleaved rounds, so the ratios hold even when the
+//! machine's load changes during the run.
 //!
 //! `scripts/bench-precision.sh` installs ONNX Runtime, writes the int8
 //! model with `onnxruntime.quantization.quantize_dynamic` and runs this.
@@ -18,18 +20,23 @@ use tickserve_engine_ort::OrtEngine;
 
 const BATCHES: [usize; 3] = [1, 8, 32];
 
-fn median_and_p99(engine: &dyn Engine, batch: &Batch, budget: Duration) -> (Duration, Duration) {
-    for _ in 0..3 {
-        let _ = engine.infer(batch);
-    }
-    let mut times = Vec::new();
+/// Rounds each engine measures per batch size, interleaved, so a change in
+/// the machine's load (it is shared) hits every engine alike.
+const ROUNDS: usize = 6;
+
+fn timed_calls(engine: &dyn Engine, batch: &Batch, budget: Duration, times: &mut Vec<Duration>) {
     let started = Instant::now();
-    while (started.elapsed() < budget || times.len() < 20) && times.len() < 100_000 {
+    let mut calls = 0;
+    while (started.elapsed() < budget || calls < 5) && calls < 20_000 {
         let t = Instant::now();
         let out = engine.infer(batch);
         times.push(t.elapsed());
+        calls += 1;
         assert!(out.is_ok(), "inference failed: {out:?}");
     }
+}
+
+fn median_and_p99(times: &mut [Duration]) -> (Duration, Duration) {
     times.sort_unstable();
     let at = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize];
     (at(0.5), at(0.99))
@@ -72,9 +79,20 @@ fn main() {
             rows,
             inputs: vec![data],
         };
+        let mut times: Vec<Vec<Duration>> = vec![Vec::new(); engines.len()];
+        for (_, engine) in &engines {
+            for _ in 0..3 {
+                let _ = engine.infer(&batch);
+            }
+        }
+        for _ in 0..ROUNDS {
+            for ((_, engine), t) in engines.iter().zip(&mut times) {
+                timed_calls(engine.as_ref(), &batch, budget / ROUNDS as u32, t);
+            }
+        }
         let mut rates: Vec<(String, f64)> = Vec::new();
-        for (name, engine) in &engines {
-            let (median, p99) = median_and_p99(engine.as_ref(), &batch, budget);
+        for ((name, _), t) in engines.iter().zip(&mut times) {
+            let (median, p99) = median_and_p99(t);
             let rate = rows as f64 / median.as_secs_f64();
             let ratio = |base: &str| {
                 rates

@@ -9,10 +9,19 @@
 //! nothing at run time; the recogniser only tracks them.
 
 use crate::kernels::{
-    SMALL_ROWS_MAX, broadcast_rows, detect_simd, lstm_cell, matmul, matmul_small_rows,
-    relu_in_place,
+    SMALL_ROWS_MAX, detect_simd, lstm_cell, matmul, matmul_small_rows, relu_in_place,
 };
 use crate::quant::{LowMat, LowSimd, Precision, Scratch, detect_low_simd};
+
+/// `rows` copies of `bias`, the starting value of a GEMM that accumulates
+/// onto it (built by appending: no zero fill that is overwritten at once).
+fn repeat_rows(rows: usize, bias: &[f32]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(rows * bias.len());
+    for _ in 0..rows {
+        out.extend_from_slice(bias);
+    }
+    out
+}
 
 /// Conv1d over time, stride 1, dilation 1.
 #[derive(Debug, Clone)]
@@ -213,8 +222,7 @@ impl Conv1d {
         // Output row r of the shifted GEMMs is time r - b·span of sample b;
         // rows that straddle two samples are computed and then skipped.
         let full_rows = rows * span - (k - 1);
-        let mut full = vec![0.0f32; full_rows * cout];
-        broadcast_rows(&mut full, full_rows, cout, &self.bias);
+        let mut full = repeat_rows(full_rows, &self.bias);
         // Every padded row is converted once; tap `t` then reads the
         // converted rows shifted by `t`, as the fp32 taps below do.
         if let Some(first) = self.low_taps.first() {
@@ -262,8 +270,7 @@ impl Lstm {
         let hidden = self.hidden;
         let gates_width = 4 * hidden;
         // Input projection of every time step of every sample in one GEMM.
-        let mut gates = vec![0.0f32; rows * time * gates_width];
-        broadcast_rows(&mut gates, rows * time, gates_width, &self.bias);
+        let mut gates = repeat_rows(rows * time, &self.bias);
         if let Some(low) = &self.w_low {
             low.matmul_acc(
                 ctx.low_simd,
@@ -352,8 +359,7 @@ impl Lstm {
 
 impl Linear {
     fn forward(&self, ctx: &mut Ctx, rows: usize, input: &[f32]) -> Vec<f32> {
-        let mut out = vec![0.0f32; rows * self.output];
-        broadcast_rows(&mut out, rows, self.output, &self.bias);
+        let mut out = repeat_rows(rows, &self.bias);
         if let Some(low) = &self.low {
             low.matmul_acc(
                 ctx.low_simd,

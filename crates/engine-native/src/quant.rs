@@ -105,14 +105,14 @@ fn blocks(n: usize) -> usize {
     n.div_ceil(COLS)
 }
 
-/// Rounds to the nearest bf16, ties to even (NaN kept quiet).
+/// Rounds to the nearest bf16, ties to even (NaN kept quiet). Written
+/// with a select instead of an early return so row loops vectorise.
+#[inline(always)]
 pub(crate) fn to_bf16(x: f32) -> u16 {
     let bits = x.to_bits();
-    if x.is_nan() {
-        return ((bits >> 16) | 0x40) as u16;
-    }
-    let round = 0x7fff + ((bits >> 16) & 1);
-    (bits.wrapping_add(round) >> 16) as u16
+    let rounded = (bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16) as u16;
+    let quiet = ((bits >> 16) | 0x40) as u16;
+    if x.is_nan() { quiet } else { rounded }
 }
 
 pub(crate) fn from_bf16(b: u16) -> f32 {
@@ -306,9 +306,43 @@ fn quantize_body(m: usize, k: usize, k_pad: usize, src: &[f32], rs: usize, out: 
 }
 
 /// Rounds `m` rows of `k` values to bf16 rows of `k_pad` (zero-padded).
-fn bf16_rows(m: usize, k: usize, k_pad: usize, src: &[f32], rs: usize, dst: &mut Vec<u16>) {
+fn bf16_rows(
+    simd: LowSimd,
+    m: usize,
+    k: usize,
+    k_pad: usize,
+    src: &[f32],
+    rs: usize,
+    dst: &mut Vec<u16>,
+) {
     dst.clear();
     dst.resize(m * k_pad, 0);
+    match simd {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `LowSimd::Avx512` comes from `detect_low_simd` only after
+        // the CPU reported avx512f and avx512bw.
+        LowSimd::Avx512 => unsafe { bf16_rows_avx512(m, k, k_pad, src, rs, dst) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `LowSimd::Avx2` is only used where avx2 and fma exist.
+        LowSimd::Avx2 => unsafe { bf16_rows_avx2(m, k, k_pad, src, rs, dst) },
+        _ => bf16_rows_body(m, k, k_pad, src, rs, dst),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+fn bf16_rows_avx512(m: usize, k: usize, k_pad: usize, src: &[f32], rs: usize, dst: &mut [u16]) {
+    bf16_rows_body(m, k, k_pad, src, rs, dst);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn bf16_rows_avx2(m: usize, k: usize, k_pad: usize, src: &[f32], rs: usize, dst: &mut [u16]) {
+    bf16_rows_body(m, k, k_pad, src, rs, dst);
+}
+
+#[inline(always)]
+fn bf16_rows_body(m: usize, k: usize, k_pad: usize, src: &[f32], rs: usize, dst: &mut [u16]) {
     for r in 0..m {
         for (d, &v) in dst[r * k_pad..r * k_pad + k]
             .iter_mut()
@@ -407,7 +441,7 @@ impl LowMat {
             }
             LowMat::Bf16(w) => {
                 assert!(lhs_rs >= w.k && lhs.len() >= (m - 1) * lhs_rs + w.k);
-                bf16_rows(m, w.k, w.k_pad, lhs, lhs_rs, &mut scratch.b);
+                bf16_rows(simd, m, w.k, w.k_pad, lhs, lhs_rs, &mut scratch.b);
             }
         }
     }
@@ -974,6 +1008,22 @@ mod tests {
     }
 
     #[test]
+    fn every_level_rounds_rows_to_bf16_identically() {
+        let mut x = values(5 * 37, 11);
+        x[3] = f32::NAN;
+        x[4] = f32::INFINITY;
+        let mut expected = Vec::new();
+        bf16_rows(LowSimd::Portable, 5, 37, 38, &x, 37, &mut expected);
+        assert_eq!(expected[4], 0x7f80);
+        assert!(from_bf16(expected[3]).is_nan());
+        for level in low_simd_levels() {
+            let mut got = Vec::new();
+            bf16_rows(level, 5, 37, 38, &x, 37, &mut got);
+            assert_eq!(got, expected, "{level:?}");
+        }
+    }
+
+    #[test]
     fn bf16_rounds_to_nearest_even() {
         assert_eq!(to_bf16(1.0), 0x3f80);
         // 1 + 2^-8 is exactly halfway between 1 and 1 + 2^-7: ties to even.
@@ -996,7 +1046,7 @@ mod tests {
             let x = snap(values(m * k, 50 + seed as u32));
             let bw = BWeights::new(&w, k, n);
             let mut b = Vec::new();
-            bf16_rows(m, k, bw.k_pad, &x, k, &mut b);
+            bf16_rows(LowSimd::Portable, m, k, bw.k_pad, &x, k, &mut b);
             let mut expected = vec![0.0f32; m * n];
             for r in 0..m {
                 for j in 0..n {
@@ -1021,7 +1071,7 @@ mod tests {
             let x = values(m * k, 70 + seed as u32);
             let bw = BWeights::new(&w, k, n);
             let mut b = Vec::new();
-            bf16_rows(m, k, bw.k_pad, &x, k, &mut b);
+            bf16_rows(LowSimd::Portable, m, k, bw.k_pad, &x, k, &mut b);
             for level in low_simd_levels() {
                 let mut got = vec![0.0f32; m * n];
                 bf16_gemm(level, m, &mut got, n, &b, &bw);

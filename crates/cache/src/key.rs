@@ -8,7 +8,7 @@
 //! same byte stream:
 //!
 //! ```text
-//! "tickserve-cache-key/v1"
+//! "tickserve-cache-key/v2"
 //! model name, model version (u64 LE)
 //! result-affecting request parameters (canonical JSON, sorted by name)
 //! for each input, sorted by name: name, datatype, row shape (i64 LE each),
@@ -24,7 +24,7 @@ use xxhash_rust::xxh3::Xxh3;
 
 /// Version tag hashed first; bump it when the key layout changes so old
 /// Redis entries are never read with a new meaning.
-const DOMAIN: &[u8] = b"tickserve-cache-key/v1";
+const DOMAIN: &[u8] = b"tickserve-cache-key/v2";
 
 /// A 128-bit cache key.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -57,12 +57,15 @@ fn field(hasher: &mut Xxh3, bytes: &[u8]) {
     hasher.update(bytes);
 }
 
-/// The key of one row of `model` version `version`. `parameters` is the
-/// canonical encoding of the request parameters that can change the
-/// result (empty when there are none).
+/// The key of one row of `model` version `version`, run by `variant` (the
+/// engine and its precision, e.g. `native/int8`: a quantised model gives
+/// different numbers). `parameters` is the canonical encoding of the
+/// request parameters that can change the result (empty when there are
+/// none).
 pub fn row_key(
     model: &str,
     version: u64,
+    variant: &str,
     parameters: &[u8],
     inputs: &mut [KeyInput<'_>],
 ) -> CacheKey {
@@ -71,6 +74,7 @@ pub fn row_key(
     field(&mut hasher, DOMAIN);
     field(&mut hasher, model.as_bytes());
     hasher.update(&version.to_le_bytes());
+    field(&mut hasher, variant.as_bytes());
     field(&mut hasher, parameters);
     hasher.update(&(inputs.len() as u64).to_le_bytes());
     let mut buffer = [0u8; 4 * 256];
@@ -97,7 +101,7 @@ mod tests {
     use super::*;
 
     fn key(model: &str, version: u64, params: &[u8], inputs: &[KeyInput<'_>]) -> CacheKey {
-        row_key(model, version, params, &mut inputs.to_vec())
+        row_key(model, version, "native/fp32", params, &mut inputs.to_vec())
     }
 
     #[test]
@@ -114,6 +118,11 @@ mod tests {
         assert_ne!(k, key("n", 1, b"", &[base]), "model");
         assert_ne!(k, key("m", 2, b"", &[base]), "version");
         assert_ne!(k, key("m", 1, b"{\"a\":1}", &[base]), "parameters");
+        assert_ne!(
+            k,
+            row_key("m", 1, "native/int8", b"", &mut [base]),
+            "engine variant (precision)"
+        );
         let shape = KeyInput {
             shape: &[3, 2],
             ..base

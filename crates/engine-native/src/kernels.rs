@@ -391,14 +391,6 @@ pub(crate) fn relu_in_place(values: &mut [f32]) {
     }
 }
 
-/// Fills each of `rows` rows of width `bias.len()` (row stride `rs`) with
-/// `bias`, the starting value of a GEMM that accumulates onto it.
-pub(crate) fn broadcast_rows(dst: &mut [f32], rows: usize, rs: usize, bias: &[f32]) {
-    for row in 0..rows {
-        dst[row * rs..row * rs + bias.len()].copy_from_slice(bias);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

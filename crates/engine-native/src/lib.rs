@@ -13,6 +13,7 @@
 mod kernels;
 mod model;
 mod onnx;
+mod quant;
 mod recognise;
 
 use std::path::Path;
@@ -23,6 +24,7 @@ use tickserve_engine::{
 };
 
 use crate::model::{Plan, SeqLayer};
+pub use crate::quant::Precision;
 
 /// A CNN+LSTM model loaded from ONNX, runnable at any batch size.
 #[derive(Debug)]
@@ -108,6 +110,18 @@ impl NativeEngine {
         self
     }
 
+    /// Runs the model's GEMMs in `precision` (see [`Precision`]): the
+    /// weights are converted once, here; the ONNX file stays fp32.
+    pub fn with_precision(mut self, precision: Precision) -> Self {
+        self.plan.set_precision(precision);
+        self
+    }
+
+    /// The precision the GEMMs run in.
+    pub fn precision(&self) -> Precision {
+        self.plan.precision
+    }
+
     /// Runs the rows split over the configured threads. Each thread runs
     /// whole samples; results differ from a single-threaded run only by the
     /// GEMM's summation order for a different row count (~1e-6).
@@ -178,6 +192,10 @@ impl Engine for NativeEngine {
 
     fn signature(&self) -> &Signature {
         &self.signature
+    }
+
+    fn variant(&self) -> String {
+        format!("native/{}", self.plan.precision)
     }
 
     fn infer(&self, batch: &Batch) -> Result<BatchOutput, EngineError> {

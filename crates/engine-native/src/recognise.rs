@@ -169,6 +169,7 @@ pub(crate) fn recognise(graph: &GraphProto) -> Result<Plan, String> {
         seq: rec.seq,
         head: rec.head,
         output_width: rec.channels,
+        precision: crate::quant::Precision::Fp32,
     })
 }
 
@@ -679,6 +680,7 @@ impl Recogniser {
             taps,
             bias,
             relu: false,
+            low_taps: Vec::new(),
         }));
         self.time = self.time + pad_begin + pad_end + 1 - kernel;
         self.channels = cout;
@@ -817,6 +819,8 @@ impl Recogniser {
             r_packed: crate::kernels::pack_columns(&r_t, hidden, 4 * hidden),
             r_t,
             bias,
+            w_low: None,
+            r_low: None,
         }));
         self.stage = Stage::Lstm;
         self.channels = hidden;
@@ -897,6 +901,7 @@ impl Recogniser {
             w_t,
             bias,
             relu: false,
+            low: None,
         });
         self.channels = output;
         self.produced(node, axes);

@@ -158,6 +158,13 @@ pub trait Engine: Send + Sync + fmt::Debug {
     /// Inputs and outputs as read from the model.
     fn signature(&self) -> &Signature;
 
+    /// What exactly runs the model, for metadata and cache keys: the
+    /// engine kind plus anything that changes its numbers (precision,
+    /// pruning). Outputs of two different variants may differ.
+    fn variant(&self) -> String {
+        self.kind().to_string()
+    }
+
     /// Runs one batch. The batch must match [`Engine::signature`].
     fn infer(&self, batch: &Batch) -> Result<BatchOutput, EngineError>;
 

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use tickserve_engine::{DataType, Engine, EngineError, TensorSpec};
-use tickserve_engine_native::NativeEngine;
+use tickserve_engine_native::{NativeEngine, Precision};
 
 /// Name of the per-model configuration file.
 pub const CONFIG_FILE: &str = "config.toml";
@@ -84,6 +84,27 @@ pub struct TensorConfig {
     pub datatype: String,
     /// Dimensions without the batch axis.
     pub dims: Vec<usize>,
+}
+
+/// Numeric precision the native engine runs a model in (the ONNX file
+/// stays fp32; see docs/optimization.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum PrecisionChoice {
+    #[default]
+    Fp32,
+    Bf16,
+    Int8,
+}
+
+impl PrecisionChoice {
+    pub fn native(self) -> Precision {
+        match self {
+            PrecisionChoice::Fp32 => Precision::Fp32,
+            PrecisionChoice::Bf16 => Precision::Bf16,
+            PrecisionChoice::Int8 => Precision::Int8,
+        }
+    }
 }
 
 /// How requests are merged into engine calls and scheduled
@@ -225,6 +246,9 @@ pub struct ModelConfig {
     /// as intra-op threads).
     #[serde(default = "default_threads")]
     pub threads: usize,
+    /// GEMM precision of the native engine: "fp32", "bf16" or "int8".
+    #[serde(default)]
+    pub precision: PrecisionChoice,
     #[serde(rename = "input")]
     pub inputs: Vec<TensorConfig>,
     #[serde(rename = "output")]
@@ -422,7 +446,9 @@ impl ModelEntry {
     /// Loads one version with the configured engine and checks it against
     /// the config.
     fn load_native(&self, path: &Path) -> Result<NativeEngine, EngineError> {
-        let engine = NativeEngine::load(path)?.with_threads(self.config.threads);
+        let engine = NativeEngine::load(path)?
+            .with_threads(self.config.threads)
+            .with_precision(self.config.precision.native());
         let arch = engine.architecture();
         tracing::debug!(
             model = %self.name,
@@ -437,6 +463,7 @@ impl ModelEntry {
 
     #[cfg(feature = "onnxruntime")]
     fn load_onnxruntime(&self, path: &Path) -> Result<Arc<dyn Engine>, EngineError> {
+        self.refuse_precision_for_onnxruntime()?;
         let engine = tickserve_engine_ort::OrtEngine::load(
             path,
             self.config.threads,
@@ -445,8 +472,21 @@ impl ModelEntry {
         Ok(Arc::new(engine))
     }
 
+    /// ONNX Runtime runs the graph as exported; a reduced precision would
+    /// silently not apply, so it is refused instead.
+    fn refuse_precision_for_onnxruntime(&self) -> Result<(), EngineError> {
+        if self.config.precision == PrecisionChoice::Fp32 {
+            return Ok(());
+        }
+        Err(EngineError::Unsupported(format!(
+            "precision = \"{}\" is applied by the native engine only; ONNX Runtime runs the model as exported (fp32): set precision = \"fp32\" or engine = \"native\"",
+            self.config.precision.native()
+        )))
+    }
+
     #[cfg(not(feature = "onnxruntime"))]
     fn load_onnxruntime(&self, _path: &Path) -> Result<Arc<dyn Engine>, EngineError> {
+        self.refuse_precision_for_onnxruntime()?;
         Err(EngineError::Unsupported(
             "this tickserve was built without the `onnxruntime` feature".into(),
         ))
@@ -480,7 +520,7 @@ impl ModelEntry {
                 Err(other) => return Err(engine_error(other)),
             },
         };
-        tracing::info!(model = %self.name, version, engine = engine.kind(), threads = self.config.threads, "model loaded");
+        tracing::info!(model = %self.name, version, engine = %engine.variant(), threads = self.config.threads, "model loaded");
         let signature = engine.signature();
         let check = |kind: &str, config: &[TensorConfig], actual: &[TensorSpec]| {
             check_tensors(kind, config, actual).map_err(|reason| RepositoryError::Mismatch {

@@ -231,3 +231,38 @@ fn empty_repositories_and_models_without_versions_are_refused() {
     let err = scan(&dir).unwrap_err().to_string();
     assert!(err.contains("no version folders"), "{err}");
 }
+
+#[test]
+fn precision_is_applied_by_the_native_engine_and_refused_for_onnxruntime() {
+    let a = root().join("fixtures/models/variant_a/model.onnx");
+    for (precision, variant) in [
+        ("fp32", "native/fp32"),
+        ("bf16", "native/bf16"),
+        ("int8", "native/int8"),
+    ] {
+        let dir = repo(
+            "m",
+            &a,
+            &format!("precision = \"{precision}\"\n{VARIANT_A}"),
+        );
+        let loaded = scan(&dir).unwrap()[0].load_version(1).unwrap();
+        assert_eq!(loaded.engine.variant(), variant);
+    }
+    let dir = repo("m", &a, VARIANT_A);
+    let loaded = scan(&dir).unwrap()[0].load_version(1).unwrap();
+    assert_eq!(
+        loaded.engine.variant(),
+        "native/fp32",
+        "fp32 is the default"
+    );
+    let err = load_error(
+        &format!("engine = \"onnxruntime\"\nprecision = \"int8\"\n{VARIANT_A}"),
+        "fixtures/models/variant_a/model.onnx",
+    );
+    assert!(err.contains("native engine only"), "{err}");
+    let err = load_error(
+        &format!("precision = \"fp16\"\n{VARIANT_A}"),
+        "fixtures/models/variant_a/model.onnx",
+    );
+    assert!(err.contains("fp16"), "{err}");
+}

@@ -123,7 +123,13 @@ impl CacheLayer {
                         }
                     })
                     .collect();
-                row_key(model, version.version, &parameters, &mut inputs)
+                row_key(
+                    model,
+                    version.version,
+                    &version.engine_variant,
+                    &parameters,
+                    &mut inputs,
+                )
             })
             .collect();
 

@@ -109,6 +109,7 @@ async fn model_metadata(State(state): State<AppState>, Path(path): Path<ModelPat
             "versions": model.version_names(),
             "platform": "onnx",
             "engine": version.engine_kind,
+            "variant": version.engine_variant,
             "max_batch_size": version.max_batch_size,
             "inputs": version.signature.inputs.iter().map(tensor).collect::<Vec<_>>(),
             "outputs": version.signature.outputs.iter().map(tensor).collect::<Vec<_>>(),

@@ -66,6 +66,9 @@ pub struct ModelVersion {
     pub name: String,
     pub version: u64,
     pub engine_kind: &'static str,
+    /// Engine plus numeric variant (`"native/int8"`): differs whenever
+    /// outputs may differ, so response caches must key on it.
+    pub engine_variant: String,
     pub signature: Signature,
     pub max_batch_size: usize,
     /// Batching settings, reported by Triton's model-configuration extension.
@@ -138,6 +141,7 @@ impl ModelRegistry {
                         name: entry.name.clone(),
                         version,
                         engine_kind: loaded.engine.kind(),
+                        engine_variant: loaded.engine.variant(),
                         signature: loaded.engine.signature().clone(),
                         max_batch_size: entry.config.max_batch_size,
                         max_queue_delay,

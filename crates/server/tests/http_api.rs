@@ -75,6 +75,7 @@ async fn model_metadata_and_readiness_with_and_without_version() {
         assert_eq!(body["versions"], json!(["1"]));
         assert_eq!(body["platform"], "onnx");
         assert_eq!(body["engine"], "native");
+        assert_eq!(body["variant"], "native/fp32");
         assert_eq!(
             body["inputs"],
             json!([{"name": "input", "datatype": "FP32", "shape": [-1, 50, 60]}])

@@ -1,0 +1,1098 @@
+//! Reduced-precision weights and their GEMM kernels: int8 (dynamic,
+//! symmetric) and bf16.
+//!
+//! A model is always read as fp32 from ONNX; [`LowMat::new`] converts one
+//! GEMM right-hand side (`[k][n]`, row-major, as the fp32 layers keep it)
+//! at load. At run time each call converts its left-hand rows (int8: a
+//! scale and zero point per row; bf16: round to nearest even), runs the
+//! low-precision dot products and adds `row_scale · col_scale · dot` (int8)
+//! or the fp32 sum (bf16) onto the fp32 destination, which already holds
+//! the bias. Everything around the GEMMs (gate non-linearities, cell state,
+//! ReLU) stays fp32.
+//!
+//! Weight layout, shared by every SIMD level so one packing serves all:
+//! columns in blocks of 16 (zero-padded), and inside a block, for each
+//! group of 4 (int8) or 2 (bf16) consecutive `k`, the 16 columns' group
+//! values next to each other: exactly one 64-byte operand of `vpdpbusd`
+//! or `vdpbf16ps`. Left-hand rows are padded with zeros to whole groups.
+//!
+//! int8 activations are asymmetric unsigned bytes per row (`x ≈ scale ·
+//! (u − zero_point)`, 255 steps between the row's minimum and maximum,
+//! zero exact), weights symmetric signed bytes per output column: exactly
+//! what `vpdpbusd` multiplies (u8 × i8). The zero point is taken out after
+//! the integer sums, `Σ (u − z)·w = Σ u·w − z · Σ w`, with `Σ w` per column
+//! precomputed. The int32 sums are exact on every path (255 · 127 · k <
+//! 2^31 for k < 66 000), so all SIMD levels give bit-identical dot
+//! products. Asymmetric activations halve the rounding error of
+//! symmetric ones on this model family, where most GEMM inputs are ReLU
+//! outputs (never negative).
+
+/// Numeric precision the native engine runs a model's GEMMs in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Precision {
+    /// The model as exported.
+    #[default]
+    Fp32,
+    /// Weights and activations rounded to bfloat16, fp32 accumulation.
+    Bf16,
+    /// Weights int8 per output channel, activations int8 per row at run
+    /// time, int32 accumulation.
+    Int8,
+}
+
+impl Precision {
+    /// Every precision, in the order tables list them.
+    pub const ALL: [Precision; 3] = [Precision::Fp32, Precision::Bf16, Precision::Int8];
+
+    /// The configuration spelling (`"fp32"`, `"bf16"`, `"int8"`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "fp32",
+            Precision::Bf16 => "bf16",
+            Precision::Int8 => "int8",
+        }
+    }
+
+    /// Parses the configuration spelling.
+    pub fn parse(name: &str) -> Option<Precision> {
+        Precision::ALL.into_iter().find(|p| p.as_str() == name)
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Columns per packed block (one 512-bit register of int32/fp32 lanes).
+const COLS: usize = 16;
+
+/// An int8 GEMM right-hand side, quantised per output column.
+#[derive(Debug, Clone)]
+pub(crate) struct QWeights {
+    k: usize,
+    n: usize,
+    /// `k` rounded up to a multiple of 4.
+    k_pad: usize,
+    /// `[n/16 blocks][k_pad/4 groups][16 columns][4]`.
+    packed: Vec<i8>,
+    /// Dequantisation scale of each (padded) column.
+    col_scale: Vec<f32>,
+    /// `Σ_k w[k][j]`, to take each row's zero point out of its sums.
+    col_sum: Vec<i32>,
+}
+
+/// A bf16 GEMM right-hand side.
+#[derive(Debug, Clone)]
+pub(crate) struct BWeights {
+    k: usize,
+    n: usize,
+    /// `k` rounded up to a multiple of 2.
+    k_pad: usize,
+    /// `[n/16 blocks][k_pad/2 pairs][16 columns][2]` bf16 bit patterns.
+    packed: Vec<u16>,
+}
+
+/// A GEMM right-hand side held in a reduced precision.
+#[derive(Debug, Clone)]
+pub(crate) enum LowMat {
+    Int8(QWeights),
+    Bf16(BWeights),
+}
+
+fn blocks(n: usize) -> usize {
+    n.div_ceil(COLS)
+}
+
+/// Rounds to the nearest bf16, ties to even (NaN kept quiet). Written
+/// with a select instead of an early return so row loops vectorise.
+#[inline(always)]
+pub(crate) fn to_bf16(x: f32) -> u16 {
+    let bits = x.to_bits();
+    let rounded = (bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16) as u16;
+    let quiet = ((bits >> 16) | 0x40) as u16;
+    if x.is_nan() { quiet } else { rounded }
+}
+
+pub(crate) fn from_bf16(b: u16) -> f32 {
+    f32::from_bits((b as u32) << 16)
+}
+
+impl QWeights {
+    /// Quantises `w[k][n]` (row-major) symmetrically per column.
+    pub(crate) fn new(w: &[f32], k: usize, n: usize) -> Self {
+        let k_pad = k.div_ceil(4) * 4;
+        let n_pad = blocks(n) * COLS;
+        let mut col_scale = vec![0.0f32; n_pad];
+        let mut col_sum = vec![0i32; n_pad];
+        let mut q = vec![0i8; k_pad * n_pad];
+        for j in 0..n {
+            let max = (0..k).map(|p| w[p * n + j].abs()).fold(0.0f32, f32::max);
+            let scale = if max > 0.0 { max / 127.0 } else { 1.0 };
+            col_scale[j] = scale;
+            let mut sum = 0i32;
+            for p in 0..k {
+                let v = (w[p * n + j] / scale).round().clamp(-127.0, 127.0) as i8;
+                q[p * n_pad + j] = v;
+                sum += v as i32;
+            }
+            col_sum[j] = sum;
+        }
+        let groups = k_pad / 4;
+        let mut packed = vec![0i8; k_pad * n_pad];
+        for b in 0..blocks(n) {
+            for g in 0..groups {
+                for c in 0..COLS {
+                    for e in 0..4 {
+                        packed[((b * groups + g) * COLS + c) * 4 + e] =
+                            q[(g * 4 + e) * n_pad + b * COLS + c];
+                    }
+                }
+            }
+        }
+        QWeights {
+            k,
+            n,
+            k_pad,
+            packed,
+            col_scale,
+            col_sum,
+        }
+    }
+}
+
+impl BWeights {
+    pub(crate) fn new(w: &[f32], k: usize, n: usize) -> Self {
+        let k_pad = k.div_ceil(2) * 2;
+        let pairs = k_pad / 2;
+        let mut packed = vec![0u16; blocks(n) * COLS * k_pad];
+        for b in 0..blocks(n) {
+            for g in 0..pairs {
+                for c in 0..COLS {
+                    for e in 0..2 {
+                        let (p, j) = (g * 2 + e, b * COLS + c);
+                        if p < k && j < n {
+                            packed[((b * pairs + g) * COLS + c) * 2 + e] = to_bf16(w[p * n + j]);
+                        }
+                    }
+                }
+            }
+        }
+        BWeights {
+            k,
+            n,
+            k_pad,
+            packed,
+        }
+    }
+}
+
+/// Int8 activation rows: unsigned bytes with a scale and zero point per
+/// row.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct QRows {
+    /// `m` rows of `k_pad` bytes (padding 0: it meets zero weights).
+    pub q: Vec<u8>,
+    pub scale: Vec<f32>,
+    pub zero: Vec<i32>,
+}
+
+/// Rounds a value in [0, 2^22) to the nearest integer, ties to even:
+/// adding 1.5·2^23 leaves no fraction bits. Plain arithmetic, so the row
+/// loops vectorise (`f32::round` is a libm call on baseline x86-64).
+#[inline(always)]
+fn round_small(x: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0;
+    (x + MAGIC) - MAGIC
+}
+
+impl QRows {
+    /// Rows `row0..` (of `k_pad` bytes each) as the kernels read them.
+    pub(crate) fn view(&self, row0: usize, k_pad: usize) -> QView<'_> {
+        QView {
+            q: &self.q[row0 * k_pad..],
+            scale: &self.scale[row0..],
+            zero: &self.zero[row0..],
+        }
+    }
+}
+
+/// Borrowed int8 activation rows, starting at some row of a [`QRows`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct QView<'a> {
+    pub q: &'a [u8],
+    pub scale: &'a [f32],
+    pub zero: &'a [i32],
+}
+
+/// Quantises `m` rows of `k` values (row stride `rs`) to unsigned bytes,
+/// one scale and zero point per row, into rows of `k_pad` bytes.
+pub(crate) fn quantize_rows(
+    simd: LowSimd,
+    m: usize,
+    k: usize,
+    k_pad: usize,
+    src: &[f32],
+    rs: usize,
+    out: &mut QRows,
+) {
+    out.q.clear();
+    out.q.resize(m * k_pad, 0);
+    out.scale.clear();
+    out.zero.clear();
+    match simd {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `LowSimd::Avx512` comes from `detect_low_simd` only after
+        // the CPU reported avx512f and avx512bw.
+        LowSimd::Avx512 => unsafe { quantize_avx512(m, k, k_pad, src, rs, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `LowSimd::Avx2` is only used where avx2 and fma exist.
+        LowSimd::Avx2 => unsafe { quantize_avx2(m, k, k_pad, src, rs, out) },
+        _ => quantize_body(m, k, k_pad, src, rs, out),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+fn quantize_avx512(m: usize, k: usize, k_pad: usize, src: &[f32], rs: usize, out: &mut QRows) {
+    quantize_body(m, k, k_pad, src, rs, out);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn quantize_avx2(m: usize, k: usize, k_pad: usize, src: &[f32], rs: usize, out: &mut QRows) {
+    quantize_body(m, k, k_pad, src, rs, out);
+}
+
+#[inline(always)]
+fn quantize_body(m: usize, k: usize, k_pad: usize, src: &[f32], rs: usize, out: &mut QRows) {
+    const LANES: usize = 16;
+    for r in 0..m {
+        let row = &src[r * rs..r * rs + k];
+        // Lane-wise minimum and maximum, reduced at the end: a single
+        // running min/max is an ordered reduction LLVM will not vectorise.
+        let (mut lo, mut hi) = ([0.0f32; LANES], [0.0f32; LANES]);
+        let mut chunks = row.chunks_exact(LANES);
+        // Compare-and-select, not `f32::min`: its NaN rules kept LLVM
+        // from vectorising this loop at all.
+        for chunk in &mut chunks {
+            for j in 0..LANES {
+                lo[j] = if chunk[j] < lo[j] { chunk[j] } else { lo[j] };
+                hi[j] = if chunk[j] > hi[j] { chunk[j] } else { hi[j] };
+            }
+        }
+        for (j, &v) in chunks.remainder().iter().enumerate() {
+            lo[j] = if v < lo[j] { v } else { lo[j] };
+            hi[j] = if v > hi[j] { v } else { hi[j] };
+        }
+        let lo = lo.iter().fold(0.0f32, |a, &v| a.min(v));
+        let hi = hi.iter().fold(0.0f32, |a, &v| a.max(v));
+        let scale = if hi > lo { (hi - lo) / 255.0 } else { 1.0 };
+        let inv = 1.0 / scale;
+        let zero = round_small(-lo * inv).clamp(0.0, 255.0);
+        for (d, &v) in out.q[r * k_pad..r * k_pad + k].iter_mut().zip(row) {
+            // Clamped to [0, 255] (rounding can step just outside), then
+            // rounded by adding 1.5·2^23: the integer is the low mantissa
+            // byte, so no float-to-int conversion is needed.
+            let y = v * inv + zero;
+            let y = if y < 0.0 { 0.0 } else { y };
+            let y = if y > 255.0 { 255.0 } else { y };
+            *d = (y + 12_582_912.0).to_bits() as u8;
+        }
+        out.scale.push(scale);
+        out.zero.push(zero as i32);
+    }
+}
+
+/// Rounds `m` rows of `k` values to bf16 rows of `k_pad` (zero-padded).
+fn bf16_rows(
+    simd: LowSimd,
+    m: usize,
+    k: usize,
+    k_pad: usize,
+    src: &[f32],
+    rs: usize,
+    dst: &mut Vec<u16>,
+) {
+    dst.clear();
+    dst.resize(m * k_pad, 0);
+    match simd {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `LowSimd::Avx512` comes from `detect_low_simd` only after
+        // the CPU reported avx512f and avx512bw.
+        LowSimd::Avx512 => unsafe { bf16_rows_avx512(m, k, k_pad, src, rs, dst) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `LowSimd::Avx2` is only used where avx2 and fma exist.
+        LowSimd::Avx2 => unsafe { bf16_rows_avx2(m, k, k_pad, src, rs, dst) },
+        _ => bf16_rows_body(m, k, k_pad, src, rs, dst),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+fn bf16_rows_avx512(m: usize, k: usize, k_pad: usize, src: &[f32], rs: usize, dst: &mut [u16]) {
+    bf16_rows_body(m, k, k_pad, src, rs, dst);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn bf16_rows_avx2(m: usize, k: usize, k_pad: usize, src: &[f32], rs: usize, dst: &mut [u16]) {
+    bf16_rows_body(m, k, k_pad, src, rs, dst);
+}
+
+#[inline(always)]
+fn bf16_rows_body(m: usize, k: usize, k_pad: usize, src: &[f32], rs: usize, dst: &mut [u16]) {
+    for r in 0..m {
+        for (d, &v) in dst[r * k_pad..r * k_pad + k]
+            .iter_mut()
+            .zip(&src[r * rs..r * rs + k])
+        {
+            *d = to_bf16(v);
+        }
+    }
+}
+
+/// SIMD level of the low-precision kernels, picked once per process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LowSimd {
+    /// AVX-512 with VNNI (int8) and BF16 (bf16) instructions.
+    Avx512,
+    /// The portable loops compiled for AVX2 + FMA.
+    Avx2,
+    Portable,
+}
+
+pub(crate) fn detect_low_simd() -> LowSimd {
+    static LEVEL: std::sync::OnceLock<LowSimd> = std::sync::OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("avx512vnni")
+                && std::arch::is_x86_feature_detected!("avx512bf16")
+            {
+                return LowSimd::Avx512;
+            }
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                return LowSimd::Avx2;
+            }
+        }
+        LowSimd::Portable
+    })
+}
+
+/// Per-call scratch for converted left-hand rows.
+#[derive(Default)]
+pub(crate) struct Scratch {
+    q: QRows,
+    b: Vec<u16>,
+}
+
+impl LowMat {
+    pub(crate) fn new(precision: Precision, w: &[f32], k: usize, n: usize) -> Option<LowMat> {
+        match precision {
+            Precision::Fp32 => None,
+            Precision::Int8 => Some(LowMat::Int8(QWeights::new(w, k, n))),
+            Precision::Bf16 => Some(LowMat::Bf16(BWeights::new(w, k, n))),
+        }
+    }
+
+    /// `dst[m×n] += lhs[m×k] · W` with row strides `dst_rs` and `lhs_rs`.
+    ///
+    /// # Panics
+    /// If a stride or slice length would reach out of bounds (a bug: every
+    /// shape comes from the validated plan).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn matmul_acc(
+        &self,
+        simd: LowSimd,
+        m: usize,
+        dst: &mut [f32],
+        dst_rs: usize,
+        lhs: &[f32],
+        lhs_rs: usize,
+        scratch: &mut Scratch,
+    ) {
+        self.prepare(simd, m, lhs, lhs_rs, scratch);
+        self.run_prepared(simd, m, 0, dst, dst_rs, scratch);
+    }
+
+    /// Converts `m` left-hand rows into `scratch`, for [`Self::run_prepared`]
+    /// on this or any other `LowMat` of the same precision and `k`.
+    pub(crate) fn prepare(
+        &self,
+        simd: LowSimd,
+        m: usize,
+        lhs: &[f32],
+        lhs_rs: usize,
+        scratch: &mut Scratch,
+    ) {
+        if m == 0 {
+            return;
+        }
+        match self {
+            LowMat::Int8(w) => {
+                assert!(lhs_rs >= w.k && lhs.len() >= (m - 1) * lhs_rs + w.k);
+                quantize_rows(simd, m, w.k, w.k_pad, lhs, lhs_rs, &mut scratch.q);
+            }
+            LowMat::Bf16(w) => {
+                assert!(lhs_rs >= w.k && lhs.len() >= (m - 1) * lhs_rs + w.k);
+                bf16_rows(simd, m, w.k, w.k_pad, lhs, lhs_rs, &mut scratch.b);
+            }
+        }
+    }
+
+    /// `dst[m×n] += rows[row0..row0+m] · W` over rows [`Self::prepare`]d.
+    ///
+    /// # Panics
+    /// If fewer than `row0 + m` rows were prepared.
+    pub(crate) fn run_prepared(
+        &self,
+        simd: LowSimd,
+        m: usize,
+        row0: usize,
+        dst: &mut [f32],
+        dst_rs: usize,
+        scratch: &Scratch,
+    ) {
+        if m == 0 {
+            return;
+        }
+        match self {
+            LowMat::Int8(w) => {
+                int8_gemm(simd, m, dst, dst_rs, scratch.q.view(row0, w.k_pad), w);
+            }
+            LowMat::Bf16(w) => {
+                bf16_gemm(simd, m, dst, dst_rs, &scratch.b[row0 * w.k_pad..], w);
+            }
+        }
+    }
+}
+
+/// `dst[r][j] += scale[r] · col_scale[j] · Σ_k (q[r][k] − zero[r]) · w[k][j]`
+/// over quantised rows of `w.k_pad` bytes.
+///
+/// # Panics
+/// If `dst` or `a` are too short for `m` rows.
+pub(crate) fn int8_gemm(
+    simd: LowSimd,
+    m: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    a: QView<'_>,
+    w: &QWeights,
+) {
+    if m == 0 || w.n == 0 {
+        return;
+    }
+    assert!(
+        dst_rs >= w.n && dst.len() >= (m - 1) * dst_rs + w.n,
+        "int8 dst"
+    );
+    assert!(
+        a.q.len() >= m * w.k_pad && a.scale.len() >= m && a.zero.len() >= m,
+        "int8 lhs"
+    );
+    match simd {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `LowSimd::Avx512` comes from `detect_low_simd` only after
+        // the CPU reported avx512f, avx512bw and avx512vnni; the asserts
+        // above are the bounds the kernel relies on.
+        LowSimd::Avx512 => unsafe { avx512::int8_gemm(m, dst, dst_rs, a, w) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above, for AVX2 and FMA.
+        LowSimd::Avx2 => unsafe { int8_gemm_avx2(m, dst, dst_rs, a, w) },
+        _ => int8_gemm_body(m, dst, dst_rs, a, w),
+    }
+}
+
+/// `dst[r][j] += Σ_k b[r][k] · w[k][j]` over bf16 rows of `w.k_pad`.
+///
+/// # Panics
+/// If `dst` or `b` are too short for `m` rows.
+pub(crate) fn bf16_gemm(
+    simd: LowSimd,
+    m: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    b: &[u16],
+    w: &BWeights,
+) {
+    if m == 0 || w.n == 0 {
+        return;
+    }
+    assert!(
+        dst_rs >= w.n && dst.len() >= (m - 1) * dst_rs + w.n,
+        "bf16 dst"
+    );
+    assert!(b.len() >= m * w.k_pad, "bf16 lhs");
+    match simd {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `LowSimd::Avx512` comes from `detect_low_simd` only after
+        // the CPU reported avx512f, avx512bw and avx512bf16; the asserts
+        // above are the bounds the kernel relies on.
+        LowSimd::Avx512 => unsafe { avx512::bf16_gemm(m, dst, dst_rs, b, w) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above, for AVX2 and FMA.
+        LowSimd::Avx2 => unsafe { bf16_gemm_avx2(m, dst, dst_rs, b, w) },
+        _ => bf16_gemm_body(m, dst, dst_rs, b, w),
+    }
+}
+
+/// Portable int8 GEMM: the same integer sums as `vpdpbusd`, one 16-column
+/// block at a time.
+#[inline(always)]
+fn int8_gemm_body(m: usize, dst: &mut [f32], dst_rs: usize, a: QView<'_>, w: &QWeights) {
+    let groups = w.k_pad / 4;
+    for b in 0..blocks(w.n) {
+        let panel = &w.packed[b * groups * COLS * 4..(b + 1) * groups * COLS * 4];
+        let cols = COLS.min(w.n - b * COLS);
+        for r in 0..m {
+            let row = &a.q[r * w.k_pad..(r + 1) * w.k_pad];
+            let mut acc = [0i32; COLS];
+            for (u, wg) in row.chunks_exact(4).zip(panel.chunks_exact(COLS * 4)) {
+                for (c, wc) in acc.iter_mut().zip(wg.chunks_exact(4)) {
+                    *c += u[0] as i32 * wc[0] as i32
+                        + u[1] as i32 * wc[1] as i32
+                        + u[2] as i32 * wc[2] as i32
+                        + u[3] as i32 * wc[3] as i32;
+                }
+            }
+            let out = &mut dst[r * dst_rs + b * COLS..r * dst_rs + b * COLS + cols];
+            for (c, o) in out.iter_mut().enumerate() {
+                let j = b * COLS + c;
+                let dot = acc[c] - a.zero[r] * w.col_sum[j];
+                *o = (a.scale[r] * w.col_scale[j]).mul_add(dot as f32, *o);
+            }
+        }
+    }
+}
+
+/// Portable bf16 GEMM with `vdpbf16ps`'s order of operations: per pair,
+/// the odd product is added first, then the even one (both exact in fp32).
+#[inline(always)]
+fn bf16_gemm_body(m: usize, dst: &mut [f32], dst_rs: usize, bq: &[u16], w: &BWeights) {
+    let pairs = w.k_pad / 2;
+    for b in 0..blocks(w.n) {
+        let panel = &w.packed[b * pairs * COLS * 2..(b + 1) * pairs * COLS * 2];
+        let cols = COLS.min(w.n - b * COLS);
+        for r in 0..m {
+            let row = &bq[r * w.k_pad..(r + 1) * w.k_pad];
+            let mut acc = [0.0f32; COLS];
+            for (a, wg) in row.chunks_exact(2).zip(panel.chunks_exact(COLS * 2)) {
+                let (a0, a1) = (from_bf16(a[0]), from_bf16(a[1]));
+                for (c, wc) in acc.iter_mut().zip(wg.chunks_exact(2)) {
+                    *c += a1 * from_bf16(wc[1]);
+                    *c += a0 * from_bf16(wc[0]);
+                }
+            }
+            let out = &mut dst[r * dst_rs + b * COLS..r * dst_rs + b * COLS + cols];
+            for (o, a) in out.iter_mut().zip(acc) {
+                *o += a;
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn int8_gemm_avx2(m: usize, dst: &mut [f32], dst_rs: usize, a: QView<'_>, w: &QWeights) {
+    int8_gemm_body(m, dst, dst_rs, a, w);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn bf16_gemm_avx2(m: usize, dst: &mut [f32], dst_rs: usize, b: &[u16], w: &BWeights) {
+    bf16_gemm_body(m, dst, dst_rs, b, w);
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    //! `vpdpbusd` / `vdpbf16ps` kernels: tiles of up to 4 rows × 4 column
+    //! blocks (64 columns), 16 accumulators that stay in registers while
+    //! the tile's weight panels stream through once.
+
+    use std::arch::x86_64::*;
+
+    use super::{BWeights, COLS, QView, QWeights, blocks};
+
+    /// Lanes of a 16-column block that are real columns.
+    fn mask(cols: usize) -> __mmask16 {
+        if cols >= 16 {
+            0xffff
+        } else {
+            ((1u32 << cols) - 1) as __mmask16
+        }
+    }
+
+    /// # Safety
+    /// The CPU must support avx512f/bw/vnni; `int8_gemm` checked the
+    /// bounds: `dst` holds `m` rows of `w.n`, `q` `m` rows of `w.k_pad`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn int8_gemm(
+        m: usize,
+        dst: &mut [f32],
+        dst_rs: usize,
+        a: QView<'_>,
+        w: &QWeights,
+    ) {
+        let nb = blocks(w.n);
+        let mut r = 0;
+        while r < m {
+            let rows = (m - r).min(4);
+            let mut b = 0;
+            while b < nb {
+                let cb = (nb - b).min(4);
+                // SAFETY: rows r..r+rows < m and blocks b..b+cb < nb, so
+                // every access is inside the bounds the caller checked.
+                unsafe {
+                    match (rows, cb) {
+                        (4, 4) => int8_tile::<4, 4>(r, b, dst, dst_rs, a, w),
+                        (4, 3) => int8_tile::<4, 3>(r, b, dst, dst_rs, a, w),
+                        (4, 2) => int8_tile::<4, 2>(r, b, dst, dst_rs, a, w),
+                        (4, _) => int8_tile::<4, 1>(r, b, dst, dst_rs, a, w),
+                        (3, 4) => int8_tile::<3, 4>(r, b, dst, dst_rs, a, w),
+                        (3, _) => int8_tile::<3, 1>(r, b, dst, dst_rs, a, w),
+                        (2, 4) => int8_tile::<2, 4>(r, b, dst, dst_rs, a, w),
+                        (2, _) => int8_tile::<2, 1>(r, b, dst, dst_rs, a, w),
+                        (_, 4) => int8_tile::<1, 4>(r, b, dst, dst_rs, a, w),
+                        (_, _) => int8_tile::<1, 1>(r, b, dst, dst_rs, a, w),
+                    }
+                }
+                b += if rows == 4 || cb == 4 { cb } else { 1 };
+            }
+            r += rows;
+        }
+    }
+
+    /// # Safety
+    /// As [`int8_gemm`], with rows `r0..r0+R` and blocks `b0..b0+C` in range.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    #[inline]
+    unsafe fn int8_tile<const R: usize, const C: usize>(
+        r0: usize,
+        b0: usize,
+        dst: &mut [f32],
+        dst_rs: usize,
+        a: QView<'_>,
+        w: &QWeights,
+    ) {
+        let groups = w.k_pad / 4;
+        let q = a.q;
+        let mut acc = [[_mm512_setzero_si512(); C]; R];
+        let wp = w.packed.as_ptr();
+        let qp = q.as_ptr();
+        for g in 0..groups {
+            let mut wv = [_mm512_setzero_si512(); C];
+            for (c, v) in wv.iter_mut().enumerate() {
+                // SAFETY: block b0+c < nb and group g < groups index a
+                // 64-byte run inside `packed` (length nb·groups·64).
+                *v = unsafe {
+                    _mm512_loadu_si512(wp.add(((b0 + c) * groups + g) * COLS * 4).cast())
+                };
+            }
+            for (r, row) in acc.iter_mut().enumerate() {
+                // SAFETY: row r0+r < m and 4g+4 ≤ k_pad: inside `q`.
+                let word = unsafe {
+                    qp.add((r0 + r) * w.k_pad + g * 4)
+                        .cast::<i32>()
+                        .read_unaligned()
+                };
+                let u = _mm512_set1_epi32(word);
+                for (c, v) in row.iter_mut().enumerate() {
+                    *v = _mm512_dpbusd_epi32(*v, u, wv[c]);
+                }
+            }
+        }
+        for (r, row) in acc.iter().enumerate() {
+            let rs = _mm512_set1_ps(a.scale[r0 + r]);
+            let zero = _mm512_set1_epi32(a.zero[r0 + r]);
+            for (c, v) in row.iter().enumerate() {
+                let col = (b0 + c) * COLS;
+                let k = mask(w.n - col);
+                // SAFETY: `col_sum`/`col_scale` hold nb·16 entries.
+                let (sum, cs) = unsafe {
+                    (
+                        _mm512_loadu_si512(w.col_sum.as_ptr().add(col).cast()),
+                        _mm512_loadu_ps(w.col_scale.as_ptr().add(col)),
+                    )
+                };
+                let off = _mm512_mullo_epi32(zero, sum);
+                let dot = _mm512_cvtepi32_ps(_mm512_sub_epi32(*v, off));
+                let d = dst.as_mut_ptr().wrapping_add((r0 + r) * dst_rs + col);
+                // SAFETY: the mask limits the access to columns < n of row
+                // r0+r, inside `dst`; masked-off lanes are not touched.
+                unsafe {
+                    let old = _mm512_maskz_loadu_ps(k, d);
+                    let new = _mm512_fmadd_ps(_mm512_mul_ps(rs, cs), dot, old);
+                    _mm512_mask_storeu_ps(d, k, new);
+                }
+            }
+        }
+    }
+
+    /// # Safety
+    /// The CPU must support avx512f/bw/bf16; `bf16_gemm` checked the
+    /// bounds: `dst` holds `m` rows of `w.n`, `b` `m` rows of `w.k_pad`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn bf16_gemm(
+        m: usize,
+        dst: &mut [f32],
+        dst_rs: usize,
+        b: &[u16],
+        w: &BWeights,
+    ) {
+        let nb = blocks(w.n);
+        let mut r = 0;
+        while r < m {
+            let rows = (m - r).min(4);
+            let mut blk = 0;
+            while blk < nb {
+                let cb = (nb - blk).min(4);
+                // SAFETY: as in `int8_gemm`.
+                unsafe {
+                    match (rows, cb) {
+                        (4, 4) => bf16_tile::<4, 4>(r, blk, dst, dst_rs, b, w),
+                        (4, _) => bf16_tile::<4, 1>(r, blk, dst, dst_rs, b, w),
+                        (3, 4) => bf16_tile::<3, 4>(r, blk, dst, dst_rs, b, w),
+                        (3, _) => bf16_tile::<3, 1>(r, blk, dst, dst_rs, b, w),
+                        (2, 4) => bf16_tile::<2, 4>(r, blk, dst, dst_rs, b, w),
+                        (2, _) => bf16_tile::<2, 1>(r, blk, dst, dst_rs, b, w),
+                        (_, 4) => bf16_tile::<1, 4>(r, blk, dst, dst_rs, b, w),
+                        (_, _) => bf16_tile::<1, 1>(r, blk, dst, dst_rs, b, w),
+                    }
+                }
+                blk += if cb == 4 { 4 } else { 1 };
+            }
+            r += rows;
+        }
+    }
+
+    /// # Safety
+    /// As [`bf16_gemm`], with rows `r0..r0+R` and blocks `b0..b0+C` in range.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    #[inline]
+    unsafe fn bf16_tile<const R: usize, const C: usize>(
+        r0: usize,
+        b0: usize,
+        dst: &mut [f32],
+        dst_rs: usize,
+        b: &[u16],
+        w: &BWeights,
+    ) {
+        let pairs = w.k_pad / 2;
+        let mut acc = [[_mm512_setzero_ps(); C]; R];
+        let wp = w.packed.as_ptr();
+        let bp = b.as_ptr();
+        for g in 0..pairs {
+            let mut wv = [_mm512_setzero_si512(); C];
+            for (c, v) in wv.iter_mut().enumerate() {
+                // SAFETY: block b0+c and pair g index a 64-byte run inside
+                // `packed` (length nb·pairs·32 u16).
+                *v =
+                    unsafe { _mm512_loadu_si512(wp.add(((b0 + c) * pairs + g) * COLS * 2).cast()) };
+            }
+            for (r, row) in acc.iter_mut().enumerate() {
+                // SAFETY: row r0+r < m and 2g+2 ≤ k_pad: inside `b`.
+                let word = unsafe {
+                    bp.add((r0 + r) * w.k_pad + g * 2)
+                        .cast::<i32>()
+                        .read_unaligned()
+                };
+                let a: __m512bh = unsafe { std::mem::transmute(_mm512_set1_epi32(word)) };
+                for (c, v) in row.iter_mut().enumerate() {
+                    // SAFETY: same-size reinterpretation of 32 bf16 lanes.
+                    let wb: __m512bh = unsafe { std::mem::transmute(wv[c]) };
+                    *v = _mm512_dpbf16_ps(*v, a, wb);
+                }
+            }
+        }
+        for (r, row) in acc.iter().enumerate() {
+            for (c, v) in row.iter().enumerate() {
+                let col = (b0 + c) * COLS;
+                let k = mask(w.n - col);
+                let d = dst.as_mut_ptr().wrapping_add((r0 + r) * dst_rs + col);
+                // SAFETY: the mask limits the access to columns < n of row
+                // r0+r, inside `dst`.
+                unsafe {
+                    let old = _mm512_maskz_loadu_ps(k, d);
+                    _mm512_mask_storeu_ps(d, k, _mm512_add_ps(old, *v));
+                }
+            }
+        }
+    }
+}
+
+/// The levels the current CPU can run, for tests.
+#[cfg(test)]
+pub(crate) fn low_simd_levels() -> Vec<LowSimd> {
+    let mut levels = vec![LowSimd::Portable];
+    if crate::kernels::detect_simd() != crate::kernels::Simd::Portable {
+        levels.push(LowSimd::Avx2);
+    }
+    if detect_low_simd() == LowSimd::Avx512 {
+        levels.push(LowSimd::Avx512);
+    }
+    levels
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic pseudo-random values in [-1, 1).
+    fn values(len: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+        (0..len)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s >> 8) as f32 / (1u32 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    /// Shapes that cover partial 4-groups, partial 16-column blocks,
+    /// fewer and more than one 4×4-block tile, and 1 row.
+    const SHAPES: [(usize, usize, usize); 7] = [
+        (1, 512, 128),
+        (3, 3, 64),
+        (4, 64, 60),
+        (5, 200, 7),
+        (9, 48, 130),
+        (2, 17, 1),
+        (33, 512, 64),
+    ];
+
+    /// The int8 arithmetic in i64 from the quantised operands, with the
+    /// same fp32 dequantisation expression as the kernels.
+    fn int8_reference(m: usize, a: &QRows, w: &QWeights, dst: &mut [f32]) {
+        let n_pad = blocks(w.n) * COLS;
+        let groups = w.k_pad / 4;
+        // Unpack to [k][n] first so the reference does not share the
+        // kernels' indexing.
+        let mut wq = vec![0i8; w.k_pad * n_pad];
+        for b in 0..blocks(w.n) {
+            for g in 0..groups {
+                for c in 0..COLS {
+                    for e in 0..4 {
+                        wq[(g * 4 + e) * n_pad + b * COLS + c] =
+                            w.packed[((b * groups + g) * COLS + c) * 4 + e];
+                    }
+                }
+            }
+        }
+        for r in 0..m {
+            for j in 0..w.n {
+                let dot: i64 = (0..w.k)
+                    .map(|p| {
+                        (a.q[r * w.k_pad + p] as i64 - a.zero[r] as i64) * wq[p * n_pad + j] as i64
+                    })
+                    .sum();
+                assert!(dot.abs() < 1 << 24, "test sums must stay exact in fp32");
+                dst[r * w.n + j] =
+                    (a.scale[r] * w.col_scale[j]).mul_add(dot as f32, dst[r * w.n + j]);
+            }
+        }
+    }
+
+    #[test]
+    fn int8_kernels_equal_exact_integer_arithmetic_on_every_level() {
+        for (seed, &(m, n, k)) in SHAPES.iter().enumerate() {
+            let w = values(k * n, seed as u32);
+            let x = values(m * k, 100 + seed as u32);
+            let qw = QWeights::new(&w, k, n);
+            let mut a = QRows::default();
+            quantize_rows(LowSimd::Portable, m, k, qw.k_pad, &x, k, &mut a);
+            // Raw integer dot products: unit scales, zero start.
+            let mut unit = a.clone();
+            unit.scale.iter_mut().for_each(|s| *s = 1.0);
+            let mut raw_w = qw.clone();
+            raw_w.col_scale.iter_mut().for_each(|s| *s = 1.0);
+            let mut expected_raw = vec![0.0f32; m * n];
+            int8_reference(m, &unit, &raw_w, &mut expected_raw);
+            let start = values(m * n, 200 + seed as u32);
+            let mut expected = start.clone();
+            int8_reference(m, &a, &qw, &mut expected);
+            for level in low_simd_levels() {
+                let mut raw = vec![0.0f32; m * n];
+                int8_gemm(level, m, &mut raw, n, unit.view(0, qw.k_pad), &raw_w);
+                assert_eq!(raw, expected_raw, "{level:?} {m}x{n}x{k}: int32 sums");
+                let mut got = start.clone();
+                int8_gemm(level, m, &mut got, n, a.view(0, qw.k_pad), &qw);
+                for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
+                    // One fused vs separate multiply-add in the dequantisation.
+                    assert!(
+                        (g - e).abs() <= 2.0 * f32::EPSILON * e.abs().max(1.0),
+                        "{level:?} {m}x{n}x{k}[{i}]: {g} vs {e}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_vnni_and_bf16_kernels_are_tested_where_the_cpu_has_them() {
+        let has = std::arch::is_x86_feature_detected!("avx512vnni")
+            && std::arch::is_x86_feature_detected!("avx512bf16")
+            && std::arch::is_x86_feature_detected!("avx512bw");
+        assert_eq!(low_simd_levels().contains(&LowSimd::Avx512), has);
+    }
+
+    #[test]
+    fn int8_kernels_respect_the_destination_row_stride() {
+        let (m, n, k, rs) = (6, 40, 12, 57);
+        let qw = QWeights::new(&values(k * n, 1), k, n);
+        let mut a = QRows::default();
+        quantize_rows(
+            LowSimd::Portable,
+            m,
+            k,
+            qw.k_pad,
+            &values(m * k, 2),
+            k,
+            &mut a,
+        );
+        for level in low_simd_levels() {
+            let mut dst = vec![7.0f32; (m - 1) * rs + n + 5];
+            int8_gemm(level, m, &mut dst, rs, a.view(0, qw.k_pad), &qw);
+            for r in 0..m - 1 {
+                assert!(dst[r * rs + n..(r + 1) * rs].iter().all(|&v| v == 7.0));
+            }
+            assert!(dst[(m - 1) * rs + n..].iter().all(|&v| v == 7.0));
+        }
+    }
+
+    #[test]
+    fn quantisation_is_symmetric_per_column_and_asymmetric_per_row() {
+        let w = [0.5, -2.0, -1.0, 1.0, 0.25, 0.0];
+        let qw = QWeights::new(&w, 3, 2);
+        assert_eq!(qw.col_scale[0], 1.0 / 127.0);
+        assert_eq!(qw.col_scale[1], 2.0 / 127.0);
+        let mut a = QRows::default();
+        quantize_rows(
+            LowSimd::Portable,
+            2,
+            3,
+            4,
+            &[0.5, -1.0, 0.25, 0.0, 2.0, 1.0],
+            3,
+            &mut a,
+        );
+        // Row 0 spans [-1, 0.5]: 255 steps of 1.5/255, zero at 170.
+        assert_eq!(a.scale, vec![1.5 / 255.0, 2.0 / 255.0]);
+        assert_eq!(a.zero, vec![170, 0]);
+        // 0.25 → 212.5, ties to even; 1.0 / (2/255) is 127.49999 in fp32.
+        assert_eq!(&a.q, &[255, 0, 212, 0, 0, 255, 127, 0]);
+    }
+
+    #[test]
+    fn every_level_quantises_rows_identically() {
+        let x = values(7 * 61, 9);
+        let mut expected = QRows::default();
+        quantize_rows(LowSimd::Portable, 7, 61, 64, &x, 61, &mut expected);
+        for level in low_simd_levels() {
+            let mut got = QRows::default();
+            quantize_rows(level, 7, 61, 64, &x, 61, &mut got);
+            assert_eq!(
+                (&got.q, &got.scale, &got.zero),
+                (&expected.q, &expected.scale, &expected.zero)
+            );
+        }
+    }
+
+    #[test]
+    fn every_level_rounds_rows_to_bf16_identically() {
+        let mut x = values(5 * 37, 11);
+        x[3] = f32::NAN;
+        x[4] = f32::INFINITY;
+        let mut expected = Vec::new();
+        bf16_rows(LowSimd::Portable, 5, 37, 38, &x, 37, &mut expected);
+        assert_eq!(expected[4], 0x7f80);
+        assert!(from_bf16(expected[3]).is_nan());
+        for level in low_simd_levels() {
+            let mut got = Vec::new();
+            bf16_rows(level, 5, 37, 38, &x, 37, &mut got);
+            assert_eq!(got, expected, "{level:?}");
+        }
+    }
+
+    #[test]
+    fn bf16_rounds_to_nearest_even() {
+        assert_eq!(to_bf16(1.0), 0x3f80);
+        // 1 + 2^-8 is exactly halfway between 1 and 1 + 2^-7: ties to even.
+        assert_eq!(to_bf16(1.0 + 1.0 / 256.0), 0x3f80);
+        assert_eq!(to_bf16(1.0 + 3.0 / 256.0), 0x3f82);
+        assert_eq!(from_bf16(to_bf16(-3.5)), -3.5);
+        assert!(from_bf16(to_bf16(f32::NAN)).is_nan());
+    }
+
+    #[test]
+    fn bf16_kernels_are_exact_where_the_arithmetic_is() {
+        // Values k/64 with |k| ≤ 64 are exact in bf16, and every partial
+        // sum below is a multiple of 2^-12 under 2^11, exact in fp32: any
+        // summation order gives the same bits.
+        for (seed, &(m, n, k)) in SHAPES.iter().enumerate() {
+            let snap = |v: Vec<f32>| -> Vec<f32> {
+                v.into_iter().map(|x| (x * 64.0).round() / 64.0).collect()
+            };
+            let w = snap(values(k * n, seed as u32));
+            let x = snap(values(m * k, 50 + seed as u32));
+            let bw = BWeights::new(&w, k, n);
+            let mut b = Vec::new();
+            bf16_rows(LowSimd::Portable, m, k, bw.k_pad, &x, k, &mut b);
+            let mut expected = vec![0.0f32; m * n];
+            for r in 0..m {
+                for j in 0..n {
+                    let dot: f64 = (0..k)
+                        .map(|p| x[r * k + p] as f64 * w[p * n + j] as f64)
+                        .sum();
+                    expected[r * n + j] = dot as f32;
+                }
+            }
+            for level in low_simd_levels() {
+                let mut got = vec![0.0f32; m * n];
+                bf16_gemm(level, m, &mut got, n, &b, &bw);
+                assert_eq!(got, expected, "{level:?} {m}x{n}x{k}");
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_kernels_agree_with_fp64_within_bf16_rounding() {
+        for (seed, &(m, n, k)) in SHAPES.iter().enumerate() {
+            let w = values(k * n, seed as u32);
+            let x = values(m * k, 70 + seed as u32);
+            let bw = BWeights::new(&w, k, n);
+            let mut b = Vec::new();
+            bf16_rows(LowSimd::Portable, m, k, bw.k_pad, &x, k, &mut b);
+            for level in low_simd_levels() {
+                let mut got = vec![0.0f32; m * n];
+                bf16_gemm(level, m, &mut got, n, &b, &bw);
+                for r in 0..m {
+                    for j in 0..n {
+                        let mut exact = 0.0f64;
+                        let mut bound = 0.0f64;
+                        for p in 0..k {
+                            let (a, v) = (x[r * k + p] as f64, w[p * n + j] as f64);
+                            exact += a * v;
+                            bound += (a * v).abs();
+                        }
+                        // Two bf16 roundings (2^-8 each) plus fp32 sums.
+                        let err = (got[r * n + j] as f64 - exact).abs();
+                        assert!(
+                            err <= bound * (2.0 / 256.0 + k as f64 * 1.2e-7) + 1e-6,
+                            "{level:?} {m}x{n}x{k} [{r},{j}]: error {err:e}, bound {bound}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}

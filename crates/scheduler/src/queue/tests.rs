@@ -421,7 +421,8 @@ proptest! {
         let mut now = t0;
         let mut next_id = 0u32;
         // id → (class, arrived, deadline, wanted flag)
-        let mut pushed: BTreeMap<u32, (Priority, Instant, Instant, Rc<Cell<bool>>)> = BTreeMap::new();
+        type Pushed = (Priority, Instant, Instant, Rc<Cell<bool>>);
+        let mut pushed: BTreeMap<u32, Pushed> = BTreeMap::new();
         let mut outcome: BTreeMap<u32, &'static str> = BTreeMap::new();
         let mut last_taken_in_class: [Option<u32>; 5] = [None; 5];
         for op in ops {

@@ -33,9 +33,11 @@ async fn real_time_requests_overtake_a_background_flood() {
     let repo = repository_with(
         "cnn_lstm",
         &cnn_lstm_config(
-            "[dynamic_batching.priority.5]\nmax_queue_size = 40\n[dynamic_batching.priority.1]\ndefault_timeout = \"2s\"\n[adaptive_batching]\nenabled = false\n",
+            "[dynamic_batching.priority.5]\nmax_queue_size = 40\n[dynamic_batching.priority.1]\ndefault_timeout = \"2s\"\n[adaptive_batching]\nenabled = false\n[cache]\nenabled = false\n",
         ),
     );
+    // The flood repeats its rows: with the result cache on, they would be
+    // answered without ever queueing (hence `[cache] enabled = false`).
     let server = start(config(repo)).await;
     let golden = golden();
     let url = server.url("/v2/models/cnn_lstm/infer");

@@ -37,9 +37,14 @@ mkdir -p "$out"
 
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 http_port=$(port); grpc_port=$(port); metrics_port=$(port)
+# The result cache is off: perf_analyzer sends the same (zero) input every
+# time, so with the cache on every request after the first would be a hit
+# that never reaches the scheduler, and perf_analyzer (which recognises the
+# version it measured by the growth of its statistics' queue count) would
+# find no version to report on.
 "$bin" serve --model-repository models --http-addr "127.0.0.1:$http_port" \
     --grpc-addr "127.0.0.1:$grpc_port" --metrics-addr "127.0.0.1:$metrics_port" \
-    --log-level warn &
+    --cache false --log-level warn &
 server=$!
 trap 'kill "$server" 2>/dev/null; wait "$server" 2>/dev/null || true' EXIT
 for _ in $(seq 600); do

@@ -187,6 +187,15 @@ fn sum(items: impl Iterator<Item = Timing>) -> Timing {
 /// One entry of `model_stats`.
 pub fn model_stats(name: &str, version: u64, stats: &StatsSnapshot) -> Value {
     let classes = &stats.classes;
+    let compute_infer = sum(classes.iter().map(|c| c.compute_infer));
+    // Triton counts every compute phase per request, and perf_analyzer
+    // refuses statistics whose three compute counts differ: the gathering
+    // and scattering time, measured per batch, is reported over the same
+    // request count as the engine time.
+    let per_request = |batch_total: Timing| Timing {
+        count: compute_infer.count,
+        ns: batch_total.ns,
+    };
     json!({
         "name": name,
         "version": version.to_string(),
@@ -197,9 +206,9 @@ pub fn model_stats(name: &str, version: u64, stats: &StatsSnapshot) -> Value {
             "success": timing(sum(classes.iter().map(|c| c.success))),
             "fail": timing(sum(classes.iter().map(|c| c.fail))),
             "queue": timing(sum(classes.iter().map(|c| c.queue))),
-            "compute_input": timing(sum(stats.batches.iter().map(|b| b.compute_input))),
-            "compute_infer": timing(sum(classes.iter().map(|c| c.compute_infer))),
-            "compute_output": timing(sum(stats.batches.iter().map(|b| b.compute_output))),
+            "compute_input": timing(per_request(sum(stats.batches.iter().map(|b| b.compute_input)))),
+            "compute_infer": timing(compute_infer),
+            "compute_output": timing(per_request(sum(stats.batches.iter().map(|b| b.compute_output)))),
         },
         "batch_stats": stats.batches.iter().map(|b| json!({
             "batch_size": b.batch_size,

@@ -243,7 +243,7 @@ async fn main() {
         sent as f64 / elapsed
     );
     println!("class  sent   ok     p50 ms   p99 ms   refused");
-    let mut all = outcomes.lock().unwrap();
+    let mut all = std::mem::take(&mut *outcomes.lock().unwrap());
     for (i, o) in all.iter_mut().enumerate() {
         let refused: u64 = o.refused.values().sum();
         let total = o.ok.len() as u64 + refused;

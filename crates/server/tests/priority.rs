@@ -24,7 +24,7 @@ fn percentile(sorted: &[Duration], q: f64) -> Duration {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_time_requests_overtake_a_background_flood() {
-    // A background queue of 40 places under 60 background clients: it
+    // A background queue of 80 places under 100 background clients: it
     // stays full, so some of them are refused and retry. This test is about
     // ordering, not deadlines: on a loaded 2-core machine (clients, server
     // and engine share it) a batch can take far longer than its 9 ms, so
@@ -33,7 +33,7 @@ async fn real_time_requests_overtake_a_background_flood() {
     let repo = repository_with(
         "cnn_lstm",
         &cnn_lstm_config(
-            "[dynamic_batching.priority.5]\nmax_queue_size = 40\n[dynamic_batching.priority.1]\ndefault_timeout = \"2s\"\n[adaptive_batching]\nenabled = false\n[cache]\nenabled = false\n",
+            "[dynamic_batching.priority.5]\nmax_queue_size = 80\n[dynamic_batching.priority.1]\ndefault_timeout = \"2s\"\n[adaptive_batching]\nenabled = false\n[cache]\nenabled = false\n",
         ),
     );
     // The flood repeats its rows: with the result cache on, they would be
@@ -51,7 +51,7 @@ async fn real_time_requests_overtake_a_background_flood() {
     let stop = Arc::new(AtomicBool::new(false));
     let run_for = Duration::from_secs(3);
 
-    let flood: Vec<_> = (0..60)
+    let flood: Vec<_> = (0..100)
         .map(|_| {
             let (client, url, body, stop) = (
                 server.client.clone(),

@@ -406,6 +406,10 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
+/// What the property test remembers of a pushed request: class, arrival,
+/// deadline and its client's "still waiting" flag.
+type Pushed = (Priority, Instant, Instant, Rc<Cell<bool>>);
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
 
@@ -421,7 +425,6 @@ proptest! {
         let mut now = t0;
         let mut next_id = 0u32;
         // id → (class, arrived, deadline, wanted flag)
-        type Pushed = (Priority, Instant, Instant, Rc<Cell<bool>>);
         let mut pushed: BTreeMap<u32, Pushed> = BTreeMap::new();
         let mut outcome: BTreeMap<u32, &'static str> = BTreeMap::new();
         let mut last_taken_in_class: [Option<u32>; 5] = [None; 5];

@@ -72,12 +72,7 @@ pub(crate) async fn infer(
         }
     };
     match layer {
-        Some(layer) if wants_cache && version.cache.enabled => {
-            let started = std::time::Instant::now();
-            let result = layer.infer(version, request).await;
-            version.record_outcome(&result, started);
-            result
-        }
+        Some(layer) if wants_cache && version.cache.enabled => layer.infer(version, request).await,
         _ => version.infer(request).await,
     }
 }

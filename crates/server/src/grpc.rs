@@ -28,6 +28,7 @@ use crate::error::ServeError;
 use crate::models::{InferRequest, InferResponse, InputTensor, ModelVersion};
 use crate::scheduling::{self, Param};
 use crate::triton;
+use tickserve_scheduler::stats::Timing;
 
 /// Code generated from proto/grpc_service.proto.
 #[allow(
@@ -219,28 +220,46 @@ impl GrpcInferenceService for InferenceService {
         let request = request.into_inner();
         let registry = self.state.registry()?;
         let model = (!request.name.is_empty()).then_some(request.name.as_str());
-        let stats = triton::statistics(registry, model, version_arg(&request.version))?;
-        let duration = |count, ns| Some(pb::StatisticDuration { count, ns });
+        let versions = triton::versions(registry, model, version_arg(&request.version))?;
+        let duration = |t: Timing| {
+            Some(pb::StatisticDuration {
+                count: t.count,
+                ns: t.ns,
+            })
+        };
         Ok(Response::new(pb::ModelStatisticsResponse {
-            model_stats: stats
+            model_stats: versions
                 .into_iter()
-                .map(|v| pb::ModelStatistics {
-                    name: v.name,
-                    version: v.version,
-                    last_inference: v.stats.last_inference_ms,
-                    inference_count: v.stats.inference_count,
-                    execution_count: 0,
-                    inference_stats: Some(pb::InferStatistics {
-                        success: duration(v.stats.success_count, v.stats.success_ns),
-                        fail: duration(v.stats.fail_count, v.stats.fail_ns),
-                        queue: duration(v.stats.scheduled_count, v.stats.scheduled_ns),
-                        compute_input: duration(0, 0),
-                        compute_infer: duration(0, 0),
-                        compute_output: duration(0, 0),
-                        cache_hit: duration(0, 0),
-                        cache_miss: duration(0, 0),
-                    }),
-                    batch_stats: Vec::new(),
+                .map(|v| {
+                    let stats = v.stats();
+                    let totals = scheduling::TritonTotals::of(&stats);
+                    pb::ModelStatistics {
+                        name: v.name.clone(),
+                        version: v.version.to_string(),
+                        last_inference: stats.last_inference_ms,
+                        inference_count: stats.inference_count,
+                        execution_count: stats.execution_count,
+                        inference_stats: Some(pb::InferStatistics {
+                            success: duration(totals.success),
+                            fail: duration(totals.fail),
+                            queue: duration(totals.queue),
+                            compute_input: duration(totals.compute_input),
+                            compute_infer: duration(totals.compute_infer),
+                            compute_output: duration(totals.compute_output),
+                            cache_hit: duration(Timing::default()),
+                            cache_miss: duration(Timing::default()),
+                        }),
+                        batch_stats: stats
+                            .batches
+                            .iter()
+                            .map(|b| pb::InferBatchStatistics {
+                                batch_size: b.batch_size as u64,
+                                compute_input: duration(b.compute_input),
+                                compute_infer: duration(b.compute_infer),
+                                compute_output: duration(b.compute_output),
+                            })
+                            .collect(),
+                    }
                 })
                 .collect(),
         }))

@@ -155,33 +155,24 @@ async fn model_config(State(state): State<AppState>, Path(path): Path<ModelPath>
     }
 }
 
-/// Triton's statistics extension plus per-priority counts: one entry per
-/// version, or only the version the path names.
+/// Triton's statistics extension plus per-priority counts: every model,
+/// one model, or one version.
 async fn model_stats(State(state): State<AppState>, Path(path): Path<ModelPath>) -> Response {
-    let result = state.registry().and_then(|registry| {
-        let model = registry.get(&path.model)?;
-        let versions: Vec<_> = match path.version.as_deref() {
-            Some(v) => vec![model.version(Some(v))?],
-            None => model.versions.values().collect(),
-        };
-        Ok(versions
-            .into_iter()
-            .map(|v| scheduling::model_stats(&v.name, v.version, &v.stats()))
-            .collect::<Vec<_>>())
-    });
-    match result {
-        Ok(stats) => Json(serde_json::json!({ "model_stats": stats })).into_response(),
-        Err(e) => e.into_response(),
-    }
+    stats_response(&state, Some(&path.model), path.version.as_deref())
 }
 
-/// The same statistics for every version of every model.
 async fn all_stats(State(state): State<AppState>) -> Response {
-    match state.registry() {
-        Ok(registry) => {
-            let stats: Vec<_> = registry
-                .models()
-                .flat_map(|m| m.versions.values())
+    stats_response(&state, None, None)
+}
+
+fn stats_response(state: &AppState, model: Option<&str>, version: Option<&str>) -> Response {
+    let result = state
+        .registry()
+        .and_then(|registry| crate::triton::versions(registry, model, version));
+    match result {
+        Ok(versions) => {
+            let stats: Vec<_> = versions
+                .into_iter()
                 .map(|v| scheduling::model_stats(&v.name, v.version, &v.stats()))
                 .collect();
             Json(serde_json::json!({ "model_stats": stats })).into_response()

@@ -22,7 +22,6 @@ mod http;
 pub mod models;
 pub mod scheduling;
 pub mod sla;
-pub mod stats;
 pub mod triton;
 
 /// Entry points for the decoding benchmark (benches/decode.rs).

@@ -74,8 +74,6 @@ pub struct ModelVersion {
     /// Batching settings, reported by Triton's model-configuration extension.
     pub max_queue_delay: std::time::Duration,
     pub instances: usize,
-    /// Counters for Triton's statistics extension.
-    pub stats: crate::stats::InferStats,
     /// The `[cache]` section of the model's config.toml.
     pub cache: ModelCacheConfig,
     scheduler: Scheduler,
@@ -146,7 +144,6 @@ impl ModelRegistry {
                         max_batch_size: entry.config.max_batch_size,
                         max_queue_delay,
                         instances: entry.config.instances,
-                        stats: Default::default(),
                         cache: entry.config.cache.clone(),
                         scheduler,
                     }),
@@ -217,29 +214,6 @@ impl ModelVersion {
     /// Validates `request`, runs it through the scheduler and shapes the
     /// answer.
     pub async fn infer(&self, request: InferRequest) -> Result<InferResponse, ServeError> {
-        let started = std::time::Instant::now();
-        let result = self.infer_inner(request).await;
-        self.record_outcome(&result, started);
-        result
-    }
-
-    /// Counts a finished request for Triton's statistics extension, on
-    /// whichever path (scheduler or result cache) answered it.
-    pub(crate) fn record_outcome(
-        &self,
-        result: &Result<InferResponse, ServeError>,
-        started: std::time::Instant,
-    ) {
-        let rows = result
-            .as_ref()
-            .ok()
-            .and_then(|r| r.outputs.first())
-            .and_then(|o| o.shape.first().copied())
-            .unwrap_or(0);
-        self.stats.record(result.is_ok(), rows, started.elapsed());
-    }
-
-    async fn infer_inner(&self, request: InferRequest) -> Result<InferResponse, ServeError> {
         let (rows, order) = self.validate(&request)?;
         let wanted = self.requested_outputs(request.outputs.as_deref())?;
         let InferRequest {
@@ -253,10 +227,8 @@ impl ModelVersion {
             .into_iter()
             .map(|index| slots[index].take().map(|t| t.data).unwrap_or_default())
             .collect();
-        let scheduled = std::time::Instant::now();
-        let outputs = self.scheduler.infer(rows, inputs, options).await;
-        self.stats.record_scheduled(scheduled.elapsed());
-        Ok(self.respond(id, rows, &wanted, outputs?))
+        let outputs = self.scheduler.infer(rows, inputs, options).await?;
+        Ok(self.respond(id, rows, &wanted, outputs))
     }
 
     /// The scheduler, for the cache layer that sends only missing rows.

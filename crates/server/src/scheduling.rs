@@ -184,18 +184,46 @@ fn sum(items: impl Iterator<Item = Timing>) -> Timing {
     })
 }
 
+/// Triton's per-version `inference_stats` totals, summed over the
+/// priority classes and batch sizes of the scheduler's counters. The HTTP
+/// and gRPC statistics both answer from these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TritonTotals {
+    pub success: Timing,
+    pub fail: Timing,
+    pub queue: Timing,
+    pub compute_input: Timing,
+    pub compute_infer: Timing,
+    pub compute_output: Timing,
+}
+
+impl TritonTotals {
+    pub fn of(stats: &StatsSnapshot) -> Self {
+        let classes = &stats.classes;
+        let compute_infer = sum(classes.iter().map(|c| c.compute_infer));
+        // Triton counts every compute phase per request, and perf_analyzer
+        // refuses statistics whose three compute counts differ: the
+        // gathering and scattering time, measured per batch, is reported
+        // over the same request count as the engine time.
+        let per_request = |batch_total: Timing| Timing {
+            count: compute_infer.count,
+            ns: batch_total.ns,
+        };
+        TritonTotals {
+            success: sum(classes.iter().map(|c| c.success)),
+            fail: sum(classes.iter().map(|c| c.fail)),
+            queue: sum(classes.iter().map(|c| c.queue)),
+            compute_input: per_request(sum(stats.batches.iter().map(|b| b.compute_input))),
+            compute_infer,
+            compute_output: per_request(sum(stats.batches.iter().map(|b| b.compute_output))),
+        }
+    }
+}
+
 /// One entry of `model_stats`.
 pub fn model_stats(name: &str, version: u64, stats: &StatsSnapshot) -> Value {
     let classes = &stats.classes;
-    let compute_infer = sum(classes.iter().map(|c| c.compute_infer));
-    // Triton counts every compute phase per request, and perf_analyzer
-    // refuses statistics whose three compute counts differ: the gathering
-    // and scattering time, measured per batch, is reported over the same
-    // request count as the engine time.
-    let per_request = |batch_total: Timing| Timing {
-        count: compute_infer.count,
-        ns: batch_total.ns,
-    };
+    let totals = TritonTotals::of(stats);
     json!({
         "name": name,
         "version": version.to_string(),
@@ -203,12 +231,12 @@ pub fn model_stats(name: &str, version: u64, stats: &StatsSnapshot) -> Value {
         "inference_count": stats.inference_count,
         "execution_count": stats.execution_count,
         "inference_stats": {
-            "success": timing(sum(classes.iter().map(|c| c.success))),
-            "fail": timing(sum(classes.iter().map(|c| c.fail))),
-            "queue": timing(sum(classes.iter().map(|c| c.queue))),
-            "compute_input": timing(per_request(sum(stats.batches.iter().map(|b| b.compute_input)))),
-            "compute_infer": timing(compute_infer),
-            "compute_output": timing(per_request(sum(stats.batches.iter().map(|b| b.compute_output)))),
+            "success": timing(totals.success),
+            "fail": timing(totals.fail),
+            "queue": timing(totals.queue),
+            "compute_input": timing(totals.compute_input),
+            "compute_infer": timing(totals.compute_infer),
+            "compute_output": timing(totals.compute_output),
         },
         "batch_stats": stats.batches.iter().map(|b| json!({
             "batch_size": b.batch_size,

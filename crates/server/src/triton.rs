@@ -3,12 +3,13 @@
 //! (perf_analyzer reads it before it sends anything), statistics and the
 //! repository index (serving-systems.md §6).
 
+use std::sync::Arc;
+
 use serde::Serialize;
 use tickserve_engine::{DataType, TensorSpec};
 
 use crate::error::ServeError;
 use crate::models::{ModelRegistry, ModelVersion};
-use crate::stats::StatsSnapshot;
 
 /// Triton's `TYPE_*` name of a datatype (model_config.proto's `DataType`).
 pub fn triton_type(datatype: DataType) -> &'static str {
@@ -128,66 +129,21 @@ impl ModelConfigJson {
     }
 }
 
-/// Statistics of one version.
-#[derive(Debug, Clone)]
-pub struct VersionStats {
-    pub name: String,
-    pub version: String,
-    pub stats: StatsSnapshot,
-}
-
-/// Statistics of every model, every version of one model, or one version.
-pub fn statistics(
-    registry: &ModelRegistry,
+/// Every version of every model, every version of one model, or one
+/// version: what a statistics request covers.
+pub fn versions<'r>(
+    registry: &'r ModelRegistry,
     model: Option<&str>,
     version: Option<&str>,
-) -> Result<Vec<VersionStats>, ServeError> {
-    let of = |v: &ModelVersion| VersionStats {
-        name: v.name.clone(),
-        version: v.version.to_string(),
-        stats: v.stats.snapshot(),
-    };
+) -> Result<Vec<&'r Arc<ModelVersion>>, ServeError> {
     match (model, version) {
         (None, _) => Ok(registry
             .models()
             .flat_map(|m| m.versions.values())
-            .map(|v| of(v))
             .collect()),
-        (Some(name), None) => Ok(registry
-            .get(name)?
-            .versions
-            .values()
-            .map(|v| of(v))
-            .collect()),
-        (Some(name), Some(version)) => Ok(vec![of(registry.get(name)?.version(Some(version))?)]),
+        (Some(name), None) => Ok(registry.get(name)?.versions.values().collect()),
+        (Some(name), Some(version)) => Ok(vec![registry.get(name)?.version(Some(version))?]),
     }
-}
-
-/// Triton's statistics JSON; `queue` is the time in the scheduler (see
-/// [`crate::stats`]), the compute breakdown and cache statistics are zero.
-pub fn statistics_json(stats: &[VersionStats]) -> serde_json::Value {
-    let duration = |count: u64, ns: u64| serde_json::json!({ "count": count, "ns": ns });
-    let zero = duration(0, 0);
-    serde_json::json!({
-        "model_stats": stats.iter().map(|v| serde_json::json!({
-            "name": v.name,
-            "version": v.version,
-            "last_inference": v.stats.last_inference_ms,
-            "inference_count": v.stats.inference_count,
-            "execution_count": 0,
-            "inference_stats": {
-                "success": duration(v.stats.success_count, v.stats.success_ns),
-                "fail": duration(v.stats.fail_count, v.stats.fail_ns),
-                "queue": duration(v.stats.scheduled_count, v.stats.scheduled_ns),
-                "compute_input": zero,
-                "compute_infer": zero,
-                "compute_output": zero,
-                "cache_hit": zero,
-                "cache_miss": zero,
-            },
-            "batch_stats": [],
-        })).collect::<Vec<_>>()
-    })
 }
 
 /// `(model, version)` of every loaded version, all of them ready.

@@ -140,14 +140,31 @@ async fn health_metadata_config_statistics_and_index() {
     c.model_infer(request("s", 2, rows_of(&golden, &[40, 41]), false))
         .await
         .unwrap();
-    let stats = c
-        .model_statistics(pb::ModelStatisticsRequest {
-            name: "cnn_lstm".into(),
-            version: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    // The engine thread counts a batch just after answering it: give the
+    // counters a moment to catch up with the answer.
+    let mut stats = pb::ModelStatisticsResponse::default();
+    for _ in 0..100 {
+        stats = c
+            .model_statistics(pb::ModelStatisticsRequest {
+                name: "cnn_lstm".into(),
+                version: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let done = &stats.model_stats[0];
+        if done.inference_count == 2
+            && done
+                .inference_stats
+                .as_ref()
+                .and_then(|i| i.success)
+                .map(|d| d.count)
+                == Some(1)
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let s = &stats.model_stats[0];
     assert_eq!((s.name.as_str(), s.version.as_str()), ("cnn_lstm", "1"));
     assert_eq!(s.inference_count, 2);

@@ -28,34 +28,14 @@ async fn sla_view_and_dashboard_show_live_numbers() {
     let golden = common::golden();
     for i in 0..20 {
         let body = common::request_for(&golden, &[i % 4], &format!("r{i}"));
-        let r = server
-            .client
-            .post(server.url("/v2/models/cnn_lstm/infer"))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
+        let r = server.infer(&body).await;
         assert_eq!(r.status(), 200);
     }
     // One failed request (bad shape) counts as an error of the model.
-    let r = server
-        .client
-        .post(server.url("/v2/models/cnn_lstm/infer"))
-        .json(&serde_json::json!({"inputs": [{"name": "input", "shape": [1, 2], "datatype": "FP32", "data": [1, 2]}]}))
-        .send()
-        .await
-        .unwrap();
+    let r = server.infer(&serde_json::json!({"inputs": [{"name": "input", "shape": [1, 2], "datatype": "FP32", "data": [1, 2]}]})).await;
     assert_eq!(r.status(), 400);
 
-    let view: serde_json::Value = server
-        .client
-        .get(server.url("/v2/sla"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let view: serde_json::Value = server.get_json("/v2/sla").await;
     let overall = &view["overall"];
     assert_eq!(overall["requests"], 21, "{view:#}");
     assert_eq!(overall["ok"], 20);

@@ -91,13 +91,7 @@ async fn binary_inputs_and_outputs_round_trip() {
     // JSON inputs with the request-wide binary_data_output flag.
     let mut request = request_for(&golden, &[2], "flag");
     request["parameters"] = json!({"binary_data_output": true});
-    let response = server
-        .client
-        .post(server.url("/v2/models/cnn_lstm/infer"))
-        .json(&request)
-        .send()
-        .await
-        .unwrap();
+    let response = server.infer(&request).await;
     let (_, tail) = split_binary(response).await;
     assert_close(&golden, &floats(&tail), &[2]);
     server.shutdown().await.unwrap();
@@ -263,15 +257,7 @@ async fn a_max_batch_request_round_trips_gzip_and_is_smaller_on_the_wire() {
 #[tokio::test]
 async fn model_configuration_and_statistics_extensions() {
     let server = start_default().await;
-    let v2: Value = server
-        .client
-        .get(server.url("/v2"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v2: Value = server.get_json("/v2").await;
     let extensions = v2["extensions"].as_array().unwrap();
     for name in ["model_configuration", "binary_tensor_data", "statistics"] {
         assert!(extensions.contains(&json!(name)), "{v2}");
@@ -280,15 +266,7 @@ async fn model_configuration_and_statistics_extensions() {
         "/v2/models/cnn_lstm/config",
         "/v2/models/cnn_lstm/versions/1/config",
     ] {
-        let config: Value = server
-            .client
-            .get(server.url(path))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let config: Value = server.get_json(path).await;
         assert_eq!(config["name"], "cnn_lstm");
         assert_eq!(config["max_batch_size"], 32);
         assert_eq!(config["backend"], "native");
@@ -310,13 +288,7 @@ async fn model_configuration_and_statistics_extensions() {
     assert_eq!(missing.status(), 404);
 
     let golden = golden();
-    let ok = server
-        .client
-        .post(server.url("/v2/models/cnn_lstm/infer"))
-        .json(&request_for(&golden, &[0, 1, 2], "s"))
-        .send()
-        .await
-        .unwrap();
+    let ok = server.infer(&request_for(&golden, &[0, 1, 2], "s")).await;
     assert_eq!(ok.status(), 200);
     for path in [
         "/v2/models/stats",
@@ -327,15 +299,7 @@ async fn model_configuration_and_statistics_extensions() {
         // the counters a moment to catch up with the answer.
         let mut stats = Value::Null;
         for _ in 0..100 {
-            stats = server
-                .client
-                .get(server.url(path))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            stats = server.get_json(path).await;
             if stats["model_stats"][0]["inference_count"] == 3 {
                 break;
             }

@@ -155,15 +155,7 @@ async fn real_time_requests_overtake_a_background_flood() {
     );
 
     // The statistics endpoint counts per priority.
-    let stats: Value = server
-        .client
-        .get(server.url("/v2/models/cnn_lstm/stats"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let stats: Value = server.get_json("/v2/models/cnn_lstm/stats").await;
     let model = &stats["model_stats"][0];
     for class in model["priority_stats"].as_array().unwrap() {
         let queue = &class["queue"];
@@ -227,13 +219,7 @@ async fn invalid_priorities_are_400_listing_what_is_allowed() {
     }
     // A valid request type and timeout are accepted.
     body["parameters"] = json!({ "request_type": "market_data_update", "timeout": 500000 });
-    let r = server
-        .client
-        .post(server.url("/v2/models/cnn_lstm/infer"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let r = server.infer(&body).await;
     assert_eq!(r.status(), 200);
     let response: Value = r.json().await.unwrap();
     assert_golden_rows(&golden, &response, &[0]);

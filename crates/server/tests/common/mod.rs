@@ -45,6 +45,28 @@ impl TestServer {
         }
     }
 
+    /// GETs `path` and parses the answer as JSON, whatever its status.
+    pub async fn get_json(&self, path: &str) -> serde_json::Value {
+        self.client
+            .get(self.url(path))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// POSTs an inference request for the bundled model as JSON.
+    pub async fn infer(&self, body: &serde_json::Value) -> reqwest::Response {
+        self.client
+            .post(self.url("/v2/models/cnn_lstm/infer"))
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
     pub async fn metrics_text(&self) -> String {
         self.client
             .get(format!("http://{}/metrics", self.metrics))

@@ -11,7 +11,8 @@
 //! Runs the server in this process (the bundled model) with a bounded
 //! load: `BENCH_REQUESTS` sequential requests per latency phase (default
 //! 200) and `BENCH_SECONDS` per throughput run (default 5).
-//! `BENCH_REDIS_TIMEOUT_MS` sets `--redis-timeout` (default 5).
+//! `BENCH_REDIS_TIMEOUT_MS` sets `--redis-timeout` (default 5). For a
+//! `rediss://` URL, `REDIS_CA_CERT` names the PEM file of a private CA.
 //!
 //! Server-side latency per phase comes from the server's SLA view
 //! (`/v2/sla`, exact quantiles of the HTTP handler's time: decoding, cache,
@@ -26,7 +27,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use tickserve_server::{AdminToken, BoundServer, CacheConfig, RedisConfig, ServerConfig};
+use tickserve_server::{AdminToken, BoundServer, CacheConfig, RedisConfig, RedisTls, ServerConfig};
 
 const ROW: usize = 50 * 60;
 const TOKEN: &str = "bench";
@@ -283,6 +284,12 @@ async fn main() {
             capacity: Some(100_000),
             redis: redis_url.clone().map(|url| RedisConfig {
                 url,
+                tls: RedisTls {
+                    ca_pem: std::env::var("REDIS_CA_CERT")
+                        .ok()
+                        .map(|path| std::fs::read(path).unwrap()),
+                    client: None,
+                },
                 timeout: redis_timeout,
                 ..RedisConfig::default()
             }),

@@ -636,9 +636,15 @@ async fn a_paused_redis_times_out_opens_the_breaker_and_comes_back() {
     server.shutdown().await.unwrap();
 }
 
-/// Triton's `inference_stats` of `model` over HTTP, once the engine thread
-/// has counted `computed` engine requests (it counts just after answering).
-async fn triton_stats(server: &TestServer, model: &str, computed: u64) -> serde_json::Value {
+/// Triton's `inference_stats` of `model` over HTTP, once `computed` engine
+/// requests and `succeeded` requests are counted (the engine thread and the
+/// batcher count just after answering).
+async fn triton_stats(
+    server: &TestServer,
+    model: &str,
+    computed: u64,
+    succeeded: u64,
+) -> serde_json::Value {
     let mut s = serde_json::Value::Null;
     for _ in 0..200 {
         s = server
@@ -650,7 +656,8 @@ async fn triton_stats(server: &TestServer, model: &str, computed: u64) -> serde_
             .json()
             .await
             .unwrap();
-        if s["model_stats"][0]["inference_stats"]["compute_infer"]["count"] == computed {
+        let stats = &s["model_stats"][0]["inference_stats"];
+        if stats["compute_infer"]["count"] == computed && stats["success"]["count"] == succeeded {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -675,15 +682,15 @@ async fn triton_statistics_count_cache_hits_and_misses_on_both_protocols() {
     // computed), and a request that skips the cache.
     let body = request_for(&g, &[13, 14], "s");
     infer(&server, model, &body).await;
-    triton_stats(&server, model, 1).await;
+    triton_stats(&server, model, 1, 1).await;
     infer(&server, model, &body).await;
     infer(&server, model, &body).await;
     infer(&server, model, &request_for(&g, &[15, 13], "p")).await;
-    triton_stats(&server, model, 2).await;
+    triton_stats(&server, model, 2, 4).await;
     let mut opt_out = request_for(&g, &[13], "o");
     opt_out["parameters"] = serde_json::json!({"cache": false});
     infer(&server, model, &opt_out).await;
-    let s = triton_stats(&server, model, 3).await;
+    let s = triton_stats(&server, model, 3, 5).await;
 
     assert_eq!(count(&s, "success"), 5, "every answered request: {s}");
     assert_eq!(
@@ -730,7 +737,7 @@ async fn triton_statistics_count_cache_hits_and_misses_on_both_protocols() {
     })
     .await
     .unwrap();
-    let http = triton_stats(&server, model, 3).await;
+    let http = triton_stats(&server, model, 3, 6).await;
     let stats = grpc
         .model_statistics(pb::ModelStatisticsRequest {
             name: model.into(),

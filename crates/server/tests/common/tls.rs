@@ -59,3 +59,11 @@ impl TestPki {
         std::fs::read(self.path(file)).unwrap()
     }
 }
+
+impl Drop for TestPki {
+    /// Declared before the redis-server that reads the files, so dropped
+    /// after it.
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -209,6 +209,42 @@ async fn entries_expire_in_both_tiers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_l2_hit_lives_in_l1_only_as_long_as_it_had_left_in_redis() {
+    let redis = RedisServer::start();
+    let model = "cache_remaining_ttl";
+    let repo = repository_with(model, &cnn_lstm_config("[cache]\nttl = \"3s\"\n"));
+    let server = start(cached_config(repo, Some(&redis))).await;
+    let g = golden();
+    let body = request_for(&g, &[16], "r");
+    let written = std::time::Instant::now();
+    infer(&server, model, &body).await;
+    wait_for_keys(&redis, 1).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    clear(&server, model, "l1").await;
+    infer(&server, model, &body).await;
+    let promoted = std::time::Instant::now();
+    let s = stats(&server).await;
+    assert_eq!(s["l2"]["hits"], 1, "{s}");
+    assert!(
+        written.elapsed() < Duration::from_millis(2500),
+        "too slow to tell the two lifetimes apart"
+    );
+    infer(&server, model, &body).await;
+    assert_eq!(stats(&server).await["l1"]["hits"], 1, "promoted");
+    // Past the Redis entry's end (3 s after it was written), well before
+    // 3 s after the promotion.
+    tokio::time::sleep(Duration::from_millis(3300).saturating_sub(written.elapsed())).await;
+    assert!(promoted.elapsed() < Duration::from_millis(2800));
+    infer(&server, model, &body).await;
+    let s = stats(&server).await;
+    assert_eq!(
+        s["l1"]["hits"], 1,
+        "the promoted row expired with its Redis entry: {s}"
+    );
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn versions_and_parameters_get_their_own_entries() {
     let model = "cache_keys";
     let repo = repository_with(model, &cnn_lstm_config(""));

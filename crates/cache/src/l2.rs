@@ -11,14 +11,22 @@
 //!
 //! Redis is an optimisation: every failure here is logged, counted and
 //! reported as "no answer from L2", never as a failed request.
+//!
+//! `rediss://` URLs use TLS through rustls (no OpenSSL to link): the
+//! system's roots by default, or the private CA of [`RedisTls`], and a
+//! client certificate for Redis servers that require one
+//! (`tls-auth-clients yes`). A certificate the CA does not vouch for is a
+//! connection failure like any other: logged, counted, breaker open.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use metrics::{counter, gauge};
+use metrics::{counter, gauge, histogram};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{ConnectionInfo, IntoConnectionInfo, Value};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tickserve_telemetry as telemetry;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -27,12 +35,54 @@ use crate::breaker::{Breaker, BreakerState};
 use crate::codec::{self, RowOutputs};
 use crate::key::CacheKey;
 
-/// Settings of the Redis tier. `Debug` hides the URL's password.
+/// TLS material for `rediss://` URLs, as PEM text (read from files at
+/// start-up by the binary). `Debug` shows only which parts are present.
+#[derive(Clone, Default, PartialEq)]
+pub struct RedisTls {
+    /// Certificates to trust instead of the system's roots: the private CA
+    /// that signed the Redis server's certificate.
+    pub ca_pem: Option<Vec<u8>>,
+    /// A client certificate and key, for mutual TLS.
+    pub client: Option<ClientIdentity>,
+}
+
+/// A client certificate chain and its private key, PEM.
+#[derive(Clone, PartialEq)]
+pub struct ClientIdentity {
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+}
+
+impl std::fmt::Debug for ClientIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientIdentity").finish_non_exhaustive()
+    }
+}
+
+impl RedisTls {
+    pub fn is_empty(&self) -> bool {
+        self.ca_pem.is_none() && self.client.is_none()
+    }
+}
+
+impl std::fmt::Debug for RedisTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisTls")
+            .field("private_ca", &self.ca_pem.is_some())
+            .field("client_certificate", &self.client.is_some())
+            .finish()
+    }
+}
+
+/// Settings of the Redis tier. `Debug` hides the URL's password and the
+/// TLS key.
 #[derive(Clone, PartialEq)]
 pub struct RedisConfig {
-    /// `redis://[user:password@]host:port`; the database in the URL is
-    /// replaced by `db`.
+    /// `redis://[user:password@]host:port`, or `rediss://…` for TLS; the
+    /// database in the URL is replaced by `db`.
     pub url: String,
+    /// Private CA and client certificate for `rediss://`.
+    pub tls: RedisTls,
     pub db: i64,
     /// Prepended to every key: `<prefix><model>:<32 hex digits>`.
     pub key_prefix: String,
@@ -65,6 +115,7 @@ impl std::fmt::Debug for RedisConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisConfig")
             .field("url", &redact(&self.url))
+            .field("tls", &self.tls)
             .field("db", &self.db)
             .field("key_prefix", &self.key_prefix)
             .field("ttl", &self.ttl)
@@ -81,6 +132,7 @@ impl Default for RedisConfig {
     fn default() -> Self {
         RedisConfig {
             url: "redis://127.0.0.1:6379".into(),
+            tls: RedisTls::default(),
             db: 1,
             key_prefix: "tickserve:".into(),
             ttl: None,
@@ -97,6 +149,8 @@ impl Default for RedisConfig {
 pub enum L2Error {
     #[error("invalid Redis URL: {0}")]
     Url(String),
+    #[error("invalid Redis TLS settings: {0}")]
+    Tls(String),
     #[error("Redis is unavailable (circuit {0})")]
     Unavailable(&'static str),
     #[error("Redis operation timed out after {0:?}")]
@@ -124,6 +178,10 @@ pub(crate) struct L2Counters {
     pub misses: AtomicU64,
     pub errors: AtomicU64,
     pub writes_dropped: AtomicU64,
+    /// The latest failure, for the stats endpoint: what an operator reads
+    /// first when the circuit is open (a refused certificate, a wrong
+    /// password, a timeout).
+    pub last_error: Mutex<Option<String>>,
 }
 
 /// Cloneable handle to the Redis tier.
@@ -164,17 +222,70 @@ fn escape_glob(text: &str) -> String {
     out
 }
 
+/// The Redis client for `config`: plain, TLS with the system's roots, or
+/// TLS with a private CA and/or a client certificate.
+fn client(config: &RedisConfig) -> Result<redis::Client, L2Error> {
+    let mut info: ConnectionInfo = config
+        .url
+        .as_str()
+        .into_connection_info()
+        .map_err(|e| L2Error::Url(e.to_string()))?;
+    info.redis.db = config.db;
+    let tls = matches!(info.addr, redis::ConnectionAddr::TcpTls { .. });
+    if tls {
+        // rustls needs a process-wide crypto provider; ring is the only
+        // one built in. Already installed (by us or anyone) is fine.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
+    if config.tls.is_empty() {
+        return redis::Client::open(info).map_err(|e| L2Error::Url(e.to_string()));
+    }
+    if !tls {
+        return Err(L2Error::Tls(
+            "a CA or client certificate is set but the URL is not rediss://".into(),
+        ));
+    }
+    // redis-rs skips text that is not PEM; an empty trust store would
+    // only show up as refused handshakes later, so refuse it now.
+    let certificates_in = |pem: &[u8]| {
+        CertificateDer::pem_slice_iter(pem)
+            .filter(Result::is_ok)
+            .count()
+    };
+    if let Some(ca) = &config.tls.ca_pem
+        && certificates_in(ca) == 0
+    {
+        return Err(L2Error::Tls("the CA file holds no PEM certificate".into()));
+    }
+    if let Some(identity) = &config.tls.client {
+        if certificates_in(&identity.cert_pem) == 0 {
+            return Err(L2Error::Tls(
+                "the client certificate file holds no PEM certificate".into(),
+            ));
+        }
+        PrivateKeyDer::from_pem_slice(&identity.key_pem).map_err(|e| {
+            L2Error::Tls(format!("the client key file holds no PEM private key: {e}"))
+        })?;
+    }
+    let certificates = redis::TlsCertificates {
+        client_tls: config
+            .tls
+            .client
+            .as_ref()
+            .map(|identity| redis::ClientTlsConfig {
+                client_cert: identity.cert_pem.clone(),
+                client_key: identity.key_pem.clone(),
+            }),
+        root_cert: config.tls.ca_pem.clone(),
+    };
+    redis::Client::build_with_tls(info, certificates).map_err(|e| L2Error::Tls(e.to_string()))
+}
+
 impl L2 {
     /// Builds the tier and starts its writer task on the current runtime.
     /// Does not connect: the first lookup starts a background connection.
     pub fn start(config: RedisConfig) -> Result<Self, L2Error> {
-        let mut info: ConnectionInfo = config
-            .url
-            .as_str()
-            .into_connection_info()
-            .map_err(|e| L2Error::Url(e.to_string()))?;
-        info.redis.db = config.db;
-        let client = redis::Client::open(info).map_err(|e| L2Error::Url(e.to_string()))?;
+        let client = client(&config)?;
         let (tx, rx) = mpsc::channel(config.write_queue.max(1));
         let inner = Arc::new(Inner {
             breaker: Mutex::new(Breaker::new(config.failure_threshold, config.open_for)),
@@ -236,9 +347,13 @@ impl L2 {
         }
         let inner = Arc::clone(&self.inner);
         tokio::spawn(async move {
+            // One attempt: retrying is the breaker's job (a probe per
+            // `open_for`), and a single attempt ends with its own error (a
+            // refused certificate, a wrong password) instead of the
+            // connect timeout that retries would run into.
             let config = ConnectionManagerConfig::new()
                 .set_connection_timeout(inner.config.connect_timeout)
-                .set_number_of_retries(2)
+                .set_number_of_retries(0)
                 .set_max_delay(inner.config.open_for.as_millis() as u64);
             let connect = async {
                 let mut manager =
@@ -274,8 +389,12 @@ impl L2 {
             pipe.cmd("GET").arg(&key).cmd("PTTL").arg(&key);
         }
         let timeout = self.inner.config.timeout;
+        let started = std::time::Instant::now();
         let answer =
             tokio::time::timeout(timeout, pipe.query_async::<Vec<Value>>(&mut connection)).await;
+        // Failed and timed-out lookups too: they are what a slow Redis
+        // costs a request. Skipped ones (breaker open) cost nothing.
+        histogram!(telemetry::CACHE_LOOKUP, "tier" => "l2").record(started.elapsed().as_secs_f64());
         let values = match answer {
             Ok(Ok(values)) if values.len() == 2 * keys.len() => values,
             Ok(Ok(values)) => {
@@ -418,6 +537,11 @@ impl Inner {
 
     fn failed(&self, operation: &'static str, error: &L2Error) {
         self.counters.errors.fetch_add(1, Ordering::Relaxed);
+        *self
+            .counters
+            .last_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(format!("{operation}: {error}"));
         counter!(telemetry::CACHE_REDIS_ERRORS, "operation" => operation).increment(1);
         let changed = self
             .breaker
@@ -498,6 +622,43 @@ mod tests {
     fn glob_characters_in_model_names_are_escaped() {
         assert_eq!(escape_glob("a*b?[c]\\"), "a\\*b\\?\\[c\\]\\\\");
         assert_eq!(escape_glob("cnn_lstm"), "cnn_lstm");
+    }
+
+    #[test]
+    fn tls_material_needs_a_rediss_url_and_must_parse() {
+        let with = |url: &str, tls: RedisTls| {
+            client(&RedisConfig {
+                url: url.into(),
+                tls,
+                ..RedisConfig::default()
+            })
+        };
+        assert!(with("rediss://127.0.0.1:6380", RedisTls::default()).is_ok());
+        let ca = RedisTls {
+            ca_pem: Some(b"not a certificate".to_vec()),
+            client: None,
+        };
+        let err = with("redis://127.0.0.1:6379", ca.clone()).unwrap_err();
+        assert!(err.to_string().contains("not rediss://"), "{err}");
+        assert!(matches!(
+            with("rediss://127.0.0.1:6380", ca),
+            Err(L2Error::Tls(_))
+        ));
+        let shown = format!(
+            "{:?}",
+            RedisConfig {
+                tls: RedisTls {
+                    ca_pem: None,
+                    client: Some(ClientIdentity {
+                        cert_pem: b"CERT".to_vec(),
+                        key_pem: b"SECRET KEY".to_vec(),
+                    }),
+                },
+                ..RedisConfig::default()
+            }
+        );
+        assert!(!shown.contains("SECRET"), "{shown}");
+        assert!(shown.contains("client_certificate: true"), "{shown}");
     }
 
     #[test]

@@ -10,9 +10,9 @@
 //!   optional Redis tier, counters for the stats endpoint, clearing by
 //!   model.
 //! * L1 is a moka cache (TinyLFU admission, LRU eviction, O(1) per
-//!   access) bounded in entries. Its expiry decision is made on tokio's
-//!   clock (each entry carries its deadline), with moka's own per-entry
-//!   expiry as the memory backstop.
+//!   access) bounded in entries, in bytes, or both (see [`L1Budget`]). Its
+//!   expiry decision is made on tokio's clock (each entry carries its
+//!   deadline), with moka's own per-entry expiry as the memory backstop.
 //! * L2 is optional and never on the failure path: see [`l2`].
 //! * The per-row orchestration (which rows go to the engine) lives in the
 //!   server, which owns the scheduler; it uses [`flight::SingleFlight`] to
@@ -37,15 +37,19 @@ use tokio::time::Instant;
 
 pub use crate::codec::RowOutputs;
 pub use crate::key::{CacheKey, KeyInput, row_key};
-pub use crate::l2::{L2, L2Error, RedisConfig};
+pub use crate::l2::{ClientIdentity, L2, L2Error, RedisConfig, RedisTls};
 
 /// Server-wide cache settings.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CacheConfig {
     /// The in-process cache; off turns the whole cache off.
     pub enabled: bool,
-    /// Most rows held in memory.
-    pub capacity: u64,
+    /// Most rows held in memory; `None` for no entry limit (then
+    /// `max_bytes` bounds it).
+    pub capacity: Option<u64>,
+    /// Most bytes held in memory ([`entry_bytes`] per row); `None` for no
+    /// byte limit. With both limits set, both hold.
+    pub max_bytes: Option<u64>,
     /// Entry lifetime for models that set none.
     pub ttl: Duration,
     /// The Redis tier; `None` for memory only.
@@ -59,7 +63,8 @@ impl Default for CacheConfig {
     fn default() -> Self {
         CacheConfig {
             enabled: true,
-            capacity: DEFAULT_CAPACITY,
+            capacity: Some(DEFAULT_CAPACITY),
+            max_bytes: None,
             ttl: DEFAULT_TTL,
             redis: None,
         }
@@ -68,6 +73,72 @@ impl Default for CacheConfig {
 
 /// A cached row as the server uses it.
 pub type Row = Arc<RowOutputs>;
+
+/// What one L1 entry costs in memory, as the byte budget and the stats
+/// count it: the values, their vectors, the key, the entry and the model
+/// name it carries. moka's own per-entry bookkeeping (its deques, timer
+/// wheel and frequency sketch) is not included.
+pub fn entry_bytes(model: &str, row: &RowOutputs) -> u64 {
+    let values: usize = row.iter().map(Vec::len).sum();
+    (std::mem::size_of::<CacheKey>()
+        + std::mem::size_of::<Entry>()
+        // Arc<RowOutputs>: two counters and the outer Vec.
+        + 2 * std::mem::size_of::<usize>()
+        + std::mem::size_of::<RowOutputs>()
+        + row.len() * std::mem::size_of::<Vec<f32>>()
+        + values * std::mem::size_of::<f32>()
+        // Arc<str>: two counters and the text.
+        + 2 * std::mem::size_of::<usize>()
+        + model.len()) as u64
+}
+
+/// How the L1 limits map onto moka, which takes one capacity and one
+/// weigher.
+///
+/// * entries only: capacity = entries, every entry weighs 1;
+/// * bytes only: capacity = bytes, an entry weighs its [`entry_bytes`];
+/// * both: capacity = bytes, an entry weighs at least `bytes / entries`
+///   (its "slot"), so the weights summing to at most `bytes` bound the
+///   count by `entries` and the memory by `bytes`: whichever limit is
+///   reached first evicts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct L1Budget {
+    /// moka's `max_capacity`, in weight units.
+    pub capacity: u64,
+    /// Least weight of one entry (1 = no slot).
+    pub min_weight: u32,
+    /// Whether weights are bytes (else every entry weighs 1).
+    pub by_bytes: bool,
+}
+
+impl L1Budget {
+    pub fn of(config: &CacheConfig) -> Self {
+        match (config.capacity, config.max_bytes) {
+            (entries, None) => L1Budget {
+                capacity: entries.unwrap_or(DEFAULT_CAPACITY),
+                min_weight: 1,
+                by_bytes: false,
+            },
+            (None, Some(bytes)) => L1Budget {
+                capacity: bytes,
+                min_weight: 1,
+                by_bytes: true,
+            },
+            (Some(entries), Some(bytes)) => L1Budget {
+                capacity: bytes,
+                min_weight: (bytes / entries.max(1)).clamp(1, u64::from(u32::MAX)) as u32,
+                by_bytes: true,
+            },
+        }
+    }
+
+    fn weigh(&self, entry: &Entry) -> u32 {
+        if !self.by_bytes {
+            return 1;
+        }
+        (entry.bytes.min(u64::from(u32::MAX)) as u32).max(self.min_weight)
+    }
+}
 
 #[derive(Debug, Clone)]
 struct Entry {
@@ -128,9 +199,14 @@ pub struct CacheStats {
 pub struct L1Stats {
     pub hits: u64,
     pub misses: u64,
+    /// Rows held now (moka's count, applied by [`ResultCache::sync`]).
     pub entries: u64,
+    /// Their [`entry_bytes`] in total.
     pub bytes: u64,
-    pub capacity: u64,
+    /// Entry limit; `None` when only `max_bytes` bounds the cache.
+    pub capacity: Option<u64>,
+    /// Byte limit; `None` when only `capacity` bounds the cache.
+    pub max_bytes: Option<u64>,
     pub default_ttl_ms: u64,
 }
 
@@ -144,6 +220,9 @@ pub struct L2Stats {
     pub misses: u64,
     pub errors: u64,
     pub writes_dropped: u64,
+    /// The latest Redis failure (`"connect: …"`, `"get: …"`), kept after
+    /// Redis recovers; `None` when none happened.
+    pub last_error: Option<String>,
 }
 
 impl ResultCache {
@@ -152,8 +231,10 @@ impl ResultCache {
     pub fn new(config: CacheConfig) -> Result<Self, L2Error> {
         let counters = Counters::default();
         let bytes = Arc::clone(&counters.bytes);
+        let budget = L1Budget::of(&config);
         let l1 = Cache::builder()
-            .max_capacity(config.capacity)
+            .max_capacity(budget.capacity)
+            .weigher(move |_key, entry: &Entry| budget.weigh(entry))
             .expire_after(EntryExpiry)
             .support_invalidation_closures()
             .eviction_listener(move |_key, entry: Entry, _cause| {
@@ -218,12 +299,9 @@ impl ResultCache {
         let Some(l2) = &self.inner.l2 else {
             return vec![None; keys.len()];
         };
-        let started = std::time::Instant::now();
         let Some(hits) = l2.get_many(model, keys).await else {
             return vec![None; keys.len()];
         };
-        metrics::histogram!(telemetry::CACHE_LOOKUP, "tier" => "l2")
-            .record(started.elapsed().as_secs_f64());
         let mut rows = Vec::with_capacity(keys.len());
         for (key, hit) in keys.iter().zip(hits) {
             match hit {
@@ -245,7 +323,7 @@ impl ResultCache {
     }
 
     async fn insert_l1(&self, model: &str, key: CacheKey, row: Row, ttl: Duration) {
-        let bytes = codec::encoded_len(&row) as u64;
+        let bytes = entry_bytes(model, &row);
         self.inner
             .counters
             .bytes
@@ -324,6 +402,11 @@ impl ResultCache {
                     misses: load(&k.misses),
                     errors: load(&k.errors),
                     writes_dropped: load(&k.writes_dropped),
+                    last_error: k
+                        .last_error
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .clone(),
                 }
             }
             None => L2Stats {
@@ -333,6 +416,7 @@ impl ResultCache {
                 misses: 0,
                 errors: 0,
                 writes_dropped: 0,
+                last_error: None,
             },
         };
         let looked_up = l1_hits + l1_misses;
@@ -347,7 +431,11 @@ impl ResultCache {
                 misses: l1_misses,
                 entries: self.inner.l1.entry_count(),
                 bytes: load(&c.bytes),
-                capacity: self.inner.config.capacity,
+                capacity: match (self.inner.config.capacity, self.inner.config.max_bytes) {
+                    (None, None) => Some(DEFAULT_CAPACITY),
+                    (entries, _) => entries,
+                },
+                max_bytes: self.inner.config.max_bytes,
                 default_ttl_ms: self.inner.config.ttl.as_millis() as u64,
             },
             l2,
@@ -399,13 +487,13 @@ mod tests {
         assert!(cache.peek(&CacheKey(2)).await.is_some());
         cache.sync().await;
         assert_eq!(cache.stats().l1.entries, 1);
-        assert_eq!(cache.stats().l1.bytes, codec::encoded_len(&row(2.0)) as u64);
+        assert_eq!(cache.stats().l1.bytes, entry_bytes("b", &row(2.0)));
     }
 
     #[tokio::test]
     async fn capacity_bounds_the_entries() {
         let cache = ResultCache::new(CacheConfig {
-            capacity: 100,
+            capacity: Some(100),
             ..CacheConfig::default()
         })
         .unwrap();
@@ -416,5 +504,89 @@ mod tests {
         }
         cache.sync().await;
         assert!(cache.stats().l1.entries <= 100, "{:?}", cache.stats().l1);
+    }
+
+    /// A row of `values` floats in one output.
+    fn wide_row(values: usize, v: f32) -> Row {
+        Arc::new(vec![vec![v; values]])
+    }
+
+    #[tokio::test]
+    async fn the_byte_budget_evicts_and_the_stats_agree() {
+        let per_row = entry_bytes("m", &wide_row(256, 0.0));
+        assert!(per_row > 1024, "256 floats and bookkeeping: {per_row}");
+        let budget = 10 * per_row;
+        let cache = ResultCache::new(CacheConfig {
+            capacity: None,
+            max_bytes: Some(budget),
+            ..CacheConfig::default()
+        })
+        .unwrap();
+        let ttl = Duration::from_secs(60);
+        for i in 0..10u128 {
+            cache
+                .put("m", CacheKey(i), wide_row(256, i as f32), ttl)
+                .await;
+        }
+        cache.sync().await;
+        let l1 = cache.stats().l1;
+        assert_eq!(
+            (l1.entries, l1.bytes),
+            (10, budget),
+            "exactly at the budget: {l1:?}"
+        );
+        assert_eq!((l1.capacity, l1.max_bytes), (None, Some(budget)));
+
+        for i in 10..40u128 {
+            cache
+                .put("m", CacheKey(i), wide_row(256, i as f32), ttl)
+                .await;
+            cache.sync().await;
+        }
+        let l1 = cache.stats().l1;
+        assert!(l1.bytes <= budget, "over the byte budget: {l1:?}");
+        assert!(l1.entries <= 10, "{l1:?}");
+        assert_eq!(
+            l1.bytes,
+            l1.entries * per_row,
+            "bytes follow evictions: {l1:?}"
+        );
+        let held = (0..40u128)
+            .filter(|&i| cache.inner.l1.contains_key(&CacheKey(i)))
+            .count();
+        assert_eq!(held as u64, l1.entries);
+    }
+
+    #[tokio::test]
+    async fn with_both_limits_the_tighter_one_evicts() {
+        let small = entry_bytes("m", &row(0.0));
+        let big = entry_bytes("m", &wide_row(1024, 0.0));
+        // Room for 8 small rows by count; by bytes, for 2 big ones.
+        let cache = ResultCache::new(CacheConfig {
+            capacity: Some(8),
+            max_bytes: Some(2 * big),
+            ..CacheConfig::default()
+        })
+        .unwrap();
+        assert!(small * 8 < 2 * big);
+        let ttl = Duration::from_secs(60);
+        for i in 0..50u128 {
+            cache.put("m", CacheKey(i), row(i as f32), ttl).await;
+            cache.sync().await;
+        }
+        assert!(
+            cache.stats().l1.entries <= 8,
+            "the entry limit holds: {:?}",
+            cache.stats().l1
+        );
+        for i in 100..110u128 {
+            cache
+                .put("m", CacheKey(i), wide_row(1024, i as f32), ttl)
+                .await;
+            cache.sync().await;
+        }
+        let l1 = cache.stats().l1;
+        assert!(l1.bytes <= 2 * big, "the byte limit holds: {l1:?}");
+        assert_eq!((l1.capacity, l1.max_bytes), (Some(8), Some(2 * big)));
     }
 }

@@ -229,6 +229,12 @@ impl Scheduler {
         self.stats.snapshot()
     }
 
+    /// The counters themselves, for the result cache in front of this
+    /// scheduler (requests it answers never reach the batcher).
+    pub fn counters(&self) -> &SchedulerStats {
+        &self.stats
+    }
+
     /// Queues `rows` rows and waits for their outputs. Dropping the future
     /// (a client that disconnected) withdraws the request: it is removed
     /// before it reaches the engine.

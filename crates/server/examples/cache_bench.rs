@@ -11,16 +11,23 @@
 //! Runs the server in this process (the bundled model) with a bounded
 //! load: `BENCH_REQUESTS` sequential requests per latency phase (default
 //! 200) and `BENCH_SECONDS` per throughput run (default 5).
-//! `BENCH_REDIS_TIMEOUT_MS` sets `--redis-timeout` (default 5). Server-side
-//! figures are the `tickserve_cache_lookup_seconds` histogram (bucket
-//! bounds, so "≤").
+//! `BENCH_REDIS_TIMEOUT_MS` sets `--redis-timeout` (default 5). For a
+//! `rediss://` URL, `REDIS_CA_CERT` names the PEM file of a private CA.
+//!
+//! Server-side latency per phase comes from the server's SLA view
+//! (`/v2/sla`, exact quantiles of the HTTP handler's time: decoding, cache,
+//! engine; not the response encoding): each latency phase sends its
+//! requests under its own priority class, which is not part of the cache
+//! key, and hits never reach the scheduler where classes differ. The miss
+//! phase uses the model's default class (3). The lookup itself is the
+//! `tickserve_cache_lookup_seconds` histogram (bucket bounds, so "≤").
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use tickserve_server::{AdminToken, BoundServer, CacheConfig, RedisConfig, ServerConfig};
+use tickserve_server::{AdminToken, BoundServer, CacheConfig, RedisConfig, RedisTls, ServerConfig};
 
 const ROW: usize = 50 * 60;
 const TOKEN: &str = "bench";
@@ -46,11 +53,19 @@ fn row(i: u64) -> Vec<f32> {
 }
 
 fn body(i: u64, cache: bool) -> Vec<u8> {
+    body_with(i, cache, None)
+}
+
+fn body_with(i: u64, cache: bool, priority: Option<u8>) -> Vec<u8> {
     let mut json = serde_json::json!({
-        "inputs": [{"name": "input", "shape": [1, 50, 60], "datatype": "FP32", "data": row(i)}]
+        "inputs": [{"name": "input", "shape": [1, 50, 60], "datatype": "FP32", "data": row(i)}],
+        "parameters": {}
     });
     if !cache {
-        json["parameters"] = serde_json::json!({"cache": false});
+        json["parameters"]["cache"] = false.into();
+    }
+    if let Some(priority) = priority {
+        json["parameters"]["priority"] = priority.into();
     }
     serde_json::to_vec(&json).unwrap()
 }
@@ -150,13 +165,44 @@ impl Bench {
         format!("p50 {}, p99 {} (n={total})", bound(0.5), bound(0.99))
     }
 
-    async fn sequential(&self, label: &str, seeds: &[u64], before_each: Option<&str>) {
+    /// Server-side p50/p99 of one priority class in the SLA window.
+    async fn server_side(&self, priority: u8) -> String {
+        let view: serde_json::Value = self
+            .client
+            .get(format!("{}/v2/sla", self.base))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let class = format!("priority {priority}");
+        view["classes"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["class"] == class.as_str()))
+            .map_or("n/a".into(), |c| {
+                format!(
+                    "p50 {:.0} µs, p99 {:.0} µs (n={})",
+                    c["p50_ms"].as_f64().unwrap_or(f64::NAN) * 1e3,
+                    c["p99_ms"].as_f64().unwrap_or(f64::NAN) * 1e3,
+                    c["requests"]
+                )
+            })
+    }
+
+    async fn sequential(
+        &self,
+        label: &str,
+        seeds: &[u64],
+        before_each: Option<&str>,
+        priority: u8,
+    ) {
         let mut times = Vec::with_capacity(seeds.len());
         for &seed in seeds {
             if let Some(tier) = before_each {
                 self.clear(tier).await;
             }
-            times.push(self.infer(body(seed, true)).await);
+            times.push(self.infer(body_with(seed, true, Some(priority))).await);
         }
         times.sort();
         let s = self.stats().await;
@@ -235,9 +281,15 @@ async fn main() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models");
     let config = ServerConfig {
         cache: CacheConfig {
-            capacity: 100_000,
+            capacity: Some(100_000),
             redis: redis_url.clone().map(|url| RedisConfig {
                 url,
+                tls: RedisTls {
+                    ca_pem: std::env::var("REDIS_CA_CERT")
+                        .ok()
+                        .map(|path| std::fs::read(path).unwrap()),
+                    client: None,
+                },
                 timeout: redis_timeout,
                 ..RedisConfig::default()
             }),
@@ -276,14 +328,20 @@ async fn main() {
     );
     let seeds: Vec<u64> = (0..requests).collect();
     bench.clear("all").await;
-    bench.sequential("miss (engine)", &seeds, None).await;
+    bench.sequential("miss (engine)", &seeds, None, 3).await;
     // Let the write-behind queue reach Redis.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    bench.sequential("L1 hit", &seeds, None).await;
+    bench.sequential("L1 hit", &seeds, None, 4).await;
     if redis_url.is_some() {
         bench
-            .sequential("L2 hit (after L1 clear)", &seeds, Some("l1"))
+            .sequential("L2 hit (after L1 clear)", &seeds, Some("l1"), 5)
             .await;
+    }
+    println!("server-side (HTTP handler, SLA view):");
+    println!("  miss   {}", bench.server_side(3).await);
+    println!("  L1 hit {}", bench.server_side(4).await);
+    if redis_url.is_some() {
+        println!("  L2 hit {}", bench.server_side(5).await);
     }
     println!(
         "server-side lookup: L1 {}; L2 {}",

@@ -13,8 +13,15 @@
 //! A request whose rows are all cached never reaches the queue. The cache
 //! is skipped when the server's cache is off, the model's `[cache]` says
 //! `enabled = false`, or the request sets the parameter `"cache": false`.
+//!
+//! Triton's statistics are kept here for what the scheduler cannot see
+//! (scheduling.rs `TritonTotals` reads them back): a request answered
+//! without the queue counts in `success` and `queue`, and every cached
+//! request is a `cache_hit` (all rows found) or a `cache_miss` (some rows
+//! computed, here or by an identical request in flight).
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tickserve_cache::flight::{Claim, Leader, SingleFlight};
@@ -91,11 +98,53 @@ fn key_parameters(parameters: &serde_json::Map<String, Value>) -> Vec<u8> {
 }
 
 impl CacheLayer {
+    /// [`Self::lookup_and_run`] plus Triton's statistics of the request.
     async fn infer(
         &self,
         version: &ModelVersion,
         request: InferRequest,
     ) -> Result<InferResponse, ServeError> {
+        let started = Instant::now();
+        let priority = request
+            .options
+            .priority
+            .unwrap_or_else(|| version.default_priority());
+        let mut trace = Trace::default();
+        let answer = self.lookup_and_run(version, request, &mut trace).await;
+        let took = started.elapsed();
+        let counters = version.scheduler().counters();
+        if !trace.validated {
+            // Refused before any lookup: like the uncached path, which
+            // refuses it before the scheduler, it is in no statistic.
+            return answer;
+        }
+        let missed = trace.queued || trace.coalesced;
+        if !trace.queued {
+            counters.record_answered_without_queue(priority, took, trace.waited, answer.is_ok());
+        }
+        if answer.is_ok() {
+            if missed {
+                // Triton times a miss as its lookup plus its insertion.
+                let cache_time = if trace.queued {
+                    trace.cache_time
+                } else {
+                    took.saturating_sub(trace.waited)
+                };
+                counters.record_cache_miss(priority, cache_time, trace.queued);
+            } else {
+                counters.record_cache_hit(took);
+            }
+        }
+        answer
+    }
+
+    async fn lookup_and_run(
+        &self,
+        version: &ModelVersion,
+        request: InferRequest,
+        trace: &mut Trace,
+    ) -> Result<InferResponse, ServeError> {
+        let started = Instant::now();
         let (rows, order) = version.validate(&request)?;
         let wanted = version.requested_outputs(request.outputs.as_deref())?;
         let model = version.name.as_str();
@@ -127,6 +176,7 @@ impl CacheLayer {
                 )
             })
             .collect();
+        trace.validated = true;
 
         let mut found = self.cache.get_l1(model, &keys).await;
         let mut leaders: Vec<(usize, RowLeader)> = Vec::new();
@@ -170,16 +220,20 @@ impl CacheLayer {
             pending = still;
         }
 
+        trace.cache_time = started.elapsed();
         if !pending.is_empty() {
             let indices: Vec<usize> = pending.iter().map(|(i, _)| *i).collect();
+            trace.queued = true;
             match run_rows(version, &request, &order, &indices).await {
                 Ok(computed) => {
+                    let storing = Instant::now();
                     for ((i, leader), row) in pending.into_iter().zip(computed) {
                         // Stored before the flight ends: see flight.rs.
                         self.cache.put(model, keys[i], Arc::clone(&row), ttl).await;
                         found[i] = Some(Arc::clone(&row));
                         leader.complete(Ok(row));
                     }
+                    trace.cache_time += storing.elapsed();
                 }
                 Err(error) => {
                     for (_, leader) in pending {
@@ -191,8 +245,12 @@ impl CacheLayer {
         }
 
         let mut coalesced = 0;
+        trace.coalesced = !followers.is_empty();
         for (i, follower) in followers {
-            let row = match follower.wait().await {
+            let waiting = Instant::now();
+            let waited = follower.wait().await;
+            trace.waited += waiting.elapsed();
+            let row = match waited {
                 Some(Ok(row)) => {
                     coalesced += 1;
                     row
@@ -200,6 +258,7 @@ impl CacheLayer {
                 Some(Err(error)) => return Err(error),
                 None => {
                     // The leader's client went away before it finished.
+                    trace.queued = true;
                     let row = run_rows(version, &request, &order, &[i])
                         .await?
                         .pop()
@@ -232,6 +291,23 @@ impl CacheLayer {
             .collect::<Result<Vec<_>, ServeError>>()?;
         Ok(version.respond(request.id, rows, &wanted, outputs))
     }
+}
+
+/// What happened to one request on its way through the cache, for its
+/// statistics.
+#[derive(Debug, Default)]
+struct Trace {
+    /// The request passed validation (refused ones count nowhere).
+    validated: bool,
+    /// Some of its rows went to the scheduler, which counts the request in
+    /// `success`/`fail`, `queue` and the compute statistics.
+    queued: bool,
+    /// Some of its rows were computed by identical requests in flight.
+    coalesced: bool,
+    /// Time waiting for those.
+    waited: Duration,
+    /// Time looking rows up and storing computed ones (not the engine's).
+    cache_time: Duration,
 }
 
 /// Whether a row read from Redis has the shape this version answers with.

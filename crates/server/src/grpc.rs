@@ -246,8 +246,8 @@ impl GrpcInferenceService for InferenceService {
                             compute_input: duration(totals.compute_input),
                             compute_infer: duration(totals.compute_infer),
                             compute_output: duration(totals.compute_output),
-                            cache_hit: duration(Timing::default()),
-                            cache_miss: duration(Timing::default()),
+                            cache_hit: duration(totals.cache_hit),
+                            cache_miss: duration(totals.cache_miss),
                         }),
                         batch_stats: stats
                             .batches

@@ -51,7 +51,7 @@ use tokio::net::TcpListener;
 use crate::error::ServeError;
 use crate::models::ModelRegistry;
 
-pub use tickserve_cache::{CacheConfig, RedisConfig};
+pub use tickserve_cache::{CacheConfig, ClientIdentity, RedisConfig, RedisTls};
 
 /// Everything `serve` needs, as plain data (the CLI fills it from flags,
 /// environment and the TOML file).

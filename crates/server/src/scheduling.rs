@@ -187,6 +187,11 @@ fn sum(items: impl Iterator<Item = Timing>) -> Timing {
 /// Triton's per-version `inference_stats` totals, summed over the
 /// priority classes and batch sizes of the scheduler's counters. The HTTP
 /// and gRPC statistics both answer from these.
+///
+/// With the result cache, Triton's rules hold: a request answered from the
+/// cache counts in `success`, `queue` and `cache_hit`, never in the
+/// compute counters; a request with rows the engine had to compute counts
+/// in `cache_miss` as well as in the usual ones.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TritonTotals {
     pub success: Timing,
@@ -195,6 +200,8 @@ pub struct TritonTotals {
     pub compute_input: Timing,
     pub compute_infer: Timing,
     pub compute_output: Timing,
+    pub cache_hit: Timing,
+    pub cache_miss: Timing,
 }
 
 impl TritonTotals {
@@ -216,6 +223,8 @@ impl TritonTotals {
             compute_input: per_request(sum(stats.batches.iter().map(|b| b.compute_input))),
             compute_infer,
             compute_output: per_request(sum(stats.batches.iter().map(|b| b.compute_output))),
+            cache_hit: stats.cache_hit,
+            cache_miss: stats.cache_miss,
         }
     }
 }
@@ -237,6 +246,8 @@ pub fn model_stats(name: &str, version: u64, stats: &StatsSnapshot) -> Value {
             "compute_input": timing(totals.compute_input),
             "compute_infer": timing(totals.compute_infer),
             "compute_output": timing(totals.compute_output),
+            "cache_hit": timing(totals.cache_hit),
+            "cache_miss": timing(totals.cache_miss),
         },
         "batch_stats": stats.batches.iter().map(|b| json!({
             "batch_size": b.batch_size,

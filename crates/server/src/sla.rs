@@ -370,8 +370,8 @@ pub struct SlaView {
     pub recommendations: Vec<String>,
     /// Requests waiting in the batch queues, per model.
     pub queue_length: Option<BTreeMap<String, f64>>,
-    /// Result-cache hits / (hits + misses) since start, when a cache
-    /// reports `*cache_hits_total` / `*cache_misses_total`.
+    /// Result-cache hits (any tier) / rows looked up since start, when a
+    /// cache reports `*cache_hits_total` / `*cache_misses_total`.
     pub cache_hit_rate: Option<f64>,
     pub cpu_percent: f64,
     pub memory_percent: f64,
@@ -381,9 +381,13 @@ pub struct SlaView {
 }
 
 /// Reads queue lengths and cache counters from Prometheus' text format.
+///
+/// The cache counts per tier: every row is looked up in `l1`, and only
+/// L1 misses in `l2`. Rows looked up are therefore the `l1` hits and
+/// misses (or the unlabelled ones), and hits are those of every tier.
 fn from_metrics(text: &str) -> (BTreeMap<String, f64>, Option<f64>) {
     let mut queues = BTreeMap::new();
-    let (mut hits, mut misses) = (0.0, 0.0);
+    let (mut hits, mut looked_up) = (0.0, 0.0);
     let mut cache_seen = false;
     for line in text.lines().filter(|l| !l.starts_with('#')) {
         let Some((series, value)) = line.rsplit_once(' ') else {
@@ -401,15 +405,18 @@ fn from_metrics(text: &str) -> (BTreeMap<String, f64>, Option<f64>) {
                 .unwrap_or("")
                 .to_owned();
             *queues.entry(model).or_insert(0.0) += value;
-        } else if name.ends_with("cache_hits_total") {
-            hits += value;
-            cache_seen = true;
-        } else if name.ends_with("cache_misses_total") {
-            misses += value;
+        } else if name.ends_with("cache_hits_total") || name.ends_with("cache_misses_total") {
+            let first_tier = !series.contains("tier=\"") || series.contains("tier=\"l1\"");
+            if first_tier {
+                looked_up += value;
+            }
+            if name.ends_with("cache_hits_total") {
+                hits += value;
+            }
             cache_seen = true;
         }
     }
-    let rate = (cache_seen && hits + misses > 0.0).then(|| hits / (hits + misses));
+    let rate = (cache_seen && looked_up > 0.0).then(|| hits / looked_up);
     (queues, rate)
 }
 
@@ -509,5 +516,8 @@ mod tests {
         assert_eq!(q["b"], 0.0);
         assert_eq!(rate, Some(0.75));
         assert_eq!(from_metrics("").1, None);
+        // 100 rows: 50 L1 hits; of the 50 L1 misses, 30 L2 hits.
+        let tiers = "batch_processing_cache_hits_total{model=\"a\",tier=\"l1\"} 50\nbatch_processing_cache_misses_total{model=\"a\",tier=\"l1\"} 50\nbatch_processing_cache_hits_total{model=\"a\",tier=\"l2\"} 30\nbatch_processing_cache_misses_total{model=\"a\",tier=\"l2\"} 20\n";
+        assert_eq!(from_metrics(tiers).1, Some(0.8));
     }
 }

@@ -6,9 +6,12 @@ mod common;
 
 use std::time::Duration;
 
-use common::redis::RedisServer;
+use common::redis::{RedisOptions, RedisServer};
+use common::tls::TestPki;
 use common::*;
-use tickserve_server::{AdminToken, CacheConfig, RedisConfig, ServerConfig};
+use tickserve_server::{
+    AdminToken, CacheConfig, ClientIdentity, RedisConfig, RedisTls, ServerConfig,
+};
 
 const TOKEN: &str = "test-admin-token";
 
@@ -202,6 +205,42 @@ async fn entries_expire_in_both_tiers() {
     assert_eq!(s["l1"]["hits"], 1, "the L1 entry expired: {s}");
     assert_eq!(s["l2"]["misses"], 2, "the L2 entry expired: {s}");
     assert_eq!(engine_rows(&server, model).await, 2.0);
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_l2_hit_lives_in_l1_only_as_long_as_it_had_left_in_redis() {
+    let redis = RedisServer::start();
+    let model = "cache_remaining_ttl";
+    let repo = repository_with(model, &cnn_lstm_config("[cache]\nttl = \"3s\"\n"));
+    let server = start(cached_config(repo, Some(&redis))).await;
+    let g = golden();
+    let body = request_for(&g, &[16], "r");
+    let written = std::time::Instant::now();
+    infer(&server, model, &body).await;
+    wait_for_keys(&redis, 1).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    clear(&server, model, "l1").await;
+    infer(&server, model, &body).await;
+    let promoted = std::time::Instant::now();
+    let s = stats(&server).await;
+    assert_eq!(s["l2"]["hits"], 1, "{s}");
+    assert!(
+        written.elapsed() < Duration::from_millis(2500),
+        "too slow to tell the two lifetimes apart"
+    );
+    infer(&server, model, &body).await;
+    assert_eq!(stats(&server).await["l1"]["hits"], 1, "promoted");
+    // Past the Redis entry's end (3 s after it was written), well before
+    // 3 s after the promotion.
+    tokio::time::sleep(Duration::from_millis(3300).saturating_sub(written.elapsed())).await;
+    assert!(promoted.elapsed() < Duration::from_millis(2800));
+    infer(&server, model, &body).await;
+    let s = stats(&server).await;
+    assert_eq!(
+        s["l1"]["hits"], 1,
+        "the promoted row expired with its Redis entry: {s}"
+    );
     server.shutdown().await.unwrap();
 }
 
@@ -415,5 +454,351 @@ async fn redis_dying_and_coming_back_fails_no_request() {
         "no L2 hit after Redis came back: {}",
         stats(&server).await
     );
+    server.shutdown().await.unwrap();
+}
+
+fn tls_config(redis: &RedisServer, pki: &TestPki, client_certificate: bool) -> RedisConfig {
+    RedisConfig {
+        tls: RedisTls {
+            ca_pem: Some(pki.read("ca.crt")),
+            client: client_certificate.then(|| ClientIdentity {
+                cert_pem: pki.read("client.crt"),
+                key_pem: pki.read("client.key"),
+            }),
+        },
+        ..redis_config(redis)
+    }
+}
+
+fn with_redis(repository: std::path::PathBuf, redis: RedisConfig) -> ServerConfig {
+    ServerConfig {
+        cache: CacheConfig {
+            redis: Some(redis),
+            ..CacheConfig::default()
+        },
+        admin_token: Some(AdminToken::new(TOKEN)),
+        ..config(repository)
+    }
+}
+
+fn pki_dir(name: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("tickserve-pki-{}-{name}", std::process::id()))
+}
+
+/// Polls the cache stats (bounded) until `done` holds; the last stats.
+async fn stats_until(
+    server: &TestServer,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let mut s = stats(server).await;
+    for _ in 0..250 {
+        if done(&s) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        s = stats(server).await;
+    }
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_with_a_private_ca_and_a_password_shares_results() {
+    let pki = TestPki::generate(&pki_dir("shared"), "tickserve test CA");
+    let redis = RedisServer::start_with(&RedisOptions {
+        password: Some("tls-s3cret"),
+        tls: Some(&pki),
+        require_client_cert: false,
+    });
+    assert!(
+        redis.url().starts_with("rediss://:tls-s3cret@"),
+        "{}",
+        redis.url()
+    );
+    let model = "cache_tls";
+    let repo = repository_with(model, &cnn_lstm_config(""));
+    let a = start(with_redis(repo.clone(), tls_config(&redis, &pki, false))).await;
+    let b = start(with_redis(repo, tls_config(&redis, &pki, false))).await;
+    let g = golden();
+    let body = request_for(&g, &[9, 10], "tls");
+    assert_golden_rows(&g, &infer(&a, model, &body).await, &[9, 10]);
+    wait_for_keys(&redis, 2).await;
+    assert_golden_rows(&g, &infer(&b, model, &body).await, &[9, 10]);
+    let s = stats(&b).await;
+    assert_eq!(s["l2"]["hits"], 2, "B read A's rows over TLS: {s}");
+    assert_eq!(s["l2"]["state"], "closed", "{s}");
+    assert_eq!(s["l2"]["errors"], 0, "{s}");
+    assert_eq!(engine_rows(&b, model).await, 2.0, "B ran none");
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_uses_the_client_certificate() {
+    let pki = TestPki::generate(&pki_dir("mutual"), "tickserve test CA");
+    let redis = RedisServer::start_with(&RedisOptions {
+        tls: Some(&pki),
+        require_client_cert: true,
+        ..RedisOptions::default()
+    });
+    let model = "cache_mtls";
+    let repo = repository_with(model, &cnn_lstm_config(""));
+    let server = start(with_redis(repo.clone(), tls_config(&redis, &pki, true))).await;
+    let g = golden();
+    let body = request_for(&g, &[11], "m");
+    infer(&server, model, &body).await;
+    wait_for_keys(&redis, 1).await;
+    clear(&server, model, "l1").await;
+    assert_golden_rows(&g, &infer(&server, model, &body).await, &[11]);
+    let s = stats(&server).await;
+    assert_eq!(s["l2"]["hits"], 1, "{s}");
+
+    // Without a client certificate the server refuses the connection;
+    // requests go on from memory and the engine.
+    let anonymous = start(with_redis(repo, tls_config(&redis, &pki, false))).await;
+    for round in 0..3 {
+        assert_golden_rows(&g, &infer(&anonymous, model, &body).await, &[11]);
+        if round == 0 {
+            stats_until(&anonymous, |s| s["l2"]["errors"].as_u64() > Some(0)).await;
+        }
+    }
+    let s = stats(&anonymous).await;
+    assert!(s["l2"]["errors"].as_u64() > Some(0), "{s}");
+    assert_eq!(s["l2"]["hits"], 0, "{s}");
+    server.shutdown().await.unwrap();
+    anonymous.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_ca_is_a_clear_error_and_no_request_fails() {
+    let pki = TestPki::generate(&pki_dir("real"), "the real CA");
+    let other = TestPki::generate(&pki_dir("other"), "another CA");
+    let redis = RedisServer::start_with(&RedisOptions {
+        tls: Some(&pki),
+        ..RedisOptions::default()
+    });
+    let model = "cache_wrong_ca";
+    let repo = repository_with(model, &cnn_lstm_config(""));
+    let server = start(with_redis(repo, tls_config(&redis, &other, false))).await;
+    let g = golden();
+    for i in 0..6 {
+        // Every other request repeats the first row: L1 still works.
+        let row = if i % 2 == 0 { 12 } else { 12 + i };
+        let body = request_for(&g, &[row], "w");
+        assert_golden_rows(&g, &infer(&server, model, &body).await, &[row]);
+    }
+    let s = stats_until(&server, |s| s["l2"]["errors"].as_u64() > Some(0)).await;
+    let error = s["l2"]["last_error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_lowercase();
+    assert!(
+        error.starts_with("connect") && error.contains("certificate"),
+        "the stats say why: {s}"
+    );
+    assert_eq!(s["l2"]["hits"], 0, "{s}");
+    assert_eq!(s["l1"]["hits"], 2, "{s}");
+    assert_eq!(redis.dbsize(1), 0, "nothing reached Redis");
+    let metrics = server.metrics_text().await;
+    assert!(
+        metrics.contains("tickserve_cache_redis_errors_total{operation=\"connect\"}"),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains(&format!("batch_processing_errors_total{{model=\"{model}\"")),
+        "{metrics}"
+    );
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_redis_times_out_opens_the_breaker_and_comes_back() {
+    let redis = RedisServer::start();
+    let model = "cache_slow";
+    let repo = repository_with(model, &cnn_lstm_config(""));
+    let server = start(with_redis(
+        repo,
+        RedisConfig {
+            timeout: Duration::from_millis(50),
+            ..redis_config(&redis)
+        },
+    ))
+    .await;
+    let g = golden();
+    infer(&server, model, &distinct_request(&g, 0)).await;
+    wait_for_keys(&redis, 1).await;
+    // Redis stops answering every client for 1.5 s (a slow or stuck
+    // server, not a dead one: connections stay open).
+    let paused = std::time::Instant::now();
+    let _: String = redis
+        .command(0, ::redis::cmd("CLIENT").arg("PAUSE").arg(1500).arg("ALL"))
+        .unwrap();
+    let mut i = 1;
+    while paused.elapsed() < Duration::from_millis(1200) {
+        let answer = infer(&server, model, &distinct_request(&g, i)).await;
+        assert_eq!(answer["outputs"][0]["shape"], serde_json::json!([1, 3]));
+        i += 1;
+    }
+    let s = stats(&server).await;
+    assert!(s["l2"]["errors"].as_u64() >= Some(3), "{s}");
+    let error = s["l2"]["last_error"].as_str().unwrap_or_default();
+    assert!(error.contains("timed out"), "{s}");
+    assert_ne!(s["l2"]["state"], "closed", "the breaker opened: {s}");
+
+    // After the pause, the breaker's probe succeeds and L2 is used again.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut resumed = false;
+    for attempt in 0..50 {
+        let body = distinct_request(&g, 5000 + attempt);
+        infer(&server, model, &body).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        clear(&server, model, "l1").await;
+        let before = stats(&server).await["l2"]["hits"].as_u64().unwrap();
+        infer(&server, model, &body).await;
+        if stats(&server).await["l2"]["hits"].as_u64().unwrap() == before + 1 {
+            resumed = true;
+            break;
+        }
+    }
+    assert!(
+        resumed,
+        "no L2 hit after the pause: {}",
+        stats(&server).await
+    );
+    let metrics = server.metrics_text().await;
+    assert!(
+        !metrics.contains(&format!("batch_processing_errors_total{{model=\"{model}\"")),
+        "{metrics}"
+    );
+    server.shutdown().await.unwrap();
+}
+
+/// Triton's `inference_stats` of `model` over HTTP, once `computed` engine
+/// requests and `succeeded` requests are counted (the engine thread and the
+/// batcher count just after answering).
+async fn triton_stats(
+    server: &TestServer,
+    model: &str,
+    computed: u64,
+    succeeded: u64,
+) -> serde_json::Value {
+    let mut s = serde_json::Value::Null;
+    for _ in 0..200 {
+        s = server
+            .client
+            .get(server.url(&format!("/v2/models/{model}/stats")))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let stats = &s["model_stats"][0]["inference_stats"];
+        if stats["compute_infer"]["count"] == computed && stats["success"]["count"] == succeeded {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    s["model_stats"][0].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn triton_statistics_count_cache_hits_and_misses_on_both_protocols() {
+    use tickserve_server::grpc::pb;
+    use tickserve_server::grpc::pb::grpc_inference_service_client::GrpcInferenceServiceClient;
+
+    let model = "cache_triton_stats";
+    let repo = repository_with(model, &cnn_lstm_config(""));
+    let server = start(cached_config(repo, None)).await;
+    let g = golden();
+    let count =
+        |s: &serde_json::Value, what: &str| s["inference_stats"][what]["count"].as_u64().unwrap();
+    let ns = |s: &serde_json::Value, what: &str| s["inference_stats"][what]["ns"].as_u64().unwrap();
+
+    // A miss (2 rows computed), two full hits, a partial hit (1 row
+    // computed), and a request that skips the cache.
+    let body = request_for(&g, &[13, 14], "s");
+    infer(&server, model, &body).await;
+    triton_stats(&server, model, 1, 1).await;
+    infer(&server, model, &body).await;
+    infer(&server, model, &body).await;
+    infer(&server, model, &request_for(&g, &[15, 13], "p")).await;
+    triton_stats(&server, model, 2, 4).await;
+    let mut opt_out = request_for(&g, &[13], "o");
+    opt_out["parameters"] = serde_json::json!({"cache": false});
+    infer(&server, model, &opt_out).await;
+    let s = triton_stats(&server, model, 3, 5).await;
+
+    assert_eq!(count(&s, "success"), 5, "every answered request: {s}");
+    assert_eq!(
+        count(&s, "queue"),
+        5,
+        "queue includes cache hits (Triton): {s}"
+    );
+    assert_eq!(count(&s, "cache_hit"), 2, "{s}");
+    assert_eq!(
+        count(&s, "cache_miss"),
+        2,
+        "the first and the partial request: {s}"
+    );
+    assert!(ns(&s, "cache_hit") > 0 && ns(&s, "cache_miss") > 0, "{s}");
+    for compute in ["compute_input", "compute_infer", "compute_output"] {
+        assert_eq!(count(&s, compute), 3, "hits never reach the engine: {s}");
+    }
+    assert_eq!(
+        s["inference_count"], 4,
+        "rows the engine ran (2 + 1 + 1): {s}"
+    );
+    assert_eq!(s["execution_count"], 3, "{s}");
+    assert_eq!(count(&s, "fail"), 0, "{s}");
+
+    // gRPC answers from the same counters, and its requests go through
+    // the cache too: one more hit.
+    let mut grpc = GrpcInferenceServiceClient::connect(format!("http://{}", server.grpc))
+        .await
+        .unwrap();
+    let data: Vec<f32> = g.input[13 * ROW..15 * ROW].to_vec();
+    grpc.model_infer(pb::ModelInferRequest {
+        model_name: model.into(),
+        inputs: vec![pb::model_infer_request::InferInputTensor {
+            name: "input".into(),
+            datatype: "FP32".into(),
+            shape: vec![2, 50, 60],
+            contents: Some(pb::InferTensorContents {
+                fp32_contents: data,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let http = triton_stats(&server, model, 3, 6).await;
+    let stats = grpc
+        .model_statistics(pb::ModelStatisticsRequest {
+            name: model.into(),
+            version: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let i = stats.model_stats[0].inference_stats.unwrap();
+    let pair = |d: Option<pb::StatisticDuration>| d.map(|d| (d.count, d.ns)).unwrap();
+    let json_pair = |what: &str| (count(&http, what), ns(&http, what));
+    assert_eq!(pair(i.cache_hit).0, 3, "{i:?}");
+    assert_eq!(pair(i.success).0, 6, "{i:?}");
+    for (what, got) in [
+        ("success", i.success),
+        ("queue", i.queue),
+        ("cache_hit", i.cache_hit),
+        ("cache_miss", i.cache_miss),
+        ("compute_infer", i.compute_infer),
+    ] {
+        assert_eq!(
+            pair(got),
+            json_pair(what),
+            "{what}: gRPC and HTTP share one source"
+        );
+    }
     server.shutdown().await.unwrap();
 }

@@ -13,7 +13,9 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, ValueEnum};
 use serde::Deserialize;
-use tickserve_server::{AdminToken, CacheConfig, RedisConfig, ServerConfig};
+use tickserve_server::{
+    AdminToken, CacheConfig, ClientIdentity, RedisConfig, RedisTls, ServerConfig,
+};
 use tickserve_telemetry::LogFormat;
 
 const DEFAULT_REPOSITORY: &str = "models";
@@ -84,18 +86,27 @@ pub struct ServeArgs {
     pub cache: Option<bool>,
 
     /// Most rows held in the in-process cache (TinyLFU/LRU eviction).
-    /// [default: 10000]
+    /// With --cache-max-bytes as well, both limits hold. [default: 10000,
+    /// or no row limit when only --cache-max-bytes is given]
     #[arg(long, env = "TICKSERVE_CACHE_CAPACITY", value_name = "ROWS")]
     pub cache_capacity: Option<u64>,
+
+    /// Most bytes the in-process cache holds: each row's values plus its
+    /// bookkeeping (about 180 bytes per row of the bundled model). With
+    /// --cache-capacity as well, whichever limit is reached first evicts.
+    /// [default: unset (rows only)]
+    #[arg(long, env = "TICKSERVE_CACHE_MAX_BYTES", value_name = "BYTES")]
+    pub cache_max_bytes: Option<u64>,
 
     /// Lifetime of a cached row, in memory and Redis, for models whose
     /// config.toml sets no [cache] ttl, e.g. "10m", "30s". [default: 10m]
     #[arg(long, env = "TICKSERVE_CACHE_TTL", value_name = "DURATION", value_parser = humantime_duration)]
     pub cache_ttl: Option<Duration>,
 
-    /// Redis second-level cache, e.g. "redis://127.0.0.1:6379" or
-    /// "redis://:password@host:6379" (TLS "rediss://" is not built in yet).
-    /// Unset: memory only. [default: unset]
+    /// Redis second-level cache, e.g. "redis://127.0.0.1:6379",
+    /// "redis://:password@host:6379", or TLS "rediss://:password@host:6380"
+    /// (the system's CA roots unless --redis-ca-cert). Unset: memory only.
+    /// [default: unset]
     #[arg(
         long,
         env = "TICKSERVE_REDIS_URL",
@@ -103,6 +114,21 @@ pub struct ServeArgs {
         hide_env_values = true
     )]
     pub redis_url: Option<String>,
+
+    /// PEM file of the CA (or CAs) that signed the Redis server's TLS
+    /// certificate, trusted instead of the system's roots; needs a
+    /// rediss:// URL. [default: unset (system roots)]
+    #[arg(long, env = "TICKSERVE_REDIS_CA_CERT", value_name = "FILE")]
+    pub redis_ca_cert: Option<PathBuf>,
+
+    /// PEM client certificate (chain) for Redis servers that require one
+    /// (tls-auth-clients yes); needs --redis-client-key. [default: unset]
+    #[arg(long, env = "TICKSERVE_REDIS_CLIENT_CERT", value_name = "FILE")]
+    pub redis_client_cert: Option<PathBuf>,
+
+    /// PEM private key of --redis-client-cert. [default: unset]
+    #[arg(long, env = "TICKSERVE_REDIS_CLIENT_KEY", value_name = "FILE")]
+    pub redis_client_key: Option<PathBuf>,
 
     /// Redis database number (replaces one given in the URL). [default: 1]
     #[arg(long, env = "TICKSERVE_REDIS_DB", value_name = "N")]
@@ -150,9 +176,13 @@ struct FileConfig {
     log_level: Option<String>,
     cache: Option<bool>,
     cache_capacity: Option<u64>,
+    cache_max_bytes: Option<u64>,
     #[serde(default, with = "humantime_serde")]
     cache_ttl: Option<Duration>,
     redis_url: Option<String>,
+    redis_ca_cert: Option<PathBuf>,
+    redis_client_cert: Option<PathBuf>,
+    redis_client_key: Option<PathBuf>,
     redis_db: Option<i64>,
     redis_key_prefix: Option<String>,
     #[serde(default, with = "humantime_serde")]
@@ -172,6 +202,29 @@ pub struct Settings {
 
 fn humantime_duration(text: &str) -> Result<Duration, String> {
     humantime_serde::re::humantime::parse_duration(text).map_err(|e| e.to_string())
+}
+
+/// The TLS files of the Redis tier, read now (before the runtime starts).
+fn redis_tls(
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+) -> anyhow::Result<RedisTls> {
+    let read = |what: &str, path: &Path| {
+        std::fs::read(path).with_context(|| format!("cannot read the {what} {}", path.display()))
+    };
+    let client = match (cert, key) {
+        (None, None) => None,
+        (Some(cert), Some(key)) => Some(ClientIdentity {
+            cert_pem: read("Redis client certificate", &cert)?,
+            key_pem: read("Redis client key", &key)?,
+        }),
+        _ => anyhow::bail!("redis_client_cert and redis_client_key go together"),
+    };
+    Ok(RedisTls {
+        ca_pem: ca.map(|ca| read("Redis CA certificate", &ca)).transpose()?,
+        client,
+    })
 }
 
 fn read_file(path: &Path) -> anyhow::Result<FileConfig> {
@@ -202,11 +255,15 @@ impl ServeArgs {
         let defaults = CacheConfig::default();
         let cache_ttl = self.cache_ttl.or(file.cache_ttl).unwrap_or(defaults.ttl);
         anyhow::ensure!(!cache_ttl.is_zero(), "cache_ttl must be positive");
-        let capacity = self
-            .cache_capacity
-            .or(file.cache_capacity)
-            .unwrap_or(defaults.capacity);
-        anyhow::ensure!(capacity > 0, "cache_capacity must be positive");
+        let max_bytes = self.cache_max_bytes.or(file.cache_max_bytes);
+        anyhow::ensure!(max_bytes != Some(0), "cache_max_bytes must be positive");
+        // Only a byte limit given: no row limit besides it.
+        let capacity = match self.cache_capacity.or(file.cache_capacity) {
+            Some(rows) => Some(rows),
+            None if max_bytes.is_some() => None,
+            None => defaults.capacity,
+        };
+        anyhow::ensure!(capacity != Some(0), "cache_capacity must be positive");
         let redis = match self.redis_url.or(file.redis_url) {
             None => None,
             Some(url) => {
@@ -216,8 +273,18 @@ impl ServeArgs {
                     .or(file.redis_timeout)
                     .unwrap_or(d.timeout);
                 anyhow::ensure!(!timeout.is_zero(), "redis_timeout must be positive");
+                let tls = redis_tls(
+                    self.redis_ca_cert.or(file.redis_ca_cert),
+                    self.redis_client_cert.or(file.redis_client_cert),
+                    self.redis_client_key.or(file.redis_client_key),
+                )?;
+                anyhow::ensure!(
+                    tls.is_empty() || url.starts_with("rediss://"),
+                    "redis_ca_cert and redis_client_cert need a rediss:// URL"
+                );
                 Some(RedisConfig {
                     url,
+                    tls,
                     db: self.redis_db.or(file.redis_db).unwrap_or(d.db),
                     key_prefix: self
                         .redis_key_prefix
@@ -232,6 +299,7 @@ impl ServeArgs {
         let cache = CacheConfig {
             enabled: self.cache.or(file.cache).unwrap_or(defaults.enabled),
             capacity,
+            max_bytes,
             ttl: cache_ttl,
             redis,
         };
@@ -306,7 +374,8 @@ mod tests {
         assert_eq!(settings.log_format, LogFormat::Text);
         assert_eq!(settings.log_level, "info");
         assert!(settings.server.cache.enabled);
-        assert_eq!(settings.server.cache.capacity, 10_000);
+        assert_eq!(settings.server.cache.capacity, Some(10_000));
+        assert_eq!(settings.server.cache.max_bytes, None);
         assert_eq!(settings.server.cache.ttl, Duration::from_secs(600));
         assert!(
             settings.server.cache.redis.is_none(),
@@ -335,6 +404,84 @@ mod tests {
         assert!(
             !shown.contains("hunter2") && !shown.contains("s3cret"),
             "{shown}"
+        );
+    }
+
+    #[test]
+    fn a_byte_limit_alone_lifts_the_row_limit_and_both_can_be_set() {
+        let cache = parse(&["--cache-max-bytes", "1000000"])
+            .resolve()
+            .unwrap()
+            .server
+            .cache;
+        assert_eq!((cache.capacity, cache.max_bytes), (None, Some(1_000_000)));
+        let cache = parse(&["--cache-max-bytes", "1000000", "--cache-capacity", "50"])
+            .resolve()
+            .unwrap()
+            .server
+            .cache;
+        assert_eq!(
+            (cache.capacity, cache.max_bytes),
+            (Some(50), Some(1_000_000))
+        );
+        assert!(parse(&["--cache-max-bytes", "0"]).resolve().is_err());
+    }
+
+    #[test]
+    fn redis_tls_files_are_read_and_need_rediss() {
+        let dir = std::env::temp_dir().join(format!("tickserve-cfg-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for name in ["ca.pem", "client.pem", "client.key"] {
+            std::fs::write(dir.join(name), format!("PEM of {name}")).unwrap();
+        }
+        let path = |name: &str| dir.join(name).to_str().unwrap().to_owned();
+        let settings = parse(&[
+            "--redis-url",
+            "rediss://:pw@cache.internal:6380",
+            "--redis-ca-cert",
+            &path("ca.pem"),
+            "--redis-client-cert",
+            &path("client.pem"),
+            "--redis-client-key",
+            &path("client.key"),
+        ])
+        .resolve()
+        .unwrap();
+        let tls = settings.server.cache.redis.clone().unwrap().tls;
+        assert_eq!(tls.ca_pem.as_deref(), Some(&b"PEM of ca.pem"[..]));
+        let client = tls.client.unwrap();
+        assert_eq!(client.key_pem, b"PEM of client.key");
+        assert!(!format!("{settings:?}").contains("PEM of client.key"));
+
+        let err = parse(&[
+            "--redis-url",
+            "redis://h:6379",
+            "--redis-ca-cert",
+            &path("ca.pem"),
+        ])
+        .resolve()
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("rediss://"), "{err:#}");
+        let err = parse(&[
+            "--redis-url",
+            "rediss://h:6380",
+            "--redis-client-cert",
+            &path("client.pem"),
+        ])
+        .resolve()
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("go together"), "{err:#}");
+        let err = parse(&[
+            "--redis-url",
+            "rediss://h:6380",
+            "--redis-ca-cert",
+            &path("missing"),
+        ])
+        .resolve()
+        .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("Redis CA certificate"),
+            "{err:#}"
         );
     }
 

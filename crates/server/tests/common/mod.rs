@@ -3,6 +3,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod redis;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

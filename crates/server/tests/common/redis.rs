@@ -1,38 +1,123 @@
 //! A real `redis-server` on a free loopback port, for the cache tests.
 //! Started without persistence; killed when dropped. Fails loudly (never
 //! skips) when redis-server is not installed.
+//!
+//! [`RedisServer::start_with`] adds a password or TLS. A TLS server listens
+//! on its TLS port only (`--port 0`), so nothing can fall back to plain
+//! text; the harness itself then talks to it through redis-rs with the
+//! test CA.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use super::tls::TestPki;
+
+/// How a test's redis-server is set up beyond the defaults.
+#[derive(Default)]
+pub struct RedisOptions<'a> {
+    /// `--requirepass`.
+    pub password: Option<&'a str>,
+    /// TLS with these certificates (`--tls-port`, `--port 0`).
+    pub tls: Option<&'a TestPki>,
+    /// `--tls-auth-clients yes`: clients must show a certificate of the CA.
+    pub require_client_cert: bool,
+}
+
 pub struct RedisServer {
     pub port: u16,
     child: Option<Child>,
+    args: Vec<String>,
+    /// Client for the harness's own commands on a TLS server.
+    tls_client: Option<::redis::Client>,
+    password: Option<String>,
 }
 
 impl RedisServer {
     pub fn start() -> RedisServer {
+        RedisServer::start_with(&RedisOptions::default())
+    }
+
+    pub fn start_with(options: &RedisOptions<'_>) -> RedisServer {
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
-        let mut server = RedisServer { port, child: None };
+        let mut args = Vec::new();
+        let mut tls_client = None;
+        match options.tls {
+            None => args.extend(["--port".to_owned(), port.to_string()]),
+            Some(pki) => {
+                let file = |name: &str| pki.path(name).to_str().unwrap().to_owned();
+                args.extend(["--port".to_owned(), "0".to_owned()]);
+                args.extend(["--tls-port".to_owned(), port.to_string()]);
+                args.extend(["--tls-cert-file".to_owned(), file("server.crt")]);
+                args.extend(["--tls-key-file".to_owned(), file("server.key")]);
+                args.extend(["--tls-ca-cert-file".to_owned(), file("ca.crt")]);
+                let auth = if options.require_client_cert {
+                    "yes"
+                } else {
+                    "no"
+                };
+                args.extend(["--tls-auth-clients".to_owned(), auth.to_owned()]);
+                let info = format!(
+                    "rediss://{}127.0.0.1:{port}/0",
+                    options
+                        .password
+                        .map(|p| format!(":{p}@"))
+                        .unwrap_or_default()
+                );
+                tls_client = Some(
+                    ::redis::Client::build_with_tls(
+                        info.as_str(),
+                        ::redis::TlsCertificates {
+                            client_tls: Some(::redis::ClientTlsConfig {
+                                client_cert: pki.read("client.crt"),
+                                client_key: pki.read("client.key"),
+                            }),
+                            root_cert: Some(pki.read("ca.crt")),
+                        },
+                    )
+                    .unwrap(),
+                );
+            }
+        }
+        if let Some(password) = options.password {
+            args.extend(["--requirepass".to_owned(), password.to_owned()]);
+        }
+        let mut server = RedisServer {
+            port,
+            child: None,
+            args,
+            tls_client,
+            password: options.password.map(str::to_owned),
+        };
         server.restart();
         server
     }
 
+    /// `redis://` or `rediss://`, with the password when there is one.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.tls_client.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        let auth = self
+            .password
+            .as_ref()
+            .map(|p| format!(":{p}@"))
+            .unwrap_or_default();
+        format!("{scheme}://{auth}127.0.0.1:{}", self.port)
     }
 
     /// Starts redis-server (again) on the same port and waits for PONG.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "redis-server is already running");
         let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string()])
+            .args(&self.args)
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .args(["--dir", std::env::temp_dir().to_str().unwrap()])
             .stdout(Stdio::null())
@@ -60,6 +145,9 @@ impl RedisServer {
     }
 
     fn ping(&self) -> bool {
+        if self.tls_client.is_some() || self.password.is_some() {
+            return self.command::<String>(0, &::redis::cmd("PING")).is_ok();
+        }
         let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.port)) else {
             return false;
         };
@@ -78,8 +166,35 @@ impl RedisServer {
         }
     }
 
+    /// Runs `cmd` in database `db` through redis-rs (TLS and/or password).
+    pub fn command<T: ::redis::FromRedisValue>(
+        &self,
+        db: i64,
+        cmd: &::redis::Cmd,
+    ) -> ::redis::RedisResult<T> {
+        let client = match &self.tls_client {
+            Some(client) => {
+                let mut info = client.get_connection_info().clone();
+                info.redis.db = db;
+                // The same TLS parameters, another database.
+                ::redis::Client::open(info)?
+            }
+            None => {
+                let mut info =
+                    ::redis::IntoConnectionInfo::into_connection_info(self.url().as_str())?;
+                info.redis.db = db;
+                ::redis::Client::open(info)?
+            }
+        };
+        let mut connection = client.get_connection_with_timeout(Duration::from_secs(2))?;
+        cmd.query(&mut connection)
+    }
+
     /// Keys in database `db`.
     pub fn dbsize(&self, db: i64) -> i64 {
+        if self.tls_client.is_some() || self.password.is_some() {
+            return self.command(db, &::redis::cmd("DBSIZE")).unwrap();
+        }
         let mut stream = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
         stream
             .set_read_timeout(Some(Duration::from_secs(2)))

@@ -11,7 +11,7 @@
 use crate::kernels::{
     SMALL_ROWS_MAX, detect_simd, lstm_cell, matmul, matmul_small_rows, relu_in_place,
 };
-use crate::quant::{LowMat, LowSimd, Precision, Scratch, detect_low_simd};
+use crate::quant::{ActQuant, LowMat, LowSimd, Precision, Scratch, detect_low_simd};
 
 /// `rows` copies of `bias`, the starting value of a GEMM that accumulates
 /// onto it (built by appending: no zero fill that is overwritten at once).
@@ -111,6 +111,11 @@ pub(crate) struct Plan {
     pub head: Vec<Linear>,
     pub output_width: usize,
     pub precision: Precision,
+    /// QDQ models: `(layer, q)` rounds the output of layer `layer`
+    /// (sequence layers first, then the head) to `q`'s grid, for a
+    /// QuantizeLinear/DequantizeLinear pair read by an fp32 layer (see
+    /// recognise.rs). Empty for every other model.
+    pub output_quant: Vec<(usize, ActQuant)>,
 }
 
 impl Plan {
@@ -198,6 +203,7 @@ impl Plan {
                     channels = lstm.hidden;
                 }
             }
+            self.round_output(index, &mut act);
         }
         // Last time step of each sample (a no-op when the LSTM already
         // returned only its final state).
@@ -211,10 +217,18 @@ impl Plan {
             }
             v
         };
-        for linear in &self.head {
+        for (index, linear) in self.head.iter().enumerate() {
             vec = linear.forward(ctx, rows, &vec);
+            self.round_output(self.seq.len() + index, &mut vec);
         }
         vec
+    }
+
+    /// Applies the QDQ roundings recorded for layer `index`'s output.
+    fn round_output(&self, index: usize, values: &mut [f32]) {
+        for (_, q) in self.output_quant.iter().filter(|(at, _)| *at == index) {
+            q.fake_quantize(values);
+        }
     }
 }
 

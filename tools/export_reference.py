@@ -352,6 +352,8 @@ CALIBRATION_WINDOWS = 128
 CALIBRATION_PATH = "models/cnn_lstm/calibration.npy"
 QDQ_PATH = "fixtures/models/cnn_lstm_qdq/model.onnx"
 QDQ_GOLDEN = "fixtures/golden/cnn_lstm_qdq/ort_output.npy"
+QDQ_FULL_PATH = "fixtures/models/variant_a_qdq/model.onnx"
+QDQ_FULL_GOLDEN = "fixtures/golden/variant_a_qdq/ort_output.npy"
 
 
 class _Windows:
@@ -377,7 +379,13 @@ def quantized_artifacts() -> dict:
       native engine's own int8 does; the LSTMs stay fp32 (ORT's QDQ
       quantiser has no LSTM support);
     - ``fixtures/golden/cnn_lstm_qdq/ort_output.npy``: ONNX Runtime's
-      output for the golden cnn_lstm inputs on that QDQ model, 1 thread.
+      output for the golden cnn_lstm inputs on that QDQ model, 1 thread;
+    - ``fixtures/models/variant_a_qdq/model.onnx`` and
+      ``fixtures/golden/variant_a_qdq/ort_output.npy``: variant_a through
+      ``quant_pre_process`` then ``quantize_static`` with every default
+      (first Conv quantised too, its input per tensor; ReLUs folded into
+      the quantisation; the output quantised), 128 windows of seed 7002:
+      the other shapes a QDQ graph takes, on a small model.
     """
     from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static)
@@ -403,7 +411,23 @@ def quantized_artifacts() -> dict:
     y = sess.run(["output"], {"input": golden_x})[0].astype(np.float32)
     os.makedirs(os.path.dirname(QDQ_GOLDEN), exist_ok=True)
     np.save(QDQ_GOLDEN, y)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+    xa = make_windows(np.random.default_rng(CALIBRATION_SEED + 1), CALIBRATION_WINDOWS, 20, 8)
+    os.makedirs(os.path.dirname(QDQ_FULL_PATH), exist_ok=True)
+    pre = QDQ_FULL_PATH + ".pre.onnx"
+    quant_pre_process("fixtures/models/variant_a/model.onnx", pre)
+    quantize_static(pre, QDQ_FULL_PATH, _Windows(xa), quant_format=QuantFormat.QDQ,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    per_channel=True, calibrate_method=CalibrationMethod.MinMax)
+    os.remove(pre)
+    onnx.checker.check_model(onnx.load(QDQ_FULL_PATH), full_check=True)
+    sess = ort.InferenceSession(QDQ_FULL_PATH, so, providers=["CPUExecutionProvider"])
+    ya = sess.run(["output"], {"input": np.load("fixtures/golden/variant_a/input.npy")})[0]
+    os.makedirs(os.path.dirname(QDQ_FULL_GOLDEN), exist_ok=True)
+    np.save(QDQ_FULL_GOLDEN, ya.astype(np.float32))
     return {
+        "variant_a_qdq_ort_vs_fp32_golden_max_abs": float(
+            np.max(np.abs(ya - np.load("fixtures/golden/variant_a/output.npy")))),
         "calibration_shape": list(x.shape),
         "qdq_onnx_bytes": os.path.getsize(QDQ_PATH),
         "qdq_ort_vs_fp32_golden_max_abs": float(np.max(np.abs(y - golden_y))),
@@ -494,6 +518,7 @@ def main() -> int:
     if ort is not None:
         report["cnn_lstm_quantized"] = quantized_artifacts()
         descriptions["cnn_lstm_qdq"] = describe(QDQ_PATH)
+        descriptions["variant_a_qdq"] = describe(QDQ_FULL_PATH)
     else:
         print("onnxruntime not installed: calibration set and QDQ model not rebuilt")
     write_readme(descriptions, report)

@@ -529,9 +529,23 @@ pub(crate) enum LowSimd {
     Portable,
 }
 
+/// The best level the CPU runs, lowered by `TICKSERVE_LOW_SIMD=avx2` or
+/// `=portable` (to benchmark the AVX2 kernel on an AVX-512 machine; a
+/// level above the CPU's is ignored).
 pub(crate) fn detect_low_simd() -> LowSimd {
     static LEVEL: std::sync::OnceLock<LowSimd> = std::sync::OnceLock::new();
     *LEVEL.get_or_init(|| {
+        let best = best_low_simd();
+        match std::env::var("TICKSERVE_LOW_SIMD").as_deref() {
+            Ok("portable") => LowSimd::Portable,
+            Ok("avx2") if best == LowSimd::Avx512 => LowSimd::Avx2,
+            _ => best,
+        }
+    })
+}
+
+fn best_low_simd() -> LowSimd {
+    {
         #[cfg(target_arch = "x86_64")]
         {
             if std::arch::is_x86_feature_detected!("avx512f")
@@ -548,7 +562,7 @@ pub(crate) fn detect_low_simd() -> LowSimd {
             }
         }
         LowSimd::Portable
-    })
+    }
 }
 
 /// Per-call scratch for converted left-hand rows.
@@ -1153,7 +1167,7 @@ pub(crate) fn low_simd_levels() -> Vec<LowSimd> {
     if crate::kernels::detect_simd() != crate::kernels::Simd::Portable {
         levels.push(LowSimd::Avx2);
     }
-    if detect_low_simd() == LowSimd::Avx512 {
+    if best_low_simd() == LowSimd::Avx512 {
         levels.push(LowSimd::Avx512);
     }
     levels

@@ -418,7 +418,9 @@ impl Recogniser {
             Value::Const(c) => c.dims.iter().map(|&d| Dim::Known(d as i64)).collect(),
             Value::Shape(dims) => vec![Dim::Known(dims.len() as i64)],
         };
-        if node.attr("start").is_some() || node.attr("end").is_some() {
+        // `start = 0` without `end` (written by ONNX Runtime's shape
+        // inference pass) is the whole shape.
+        if node.attr_int("start").unwrap_or(0) != 0 || node.attr("end").is_some() {
             return Err(unsupported(node, "Shape with start/end is not supported"));
         }
         self.set(node, 0, Value::Shape(dims));
@@ -1323,4 +1325,75 @@ fn normalise_axis(node: &NodeProto, axis: i64, rank: usize) -> Result<usize, Str
         ));
     }
     Ok(a as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    use prost::Message;
+
+    use super::*;
+    use crate::onnx::ModelProto;
+
+    fn qdq_graph() -> GraphProto {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../fixtures/models/cnn_lstm_qdq/model.onnx"
+        );
+        let bytes = std::fs::read(path).unwrap_or_default();
+        ModelProto::decode(&bytes[..])
+            .ok()
+            .and_then(|m| m.graph)
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn the_qdq_fixture_becomes_int8_convs_and_gemms_around_fp32_lstms() {
+        let plan = recognise(&qdq_graph()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(plan.precision, Precision::Int8);
+        let int8 = |low: Option<&LowMat>| matches!(low, Some(LowMat::Int8(q)) if q.act.is_some());
+        match plan.seq.as_slice() {
+            [
+                SeqLayer::Conv(c0),
+                SeqLayer::Conv(c1),
+                SeqLayer::Lstm(l0),
+                SeqLayer::Lstm(l1),
+            ] => {
+                assert!(c0.low_taps.is_empty(), "the first conv was excluded");
+                assert_eq!(c1.low_taps.len(), 3);
+                assert!(c1.low_taps.iter().all(|t| int8(Some(t))));
+                assert!(l0.w_low.is_none() && l1.r_low.is_none());
+            }
+            other => panic!("unexpected layers: {}", other.len()),
+        }
+        assert!(plan.head.iter().all(|h| int8(h.low.as_ref())));
+        // The second conv's output is rounded for the fp32 LSTM reading it.
+        assert_eq!(
+            plan.output_quant
+                .iter()
+                .map(|(at, _)| *at)
+                .collect::<Vec<_>>(),
+            [1]
+        );
+    }
+
+    #[test]
+    fn a_dequantize_with_another_scale_than_its_quantize_is_refused() {
+        let mut graph = qdq_graph();
+        let dq = graph
+            .node
+            .iter_mut()
+            .find(|n| {
+                n.op() == "DequantizeLinear"
+                    && n.input
+                        .first()
+                        .is_some_and(|i| i.ends_with("_QuantizeLinear_Output"))
+            })
+            .unwrap_or_else(|| panic!("no activation DequantizeLinear"));
+        dq.input[1] = "/Gather_output_0_scale".into();
+        let err = recognise(&graph).err().unwrap_or_default();
+        assert!(
+            err.contains("DequantizeLinear node") && err.contains("its QuantizeLinear's scale"),
+            "{err}"
+        );
+    }
 }

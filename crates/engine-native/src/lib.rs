@@ -9,6 +9,10 @@
 //!
 //! Running a batch is plain synchronous code on the caller's thread; the
 //! scheduler decides which threads call it.
+//!
+//! Reduced precision ([`quant`]): bf16 and int8 GEMMs, int8 activation
+//! scales dynamic, static ([`calibrate`]: fixed at load from a calibration
+//! set) or a QDQ model's own (the recogniser reads them).
 
 mod calibrate;
 mod kernels;

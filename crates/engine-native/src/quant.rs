@@ -1,5 +1,4 @@
-//! Reduced-precision weights and their GEMM kernels: int8 (dynamic,
-//! symmetric) and bf16.
+//! Reduced-precision weights and their GEMM kernels: int8 and bf16.
 //!
 //! A model is always read as fp32 from ONNX; [`LowMat::new`] converts one
 //! GEMM right-hand side (`[k][n]`, row-major, as the fp32 layers keep it)
@@ -26,6 +25,15 @@
 //! products. Asymmetric activations halve the rounding error of
 //! symmetric ones on this model family, where most GEMM inputs are ReLU
 //! outputs (never negative).
+//!
+//! Where the activation scale comes from is the weights' business
+//! ([`QWeights::act`]): none means dynamic (each row's own range, scanned
+//! per call); a fixed [`ActQuant`] comes from calibration
+//! (`calibrate.rs`) or from a QDQ model's own QuantizeLinear
+//! (`recognise.rs`). The kernels are the same for all three.
+//!
+//! SIMD levels ([`LowSimd`]): AVX-512 VNNI/BF16, AVX2 (a hand-written
+//! int8 kernel, see [`avx2`]) and portable loops.
 
 /// Numeric precision the native engine runs a model's GEMMs in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]

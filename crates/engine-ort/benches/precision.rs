@@ -130,9 +130,15 @@ fn main() {
         CalibrationMethod::MinMax,
     )
     .unwrap_or_else(|e| panic!("{e}"));
+    let loading = Instant::now();
     let native = NativeEngine::load(&model)
         .and_then(|e| e.with_static_int8(&calibration))
         .unwrap_or_else(|e| panic!("{e}"));
+    println!(
+        "static int8: load and calibration on {} windows took {:.0} ms\n",
+        calibration.shape[0],
+        loading.elapsed().as_secs_f64() * 1e3
+    );
     engines.push(("native int8 static".into(), Box::new(native)));
     let native = NativeEngine::load(&qdq).unwrap_or_else(|e| panic!("{e}"));
     engines.push(("native int8 QDQ model".into(), Box::new(native)));

@@ -13,6 +13,9 @@ optional)::
 
     python3 tools/export_reference.py [--root REPO_ROOT]
 
+``--quantized-only`` rebuilds just the calibration set and the QDQ models
+(see ``quantized_artifacts``) from the committed fp32 models.
+
 It takes about a minute on 2 CPU cores (single-threaded torch; deterministic:
 fixed seeds, ``torch.set_num_threads(1)``, ``torch.use_deterministic_algorithms``).
 

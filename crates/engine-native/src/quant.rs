@@ -152,7 +152,8 @@ pub(crate) struct BWeights {
 /// A GEMM right-hand side held in a reduced precision.
 #[derive(Debug, Clone)]
 pub(crate) enum LowMat {
-    Int8(QWeights),
+    /// Boxed: the int8 form carries more bookkeeping than the bf16 one.
+    Int8(Box<QWeights>),
     Bf16(BWeights),
 }
 
@@ -604,7 +605,7 @@ impl LowMat {
     pub(crate) fn new(precision: Precision, w: &[f32], k: usize, n: usize) -> Option<LowMat> {
         match precision {
             Precision::Fp32 => None,
-            Precision::Int8 => Some(LowMat::Int8(QWeights::new(w, k, n))),
+            Precision::Int8 => Some(LowMat::Int8(Box::new(QWeights::new(w, k, n)))),
             Precision::Bf16 => Some(LowMat::Bf16(BWeights::new(w, k, n))),
         }
     }

@@ -783,7 +783,7 @@ impl Recogniser {
                 }
                 let mut w = QWeights::from_quantized(&q, cin, cout, &scales);
                 w.act = Some(act);
-                low_taps.push(LowMat::Int8(w));
+                low_taps.push(LowMat::Int8(Box::new(w)));
             }
         }
         self.seq.push(SeqLayer::Conv(Conv1d {
@@ -1022,7 +1022,7 @@ impl Recogniser {
             }
             let mut w = QWeights::from_quantized(&q, input, output, &scales);
             w.act = Some(act);
-            low = Some(LowMat::Int8(w));
+            low = Some(LowMat::Int8(Box::new(w)));
         }
         let bias = match node.input_name(2) {
             Some(_) => {

@@ -1389,6 +1389,27 @@ mod tests {
     }
 
     #[test]
+    fn static_quantisation_saturates_outside_the_range_on_every_level() {
+        // Range [-1, 2]: scale 3/255, zero point 85 (−1 → 0, 2 → 255).
+        let act = ActQuant::from_range(-1.0, 2.0);
+        assert_eq!((act.scale, act.zero), (3.0 / 255.0, 85));
+        // A range that excludes 0 is widened to include it.
+        assert_eq!(ActQuant::from_range(0.5, 2.0).zero, 0);
+        let x = [0.0, -1.0, 2.0, -7.0, 9.0, 1.0, 0.5];
+        for level in low_simd_levels() {
+            let mut q = QRows::default();
+            quantize_rows_static(level, 1, 7, 8, &x, 7, act, &mut q);
+            // 1.0 → 85 + 85 = 170; 0.5 → 85 + 42.5 = 127.5 → 128 (nearest even).
+            assert_eq!(q.q, [85, 0, 255, 0, 255, 170, 128, 0], "{level:?}");
+            assert_eq!((q.scale[0], q.zero[0]), (act.scale, act.zero));
+        }
+        // Rounding onto the grid (QDQ pairs read by fp32 layers).
+        let mut v = [-7.0, 1.0, 0.0];
+        act.fake_quantize(&mut v);
+        assert_eq!(v, [-85.0 * act.scale, 85.0 * act.scale, 0.0]);
+    }
+
+    #[test]
     fn every_level_rounds_rows_to_bf16_identically() {
         let mut x = values(5 * 37, 11);
         x[3] = f32::NAN;

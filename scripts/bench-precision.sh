@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The native engine at fp32, bf16 and int8 against ONNX Runtime fp32 and
-# ONNX Runtime's dynamically quantised int8 model, in one run (see
+# The native engine at fp32, bf16, int8 dynamic, int8 static and on the
+# committed QDQ model against ONNX Runtime fp32, ONNX Runtime's dynamically
+# quantised int8 model and ONNX Runtime on the QDQ model, in one run, with
+# the error table of each on the golden windows first (see
 # crates/engine-ort/benches/precision.rs). Installs ONNX Runtime (and the
 # `onnx` package its quantiser needs) into the venv of
 # scripts/onnxruntime-env.sh and writes the int8 model under target/

@@ -13,6 +13,9 @@ optional)::
 
     python3 tools/export_reference.py [--root REPO_ROOT]
 
+``--quantized-only`` rebuilds just the calibration set and the QDQ models
+(see ``quantized_artifacts``) from the committed fp32 models.
+
 It takes about a minute on 2 CPU cores (single-threaded torch; deterministic:
 fixed seeds, ``torch.set_num_threads(1)``, ``torch.use_deterministic_algorithms``).
 
@@ -343,12 +346,110 @@ def ort_check(path: str, x: np.ndarray, ref: np.ndarray) -> dict:
             "ort_batch1_max_abs_diff": float(np.max(np.abs(single - ref)))}
 
 
+# Calibration windows for int8 static and the QDQ model: the export's
+# generator with its own seed, distinct from training (1000+seed), held-out
+# evaluation (5000+seed) and the golden windows (9000+seed), so accuracy is
+# never measured on rows the scales were calibrated on.
+CALIBRATION_SEED = 7001
+CALIBRATION_WINDOWS = 128
+CALIBRATION_PATH = "models/cnn_lstm/calibration.npy"
+QDQ_PATH = "fixtures/models/cnn_lstm_qdq/model.onnx"
+QDQ_GOLDEN = "fixtures/golden/cnn_lstm_qdq/ort_output.npy"
+QDQ_FULL_PATH = "fixtures/models/variant_a_qdq/model.onnx"
+QDQ_FULL_GOLDEN = "fixtures/golden/variant_a_qdq/ort_output.npy"
+
+
+class _Windows:
+    """onnxruntime CalibrationDataReader over the calibration windows."""
+
+    def __init__(self, x: np.ndarray, batch: int = 16):
+        self._batches = iter([{"input": x[i:i + batch]} for i in range(0, len(x), batch)])
+
+    def get_next(self):
+        return next(self._batches, None)
+
+
+def quantized_artifacts() -> dict:
+    """Calibration set and QDQ model of the reference model (no retraining).
+
+    - ``models/cnn_lstm/calibration.npy``: float32 (128, 50, 60) windows
+      for ``[quantization] activations = "static"`` in config.toml;
+    - ``fixtures/models/cnn_lstm_qdq/model.onnx``: the reference model
+      through ``onnxruntime.quantization.quantize_static`` (QDQ format,
+      uint8 asymmetric activations, int8 symmetric per-channel weights,
+      MinMax calibration on the windows above). The first Conv (raw
+      features) is excluded and Gemm outputs are not quantised, as the
+      native engine's own int8 does; the LSTMs stay fp32 (ORT's QDQ
+      quantiser has no LSTM support);
+    - ``fixtures/golden/cnn_lstm_qdq/ort_output.npy``: ONNX Runtime's
+      output for the golden cnn_lstm inputs on that QDQ model, 1 thread;
+    - ``fixtures/models/variant_a_qdq/model.onnx`` and
+      ``fixtures/golden/variant_a_qdq/ort_output.npy``: variant_a through
+      ``quant_pre_process`` then ``quantize_static`` with every default
+      (first Conv quantised too, its input per tensor; ReLUs folded into
+      the quantisation; the output quantised), 128 windows of seed 7002:
+      the other shapes a QDQ graph takes, on a small model.
+    """
+    from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+    x = make_windows(np.random.default_rng(CALIBRATION_SEED), CALIBRATION_WINDOWS, 50, 60)
+    np.save(CALIBRATION_PATH, x)
+    os.makedirs(os.path.dirname(QDQ_PATH), exist_ok=True)
+    quantize_static(
+        "models/cnn_lstm/1/model.onnx", QDQ_PATH, _Windows(x),
+        quant_format=QuantFormat.QDQ,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        per_channel=True,
+        calibrate_method=CalibrationMethod.MinMax,
+        nodes_to_exclude=["/conv/conv.0/Conv"],
+        extra_options={"OpTypesToExcludeOutputQuantization": ["Gemm"]},
+    )
+    onnx.checker.check_model(onnx.load(QDQ_PATH), full_check=True)
+    golden_x = np.load("fixtures/golden/cnn_lstm/input.npy")
+    golden_y = np.load("fixtures/golden/cnn_lstm/output.npy")
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    sess = ort.InferenceSession(QDQ_PATH, so, providers=["CPUExecutionProvider"])
+    y = sess.run(["output"], {"input": golden_x})[0].astype(np.float32)
+    os.makedirs(os.path.dirname(QDQ_GOLDEN), exist_ok=True)
+    np.save(QDQ_GOLDEN, y)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+    xa = make_windows(np.random.default_rng(CALIBRATION_SEED + 1), CALIBRATION_WINDOWS, 20, 8)
+    os.makedirs(os.path.dirname(QDQ_FULL_PATH), exist_ok=True)
+    pre = QDQ_FULL_PATH + ".pre.onnx"
+    quant_pre_process("fixtures/models/variant_a/model.onnx", pre)
+    quantize_static(pre, QDQ_FULL_PATH, _Windows(xa), quant_format=QuantFormat.QDQ,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    per_channel=True, calibrate_method=CalibrationMethod.MinMax)
+    os.remove(pre)
+    onnx.checker.check_model(onnx.load(QDQ_FULL_PATH), full_check=True)
+    sess = ort.InferenceSession(QDQ_FULL_PATH, so, providers=["CPUExecutionProvider"])
+    ya = sess.run(["output"], {"input": np.load("fixtures/golden/variant_a/input.npy")})[0]
+    os.makedirs(os.path.dirname(QDQ_FULL_GOLDEN), exist_ok=True)
+    np.save(QDQ_FULL_GOLDEN, ya.astype(np.float32))
+    return {
+        "variant_a_qdq_ort_vs_fp32_golden_max_abs": float(
+            np.max(np.abs(ya - np.load("fixtures/golden/variant_a/output.npy")))),
+        "calibration_shape": list(x.shape),
+        "qdq_onnx_bytes": os.path.getsize(QDQ_PATH),
+        "qdq_ort_vs_fp32_golden_max_abs": float(np.max(np.abs(y - golden_y))),
+        "qdq_ort_argmax_agreement": float(np.mean(y.argmax(1) == golden_y.argmax(1))),
+    }
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--root", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    ap.add_argument("--quantized-only", action="store_true",
+                    help="only rebuild the calibration set and the QDQ model from the "
+                         "existing reference model (needs onnxruntime)")
     args = ap.parse_args()
     root = os.path.abspath(args.root)
     os.chdir(root)
+    if args.quantized_only:
+        print(json.dumps(quantized_artifacts(), indent=1))
+        return 0
 
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
@@ -417,6 +518,12 @@ def main() -> int:
         report[spec.name] = info
         print(f"  {spec.name}: {json.dumps(info)}", flush=True)
 
+    if ort is not None:
+        report["cnn_lstm_quantized"] = quantized_artifacts()
+        descriptions["cnn_lstm_qdq"] = describe(QDQ_PATH)
+        descriptions["variant_a_qdq"] = describe(QDQ_FULL_PATH)
+    else:
+        print("onnxruntime not installed: calibration set and QDQ model not rebuilt")
     write_readme(descriptions, report)
     for name, d in descriptions.items():
         print(f"\n==== {name}\n{d}")

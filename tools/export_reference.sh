@@ -7,6 +7,8 @@
 # docstring for what it produces.
 #
 # Usage (from anywhere):   bash tools/export_reference.sh
+#   bash tools/export_reference.sh --quantized-only   # only the calibration
+#     set and the QDQ fixtures, from the committed models (no retraining)
 # Environment:
 #   PYTHON          interpreter used to create the venv (default: python3)
 #   SKIP_INSTALL=1  reuse an existing tools/.venv without calling pip

@@ -9,7 +9,12 @@
 //!
 //! Running a batch is plain synchronous code on the caller's thread; the
 //! scheduler decides which threads call it.
+//!
+//! Reduced precision ([`quant`]): bf16 and int8 GEMMs, int8 activation
+//! scales dynamic, static ([`calibrate`]: fixed at load from a calibration
+//! set) or a QDQ model's own (the recogniser reads them).
 
+mod calibrate;
 mod kernels;
 mod model;
 mod onnx;
@@ -23,6 +28,7 @@ use tickserve_engine::{
     Batch, BatchOutput, DataType, Engine, EngineError, Signature, TensorSpec, check_batch,
 };
 
+pub use crate::calibrate::{Calibration, CalibrationError, CalibrationMethod};
 use crate::model::{Plan, SeqLayer};
 pub use crate::quant::Precision;
 
@@ -33,6 +39,19 @@ pub struct NativeEngine {
     plan: Plan,
     /// Threads one batch is split across (rows divided evenly).
     threads: usize,
+    /// Where int8 activation scales come from (meaningful at int8 only).
+    activations: Int8Activations,
+}
+
+/// Where an int8 plan's activation scales and zero points come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Int8Activations {
+    /// Each row's own range, at run time.
+    Dynamic,
+    /// Fixed at load from a calibration set ([`NativeEngine::with_static_int8`]).
+    Static,
+    /// The model's own QuantizeLinear/DequantizeLinear pairs.
+    Qdq,
 }
 
 /// A one-line summary of what the recogniser found, for logs and metadata.
@@ -95,10 +114,17 @@ impl NativeEngine {
                 dims: vec![plan.output_width],
             }],
         };
+        // The recogniser returns an int8 plan only for QDQ models.
+        let activations = if plan.precision == Precision::Int8 {
+            Int8Activations::Qdq
+        } else {
+            Int8Activations::Dynamic
+        };
         Ok(NativeEngine {
             signature,
             plan,
             threads: 1,
+            activations,
         })
     }
 
@@ -111,10 +137,44 @@ impl NativeEngine {
     }
 
     /// Runs the model's GEMMs in `precision` (see [`Precision`]): the
-    /// weights are converted once, here; the ONNX file stays fp32.
+    /// weights are converted once, here; the ONNX file stays fp32. int8
+    /// is dynamic (activation scales per row at run time).
+    ///
+    /// A QDQ model carries its own quantisation and keeps it: use
+    /// [`Self::is_qdq`] to refuse a conflicting configuration.
     pub fn with_precision(mut self, precision: Precision) -> Self {
-        self.plan.set_precision(precision);
+        if self.activations != Int8Activations::Qdq {
+            self.plan.set_precision(precision);
+            self.activations = Int8Activations::Dynamic;
+        }
         self
+    }
+
+    /// Runs the GEMMs in static int8: weights as [`Precision::Int8`],
+    /// activations with one scale and zero point per GEMM input fixed
+    /// from `calibration` (values outside the calibrated range saturate).
+    ///
+    /// # Errors
+    /// If the calibration inputs do not have the model's input shape, hold
+    /// non-finite values, or the percentile is outside [50, 100]; or the
+    /// model is a QDQ model (it has its own scales).
+    pub fn with_static_int8(mut self, calibration: &Calibration) -> Result<Self, EngineError> {
+        if self.activations == Int8Activations::Qdq {
+            return Err(EngineError::Unsupported(
+                "a QDQ model carries its own activation scales; static calibration does not apply"
+                    .into(),
+            ));
+        }
+        calibrate::calibrate(&mut self.plan, calibration)
+            .map_err(|e| EngineError::Unsupported(format!("static int8: {e}")))?;
+        self.activations = Int8Activations::Static;
+        Ok(self)
+    }
+
+    /// Whether the model carries QuantizeLinear/DequantizeLinear pairs
+    /// (its int8 layers then run with the model's own scales).
+    pub fn is_qdq(&self) -> bool {
+        self.activations == Int8Activations::Qdq
     }
 
     /// The precision the GEMMs run in.
@@ -195,7 +255,11 @@ impl Engine for NativeEngine {
     }
 
     fn variant(&self) -> String {
-        format!("native/{}", self.plan.precision)
+        match (self.plan.precision, self.activations) {
+            (Precision::Int8, Int8Activations::Static) => "native/int8-static".into(),
+            (Precision::Int8, Int8Activations::Qdq) => "native/int8-qdq".into(),
+            (precision, _) => format!("native/{precision}"),
+        }
     }
 
     fn infer(&self, batch: &Batch) -> Result<BatchOutput, EngineError> {

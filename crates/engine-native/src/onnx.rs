@@ -80,6 +80,8 @@ pub struct AttributeProto {
 /// `TensorProto.DataType` values the engine understands.
 pub mod elem_type {
     pub const FLOAT: i32 = 1;
+    pub const UINT8: i32 = 2;
+    pub const INT8: i32 = 3;
     pub const INT32: i32 = 6;
     pub const INT64: i32 = 7;
 }
@@ -229,6 +231,21 @@ impl TensorProto {
                 Some(bytes) => bytes
                     .chunks_exact(4)
                     .map(|c| i64::from(i32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+                    .collect(),
+                None => self.int32_data.iter().map(|&v| i64::from(v)).collect(),
+            })),
+            // Quantised weights and zero points (QDQ models); ONNX keeps
+            // 8-bit values in `int32_data` when not in `raw_data`.
+            t @ (elem_type::INT8 | elem_type::UINT8) => Ok(ConstData::Int(match raw {
+                Some(bytes) => bytes
+                    .iter()
+                    .map(|&b| {
+                        if t == elem_type::INT8 {
+                            i64::from(b as i8)
+                        } else {
+                            i64::from(b)
+                        }
+                    })
                     .collect(),
                 None => self.int32_data.iter().map(|&v| i64::from(v)).collect(),
             })),

@@ -1,5 +1,4 @@
-//! Reduced-precision weights and their GEMM kernels: int8 (dynamic,
-//! symmetric) and bf16.
+//! Reduced-precision weights and their GEMM kernels: int8 and bf16.
 //!
 //! A model is always read as fp32 from ONNX; [`LowMat::new`] converts one
 //! GEMM right-hand side (`[k][n]`, row-major, as the fp32 layers keep it)
@@ -26,6 +25,15 @@
 //! products. Asymmetric activations halve the rounding error of
 //! symmetric ones on this model family, where most GEMM inputs are ReLU
 //! outputs (never negative).
+//!
+//! Where the activation scale comes from is the weights' business
+//! ([`QWeights::act`]): none means dynamic (each row's own range, scanned
+//! per call); a fixed [`ActQuant`] comes from calibration
+//! (`calibrate.rs`) or from a QDQ model's own QuantizeLinear
+//! (`recognise.rs`). The kernels are the same for all three.
+//!
+//! SIMD levels ([`LowSimd`]): AVX-512 VNNI/BF16, AVX2 (a hand-written
+//! int8 kernel, see [`avx2`]) and portable loops.
 
 /// Numeric precision the native engine runs a model's GEMMs in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -81,6 +89,53 @@ pub(crate) struct QWeights {
     col_scale: Vec<f32>,
     /// `Σ_k w[k][j]`, to take each row's zero point out of its sums.
     col_sum: Vec<i32>,
+    /// Fixed quantisation of the left-hand rows (int8 static, QDQ); `None`
+    /// quantises each row from its own range at run time (dynamic).
+    pub(crate) act: Option<ActQuant>,
+    /// Which GEMM input this is, for the calibration [`Observer`].
+    pub(crate) site: usize,
+}
+
+/// Fixed quantisation of one GEMM input, for static int8 and QDQ models:
+/// `x ≈ scale · (q − zero)` with `q` an unsigned byte. Values outside
+/// `[−scale·zero, scale·(255 − zero)]` saturate to the nearest end.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct ActQuant {
+    pub scale: f32,
+    pub zero: i32,
+}
+
+impl ActQuant {
+    /// 255 steps over `[lo, hi]` widened to include 0, so zeros (padding,
+    /// ReLU outputs) stay exact: the same rule as a dynamic row.
+    pub(crate) fn from_range(lo: f32, hi: f32) -> Self {
+        let (lo, hi) = (lo.min(0.0), hi.max(0.0));
+        let scale = if hi > lo { (hi - lo) / 255.0 } else { 1.0 };
+        let zero = round_small(-lo * (1.0 / scale)).clamp(0.0, 255.0);
+        ActQuant {
+            scale,
+            zero: zero as i32,
+        }
+    }
+
+    /// Rounds `values` to the grid in place (QuantizeLinear then
+    /// DequantizeLinear), for QDQ pairs whose consumer runs in fp32.
+    pub(crate) fn fake_quantize(&self, values: &mut [f32]) {
+        let (inv, zero) = (1.0 / self.scale, self.zero as f32);
+        for v in values {
+            *v = (quantize_one(*v, inv, zero) - zero) * self.scale;
+        }
+    }
+}
+
+/// `v / scale + zero` rounded to nearest even and saturated to [0, 255],
+/// as a float holding an integer.
+#[inline(always)]
+fn quantize_one(v: f32, inv: f32, zero: f32) -> f32 {
+    let y = v * inv + zero;
+    let y = if y < 0.0 { 0.0 } else { y };
+    let y = if y > 255.0 { 255.0 } else { y };
+    round_small(y)
 }
 
 /// A bf16 GEMM right-hand side.
@@ -97,7 +152,8 @@ pub(crate) struct BWeights {
 /// A GEMM right-hand side held in a reduced precision.
 #[derive(Debug, Clone)]
 pub(crate) enum LowMat {
-    Int8(QWeights),
+    /// Boxed: the int8 form carries more bookkeeping than the bf16 one.
+    Int8(Box<QWeights>),
     Bf16(BWeights),
 }
 
@@ -139,6 +195,31 @@ impl QWeights {
             }
             col_sum[j] = sum;
         }
+        Self::pack(k, n, &q, col_scale, col_sum)
+    }
+
+    /// Already-quantised weights `q[k][n]` with one scale per column (a
+    /// QDQ model's own int8 initializer and scales), used as they are.
+    pub(crate) fn from_quantized(q: &[i8], k: usize, n: usize, scales: &[f32]) -> Self {
+        let k_pad = k.div_ceil(4) * 4;
+        let n_pad = blocks(n) * COLS;
+        let mut padded = vec![0i8; k_pad * n_pad];
+        let mut col_scale = vec![1.0f32; n_pad];
+        let mut col_sum = vec![0i32; n_pad];
+        for j in 0..n {
+            col_scale[j] = scales[j];
+            for p in 0..k {
+                padded[p * n_pad + j] = q[p * n + j];
+                col_sum[j] += q[p * n + j] as i32;
+            }
+        }
+        Self::pack(k, n, &padded, col_scale, col_sum)
+    }
+
+    /// Packs `q[k_pad][n_pad]` (zero-padded) into the kernels' layout.
+    fn pack(k: usize, n: usize, q: &[i8], col_scale: Vec<f32>, col_sum: Vec<i32>) -> Self {
+        let k_pad = k.div_ceil(4) * 4;
+        let n_pad = blocks(n) * COLS;
         let groups = k_pad / 4;
         let mut packed = vec![0i8; k_pad * n_pad];
         for b in 0..blocks(n) {
@@ -158,6 +239,8 @@ impl QWeights {
             packed,
             col_scale,
             col_sum,
+            act: None,
+            site: 0,
         }
     }
 }
@@ -291,17 +374,108 @@ fn quantize_body(m: usize, k: usize, k_pad: usize, src: &[f32], rs: usize, out: 
         let scale = if hi > lo { (hi - lo) / 255.0 } else { 1.0 };
         let inv = 1.0 / scale;
         let zero = round_small(-lo * inv).clamp(0.0, 255.0);
-        for (d, &v) in out.q[r * k_pad..r * k_pad + k].iter_mut().zip(row) {
-            // Clamped to [0, 255] (rounding can step just outside), then
-            // rounded by adding 1.5·2^23: the integer is the low mantissa
-            // byte, so no float-to-int conversion is needed.
-            let y = v * inv + zero;
-            let y = if y < 0.0 { 0.0 } else { y };
-            let y = if y > 255.0 { 255.0 } else { y };
-            *d = (y + 12_582_912.0).to_bits() as u8;
-        }
+        quantize_row(&mut out.q[r * k_pad..r * k_pad + k], row, inv, zero);
         out.scale.push(scale);
         out.zero.push(zero as i32);
+    }
+}
+
+#[inline(always)]
+fn quantize_row(dst: &mut [u8], row: &[f32], inv: f32, zero: f32) {
+    for (d, &v) in dst.iter_mut().zip(row) {
+        // Clamped to [0, 255] (rounding can step just outside), then
+        // rounded by adding 1.5·2^23: the integer is the low mantissa
+        // byte, so no float-to-int conversion is needed.
+        let y = v * inv + zero;
+        let y = if y < 0.0 { 0.0 } else { y };
+        let y = if y > 255.0 { 255.0 } else { y };
+        *d = (y + 12_582_912.0).to_bits() as u8;
+    }
+}
+
+/// Quantises `m` rows with one fixed scale and zero point (static int8):
+/// no scan for each row's range, values outside it saturate.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn quantize_rows_static(
+    simd: LowSimd,
+    m: usize,
+    k: usize,
+    k_pad: usize,
+    src: &[f32],
+    rs: usize,
+    act: ActQuant,
+    out: &mut QRows,
+) {
+    out.q.clear();
+    out.q.resize(m * k_pad, 0);
+    out.scale.clear();
+    out.scale.resize(m, act.scale);
+    out.zero.clear();
+    out.zero.resize(m, act.zero);
+    let (inv, zero) = (1.0 / act.scale, act.zero as f32);
+    match simd {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `LowSimd::Avx512` comes from `detect_low_simd` only after
+        // the CPU reported avx512f and avx512bw.
+        LowSimd::Avx512 => unsafe { quantize_static_avx512(m, k, k_pad, src, rs, inv, zero, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `LowSimd::Avx2` is only used where avx2 and fma exist.
+        LowSimd::Avx2 => unsafe { quantize_static_avx2(m, k, k_pad, src, rs, inv, zero, out) },
+        _ => quantize_static_body(m, k, k_pad, src, rs, inv, zero, out),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+fn quantize_static_avx512(
+    m: usize,
+    k: usize,
+    k_pad: usize,
+    src: &[f32],
+    rs: usize,
+    inv: f32,
+    zero: f32,
+    out: &mut QRows,
+) {
+    quantize_static_body(m, k, k_pad, src, rs, inv, zero, out);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+fn quantize_static_avx2(
+    m: usize,
+    k: usize,
+    k_pad: usize,
+    src: &[f32],
+    rs: usize,
+    inv: f32,
+    zero: f32,
+    out: &mut QRows,
+) {
+    quantize_static_body(m, k, k_pad, src, rs, inv, zero, out);
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn quantize_static_body(
+    m: usize,
+    k: usize,
+    k_pad: usize,
+    src: &[f32],
+    rs: usize,
+    inv: f32,
+    zero: f32,
+    out: &mut QRows,
+) {
+    for r in 0..m {
+        quantize_row(
+            &mut out.q[r * k_pad..r * k_pad + k],
+            &src[r * rs..r * rs + k],
+            inv,
+            zero,
+        );
     }
 }
 
@@ -358,14 +532,29 @@ fn bf16_rows_body(m: usize, k: usize, k_pad: usize, src: &[f32], rs: usize, dst:
 pub(crate) enum LowSimd {
     /// AVX-512 with VNNI (int8) and BF16 (bf16) instructions.
     Avx512,
-    /// The portable loops compiled for AVX2 + FMA.
+    /// AVX2 + FMA: the int8 kernel of [`avx2`] (i16 `vpmaddwd`); bf16 and
+    /// row conversions run the portable loops compiled for AVX2.
     Avx2,
     Portable,
 }
 
+/// The best level the CPU runs, lowered by `TICKSERVE_LOW_SIMD=avx2` or
+/// `=portable` (to benchmark the AVX2 kernel on an AVX-512 machine; a
+/// level above the CPU's is ignored).
 pub(crate) fn detect_low_simd() -> LowSimd {
     static LEVEL: std::sync::OnceLock<LowSimd> = std::sync::OnceLock::new();
     *LEVEL.get_or_init(|| {
+        let best = best_low_simd();
+        match std::env::var("TICKSERVE_LOW_SIMD").as_deref() {
+            Ok("portable") => LowSimd::Portable,
+            Ok("avx2") if best == LowSimd::Avx512 => LowSimd::Avx2,
+            _ => best,
+        }
+    })
+}
+
+fn best_low_simd() -> LowSimd {
+    {
         #[cfg(target_arch = "x86_64")]
         {
             if std::arch::is_x86_feature_detected!("avx512f")
@@ -382,7 +571,7 @@ pub(crate) fn detect_low_simd() -> LowSimd {
             }
         }
         LowSimd::Portable
-    })
+    }
 }
 
 /// Per-call scratch for converted left-hand rows.
@@ -390,13 +579,33 @@ pub(crate) fn detect_low_simd() -> LowSimd {
 pub(crate) struct Scratch {
     q: QRows,
     b: Vec<u16>,
+    /// Set only while calibrating: collects every int8 GEMM input.
+    pub(crate) observer: Option<Observer>,
+}
+
+/// The fp32 values each int8 GEMM input received during calibration,
+/// indexed by [`QWeights::site`].
+#[derive(Debug, Default)]
+pub(crate) struct Observer {
+    pub values: Vec<Vec<f32>>,
+}
+
+impl Observer {
+    fn record(&mut self, site: usize, m: usize, k: usize, lhs: &[f32], rs: usize) {
+        if self.values.len() <= site {
+            self.values.resize_with(site + 1, Vec::new);
+        }
+        for r in 0..m {
+            self.values[site].extend_from_slice(&lhs[r * rs..r * rs + k]);
+        }
+    }
 }
 
 impl LowMat {
     pub(crate) fn new(precision: Precision, w: &[f32], k: usize, n: usize) -> Option<LowMat> {
         match precision {
             Precision::Fp32 => None,
-            Precision::Int8 => Some(LowMat::Int8(QWeights::new(w, k, n))),
+            Precision::Int8 => Some(LowMat::Int8(Box::new(QWeights::new(w, k, n)))),
             Precision::Bf16 => Some(LowMat::Bf16(BWeights::new(w, k, n))),
         }
     }
@@ -437,7 +646,22 @@ impl LowMat {
         match self {
             LowMat::Int8(w) => {
                 assert!(lhs_rs >= w.k && lhs.len() >= (m - 1) * lhs_rs + w.k);
-                quantize_rows(simd, m, w.k, w.k_pad, lhs, lhs_rs, &mut scratch.q);
+                if let Some(observer) = &mut scratch.observer {
+                    observer.record(w.site, m, w.k, lhs, lhs_rs);
+                }
+                match w.act {
+                    Some(act) => quantize_rows_static(
+                        simd,
+                        m,
+                        w.k,
+                        w.k_pad,
+                        lhs,
+                        lhs_rs,
+                        act,
+                        &mut scratch.q,
+                    ),
+                    None => quantize_rows(simd, m, w.k, w.k_pad, lhs, lhs_rs, &mut scratch.q),
+                }
             }
             LowMat::Bf16(w) => {
                 assert!(lhs_rs >= w.k && lhs.len() >= (m - 1) * lhs_rs + w.k);
@@ -504,8 +728,9 @@ pub(crate) fn int8_gemm(
         // above are the bounds the kernel relies on.
         LowSimd::Avx512 => unsafe { avx512::int8_gemm(m, dst, dst_rs, a, w) },
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: as above, for AVX2 and FMA.
-        LowSimd::Avx2 => unsafe { int8_gemm_avx2(m, dst, dst_rs, a, w) },
+        // SAFETY: `LowSimd::Avx2` is only used where avx2 and fma exist;
+        // the asserts above are the bounds the kernel relies on.
+        LowSimd::Avx2 => unsafe { avx2::int8_gemm(m, dst, dst_rs, a, w) },
         _ => int8_gemm_body(m, dst, dst_rs, a, w),
     }
 }
@@ -600,14 +825,140 @@ fn bf16_gemm_body(m: usize, dst: &mut [f32], dst_rs: usize, bq: &[u16], w: &BWei
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn int8_gemm_avx2(m: usize, dst: &mut [f32], dst_rs: usize, a: QView<'_>, w: &QWeights) {
-    int8_gemm_body(m, dst, dst_rs, a, w);
+fn bf16_gemm_avx2(m: usize, dst: &mut [f32], dst_rs: usize, b: &[u16], w: &BWeights) {
+    bf16_gemm_body(m, dst, dst_rs, b, w);
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn bf16_gemm_avx2(m: usize, dst: &mut [f32], dst_rs: usize, b: &[u16], w: &BWeights) {
-    bf16_gemm_body(m, dst, dst_rs, b, w);
+mod avx2 {
+    //! The int8 GEMM for CPUs with AVX2 but without AVX-512 VNNI.
+    //!
+    //! AVX2's byte multiply, `vpmaddubsw`, adds each pair of u8 × i8
+    //! products into a *saturating* i16: 2 · 255 · 127 = 64 770 does not
+    //! fit in 32 767, and our activations use the whole 0–255 range, so it
+    //! would clip. Instead both operands are widened to i16 and multiplied
+    //! with `vpmaddwd` (i16 × i16, pairs summed into i32), which is exact.
+    //! The sums are then bit-identical to `vpdpbusd`'s and the portable
+    //! loop's.
+    //!
+    //! The packed weights are the VNNI layout (per 16-column block and
+    //! group of 4 `k`: 16 columns × 4 bytes). Each 16-byte quarter (4
+    //! columns × 4 `k`) widens to one register of 16 i16; the row's 4
+    //! activation bytes, widened and repeated 4 times, multiply it, giving
+    //! two i32 lanes per column (`k` 0–1 and 2–3). Those accumulate over
+    //! all groups and are added together once, at the end of the tile.
+    //! The rows are widened to i16 once per call, so a group's activations
+    //! are one 8-byte broadcast (10–15 % faster than widening in the inner
+    //! loop; 3-row tiles were no faster than 2).
+
+    use std::arch::x86_64::*;
+
+    use super::{COLS, QView, QWeights, blocks};
+
+    /// # Safety
+    /// The CPU must support avx2 and fma; `int8_gemm` checked the bounds:
+    /// `dst` holds `m` rows of `w.n` (stride `dst_rs`), `a` `m` rows of
+    /// `w.k_pad`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn int8_gemm(
+        m: usize,
+        dst: &mut [f32],
+        dst_rs: usize,
+        a: QView<'_>,
+        w: &QWeights,
+    ) {
+        // The rows widened to i16 once, so each group's 4 values are one
+        // 8-byte broadcast in the inner loop (every column block reuses them).
+        let wide: Vec<i16> = a.q[..m * w.k_pad].iter().map(|&u| i16::from(u)).collect();
+        let mut r = 0;
+        while r < m {
+            let rows = (m - r).min(2);
+            for b in 0..blocks(w.n) {
+                // SAFETY: rows r..r+rows < m and block b < nb.
+                unsafe {
+                    if rows == 2 {
+                        tile::<2>(r, b, dst, dst_rs, a, &wide, w);
+                    } else {
+                        tile::<1>(r, b, dst, dst_rs, a, &wide, w);
+                    }
+                }
+            }
+            r += rows;
+        }
+    }
+
+    /// Rows `r0..r0+R` × the 16 columns of block `b`: 4·R accumulators
+    /// plus the activations and one weight register fit AVX2's 16.
+    ///
+    /// # Safety
+    /// As [`int8_gemm`], with rows `r0..r0+R` and block `b` in range.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile<const R: usize>(
+        r0: usize,
+        b: usize,
+        dst: &mut [f32],
+        dst_rs: usize,
+        a: QView<'_>,
+        wide: &[i16],
+        w: &QWeights,
+    ) {
+        let groups = w.k_pad / 4;
+        let mut acc = [[_mm256_setzero_si256(); 4]; R];
+        let panel = w.packed[b * groups * COLS * 4..(b + 1) * groups * COLS * 4].as_ptr();
+        let qp = wide.as_ptr();
+        for g in 0..groups {
+            let mut u = [_mm256_setzero_si256(); R];
+            for (r, v) in u.iter_mut().enumerate() {
+                // SAFETY: row r0+r < m and 4g+4 ≤ k_pad: inside `wide`
+                // (m rows of k_pad).
+                let four = unsafe {
+                    qp.add((r0 + r) * w.k_pad + g * 4)
+                        .cast::<i64>()
+                        .read_unaligned()
+                };
+                // The group's 4 i16, repeated 4 times.
+                *v = _mm256_set1_epi64x(four);
+            }
+            for quarter in 0..4 {
+                // SAFETY: group g < groups of this block's panel, 16 bytes
+                // at 16·quarter < 64: inside `packed`.
+                let wv = unsafe {
+                    _mm256_cvtepi8_epi16(_mm_loadu_si128(
+                        panel.add((g * COLS + quarter * 4) * 4).cast(),
+                    ))
+                };
+                for (row, v) in acc.iter_mut().zip(&u) {
+                    row[quarter] = _mm256_add_epi32(row[quarter], _mm256_madd_epi16(*v, wv));
+                }
+            }
+        }
+        let cols = COLS.min(w.n - b * COLS);
+        for (r, row) in acc.iter().enumerate() {
+            // Quarter q holds, per 128-bit half, [c a, c b, c+1 a, c+1 b]:
+            // columns 4q, 4q+1 below and 4q+2, 4q+3 above. Adding the
+            // pairs of quarters 0 and 1 gives [0 1 4 5 | 2 3 6 7]; the
+            // 64-bit permute puts them in order.
+            let mut sums = [0i32; COLS];
+            let lo = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_hadd_epi32(row[0], row[1]));
+            let hi = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_hadd_epi32(row[2], row[3]));
+            // SAFETY: `sums` holds 16 i32, two registers' worth.
+            unsafe {
+                _mm256_storeu_si256(sums.as_mut_ptr().cast(), lo);
+                _mm256_storeu_si256(sums.as_mut_ptr().add(8).cast(), hi);
+            }
+            let (scale, zero) = (a.scale[r0 + r], a.zero[r0 + r]);
+            let start = (r0 + r) * dst_rs + b * COLS;
+            let out = &mut dst[start..start + cols];
+            for (c, o) in out.iter_mut().enumerate() {
+                let j = b * COLS + c;
+                let dot = sums[c] - zero * w.col_sum[j];
+                // The portable loop's expression, so the levels agree.
+                *o = (scale * w.col_scale[j]).mul_add(dot as f32, *o);
+            }
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -834,7 +1185,7 @@ pub(crate) fn low_simd_levels() -> Vec<LowSimd> {
     if crate::kernels::detect_simd() != crate::kernels::Simd::Portable {
         levels.push(LowSimd::Avx2);
     }
-    if detect_low_simd() == LowSimd::Avx512 {
+    if best_low_simd() == LowSimd::Avx512 {
         levels.push(LowSimd::Avx512);
     }
     levels
@@ -936,6 +1287,36 @@ mod tests {
         }
     }
 
+    #[test]
+    fn int8_kernels_do_not_saturate_at_the_extremes() {
+        // Every product at its largest magnitude, 255 · ±127, all of one
+        // sign within a column: the sums `vpmaddubsw` would clip to i16
+        // (2 · 255 · 127 > 32 767) must come out exact on every level.
+        let (m, k, n) = (3, 512, 40);
+        let w: Vec<f32> = (0..k * n)
+            .map(|i| if (i % n) % 2 == 0 { 1.0 } else { -1.0 })
+            .collect();
+        let qw = QWeights::new(&w, k, n);
+        let mut x = vec![1.0f32; m * k];
+        x[0] = 0.0;
+        let mut a = QRows::default();
+        quantize_rows(LowSimd::Portable, m, k, qw.k_pad, &x, k, &mut a);
+        assert_eq!((a.q[1], a.zero[0]), (255, 0));
+        let mut unit = a.clone();
+        unit.scale.iter_mut().for_each(|s| *s = 1.0);
+        let mut raw_w = qw.clone();
+        raw_w.col_scale.iter_mut().for_each(|s| *s = 1.0);
+        let mut expected = vec![0.0f32; m * n];
+        int8_reference(m, &unit, &raw_w, &mut expected);
+        assert_eq!(expected[0], (255 * 127 * (k as i32 - 1)) as f32);
+        assert_eq!(expected[1], -(255 * 127 * (k as i32 - 1)) as f32);
+        for level in low_simd_levels() {
+            let mut got = vec![0.0f32; m * n];
+            int8_gemm(level, m, &mut got, n, unit.view(0, qw.k_pad), &raw_w);
+            assert_eq!(got, expected, "{level:?}");
+        }
+    }
+
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn the_vnni_and_bf16_kernels_are_tested_where_the_cpu_has_them() {
@@ -1005,6 +1386,27 @@ mod tests {
                 (&expected.q, &expected.scale, &expected.zero)
             );
         }
+    }
+
+    #[test]
+    fn static_quantisation_saturates_outside_the_range_on_every_level() {
+        // Range [-1, 2]: scale 3/255, zero point 85 (−1 → 0, 2 → 255).
+        let act = ActQuant::from_range(-1.0, 2.0);
+        assert_eq!((act.scale, act.zero), (3.0 / 255.0, 85));
+        // A range that excludes 0 is widened to include it.
+        assert_eq!(ActQuant::from_range(0.5, 2.0).zero, 0);
+        let x = [0.0, -1.0, 2.0, -7.0, 9.0, 1.0, 0.5];
+        for level in low_simd_levels() {
+            let mut q = QRows::default();
+            quantize_rows_static(level, 1, 7, 8, &x, 7, act, &mut q);
+            // 1.0 → 85 + 85 = 170; 0.5 → 85 + 42.5 = 127.5 → 128 (nearest even).
+            assert_eq!(q.q, [85, 0, 255, 0, 255, 170, 128, 0], "{level:?}");
+            assert_eq!((q.scale[0], q.zero[0]), (act.scale, act.zero));
+        }
+        // Rounding onto the grid (QDQ pairs read by fp32 layers).
+        let mut v = [-7.0, 1.0, 0.0];
+        act.fake_quantize(&mut v);
+        assert_eq!(v, [-85.0 * act.scale, 85.0 * act.scale, 0.0]);
     }
 
     #[test]

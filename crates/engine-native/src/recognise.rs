@@ -15,11 +15,33 @@
 //! every node that does real work becomes a layer of the [`Plan`]. Any node
 //! or attribute outside the family stops loading with an error that names
 //! the node.
+//!
+//! QDQ models (quantisation-aware training exports, or ONNX Runtime's
+//! `quantize_static` in QDQ format) wrap the same ops in
+//! QuantizeLinear/DequantizeLinear pairs, and are run with the model's own
+//! scales:
+//!
+//! * a DequantizeLinear of a constant evaluates at load to the float
+//!   weights (so any op can use them), and an int8 one with zero points 0
+//!   is also kept as it is: symmetric int8 weights with a scale per output
+//!   channel (or one per tensor);
+//! * a QuantizeLinear on the activation gives a `QAct` that only a
+//!   DequantizeLinear with the same scale may read; the pair's result is
+//!   the activation again, with the rounding it went through remembered
+//!   (`rounding`, carried through transposes and squeezes);
+//! * a Conv or Gemm whose weights are such int8 constants and whose input
+//!   went through a pair becomes an int8 layer: the pair's scale and zero
+//!   point quantise its input (uint8; int8 activations are shifted by 128,
+//!   the same values), the weights are the model's bytes;
+//! * any other reader of a rounded activation (an LSTM, an fp32 layer, the
+//!   graph output) gets the rounding applied to the previous layer's
+//!   output ([`Plan::output_quant`]), exactly what the pair computes.
 
 use std::collections::HashMap;
 
 use crate::model::{Conv1d, Linear, Lstm, Plan, SeqLayer};
 use crate::onnx::{ConstData, GraphProto, NodeProto, TensorProto, elem_type};
+use crate::quant::{ActQuant, LowMat, Precision, QWeights};
 
 /// A dimension whose size is known at load time, or the batch axis.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +64,8 @@ enum Axis {
 struct Const {
     dims: Vec<usize>,
     data: ConstData,
+    /// The ONNX element type (int8 and uint8 zero points differ).
+    elem: i32,
 }
 
 #[derive(Debug, Clone)]
@@ -50,6 +74,29 @@ enum Value {
     Shape(Vec<Dim>),
     Zeros(Vec<Dim>),
     Act(Vec<Axis>),
+    /// The activation as integers (a QuantizeLinear's output), with the
+    /// quantisation as uint8.
+    QAct(Vec<Axis>, ActQuant),
+}
+
+/// Int8 weights a DequantizeLinear reads: `q` in the constant's layout,
+/// one scale per index of `axis` (or one for the tensor), zero points 0.
+#[derive(Debug, Clone)]
+struct QuantizedConst {
+    q: Vec<i8>,
+    scales: Vec<f32>,
+    axis: usize,
+}
+
+impl QuantizedConst {
+    /// The scale of each of the `n` slices along `axis`.
+    fn scales_along(&self, axis: usize, n: usize) -> Option<Vec<f32>> {
+        match self.scales.as_slice() {
+            [one] => Some(vec![*one; n]),
+            all if self.axis == axis && all.len() == n => Some(all.to_vec()),
+            _ => None,
+        }
+    }
 }
 
 /// Where the activation is in the family's fixed order of stages.
@@ -70,6 +117,15 @@ struct Recogniser {
     /// The value name of the activation produced by the last layer, so a
     /// following `Relu` can be fused into it.
     last_layer_output: Option<String>,
+    /// QDQ: the roundings (QuantizeLinear→DequantizeLinear pairs) an
+    /// activation went through since the last layer's output, in order.
+    rounding: HashMap<String, Vec<ActQuant>>,
+    /// QDQ: DequantizeLinear outputs that are int8 weights.
+    quantized: HashMap<String, QuantizedConst>,
+    /// QDQ: roundings applied to layer outputs (see [`Plan::output_quant`]).
+    output_quant: Vec<(usize, ActQuant)>,
+    /// QDQ: layers that run in int8.
+    int8_layers: usize,
 }
 
 fn unsupported(node: &NodeProto, why: impl std::fmt::Display) -> String {
@@ -137,6 +193,10 @@ pub(crate) fn recognise(graph: &GraphProto) -> Result<Plan, String> {
         seq: Vec::new(),
         head: Vec::new(),
         last_layer_output: None,
+        rounding: HashMap::new(),
+        quantized: HashMap::new(),
+        output_quant: Vec::new(),
+        int8_layers: 0,
     };
     for tensor in &graph.initializer {
         let name = tensor.name.clone().unwrap_or_default();
@@ -152,6 +212,11 @@ pub(crate) fn recognise(graph: &GraphProto) -> Result<Plan, String> {
     }
 
     let output_name = output.name.clone().unwrap_or_default();
+    if let Some(chain) = rec.rounding.get(&output_name).cloned()
+        && let Some(last) = graph.node.last()
+    {
+        rec.round_last_output(last, &chain)?;
+    }
     match rec.values.get(&output_name) {
         Some(Value::Act(axes)) if axes == &[Axis::Batch, Axis::Channel] => {}
         _ => {
@@ -169,7 +234,13 @@ pub(crate) fn recognise(graph: &GraphProto) -> Result<Plan, String> {
         seq: rec.seq,
         head: rec.head,
         output_width: rec.channels,
-        precision: crate::quant::Precision::Fp32,
+        // Only a QDQ model's own int8 layers make the plan int8 here.
+        precision: if rec.int8_layers > 0 {
+            Precision::Int8
+        } else {
+            Precision::Fp32
+        },
+        output_quant: rec.output_quant,
     })
 }
 
@@ -187,7 +258,11 @@ fn decode_const(tensor: &TensorProto) -> Result<Const, String> {
     if len != dims.iter().product::<usize>() {
         return Err(format!("{len} values for dims {dims:?}"));
     }
-    Ok(Const { dims, data })
+    Ok(Const {
+        dims,
+        data,
+        elem: tensor.data_type.unwrap_or(0),
+    })
 }
 
 impl Recogniser {
@@ -222,6 +297,7 @@ impl Recogniser {
             Value::Const(Const {
                 dims,
                 data: ConstData::Float(v),
+                ..
             }) => Ok((dims.clone(), v.clone())),
             _ => Err(unsupported(
                 node,
@@ -299,8 +375,11 @@ impl Recogniser {
             "Identity" => {
                 let value = self.get(node, 0)?.clone();
                 self.set(node, 0, value);
+                self.carry(node);
                 Ok(())
             }
+            "QuantizeLinear" => self.quantize(node),
+            "DequantizeLinear" => self.dequantize(node),
             "Shape" => self.shape(node),
             "Gather" => self.gather(node),
             "Unsqueeze" | "Squeeze" => self.squeeze(node),
@@ -332,12 +411,16 @@ impl Recogniser {
 
     fn shape(&mut self, node: &NodeProto) -> Result<(), String> {
         let dims = match self.get(node, 0)? {
-            Value::Act(axes) => axes.iter().map(|&a| self.axis_size(a)).collect(),
+            Value::Act(axes) | Value::QAct(axes, _) => {
+                axes.iter().map(|&a| self.axis_size(a)).collect()
+            }
             Value::Zeros(dims) => dims.clone(),
             Value::Const(c) => c.dims.iter().map(|&d| Dim::Known(d as i64)).collect(),
             Value::Shape(dims) => vec![Dim::Known(dims.len() as i64)],
         };
-        if node.attr("start").is_some() || node.attr("end").is_some() {
+        // `start = 0` without `end` (written by ONNX Runtime's shape
+        // inference pass) is the whole shape.
+        if node.attr_int("start").unwrap_or(0) != 0 || node.attr("end").is_some() {
             return Err(unsupported(node, "Shape with start/end is not supported"));
         }
         self.set(node, 0, Value::Shape(dims));
@@ -351,6 +434,7 @@ impl Recogniser {
             Value::Const(Const {
                 dims,
                 data: ConstData::Int(v),
+                ..
             }) => (dims, v),
             _ => return Err(unsupported(node, "indices must be an integer constant")),
         };
@@ -408,6 +492,7 @@ impl Recogniser {
         self.stage = Stage::Head;
         self.last_layer_output = None;
         self.set(node, 0, Value::Act(axes));
+        self.carry(node);
         Ok(())
     }
 
@@ -440,7 +525,15 @@ impl Recogniser {
                 } else {
                     dims.retain(|&d| d != 1);
                 }
-                self.set(node, 0, Value::Const(Const { dims, data: c.data }));
+                self.set(
+                    node,
+                    0,
+                    Value::Const(Const {
+                        dims,
+                        data: c.data,
+                        elem: c.elem,
+                    }),
+                );
                 Ok(())
             }
             Value::Zeros(mut dims) if !unsqueeze => {
@@ -471,6 +564,7 @@ impl Recogniser {
                     axes.remove(a);
                 }
                 self.set(node, 0, Value::Act(axes));
+                self.carry(node);
                 Ok(())
             }
             _ => Err(unsupported(node, "is applied to an unsupported tensor")),
@@ -529,7 +623,7 @@ impl Recogniser {
         let ends = self.int_list(node, 2)?;
         let rank = match &source {
             Value::Zeros(d) | Value::Shape(d) => d.len(),
-            Value::Act(a) => a.len(),
+            Value::Act(a) | Value::QAct(a, _) => a.len(),
             Value::Const(c) => c.dims.len(),
         };
         let axes = match node.input_name(3) {
@@ -592,6 +686,7 @@ impl Recogniser {
         }
         let permuted = perm.iter().map(|&p| axes[p]).collect();
         self.set(node, 0, Value::Act(permuted));
+        self.carry(node);
         Ok(())
     }
 
@@ -671,6 +766,26 @@ impl Recogniser {
                 }
             }
         }
+        let mut low_taps = Vec::new();
+        if let Some((act, qw)) = self.int8_input(node)? {
+            let scales = qw.scales_along(0, cout).ok_or_else(|| {
+                unsupported(
+                    node,
+                    "int8 weights must have one scale per output channel (axis 0) or per tensor",
+                )
+            })?;
+            for t in 0..kernel {
+                let mut q = vec![0i8; cin * cout];
+                for o in 0..cout {
+                    for i in 0..cin {
+                        q[i * cout + o] = qw.q[(o * cin + i) * kernel + t];
+                    }
+                }
+                let mut w = QWeights::from_quantized(&q, cin, cout, &scales);
+                w.act = Some(act);
+                low_taps.push(LowMat::Int8(Box::new(w)));
+            }
+        }
         self.seq.push(SeqLayer::Conv(Conv1d {
             in_channels: cin,
             out_channels: cout,
@@ -680,7 +795,7 @@ impl Recogniser {
             taps,
             bias,
             relu: false,
-            low_taps: Vec::new(),
+            low_taps,
         }));
         self.time = self.time + pad_begin + pad_end + 1 - kernel;
         self.channels = cout;
@@ -733,6 +848,10 @@ impl Recogniser {
         if self.stage > Stage::Lstm {
             return Err(unsupported(node, "LSTM after the head"));
         }
+        // The LSTM runs in fp32: a QDQ pair before it rounds the previous
+        // layer's output.
+        let chain = self.chain(node, 0);
+        self.round_last_output(node, &chain)?;
         if node
             .attr_string("direction")
             .is_some_and(|d| d != "forward")
@@ -882,6 +1001,29 @@ impl Recogniser {
         } else {
             w
         };
+        let mut low = None;
+        if let Some((act, qw)) = self.int8_input(node)? {
+            let axis = if trans_b { 0 } else { 1 };
+            let scales = qw.scales_along(axis, output).ok_or_else(|| {
+                unsupported(
+                    node,
+                    "int8 weights must have one scale per output (or per tensor)",
+                )
+            })?;
+            let mut q = vec![0i8; input * output];
+            for o in 0..output {
+                for i in 0..input {
+                    q[i * output + o] = if trans_b {
+                        qw.q[o * input + i]
+                    } else {
+                        qw.q[i * output + o]
+                    };
+                }
+            }
+            let mut w = QWeights::from_quantized(&q, input, output, &scales);
+            w.act = Some(act);
+            low = Some(LowMat::Int8(Box::new(w)));
+        }
         let bias = match node.input_name(2) {
             Some(_) => {
                 let (bdims, b) = self.float_const(node, 2)?;
@@ -901,12 +1043,277 @@ impl Recogniser {
             w_t,
             bias,
             relu: false,
-            low: None,
+            low,
         });
         self.channels = output;
         self.produced(node, axes);
         Ok(())
     }
+}
+
+impl Recogniser {
+    /// The roundings the activation read as input `index` went through.
+    fn chain(&self, node: &NodeProto, index: usize) -> Vec<ActQuant> {
+        node.input_name(index)
+            .and_then(|name| self.rounding.get(name))
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Passes input 0's roundings on to output 0 (ops that move values
+    /// without changing them).
+    fn carry(&mut self, node: &NodeProto) {
+        let chain = self.chain(node, 0);
+        if let Some(out) = node.output.first().filter(|_| !chain.is_empty()) {
+            self.rounding.insert(out.clone(), chain);
+        }
+    }
+
+    /// An fp32 reader (`node`) sees the last layer's output rounded by
+    /// `chain`: record the roundings on that layer.
+    fn round_last_output(&mut self, node: &NodeProto, chain: &[ActQuant]) -> Result<(), String> {
+        if chain.is_empty() {
+            return Ok(());
+        }
+        let Some(layer) = (self.seq.len() + self.head.len()).checked_sub(1) else {
+            return Err(unsupported(
+                node,
+                "a QuantizeLinear on the model input must feed a Conv with int8 weights",
+            ));
+        };
+        self.output_quant.extend(chain.iter().map(|q| (layer, *q)));
+        Ok(())
+    }
+
+    /// For a Conv or Gemm: when its input went through a QDQ pair and its
+    /// weights (input 1) are int8, the input's quantisation and the
+    /// weights, after recording any earlier roundings on the last layer;
+    /// otherwise `None` (the layer runs in fp32 on rounded values).
+    fn int8_input(
+        &mut self,
+        node: &NodeProto,
+    ) -> Result<Option<(ActQuant, QuantizedConst)>, String> {
+        let chain = self.chain(node, 0);
+        let weights = node
+            .input_name(1)
+            .and_then(|name| self.quantized.get(name))
+            .cloned();
+        match (chain.split_last(), weights) {
+            (Some((act, before)), Some(weights)) => {
+                self.round_last_output(node, before)?;
+                self.int8_layers += 1;
+                Ok(Some((*act, weights)))
+            }
+            _ => {
+                self.round_last_output(node, &chain)?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Scale and zero point (inputs 1 and 2) of a Q/DQ node, per tensor or
+    /// per index of `axis`, and the zero point's element type.
+    fn qparams(&self, node: &NodeProto) -> Result<(Vec<f32>, Vec<i64>, i32), String> {
+        if node.attr_int("block_size").is_some_and(|b| b != 0) {
+            return Err(unsupported(node, "blocked quantisation is not supported"));
+        }
+        let (_, scales) = self.float_const(node, 1)?;
+        if scales.iter().any(|s| !s.is_finite() || *s <= 0.0) {
+            return Err(unsupported(node, "scales must be positive and finite"));
+        }
+        let (zeros, elem) = match node.input_name(2) {
+            None => (vec![0; scales.len()], elem_type::UINT8),
+            Some(_) => match self.get(node, 2)? {
+                Value::Const(Const {
+                    data: ConstData::Int(v),
+                    elem,
+                    ..
+                }) => (v.clone(), *elem),
+                _ => return Err(unsupported(node, "zero point must be an integer constant")),
+            },
+        };
+        if zeros.len() != scales.len() {
+            return Err(unsupported(node, "scale and zero point lengths differ"));
+        }
+        Ok((scales, zeros, elem))
+    }
+
+    /// The per-tensor activation quantisation of a Q/DQ node, as uint8.
+    fn act_quant(&self, node: &NodeProto) -> Result<ActQuant, String> {
+        let (scales, zeros, elem) = self.qparams(node)?;
+        let ([scale], [zero]) = (scales.as_slice(), zeros.as_slice()) else {
+            return Err(unsupported(
+                node,
+                "activations must be quantised per tensor (one scale)",
+            ));
+        };
+        // int8 activations hold the same values as uint8 ones shifted by 128.
+        let zero = match elem {
+            elem_type::UINT8 => *zero,
+            elem_type::INT8 => *zero + 128,
+            _ => {
+                return Err(unsupported(
+                    node,
+                    "activations must be quantised to uint8 or int8",
+                ));
+            }
+        };
+        if !(0..=255).contains(&zero) {
+            return Err(unsupported(node, "zero point out of range"));
+        }
+        Ok(ActQuant {
+            scale: *scale,
+            zero: zero as i32,
+        })
+    }
+
+    /// The axis of a per-axis Q/DQ node (default 1) for a constant of
+    /// `rank`, or `None` with a single scale.
+    fn q_axis(
+        &self,
+        node: &NodeProto,
+        rank: usize,
+        per_axis: bool,
+    ) -> Result<Option<usize>, String> {
+        if !per_axis {
+            return Ok(None);
+        }
+        normalise_axis(node, node.attr_int("axis").unwrap_or(1), rank).map(Some)
+    }
+
+    fn quantize(&mut self, node: &NodeProto) -> Result<(), String> {
+        match self.get(node, 0)?.clone() {
+            Value::Act(axes) => {
+                let act = self.act_quant(node)?;
+                let input = node.input_name(0).unwrap_or_default().to_string();
+                let was_last = self.last_layer_output.as_deref() == Some(input.as_str());
+                self.set(node, 0, Value::QAct(axes, act));
+                self.carry(node);
+                if was_last {
+                    self.last_layer_output = node.output.first().cloned();
+                }
+                Ok(())
+            }
+            // Float weights quantised in the graph (QAT exports): evaluated
+            // here, ONNX's rounding (half to even) and saturation.
+            Value::Const(Const {
+                dims,
+                data: ConstData::Float(w),
+                ..
+            }) => {
+                let (scales, zeros, elem) = self.qparams(node)?;
+                let (lo, hi) = match elem {
+                    elem_type::INT8 => (-128, 127),
+                    elem_type::UINT8 => (0, 255),
+                    _ => return Err(unsupported(node, "only int8 and uint8 are supported")),
+                };
+                let axis = self.q_axis(node, dims.len(), scales.len() > 1)?;
+                if axis.is_some_and(|a| dims.get(a) != Some(&scales.len())) {
+                    return Err(unsupported(node, "scale length does not match the axis"));
+                }
+                let q = per_axis(&dims, axis, w.len(), |i, c| {
+                    let v = (w[i] / scales[c]).round_ties_even() as i64 + zeros[c];
+                    v.clamp(lo, hi)
+                });
+                self.set(
+                    node,
+                    0,
+                    Value::Const(Const {
+                        dims,
+                        data: ConstData::Int(q),
+                        elem,
+                    }),
+                );
+                Ok(())
+            }
+            _ => Err(unsupported(
+                node,
+                "QuantizeLinear must read the activation or float weights",
+            )),
+        }
+    }
+
+    fn dequantize(&mut self, node: &NodeProto) -> Result<(), String> {
+        match self.get(node, 0)?.clone() {
+            Value::QAct(axes, act) => {
+                if self.act_quant(node)? != act {
+                    return Err(unsupported(
+                        node,
+                        "DequantizeLinear must use its QuantizeLinear's scale and zero point",
+                    ));
+                }
+                let input = node.input_name(0).unwrap_or_default().to_string();
+                let was_last = self.last_layer_output.as_deref() == Some(input.as_str());
+                let mut chain = self.chain(node, 0);
+                // Rounding twice to one grid is rounding once.
+                if chain.last() != Some(&act) {
+                    chain.push(act);
+                }
+                self.set(node, 0, Value::Act(axes));
+                if let Some(out) = node.output.first() {
+                    self.rounding.insert(out.clone(), chain);
+                }
+                if was_last {
+                    self.last_layer_output = node.output.first().cloned();
+                }
+                Ok(())
+            }
+            Value::Const(Const {
+                dims,
+                data: ConstData::Int(q),
+                elem,
+            }) => {
+                let (scales, zeros, _) = self.qparams(node)?;
+                let axis = self.q_axis(node, dims.len(), scales.len() > 1)?;
+                if axis.is_some_and(|a| dims.get(a) != Some(&scales.len())) {
+                    return Err(unsupported(node, "scale length does not match the axis"));
+                }
+                let w = per_axis(&dims, axis, q.len(), |i, c| {
+                    ((q[i] - zeros[c]) as f32) * scales[c]
+                });
+                if elem == elem_type::INT8 && zeros.iter().all(|&z| z == 0) {
+                    let weights = QuantizedConst {
+                        q: q.iter().map(|&v| v as i8).collect(),
+                        scales,
+                        axis: axis.unwrap_or(0),
+                    };
+                    if let Some(out) = node.output.first() {
+                        self.quantized.insert(out.clone(), weights);
+                    }
+                }
+                self.set(
+                    node,
+                    0,
+                    Value::Const(Const {
+                        dims,
+                        data: ConstData::Float(w),
+                        elem: elem_type::FLOAT,
+                    }),
+                );
+                Ok(())
+            }
+            _ => Err(unsupported(
+                node,
+                "DequantizeLinear must read a QuantizeLinear's output or integer weights",
+            )),
+        }
+    }
+}
+
+/// `f(i, c)` for every element `i` of a tensor of `dims`, `c` its index
+/// along `axis` (always 0 without one: a single scale).
+fn per_axis<T>(
+    dims: &[usize],
+    axis: Option<usize>,
+    len: usize,
+    f: impl Fn(usize, usize) -> T,
+) -> Vec<T> {
+    let Some(axis) = axis else {
+        return (0..len).map(|i| f(i, 0)).collect();
+    };
+    let inner = dims.iter().skip(axis + 1).product::<usize>().max(1);
+    let size = dims.get(axis).copied().unwrap_or(1).max(1);
+    (0..len).map(|i| f(i, (i / inner) % size)).collect()
 }
 
 fn normalise_axis(node: &NodeProto, axis: i64, rank: usize) -> Result<usize, String> {
@@ -918,4 +1325,75 @@ fn normalise_axis(node: &NodeProto, axis: i64, rank: usize) -> Result<usize, Str
         ));
     }
     Ok(a as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    use prost::Message;
+
+    use super::*;
+    use crate::onnx::ModelProto;
+
+    fn qdq_graph() -> GraphProto {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../fixtures/models/cnn_lstm_qdq/model.onnx"
+        );
+        let bytes = std::fs::read(path).unwrap_or_default();
+        ModelProto::decode(&bytes[..])
+            .ok()
+            .and_then(|m| m.graph)
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn the_qdq_fixture_becomes_int8_convs_and_gemms_around_fp32_lstms() {
+        let plan = recognise(&qdq_graph()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(plan.precision, Precision::Int8);
+        let int8 = |low: Option<&LowMat>| matches!(low, Some(LowMat::Int8(q)) if q.act.is_some());
+        match plan.seq.as_slice() {
+            [
+                SeqLayer::Conv(c0),
+                SeqLayer::Conv(c1),
+                SeqLayer::Lstm(l0),
+                SeqLayer::Lstm(l1),
+            ] => {
+                assert!(c0.low_taps.is_empty(), "the first conv was excluded");
+                assert_eq!(c1.low_taps.len(), 3);
+                assert!(c1.low_taps.iter().all(|t| int8(Some(t))));
+                assert!(l0.w_low.is_none() && l1.r_low.is_none());
+            }
+            other => panic!("unexpected layers: {}", other.len()),
+        }
+        assert!(plan.head.iter().all(|h| int8(h.low.as_ref())));
+        // The second conv's output is rounded for the fp32 LSTM reading it.
+        assert_eq!(
+            plan.output_quant
+                .iter()
+                .map(|(at, _)| *at)
+                .collect::<Vec<_>>(),
+            [1]
+        );
+    }
+
+    #[test]
+    fn a_dequantize_with_another_scale_than_its_quantize_is_refused() {
+        let mut graph = qdq_graph();
+        let dq = graph
+            .node
+            .iter_mut()
+            .find(|n| {
+                n.op() == "DequantizeLinear"
+                    && n.input
+                        .first()
+                        .is_some_and(|i| i.ends_with("_QuantizeLinear_Output"))
+            })
+            .unwrap_or_else(|| panic!("no activation DequantizeLinear"));
+        dq.input[1] = "/Gather_output_0_scale".into();
+        let err = recognise(&graph).err().unwrap_or_default();
+        assert!(
+            err.contains("DequantizeLinear node") && err.contains("its QuantizeLinear's scale"),
+            "{err}"
+        );
+    }
 }

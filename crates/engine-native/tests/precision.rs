@@ -1,7 +1,7 @@
 //! Reduced precision on the trained fixtures: the error each precision
 //! costs against PyTorch's fp32 outputs, within the bounds
 //! docs/optimization.md states (reference model: int8 max abs ≤ 2e-2,
-//! bf16 ≤ 1.6e-2, argmax agreement ≥ 99 %), at several batch sizes so
+//! bf16 ≤ 1e-2, argmax agreement ≥ 99 %), at several batch sizes so
 //! every kernel tile shape runs.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -103,18 +103,18 @@ fn reference_model_int8_and_bf16_stay_within_their_error_bounds() {
     let model = root().join("models/cnn_lstm/1/model.onnx");
     check(&model, "cnn_lstm", Precision::Fp32, 1e-5, true);
     check(&model, "cnn_lstm", Precision::Int8, 2e-2, true);
-    // Measured 1.49e-2: above the 1e-2 goal (see the docs).
-    check(&model, "cnn_lstm", Precision::Bf16, 1.6e-2, true);
+    // The goal; measured 5.7e-3 with the last head layer in fp32.
+    check(&model, "cnn_lstm", Precision::Bf16, 1e-2, true);
 }
 
 #[test]
 fn variants_int8_and_bf16_stay_within_their_error_bounds() {
     let a = root().join("fixtures/models/variant_a/model.onnx");
     let b = root().join("fixtures/models/variant_b/model.onnx");
-    // variant_a's logits are larger (std up to 7.4): measured 4.1e-2
-    // (int8) and 2.7e-2 (bf16). variant_b regresses (std 0.7): 4.4e-3.
+    // variant_a's logits are larger (std up to 7.4): measured 3.9e-2
+    // (int8) and 2.0e-2 (bf16). variant_b regresses (std 0.7): 3.0e-3.
     check(&a, "variant_a", Precision::Int8, 5e-2, true);
-    check(&a, "variant_a", Precision::Bf16, 3.5e-2, true);
+    check(&a, "variant_a", Precision::Bf16, 2.5e-2, true);
     for p in [Precision::Int8, Precision::Bf16] {
         check(&b, "variant_b", p, 1e-2, false);
     }

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use tickserve_engine::{DataType, Engine, EngineError, TensorSpec};
-use tickserve_engine_native::{NativeEngine, Precision};
+use tickserve_engine_native::{Calibration, CalibrationMethod, NativeEngine, Precision};
 
 /// Name of the per-model configuration file.
 pub const CONFIG_FILE: &str = "config.toml";
@@ -103,6 +103,65 @@ impl PrecisionChoice {
             PrecisionChoice::Fp32 => Precision::Fp32,
             PrecisionChoice::Bf16 => Precision::Bf16,
             PrecisionChoice::Int8 => Precision::Int8,
+        }
+    }
+}
+
+/// Where int8 activation scales come from (`[quantization] activations`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ActivationsChoice {
+    /// Each row's own range, at run time.
+    #[default]
+    Dynamic,
+    /// Fixed at load from the `calibration` file.
+    Static,
+}
+
+/// How calibration values become a range (`[quantization] method`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum CalibrationMethodChoice {
+    /// Smallest and largest value seen.
+    #[default]
+    Minmax,
+    /// `percentile` at the top and `100 − percentile` at the bottom.
+    Percentile,
+}
+
+/// `[quantization]`: int8 options of the native engine
+/// (docs/optimization.md). Every field has a default.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QuantizationConfig {
+    /// `"dynamic"` (default) or `"static"` (needs `precision = "int8"`
+    /// and `calibration`).
+    pub activations: ActivationsChoice,
+    /// A float32 `.npy` of model inputs `[samples, time, features]`,
+    /// relative to the model's folder; read and calibrated on at load.
+    pub calibration: Option<PathBuf>,
+    /// `"minmax"` (default) or `"percentile"`.
+    pub method: CalibrationMethodChoice,
+    /// For `method = "percentile"`, in [50, 100].
+    pub percentile: f64,
+}
+
+impl Default for QuantizationConfig {
+    fn default() -> Self {
+        QuantizationConfig {
+            activations: ActivationsChoice::Dynamic,
+            calibration: None,
+            method: CalibrationMethodChoice::Minmax,
+            percentile: 99.999,
+        }
+    }
+}
+
+impl QuantizationConfig {
+    fn method(&self) -> CalibrationMethod {
+        match self.method {
+            CalibrationMethodChoice::Minmax => CalibrationMethod::MinMax,
+            CalibrationMethodChoice::Percentile => CalibrationMethod::Percentile(self.percentile),
         }
     }
 }
@@ -227,7 +286,7 @@ impl Default for ModelCacheConfig {
 }
 
 /// The contents of `<model>/config.toml`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
     /// Defaults to the folder name; when given it must equal it.
@@ -249,6 +308,9 @@ pub struct ModelConfig {
     /// GEMM precision of the native engine: "fp32", "bf16" or "int8".
     #[serde(default)]
     pub precision: PrecisionChoice,
+    /// int8 activation scales: dynamic, or static from a calibration set.
+    #[serde(default)]
+    pub quantization: QuantizationConfig,
     #[serde(rename = "input")]
     pub inputs: Vec<TensorConfig>,
     #[serde(rename = "output")]
@@ -356,6 +418,25 @@ pub fn read_config(path: &Path) -> Result<ModelConfig, RepositoryError> {
     if config.threads == 0 {
         return Err(invalid("threads must be at least 1".into()));
     }
+    let quantization = &config.quantization;
+    if quantization.activations == ActivationsChoice::Static {
+        if config.precision != PrecisionChoice::Int8 {
+            return Err(invalid(
+                "[quantization] activations = \"static\" needs precision = \"int8\"".into(),
+            ));
+        }
+        if quantization.calibration.is_none() {
+            return Err(invalid(
+                "[quantization] activations = \"static\" needs calibration = \"<file>.npy\" (model inputs, relative to the model folder)".into(),
+            ));
+        }
+    }
+    if !(50.0..=100.0).contains(&quantization.percentile) {
+        return Err(invalid(format!(
+            "[quantization] percentile {} is outside [50, 100]",
+            quantization.percentile
+        )));
+    }
     let batching = &config.dynamic_batching;
     if batching.max_queue_size == 0 {
         return Err(invalid(
@@ -446,9 +527,22 @@ impl ModelEntry {
     /// Loads one version with the configured engine and checks it against
     /// the config.
     fn load_native(&self, path: &Path) -> Result<NativeEngine, EngineError> {
-        let engine = NativeEngine::load(path)?
+        let mut engine = NativeEngine::load(path)?
             .with_threads(self.config.threads)
             .with_precision(self.config.precision.native());
+        if engine.is_qdq() && self.config.precision == PrecisionChoice::Bf16 {
+            return Err(EngineError::Unsupported(
+                "the model carries its own int8 quantisation (QuantizeLinear/DequantizeLinear); precision = \"bf16\" does not apply: set \"int8\" or leave the default".into(),
+            ));
+        }
+        let quantization = &self.config.quantization;
+        if let (ActivationsChoice::Static, Some(file)) =
+            (quantization.activations, &quantization.calibration)
+        {
+            let calibration = Calibration::read_npy(&self.dir.join(file), quantization.method())
+                .map_err(|e| EngineError::Unsupported(format!("static int8: {e}")))?;
+            engine = engine.with_static_int8(&calibration)?;
+        }
         let arch = engine.architecture();
         tracing::debug!(
             model = %self.name,

@@ -266,3 +266,82 @@ fn precision_is_applied_by_the_native_engine_and_refused_for_onnxruntime() {
     );
     assert!(err.contains("fp16"), "{err}");
 }
+
+const CNN_LSTM: &str = r#"
+[[input]]
+name = "input"
+datatype = "FP32"
+dims = [50, 60]
+[[output]]
+name = "output"
+datatype = "FP32"
+dims = [3]
+"#;
+
+#[test]
+fn static_int8_calibrates_on_the_configured_file() {
+    let config = format!(
+        "precision = \"int8\"\n{CNN_LSTM}\n[quantization]\nactivations = \"static\"\ncalibration = \"calibration.npy\"\nmethod = \"percentile\"\npercentile = 99.999\n"
+    );
+    let dir = repo("m", &root().join("models/cnn_lstm/1/model.onnx"), &config);
+    std::fs::copy(
+        root().join("models/cnn_lstm/calibration.npy"),
+        dir.join("m/calibration.npy"),
+    )
+    .unwrap();
+    let models = scan(&dir).unwrap();
+    let loaded = models[0].load_version(1).unwrap();
+    assert_eq!(loaded.engine.variant(), "native/int8-static");
+    // Relative to the model folder: without the file there, loading says
+    // which file it could not read.
+    std::fs::remove_file(dir.join("m/calibration.npy")).unwrap();
+    let err = models[0].load_version(1).unwrap_err().to_string();
+    assert!(
+        err.contains("cannot read calibration file") && err.contains("m/calibration.npy"),
+        "{err}"
+    );
+}
+
+#[test]
+fn static_int8_options_are_checked_when_the_config_is_read() {
+    let model = "models/cnn_lstm/1/model.onnx";
+    let err = load_error(
+        &format!("{CNN_LSTM}\n[quantization]\nactivations = \"static\"\ncalibration = \"c.npy\"\n"),
+        model,
+    );
+    assert!(err.contains("needs precision = \"int8\""), "{err}");
+    let err = load_error(
+        &format!("precision = \"int8\"\n{CNN_LSTM}\n[quantization]\nactivations = \"static\"\n"),
+        model,
+    );
+    assert!(err.contains("needs calibration"), "{err}");
+    let err = load_error(
+        &format!("precision = \"int8\"\n{CNN_LSTM}\n[quantization]\npercentile = 120\n"),
+        model,
+    );
+    assert!(err.contains("outside [50, 100]"), "{err}");
+    let err = load_error(
+        &format!("precision = \"int8\"\n{CNN_LSTM}\n[quantization]\nmethod = \"entropy\"\n"),
+        model,
+    );
+    assert!(err.contains("entropy"), "{err}");
+}
+
+#[test]
+fn a_qdq_model_runs_with_its_own_quantisation() {
+    let model = root().join("fixtures/models/cnn_lstm_qdq/model.onnx");
+    for precision in ["fp32", "int8"] {
+        let dir = repo(
+            "m",
+            &model,
+            &format!("precision = \"{precision}\"\n{CNN_LSTM}"),
+        );
+        let loaded = scan(&dir).unwrap()[0].load_version(1).unwrap();
+        assert_eq!(loaded.engine.variant(), "native/int8-qdq");
+    }
+    let err = load_error(
+        &format!("precision = \"bf16\"\n{CNN_LSTM}"),
+        "fixtures/models/cnn_lstm_qdq/model.onnx",
+    );
+    assert!(err.contains("its own int8 quantisation"), "{err}");
+}

@@ -18,6 +18,7 @@
 
 use std::collections::HashMap;
 
+use crate::kernels::{PackedMatrix, PackedRecurrent, detect_simd};
 use crate::model::{Conv1d, Linear, Lstm, Plan, SeqLayer};
 use crate::onnx::{ConstData, GraphProto, NodeProto, TensorProto, elem_type};
 
@@ -677,6 +678,7 @@ impl Recogniser {
             kernel,
             pad_begin,
             pad_end,
+            packed_taps: Conv1d::pack_taps(&taps, kernel, cin, cout, detect_simd()),
             taps,
             bias,
             relu: false,
@@ -812,11 +814,13 @@ impl Recogniser {
             t
         };
         let r_t = transpose(&r, 4 * hidden, hidden);
+        let w_t = transpose(&w, 4 * hidden, input);
         self.seq.push(SeqLayer::Lstm(Lstm {
             input,
             hidden,
-            w_t: transpose(&w, 4 * hidden, input),
-            r_packed: crate::kernels::pack_columns(&r_t, hidden, 4 * hidden),
+            w_packed: PackedMatrix::new(&w_t, input, 4 * hidden, detect_simd()),
+            w_t,
+            r_packed: PackedRecurrent::new(&r_t, hidden, detect_simd()),
             r_t,
             bias,
             w_low: None,
@@ -898,6 +902,7 @@ impl Recogniser {
         self.head.push(Linear {
             input,
             output,
+            w_packed: PackedMatrix::new(&w_t, input, output, detect_simd()),
             w_t,
             bias,
             relu: false,

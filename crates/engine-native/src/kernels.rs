@@ -212,32 +212,6 @@ fn gemm_all<const L: usize, const G: usize>(
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-fn gemm_avx512(
-    w: &PackedMatrix,
-    m: usize,
-    dst: &mut [f32],
-    dst_rs: usize,
-    lhs: &[f32],
-    lhs_rs: usize,
-) {
-    gemm_all::<16, 6>(w, m, dst, dst_rs, lhs, lhs_rs);
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn gemm_avx2(
-    w: &PackedMatrix,
-    m: usize,
-    dst: &mut [f32],
-    dst_rs: usize,
-    lhs: &[f32],
-    lhs_rs: usize,
-) {
-    gemm_all::<8, 3>(w, m, dst, dst_rs, lhs, lhs_rs);
-}
-
 /// `dst[m×n] += lhs[m×k] · W` for pre-packed weights `W`, row-major with
 /// the given row strides. Needs no buffer of its own, so a forward pass
 /// built on it allocates nothing (the `gemm` crate allocates its packing
@@ -269,26 +243,29 @@ pub(crate) fn gemm_packed(
         #[cfg(target_arch = "x86_64")]
         // SAFETY: weights of level `Avx512` are only packed for a level the
         // CPU has (`detect_simd`, or checked by `NativeEngine::with_simd`).
-        Simd::Avx512 => unsafe { gemm_avx512(w, m, dst, dst_rs, lhs, lhs_rs) },
+        Simd::Avx512 => unsafe { x86::avx512::gemm(w, m, dst, dst_rs, lhs, lhs_rs) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above, for AVX2 and FMA.
-        Simd::Avx2 => unsafe { gemm_avx2(w, m, dst, dst_rs, lhs, lhs_rs) },
+        Simd::Avx2 => unsafe { x86::avx2::gemm(w, m, dst, dst_rs, lhs, lhs_rs) },
         _ => gemm_all::<8, 3>(w, m, dst, dst_rs, lhs, lhs_rs),
     }
 }
 
-/// The recurrent weights of one LSTM layer laid out for [`lstm_step`]: the
-/// hidden units in blocks of `lanes` (one vector register), and for each
-/// block a panel of `hidden` rows, each row holding the block's weights
-/// for the four gates (i, o, f, c) one after another (`4·lanes` floats;
-/// units past `hidden` in the last block are zero). Every step then
-/// streams the whole matrix once, front to back, and one block's
-/// accumulators hold all four gates of the same units, so the cell update
-/// runs on them before they leave the registers.
+/// The weights of one LSTM layer laid out for [`lstm_step`]: the hidden
+/// units in blocks of `lanes` (one vector register), and for each block a
+/// panel of `k_in + hidden` rows — the input weights `W` (none when the
+/// input projection runs as a separate GEMM), then the recurrent weights
+/// `R` — each row holding the block's weights for the four gates
+/// (i, o, f, c) one after another (`4·lanes` floats; units past `hidden`
+/// in the last block are zero). Every step then streams the whole matrix
+/// once, front to back, and one block's accumulators hold all four gates of
+/// the same units, so the cell update runs on them before they leave the
+/// registers.
 #[derive(Debug, Clone)]
 pub(crate) struct PackedRecurrent {
     simd: Simd,
     lanes: usize,
+    k_in: usize,
     hidden: usize,
     data: Vec<f32>,
 }
@@ -297,23 +274,38 @@ impl PackedRecurrent {
     /// Packs `r_t`, the `[hidden][4·hidden]` transposed recurrent weights,
     /// for the kernel of SIMD level `simd`.
     pub(crate) fn new(r_t: &[f32], hidden: usize, simd: Simd) -> Self {
+        Self::with_input(&[], 0, r_t, hidden, simd)
+    }
+
+    /// Packs `w_t` (`[k_in][4·hidden]`) above `r_t`, so each step also
+    /// computes its input projection `x_t·W` (see [`lstm_step`]).
+    pub(crate) fn with_input(
+        w_t: &[f32],
+        k_in: usize,
+        r_t: &[f32],
+        hidden: usize,
+        simd: Simd,
+    ) -> Self {
         let lanes = lanes(simd);
         let blocks = hidden.div_ceil(lanes);
-        let mut data = vec![0.0f32; blocks * hidden * 4 * lanes];
+        let depth = k_in + hidden;
+        let mut data = vec![0.0f32; blocks * depth * 4 * lanes];
         for block in 0..blocks {
             let j0 = block * lanes;
             let width = lanes.min(hidden - j0);
-            for p in 0..hidden {
+            for p in 0..depth {
+                let (matrix, row) = if p < k_in { (w_t, p) } else { (r_t, p - k_in) };
                 for gate in 0..4 {
-                    let src = p * 4 * hidden + gate * hidden + j0;
-                    let dst = ((block * hidden + p) * 4 + gate) * lanes;
-                    data[dst..dst + width].copy_from_slice(&r_t[src..src + width]);
+                    let src = row * 4 * hidden + gate * hidden + j0;
+                    let dst = ((block * depth + p) * 4 + gate) * lanes;
+                    data[dst..dst + width].copy_from_slice(&matrix[src..src + width]);
                 }
             }
         }
         PackedRecurrent {
             simd,
             lanes,
+            k_in,
             hidden,
             data,
         }
@@ -322,6 +314,31 @@ impl PackedRecurrent {
     pub(crate) fn simd(&self) -> Simd {
         self.simd
     }
+}
+
+/// The operands of one LSTM step for `rows` rows (see [`lstm_step`]);
+/// every `*_rs` is the distance between two rows of the same buffer.
+#[derive(Debug)]
+pub(crate) struct StepArgs<'a> {
+    pub rows: usize,
+    /// This step's input rows (`k_in` values each), read only when the
+    /// weights include `W`.
+    pub x: &'a [f32],
+    pub x_rs: usize,
+    /// The previous hidden state; `recurrent = false` for the first step
+    /// (zero state), which skips `h_prev · R`.
+    pub recurrent: bool,
+    pub h_prev: &'a [f32],
+    pub hp_rs: usize,
+    /// What the products are added to: the input projection with bias, or
+    /// with `g_rs = 0` the bias alone (the same row for every row).
+    pub gates: &'a [f32],
+    pub g_rs: usize,
+    /// Cell state, `rows × hidden` contiguous, updated in place.
+    pub c: &'a mut [f32],
+    /// The new hidden state (must not overlap `h_prev`).
+    pub h_next: &'a mut [f32],
+    pub hn_rs: usize,
 }
 
 /// Copies `width ≤ L` values into a register-sized array (zeros after).
@@ -346,34 +363,48 @@ fn store_lanes<const L: usize>(dst: &mut [f32], values: &[f32; L], width: usize)
 }
 
 /// One hidden block (`L` units, all four gates) of one LSTM step for `R`
-/// rows: `4·R` vector accumulators take `h_prev · panel`, then the input
-/// projection is added and the cell update runs on the registers, so the
-/// gate pre-activations never go to memory. With one row, even and odd
-/// `p` accumulate separately: eight independent FMA chains instead of four.
-#[allow(clippy::too_many_arguments)]
+/// rows starting at `row`: `4·R` vector accumulators take
+/// `x · W + h_prev · R` over the block's panel, then the input projection
+/// or bias is added and the cell update runs on the registers, so the gate
+/// pre-activations never go to memory. With one row, even and odd `p`
+/// accumulate separately: eight independent FMA chains instead of four.
 #[inline(always)]
 fn step_block<const L: usize, const R: usize>(
     panel: &[f32],
-    k: usize,
+    k_in: usize,
     hidden: usize,
     j0: usize,
-    h_prev: &[f32],
-    hp_rs: usize,
-    gates: &[f32],
-    g_rs: usize,
-    c: &mut [f32],
-    h_next: &mut [f32],
-    hn_rs: usize,
+    row: usize,
+    a: &mut StepArgs<'_>,
 ) {
-    let width = L.min(hidden - j0);
+    let k = if a.recurrent { hidden } else { 0 };
     let mut acc = [[[0.0f32; L]; 4]; R];
     let mut acc_odd = [[[0.0f32; L]; 4]; R];
-    let rows: [&[f32]; R] = std::array::from_fn(|r| &h_prev[r * hp_rs..r * hp_rs + k]);
+    let xs: [&[f32]; R] = std::array::from_fn(|r| {
+        let start = (row + r) * a.x_rs;
+        &a.x[start.min(a.x.len())..(start + k_in).min(a.x.len())]
+    });
+    for p in 0..k_in {
+        let w = &panel[p * 4 * L..(p + 1) * 4 * L];
+        for r in 0..R {
+            let v = xs[r][p];
+            for gate in 0..4 {
+                for l in 0..L {
+                    acc[r][gate][l] = v.mul_add(w[gate * L + l], acc[r][gate][l]);
+                }
+            }
+        }
+    }
+    let panel = &panel[k_in * 4 * L..];
+    let hs: [&[f32]; R] = std::array::from_fn(|r| {
+        let start = (row + r) * a.hp_rs;
+        &a.h_prev[start.min(a.h_prev.len())..(start + k).min(a.h_prev.len())]
+    });
     let mut p = 0;
     if R == 1 {
         while p + 1 < k {
             let (w0, w1) = panel[p * 4 * L..(p + 2) * 4 * L].split_at(4 * L);
-            let (a0, a1) = (rows[0][p], rows[0][p + 1]);
+            let (a0, a1) = (hs[0][p], hs[0][p + 1]);
             for gate in 0..4 {
                 for l in 0..L {
                     acc[0][gate][l] = a0.mul_add(w0[gate * L + l], acc[0][gate][l]);
@@ -386,34 +417,33 @@ fn step_block<const L: usize, const R: usize>(
     while p < k {
         let w = &panel[p * 4 * L..(p + 1) * 4 * L];
         for r in 0..R {
-            let a = rows[r][p];
+            let v = hs[r][p];
             for gate in 0..4 {
                 for l in 0..L {
-                    acc[r][gate][l] = a.mul_add(w[gate * L + l], acc[r][gate][l]);
+                    acc[r][gate][l] = v.mul_add(w[gate * L + l], acc[r][gate][l]);
                 }
             }
         }
         p += 1;
     }
+    let width = L.min(hidden - j0);
     for r in 0..R {
-        let g = &gates[r * g_rs..r * g_rs + 4 * hidden];
-        let mut pre = [[0.0f32; L]; 4];
+        let mut sums = [0.0f32; 128];
         for gate in 0..4 {
-            let x = load_lanes::<L>(&g[gate * hidden + j0..], width);
             for l in 0..L {
-                pre[gate][l] = x[l] + (acc[r][gate][l] + acc_odd[r][gate][l]);
+                sums[gate * L + l] = acc[r][gate][l] + acc_odd[r][gate][l];
             }
         }
-        let cr = &mut c[r * hidden + j0..r * hidden + j0 + width];
-        let mut cell = load_lanes::<L>(cr, width);
-        let mut h = [0.0f32; L];
-        for l in 0..L {
-            let [i, o, f, gg] = [pre[0][l], pre[1][l], pre[2][l], pre[3][l]];
-            cell[l] = sigmoid(f).mul_add(cell[l], sigmoid(i) * tanh(gg));
-            h[l] = sigmoid(o) * tanh(cell[l]);
-        }
-        store_lanes(cr, &cell, width);
-        store_lanes(&mut h_next[r * hn_rs + j0..], &h, width);
+        let b = row + r;
+        cell_lanes::<L>(
+            &sums,
+            &a.gates[b * a.g_rs..],
+            hidden,
+            j0,
+            width,
+            &mut a.c[b * hidden + j0..],
+            &mut a.h_next[b * a.hn_rs + j0..],
+        );
     }
 }
 
@@ -421,131 +451,64 @@ fn step_block<const L: usize, const R: usize>(
 /// rows in groups of `G` (the register budget: `4·G` accumulators). Blocks
 /// are the outer loop so one block's panel is reused from L1 by every row
 /// group before the next panel streams in.
-#[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn step_all<const L: usize, const G: usize>(
-    w: &PackedRecurrent,
-    rows: usize,
-    k: usize,
-    h_prev: &[f32],
-    hp_rs: usize,
-    gates: &[f32],
-    g_rs: usize,
-    c: &mut [f32],
-    h_next: &mut [f32],
-    hn_rs: usize,
-) {
+fn step_all<const L: usize, const G: usize>(w: &PackedRecurrent, a: &mut StepArgs<'_>) {
     assert_eq!(w.lanes, L, "weights packed for another SIMD level");
-    let hidden = w.hidden;
-    for (block, panel) in w.data.chunks_exact(hidden * 4 * L).enumerate() {
+    let (hidden, k_in) = (w.hidden, w.k_in);
+    for (block, panel) in w.data.chunks_exact((k_in + hidden) * 4 * L).enumerate() {
         let j0 = block * L;
         let mut row = 0;
-        while row < rows {
-            let hp = &h_prev[row * hp_rs..];
-            let g = &gates[row * g_rs..];
-            let cc = &mut c[row * hidden..];
-            let hn = &mut h_next[row * hn_rs..];
-            let n = (rows - row).min(G);
-            macro_rules! go {
-                ($r:literal) => {
-                    step_block::<L, $r>(panel, k, hidden, j0, hp, hp_rs, g, g_rs, cc, hn, hn_rs)
-                };
-            }
+        while row < a.rows {
+            let n = (a.rows - row).min(G);
             match n {
-                1 => go!(1),
-                2 => go!(2),
-                3 => go!(3),
-                4 => go!(4),
-                5 => go!(5),
-                _ => go!(6),
+                1 => step_block::<L, 1>(panel, k_in, hidden, j0, row, a),
+                2 => step_block::<L, 2>(panel, k_in, hidden, j0, row, a),
+                3 => step_block::<L, 3>(panel, k_in, hidden, j0, row, a),
+                4 => step_block::<L, 4>(panel, k_in, hidden, j0, row, a),
+                5 => step_block::<L, 5>(panel, k_in, hidden, j0, row, a),
+                _ => step_block::<L, 6>(panel, k_in, hidden, j0, row, a),
             }
             row += n;
         }
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-fn step_avx512(
-    w: &PackedRecurrent,
-    rows: usize,
-    k: usize,
-    h_prev: &[f32],
-    hp_rs: usize,
-    gates: &[f32],
-    g_rs: usize,
-    c: &mut [f32],
-    h_next: &mut [f32],
-    hn_rs: usize,
-) {
-    // 6 rows × 4 gates = 24 of the 32 zmm registers.
-    step_all::<16, 6>(w, rows, k, h_prev, hp_rs, gates, g_rs, c, h_next, hn_rs);
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-fn step_avx2(
-    w: &PackedRecurrent,
-    rows: usize,
-    k: usize,
-    h_prev: &[f32],
-    hp_rs: usize,
-    gates: &[f32],
-    g_rs: usize,
-    c: &mut [f32],
-    h_next: &mut [f32],
-    hn_rs: usize,
-) {
-    // 3 rows × 4 gates = 12 of the 16 ymm registers.
-    step_all::<8, 3>(w, rows, k, h_prev, hp_rs, gates, g_rs, c, h_next, hn_rs);
-}
-
-/// One LSTM time step for `rows` rows, fused: `gates + h_prev · R` (the
-/// input projection `gates` already holds bias and `x·W`), the gate
-/// activations and the cell update, in one pass over the packed weights.
-/// `c` (`rows × hidden`, contiguous) is updated in place and the new hidden
-/// state goes to `h_next`; `h_prev` and `h_next` must not overlap, so
-/// callers alternate two buffers. With `recurrent = false` (the first step
-/// from a zero state) only the cell update runs.
+/// One LSTM time step for `a.rows` rows, fused: `gates + x·W + h_prev·R`
+/// (`W` only when `w` was packed with input weights; otherwise `gates`
+/// already holds bias and `x·W`), the gate activations and the cell
+/// update, in one pass over the packed weights. `c` is updated in place
+/// and the new hidden state goes to `h_next`; callers alternate two
+/// hidden-state buffers.
 ///
 /// # Panics
 /// If a stride or length would reach outside a slice (a bug: the engine
 /// computes every shape from the validated plan).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn lstm_step(
-    w: &PackedRecurrent,
-    rows: usize,
-    recurrent: bool,
-    h_prev: &[f32],
-    hp_rs: usize,
-    gates: &[f32],
-    g_rs: usize,
-    c: &mut [f32],
-    h_next: &mut [f32],
-    hn_rs: usize,
-) {
+pub(crate) fn lstm_step(w: &PackedRecurrent, mut a: StepArgs<'_>) {
+    let rows = a.rows;
     if rows == 0 {
         return;
     }
-    let hidden = w.hidden;
-    let k = if recurrent { hidden } else { 0 };
+    let (hidden, k_in) = (w.hidden, w.k_in);
+    let k = if a.recurrent { hidden } else { 0 };
     assert!(
-        hp_rs >= k && g_rs >= 4 * hidden && hn_rs >= hidden,
+        a.x_rs >= k_in && a.hp_rs >= k && a.hn_rs >= hidden,
         "LSTM step strides"
     );
     assert!(
-        k == 0 || h_prev.len() >= (rows - 1) * hp_rs + k,
-        "LSTM step h_prev"
-    );
-    assert!(
-        gates.len() >= (rows - 1) * g_rs + 4 * hidden,
+        (a.g_rs == 0 || a.g_rs >= 4 * hidden) && a.gates.len() >= (rows - 1) * a.g_rs + 4 * hidden,
         "LSTM step gates"
     );
-    assert!(c.len() >= rows * hidden, "LSTM step c");
     assert!(
-        h_next.len() >= (rows - 1) * hn_rs + hidden,
+        k_in == 0 || a.x.len() >= (rows - 1) * a.x_rs + k_in,
+        "LSTM step x"
+    );
+    assert!(
+        k == 0 || a.h_prev.len() >= (rows - 1) * a.hp_rs + k,
+        "LSTM step h_prev"
+    );
+    assert!(a.c.len() >= rows * hidden, "LSTM step c");
+    assert!(
+        a.h_next.len() >= (rows - 1) * a.hn_rs + hidden,
         "LSTM step h_next"
     );
     match w.simd {
@@ -553,16 +516,352 @@ pub(crate) fn lstm_step(
         // SAFETY: a `PackedRecurrent` of level `Avx512` is only built from a
         // level `detect_simd` returned or one the caller checked the CPU
         // has (`NativeEngine::with_simd`), so every feature is present.
-        Simd::Avx512 => unsafe {
-            step_avx512(w, rows, k, h_prev, hp_rs, gates, g_rs, c, h_next, hn_rs)
-        },
+        Simd::Avx512 => unsafe { x86::avx512::step(w, &mut a) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above, for AVX2 and FMA.
-        Simd::Avx2 => unsafe {
-            step_avx2(w, rows, k, h_prev, hp_rs, gates, g_rs, c, h_next, hn_rs)
-        },
-        _ => step_all::<8, 3>(w, rows, k, h_prev, hp_rs, gates, g_rs, c, h_next, hn_rs),
+        Simd::Avx2 => unsafe { x86::avx2::step(w, &mut a) },
+        _ => step_all::<8, 3>(w, &mut a),
     }
+}
+
+/// The cell update of `width ≤ L` hidden units for one row, from the
+/// recurrent sums `acc` (`4·L`, gate-major) and the input projection row
+/// `gates` (`4·hidden`, ONNX order i, o, f, c). Written as loops over `L`
+/// lanes so each SIMD wrapper gets a vectorised copy.
+#[inline(always)]
+fn cell_lanes<const L: usize>(
+    acc: &[f32],
+    gates: &[f32],
+    hidden: usize,
+    j0: usize,
+    width: usize,
+    c: &mut [f32],
+    h_next: &mut [f32],
+) {
+    let mut pre = [[0.0f32; L]; 4];
+    for (gate, pre) in pre.iter_mut().enumerate() {
+        let x = load_lanes::<L>(&gates[gate * hidden + j0..], width);
+        for l in 0..L {
+            pre[l] = x[l] + acc[gate * L + l];
+        }
+    }
+    let mut cell = load_lanes::<L>(c, width);
+    let mut h = [0.0f32; L];
+    for l in 0..L {
+        let [i, o, f, g] = [pre[0][l], pre[1][l], pre[2][l], pre[3][l]];
+        cell[l] = sigmoid(f).mul_add(cell[l], sigmoid(i) * tanh(g));
+        h[l] = sigmoid(o) * tanh(cell[l]);
+    }
+    store_lanes(c, &cell, width);
+    store_lanes(h_next, &h, width);
+}
+
+/// The AVX-512 and AVX2 forms of [`gemm_block`] and [`step_block`] with
+/// explicit vector registers: the compiler does not keep the portable
+/// form's `[[[f32; L]; 4]; R]` accumulators in registers (measured 4×
+/// slower), and these loops are the engine's whole inner loop.
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    macro_rules! kernels {
+        ($name:ident, $feature:literal, $lanes:literal, $group:literal, $vector:ty, $zero:ident, $load:ident,
+         $store:ident, $set1:ident, $fma:ident, $add:ident) => {
+            pub(super) mod $name {
+                #[allow(clippy::wildcard_imports)]
+                use std::arch::x86_64::*;
+
+                use super::super::{PackedMatrix, PackedRecurrent, StepArgs, cell_lanes};
+
+                type Vector = $vector;
+
+                const L: usize = $lanes;
+
+                /// `R` rows × one `4·L`-column block of `dst += lhs · panel`.
+                ///
+                /// # Safety
+                /// The CPU has `$feature`; `panel` holds `k·4·L` floats;
+                /// rows `0..R` of `lhs` (stride `lhs_rs`) hold `k` floats
+                /// and of `dst` (stride `dst_rs`) `cols ≤ 4·L` floats.
+                #[inline]
+                #[target_feature(enable = $feature)]
+                unsafe fn gemm_block<const R: usize>(
+                    panel: *const f32,
+                    k: usize,
+                    cols: usize,
+                    dst: *mut f32,
+                    dst_rs: usize,
+                    lhs: *const f32,
+                    lhs_rs: usize,
+                ) {
+                    // SAFETY: the caller guarantees every offset below is in
+                    // bounds (see `# Safety`).
+                    unsafe {
+                        let mut acc = [[$zero(); 4]; R];
+                        for p in 0..k {
+                            let w = panel.add(p * 4 * L);
+                            let w = [
+                                $load(w),
+                                $load(w.add(L)),
+                                $load(w.add(2 * L)),
+                                $load(w.add(3 * L)),
+                            ];
+                            for (r, acc) in acc.iter_mut().enumerate() {
+                                let a = $set1(*lhs.add(r * lhs_rs + p));
+                                for v in 0..4 {
+                                    acc[v] = $fma(a, w[v], acc[v]);
+                                }
+                            }
+                        }
+                        for (r, acc) in acc.iter().enumerate() {
+                            let d = dst.add(r * dst_rs);
+                            if cols == 4 * L {
+                                for v in 0..4 {
+                                    $store(d.add(v * L), $add($load(d.add(v * L)), acc[v]));
+                                }
+                            } else {
+                                let mut sums = [0.0f32; 4 * L];
+                                for v in 0..4 {
+                                    $store(sums.as_mut_ptr().add(v * L), acc[v]);
+                                }
+                                for (j, sum) in sums.iter().enumerate().take(cols) {
+                                    *d.add(j) += sum;
+                                }
+                            }
+                        }
+                    }
+                }
+
+                /// [`super::super::gemm_packed`] at this level.
+                ///
+                /// # Safety
+                /// The CPU has `$feature`; `gemm_packed` checked the bounds.
+                #[target_feature(enable = $feature)]
+                pub(crate) unsafe fn gemm(
+                    w: &PackedMatrix,
+                    m: usize,
+                    dst: &mut [f32],
+                    dst_rs: usize,
+                    lhs: &[f32],
+                    lhs_rs: usize,
+                ) {
+                    assert_eq!(w.lanes, L, "weights packed for another SIMD level");
+                    let (k, n, width) = (w.k, w.n, 4 * L);
+                    for tile in (0..m).step_by(super::super::GEMM_TILE_ROWS) {
+                        let tile_end = m.min(tile + super::super::GEMM_TILE_ROWS);
+                        for (block, panel) in w.data.chunks_exact(k * width).enumerate() {
+                            let col = block * width;
+                            let cols = width.min(n - col);
+                            let mut row = tile;
+                            while row < tile_end {
+                                let count = (tile_end - row).min($group);
+                                let d = dst[row * dst_rs + col..].as_mut_ptr();
+                                let l = lhs[row * lhs_rs..].as_ptr();
+                                macro_rules! go {
+                                    ($r:literal) => {
+                                        // SAFETY: `gemm_packed` checked that `count`
+                                        // rows from `row` fit `dst` and `lhs`.
+                                        unsafe {
+                                            gemm_block::<$r>(
+                                                panel.as_ptr(),
+                                                k,
+                                                cols,
+                                                d,
+                                                dst_rs,
+                                                l,
+                                                lhs_rs,
+                                            )
+                                        }
+                                    };
+                                }
+                                match count {
+                                    1 => go!(1),
+                                    2 => go!(2),
+                                    3 => go!(3),
+                                    4 => go!(4),
+                                    5 => go!(5),
+                                    _ => go!(6),
+                                }
+                                row += count;
+                            }
+                        }
+                    }
+                }
+
+                /// `acc[r] += Σ_p src[r·rs + p] · panel[p]` over `k` rows
+                /// of the panel, for `R` rows.
+                ///
+                /// # Safety
+                /// The CPU has `$feature`; `panel` holds `k·4·L` floats and
+                /// rows `0..R` of `src` (stride `rs`) hold `k` floats.
+                #[inline]
+                #[target_feature(enable = $feature)]
+                unsafe fn accumulate<const R: usize>(
+                    acc: &mut [[Vector; 4]; R],
+                    panel: *const f32,
+                    k: usize,
+                    src: *const f32,
+                    rs: usize,
+                ) {
+                    // SAFETY: the caller guarantees every offset below is in
+                    // bounds (see `# Safety`).
+                    unsafe {
+                        let mut p = 0;
+                        if R == 1 {
+                            // Two chains per gate hide the FMA latency.
+                            let mut odd = [$zero(); 4];
+                            while p + 1 < k {
+                                let w = panel.add(p * 4 * L);
+                                let a0 = $set1(*src.add(p));
+                                let a1 = $set1(*src.add(p + 1));
+                                for v in 0..4 {
+                                    acc[0][v] = $fma(a0, $load(w.add(v * L)), acc[0][v]);
+                                    odd[v] = $fma(a1, $load(w.add((4 + v) * L)), odd[v]);
+                                }
+                                p += 2;
+                            }
+                            for v in 0..4 {
+                                acc[0][v] = $add(acc[0][v], odd[v]);
+                            }
+                        }
+                        while p < k {
+                            let w = panel.add(p * 4 * L);
+                            let w = [
+                                $load(w),
+                                $load(w.add(L)),
+                                $load(w.add(2 * L)),
+                                $load(w.add(3 * L)),
+                            ];
+                            for (r, acc) in acc.iter_mut().enumerate() {
+                                let a = $set1(*src.add(r * rs + p));
+                                for v in 0..4 {
+                                    acc[v] = $fma(a, w[v], acc[v]);
+                                }
+                            }
+                            p += 1;
+                        }
+                    }
+                }
+
+                /// `R` rows from `row` × one hidden block of the fused step.
+                ///
+                /// # Safety
+                /// The CPU has `$feature`; `lstm_step` checked that rows
+                /// `row..row + R` are in bounds; `panel` holds
+                /// `(k_in + hidden)·4·L` floats.
+                #[inline]
+                #[target_feature(enable = $feature)]
+                unsafe fn step_block<const R: usize>(
+                    panel: &[f32],
+                    k_in: usize,
+                    hidden: usize,
+                    j0: usize,
+                    row: usize,
+                    a: &mut StepArgs<'_>,
+                ) {
+                    let mut acc = [[$zero(); 4]; R];
+                    if k_in > 0 {
+                        // SAFETY: `lstm_step` checked `x` holds these rows.
+                        unsafe {
+                            accumulate::<R>(
+                                &mut acc,
+                                panel.as_ptr(),
+                                k_in,
+                                a.x.as_ptr().add(row * a.x_rs),
+                                a.x_rs,
+                            )
+                        };
+                    }
+                    if a.recurrent {
+                        // SAFETY: `lstm_step` checked `h_prev` holds these rows.
+                        unsafe {
+                            accumulate::<R>(
+                                &mut acc,
+                                panel.as_ptr().add(k_in * 4 * L),
+                                hidden,
+                                a.h_prev.as_ptr().add(row * a.hp_rs),
+                                a.hp_rs,
+                            )
+                        };
+                    }
+                    let width = L.min(hidden - j0);
+                    for (r, acc) in acc.iter().enumerate() {
+                        let mut sums = [0.0f32; 4 * L];
+                        for v in 0..4 {
+                            // SAFETY: `sums` holds 4·L floats.
+                            unsafe { $store(sums.as_mut_ptr().add(v * L), acc[v]) };
+                        }
+                        let b = row + r;
+                        cell_lanes::<L>(
+                            &sums,
+                            &a.gates[b * a.g_rs..],
+                            hidden,
+                            j0,
+                            width,
+                            &mut a.c[b * hidden + j0..],
+                            &mut a.h_next[b * a.hn_rs + j0..],
+                        );
+                    }
+                }
+
+                /// [`super::super::lstm_step`] at this level.
+                ///
+                /// # Safety
+                /// The CPU has `$feature`; `lstm_step` checked the bounds.
+                #[target_feature(enable = $feature)]
+                pub(crate) unsafe fn step(w: &PackedRecurrent, a: &mut StepArgs<'_>) {
+                    assert_eq!(w.lanes, L, "weights packed for another SIMD level");
+                    let (hidden, k_in) = (w.hidden, w.k_in);
+                    for (block, panel) in w.data.chunks_exact((k_in + hidden) * 4 * L).enumerate() {
+                        let j0 = block * L;
+                        let mut row = 0;
+                        while row < a.rows {
+                            let count = (a.rows - row).min($group);
+                            // SAFETY: `count` rows from `row` are in bounds.
+                            unsafe {
+                                match count {
+                                    1 => step_block::<1>(panel, k_in, hidden, j0, row, a),
+                                    2 => step_block::<2>(panel, k_in, hidden, j0, row, a),
+                                    3 => step_block::<3>(panel, k_in, hidden, j0, row, a),
+                                    4 => step_block::<4>(panel, k_in, hidden, j0, row, a),
+                                    5 => step_block::<5>(panel, k_in, hidden, j0, row, a),
+                                    _ => step_block::<6>(panel, k_in, hidden, j0, row, a),
+                                }
+                            }
+                            row += count;
+                        }
+                    }
+                }
+            }
+        };
+    }
+
+    // 6 rows × 4 vectors = 24 of the 32 zmm registers.
+    kernels!(
+        avx512,
+        "avx512f,avx512vl,avx2,fma",
+        16,
+        6,
+        __m512,
+        _mm512_setzero_ps,
+        _mm512_loadu_ps,
+        _mm512_storeu_ps,
+        _mm512_set1_ps,
+        _mm512_fmadd_ps,
+        _mm512_add_ps
+    );
+    // 3 rows × 4 vectors = 12 of the 16 ymm registers.
+    kernels!(
+        avx2,
+        "avx2,fma",
+        8,
+        3,
+        __m256,
+        _mm256_setzero_ps,
+        _mm256_loadu_ps,
+        _mm256_storeu_ps,
+        _mm256_set1_ps,
+        _mm256_fmadd_ps,
+        _mm256_add_ps
+    );
 }
 
 /// The instruction set the fp32 kernels are compiled for. [`detect_simd`]
@@ -738,36 +1037,62 @@ mod tests {
             let c0: Vec<f32> = (0..rows * hidden)
                 .map(|v| ((v as f32) * 0.11).cos())
                 .collect();
-            let (c_ref, h_ref) = reference_step(rows, hidden, &r_t, &h, &gates, &c0);
+            // The same step with the input projection inside: `k_in` input
+            // values per row (stride 5 wider), `W`, and a bias row that
+            // every row shares (`g_rs = 0`).
+            let k_in = 11;
+            let x_rs = k_in + 5;
+            let x: Vec<f32> = (0..rows * x_rs)
+                .map(|v| ((v as f32) * 0.29).cos())
+                .collect();
+            let w_t: Vec<f32> = (0..k_in * 4 * hidden)
+                .map(|v| ((v as f32) * 0.53).sin() * 0.3)
+                .collect();
+            let bias = &gates[..4 * hidden];
+            let projected: Vec<f32> = (0..rows * 4 * hidden)
+                .map(|i| {
+                    let (b, col) = (i / (4 * hidden), i % (4 * hidden));
+                    bias[col]
+                        + (0..k_in)
+                            .map(|p| x[b * x_rs + p] * w_t[p * 4 * hidden + col])
+                            .sum::<f32>()
+                })
+                .collect();
             let zeros = vec![0.0; rows * hidden];
-            let (c_first, h_first) = reference_step(rows, hidden, &r_t, &zeros, &gates, &c0);
             for level in simd_levels() {
-                let packed = PackedRecurrent::new(&r_t, hidden, level);
-                // The output row stride is wider than `hidden`: values
-                // between rows must stay untouched.
-                let hn_rs = hidden + 3;
-                for (recurrent, c_exp, h_exp) in
-                    [(true, &c_ref, &h_ref), (false, &c_first, &h_first)]
+                let plain = PackedRecurrent::new(&r_t, hidden, level);
+                let with_input = PackedRecurrent::with_input(&w_t, k_in, &r_t, hidden, level);
+                for (recurrent, fused) in
+                    [(true, false), (false, false), (true, true), (false, true)]
                 {
+                    let h_in = if recurrent { &h } else { &zeros };
+                    let pre = if fused { &projected } else { &gates };
+                    let (c_exp, h_exp) = reference_step(rows, hidden, &r_t, h_in, pre, &c0);
                     let mut c = c0.clone();
+                    // The output row stride is wider than `hidden`: values
+                    // between rows must stay untouched.
+                    let hn_rs = hidden + 3;
                     let mut h_next = vec![-7.0; rows * hn_rs];
-                    lstm_step(
-                        &packed,
+                    let args = StepArgs {
                         rows,
+                        x: if fused { &x } else { &[] },
+                        x_rs: if fused { x_rs } else { 0 },
                         recurrent,
-                        &h,
-                        hidden,
-                        &gates,
-                        4 * hidden,
-                        &mut c,
-                        &mut h_next,
+                        h_prev: &h,
+                        hp_rs: hidden,
+                        gates: if fused { bias } else { &gates },
+                        g_rs: if fused { 0 } else { 4 * hidden },
+                        c: &mut c,
+                        h_next: &mut h_next,
                         hn_rs,
-                    );
+                    };
+                    lstm_step(if fused { &with_input } else { &plain }, args);
                     for b in 0..rows {
                         for j in 0..hidden {
                             let i = b * hidden + j;
-                            let what =
-                                format!("{level:?} {rows}x{hidden} rec={recurrent} [{b}][{j}]");
+                            let what = format!(
+                                "{level:?} {rows}x{hidden} rec={recurrent} input={fused} [{b}][{j}]"
+                            );
                             assert!((c[i] as f64 - c_exp[i]).abs() < 2e-6, "c {what}");
                             let got = h_next[b * hn_rs + j] as f64;
                             assert!(

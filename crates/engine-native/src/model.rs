@@ -9,8 +9,13 @@
 //! nothing at run time; the recogniser only tracks them.
 
 use crate::kernels::{
-    PackedMatrix, PackedRecurrent, Simd, gemm_packed, lstm_cell, lstm_step, relu_in_place,
+    PackedMatrix, PackedRecurrent, Simd, StepArgs, gemm_packed, lstm_cell, lstm_step, relu_in_place,
 };
+
+/// From this many rows (per thread) an LSTM layer computes its input
+/// projection inside the fused step instead of one GEMM up front (see
+/// `Lstm::forward_fused_input`).
+pub(crate) const FUSED_INPUT_MIN_ROWS: usize = 8;
 use crate::quant::{LowMat, LowSimd, Precision, Scratch, detect_low_simd};
 
 /// Conv1d over time, stride 1, dilation 1.
@@ -45,6 +50,9 @@ pub(crate) struct Lstm {
     pub r_t: Vec<f32>,
     /// `r_t` packed for the fused step kernel of one SIMD level.
     pub r_packed: PackedRecurrent,
+    /// `w_t` above `r_t`, packed for the fused step that also computes the
+    /// input projection (batches of [`FUSED_INPUT_MIN_ROWS`] rows or more).
+    pub wr_packed: PackedRecurrent,
     /// Input and recurrent biases summed, `[4·hidden]`.
     pub bias: Vec<f32>,
     /// Reduced-precision `w_t` and `r_t`, when the plan runs below fp32.
@@ -172,6 +180,8 @@ impl Plan {
                 SeqLayer::Lstm(l) => {
                     l.w_packed = PackedMatrix::new(&l.w_t, l.input, 4 * l.hidden, simd);
                     l.r_packed = PackedRecurrent::new(&l.r_t, l.hidden, simd);
+                    l.wr_packed =
+                        PackedRecurrent::with_input(&l.w_t, l.input, &l.r_t, l.hidden, simd);
                 }
             }
         }
@@ -416,6 +426,10 @@ impl Lstm {
     ) {
         let hidden = self.hidden;
         let gates_width = 4 * hidden;
+        if rows >= FUSED_INPUT_MIN_ROWS && self.w_low.is_none() && self.r_low.is_none() {
+            self.forward_fused_input(ctx, rows, time, input, last_only, out);
+            return;
+        }
         // Input projection of every time step of every sample in one GEMM.
         let gates = sized(&mut ctx.gates, rows * time * gates_width);
         fill_rows(gates, &self.bias);
@@ -430,14 +444,19 @@ impl Lstm {
                 &mut ctx.scratch,
             );
         } else {
-            gemm_packed(
-                &self.w_packed,
-                rows * time,
-                gates,
-                gates_width,
-                input,
-                self.input,
-            );
+            // Stored time-major, `[T, B, 4H]`: each step then reads one
+            // contiguous block that the prefetcher streams in (sample-major,
+            // a large batch's steps missed the cache on every row).
+            for b in 0..rows {
+                gemm_packed(
+                    &self.w_packed,
+                    time,
+                    &mut gates[b * gates_width..],
+                    rows * gates_width,
+                    &input[b * time * self.input..],
+                    self.input,
+                );
+            }
         }
         let [mut h_prev, mut h_next] = std::mem::take(&mut ctx.h);
         sized(&mut h_prev, rows * hidden);
@@ -447,10 +466,15 @@ impl Lstm {
         // starts from c = 0.
         c.fill(0.0);
         let y = sized(out, rows * if last_only { 1 } else { time } * hidden);
-        let step_stride = time * gates_width;
+        // The low-precision projection is sample-major (`[B, T, 4H]`).
+        let (step_offset, step_stride) = if self.w_low.is_some() {
+            (gates_width, time * gates_width)
+        } else {
+            (rows * gates_width, gates_width)
+        };
         let gates = &mut ctx.gates[..rows * time * gates_width];
         for t in 0..time {
-            let offset = t * gates_width;
+            let offset = t * step_offset;
             if let Some(low) = &self.r_low {
                 if t > 0 {
                     low.matmul_acc(
@@ -477,17 +501,77 @@ impl Lstm {
             } else {
                 lstm_step(
                     &self.r_packed,
-                    rows,
-                    t > 0,
-                    &h_prev,
-                    hidden,
-                    &gates[offset..],
-                    step_stride,
-                    c,
-                    &mut h_next,
-                    hidden,
+                    StepArgs {
+                        rows,
+                        x: &[],
+                        x_rs: 0,
+                        recurrent: t > 0,
+                        h_prev: &h_prev,
+                        hp_rs: hidden,
+                        gates: &gates[offset..],
+                        g_rs: step_stride,
+                        c,
+                        h_next: &mut h_next,
+                        hn_rs: hidden,
+                    },
                 );
             }
+            if !last_only {
+                for b in 0..rows {
+                    let dst = (b * time + t) * hidden;
+                    y[dst..dst + hidden].copy_from_slice(&h_next[b * hidden..(b + 1) * hidden]);
+                }
+            }
+            std::mem::swap(&mut h_prev, &mut h_next);
+        }
+        if last_only {
+            y.copy_from_slice(&h_prev[..rows * hidden]);
+        }
+        ctx.h = [h_prev, h_next];
+    }
+}
+
+impl Lstm {
+    /// [`Lstm::forward`] for larger batches: each step computes its own
+    /// input projection inside the fused step (weights `[W; R]`), so the
+    /// `B·T·4H` projection buffer never exists. At batch 128 that buffer is
+    /// 13 MB, written by one GEMM and read back from memory step by step;
+    /// here the step's input rows come straight from the previous layer's
+    /// output. Small batches keep the separate GEMM: per step they would
+    /// stream `W` as well as `R` from L2, and there the stream is the cost.
+    fn forward_fused_input(
+        &self,
+        ctx: &mut Ctx,
+        rows: usize,
+        time: usize,
+        input: &[f32],
+        last_only: bool,
+        out: &mut Vec<f32>,
+    ) {
+        let hidden = self.hidden;
+        let [mut h_prev, mut h_next] = std::mem::take(&mut ctx.h);
+        sized(&mut h_prev, rows * hidden);
+        sized(&mut h_next, rows * hidden);
+        let c = sized(&mut ctx.c, rows * hidden);
+        c.fill(0.0);
+        let y = sized(out, rows * if last_only { 1 } else { time } * hidden);
+        for t in 0..time {
+            lstm_step(
+                &self.wr_packed,
+                StepArgs {
+                    rows,
+                    x: &input[t * self.input..],
+                    x_rs: time * self.input,
+                    recurrent: t > 0,
+                    h_prev: &h_prev,
+                    hp_rs: hidden,
+                    gates: &self.bias,
+                    g_rs: 0,
+                    c,
+                    h_next: &mut h_next,
+                    hn_rs: hidden,
+                },
+            );
             if !last_only {
                 for b in 0..rows {
                     let dst = (b * time + t) * hidden;

@@ -77,6 +77,15 @@ fn lstm_cell_avx2(gates: &[f32], c: &mut [f32], h: &mut [f32]) {
     lstm_cell_body(gates, c, h);
 }
 
+/// Rows in the next register group when `remaining` rows are left and a
+/// group holds at most `max`: the rows are spread evenly over the fewest
+/// groups (8 rows → 4 + 4, not 6 + 2), because a group of one or two rows
+/// does too few FMAs per weight load to keep up with the stream.
+fn group_rows(remaining: usize, max: usize) -> usize {
+    let groups = remaining.div_ceil(max);
+    remaining.div_ceil(groups.max(1))
+}
+
 /// Vector lanes of the fp32 kernels at each SIMD level.
 fn lanes(simd: Simd) -> usize {
     match simd {
@@ -192,7 +201,7 @@ fn gemm_all<const L: usize, const G: usize>(
             while row < tile_end {
                 let d = &mut dst[row * dst_rs + col..];
                 let l = &lhs[row * lhs_rs..];
-                let count = (tile_end - row).min(G);
+                let count = group_rows(tile_end - row, G);
                 macro_rules! go {
                     ($r:literal) => {
                         gemm_block::<L, $r>(panel, k, cols, d, dst_rs, l, lhs_rs)
@@ -459,7 +468,7 @@ fn step_all<const L: usize, const G: usize>(w: &PackedRecurrent, a: &mut StepArg
         let j0 = block * L;
         let mut row = 0;
         while row < a.rows {
-            let n = (a.rows - row).min(G);
+            let n = group_rows(a.rows - row, G);
             match n {
                 1 => step_block::<L, 1>(panel, k_in, hidden, j0, row, a),
                 2 => step_block::<L, 2>(panel, k_in, hidden, j0, row, a),
@@ -652,7 +661,7 @@ mod x86 {
                             let cols = width.min(n - col);
                             let mut row = tile;
                             while row < tile_end {
-                                let count = (tile_end - row).min($group);
+                                let count = super::super::group_rows(tile_end - row, $group);
                                 let d = dst[row * dst_rs + col..].as_mut_ptr();
                                 let l = lhs[row * lhs_rs..].as_ptr();
                                 macro_rules! go {
@@ -814,7 +823,7 @@ mod x86 {
                         let j0 = block * L;
                         let mut row = 0;
                         while row < a.rows {
-                            let count = (a.rows - row).min($group);
+                            let count = super::super::group_rows(a.rows - row, $group);
                             // SAFETY: `count` rows from `row` are in bounds.
                             unsafe {
                                 match count {

@@ -15,7 +15,7 @@ use crate::kernels::{
 /// From this many rows (per thread) an LSTM layer computes its input
 /// projection inside the fused step instead of one GEMM up front (see
 /// `Lstm::forward_fused_input`).
-pub(crate) const FUSED_INPUT_MIN_ROWS: usize = 8;
+pub(crate) const FUSED_INPUT_MIN_ROWS: usize = 16;
 use crate::quant::{LowMat, LowSimd, Precision, Scratch, detect_low_simd};
 
 /// Conv1d over time, stride 1, dilation 1.

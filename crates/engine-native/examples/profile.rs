@@ -37,7 +37,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let per_call = started.elapsed().as_secs_f64() / calls as f64;
     println!(
-        "batch {rows}, {threads} thread(s), {precision}: {:.3} ms per call, {:.0} samples/s",
+        "batch {rows}, {threads} thread(s), {precision}: {:.3} ms per call, {:.0} samples/s, {calls} calls",
         per_call * 1e3,
         rows as f64 / per_call
     );

@@ -143,8 +143,11 @@ pub(crate) fn calibrate(
     let mut ctx = Ctx::new();
     ctx.scratch.observer = Some(Observer::default());
     let row_len = plan.time_steps * plan.features;
+    let mut out = Vec::new();
     for chunk in calibration.data.chunks(32 * row_len) {
-        plan.forward_with(&mut ctx, chunk.len() / row_len, chunk);
+        let rows = chunk.len() / row_len;
+        out.resize(rows * plan.output_width, 0.0);
+        plan.forward_into(&mut ctx, rows, chunk, &mut out);
     }
     let mut observed = ctx.scratch.observer.take().unwrap_or_default().values;
     let ranges: Vec<ActQuant> = observed

@@ -28,8 +28,11 @@ use tickserve_engine::{
     Batch, BatchOutput, DataType, Engine, EngineError, Signature, TensorSpec, check_batch,
 };
 
+use std::sync::Mutex;
+
 pub use crate::calibrate::{Calibration, CalibrationError, CalibrationMethod};
-use crate::model::{Plan, SeqLayer};
+pub use crate::kernels::{Simd, available_simd, detect_simd};
+use crate::model::{Ctx, Plan, SeqLayer};
 pub use crate::quant::Precision;
 
 /// A CNN+LSTM model loaded from ONNX, runnable at any batch size.
@@ -41,6 +44,11 @@ pub struct NativeEngine {
     threads: usize,
     /// Where int8 activation scales come from (meaningful at int8 only).
     activations: Int8Activations,
+    /// Idle forward-pass workspaces. Each worker (the calling thread and
+    /// each split helper) takes one for the call and puts it back, so
+    /// after warm-up a call allocates nothing but its output; the pool
+    /// grows to the largest number of workers ever running at once.
+    pool: Mutex<Vec<Ctx>>,
 }
 
 /// Where an int8 plan's activation scales and zero points come from.
@@ -125,6 +133,7 @@ impl NativeEngine {
             plan,
             threads: 1,
             activations,
+            pool: Mutex::new(Vec::new()),
         })
     }
 
@@ -182,37 +191,92 @@ impl NativeEngine {
         self.plan.precision
     }
 
-    /// Runs the rows split over the configured threads. Each thread runs
-    /// whole samples; results differ from a single-threaded run only by the
-    /// GEMM's summation order for a different row count (~1e-6).
-    fn forward_split(&self, rows: usize, input: &[f32]) -> Result<Vec<f32>, EngineError> {
+    /// Runs the fp32 kernels at `simd` instead of the best level the CPU
+    /// has (tests run every level; the recurrent weights are repacked).
+    pub fn with_simd(mut self, simd: Simd) -> Result<Self, EngineError> {
+        if !available_simd().contains(&simd) {
+            return Err(EngineError::Unsupported(format!(
+                "this CPU cannot run the {simd:?} kernels"
+            )));
+        }
+        self.plan.set_simd(simd);
+        Ok(self)
+    }
+
+    /// The SIMD level the fp32 kernels run at.
+    pub fn simd(&self) -> Simd {
+        self.plan.simd()
+    }
+
+    /// Runs `rows` rows of `input` (`rows × time_steps × features`) and
+    /// writes `rows × output_width` values to `output`. With one thread,
+    /// a call allocates nothing once a call of at least this many rows
+    /// has run (the workspaces are reused); with several, only the helper
+    /// threads' spawning allocates.
+    pub fn infer_into(
+        &self,
+        rows: usize,
+        input: &[f32],
+        output: &mut [f32],
+    ) -> Result<(), EngineError> {
+        let row_len = self.plan.time_steps * self.plan.features;
+        let width = self.plan.output_width;
+        if input.len() != rows * row_len || output.len() != rows * width {
+            return Err(EngineError::Execution(format!(
+                "{rows} rows need {} input and {} output values, got {} and {}",
+                rows * row_len,
+                rows * width,
+                input.len(),
+                output.len()
+            )));
+        }
         let threads = self.threads.min(rows);
         if threads <= 1 {
-            return Ok(self.plan.forward(rows, input));
+            self.with_ctx(|ctx| self.plan.forward_into(ctx, rows, input, output));
+            return Ok(());
         }
-        let row_len = self.plan.time_steps * self.plan.features;
-        let mut bounds = Vec::with_capacity(threads + 1);
-        for t in 0..=threads {
-            bounds.push(rows * t / threads);
-        }
+        // Each thread runs whole samples, rows divided evenly; results
+        // differ from a single-threaded run only by the input projection
+        // GEMM's summation order for a different row count (~1e-6).
+        let first = rows / threads;
+        let (first_out, mut output_rest) = output.split_at_mut(first * width);
         std::thread::scope(|scope| {
-            let helpers: Vec<_> = bounds[1..]
-                .windows(2)
-                .map(|w| {
-                    let (start, end) = (w[0], w[1]);
-                    let chunk = &input[start * row_len..end * row_len];
-                    scope.spawn(move || self.plan.forward(end - start, chunk))
-                })
-                .collect();
-            let mut output = self.plan.forward(bounds[1], &input[..bounds[1] * row_len]);
+            let mut input_rest = &input[first * row_len..];
+            let mut helpers = Vec::with_capacity(threads - 1);
+            for t in 1..threads {
+                let n = rows * (t + 1) / threads - rows * t / threads;
+                let (chunk_in, rest_in) = input_rest.split_at(n * row_len);
+                let (chunk_out, rest_out) =
+                    std::mem::take(&mut output_rest).split_at_mut(n * width);
+                input_rest = rest_in;
+                output_rest = rest_out;
+                helpers.push(scope.spawn(move || {
+                    self.with_ctx(|ctx| self.plan.forward_into(ctx, n, chunk_in, chunk_out));
+                }));
+            }
+            self.with_ctx(|ctx| {
+                self.plan
+                    .forward_into(ctx, first, &input[..first * row_len], first_out);
+            });
             for helper in helpers {
-                let part = helper
+                helper
                     .join()
                     .map_err(|_| EngineError::Execution("an engine thread panicked".into()))?;
-                output.extend_from_slice(&part);
             }
-            Ok(output)
+            Ok(())
         })
+    }
+
+    /// Runs `f` with a workspace from the pool (a new one when all are in
+    /// use), then returns it to the pool.
+    fn with_ctx<R>(&self, f: impl FnOnce(&mut Ctx) -> R) -> R {
+        let taken = self.pool.lock().map_or(None, |mut pool| pool.pop());
+        let mut ctx = taken.unwrap_or_else(Ctx::new);
+        let result = f(&mut ctx);
+        if let Ok(mut pool) = self.pool.lock() {
+            pool.push(ctx);
+        }
+        result
     }
 
     /// What the recogniser found in the graph.
@@ -264,7 +328,8 @@ impl Engine for NativeEngine {
 
     fn infer(&self, batch: &Batch) -> Result<BatchOutput, EngineError> {
         check_batch(&self.signature, batch)?;
-        let output = self.forward_split(batch.rows, &batch.inputs[0])?;
+        let mut output = vec![0.0f32; batch.rows * self.plan.output_width];
+        self.infer_into(batch.rows, &batch.inputs[0], &mut output)?;
         Ok(BatchOutput {
             rows: batch.rows,
             outputs: vec![output],

@@ -9,19 +9,14 @@
 //! nothing at run time; the recogniser only tracks them.
 
 use crate::kernels::{
-    SMALL_ROWS_MAX, detect_simd, lstm_cell, matmul, matmul_small_rows, relu_in_place,
+    PackedMatrix, PackedRecurrent, Simd, StepArgs, gemm_packed, lstm_cell, lstm_step, relu_in_place,
 };
 use crate::quant::{ActQuant, LowMat, LowSimd, Precision, Scratch, detect_low_simd};
 
-/// `rows` copies of `bias`, the starting value of a GEMM that accumulates
-/// onto it (built by appending: no zero fill that is overwritten at once).
-fn repeat_rows(rows: usize, bias: &[f32]) -> Vec<f32> {
-    let mut out = Vec::with_capacity(rows * bias.len());
-    for _ in 0..rows {
-        out.extend_from_slice(bias);
-    }
-    out
-}
+/// From this many rows (per thread) an LSTM layer computes its input
+/// projection inside the fused step instead of one GEMM up front (see
+/// `Lstm::forward_fused_input`).
+pub(crate) const FUSED_INPUT_MIN_ROWS: usize = 16;
 
 /// Conv1d over time, stride 1, dilation 1.
 #[derive(Debug, Clone)]
@@ -33,6 +28,8 @@ pub(crate) struct Conv1d {
     pub pad_end: usize,
     /// `[kernel][in_channels][out_channels]`: one GEMM right-hand side per tap.
     pub taps: Vec<f32>,
+    /// `taps`, one packed matrix per tap, for the fp32 GEMM.
+    pub packed_taps: Vec<PackedMatrix>,
     pub bias: Vec<f32>,
     pub relu: bool,
     /// One reduced-precision copy of each tap, when the plan runs below
@@ -47,10 +44,15 @@ pub(crate) struct Lstm {
     pub hidden: usize,
     /// `[input][4·hidden]`, the transposed input weights.
     pub w_t: Vec<f32>,
+    /// `w_t` packed for the fp32 GEMM.
+    pub w_packed: PackedMatrix,
     /// `[hidden][4·hidden]`, the transposed recurrent weights.
     pub r_t: Vec<f32>,
-    /// `r_t` packed for the small-batch recurrent kernel.
-    pub r_packed: Vec<f32>,
+    /// `r_t` packed for the fused step kernel of one SIMD level.
+    pub r_packed: PackedRecurrent,
+    /// `w_t` above `r_t`, packed for the fused step that also computes the
+    /// input projection (batches of [`FUSED_INPUT_MIN_ROWS`] rows or more).
+    pub wr_packed: PackedRecurrent,
     /// Input and recurrent biases summed, `[4·hidden]`.
     pub bias: Vec<f32>,
     /// Reduced-precision `w_t` and `r_t`, when the plan runs below fp32.
@@ -65,18 +67,44 @@ pub(crate) struct Linear {
     pub output: usize,
     /// `[input][output]`.
     pub w_t: Vec<f32>,
+    /// `w_t` packed for the fp32 GEMM.
+    pub w_packed: PackedMatrix,
     pub bias: Vec<f32>,
     pub relu: bool,
     /// Reduced-precision `w_t`, when the plan runs below fp32.
     pub low: Option<LowMat>,
 }
 
-/// How one forward pass runs its GEMMs: the SIMD levels picked for this
-/// CPU and the scratch buffers low-precision layers convert rows into.
+/// Everything one forward pass writes besides its output: the low-precision
+/// kernels' SIMD level and converted rows, and every intermediate buffer.
+///
+/// One `Ctx` belongs to one worker at a time (the engine keeps a pool, see
+/// `NativeEngine`). Buffers only grow: after the first call at a batch
+/// size, a forward pass at that size or smaller allocates nothing.
 pub(crate) struct Ctx {
-    simd: crate::kernels::Simd,
     low_simd: LowSimd,
     pub(crate) scratch: Scratch,
+    /// Sequence activations, alternating between layers.
+    act: [Vec<f32>; 2],
+    /// Conv1d: the zero-padded input and the full-length tap products.
+    padded: Vec<f32>,
+    full: Vec<f32>,
+    /// LSTM: input projection of every step, hidden states (two, so a step
+    /// reads one while it writes the other) and cell state.
+    gates: Vec<f32>,
+    h: [Vec<f32>; 2],
+    c: Vec<f32>,
+    /// Head activations, alternating between layers.
+    head: [Vec<f32>; 2],
+}
+
+impl std::fmt::Debug for Ctx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ctx")
+            .field("low_simd", &self.low_simd)
+            .field("gates", &self.gates.len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Ctx {
@@ -88,13 +116,39 @@ impl Ctx {
     /// compare every level the CPU has).
     pub(crate) fn with_low_simd(low_simd: LowSimd) -> Self {
         Ctx {
-            simd: detect_simd(),
             low_simd,
             scratch: Scratch::default(),
+            act: Default::default(),
+            padded: Vec::new(),
+            full: Vec::new(),
+            gates: Vec::new(),
+            h: Default::default(),
+            c: Vec::new(),
+            head: Default::default(),
         }
     }
 }
 
+/// The first `len` values of `buf`, growing it if needed. Contents are
+/// whatever the last call left: every user overwrites what it reads.
+fn sized(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    if buf.len() < len {
+        buf.resize(len, 0.0);
+    }
+    &mut buf[..len]
+}
+
+/// Fills `dst` (`rows × bias.len()`) with copies of `bias`, the starting
+/// value of a GEMM that accumulates onto it.
+fn fill_rows(dst: &mut [f32], bias: &[f32]) {
+    for row in dst.chunks_exact_mut(bias.len()) {
+        row.copy_from_slice(bias);
+    }
+}
+
+// A plan holds a handful of layers, built once at load: boxing the larger
+// variant would only add an indirection to the forward pass.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub(crate) enum SeqLayer {
     Conv(Conv1d),
@@ -119,6 +173,39 @@ pub(crate) struct Plan {
 }
 
 impl Plan {
+    /// Repacks the fp32 weights for the kernels of SIMD level `simd`
+    /// (which the caller has checked the CPU supports).
+    pub fn set_simd(&mut self, simd: Simd) {
+        for layer in &mut self.seq {
+            match layer {
+                SeqLayer::Conv(c) => {
+                    c.packed_taps =
+                        Conv1d::pack_taps(&c.taps, c.kernel, c.in_channels, c.out_channels, simd)
+                }
+                SeqLayer::Lstm(l) => {
+                    l.w_packed = PackedMatrix::new(&l.w_t, l.input, 4 * l.hidden, simd);
+                    l.r_packed = PackedRecurrent::new(&l.r_t, l.hidden, simd);
+                    l.wr_packed =
+                        PackedRecurrent::with_input(&l.w_t, l.input, &l.r_t, l.hidden, simd);
+                }
+            }
+        }
+        for linear in &mut self.head {
+            linear.w_packed = PackedMatrix::new(&linear.w_t, linear.input, linear.output, simd);
+        }
+    }
+
+    /// The SIMD level the kernels run at.
+    pub fn simd(&self) -> Simd {
+        self.seq
+            .iter()
+            .find_map(|layer| match layer {
+                SeqLayer::Lstm(l) => Some(l.r_packed.simd()),
+                SeqLayer::Conv(_) => None,
+            })
+            .unwrap_or_else(crate::kernels::detect_simd)
+    }
+
     /// Converts the GEMM right-hand sides (conv taps, LSTM input and
     /// recurrent weights, head) to `precision`; fp32 drops the copies.
     ///
@@ -173,55 +260,103 @@ impl Plan {
         }
     }
 
-    pub fn forward(&self, rows: usize, input: &[f32]) -> Vec<f32> {
-        self.forward_with(&mut Ctx::new(), rows, input)
-    }
-
-    /// Runs `rows` samples of `[time_steps, features]` and returns
-    /// `rows × output_width` values.
-    pub(crate) fn forward_with(&self, ctx: &mut Ctx, rows: usize, input: &[f32]) -> Vec<f32> {
+    /// Runs `rows` samples of `[time_steps, features]` and writes
+    /// `rows × output_width` values to `out`, using only `ctx`'s buffers.
+    ///
+    /// # Panics
+    /// If `input` or `out` has the wrong length (the engine checks the
+    /// batch first).
+    pub(crate) fn forward_into(&self, ctx: &mut Ctx, rows: usize, input: &[f32], out: &mut [f32]) {
+        assert_eq!(
+            input.len(),
+            rows * self.time_steps * self.features,
+            "input length"
+        );
+        assert_eq!(out.len(), rows * self.output_width, "output length");
         let mut time = self.time_steps;
         let mut channels = self.features;
-        let mut act = input.to_vec();
+        // Taken out of `ctx` (no allocation) so layers can borrow `ctx`
+        // mutably while reading one buffer and writing the other.
+        let [mut cur, mut next] = std::mem::take(&mut ctx.act);
         let last = self.seq.len().saturating_sub(1);
         for (index, layer) in self.seq.iter().enumerate() {
+            let src = if index == 0 {
+                input
+            } else {
+                &cur[..rows * time * channels]
+            };
             match layer {
                 SeqLayer::Conv(conv) => {
-                    let (out, out_time) = conv.forward(ctx, rows, time, &act);
-                    act = out;
-                    time = out_time;
+                    time = conv.forward(ctx, rows, time, src, &mut next);
                     channels = conv.out_channels;
                 }
                 SeqLayer::Lstm(lstm) => {
                     // The recogniser only puts "last step" after the final
                     // sequence layer, so that LSTM can skip storing Y.
                     let last_only = index == last;
-                    act = lstm.forward(ctx, rows, time, &act, last_only);
+                    lstm.forward(ctx, rows, time, src, last_only, &mut next);
                     if last_only {
                         time = 1;
                     }
                     channels = lstm.hidden;
                 }
             }
-            self.round_output(index, &mut act);
+            std::mem::swap(&mut cur, &mut next);
+            self.round_output(index, &mut cur[..rows * time * channels]);
         }
-        // Last time step of each sample (a no-op when the LSTM already
+        let [mut head_in, mut head_out] = std::mem::take(&mut ctx.head);
+        // Last time step of each sample (when the LSTM has not already
         // returned only its final state).
-        let mut vec = if time == 1 {
-            act
+        let vec: &[f32] = if self.seq.is_empty() {
+            input
+        } else if time == 1 {
+            &cur[..rows * channels]
         } else {
-            let mut v = Vec::with_capacity(rows * channels);
+            // `next` is free: the last layer's output is in `cur`.
+            let v = sized(&mut next, rows * channels);
             for b in 0..rows {
                 let start = (b * time + time - 1) * channels;
-                v.extend_from_slice(&act[start..start + channels]);
+                v[b * channels..(b + 1) * channels].copy_from_slice(&cur[start..start + channels]);
             }
             v
         };
-        for (index, linear) in self.head.iter().enumerate() {
-            vec = linear.forward(ctx, rows, &vec);
-            self.round_output(self.seq.len() + index, &mut vec);
+        match self.head.split_last() {
+            None => out.copy_from_slice(vec),
+            Some((final_layer, hidden_layers)) => {
+                let mut width = channels;
+                let mut src_is_vec = true;
+                for (index, linear) in hidden_layers.iter().enumerate() {
+                    let dst = sized(&mut head_out, rows * linear.output);
+                    let src = if src_is_vec {
+                        vec
+                    } else {
+                        &head_in[..rows * width]
+                    };
+                    linear.forward(ctx, rows, src, dst);
+                    self.round_output(self.seq.len() + index, dst);
+                    std::mem::swap(&mut head_in, &mut head_out);
+                    src_is_vec = false;
+                    width = linear.output;
+                }
+                let src = if src_is_vec {
+                    vec
+                } else {
+                    &head_in[..rows * width]
+                };
+                final_layer.forward(ctx, rows, src, out);
+                self.round_output(self.seq.len() + hidden_layers.len(), out);
+            }
         }
-        vec
+        // Put each buffer back in its own slot, so the next call grows
+        // neither (each has reached the size its layers need).
+        if self.seq.len() % 2 == 1 {
+            std::mem::swap(&mut cur, &mut next);
+        }
+        if self.head.len().saturating_sub(1) % 2 == 1 {
+            std::mem::swap(&mut head_in, &mut head_out);
+        }
+        ctx.act = [cur, next];
+        ctx.head = [head_in, head_out];
     }
 
     /// Applies the QDQ roundings recorded for layer `index`'s output.
@@ -233,58 +368,80 @@ impl Plan {
 }
 
 impl Conv1d {
-    fn forward(&self, ctx: &mut Ctx, rows: usize, time: usize, input: &[f32]) -> (Vec<f32>, usize) {
+    /// One packed matrix per tap of `taps` (`[kernel][cin][cout]`).
+    pub(crate) fn pack_taps(
+        taps: &[f32],
+        kernel: usize,
+        cin: usize,
+        cout: usize,
+        simd: Simd,
+    ) -> Vec<PackedMatrix> {
+        (0..kernel)
+            .map(|t| {
+                PackedMatrix::new(&taps[t * cin * cout..(t + 1) * cin * cout], cin, cout, simd)
+            })
+            .collect()
+    }
+
+    /// Writes `[B, T', C_out]` to `out` and returns `T'`.
+    fn forward(
+        &self,
+        ctx: &mut Ctx,
+        rows: usize,
+        time: usize,
+        input: &[f32],
+        out: &mut Vec<f32>,
+    ) -> usize {
         let (cin, cout, k) = (self.in_channels, self.out_channels, self.kernel);
+        debug_assert_eq!(self.packed_taps.len(), k);
         let span = time + self.pad_begin + self.pad_end;
         let out_time = span + 1 - k;
         // Each sample's rows with its zero padding; the taps then read this
         // buffer shifted by 0..k rows, so no im2col copy is needed.
-        let mut padded = vec![0.0f32; rows * span * cin];
+        let padded = sized(&mut ctx.padded, rows * span * cin);
         for b in 0..rows {
-            let dst = (b * span + self.pad_begin) * cin;
-            padded[dst..dst + time * cin]
-                .copy_from_slice(&input[b * time * cin..(b + 1) * time * cin]);
+            let sample = &mut padded[b * span * cin..(b + 1) * span * cin];
+            let (head, rest) = sample.split_at_mut(self.pad_begin * cin);
+            let (body, tail) = rest.split_at_mut(time * cin);
+            head.fill(0.0);
+            body.copy_from_slice(&input[b * time * cin..(b + 1) * time * cin]);
+            tail.fill(0.0);
         }
+        let padded = &ctx.padded[..rows * span * cin];
         // Output row r of the shifted GEMMs is time r - b·span of sample b;
         // rows that straddle two samples are computed and then skipped.
         let full_rows = rows * span - (k - 1);
-        let mut full = repeat_rows(full_rows, &self.bias);
+        let full = sized(&mut ctx.full, full_rows * cout);
+        fill_rows(full, &self.bias);
         // Every padded row is converted once; tap `t` then reads the
         // converted rows shifted by `t`, as the fp32 taps below do.
         if let Some(first) = self.low_taps.first() {
-            first.prepare(ctx.low_simd, rows * span, &padded, cin, &mut ctx.scratch);
+            first.prepare(ctx.low_simd, rows * span, padded, cin, &mut ctx.scratch);
         }
         for (tap, low) in self.low_taps.iter().enumerate() {
-            low.run_prepared(ctx.low_simd, full_rows, tap, &mut full, cout, &ctx.scratch);
+            low.run_prepared(ctx.low_simd, full_rows, tap, full, cout, &ctx.scratch);
         }
-        for tap in 0..if self.low_taps.is_empty() { k } else { 0 } {
-            matmul(
-                full_rows,
-                cout,
-                cin,
-                &mut full,
-                cout,
-                true,
-                &padded[tap * cin..],
-                cin,
-                &self.taps[tap * cin * cout..(tap + 1) * cin * cout],
-                cout,
-            );
+        if self.low_taps.is_empty() {
+            for (tap, w) in self.packed_taps.iter().enumerate() {
+                gemm_packed(w, full_rows, full, cout, &padded[tap * cin..], cin);
+            }
         }
-        let mut out = Vec::with_capacity(rows * out_time * cout);
+        let dst = sized(out, rows * out_time * cout);
         for b in 0..rows {
             let start = b * span * cout;
-            out.extend_from_slice(&full[start..start + out_time * cout]);
+            dst[b * out_time * cout..(b + 1) * out_time * cout]
+                .copy_from_slice(&full[start..start + out_time * cout]);
         }
         if self.relu {
-            relu_in_place(&mut out);
+            relu_in_place(dst);
         }
-        (out, out_time)
+        out_time
     }
 }
 
 impl Lstm {
-    /// Returns `[B, T, H]`, or only the final `[B, H]` with `last_only`.
+    /// Writes `[B, T, H]` to `out`, or only the final `[B, H]` with
+    /// `last_only`.
     fn forward(
         &self,
         ctx: &mut Ctx,
@@ -292,127 +449,190 @@ impl Lstm {
         time: usize,
         input: &[f32],
         last_only: bool,
-    ) -> Vec<f32> {
+        out: &mut Vec<f32>,
+    ) {
         let hidden = self.hidden;
         let gates_width = 4 * hidden;
+        if rows >= FUSED_INPUT_MIN_ROWS && self.w_low.is_none() && self.r_low.is_none() {
+            self.forward_fused_input(ctx, rows, time, input, last_only, out);
+            return;
+        }
         // Input projection of every time step of every sample in one GEMM.
-        let mut gates = repeat_rows(rows * time, &self.bias);
+        let gates = sized(&mut ctx.gates, rows * time * gates_width);
+        fill_rows(gates, &self.bias);
         if let Some(low) = &self.w_low {
             low.matmul_acc(
                 ctx.low_simd,
                 rows * time,
-                &mut gates,
+                gates,
                 gates_width,
                 input,
                 self.input,
                 &mut ctx.scratch,
             );
         } else {
-            matmul(
-                rows * time,
-                gates_width,
-                self.input,
-                &mut gates,
-                gates_width,
-                true,
-                input,
-                self.input,
-                &self.w_t,
-                gates_width,
-            );
-        }
-        let mut h = vec![0.0f32; rows * hidden];
-        let mut c = vec![0.0f32; rows * hidden];
-        let mut y = if last_only {
-            Vec::new()
-        } else {
-            vec![0.0f32; rows * time * hidden]
-        };
-        let step_stride = time * gates_width;
-        let simd = ctx.simd;
-        for t in 0..time {
-            let offset = t * gates_width;
-            if let (true, Some(low)) = (t > 0, &self.r_low) {
-                low.matmul_acc(
-                    ctx.low_simd,
-                    rows,
-                    &mut gates[offset..],
-                    step_stride,
-                    &h,
-                    hidden,
-                    &mut ctx.scratch,
-                );
-            } else if t > 0 && rows <= SMALL_ROWS_MAX {
-                matmul_small_rows(
-                    simd,
-                    rows,
-                    gates_width,
-                    hidden,
-                    &mut gates[offset..],
-                    step_stride,
-                    &h,
-                    hidden,
-                    &self.r_packed,
-                );
-            } else if t > 0 {
-                // The initial state is zero, so step 0 has no recurrent term.
-                matmul(
-                    rows,
-                    gates_width,
-                    hidden,
-                    &mut gates[offset..],
-                    step_stride,
-                    true,
-                    &h,
-                    hidden,
-                    &self.r_t,
-                    gates_width,
+            // Stored time-major, `[T, B, 4H]`: each step then reads one
+            // contiguous block that the prefetcher streams in (sample-major,
+            // a large batch's steps missed the cache on every row).
+            for b in 0..rows {
+                gemm_packed(
+                    &self.w_packed,
+                    time,
+                    &mut gates[b * gates_width..],
+                    rows * gates_width,
+                    &input[b * time * self.input..],
+                    self.input,
                 );
             }
-            for b in 0..rows {
-                let g = &gates[offset + b * step_stride..offset + b * step_stride + gates_width];
-                let hb = &mut h[b * hidden..(b + 1) * hidden];
-                lstm_cell(simd, g, &mut c[b * hidden..(b + 1) * hidden], hb);
-                if !last_only {
+        }
+        let [mut h_prev, mut h_next] = std::mem::take(&mut ctx.h);
+        sized(&mut h_prev, rows * hidden);
+        sized(&mut h_next, rows * hidden);
+        let c = sized(&mut ctx.c, rows * hidden);
+        // The initial state is zero: step 0 has no recurrent term and
+        // starts from c = 0.
+        c.fill(0.0);
+        let y = sized(out, rows * if last_only { 1 } else { time } * hidden);
+        // The low-precision projection is sample-major (`[B, T, 4H]`).
+        let (step_offset, step_stride) = if self.w_low.is_some() {
+            (gates_width, time * gates_width)
+        } else {
+            (rows * gates_width, gates_width)
+        };
+        let gates = &mut ctx.gates[..rows * time * gates_width];
+        for t in 0..time {
+            let offset = t * step_offset;
+            if let Some(low) = &self.r_low {
+                if t > 0 {
+                    low.matmul_acc(
+                        ctx.low_simd,
+                        rows,
+                        &mut gates[offset..],
+                        step_stride,
+                        &h_prev,
+                        hidden,
+                        &mut ctx.scratch,
+                    );
+                }
+                for b in 0..rows {
+                    let g =
+                        &gates[offset + b * step_stride..offset + b * step_stride + gates_width];
+                    let hb = &mut h_next[b * hidden..(b + 1) * hidden];
+                    lstm_cell(
+                        self.r_packed.simd(),
+                        g,
+                        &mut c[b * hidden..(b + 1) * hidden],
+                        hb,
+                    );
+                }
+            } else {
+                lstm_step(
+                    &self.r_packed,
+                    StepArgs {
+                        rows,
+                        x: &[],
+                        x_rs: 0,
+                        recurrent: t > 0,
+                        h_prev: &h_prev,
+                        hp_rs: hidden,
+                        gates: &gates[offset..],
+                        g_rs: step_stride,
+                        c,
+                        h_next: &mut h_next,
+                        hn_rs: hidden,
+                    },
+                );
+            }
+            if !last_only {
+                for b in 0..rows {
                     let dst = (b * time + t) * hidden;
-                    y[dst..dst + hidden].copy_from_slice(hb);
+                    y[dst..dst + hidden].copy_from_slice(&h_next[b * hidden..(b + 1) * hidden]);
                 }
             }
+            std::mem::swap(&mut h_prev, &mut h_next);
         }
-        if last_only { h } else { y }
+        if last_only {
+            y.copy_from_slice(&h_prev[..rows * hidden]);
+        }
+        ctx.h = [h_prev, h_next];
+    }
+}
+
+impl Lstm {
+    /// [`Lstm::forward`] for larger batches: each step computes its own
+    /// input projection inside the fused step (weights `[W; R]`), so the
+    /// `B·T·4H` projection buffer never exists. At batch 128 that buffer is
+    /// 13 MB, written by one GEMM and read back from memory step by step;
+    /// here the step's input rows come straight from the previous layer's
+    /// output. Small batches keep the separate GEMM: per step they would
+    /// stream `W` as well as `R` from L2, and there the stream is the cost.
+    fn forward_fused_input(
+        &self,
+        ctx: &mut Ctx,
+        rows: usize,
+        time: usize,
+        input: &[f32],
+        last_only: bool,
+        out: &mut Vec<f32>,
+    ) {
+        let hidden = self.hidden;
+        let [mut h_prev, mut h_next] = std::mem::take(&mut ctx.h);
+        sized(&mut h_prev, rows * hidden);
+        sized(&mut h_next, rows * hidden);
+        let c = sized(&mut ctx.c, rows * hidden);
+        c.fill(0.0);
+        let y = sized(out, rows * if last_only { 1 } else { time } * hidden);
+        for t in 0..time {
+            lstm_step(
+                &self.wr_packed,
+                StepArgs {
+                    rows,
+                    x: &input[t * self.input..],
+                    x_rs: time * self.input,
+                    recurrent: t > 0,
+                    h_prev: &h_prev,
+                    hp_rs: hidden,
+                    gates: &self.bias,
+                    g_rs: 0,
+                    c,
+                    h_next: &mut h_next,
+                    hn_rs: hidden,
+                },
+            );
+            if !last_only {
+                for b in 0..rows {
+                    let dst = (b * time + t) * hidden;
+                    y[dst..dst + hidden].copy_from_slice(&h_next[b * hidden..(b + 1) * hidden]);
+                }
+            }
+            std::mem::swap(&mut h_prev, &mut h_next);
+        }
+        if last_only {
+            y.copy_from_slice(&h_prev[..rows * hidden]);
+        }
+        ctx.h = [h_prev, h_next];
     }
 }
 
 impl Linear {
-    fn forward(&self, ctx: &mut Ctx, rows: usize, input: &[f32]) -> Vec<f32> {
-        let mut out = repeat_rows(rows, &self.bias);
+    /// Writes `rows × output` values to `out`.
+    fn forward(&self, ctx: &mut Ctx, rows: usize, input: &[f32], out: &mut [f32]) {
+        fill_rows(out, &self.bias);
         if let Some(low) = &self.low {
             low.matmul_acc(
                 ctx.low_simd,
                 rows,
-                &mut out,
+                out,
                 self.output,
                 input,
                 self.input,
                 &mut ctx.scratch,
             );
         } else {
-            matmul(
-                rows,
-                self.output,
-                self.input,
-                &mut out,
-                self.output,
-                true,
-                input,
-                self.input,
-                &self.w_t,
-                self.output,
-            );
+            gemm_packed(&self.w_packed, rows, out, self.output, input, self.input);
         }
         if self.relu {
-            relu_in_place(&mut out);
+            relu_in_place(out);
         }
-        out
     }
 }

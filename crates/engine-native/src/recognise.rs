@@ -39,6 +39,7 @@
 
 use std::collections::HashMap;
 
+use crate::kernels::{PackedMatrix, PackedRecurrent, detect_simd};
 use crate::model::{Conv1d, Linear, Lstm, Plan, SeqLayer};
 use crate::onnx::{ConstData, GraphProto, NodeProto, TensorProto, elem_type};
 use crate::quant::{ActQuant, LowMat, Precision, QWeights};
@@ -792,6 +793,7 @@ impl Recogniser {
             kernel,
             pad_begin,
             pad_end,
+            packed_taps: Conv1d::pack_taps(&taps, kernel, cin, cout, detect_simd()),
             taps,
             bias,
             relu: false,
@@ -931,11 +933,14 @@ impl Recogniser {
             t
         };
         let r_t = transpose(&r, 4 * hidden, hidden);
+        let w_t = transpose(&w, 4 * hidden, input);
         self.seq.push(SeqLayer::Lstm(Lstm {
             input,
             hidden,
-            w_t: transpose(&w, 4 * hidden, input),
-            r_packed: crate::kernels::pack_columns(&r_t, hidden, 4 * hidden),
+            w_packed: PackedMatrix::new(&w_t, input, 4 * hidden, detect_simd()),
+            r_packed: PackedRecurrent::new(&r_t, hidden, detect_simd()),
+            wr_packed: PackedRecurrent::with_input(&w_t, input, &r_t, hidden, detect_simd()),
+            w_t,
             r_t,
             bias,
             w_low: None,
@@ -1040,6 +1045,7 @@ impl Recogniser {
         self.head.push(Linear {
             input,
             output,
+            w_packed: PackedMatrix::new(&w_t, input, output, detect_simd()),
             w_t,
             bias,
             relu: false,

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use tickserve_engine::{Batch, Engine, EngineError};
-use tickserve_engine_native::NativeEngine;
+use tickserve_engine_native::{NativeEngine, Simd, available_simd};
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -28,7 +28,13 @@ struct Golden {
 }
 
 fn golden(model: &Path, name: &str) -> Golden {
-    let engine = NativeEngine::load(model).unwrap();
+    golden_at(model, name, tickserve_engine_native::detect_simd())
+}
+
+/// The fixture with the fp32 kernels forced to `simd`.
+fn golden_at(model: &Path, name: &str, simd: Simd) -> Golden {
+    let engine = NativeEngine::load(model).unwrap().with_simd(simd).unwrap();
+    assert_eq!(engine.simd(), simd);
     let dir = root().join("fixtures/golden").join(name);
     let (input_shape, input) = read_npy(&dir.join("input.npy"));
     let (output_shape, output) = read_npy(&dir.join("output.npy"));
@@ -107,6 +113,36 @@ fn check_all_batch_sizes_once(g: &Golden, batch: usize) {
         .unwrap();
     for (a, b) in out.outputs[0].iter().zip(&g.output) {
         assert!((a - b).abs() <= 1e-5, "{a} vs {b}");
+    }
+}
+
+#[test]
+fn every_simd_level_matches_pytorch_at_every_batch_size() {
+    // The test above runs the best level; this forces each one the CPU
+    // has (portable included), on the reference model and both variants.
+    let levels = available_simd();
+    eprintln!("SIMD levels on this CPU: {levels:?}");
+    for simd in levels {
+        eprintln!("{simd:?}:");
+        let g = golden_at(
+            &root().join("models/cnn_lstm/1/model.onnx"),
+            "cnn_lstm",
+            simd,
+        );
+        check_all_batch_sizes(&g, 32);
+        for name in ["variant_a", "variant_b"] {
+            let path = root().join("fixtures/models").join(name).join("model.onnx");
+            check_all_batch_sizes(&golden_at(&path, name, simd), 16);
+        }
+    }
+}
+
+#[test]
+fn a_simd_level_the_cpu_lacks_is_refused() {
+    let path = root().join("models/cnn_lstm/1/model.onnx");
+    for simd in [Simd::Avx512, Simd::Avx2, Simd::Portable] {
+        let result = NativeEngine::load(&path).unwrap().with_simd(simd);
+        assert_eq!(result.is_ok(), available_simd().contains(&simd), "{simd:?}");
     }
 }
 

@@ -33,6 +33,9 @@ pub struct NativeEngine {
     plan: Plan,
     /// Threads one batch is split across (rows divided evenly).
     threads: usize,
+    /// What `tickserve model prune` did to the model, from its metadata
+    /// (`tickserve_engine::PRUNING_METADATA_KEY`); part of the variant.
+    pruning: Option<String>,
 }
 
 /// A one-line summary of what the recogniser found, for logs and metadata.
@@ -95,10 +98,17 @@ impl NativeEngine {
                 dims: vec![plan.output_width],
             }],
         };
+        let pruning = model
+            .metadata_props
+            .iter()
+            .find(|p| p.key.as_deref() == Some(tickserve_engine::PRUNING_METADATA_KEY))
+            .and_then(|p| p.value.clone())
+            .filter(|v| !v.is_empty());
         Ok(NativeEngine {
             signature,
             plan,
             threads: 1,
+            pruning,
         })
     }
 
@@ -120,6 +130,12 @@ impl NativeEngine {
     /// The precision the GEMMs run in.
     pub fn precision(&self) -> Precision {
         self.plan.precision
+    }
+
+    /// The pruning record of the model file (`"l1=0.30,channels=0.25"`),
+    /// when `tickserve model prune` wrote it.
+    pub fn pruning(&self) -> Option<&str> {
+        self.pruning.as_deref()
     }
 
     /// Runs the rows split over the configured threads. Each thread runs
@@ -195,7 +211,10 @@ impl Engine for NativeEngine {
     }
 
     fn variant(&self) -> String {
-        format!("native/{}", self.plan.precision)
+        tickserve_engine::variant_with_pruning(
+            &format!("native/{}", self.plan.precision),
+            self.pruning(),
+        )
     }
 
     fn infer(&self, batch: &Batch) -> Result<BatchOutput, EngineError> {

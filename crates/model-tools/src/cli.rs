@@ -366,7 +366,8 @@ fn run_optimize(args: &OptimizeArgs) -> Result<(), ToolError> {
     {
         specs.push(chosen);
     }
-    specs.dedup_by_key(|s| s.name());
+    let mut seen = std::collections::HashSet::new();
+    specs.retain(|s| seen.insert(s.name()));
     if !(args.seconds > 0.0 && args.seconds.is_finite()) {
         return Err(ToolError::InvalidArgument(format!(
             "--seconds is {}; expected a positive number",

@@ -49,6 +49,23 @@ fn stdout(output: &Output) -> String {
     String::from_utf8(output.stdout.clone()).unwrap()
 }
 
+/// The cells of a table line: columns are separated by two or more spaces.
+fn cells(line: &str) -> Vec<String> {
+    line.split("  ")
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .map(String::from)
+        .collect()
+}
+
+/// The table row whose first cell is `first`.
+fn row(text: &str, first: &str) -> Vec<String> {
+    text.lines()
+        .map(cells)
+        .find(|c| c.first().map(String::as_str) == Some(first))
+        .unwrap_or_else(|| panic!("no row '{first}' in\n{text}"))
+}
+
 fn variant_of(repo: &Path, version: u64) -> String {
     let models = tickserve_repository::scan(repo).unwrap();
     models[0].load_version(version).unwrap().engine.variant()
@@ -63,9 +80,14 @@ fn prune_writes_a_narrower_version_and_leaves_the_source_alone() {
     assert!(text.contains("l1=0.30,channels=0.25"), "{text}");
     // conv.0 loses 16 of its 64 output channels; conv.2 its inputs and 16
     // outputs; the LSTM's input weights their 16 columns.
-    assert!(text.contains("[64, 60, 3]  [48, 60, 3]"), "{text}");
-    assert!(text.contains("[64, 64, 3]  [48, 48, 3]"), "{text}");
-    assert!(text.contains("[1, 512, 64]  [1, 512, 48]"), "{text}");
+    let conv0 = row(&text, "Conv node '/conv/conv.0/Conv'");
+    assert_eq!(conv0[1..5], ["conv.0.weight", "[64, 60, 3]", "[48, 60, 3]", "16"]);
+    // 30 % of the 48·60·3 weights left.
+    assert_eq!(conv0[5], "2592/8640");
+    let conv2 = row(&text, "Conv node '/conv/conv.2/Conv'");
+    assert_eq!(conv2[2..5], ["[64, 64, 3]", "[48, 48, 3]", "16"]);
+    let lstm = row(&text, "LSTM node '/rnn/LSTM'");
+    assert_eq!(lstm[2..5], ["[1, 512, 64]", "[1, 512, 48]", "0"]);
     assert_eq!(
         std::fs::read(repo.join("cnn_lstm/1/model.onnx")).unwrap(),
         source
@@ -84,6 +106,8 @@ fn prune_writes_a_narrower_version_and_leaves_the_source_alone() {
             "prune",
             "--sparsity",
             "0",
+            "--model-version",
+            "1",
             "--output-version",
             "7",
             "--json",
@@ -135,18 +159,29 @@ fn optimize_prints_a_table_and_writes_a_loadable_version() {
     ] {
         assert!(lines[header].contains(column), "{column} missing:\n{text}");
     }
-    let row = |name: &str| {
-        lines[header + 2..]
-            .iter()
-            .find(|l| l.split_whitespace().next() == Some(name))
-            .unwrap_or_else(|| panic!("no row {name} in\n{text}"))
-            .to_string()
-    };
-    // fp32 against itself: no error, full agreement.
-    let fp32 = row("fp32");
-    assert!(fp32.contains("0.00e0  0.00e0  100.0 %"), "{fp32}");
-    assert!(row("int8").contains("native/int8"));
-    assert!(row("pruned").contains("native/fp32+pruned(l1=0.30,channels=0.25)"));
+    let columns = cells(lines[header]);
+    assert_eq!(columns.len(), 9, "{columns:?}");
+    // fp32 against itself: no error, full agreement, r = 1.
+    let fp32 = row(&text, "fp32");
+    assert_eq!(fp32.len(), 9, "{fp32:?}");
+    assert_eq!(fp32[1], "native/fp32");
+    assert_eq!(fp32[5..8], ["0.00e0", "0.00e0", "100.0 %"]);
+    assert_eq!(fp32[8], "1.00000 1.00000 1.00000");
+    for (name, variant) in [
+        ("bf16", "native/bf16"),
+        ("int8", "native/int8"),
+        ("pruned", "native/fp32+pruned(l1=0.30,channels=0.25)"),
+    ] {
+        let cells = row(&text, name);
+        assert_eq!(cells[1], variant);
+        let samples_per_second: f64 = cells[3].parse().unwrap();
+        assert!(samples_per_second > 0.0, "{cells:?}");
+        let max_abs: f64 = cells[5].parse().unwrap();
+        assert!(max_abs > 0.0, "{cells:?}");
+    }
+    // Channel pruning lowers the FLOPs per sample.
+    let flops = |name: &str| row(&text, name)[2].parse::<f64>().unwrap();
+    assert!(flops("pruned") < flops("fp32"));
     // The golden outputs are the reference by default.
     assert!(text.contains("against the reference outputs"), "{text}");
     assert!(text.contains("wrote cnn_lstm version 2"), "{text}");

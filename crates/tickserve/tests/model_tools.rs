@@ -81,7 +81,10 @@ fn prune_writes_a_narrower_version_and_leaves_the_source_alone() {
     // conv.0 loses 16 of its 64 output channels; conv.2 its inputs and 16
     // outputs; the LSTM's input weights their 16 columns.
     let conv0 = row(&text, "Conv node '/conv/conv.0/Conv'");
-    assert_eq!(conv0[1..5], ["conv.0.weight", "[64, 60, 3]", "[48, 60, 3]", "16"]);
+    assert_eq!(
+        conv0[1..5],
+        ["conv.0.weight", "[64, 60, 3]", "[48, 60, 3]", "16"]
+    );
     // 30 % of the 48·60·3 weights left.
     assert_eq!(conv0[5], "2592/8640");
     let conv2 = row(&text, "Conv node '/conv/conv.2/Conv'");

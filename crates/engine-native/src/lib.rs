@@ -49,6 +49,9 @@ pub struct NativeEngine {
     /// after warm-up a call allocates nothing but its output; the pool
     /// grows to the largest number of workers ever running at once.
     pool: Mutex<Vec<Ctx>>,
+    /// What `tickserve model prune` did to the model, from its metadata
+    /// (`tickserve_engine::PRUNING_METADATA_KEY`); part of the variant.
+    pruning: Option<String>,
 }
 
 /// Where an int8 plan's activation scales and zero points come from.
@@ -128,12 +131,19 @@ impl NativeEngine {
         } else {
             Int8Activations::Dynamic
         };
+        let pruning = model
+            .metadata_props
+            .iter()
+            .find(|p| p.key.as_deref() == Some(tickserve_engine::PRUNING_METADATA_KEY))
+            .and_then(|p| p.value.clone())
+            .filter(|v| !v.is_empty());
         Ok(NativeEngine {
             signature,
             plan,
             threads: 1,
             activations,
             pool: Mutex::new(Vec::new()),
+            pruning,
         })
     }
 
@@ -189,6 +199,12 @@ impl NativeEngine {
     /// The precision the GEMMs run in.
     pub fn precision(&self) -> Precision {
         self.plan.precision
+    }
+
+    /// The pruning record of the model file (`"l1=0.30,channels=0.25"`),
+    /// when `tickserve model prune` wrote it.
+    pub fn pruning(&self) -> Option<&str> {
+        self.pruning.as_deref()
     }
 
     /// Runs the fp32 kernels at `simd` instead of the best level the CPU
@@ -319,11 +335,12 @@ impl Engine for NativeEngine {
     }
 
     fn variant(&self) -> String {
-        match (self.plan.precision, self.activations) {
+        let base = match (self.plan.precision, self.activations) {
             (Precision::Int8, Int8Activations::Static) => "native/int8-static".into(),
             (Precision::Int8, Int8Activations::Qdq) => "native/int8-qdq".into(),
             (precision, _) => format!("native/{precision}"),
-        }
+        };
+        tickserve_engine::variant_with_pruning(&base, self.pruning())
     }
 
     fn infer(&self, batch: &Batch) -> Result<BatchOutput, EngineError> {

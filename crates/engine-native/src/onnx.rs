@@ -17,6 +17,18 @@ pub struct ModelProto {
     pub producer_name: Option<String>,
     #[prost(message, optional, tag = "7")]
     pub graph: Option<GraphProto>,
+    /// Free-form key/value metadata; tickserve's model tools record pruning
+    /// here (`tickserve_engine::PRUNING_METADATA_KEY`).
+    #[prost(message, repeated, tag = "14")]
+    pub metadata_props: Vec<StringStringEntryProto>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct StringStringEntryProto {
+    #[prost(string, optional, tag = "1")]
+    pub key: Option<String>,
+    #[prost(string, optional, tag = "2")]
+    pub value: Option<String>,
 }
 
 #[derive(Clone, PartialEq, Message)]

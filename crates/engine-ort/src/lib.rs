@@ -68,6 +68,9 @@ pub struct OrtEngine {
     signature: Signature,
     sessions: Vec<Mutex<Session>>,
     next: AtomicUsize,
+    /// The model's pruning record (`tickserve_engine::PRUNING_METADATA_KEY`
+    /// in its metadata), part of the variant.
+    pruning: Option<String>,
 }
 
 fn unsupported(path: &Path, why: impl std::fmt::Display) -> EngineError {
@@ -102,10 +105,16 @@ impl OrtEngine {
             inputs: specs(first.inputs(), "input")?,
             outputs: specs(first.outputs(), "output")?,
         };
+        let pruning = first
+            .metadata()
+            .ok()
+            .and_then(|m| m.custom(tickserve_engine::PRUNING_METADATA_KEY))
+            .filter(|v| !v.is_empty());
         Ok(OrtEngine {
             signature,
             sessions: loaded.into_iter().map(Mutex::new).collect(),
             next: AtomicUsize::new(0),
+            pruning,
         })
     }
 }
@@ -162,6 +171,10 @@ impl Engine for OrtEngine {
 
     fn signature(&self) -> &Signature {
         &self.signature
+    }
+
+    fn variant(&self) -> String {
+        tickserve_engine::variant_with_pruning(self.kind(), self.pruning.as_deref())
     }
 
     fn infer(&self, batch: &Batch) -> Result<BatchOutput, EngineError> {

@@ -204,6 +204,22 @@ pub fn check_batch(signature: &Signature, batch: &Batch) -> Result<(), EngineErr
     Ok(())
 }
 
+/// Key of the ONNX model metadata entry (`ModelProto.metadata_props`) in
+/// which `tickserve model prune` records what it did to a model, e.g.
+/// `"l1=0.30,channels=0.25"`. Engines append it to their
+/// [`Engine::variant`] (see [`variant_with_pruning`]) so the metadata shows
+/// it and cached results of a pruned model never answer for another.
+pub const PRUNING_METADATA_KEY: &str = "tickserve.pruning";
+
+/// `base` (`"native/fp32"`) followed by the model's pruning record, when it
+/// has one: `"native/fp32+pruned(l1=0.30,channels=0.25)"`.
+pub fn variant_with_pruning(base: &str, pruning: Option<&str>) -> String {
+    match pruning {
+        Some(record) if !record.is_empty() => format!("{base}+pruned({record})"),
+        _ => base.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -215,6 +231,16 @@ mod tests {
         }
         assert_eq!(DataType::parse("fp32"), None);
         assert_eq!(DataType::parse("FLOAT"), None);
+    }
+
+    #[test]
+    fn a_pruning_record_is_appended_to_the_variant() {
+        assert_eq!(variant_with_pruning("native/int8", None), "native/int8");
+        assert_eq!(variant_with_pruning("native/int8", Some("")), "native/int8");
+        assert_eq!(
+            variant_with_pruning("native/fp32", Some("l1=0.30,channels=0.25")),
+            "native/fp32+pruned(l1=0.30,channels=0.25)"
+        );
     }
 
     #[test]

@@ -7,7 +7,13 @@
 //! ```text
 //! <repository>/<model>/config.toml
 //! <repository>/<model>/<version>/model.onnx     (version: a positive integer)
+//! <repository>/<model>/<version>/version.toml   (optional: per-version overrides)
 //! ```
+//!
+//! Versions share their model's config.toml; a `version.toml` overrides the
+//! few settings that describe how one version's file is run rather than how
+//! the model is served (today: `precision`), so `tickserve model optimize
+//! --write int8` can add an int8 version beside the fp32 one.
 //!
 //! [`scan`] reads every model's configuration without touching the model
 //! files, so a bad config fails fast; [`load_version`] then builds the
@@ -19,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tickserve_engine::{DataType, Engine, EngineError, TensorSpec};
 use tickserve_engine_native::{Calibration, CalibrationMethod, NativeEngine, Precision};
 
@@ -27,6 +33,8 @@ use tickserve_engine_native::{Calibration, CalibrationMethod, NativeEngine, Prec
 pub const CONFIG_FILE: &str = "config.toml";
 /// Name of the model file inside each version folder.
 pub const MODEL_FILE: &str = "model.onnx";
+/// Name of the optional per-version settings file inside a version folder.
+pub const VERSION_FILE: &str = "version.toml";
 
 /// Why the repository or one of its models cannot be served.
 #[derive(Debug, thiserror::Error)]
@@ -88,7 +96,7 @@ pub struct TensorConfig {
 
 /// Numeric precision the native engine runs a model in (the ONNX file
 /// stays fp32; see docs/optimization.md).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum PrecisionChoice {
     #[default]
@@ -336,6 +344,18 @@ fn default_threads() -> usize {
     1
 }
 
+/// The contents of `<model>/<version>/version.toml`: settings of one
+/// version that override its model's config.toml. Every field is optional;
+/// an absent file is the same as an empty one.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct VersionConfig {
+    /// GEMM precision of this version in the native engine; the model's
+    /// `precision` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub precision: Option<PrecisionChoice>,
+}
+
 /// A model found in the repository, configured but not yet loaded.
 #[derive(Debug, Clone)]
 pub struct ModelEntry {
@@ -344,6 +364,8 @@ pub struct ModelEntry {
     pub config: ModelConfig,
     /// Version numbers found, ascending.
     pub versions: Vec<u64>,
+    /// The `version.toml` of each version that has one.
+    pub version_configs: BTreeMap<u64, VersionConfig>,
 }
 
 /// A loaded model version, ready to hand to a scheduler.
@@ -384,11 +406,19 @@ pub fn scan(root: &Path) -> Result<Vec<ModelEntry>, RepositoryError> {
         if versions.is_empty() {
             return Err(RepositoryError::NoVersions { model: folder, dir });
         }
+        let mut version_configs = BTreeMap::new();
+        for &version in &versions {
+            let path = dir.join(version.to_string()).join(VERSION_FILE);
+            if path.is_file() {
+                version_configs.insert(version, read_version_config(&path)?);
+            }
+        }
         models.push(ModelEntry {
             name: folder,
             dir,
             config,
             versions,
+            version_configs,
         });
     }
     if models.is_empty() {
@@ -499,6 +529,18 @@ pub fn read_config(path: &Path) -> Result<ModelConfig, RepositoryError> {
     Ok(config)
 }
 
+/// Parses one version.toml.
+pub fn read_version_config(path: &Path) -> Result<VersionConfig, RepositoryError> {
+    let text = std::fs::read_to_string(path).map_err(|source| RepositoryError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| RepositoryError::Config {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
+}
+
 fn list_versions(dir: &Path) -> Result<Vec<u64>, RepositoryError> {
     let io = |source| RepositoryError::Io {
         path: dir.to_path_buf(),
@@ -524,20 +566,35 @@ fn list_versions(dir: &Path) -> Result<Vec<u64>, RepositoryError> {
 }
 
 impl ModelEntry {
+    /// The precision `version` runs in: its version.toml's, else the
+    /// model's.
+    pub fn precision_of(&self, version: u64) -> PrecisionChoice {
+        self.version_configs
+            .get(&version)
+            .and_then(|v| v.precision)
+            .unwrap_or(self.config.precision)
+    }
+
     /// Loads one version with the configured engine and checks it against
     /// the config.
-    fn load_native(&self, path: &Path) -> Result<NativeEngine, EngineError> {
+    fn load_native(
+        &self,
+        path: &Path,
+        precision: PrecisionChoice,
+    ) -> Result<NativeEngine, EngineError> {
         let mut engine = NativeEngine::load(path)?
             .with_threads(self.config.threads)
-            .with_precision(self.config.precision.native());
-        if engine.is_qdq() && self.config.precision == PrecisionChoice::Bf16 {
+            .with_precision(precision.native());
+        if engine.is_qdq() && precision == PrecisionChoice::Bf16 {
             return Err(EngineError::Unsupported(
                 "the model carries its own int8 quantisation (QuantizeLinear/DequantizeLinear); precision = \"bf16\" does not apply: set \"int8\" or leave the default".into(),
             ));
         }
+        // Static activations apply to int8 versions only: a version whose
+        // version.toml sets another precision runs that precision.
         let quantization = &self.config.quantization;
-        if let (ActivationsChoice::Static, Some(file)) =
-            (quantization.activations, &quantization.calibration)
+        if let (PrecisionChoice::Int8, ActivationsChoice::Static, Some(file)) =
+            (precision, quantization.activations, &quantization.calibration)
         {
             let calibration = Calibration::read_npy(&self.dir.join(file), quantization.method())
                 .map_err(|e| EngineError::Unsupported(format!("static int8: {e}")))?;
@@ -556,8 +613,12 @@ impl ModelEntry {
     }
 
     #[cfg(feature = "onnxruntime")]
-    fn load_onnxruntime(&self, path: &Path) -> Result<Arc<dyn Engine>, EngineError> {
-        self.refuse_precision_for_onnxruntime()?;
+    fn load_onnxruntime(
+        &self,
+        path: &Path,
+        precision: PrecisionChoice,
+    ) -> Result<Arc<dyn Engine>, EngineError> {
+        Self::refuse_precision_for_onnxruntime(precision)?;
         let engine = tickserve_engine_ort::OrtEngine::load(
             path,
             self.config.threads,
@@ -568,19 +629,23 @@ impl ModelEntry {
 
     /// ONNX Runtime runs the graph as exported; a reduced precision would
     /// silently not apply, so it is refused instead.
-    fn refuse_precision_for_onnxruntime(&self) -> Result<(), EngineError> {
-        if self.config.precision == PrecisionChoice::Fp32 {
+    fn refuse_precision_for_onnxruntime(precision: PrecisionChoice) -> Result<(), EngineError> {
+        if precision == PrecisionChoice::Fp32 {
             return Ok(());
         }
         Err(EngineError::Unsupported(format!(
             "precision = \"{}\" is applied by the native engine only; ONNX Runtime runs the model as exported (fp32): set precision = \"fp32\" or engine = \"native\"",
-            self.config.precision.native()
+            precision.native()
         )))
     }
 
     #[cfg(not(feature = "onnxruntime"))]
-    fn load_onnxruntime(&self, _path: &Path) -> Result<Arc<dyn Engine>, EngineError> {
-        self.refuse_precision_for_onnxruntime()?;
+    fn load_onnxruntime(
+        &self,
+        _path: &Path,
+        precision: PrecisionChoice,
+    ) -> Result<Arc<dyn Engine>, EngineError> {
+        Self::refuse_precision_for_onnxruntime(precision)?;
         Err(EngineError::Unsupported(
             "this tickserve was built without the `onnxruntime` feature".into(),
         ))
@@ -593,13 +658,18 @@ impl ModelEntry {
             version,
             source,
         };
+        let precision = self.precision_of(version);
         let engine: Arc<dyn Engine> = match self.config.engine {
-            EngineChoice::Native => Arc::new(self.load_native(&path).map_err(engine_error)?),
-            EngineChoice::Onnxruntime => self.load_onnxruntime(&path).map_err(engine_error)?,
-            EngineChoice::Auto => match self.load_native(&path) {
+            EngineChoice::Native => {
+                Arc::new(self.load_native(&path, precision).map_err(engine_error)?)
+            }
+            EngineChoice::Onnxruntime => self
+                .load_onnxruntime(&path, precision)
+                .map_err(engine_error)?,
+            EngineChoice::Auto => match self.load_native(&path, precision) {
                 Ok(native) => Arc::new(native),
                 Err(EngineError::Unsupported(native_reason)) => {
-                    match self.load_onnxruntime(&path) {
+                    match self.load_onnxruntime(&path, precision) {
                         Ok(engine) => {
                             tracing::info!(model = %self.name, version, reason = %native_reason, "the native engine does not run this graph; using ONNX Runtime");
                             engine

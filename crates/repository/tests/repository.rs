@@ -345,3 +345,58 @@ fn a_qdq_model_runs_with_its_own_quantisation() {
     );
     assert!(err.contains("its own int8 quantisation"), "{err}");
 }
+
+#[test]
+fn a_version_toml_overrides_the_precision_of_its_version_only() {
+    let a = root().join("fixtures/models/variant_a/model.onnx");
+    let dir = repo("m", &a, VARIANT_A);
+    std::fs::create_dir_all(dir.join("m/2")).unwrap();
+    std::fs::copy(&a, dir.join("m/2/model.onnx")).unwrap();
+    std::fs::write(dir.join("m/2/version.toml"), "precision = \"int8\"\n").unwrap();
+    let model = &scan(&dir).unwrap()[0];
+    assert_eq!(model.versions, vec![1, 2]);
+    assert_eq!(
+        model.precision_of(1),
+        tickserve_repository::PrecisionChoice::Fp32
+    );
+    assert_eq!(
+        model.precision_of(2),
+        tickserve_repository::PrecisionChoice::Int8
+    );
+    assert_eq!(
+        model.load_version(1).unwrap().engine.variant(),
+        "native/fp32"
+    );
+    assert_eq!(
+        model.load_version(2).unwrap().engine.variant(),
+        "native/int8"
+    );
+
+    // An empty version.toml changes nothing.
+    std::fs::write(dir.join("m/2/version.toml"), "").unwrap();
+    let model = &scan(&dir).unwrap()[0];
+    assert_eq!(
+        model.load_version(2).unwrap().engine.variant(),
+        "native/fp32"
+    );
+
+    // A version.toml that cannot apply fails the scan, naming the file.
+    std::fs::write(dir.join("m/2/version.toml"), "threads = 4\n").unwrap();
+    let err = scan(&dir).unwrap_err().to_string();
+    assert!(
+        err.contains("2/version.toml") && err.contains("threads"),
+        "{err}"
+    );
+    std::fs::write(dir.join("m/2/version.toml"), "precision = \"fp8\"\n").unwrap();
+    let err = scan(&dir).unwrap_err().to_string();
+    assert!(err.contains("fp8"), "{err}");
+
+    // ONNX Runtime refuses a reduced precision given per version too.
+    let dir = repo("m", &a, &format!("engine = \"onnxruntime\"\n{VARIANT_A}"));
+    std::fs::write(dir.join("m/1/version.toml"), "precision = \"bf16\"\n").unwrap();
+    let err = scan(&dir).unwrap()[0]
+        .load_version(1)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("native engine only"), "{err}");
+}

@@ -1,7 +1,8 @@
 //! The `tickserve` binary: one executable, one subcommand per job.
 //!
 //! `serve` runs the server; `bench` measures a server against an SLA
-//! (crates/bench); model tools (`model`) arrive as further subcommands. Settings come, in order of
+//! (crates/bench); `model prune` and `model optimize` are the offline model
+//! tools (crates/model-tools). Settings come, in order of
 //! precedence, from flags, `TICKSERVE_*` environment variables, the TOML
 //! file given with `--config`, and the built-in defaults.
 
@@ -30,6 +31,9 @@ enum Command {
     /// KServe) and judge it against an SLA: latency, load, rate, stress,
     /// compare. Exit code 0 when the SLA is met, 3 when not.
     Bench(tickserve_bench::cli::BenchArgs),
+    /// Offline model tools: prune a model into a new version, compare
+    /// precisions and pruning on a validation set (docs/optimization.md).
+    Model(tickserve_model_tools::cli::ModelArgs),
 }
 
 fn main() -> anyhow::Result<std::process::ExitCode> {
@@ -37,6 +41,10 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
     match cli.command {
         Command::Serve(args) => serve(args).map(|()| std::process::ExitCode::SUCCESS),
         Command::Bench(args) => bench(args),
+        Command::Model(args) => {
+            tickserve_model_tools::cli::run(args)?;
+            Ok(std::process::ExitCode::SUCCESS)
+        }
     }
 }
 

@@ -1,0 +1,277 @@
+//! `tickserve model prune` and `tickserve model optimize` as a user runs
+//! them: the real binary on a temporary copy of the bundled repository,
+//! and the versions it writes loaded back through the repository, as
+//! `tickserve serve` loads them.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+fn root() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
+}
+
+/// A copy of the bundled repository (config.toml and version 1).
+fn repository() -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "tickserve-model-tools-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let model = dir.join("cnn_lstm");
+    std::fs::create_dir_all(model.join("1")).unwrap();
+    let source = root().join("models/cnn_lstm");
+    std::fs::copy(source.join("config.toml"), model.join("config.toml")).unwrap();
+    std::fs::copy(source.join("1/model.onnx"), model.join("1/model.onnx")).unwrap();
+    dir
+}
+
+fn tickserve(repo: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tickserve"))
+        .current_dir(root())
+        .arg("model")
+        .args(args)
+        .args(["cnn_lstm", "--model-repository", repo.to_str().unwrap()])
+        .output()
+        .unwrap()
+}
+
+fn stdout(output: &Output) -> String {
+    assert!(
+        output.status.success(),
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout.clone()).unwrap()
+}
+
+/// The cells of a table line: columns are separated by two or more spaces.
+fn cells(line: &str) -> Vec<String> {
+    line.split("  ")
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .map(String::from)
+        .collect()
+}
+
+/// The table row whose first cell is `first`.
+fn row(text: &str, first: &str) -> Vec<String> {
+    text.lines()
+        .map(cells)
+        .find(|c| c.first().map(String::as_str) == Some(first))
+        .unwrap_or_else(|| panic!("no row '{first}' in\n{text}"))
+}
+
+fn variant_of(repo: &Path, version: u64) -> String {
+    let models = tickserve_repository::scan(repo).unwrap();
+    models[0].load_version(version).unwrap().engine.variant()
+}
+
+#[test]
+fn prune_writes_a_narrower_version_and_leaves_the_source_alone() {
+    let repo = repository();
+    let source = std::fs::read(repo.join("cnn_lstm/1/model.onnx")).unwrap();
+    let text = stdout(&tickserve(&repo, &["prune", "--channels", "0.25"]));
+    assert!(text.contains("into version 2"), "{text}");
+    assert!(text.contains("l1=0.30,channels=0.25"), "{text}");
+    // conv.0 loses 16 of its 64 output channels; conv.2 its inputs and 16
+    // outputs; the LSTM's input weights their 16 columns.
+    let conv0 = row(&text, "Conv node '/conv/conv.0/Conv'");
+    assert_eq!(
+        conv0[1..5],
+        ["conv.0.weight", "[64, 60, 3]", "[48, 60, 3]", "16"]
+    );
+    // 30 % of the 48·60·3 weights left.
+    assert_eq!(conv0[5], "2592/8640");
+    let conv2 = row(&text, "Conv node '/conv/conv.2/Conv'");
+    assert_eq!(conv2[2..5], ["[64, 64, 3]", "[48, 48, 3]", "16"]);
+    let lstm = row(&text, "LSTM node '/rnn/LSTM'");
+    assert_eq!(lstm[2..5], ["[1, 512, 64]", "[1, 512, 48]", "0"]);
+    assert_eq!(
+        std::fs::read(repo.join("cnn_lstm/1/model.onnx")).unwrap(),
+        source
+    );
+    assert!(!repo.join("cnn_lstm/2/version.toml").exists());
+    assert_eq!(
+        variant_of(&repo, 2),
+        "native/fp32+pruned(l1=0.30,channels=0.25)"
+    );
+    assert_eq!(variant_of(&repo, 1), "native/fp32");
+
+    // An explicit version number; an existing one is refused.
+    let json = stdout(&tickserve(
+        &repo,
+        &[
+            "prune",
+            "--sparsity",
+            "0",
+            "--model-version",
+            "1",
+            "--output-version",
+            "7",
+            "--json",
+        ],
+    ));
+    let json: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(json["written"]["version"], 7);
+    assert_eq!(json["record"], "l1=0.00,channels=0.00");
+    let again = tickserve(&repo, &["prune", "--output-version", "7"]);
+    assert!(!again.status.success());
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("already exists"),
+        "{again:?}"
+    );
+    std::fs::remove_dir_all(&repo).unwrap();
+}
+
+#[test]
+fn optimize_prints_a_table_and_writes_a_loadable_version() {
+    let repo = repository();
+    let text = stdout(&tickserve(
+        &repo,
+        &[
+            "optimize",
+            "--variants",
+            "fp32,bf16,int8,pruned",
+            "--channels",
+            "0.25",
+            "--seconds",
+            "0.05",
+            "--write",
+            "int8",
+            "--max-abs-error",
+            "0.05",
+        ],
+    ));
+    let lines: Vec<&str> = text.lines().collect();
+    let header = lines
+        .iter()
+        .position(|l| l.starts_with("variant  "))
+        .unwrap_or_else(|| panic!("no table header in\n{text}"));
+    for column in [
+        "samples/s b=1",
+        "samples/s b=32",
+        "max abs vs fp32",
+        "mean abs vs fp32",
+        "argmax vs fp32",
+        "pearson vs fp32",
+    ] {
+        assert!(lines[header].contains(column), "{column} missing:\n{text}");
+    }
+    let columns = cells(lines[header]);
+    assert_eq!(columns.len(), 9, "{columns:?}");
+    // fp32 against itself: no error, full agreement, r = 1.
+    let fp32 = row(&text, "fp32");
+    assert_eq!(fp32.len(), 9, "{fp32:?}");
+    assert_eq!(fp32[1], "native/fp32");
+    assert_eq!(fp32[5..8], ["0.00e0", "0.00e0", "100.0 %"]);
+    assert_eq!(fp32[8], "1.00000 1.00000 1.00000");
+    for (name, variant) in [
+        ("bf16", "native/bf16"),
+        ("int8", "native/int8"),
+        ("pruned", "native/fp32+pruned(l1=0.30,channels=0.25)"),
+    ] {
+        let cells = row(&text, name);
+        assert_eq!(cells[1], variant);
+        let samples_per_second: f64 = cells[3].parse().unwrap();
+        assert!(samples_per_second > 0.0, "{cells:?}");
+        let max_abs: f64 = cells[5].parse().unwrap();
+        assert!(max_abs > 0.0, "{cells:?}");
+    }
+    // Channel pruning lowers the FLOPs per sample.
+    let flops = |name: &str| row(&text, name)[2].parse::<f64>().unwrap();
+    assert!(flops("pruned") < flops("fp32"));
+    // The golden outputs are the reference by default.
+    assert!(text.contains("against the reference outputs"), "{text}");
+    assert!(text.contains("wrote cnn_lstm version 2"), "{text}");
+    let version_toml = std::fs::read_to_string(repo.join("cnn_lstm/2/version.toml")).unwrap();
+    assert!(
+        version_toml.contains("precision = \"int8\""),
+        "{version_toml}"
+    );
+    assert_eq!(variant_of(&repo, 2), "native/int8");
+    assert_eq!(variant_of(&repo, 1), "native/fp32");
+    std::fs::remove_dir_all(&repo).unwrap();
+}
+
+#[test]
+fn optimize_refuses_to_write_a_variant_above_the_error_bound() {
+    let repo = repository();
+    let output = tickserve(
+        &repo,
+        &[
+            "optimize",
+            "--variants",
+            "fp32",
+            "--seconds",
+            "0.02",
+            "--write",
+            "int8",
+            "--max-abs-error",
+            "1e-6",
+        ],
+    );
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("refusing to write variant 'int8'")
+            && stderr.contains("above --max-abs-error 1e-6"),
+        "{stderr}"
+    );
+    // The table that explains the refusal is printed, int8 included.
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(text.contains("native/int8"), "{text}");
+    assert!(!repo.join("cnn_lstm/2").exists());
+
+    // --write without a bound is a usage error.
+    let output = tickserve(&repo, &["optimize", "--write", "int8"]);
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--max-abs-error"));
+    std::fs::remove_dir_all(&repo).unwrap();
+}
+
+#[test]
+fn optimize_reports_json_with_regression_outputs_on_a_custom_validation_set() {
+    let repo = repository();
+    let inputs = root().join("fixtures/golden/cnn_lstm/input.npy");
+    let json = stdout(&tickserve(
+        &repo,
+        &[
+            "optimize",
+            "--variants",
+            "fp32,bf16",
+            "--inputs",
+            inputs.to_str().unwrap(),
+            "--task",
+            "regression",
+            "--batch-sizes",
+            "1,4",
+            "--seconds",
+            "0.02",
+            "--json",
+        ],
+    ));
+    let report: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(report["rows"], 64);
+    assert_eq!(report["task"], "regression");
+    assert!(report["reference"].is_null());
+    let variants = report["variants"].as_array().unwrap();
+    assert_eq!(variants.len(), 2);
+    let bf16 = &variants[1];
+    assert_eq!(bf16["engine_variant"], "native/bf16");
+    assert!(bf16["vs_fp32"]["argmax_agreement"].is_null());
+    let pearson = bf16["vs_fp32"]["pearson"].as_array().unwrap();
+    assert_eq!(pearson.len(), 3);
+    assert!(pearson.iter().all(|r| r.as_f64().unwrap() > 0.99));
+    let max = bf16["vs_fp32"]["max_abs_error"].as_f64().unwrap();
+    assert!(max > 0.0 && max < 0.05, "{max}");
+    let throughput = bf16["throughput"].as_array().unwrap();
+    assert_eq!(throughput[1]["batch"], 4);
+    assert!(throughput[1]["samples_per_second"].as_f64().unwrap() > 0.0);
+    assert!(report["written"].is_null());
+    std::fs::remove_dir_all(&repo).unwrap();
+}

@@ -324,6 +324,7 @@ print(json.dumps(value) if isinstance(value, dict) else (round(value, 1) if isin
 
 # Floating-point comparison and arithmetic through awk.
 calc() { awk "BEGIN { print ($*) }"; }
+percent() { awk "BEGIN { printf \"%.1f\", 100 * ($*) }"; }
 is_true() { [[ "$(calc "$1")" == 1 ]]; }
 
 start_all() {
@@ -407,18 +408,24 @@ test_cache_under_load() {
     rate=$(calc "($hits + $misses) > 0 ? $hits / ($hits + $misses) : 0")
     ideal=$(calc "($replicas - 1) / $replicas")
     echo "  $(report "$work/shared.json" overall.requests) requests, $(report "$work/shared.json" overall.throughput_rps) requests/s, errors $(report "$work/shared.json" overall.errors)"
-    echo "  cross-replica hit rate: $hits of $((hits + misses)) in-process misses answered by Redis = $(calc "100 * $rate")% (ideal $(calc "100 * $ideal")%)"
-    check "cross-replica hit rate $(calc "100 * $rate")% >= 50%" is_true "$rate >= 0.5"
+    echo "  cross-replica hit rate: $hits of $((hits + misses)) in-process misses answered by Redis = $(percent "$rate") % (ideal $(percent "$ideal") %)"
+    check "cross-replica hit rate $(percent "$rate") % >= 50 %" is_true "$rate >= 0.5"
     check "no request failed ($(report "$work/shared.json" overall.errors))" \
         test "$(report "$work/shared.json" overall.errors)" -eq 0
 }
 
 # Counts access-log lines (requests as nginx finished them) between two
-# times, by an awk condition over: t status addrs statuses.
+# times, by an awk condition over t, status, addrs (the upstreams tried,
+# "A, B" after a retry), last (the one that answered) and statuses.
 access_count() {
     local from=$1 to=$2 condition=$3
     awk -v from="$from" -v to="$to" '
-        { t = $1; status = $2; addrs = $4; statuses = $5 }
+        {
+            t = $1; status = $2
+            split($0, quoted, "\"")
+            addrs = quoted[2]; statuses = quoted[4]
+            last = addrs; sub(/.*, /, "", last)
+        }
         t >= from && t < to && ('"$condition"') { n++ }
         END { print n + 0 }' "$work/nginx/access.log"
 }
@@ -429,8 +436,8 @@ successes() {
 
 test_sigterm() {
     local victim=2
+    local addr=127.0.0.1:${http_port[victim]}
     echo "== 2. SIGTERM to replica $victim under load ($concurrency clients through nginx)"
-    local t0=$EPOCHREALTIME
     bench_start "$work/sigterm.json" load --url "$lb_url" -c "$concurrency" -d 10s --seed 303
     sleep 3
     local served_before
@@ -439,9 +446,10 @@ test_sigterm() {
     kill -TERM "${pids[replica$victim]}"
     wait_exit "replica$victim" 20
     local status=$exit_status
-    local drained_in
-    drained_in=$(calc "$EPOCHREALTIME - $t_term")
-    echo "  replica $victim had served $served_before requests; it exited with status $status $(calc "int($drained_in * 1000)") ms after SIGTERM"
+    local t_exit=$EPOCHREALTIME drained_in finished_after
+    drained_in=$(calc "$t_exit - $t_term")
+    finished_after=$(access_count "$t_term" "$t_exit" "status == 200 && last == \"$addr\"")
+    echo "  replica $victim had served $served_before requests; after SIGTERM it still answered $finished_after (queued or already sent to it) and exited with status $status $(calc "int($drained_in * 1000)") ms later"
     check "replica $victim drained and exited 0 (status $status)" test "$status" -eq 0
     start_replica "$victim"
     wait_replica "$victim"
@@ -450,8 +458,8 @@ test_sigterm() {
     local requests errors retried
     requests=$(report "$work/sigterm.json" overall.requests)
     errors=$(report "$work/sigterm.json" overall.errors)
-    retried=$(access_count "$t0" "$t1" 'addrs ~ /,/')
-    echo "  $requests requests, $(report "$work/sigterm.json" overall.throughput_rps) requests/s; nginx retried $retried of them on another replica; errors $errors $(report "$work/sigterm.json" overall.errors_by_reason)"
+    retried=$(access_count "$t_term" "$t1" 'addrs ~ /,/')
+    echo "  $requests requests, $(report "$work/sigterm.json" overall.throughput_rps) requests/s; from SIGTERM on, nginx retried $retried on another replica (refused by the draining replica, or 503 from the restarted one while it loaded); errors $errors $(report "$work/sigterm.json" overall.errors_by_reason)"
     check "SIGTERM lost zero requests ($errors errors of $requests)" \
         test "$errors" -eq 0 -a "$requests" -gt 0
 }
@@ -498,13 +506,15 @@ test_sigkill() {
     total_in_window=$(access_count "$t_watch" "$t_restart" 1)
     attempts_dead=$(access_count "$t_watch" "$t_restart" "index(addrs, \"$addr\") > 0")
     errors_at_kill=$(access_count "$t_kill" "$t_watch" 'status != 200')
+    local retried_at_kill
+    retried_at_kill=$(access_count "$t_kill" "$t_watch" "index(addrs, \"$addr,\") > 0 && status == 200")
     errors_late=$(access_count "$t_watch" "$t_end" 'status != 200')
     # With max_fails=1 nginx tries a failed replica again once per
     # fail_timeout (one worker), and retries that request elsewhere.
     local allowed
     allowed=$(calc "int($window / $fail_timeout_s) + 1")
     echo "  $requests requests, $(report "$work/sigkill.json" overall.throughput_rps) requests/s, errors $errors $(report "$work/sigkill.json" overall.errors_by_reason)"
-    echo "  nginx: errors in the second after the kill $errors_at_kill, after it $errors_late;" \
+    echo "  nginx: in the second after the kill, $retried_at_kill requests failed on replica $victim (in flight, or refused) and were answered by another; errors $errors_at_kill, later $errors_late;" \
         "in the $(calc "int($window * 10) / 10") s with replica $victim dead, $total_in_window requests, $attempts_dead tried on it"
     echo "  replicas ${others[*]} served $served_by_others requests meanwhile; replica $victim after restart: $back_before then $back_after successes 2 s later"
     check "SIGKILL lost at most the requests in flight: $errors <= $concurrency (client concurrency)" \

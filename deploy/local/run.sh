@@ -7,6 +7,9 @@
 #   deploy/local/run.sh demo [S]  # start everything, print the URLs, stop after S seconds (600) or Ctrl-C
 #   deploy/local/run.sh measure   # requests/s through nginx with 1, 2 and 3 replicas
 #
+# On a machine shared with other work, `sudo nice -n -10 deploy/local/run.sh
+# measure` keeps the other processes from taking the cores mid-run.
+#
 # Every process listens on 127.0.0.1, on ports picked free below the
 # kernel's ephemeral range, and lives in a temporary directory that is
 # removed at exit. The script stops everything it started when it exits,
@@ -75,7 +78,8 @@ done
 if [[ -n "${TICKSERVE_BIN:-}" ]]; then
     bin=$TICKSERVE_BIN
 else
-    target_dir=${CARGO_TARGET_DIR:-$root/target}
+    target_dir=${CARGO_TARGET_DIR:-target}
+    [[ "$target_dir" == /* ]] || target_dir=$root/$target_dir
     if [[ "$mode" == measure ]]; then
         (cd "$root" && cargo build --release -p tickserve --locked --quiet)
         bin=$target_dir/release/tickserve
@@ -224,6 +228,10 @@ start_redis() {
         ((SECONDS < deadline)) || die "redis-server did not start on port $redis_port"
         sleep 0.1
     done
+}
+
+redis_memory() {
+    redis-cli -p "$redis_port" info memory | awk -F: '/^used_memory:/ { print $2 + 0 }'
 }
 
 start_replica() {
@@ -551,11 +559,13 @@ run_measure() {
     echo "== $(nproc) CPUs; load average $(cut -d' ' -f1-3 /proc/loadavg); $bin"
     echo "== bench load -c $clients -d $duration, distinct inputs (every request runs the engine)"
     start_redis
+    local empty
+    empty=$(redis_memory)
     start_replica 1
     wait_replica 1
     local results=() serving=() seed=500 n rps p50 p99
     bench "$work/m0.json" load --url "http://127.0.0.1:${http_port[1]}" -c "$clients" -d "$duration" --seed "$seed"
-    results+=("1 replica, no nginx|$(report "$work/m0.json" overall.throughput_rps)|$(report "$work/m0.json" overall.latency_ms.median)|$(report "$work/m0.json" overall.latency_ms.p99)|$(report "$work/m0.json" overall.errors)")
+    results+=("1 replica, no nginx|$(report "$work/m0.json" overall.throughput_rps)|$(report "$work/m0.json" overall.latency_ms.median)|$(report "$work/m0.json" overall.latency_ms.p99)|$(report "$work/m0.json" overall.errors) $(report "$work/m0.json" overall.errors_by_reason)")
     for n in 1 2 3; do
         if ((n > 1)); then
             start_replica "$n"
@@ -569,14 +579,18 @@ run_measure() {
         rps=$(report "$work/m$n.json" overall.throughput_rps)
         p50=$(report "$work/m$n.json" overall.latency_ms.median)
         p99=$(report "$work/m$n.json" overall.latency_ms.p99)
-        results+=("$n replica(s) behind nginx|$rps|$p50|$p99|$(report "$work/m$n.json" overall.errors)")
+        results+=("$n replica(s) behind nginx|$rps|$p50|$p99|$(report "$work/m$n.json" overall.errors) $(report "$work/m$n.json" overall.errors_by_reason)")
     done
     echo "== load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
-    printf '%-26s %12s %9s %9s %7s\n' setup requests/s "p50 ms" "p99 ms" errors
+    local keys used
+    keys=$(redis-cli -p "$redis_port" -n 1 dbsize)
+    used=$(($(redis_memory) - empty))
+    echo "== Redis holds $keys cached rows in $used bytes more than when empty ($(calc "int($used / ($keys > 0 ? $keys : 1))") bytes per row)"
+    printf '%-26s %12s %9s %9s  %s\n' setup requests/s "p50 ms" "p99 ms" errors
     local row
     for row in "${results[@]}"; do
         IFS='|' read -r n rps p50 p99 errors <<<"$row"
-        printf '%-26s %12s %9s %9s %7s\n' "$n" "$rps" "$p50" "$p99" "$errors"
+        printf '%-26s %12s %9s %9s  %s\n' "$n" "$rps" "$p50" "$p99" "$errors"
     done
 }
 

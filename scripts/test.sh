@@ -3,17 +3,19 @@
 # against PyTorch fixtures, the ONNX Runtime equivalence tests, the
 # integration tests that start the real server on loopback ports, the
 # dashboard test in headless Chromium, the checks of the deployment files
-# (Kubernetes manifests, Prometheus alert rules), and then Triton's own
-# clients against a running tickserve: tritonclient (Python, HTTP and
-# gRPC) and perf_analyzer.
+# (Kubernetes manifests, Prometheus alert rules), Triton's own clients
+# against a running tickserve: tritonclient (Python, HTTP and gRPC) and
+# perf_analyzer, and the local multi-replica test: three tickserve
+# processes behind nginx sharing one Redis, with SIGTERM and SIGKILL
+# under load (deploy/local/run.sh test, about a minute).
 #
 #   scripts/test.sh                          # everything
 #   scripts/test.sh -p tickserve-scheduler   # extra args go to cargo test (Rust tests only)
 #
 # Needs the Rust toolchain and python3. It installs what the tests need
-# when it is missing: Debian's `chromium`, `prometheus` (promtool) and
-# `redis-server` (the cache tests start their own on a free loopback port)
-# when run as root; ONNX Runtime's library from PyPI into
+# when it is missing: Debian's `chromium`, `prometheus` (promtool),
+# `redis-server` (the cache tests start their own on a free loopback port),
+# `nginx` and `curl` (the multi-replica test) when run as root; ONNX Runtime's library from PyPI into
 # target/venv-onnxruntime (as root, Debian's python3-venv if needed);
 # kubernetes-validate and yamllint into target/venv-deploy; the Triton
 # client venvs under ~/.cache/tickserve (perf_analyzer also apt-installs
@@ -25,6 +27,8 @@ need=()
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+command -v nginx >/dev/null 2>&1 || need+=(nginx)
+command -v curl >/dev/null 2>&1 || need+=(curl)
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" -eq 0 ]; then
         echo "== installing ${need[*]}"
@@ -56,4 +60,6 @@ if [[ $# -eq 0 ]]; then
     echo "== Triton clients"
     scripts/python_client_check.sh
     scripts/perf_analyzer_check.sh
+    echo "== three replicas behind nginx, one Redis (deploy/local)"
+    deploy/local/run.sh test
 fi

@@ -508,6 +508,73 @@ mod tests {
         assert_eq!(settings.log_format, LogFormat::Json);
     }
 
+    /// The literal block `tickserve.toml: |` of a ConfigMap manifest.
+    fn configmap_toml(manifest: &str) -> String {
+        let mut lines = manifest
+            .lines()
+            .skip_while(|l| l.trim() != "tickserve.toml: |")
+            .skip(1)
+            .peekable();
+        let indent = lines.peek().map_or(0, |l| l.len() - l.trim_start().len());
+        lines
+            .take_while(|l| l.trim().is_empty() || l.len() - l.trim_start().len() >= indent)
+            .map(|l| l.get(indent..).unwrap_or(""))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    #[test]
+    fn the_kubernetes_config_is_valid_and_reaches_redis() {
+        let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/kubernetes/base");
+        let configmap = std::fs::read_to_string(base.join("configmap.yaml")).unwrap();
+        let deployment = std::fs::read_to_string(base.join("deployment.yaml")).unwrap();
+        let toml = configmap_toml(&configmap);
+        assert!(toml.contains("model_repository"), "{toml}");
+        let dir = std::env::temp_dir().join(format!("tickserve-cfg-k8s-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("tickserve.toml");
+        std::fs::write(&file, &toml).unwrap();
+
+        // The Deployment sets the variables clap reads: the config file's
+        // path and the Redis URL it builds from the Secret.
+        let command = <Wrapper as clap::CommandFactory>::command();
+        let env_of = |id: &str| {
+            command
+                .get_arguments()
+                .find(|a| a.get_id() == id)
+                .and_then(|a| a.get_env())
+                .and_then(|e| e.to_str())
+                .unwrap()
+                .to_owned()
+        };
+        for variable in [env_of("config"), env_of("redis_url")] {
+            assert!(
+                deployment.contains(&format!("- name: {variable}\n")),
+                "deployment.yaml does not set {variable}"
+            );
+        }
+        assert!(
+            deployment.contains("value: redis://:$(REDIS_PASSWORD)@redis:6379"),
+            "the Redis URL must name the Service of redis.yaml"
+        );
+
+        let settings = parse(&[
+            "--config",
+            file.to_str().unwrap(),
+            "--redis-url",
+            "redis://:change-me@redis:6379",
+        ])
+        .resolve()
+        .unwrap();
+        assert_eq!(settings.server.http_addr.to_string(), "0.0.0.0:8000");
+        assert_eq!(settings.server.drain_timeout, Duration::from_secs(25));
+        assert!(settings.server.cache.enabled);
+        let redis = settings.server.cache.redis.clone().unwrap();
+        assert_eq!(redis.db, 1);
+        assert_eq!(redis.key_prefix, "tickserve:");
+        assert_eq!(redis.timeout, Duration::from_millis(5));
+    }
+
     #[test]
     fn unknown_keys_in_the_file_are_refused() {
         let dir = std::env::temp_dir().join(format!("tickserve-cfg-bad-{}", std::process::id()));

@@ -593,9 +593,11 @@ impl ModelEntry {
         // Static activations apply to int8 versions only: a version whose
         // version.toml sets another precision runs that precision.
         let quantization = &self.config.quantization;
-        if let (PrecisionChoice::Int8, ActivationsChoice::Static, Some(file)) =
-            (precision, quantization.activations, &quantization.calibration)
-        {
+        if let (PrecisionChoice::Int8, ActivationsChoice::Static, Some(file)) = (
+            precision,
+            quantization.activations,
+            &quantization.calibration,
+        ) {
             let calibration = Calibration::read_npy(&self.dir.join(file), quantization.method())
                 .map_err(|e| EngineError::Unsupported(format!("static int8: {e}")))?;
             engine = engine.with_static_int8(&calibration)?;

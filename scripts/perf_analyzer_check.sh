@@ -55,9 +55,13 @@ done
 
 # Random bytes (the default input) can be NaN, which tickserve refuses;
 # zeros are valid. Count-based windows keep each concurrency level to a few seconds; the
-# timeout bounds the whole run.
+# timeout bounds the whole run. This check is about protocol compatibility,
+# not speed: perf_analyzer gives up on a concurrency level whose windows
+# differ by more than --stability-percentage, which a machine shared with
+# other work (client, server and engine on the same cores) can cause, so
+# the tolerance is wide and it gets up to 8 windows per level.
 common=(-m cnn_lstm -b 1 --input-data zero --concurrency-range 1:8:1 --measurement-mode count_windows
-        --measurement-request-count 100 --max-trials 4 --stability-percentage 50)
+        --measurement-request-count 100 --max-trials 8 --stability-percentage 100)
 for protocol in http grpc; do
     url="127.0.0.1:$http_port"
     [[ $protocol == grpc ]] && url="127.0.0.1:$grpc_port"

@@ -656,9 +656,11 @@ impl ModelEntry {
         // Static activations apply to int8 versions only: a version whose
         // version.toml sets another precision runs that precision.
         let (quantization, base) = self.quantization_of(version);
-        if let (PrecisionChoice::Int8, ActivationsChoice::Static, Some(file)) =
-            (precision, quantization.activations, &quantization.calibration)
-        {
+        if let (PrecisionChoice::Int8, ActivationsChoice::Static, Some(file)) = (
+            precision,
+            quantization.activations,
+            &quantization.calibration,
+        ) {
             let calibration = Calibration::read_npy(&base.join(file), quantization.method())
                 .map_err(|e| EngineError::Unsupported(format!("static int8: {e}")))?;
             engine = engine.with_static_int8(&calibration)?;
@@ -723,9 +725,10 @@ impl ModelEntry {
         };
         let precision = self.precision_of(version);
         let engine: Arc<dyn Engine> = match self.config.engine {
-            EngineChoice::Native => {
-                Arc::new(self.load_native(version, &path, precision).map_err(engine_error)?)
-            }
+            EngineChoice::Native => Arc::new(
+                self.load_native(version, &path, precision)
+                    .map_err(engine_error)?,
+            ),
             EngineChoice::Onnxruntime => self
                 .load_onnxruntime(&path, precision)
                 .map_err(engine_error)?,

@@ -480,7 +480,11 @@ fn a_version_toml_may_carry_static_quantisation_with_its_own_calibration() {
     )
     .unwrap();
     assert_eq!(
-        scan(&dir).unwrap()[0].load_version(1).unwrap().engine.variant(),
+        scan(&dir).unwrap()[0]
+            .load_version(1)
+            .unwrap()
+            .engine
+            .variant(),
         "native/int8-static"
     );
 }

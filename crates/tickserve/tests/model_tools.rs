@@ -350,6 +350,38 @@ fn optimize_writes_int8_static_calibrated_as_measured() {
         variant_of(&repo, 3),
         "native/int8-static+pruned(l1=0.30,channels=0.00)"
     );
+
+    // With the model itself configured static, a dynamic int8 version says
+    // so in its version.toml and loads as dynamic int8.
+    let config_path = repo.join("cnn_lstm/config.toml");
+    let config = std::fs::read_to_string(&config_path)
+        .unwrap()
+        .replace("precision = \"fp32\"", "precision = \"int8\"")
+        .replace("activations = \"dynamic\"", "activations = \"static\"");
+    std::fs::write(&config_path, config).unwrap();
+    assert_eq!(variant_of(&repo, 1), "native/int8-static");
+    let text = stdout(&tickserve(
+        &repo,
+        &[
+            "optimize",
+            "--model-version",
+            "1",
+            "--variants",
+            "int8",
+            "--seconds",
+            "0.02",
+            "--write",
+            "int8",
+            "--max-abs-error",
+            "2e-2",
+        ],
+    ));
+    assert!(text.contains("loads as native/int8\n"), "{text}");
+    let version_toml = std::fs::read_to_string(repo.join("cnn_lstm/4/version.toml")).unwrap();
+    assert!(
+        version_toml.contains("activations = \"dynamic\""),
+        "{version_toml}"
+    );
     std::fs::remove_dir_all(&repo).unwrap();
 }
 

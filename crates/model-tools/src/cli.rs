@@ -9,13 +9,16 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 use serde::Serialize;
-use tickserve_repository::{EngineChoice, VersionConfig};
+use tickserve_repository::{
+    ActivationsChoice, CalibrationMethodChoice, EngineChoice, ModelEntry, PrecisionChoice,
+    QuantizationConfig, VersionConfig,
+};
 
 use crate::ToolError;
 use crate::npy;
-use crate::optimize::{self, OptimizePlan, Task, VariantSpec};
+use crate::optimize::{self, CalibrationSource, OptimizePlan, Task, VariantSpec};
 use crate::prune::{self, PruneOptions, PruneReport};
-use crate::versions;
+use crate::versions::{self, ExtraFile};
 
 /// The validation set `optimize` uses when given no `--inputs`: the golden
 /// fixture of the bundled model (`input.npy`, with `output.npy` as the
@@ -133,8 +136,9 @@ pub struct OptimizeArgs {
     pub reference: Option<PathBuf>,
 
     /// Variants to compare, comma-separated: a precision (fp32, bf16,
-    /// int8), "pruned" (fp32 after pruning with --sparsity/--channels), or
-    /// "pruned+<precision>".
+    /// int8, int8-static), "pruned" (fp32 after pruning with
+    /// --sparsity/--channels), or "pruned+<precision>". int8-static
+    /// calibrates on --calibration.
     #[arg(
         long,
         env = "TICKSERVE_OPTIMIZE_VARIANTS",
@@ -147,6 +151,29 @@ pub struct OptimizeArgs {
     /// Pruning of the "pruned" variants.
     #[command(flatten)]
     pub prune: PruneOptionArgs,
+
+    /// Calibration inputs of the int8-static variants: float32 .npy of
+    /// model inputs [samples, time, features], not the validation set.
+    /// --write int8-static copies it into the new version. [default: the
+    /// model's [quantization] calibration file, when it exists]
+    #[arg(long, env = "TICKSERVE_OPTIMIZE_CALIBRATION", value_name = "NPY")]
+    pub calibration: Option<PathBuf>,
+
+    /// How int8-static turns the calibration values into ranges: minmax
+    /// (observed range) or percentile (--percentile at the top, 100 − it
+    /// at the bottom). [default: the model's [quantization] method]
+    #[arg(
+        long,
+        env = "TICKSERVE_OPTIMIZE_CALIBRATION_METHOD",
+        value_enum,
+        value_name = "METHOD"
+    )]
+    pub calibration_method: Option<CalibrationMethodArg>,
+
+    /// Percentile of --calibration-method percentile, in [50, 100].
+    /// [default: the model's [quantization] percentile]
+    #[arg(long, env = "TICKSERVE_OPTIMIZE_PERCENTILE", value_name = "P")]
+    pub percentile: Option<f64>,
 
     /// How to read the outputs: classification reports argmax agreement,
     /// regression does not; both report Pearson correlation per output.
@@ -185,7 +212,9 @@ pub struct OptimizeArgs {
     pub threads: Option<usize>,
 
     /// Write this variant as a new version of the model (its model.onnx
-    /// and a version.toml with its precision). Needs --max-abs-error.
+    /// and a version.toml with its precision; for int8-static also its
+    /// [quantization] table and the calibration file, copied into the
+    /// version as calibration.npy). Needs --max-abs-error.
     #[arg(
         long,
         env = "TICKSERVE_OPTIMIZE_WRITE",
@@ -206,6 +235,55 @@ pub struct OptimizeArgs {
     /// Print the result as JSON instead of tables.
     #[arg(long, env = "TICKSERVE_JSON")]
     pub json: bool,
+}
+
+/// `--calibration-method`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CalibrationMethodArg {
+    /// The smallest and largest value seen.
+    Minmax,
+    /// --percentile at the top, 100 − it at the bottom.
+    Percentile,
+}
+
+/// The name of the calibration file inside a version written with a
+/// static variant (its version.toml's `calibration`).
+pub const VERSION_CALIBRATION_FILE: &str = "calibration.npy";
+
+/// The calibration inputs of `optimize`: `--calibration`, else the
+/// source version's configured `[quantization] calibration` file when it
+/// exists (`Err` says why there is none); method and percentile from the
+/// flags, else from the same configuration.
+fn calibration_source(
+    args: &OptimizeArgs,
+    entry: &ModelEntry,
+    source: u64,
+) -> Result<Result<CalibrationSource, String>, ToolError> {
+    let (configured, base) = entry.quantization_of(source);
+    let path = match (&args.calibration, &configured.calibration) {
+        (Some(path), _) => path.clone(),
+        (None, Some(file)) if base.join(file).is_file() => base.join(file),
+        (None, Some(file)) => {
+            return Ok(Err(format!(
+                "{}; the configured calibration file {} does not exist",
+                optimize::NO_CALIBRATION,
+                base.join(file).display()
+            )));
+        }
+        (None, None) => return Ok(Err(optimize::NO_CALIBRATION.to_string())),
+    };
+    let method = match args.calibration_method {
+        Some(CalibrationMethodArg::Minmax) => CalibrationMethodChoice::Minmax,
+        Some(CalibrationMethodArg::Percentile) => CalibrationMethodChoice::Percentile,
+        None => configured.method,
+    };
+    let percentile = args.percentile.unwrap_or(configured.percentile);
+    if !(50.0..=100.0).contains(&percentile) {
+        return Err(ToolError::InvalidArgument(format!(
+            "--percentile is {percentile}; expected a value in [50, 100]"
+        )));
+    }
+    Ok(Ok(CalibrationSource::read(path, method, percentile)?))
 }
 
 /// Runs a `tickserve model` subcommand, printing its result to stdout.
@@ -249,8 +327,19 @@ fn run_prune(args: &PruneArgs) -> Result<(), ToolError> {
     let source = versions::source_version(&entry, args.source.model_version)?;
     let before = versions::model_bytes(&entry, source)?;
     let (after, report) = prune::prune_bytes(&before, &args.prune.options())?;
-    // The new version runs like its source: same per-version settings.
+    // The new version runs like its source: same per-version settings,
+    // and the calibration file its version.toml names (relative to the
+    // version folder).
     let config = entry.version_configs.get(&source);
+    let files: Vec<ExtraFile> = config
+        .and_then(|c| c.quantization.as_ref())
+        .and_then(|q| q.calibration.as_ref())
+        .map(|file| ExtraFile {
+            source: entry.dir.join(source.to_string()).join(file),
+            name: file.display().to_string(),
+        })
+        .into_iter()
+        .collect();
     let comment = [format!(
         "written by tickserve model prune from version {source} ({})",
         report.record
@@ -261,6 +350,7 @@ fn run_prune(args: &PruneArgs) -> Result<(), ToolError> {
         args.output_version,
         &after,
         config,
+        &files,
         &comment,
     )?;
     let output = PruneOutput {
@@ -368,6 +458,22 @@ fn run_optimize(args: &OptimizeArgs) -> Result<(), ToolError> {
     }
     let mut seen = std::collections::HashSet::new();
     specs.retain(|s| seen.insert(s.name()));
+    // Read only when a static variant runs; refused before any measurement
+    // when one runs without calibration inputs.
+    let calibration = if specs
+        .iter()
+        .any(|s| s.precision.activations == ActivationsChoice::Static)
+    {
+        Some(calibration_source(args, &entry, source)?.map_err(ToolError::InvalidArgument)?)
+    } else {
+        None
+    };
+    let calibrates_on_validation = calibration.as_ref().is_some_and(|c| {
+        let same = |a: &std::path::Path, b: &std::path::Path| {
+            std::fs::canonicalize(a).ok() == std::fs::canonicalize(b).ok()
+        };
+        same(&c.data.path, &inputs_path)
+    });
     if !(args.seconds > 0.0 && args.seconds.is_finite()) {
         return Err(ToolError::InvalidArgument(format!(
             "--seconds is {}; expected a positive number",
@@ -381,6 +487,7 @@ fn run_optimize(args: &OptimizeArgs) -> Result<(), ToolError> {
         inputs: &inputs,
         reference: reference.as_ref(),
         variants: &specs,
+        calibration: calibration.as_ref(),
         prune: args.prune.options(),
         task: args.task,
         threads: args.threads.unwrap_or(entry.config.threads).max(1),
@@ -408,8 +515,38 @@ fn run_optimize(args: &OptimizeArgs) -> Result<(), ToolError> {
             .iter()
             .find(|c| c.spec.name() == name)
             .ok_or_else(|| ToolError::InvalidArgument(format!("variant '{name}' was not run")))?;
+        // A static variant's version carries its quantisation settings and
+        // a copy of the calibration file, so it loads calibrated exactly as
+        // measured here. A dynamic int8 version of a model configured with
+        // static activations says "dynamic" explicitly.
+        let mut files = Vec::new();
+        let quantization = match (chosen.precision.activations, calibration.as_ref()) {
+            (ActivationsChoice::Static, Some(c)) => {
+                files.push(ExtraFile {
+                    source: c.data.path.clone(),
+                    name: VERSION_CALIBRATION_FILE.to_string(),
+                });
+                Some(QuantizationConfig {
+                    activations: ActivationsChoice::Static,
+                    calibration: Some(PathBuf::from(VERSION_CALIBRATION_FILE)),
+                    method: c.method,
+                    percentile: c.percentile,
+                })
+            }
+            (ActivationsChoice::Static, None) => {
+                return Err(ToolError::InvalidArgument(optimize::NO_CALIBRATION.into()));
+            }
+            (ActivationsChoice::Dynamic, _)
+                if chosen.precision.choice == PrecisionChoice::Int8
+                    && entry.config.quantization.activations == ActivationsChoice::Static =>
+            {
+                Some(QuantizationConfig::default())
+            }
+            (ActivationsChoice::Dynamic, _) => None,
+        };
         let config = VersionConfig {
             precision: Some(chosen.precision.choice),
+            quantization,
         };
         let comment = [
             format!("written by tickserve model optimize --write {name} from version {source}"),
@@ -424,6 +561,7 @@ fn run_optimize(args: &OptimizeArgs) -> Result<(), ToolError> {
             args.output_version,
             &candidate.model,
             Some(&config),
+            &files,
             &comment,
         )?;
         let engine_variant = written.loaded.engine.variant();
@@ -445,6 +583,11 @@ fn run_optimize(args: &OptimizeArgs) -> Result<(), ToolError> {
     // explain it are on screen.
     if !args.json {
         print!("{}", optimize::render(&report));
+        if calibrates_on_validation {
+            println!(
+                "note: --calibration is the validation set itself, so the int8-static errors above are optimistic"
+            );
+        }
     }
     let written = chosen.map(write).transpose();
     let written = match written {

@@ -46,6 +46,8 @@ pub enum ToolError {
     Repository(#[from] tickserve_repository::RepositoryError),
     #[error(transparent)]
     Engine(#[from] tickserve_engine::EngineError),
+    #[error(transparent)]
+    Calibration(#[from] tickserve_engine_native::CalibrationError),
     #[error("{0}")]
     InvalidArgument(String),
     /// `optimize --write` would write a variant less accurate than the

@@ -1,7 +1,10 @@
 //! `tickserve model optimize`: which variant of a model to serve.
 //!
 //! A *variant* is a precision of the native engine, optionally applied to
-//! a pruned copy of the model (`int8`, `pruned`, `pruned+bf16`). For each
+//! a pruned copy of the model (`int8`, `int8-static`, `pruned`,
+//! `pruned+bf16`). Static int8 calibrates on a [`CalibrationSource`] (a
+//! file of model inputs given by the user or configured for the model),
+//! never on the validation set unless the user names it. For each
 //! requested variant this module builds the engine, runs the whole
 //! validation set through it, compares the outputs with the fp32 engine on
 //! the unchanged model (and with reference outputs when given), and
@@ -12,25 +15,85 @@
 //!
 //! Adding a precision is one entry in [`PRECISIONS`].
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tickserve_engine::{Batch, Engine};
-use tickserve_engine_native::{NativeEngine, Precision};
-use tickserve_repository::PrecisionChoice;
+use tickserve_engine_native::{Calibration, NativeEngine, Precision};
+use tickserve_repository::{ActivationsChoice, CalibrationMethodChoice, PrecisionChoice};
 
 use crate::ToolError;
 use crate::npy::Dataset;
 use crate::prune::PruneOptions;
 
-/// One precision `optimize` can try: its name in `--variants`, the value a
-/// written version's `version.toml` gets, and how to set it on an engine
-/// (the validation set is at hand for precisions that calibrate).
+/// Calibration inputs for static int8: the file, read once, and how its
+/// values become ranges (the settings a written version.toml records).
+#[derive(Debug, Clone)]
+pub struct CalibrationSource {
+    pub method: CalibrationMethodChoice,
+    /// For `method = percentile`.
+    pub percentile: f64,
+    /// The file's values, with the engine's calibration method set.
+    pub data: Calibration,
+}
+
+impl CalibrationSource {
+    /// Reads `path` (float32 `.npy`, `[samples, time, features]`).
+    pub fn read(
+        path: PathBuf,
+        method: CalibrationMethodChoice,
+        percentile: f64,
+    ) -> Result<CalibrationSource, ToolError> {
+        let settings = tickserve_repository::QuantizationConfig {
+            activations: ActivationsChoice::Static,
+            calibration: Some(path.clone()),
+            method,
+            percentile,
+        };
+        Ok(CalibrationSource {
+            method,
+            percentile,
+            data: Calibration::read_npy(&path, settings.method())?,
+        })
+    }
+
+    /// `<file> (<samples> samples, <method>)`, for the report.
+    pub fn record(&self) -> String {
+        let method = match self.method {
+            CalibrationMethodChoice::Minmax => "minmax".to_string(),
+            CalibrationMethodChoice::Percentile => format!("percentile {}", self.percentile),
+        };
+        format!(
+            "{} ({} samples, {method})",
+            self.data.path.display(),
+            self.data.shape.first().copied().unwrap_or(0)
+        )
+    }
+}
+
+/// What a precision may need besides the engine: the validation set and,
+/// for static int8, the calibration inputs (`None` when none were given
+/// or configured).
+#[derive(Debug, Clone, Copy)]
+pub struct VariantContext<'a> {
+    pub inputs: &'a Dataset,
+    pub calibration: Option<&'a CalibrationSource>,
+}
+
+/// The refusal of a static variant without calibration inputs.
+pub const NO_CALIBRATION: &str = "static int8 needs calibration inputs (model inputs [samples, time, features], not the validation set): give --calibration <NPY>, or set [quantization] calibration in the model's config.toml";
+
+/// One precision `optimize` can try: its name in `--variants`, the values a
+/// written version's `version.toml` gets, and how to set it on an engine.
 #[derive(Debug)]
 pub struct PrecisionVariant {
     pub name: &'static str,
     pub choice: PrecisionChoice,
-    pub apply: fn(NativeEngine, &Dataset) -> Result<NativeEngine, ToolError>,
+    /// `Static` when the variant calibrates (its version.toml then gets a
+    /// `[quantization]` table and the calibration file).
+    pub activations: ActivationsChoice,
+    pub apply: fn(NativeEngine, &VariantContext<'_>) -> Result<NativeEngine, ToolError>,
 }
 
 /// Every precision `--variants` accepts, in table order.
@@ -38,17 +101,31 @@ pub const PRECISIONS: &[PrecisionVariant] = &[
     PrecisionVariant {
         name: "fp32",
         choice: PrecisionChoice::Fp32,
+        activations: ActivationsChoice::Dynamic,
         apply: |engine, _| Ok(engine.with_precision(Precision::Fp32)),
     },
     PrecisionVariant {
         name: "bf16",
         choice: PrecisionChoice::Bf16,
+        activations: ActivationsChoice::Dynamic,
         apply: |engine, _| Ok(engine.with_precision(Precision::Bf16)),
     },
     PrecisionVariant {
         name: "int8",
         choice: PrecisionChoice::Int8,
+        activations: ActivationsChoice::Dynamic,
         apply: |engine, _| Ok(engine.with_precision(Precision::Int8)),
+    },
+    PrecisionVariant {
+        name: "int8-static",
+        choice: PrecisionChoice::Int8,
+        activations: ActivationsChoice::Static,
+        apply: |engine, context| {
+            let calibration = context
+                .calibration
+                .ok_or_else(|| ToolError::InvalidArgument(NO_CALIBRATION.into()))?;
+            Ok(engine.with_static_int8(&calibration.data)?)
+        },
     },
 ];
 
@@ -157,6 +234,8 @@ pub struct OptimizeReport {
     pub threads: usize,
     pub seconds_per_measurement: f64,
     pub pruning: Option<String>,
+    /// What the static variants calibrated on (when any ran).
+    pub calibration: Option<String>,
     pub variants: Vec<VariantResult>,
 }
 
@@ -170,6 +249,8 @@ pub struct OptimizePlan<'a> {
     pub inputs: &'a Dataset,
     pub reference: Option<&'a Dataset>,
     pub variants: &'a [VariantSpec],
+    /// Calibration inputs of the static variants.
+    pub calibration: Option<&'a CalibrationSource>,
     pub prune: PruneOptions,
     pub task: Task,
     pub threads: usize,
@@ -193,7 +274,7 @@ pub fn build(
     source: &[u8],
     prune: &PruneOptions,
     threads: usize,
-    inputs: &Dataset,
+    context: &VariantContext<'_>,
 ) -> Result<Candidate, ToolError> {
     let model = if spec.pruned {
         crate::prune::prune_bytes(source, prune)?.0
@@ -201,7 +282,7 @@ pub fn build(
         source.to_vec()
     };
     let engine = NativeEngine::from_bytes(&model)?.with_threads(threads);
-    let engine = (spec.precision.apply)(engine, inputs)?;
+    let engine = (spec.precision.apply)(engine, context)?;
     Ok(Candidate {
         spec,
         engine,
@@ -386,6 +467,10 @@ pub fn run(plan: &OptimizePlan<'_>) -> Result<(OptimizeReport, Vec<Candidate>), 
         Task::Regression => false,
     };
     let fp32 = outputs(&baseline, plan.inputs)?;
+    let context = VariantContext {
+        inputs: plan.inputs,
+        calibration: plan.calibration,
+    };
     let mut candidates = Vec::with_capacity(plan.variants.len());
     for &spec in plan.variants {
         candidates.push(build(
@@ -393,9 +478,13 @@ pub fn run(plan: &OptimizePlan<'_>) -> Result<(OptimizeReport, Vec<Candidate>), 
             plan.model_bytes,
             &plan.prune,
             plan.threads,
-            plan.inputs,
+            &context,
         )?);
     }
+    let calibrates = plan
+        .variants
+        .iter()
+        .any(|v| v.precision.activations == ActivationsChoice::Static);
     let throughput = measure(&candidates, plan.inputs, plan.batch_sizes, plan.seconds)?;
     let mut variants = Vec::with_capacity(candidates.len());
     for (candidate, throughput) in candidates.iter().zip(throughput) {
@@ -430,6 +519,10 @@ pub fn run(plan: &OptimizePlan<'_>) -> Result<(OptimizeReport, Vec<Candidate>), 
             .iter()
             .any(|v| v.pruned)
             .then(|| plan.prune.record()),
+        calibration: plan
+            .calibration
+            .filter(|_| calibrates)
+            .map(CalibrationSource::record),
         variants,
     };
     Ok((report, candidates))
@@ -470,6 +563,9 @@ pub fn render(report: &OptimizeReport) -> String {
     );
     if let Some(record) = &report.pruning {
         out.push_str(&format!("pruned = {record}\n"));
+    }
+    if let Some(record) = &report.calibration {
+        out.push_str(&format!("int8-static calibrated on {record}\n"));
     }
     let mut header = vec![
         "variant".to_string(),
@@ -586,6 +682,8 @@ mod tests {
         for (text, name, pruned) in [
             ("fp32", "fp32", false),
             ("int8", "int8", false),
+            ("int8-static", "int8-static", false),
+            ("pruned+int8-static", "pruned+int8-static", true),
             ("pruned", "pruned", true),
             ("pruned+bf16", "pruned+bf16", true),
             ("int8+pruned", "pruned+int8", true),

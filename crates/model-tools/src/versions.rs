@@ -1,7 +1,8 @@
 //! Writing a new version into a model repository, and loading it back.
 //!
 //! A tool's output is a folder `<model>/<version>/` holding `model.onnx`
-//! and, when the version needs settings of its own, a `version.toml`. The
+//! and, when the version needs settings of its own, a `version.toml` (and
+//! the files it names, such as a static int8 calibration set). The
 //! folder is checked by loading it through [`tickserve_repository`] with the
 //! model's config.toml, exactly as `tickserve serve` will; a version that
 //! does not load is removed again, so a failed tool run leaves the
@@ -56,10 +57,18 @@ pub struct Written {
     pub loaded: LoadedVersion,
 }
 
-/// Writes `model` (ONNX bytes) and, when given, `config` as a new version
-/// of the model at `root`/`name`: version `requested`, or the next after
-/// the highest present. `comment` heads the version.toml (one `#` line
-/// each). The version is then loaded through the repository; if that
+/// A file copied into a written version folder: from `source`, named
+/// `name` there.
+#[derive(Debug, Clone)]
+pub struct ExtraFile {
+    pub source: PathBuf,
+    pub name: String,
+}
+
+/// Writes `model` (ONNX bytes), `files` and, when given, `config` as a new
+/// version of the model at `root`/`name`: version `requested`, or the next
+/// after the highest present. `comment` heads the version.toml (one `#`
+/// line each). The version is then loaded through the repository; if that
 /// fails, the folder is removed and the error returned.
 pub fn write_version(
     root: &Path,
@@ -67,6 +76,7 @@ pub fn write_version(
     requested: Option<u64>,
     model: &[u8],
     config: Option<&VersionConfig>,
+    files: &[ExtraFile],
     comment: &[String],
 ) -> Result<Written, ToolError> {
     let entry = find_model(root, name)?;
@@ -87,7 +97,7 @@ pub fn write_version(
         )));
     }
     std::fs::create_dir_all(&dir).map_err(ToolError::io(&dir))?;
-    let written = write_files(&dir, model, config, comment).and_then(|()| {
+    let written = write_files(&dir, model, config, files, comment).and_then(|()| {
         let entry = find_model(root, name)?;
         Ok(entry.load_version(version)?)
     });
@@ -109,10 +119,14 @@ fn write_files(
     dir: &Path,
     model: &[u8],
     config: Option<&VersionConfig>,
+    files: &[ExtraFile],
     comment: &[String],
 ) -> Result<(), ToolError> {
     let path = dir.join(repository::MODEL_FILE);
     std::fs::write(&path, model).map_err(ToolError::io(path))?;
+    for file in files {
+        std::fs::copy(&file.source, dir.join(&file.name)).map_err(ToolError::io(&file.source))?;
+    }
     if let Some(config) = config {
         let mut text: String = comment.iter().map(|line| format!("# {line}\n")).collect();
         text.push_str(

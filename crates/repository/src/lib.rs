@@ -12,8 +12,12 @@
 //!
 //! Versions share their model's config.toml; a `version.toml` overrides the
 //! few settings that describe how one version's file is run rather than how
-//! the model is served (today: `precision`), so `tickserve model optimize
-//! --write int8` can add an int8 version beside the fp32 one.
+//! the model is served (`precision`, and the `[quantization]` table), so
+//! `tickserve model optimize --write int8-static` can add a static int8
+//! version beside the fp32 one. A version.toml's `calibration` file is
+//! relative to the *version* folder (optimize copies the file it measured
+//! with there, so the version stays as measured when the model's own
+//! calibration file changes); config.toml's is relative to the model folder.
 //!
 //! [`scan`] reads every model's configuration without touching the model
 //! files, so a bad config fails fast; [`load_version`] then builds the
@@ -116,7 +120,7 @@ impl PrecisionChoice {
 }
 
 /// Where int8 activation scales come from (`[quantization] activations`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum ActivationsChoice {
     /// Each row's own range, at run time.
@@ -127,7 +131,7 @@ pub enum ActivationsChoice {
 }
 
 /// How calibration values become a range (`[quantization] method`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum CalibrationMethodChoice {
     /// Smallest and largest value seen.
@@ -139,14 +143,16 @@ pub enum CalibrationMethodChoice {
 
 /// `[quantization]`: int8 options of the native engine
 /// (docs/optimization.md). Every field has a default.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct QuantizationConfig {
     /// `"dynamic"` (default) or `"static"` (needs `precision = "int8"`
     /// and `calibration`).
     pub activations: ActivationsChoice,
     /// A float32 `.npy` of model inputs `[samples, time, features]`,
-    /// relative to the model's folder; read and calibrated on at load.
+    /// relative to the model's folder (config.toml) or the version's
+    /// folder (version.toml); read and calibrated on at load.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub calibration: Option<PathBuf>,
     /// `"minmax"` (default) or `"percentile"`.
     pub method: CalibrationMethodChoice,
@@ -166,7 +172,8 @@ impl Default for QuantizationConfig {
 }
 
 impl QuantizationConfig {
-    fn method(&self) -> CalibrationMethod {
+    /// The engine's calibration method these settings name.
+    pub fn method(&self) -> CalibrationMethod {
         match self.method {
             CalibrationMethodChoice::Minmax => CalibrationMethod::MinMax,
             CalibrationMethodChoice::Percentile => CalibrationMethod::Percentile(self.percentile),
@@ -347,13 +354,19 @@ fn default_threads() -> usize {
 /// The contents of `<model>/<version>/version.toml`: settings of one
 /// version that override its model's config.toml. Every field is optional;
 /// an absent file is the same as an empty one.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct VersionConfig {
     /// GEMM precision of this version in the native engine; the model's
     /// `precision` when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub precision: Option<PrecisionChoice>,
+    /// int8 options of this version, replacing the model's whole
+    /// `[quantization]` table when present (absent fields take their
+    /// defaults, not the model's). Its `calibration` is relative to the
+    /// version folder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantization: Option<QuantizationConfig>,
 }
 
 /// A model found in the repository, configured but not yet loaded.
@@ -410,7 +423,9 @@ pub fn scan(root: &Path) -> Result<Vec<ModelEntry>, RepositoryError> {
         for &version in &versions {
             let path = dir.join(version.to_string()).join(VERSION_FILE);
             if path.is_file() {
-                version_configs.insert(version, read_version_config(&path)?);
+                let version_config = read_version_config(&path)?;
+                check_version_config(&path, &version_config, &config)?;
+                version_configs.insert(version, version_config);
             }
         }
         models.push(ModelEntry {
@@ -448,25 +463,7 @@ pub fn read_config(path: &Path) -> Result<ModelConfig, RepositoryError> {
     if config.threads == 0 {
         return Err(invalid("threads must be at least 1".into()));
     }
-    let quantization = &config.quantization;
-    if quantization.activations == ActivationsChoice::Static {
-        if config.precision != PrecisionChoice::Int8 {
-            return Err(invalid(
-                "[quantization] activations = \"static\" needs precision = \"int8\"".into(),
-            ));
-        }
-        if quantization.calibration.is_none() {
-            return Err(invalid(
-                "[quantization] activations = \"static\" needs calibration = \"<file>.npy\" (model inputs, relative to the model folder)".into(),
-            ));
-        }
-    }
-    if !(50.0..=100.0).contains(&quantization.percentile) {
-        return Err(invalid(format!(
-            "[quantization] percentile {} is outside [50, 100]",
-            quantization.percentile
-        )));
-    }
+    check_quantization(&config.quantization, config.precision, "model").map_err(invalid)?;
     let batching = &config.dynamic_batching;
     if batching.max_queue_size == 0 {
         return Err(invalid(
@@ -529,7 +526,58 @@ pub fn read_config(path: &Path) -> Result<ModelConfig, RepositoryError> {
     Ok(config)
 }
 
-/// Parses one version.toml.
+/// The rules of a `[quantization]` table, the same in config.toml and
+/// version.toml: static activations need int8 and a calibration file
+/// (relative to the `folder`: "model" or "version"), the percentile a
+/// value in [50, 100].
+fn check_quantization(
+    quantization: &QuantizationConfig,
+    precision: PrecisionChoice,
+    folder: &str,
+) -> Result<(), String> {
+    if quantization.activations == ActivationsChoice::Static {
+        if precision != PrecisionChoice::Int8 {
+            return Err(
+                "[quantization] activations = \"static\" needs precision = \"int8\"".into(),
+            );
+        }
+        if quantization.calibration.is_none() {
+            return Err(format!(
+                "[quantization] activations = \"static\" needs calibration = \"<file>.npy\" (model inputs, relative to the {folder} folder)"
+            ));
+        }
+    }
+    if !(50.0..=100.0).contains(&quantization.percentile) {
+        return Err(format!(
+            "[quantization] percentile {} is outside [50, 100]",
+            quantization.percentile
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a version.toml (read from `path`) against its model's config:
+/// its `[quantization]`, when it has one, follows config.toml's rules with
+/// the version's precision (its own, else the model's).
+pub fn check_version_config(
+    path: &Path,
+    version: &VersionConfig,
+    model: &ModelConfig,
+) -> Result<(), RepositoryError> {
+    if let Some(quantization) = &version.quantization {
+        let precision = version.precision.unwrap_or(model.precision);
+        check_quantization(quantization, precision, "version").map_err(|reason| {
+            RepositoryError::Config {
+                path: path.to_path_buf(),
+                reason,
+            }
+        })?;
+    }
+    Ok(())
+}
+
+/// Parses one version.toml (see [`check_version_config`] for the checks
+/// that need the model's config).
 pub fn read_version_config(path: &Path) -> Result<VersionConfig, RepositoryError> {
     let text = std::fs::read_to_string(path).map_err(|source| RepositoryError::Io {
         path: path.to_path_buf(),
@@ -575,10 +623,25 @@ impl ModelEntry {
             .unwrap_or(self.config.precision)
     }
 
+    /// The int8 options `version` runs with, and the folder its
+    /// `calibration` is relative to: its version.toml's `[quantization]`
+    /// and the version folder, else the model's and the model folder.
+    pub fn quantization_of(&self, version: u64) -> (&QuantizationConfig, PathBuf) {
+        match self
+            .version_configs
+            .get(&version)
+            .and_then(|v| v.quantization.as_ref())
+        {
+            Some(quantization) => (quantization, self.dir.join(version.to_string())),
+            None => (&self.config.quantization, self.dir.clone()),
+        }
+    }
+
     /// Loads one version with the configured engine and checks it against
     /// the config.
     fn load_native(
         &self,
+        version: u64,
         path: &Path,
         precision: PrecisionChoice,
     ) -> Result<NativeEngine, EngineError> {
@@ -592,13 +655,13 @@ impl ModelEntry {
         }
         // Static activations apply to int8 versions only: a version whose
         // version.toml sets another precision runs that precision.
-        let quantization = &self.config.quantization;
+        let (quantization, base) = self.quantization_of(version);
         if let (PrecisionChoice::Int8, ActivationsChoice::Static, Some(file)) = (
             precision,
             quantization.activations,
             &quantization.calibration,
         ) {
-            let calibration = Calibration::read_npy(&self.dir.join(file), quantization.method())
+            let calibration = Calibration::read_npy(&base.join(file), quantization.method())
                 .map_err(|e| EngineError::Unsupported(format!("static int8: {e}")))?;
             engine = engine.with_static_int8(&calibration)?;
         }
@@ -662,13 +725,14 @@ impl ModelEntry {
         };
         let precision = self.precision_of(version);
         let engine: Arc<dyn Engine> = match self.config.engine {
-            EngineChoice::Native => {
-                Arc::new(self.load_native(&path, precision).map_err(engine_error)?)
-            }
+            EngineChoice::Native => Arc::new(
+                self.load_native(version, &path, precision)
+                    .map_err(engine_error)?,
+            ),
             EngineChoice::Onnxruntime => self
                 .load_onnxruntime(&path, precision)
                 .map_err(engine_error)?,
-            EngineChoice::Auto => match self.load_native(&path, precision) {
+            EngineChoice::Auto => match self.load_native(version, &path, precision) {
                 Ok(native) => Arc::new(native),
                 Err(EngineError::Unsupported(native_reason)) => {
                     match self.load_onnxruntime(&path, precision) {

@@ -400,3 +400,91 @@ fn a_version_toml_overrides_the_precision_of_its_version_only() {
         .to_string();
     assert!(err.contains("native engine only"), "{err}");
 }
+
+#[test]
+fn a_version_toml_may_carry_static_quantisation_with_its_own_calibration() {
+    let model = root().join("models/cnn_lstm/1/model.onnx");
+    // The model itself runs fp32 with dynamic int8 options.
+    let dir = repo("m", &model, CNN_LSTM);
+    std::fs::create_dir_all(dir.join("m/2")).unwrap();
+    std::fs::copy(&model, dir.join("m/2/model.onnx")).unwrap();
+    let version_toml = dir.join("m/2/version.toml");
+    std::fs::write(
+        &version_toml,
+        "precision = \"int8\"\n[quantization]\nactivations = \"static\"\ncalibration = \"calibration.npy\"\nmethod = \"percentile\"\npercentile = 99.99\n",
+    )
+    .unwrap();
+    // Relative to the version folder: absent there, loading names the file.
+    let models = scan(&dir).unwrap();
+    let err = models[0].load_version(2).unwrap_err().to_string();
+    assert!(
+        err.contains("cannot read calibration file") && err.contains("m/2/calibration.npy"),
+        "{err}"
+    );
+    std::fs::copy(
+        root().join("models/cnn_lstm/calibration.npy"),
+        dir.join("m/2/calibration.npy"),
+    )
+    .unwrap();
+    let models = scan(&dir).unwrap();
+    let (quantization, base) = models[0].quantization_of(2);
+    assert_eq!(base, dir.join("m/2"));
+    assert_eq!(quantization.percentile, 99.99);
+    assert_eq!(
+        models[0].load_version(2).unwrap().engine.variant(),
+        "native/int8-static"
+    );
+    // Version 1 keeps the model's settings.
+    assert_eq!(
+        models[0].load_version(1).unwrap().engine.variant(),
+        "native/fp32"
+    );
+
+    // config.toml's rules, with the version's precision; errors name the
+    // version.toml.
+    for (text, reason) in [
+        (
+            "[quantization]\nactivations = \"static\"\ncalibration = \"calibration.npy\"\n",
+            "needs precision = \"int8\"",
+        ),
+        (
+            "precision = \"int8\"\n[quantization]\nactivations = \"static\"\n",
+            "relative to the version folder",
+        ),
+        (
+            "precision = \"int8\"\n[quantization]\npercentile = 20\n",
+            "outside [50, 100]",
+        ),
+        (
+            "precision = \"int8\"\n[quantization]\nmethod = \"entropy\"\n",
+            "entropy",
+        ),
+    ] {
+        std::fs::write(&version_toml, text).unwrap();
+        let err = scan(&dir).unwrap_err().to_string();
+        assert!(
+            err.contains("m/2/version.toml") && err.contains(reason),
+            "{text}: {err}"
+        );
+    }
+    // The model's precision counts when the version sets none.
+    let dir = repo("m", &model, &format!("precision = \"int8\"\n{CNN_LSTM}"));
+    std::fs::write(
+        dir.join("m/1/version.toml"),
+        "[quantization]\nactivations = \"static\"\ncalibration = \"c.npy\"\n",
+    )
+    .unwrap();
+    std::fs::copy(
+        root().join("models/cnn_lstm/calibration.npy"),
+        dir.join("m/1/c.npy"),
+    )
+    .unwrap();
+    assert_eq!(
+        scan(&dir).unwrap()[0]
+            .load_version(1)
+            .unwrap()
+            .engine
+            .variant(),
+        "native/int8-static"
+    );
+}

@@ -275,3 +275,168 @@ fn optimize_reports_json_with_regression_outputs_on_a_custom_validation_set() {
     assert!(report["written"].is_null());
     std::fs::remove_dir_all(&repo).unwrap();
 }
+
+#[test]
+fn optimize_writes_int8_static_calibrated_as_measured() {
+    let repo = repository();
+    // The model's configured calibration file is the default.
+    std::fs::copy(
+        root().join("models/cnn_lstm/calibration.npy"),
+        repo.join("cnn_lstm/calibration.npy"),
+    )
+    .unwrap();
+    let text = stdout(&tickserve(
+        &repo,
+        &[
+            "optimize",
+            "--variants",
+            "fp32,int8-static",
+            "--seconds",
+            "0.05",
+            "--write",
+            "int8-static",
+            "--max-abs-error",
+            "2e-2",
+        ],
+    ));
+    assert!(
+        text.contains("int8-static calibrated on")
+            && text.contains("cnn_lstm/calibration.npy (")
+            && text.contains("minmax)"),
+        "{text}"
+    );
+    let cells = row(&text, "int8-static");
+    assert_eq!(cells[1], "native/int8-static");
+    let max_abs: f64 = cells[5].parse().unwrap();
+    assert!(max_abs > 0.0 && max_abs <= 2e-2, "{cells:?}");
+    assert!(
+        text.contains("wrote cnn_lstm version 2") && text.contains("loads as native/int8-static"),
+        "{text}"
+    );
+    let version_toml = std::fs::read_to_string(repo.join("cnn_lstm/2/version.toml")).unwrap();
+    for line in [
+        "precision = \"int8\"",
+        "[quantization]",
+        "activations = \"static\"",
+        "calibration = \"calibration.npy\"",
+        "method = \"minmax\"",
+    ] {
+        assert!(version_toml.contains(line), "{line}:\n{version_toml}");
+    }
+    // The calibration set travels with the version.
+    assert_eq!(
+        std::fs::read(repo.join("cnn_lstm/2/calibration.npy")).unwrap(),
+        std::fs::read(root().join("models/cnn_lstm/calibration.npy")).unwrap()
+    );
+    assert_eq!(variant_of(&repo, 2), "native/int8-static");
+    // Served as measured: the written version's error against version 1
+    // on the validation set is the one the table printed.
+    let models = tickserve_repository::scan(&repo).unwrap();
+    let inputs =
+        tickserve_model_tools::npy::read(&root().join("fixtures/golden/cnn_lstm/input.npy"))
+            .unwrap();
+    let out = |version| {
+        let loaded = models[0].load_version(version).unwrap();
+        tickserve_model_tools::optimize::outputs(loaded.engine.as_ref(), &inputs).unwrap()
+    };
+    let accuracy = tickserve_model_tools::optimize::accuracy(&out(2), &out(1), 3, true);
+    assert_eq!(format!("{:.2e}", accuracy.max_abs_error), cells[5]);
+    assert_eq!(format!("{:.2e}", accuracy.mean_abs_error), cells[6]);
+    // A version pruned from it keeps its calibration.
+    let text = stdout(&tickserve(&repo, &["prune", "--model-version", "2"]));
+    assert!(text.contains("into version 3"), "{text}");
+    assert!(repo.join("cnn_lstm/3/calibration.npy").is_file());
+    assert_eq!(
+        variant_of(&repo, 3),
+        "native/int8-static+pruned(l1=0.30,channels=0.00)"
+    );
+
+    // With the model itself configured static, a dynamic int8 version says
+    // so in its version.toml and loads as dynamic int8.
+    let config_path = repo.join("cnn_lstm/config.toml");
+    let config = std::fs::read_to_string(&config_path)
+        .unwrap()
+        .replace("precision = \"fp32\"", "precision = \"int8\"")
+        .replace("activations = \"dynamic\"", "activations = \"static\"");
+    std::fs::write(&config_path, config).unwrap();
+    assert_eq!(variant_of(&repo, 1), "native/int8-static");
+    let text = stdout(&tickserve(
+        &repo,
+        &[
+            "optimize",
+            "--model-version",
+            "1",
+            "--variants",
+            "int8",
+            "--seconds",
+            "0.02",
+            "--write",
+            "int8",
+            "--max-abs-error",
+            "2e-2",
+        ],
+    ));
+    assert!(text.contains("loads as native/int8\n"), "{text}");
+    let version_toml = std::fs::read_to_string(repo.join("cnn_lstm/4/version.toml")).unwrap();
+    assert!(
+        version_toml.contains("activations = \"dynamic\""),
+        "{version_toml}"
+    );
+    std::fs::remove_dir_all(&repo).unwrap();
+}
+
+#[test]
+fn optimize_refuses_int8_static_without_calibration_inputs() {
+    // The copy has config.toml's `calibration = "calibration.npy"` but not
+    // the file: int8-static is refused before anything is measured.
+    let repo = repository();
+    let output = tickserve(
+        &repo,
+        &[
+            "optimize",
+            "--variants",
+            "fp32,int8-static",
+            "--seconds",
+            "0.02",
+        ],
+    );
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("give --calibration <NPY>")
+            && stderr.contains("not the validation set")
+            && stderr.contains("cnn_lstm/calibration.npy does not exist"),
+        "{stderr}"
+    );
+    assert!(output.stdout.is_empty(), "{output:?}");
+
+    // --calibration names the file; the method and percentile flags
+    // override the model's.
+    let calibration = root().join("models/cnn_lstm/calibration.npy");
+    let json = stdout(&tickserve(
+        &repo,
+        &[
+            "optimize",
+            "--variants",
+            "int8-static,pruned+int8-static",
+            "--calibration",
+            calibration.to_str().unwrap(),
+            "--calibration-method",
+            "percentile",
+            "--percentile",
+            "99.9",
+            "--seconds",
+            "0.02",
+            "--json",
+        ],
+    ));
+    let report: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let record = report["calibration"].as_str().unwrap();
+    assert!(record.ends_with("samples, percentile 99.9)"), "{record}");
+    assert_eq!(
+        report["variants"][0]["engine_variant"],
+        "native/int8-static"
+    );
+    assert_eq!(report["variants"][1]["name"], "pruned+int8-static");
+    std::fs::remove_dir_all(&repo).unwrap();
+}

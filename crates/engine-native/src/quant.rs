@@ -735,6 +735,40 @@ impl LowMat {
         self.run_prepared(simd, m, 0, dst, dst_rs, scratch);
     }
 
+    /// `dst[m×n] = bias + lhs[m×k] · W`: [`Self::matmul_acc`] onto rows
+    /// filled with `bias` (`n` values), without the fill pass for int8.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn matmul_bias(
+        &self,
+        simd: LowSimd,
+        m: usize,
+        dst: &mut [f32],
+        dst_rs: usize,
+        lhs: &[f32],
+        lhs_rs: usize,
+        bias: &[f32],
+        scratch: &mut Scratch,
+    ) {
+        match self {
+            LowMat::Int8(w) if m > 0 => {
+                self.prepare(simd, m, lhs, lhs_rs, scratch);
+                int8_gemm(
+                    simd,
+                    m,
+                    dst,
+                    dst_rs,
+                    scratch.q.view(0, w.k_pad),
+                    w,
+                    Some(bias),
+                );
+            }
+            _ => {
+                fill_bias(m, dst, dst_rs, Some(bias));
+                self.matmul_acc(simd, m, dst, dst_rs, lhs, lhs_rs, scratch);
+            }
+        }
+    }
+
     /// Converts `m` left-hand rows into `scratch`, for [`Self::run_prepared`]
     /// on this or any other `LowMat` of the same precision and `k`.
     pub(crate) fn prepare(
@@ -793,7 +827,7 @@ impl LowMat {
         }
         match self {
             LowMat::Int8(w) => {
-                int8_gemm(simd, m, dst, dst_rs, scratch.q.view(row0, w.k_pad), w);
+                int8_gemm(simd, m, dst, dst_rs, scratch.q.view(row0, w.k_pad), w, None);
             }
             LowMat::Bf16(w) => {
                 bf16_gemm(simd, m, dst, dst_rs, &scratch.b[row0 * w.k_pad..], w);
@@ -807,6 +841,12 @@ impl LowMat {
 ///
 /// # Panics
 /// If `dst` or `a` are too short for `m` rows.
+///
+/// With `bias` (`n` values), `dst[r][j] = bias[j] + …` instead: the same
+/// result as filling each row with `bias` first, but the AVX-512 kernel
+/// reads the bias in place of `dst`, so a large `dst` (the LSTM's input
+/// projection of every step) is written once instead of filled, read
+/// back and written again.
 pub(crate) fn int8_gemm(
     simd: LowSimd,
     m: usize,
@@ -814,6 +854,7 @@ pub(crate) fn int8_gemm(
     dst_rs: usize,
     a: QView<'_>,
     w: &QWeights,
+    bias: Option<&[f32]>,
 ) {
     if m == 0 || w.n == 0 {
         return;
@@ -826,17 +867,33 @@ pub(crate) fn int8_gemm(
         a.q.len() >= m * w.k_pad && a.scale.len() >= m && a.zero.len() >= m,
         "int8 lhs"
     );
+    assert!(bias.is_none_or(|b| b.len() == w.n), "int8 bias");
     match simd {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `LowSimd::Avx512` comes from `detect_low_simd` only after
         // the CPU reported avx512f, avx512bw and avx512vnni; the asserts
         // above are the bounds the kernel relies on.
-        LowSimd::Avx512 => unsafe { avx512::int8_gemm(m, dst, dst_rs, a, w) },
+        LowSimd::Avx512 => unsafe { avx512::int8_gemm(m, dst, dst_rs, a, w, bias) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `LowSimd::Avx2` is only used where avx2 and fma exist;
         // the asserts above are the bounds the kernel relies on.
-        LowSimd::Avx2 => unsafe { avx2::int8_gemm(m, dst, dst_rs, a, w) },
-        _ => int8_gemm_body(m, dst, dst_rs, a, w),
+        LowSimd::Avx2 => {
+            fill_bias(m, dst, dst_rs, bias);
+            unsafe { avx2::int8_gemm(m, dst, dst_rs, a, w) }
+        }
+        _ => {
+            fill_bias(m, dst, dst_rs, bias);
+            int8_gemm_body(m, dst, dst_rs, a, w)
+        }
+    }
+}
+
+/// Fills `m` rows of `dst` with `bias`, for the kernels that accumulate.
+fn fill_bias(m: usize, dst: &mut [f32], dst_rs: usize, bias: Option<&[f32]>) {
+    if let Some(bias) = bias {
+        for r in 0..m {
+            dst[r * dst_rs..r * dst_rs + bias.len()].copy_from_slice(bias);
+        }
     }
 }
 
@@ -1095,6 +1152,7 @@ mod avx512 {
         dst_rs: usize,
         a: QView<'_>,
         w: &QWeights,
+        bias: Option<&[f32]>,
     ) {
         let nb = blocks(w.n);
         let mut r = 0;
@@ -1107,16 +1165,16 @@ mod avx512 {
                 // every access is inside the bounds the caller checked.
                 unsafe {
                     match (rows, cb) {
-                        (4, 4) => int8_tile::<4, 4>(r, b, dst, dst_rs, a, w),
-                        (4, 3) => int8_tile::<4, 3>(r, b, dst, dst_rs, a, w),
-                        (4, 2) => int8_tile::<4, 2>(r, b, dst, dst_rs, a, w),
-                        (4, _) => int8_tile::<4, 1>(r, b, dst, dst_rs, a, w),
-                        (3, 4) => int8_tile::<3, 4>(r, b, dst, dst_rs, a, w),
-                        (3, _) => int8_tile::<3, 1>(r, b, dst, dst_rs, a, w),
-                        (2, 4) => int8_tile::<2, 4>(r, b, dst, dst_rs, a, w),
-                        (2, _) => int8_tile::<2, 1>(r, b, dst, dst_rs, a, w),
-                        (_, 4) => int8_tile::<1, 4>(r, b, dst, dst_rs, a, w),
-                        (_, _) => int8_tile::<1, 1>(r, b, dst, dst_rs, a, w),
+                        (4, 4) => int8_tile::<4, 4>(r, b, dst, dst_rs, a, w, bias),
+                        (4, 3) => int8_tile::<4, 3>(r, b, dst, dst_rs, a, w, bias),
+                        (4, 2) => int8_tile::<4, 2>(r, b, dst, dst_rs, a, w, bias),
+                        (4, _) => int8_tile::<4, 1>(r, b, dst, dst_rs, a, w, bias),
+                        (3, 4) => int8_tile::<3, 4>(r, b, dst, dst_rs, a, w, bias),
+                        (3, _) => int8_tile::<3, 1>(r, b, dst, dst_rs, a, w, bias),
+                        (2, 4) => int8_tile::<2, 4>(r, b, dst, dst_rs, a, w, bias),
+                        (2, _) => int8_tile::<2, 1>(r, b, dst, dst_rs, a, w, bias),
+                        (_, 4) => int8_tile::<1, 4>(r, b, dst, dst_rs, a, w, bias),
+                        (_, _) => int8_tile::<1, 1>(r, b, dst, dst_rs, a, w, bias),
                     }
                 }
                 b += if rows == 4 || cb == 4 { cb } else { 1 };
@@ -1136,6 +1194,7 @@ mod avx512 {
         dst_rs: usize,
         a: QView<'_>,
         w: &QWeights,
+        bias: Option<&[f32]>,
     ) {
         let groups = w.k_pad / 4;
         let q = a.q;
@@ -1181,9 +1240,13 @@ mod avx512 {
                 let dot = _mm512_cvtepi32_ps(_mm512_sub_epi32(*v, off));
                 let d = dst.as_mut_ptr().wrapping_add((r0 + r) * dst_rs + col);
                 // SAFETY: the mask limits the access to columns < n of row
-                // r0+r, inside `dst`; masked-off lanes are not touched.
+                // r0+r, inside `dst` (and of `bias`, which holds n values);
+                // masked-off lanes are not touched.
                 unsafe {
-                    let old = _mm512_maskz_loadu_ps(k, d);
+                    let old = match bias {
+                        Some(bias) => _mm512_maskz_loadu_ps(k, bias.as_ptr().add(col)),
+                        None => _mm512_maskz_loadu_ps(k, d),
+                    };
                     let new = _mm512_fmadd_ps(_mm512_mul_ps(rs, cs), dot, old);
                     _mm512_mask_storeu_ps(d, k, new);
                 }
@@ -1377,10 +1440,10 @@ mod tests {
             int8_reference(m, &a, &qw, &mut expected);
             for level in low_simd_levels() {
                 let mut raw = vec![0.0f32; m * n];
-                int8_gemm(level, m, &mut raw, n, unit.view(0, qw.k_pad), &raw_w);
+                int8_gemm(level, m, &mut raw, n, unit.view(0, qw.k_pad), &raw_w, None);
                 assert_eq!(raw, expected_raw, "{level:?} {m}x{n}x{k}: int32 sums");
                 let mut got = start.clone();
-                int8_gemm(level, m, &mut got, n, a.view(0, qw.k_pad), &qw);
+                int8_gemm(level, m, &mut got, n, a.view(0, qw.k_pad), &qw, None);
                 for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
                     // One fused vs separate multiply-add in the dequantisation.
                     assert!(
@@ -1417,8 +1480,47 @@ mod tests {
         assert_eq!(expected[1], -(255 * 127 * (k as i32 - 1)) as f32);
         for level in low_simd_levels() {
             let mut got = vec![0.0f32; m * n];
-            int8_gemm(level, m, &mut got, n, unit.view(0, qw.k_pad), &raw_w);
+            int8_gemm(level, m, &mut got, n, unit.view(0, qw.k_pad), &raw_w, None);
             assert_eq!(got, expected, "{level:?}");
+        }
+    }
+
+    #[test]
+    fn a_bias_gives_what_filling_the_rows_with_it_first_gives_on_every_level() {
+        // Partial column blocks and row tiles, and a destination stride
+        // wider than n whose extra columns must stay untouched.
+        for (m, k, n) in [(9, 48, 130), (5, 200, 7), (33, 64, 256)] {
+            let rs = n + 5;
+            let qw = QWeights::new(&values(k * n, 3), k, n);
+            let mut a = QRows::default();
+            quantize_rows(
+                LowSimd::Portable,
+                m,
+                k,
+                qw.k_pad,
+                &values(m * k, 4),
+                k,
+                &mut a,
+            );
+            let bias = values(n, 5);
+            for level in low_simd_levels() {
+                let mut expected = values(m * rs, 6);
+                for r in 0..m {
+                    expected[r * rs..r * rs + n].copy_from_slice(&bias);
+                }
+                int8_gemm(level, m, &mut expected, rs, a.view(0, qw.k_pad), &qw, None);
+                let mut got = values(m * rs, 6);
+                int8_gemm(
+                    level,
+                    m,
+                    &mut got,
+                    rs,
+                    a.view(0, qw.k_pad),
+                    &qw,
+                    Some(&bias),
+                );
+                assert_eq!(got, expected, "{level:?} m={m} k={k} n={n}");
+            }
         }
     }
 
@@ -1447,7 +1549,7 @@ mod tests {
         );
         for level in low_simd_levels() {
             let mut dst = vec![7.0f32; (m - 1) * rs + n + 5];
-            int8_gemm(level, m, &mut dst, rs, a.view(0, qw.k_pad), &qw);
+            int8_gemm(level, m, &mut dst, rs, a.view(0, qw.k_pad), &qw, None);
             for r in 0..m - 1 {
                 assert!(dst[r * rs + n..(r + 1) * rs].iter().all(|&v| v == 7.0));
             }

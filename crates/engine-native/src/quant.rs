@@ -393,8 +393,9 @@ fn quantize_body(m: usize, k: usize, k_pad: usize, src: &[f32], rs: usize, out: 
 mod avx512_rows {
     //! Dynamic row quantisation in AVX-512 intrinsics. The auto-vectorised
     //! [`super::quantize_body`] stored the bytes one at a time and reduced
-    //! the range through memory; this runs ~3× faster and, for the dynamic
-    //! int8 LSTM, is called for the recurrent `h` of every step.
+    //! the range through memory; with this, quantising fell from 15 % to
+    //! 6 % of a batch-32 dynamic int8 profile (it runs for every GEMM
+    //! input, the recurrent `h` of every LSTM step included).
     //! It computes exactly what the portable loop does: `min`/`max` with
     //! the new value first (a NaN keeps the running value, as the
     //! compare-and-select does), `v·inv` and `+ zero` as two roundings (no

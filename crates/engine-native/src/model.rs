@@ -459,18 +459,21 @@ impl Lstm {
         }
         // Input projection of every time step of every sample in one GEMM.
         let gates = sized(&mut ctx.gates, rows * time * gates_width);
-        fill_rows(gates, &self.bias);
         if let Some(low) = &self.w_low {
-            low.matmul_acc(
+            // The bias goes in with the product: the int8 kernel writes
+            // this `B·T·4H` buffer once instead of after a fill pass.
+            low.matmul_bias(
                 ctx.low_simd,
                 rows * time,
                 gates,
                 gates_width,
                 input,
                 self.input,
+                &self.bias,
                 &mut ctx.scratch,
             );
         } else {
+            fill_rows(gates, &self.bias);
             // Stored time-major, `[T, B, 4H]`: each step then reads one
             // contiguous block that the prefetcher streams in (sample-major,
             // a large batch's steps missed the cache on every row).

@@ -547,10 +547,7 @@ impl Lstm {
                 );
             }
             if !last_only {
-                for b in 0..rows {
-                    let dst = (b * time + t) * hidden;
-                    y[dst..dst + hidden].copy_from_slice(&h_next[b * hidden..(b + 1) * hidden]);
-                }
+                store_step(y, &h_next, rows, time, t, hidden);
             }
             std::mem::swap(&mut h_prev, &mut h_next);
         }
@@ -603,10 +600,7 @@ impl Lstm {
                 },
             );
             if !last_only {
-                for b in 0..rows {
-                    let dst = (b * time + t) * hidden;
-                    y[dst..dst + hidden].copy_from_slice(&h_next[b * hidden..(b + 1) * hidden]);
-                }
+                store_step(y, &h_next, rows, time, t, hidden);
             }
             std::mem::swap(&mut h_prev, &mut h_next);
         }
@@ -614,6 +608,15 @@ impl Lstm {
             y.copy_from_slice(&h_prev[..rows * hidden]);
         }
         ctx.h = [h_prev, h_next];
+    }
+}
+
+/// Copies step `t`'s hidden state of every row (`h`, `[rows, hidden]`)
+/// into the layer output `y` (`[rows, time, hidden]`).
+fn store_step(y: &mut [f32], h: &[f32], rows: usize, time: usize, t: usize, hidden: usize) {
+    for b in 0..rows {
+        let dst = (b * time + t) * hidden;
+        y[dst..dst + hidden].copy_from_slice(&h[b * hidden..(b + 1) * hidden]);
     }
 }
 

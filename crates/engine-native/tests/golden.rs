@@ -3,21 +3,14 @@
 //! variants of the family, at every batch size, within 1e-5.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
+
+use common::{read_npy, root};
 
 use tickserve_engine::{Batch, Engine, EngineError};
 use tickserve_engine_native::{NativeEngine, Simd, available_simd};
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn read_npy(path: &Path) -> (Vec<usize>, Vec<f32>) {
-    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let npy = npyz::NpyFile::new(&bytes[..]).unwrap();
-    let shape = npy.shape().iter().map(|&d| d as usize).collect();
-    (shape, npy.into_vec::<f32>().unwrap())
-}
 
 struct Golden {
     engine: NativeEngine,

@@ -5,35 +5,18 @@
 //! every kernel tile shape runs.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
+
+use common::{argmax, read_npy, root};
 
 use tickserve_engine::{Batch, Engine};
 use tickserve_engine_native::{NativeEngine, Precision};
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn read_npy(path: &Path) -> (Vec<usize>, Vec<f32>) {
-    let bytes = std::fs::read(path).unwrap();
-    let npy = npyz::NpyFile::new(&bytes[..]).unwrap();
-    let shape = npy.shape().iter().map(|&d| d as usize).collect();
-    (shape, npy.into_vec::<f32>().unwrap())
-}
-
 struct Figures {
     max_abs: f32,
     argmax_agreement: f64,
-}
-
-fn argmax(row: &[f32]) -> usize {
-    row.iter()
-        .enumerate()
-        .fold(
-            (0, f32::MIN),
-            |(bi, bv), (i, &v)| if v > bv { (i, v) } else { (bi, bv) },
-        )
-        .0
 }
 
 /// Runs the fixture in chunks of `batch` rows at `precision`.

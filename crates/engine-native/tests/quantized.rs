@@ -4,21 +4,14 @@
 //! (tools/export_reference.py: seeds 7001 and 9001).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
+
+use common::{argmax, read_npy, root};
 
 use tickserve_engine::{Batch, Engine, EngineError};
 use tickserve_engine_native::{Calibration, CalibrationMethod, NativeEngine, Precision};
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn read_npy(path: &Path) -> (Vec<usize>, Vec<f32>) {
-    let bytes = std::fs::read(path).unwrap();
-    let npy = npyz::NpyFile::new(&bytes[..]).unwrap();
-    let shape = npy.shape().iter().map(|&d| d as usize).collect();
-    (shape, npy.into_vec::<f32>().unwrap())
-}
 
 fn write_npy<T: npyz::AutoSerialize + Copy>(path: &Path, shape: &[u64], data: &[T]) {
     use npyz::WriterBuilder;
@@ -58,10 +51,6 @@ fn run(engine: &NativeEngine, batch: usize) -> Vec<f32> {
         got.extend_from_slice(&out.outputs[0]);
     }
     got
-}
-
-fn argmax(row: &[f32]) -> usize {
-    (0..row.len()).fold(0, |b, i| if row[i] > row[b] { i } else { b })
 }
 
 /// Max abs difference, mean abs difference, argmax agreement (3 logits).

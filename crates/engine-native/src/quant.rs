@@ -389,6 +389,18 @@ fn quantize_body(m: usize, k: usize, k_pad: usize, src: &[f32], rs: usize, out: 
     }
 }
 
+/// An AVX-512 lane mask with the first `n` of 16 lanes set (all 16 from
+/// `n = 16` on): the tail of a row or of a column block.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn lanes16(n: usize) -> u16 {
+    if n >= 16 {
+        0xffff
+    } else {
+        ((1u32 << n) - 1) as u16
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx512_rows {
     //! Dynamic row quantisation in AVX-512 intrinsics. The auto-vectorised
@@ -409,12 +421,7 @@ mod avx512_rows {
     /// Lanes of a 16-value chunk inside a row of `len` from `at`.
     #[inline(always)]
     fn mask(len: usize, at: usize) -> __mmask16 {
-        let left = len - at;
-        if left >= 16 {
-            0xffff
-        } else {
-            ((1u32 << left) - 1) as __mmask16
-        }
+        super::lanes16(len - at)
     }
 
     /// # Safety
@@ -1134,14 +1141,7 @@ mod avx512 {
 
     use super::{BWeights, COLS, QView, QWeights, blocks};
 
-    /// Lanes of a 16-column block that are real columns.
-    fn mask(cols: usize) -> __mmask16 {
-        if cols >= 16 {
-            0xffff
-        } else {
-            ((1u32 << cols) - 1) as __mmask16
-        }
-    }
+    use super::lanes16 as mask;
 
     /// # Safety
     /// The CPU must support avx512f/bw/vnni; `int8_gemm` checked the

@@ -112,12 +112,12 @@ impl CacheLayer {
         let mut trace = Trace::default();
         let answer = self.lookup_and_run(version, request, &mut trace).await;
         let took = started.elapsed();
-        let counters = version.scheduler().counters();
         if !trace.validated {
             // Refused before any lookup: like the uncached path, which
             // refuses it before the scheduler, it is in no statistic.
             return answer;
         }
+        let counters = version.scheduler().counters();
         let missed = trace.queued || trace.coalesced;
         if !trace.queued {
             counters.record_answered_without_queue(priority, took, trace.waited, answer.is_ok());

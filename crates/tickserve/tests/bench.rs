@@ -7,16 +7,13 @@
 //! for the machine's two cores, and the test stays a few seconds per mode.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use tickserve_bench::report::{Report, SCHEMA, sum_requests};
 
-fn root() -> &'static Path {
-    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
-}
+mod common;
 
 /// A `tickserve serve` child, killed when dropped.
 struct Server {
@@ -32,51 +29,14 @@ impl Drop for Server {
 }
 
 fn start_server() -> Server {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tickserve"))
-        .current_dir(root())
-        .args([
-            "serve",
-            "--http-addr",
-            "127.0.0.1:0",
-            "--metrics-addr",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-            "--log-level",
-            "info",
-        ])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let http = loop {
-        let line = lines
-            .next()
-            .expect("server exited before listening")
-            .unwrap();
-        let log: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-        if log["message"] == "listening" {
-            break log["http"].as_str().unwrap().to_owned();
-        }
-    };
+    let common::Served { child, http, log } = common::spawn_serve(&["--log-level", "info"]);
     // Keep reading stderr so the server never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines.map_while(Result::ok) {});
-    let client = reqwest::blocking::Client::new();
-    let ready = format!("http://{http}/v2/health/ready");
-    let started = Instant::now();
-    while client
-        .get(&ready)
-        .send()
-        .map(|r| r.status().as_u16())
-        .unwrap_or(0)
-        != 200
-    {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "not ready in 60 s"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    std::thread::spawn(move || for _ in log.map_while(Result::ok) {});
+    common::wait_ready(
+        &reqwest::blocking::Client::new(),
+        &http,
+        Duration::from_secs(60),
+    );
     Server {
         child,
         url: format!("http://{http}"),

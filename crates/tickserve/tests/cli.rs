@@ -3,61 +3,22 @@
 //! repository with a non-zero status and a reason.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
-fn root() -> &'static Path {
-    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
-}
+mod common;
+
+use common::root;
 
 #[test]
 fn serve_answers_and_exits_zero_on_sigterm() {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tickserve"))
-        .current_dir(root())
-        .args([
-            "serve",
-            "--http-addr",
-            "127.0.0.1:0",
-            "--metrics-addr",
-            "127.0.0.1:0",
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-        ])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // The JSON log's "listening" line names the bound port.
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let started = Instant::now();
-    let http = loop {
-        let line = lines
-            .next()
-            .expect("server exited before listening")
-            .unwrap();
-        let log: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-        if log["message"] == "listening" {
-            break log["http"].as_str().unwrap().to_owned();
-        }
-    };
+    let common::Served {
+        mut child,
+        http,
+        log: lines,
+    } = common::spawn_serve(&[]);
     let client = reqwest::blocking::Client::new();
-    let ready_url = format!("http://{http}/v2/health/ready");
-    while client
-        .get(&ready_url)
-        .send()
-        .map(|r| r.status().as_u16())
-        .unwrap_or(0)
-        != 200
-    {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "not ready in 30 s"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    common::wait_ready(&client, &http, Duration::from_secs(30));
     let body = std::fs::read(root().join("fixtures/golden/cnn_lstm/request.json")).unwrap();
     let response = client
         .post(format!("http://{http}/v2/models/cnn_lstm/infer"))

@@ -1,0 +1,69 @@
+//! Starting the real `tickserve` binary for the tests in this folder.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader, Lines};
+use std::path::Path;
+use std::process::{Child, ChildStderr, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn root() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
+}
+
+/// A running `tickserve serve`: the child, its HTTP address, and the log
+/// lines after its "listening" line (keep reading them, or the server
+/// blocks on a full pipe).
+pub struct Served {
+    pub child: Child,
+    pub http: String,
+    pub log: Lines<BufReader<ChildStderr>>,
+}
+
+/// Starts `tickserve serve` from the repository root with every listener
+/// on port 0, JSON logs and `extra` arguments, and returns once the log
+/// names the bound HTTP address.
+pub fn spawn_serve(extra: &[&str]) -> Served {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tickserve"))
+        .current_dir(root())
+        .args([
+            "serve",
+            "--http-addr",
+            "127.0.0.1:0",
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+        ])
+        .args(extra)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The JSON log's "listening" line names the bound port.
+    let mut log = BufReader::new(child.stderr.take().unwrap()).lines();
+    let http = loop {
+        let line = log.next().expect("server exited before listening").unwrap();
+        let line: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        if line["message"] == "listening" {
+            break line["http"].as_str().unwrap().to_owned();
+        }
+    };
+    Served { child, http, log }
+}
+
+/// Polls `/v2/health/ready` on `http` until it answers 200.
+pub fn wait_ready(client: &reqwest::blocking::Client, http: &str, within: Duration) {
+    let ready = format!("http://{http}/v2/health/ready");
+    let started = Instant::now();
+    while client
+        .get(&ready)
+        .send()
+        .map(|r| r.status().as_u16())
+        .unwrap_or(0)
+        != 200
+    {
+        assert!(started.elapsed() < within, "not ready in {within:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

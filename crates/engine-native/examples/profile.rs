@@ -20,7 +20,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .map_or(Some(Precision::Fp32), |a| Precision::parse(&a));
     let precision = precision.ok_or("precision must be fp32, bf16 or int8")?;
     let engine = NativeEngine::load(&model)?
-        .with_threads(threads)
+        .with_threads(threads, 1)?
         .with_precision(precision);
     let data: Vec<f32> = (0..rows * 3000)
         .map(|i| ((i as f32) * 0.013).sin())

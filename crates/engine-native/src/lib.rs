@@ -8,7 +8,9 @@
 //! an error that names the first node it cannot run.
 //!
 //! Running a batch is plain synchronous code on the caller's thread; the
-//! scheduler decides which threads call it.
+//! scheduler decides which threads call it. With intra-op threads
+//! ([`NativeEngine::with_threads`]) the caller splits the batch with the
+//! engine's own helper threads, which live as long as the engine.
 //!
 //! Reduced precision ([`quant`]): bf16 and int8 GEMMs, int8 activation
 //! scales dynamic, static ([`calibrate`]: fixed at load from a calibration
@@ -42,6 +44,12 @@ pub struct NativeEngine {
     plan: Plan,
     /// Threads one batch is split across (rows divided evenly).
     threads: usize,
+    /// The `threads − 1` helpers that run the other parts of a split
+    /// batch while the caller runs the first. They are started once:
+    /// spawning them per call cost ~270 µs per call on the 2-vCPU
+    /// development VM (waking an idle vCPU for a new thread), 5 % of a
+    /// batch-32 call (docs/engines.md).
+    helpers: Option<rayon::ThreadPool>,
     /// Where int8 activation scales come from (meaningful at int8 only).
     activations: Int8Activations,
     /// Idle forward-pass workspaces. Each worker (the calling thread and
@@ -141,18 +149,42 @@ impl NativeEngine {
             signature,
             plan,
             threads: 1,
+            helpers: None,
             activations,
             pool: Mutex::new(Vec::new()),
             pruning,
         })
     }
 
-    /// Splits each batch of two or more rows across `threads` threads (the
-    /// calling thread and `threads − 1` scoped helpers). A batch of one
-    /// row always runs on the calling thread.
-    pub fn with_threads(mut self, threads: usize) -> Self {
+    /// Splits each batch of two or more rows across `threads` threads: the
+    /// calling thread and `threads − 1` helper threads. The helpers are
+    /// started here, `threads − 1` for each of `concurrent_calls` callers
+    /// (the scheduler's engine instances), so calls made at the same time
+    /// never queue for each other's helpers; they live until the engine is
+    /// dropped. A batch of one row always runs on the calling thread.
+    ///
+    /// # Errors
+    /// [`EngineError::Execution`] if the operating system refuses to start
+    /// the helper threads.
+    pub fn with_threads(
+        mut self,
+        threads: usize,
+        concurrent_calls: usize,
+    ) -> Result<Self, EngineError> {
         self.threads = threads.max(1);
-        self
+        self.helpers = if self.threads > 1 {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads((self.threads - 1) * concurrent_calls.max(1))
+                .thread_name(|i| format!("tickserve-engine-helper-{i}"))
+                .build()
+                .map_err(|e| {
+                    EngineError::Execution(format!("cannot start the engine's helper threads: {e}"))
+                })?;
+            Some(pool)
+        } else {
+            None
+        };
+        Ok(self)
     }
 
     /// Runs the model's GEMMs in `precision` (see [`Precision`]): the
@@ -227,8 +259,8 @@ impl NativeEngine {
     /// Runs `rows` rows of `input` (`rows × time_steps × features`) and
     /// writes `rows × output_width` values to `output`. With one thread,
     /// a call allocates nothing once a call of at least this many rows
-    /// has run (the workspaces are reused); with several, only the helper
-    /// threads' spawning allocates.
+    /// has run (the workspaces are reused); with several, handing each
+    /// helper its part allocates a small job record.
     pub fn infer_into(
         &self,
         rows: usize,
@@ -247,18 +279,21 @@ impl NativeEngine {
             )));
         }
         let threads = self.threads.min(rows);
-        if threads <= 1 {
-            self.with_ctx(|ctx| self.plan.forward_into(ctx, rows, input, output));
-            return Ok(());
-        }
+        let helpers = match &self.helpers {
+            Some(helpers) if threads > 1 => helpers,
+            _ => {
+                self.with_ctx(|ctx| self.plan.forward_into(ctx, rows, input, output));
+                return Ok(());
+            }
+        };
         // Each thread runs whole samples, rows divided evenly; results
         // differ from a single-threaded run only by the input projection
         // GEMM's summation order for a different row count (~1e-6).
         let first = rows / threads;
         let (first_out, mut output_rest) = output.split_at_mut(first * width);
-        std::thread::scope(|scope| {
+        let panicked = std::sync::atomic::AtomicBool::new(false);
+        helpers.in_place_scope(|scope| {
             let mut input_rest = &input[first * row_len..];
-            let mut helpers = Vec::with_capacity(threads - 1);
             for t in 1..threads {
                 let n = rows * (t + 1) / threads - rows * t / threads;
                 let (chunk_in, rest_in) = input_rest.split_at(n * row_len);
@@ -266,21 +301,27 @@ impl NativeEngine {
                     std::mem::take(&mut output_rest).split_at_mut(n * width);
                 input_rest = rest_in;
                 output_rest = rest_out;
-                helpers.push(scope.spawn(move || {
-                    self.with_ctx(|ctx| self.plan.forward_into(ctx, n, chunk_in, chunk_out));
-                }));
+                let panicked = &panicked;
+                scope.spawn(move |_| {
+                    // A panic would otherwise resume on the caller when the
+                    // scope ends; it becomes this call's error instead.
+                    let run = std::panic::AssertUnwindSafe(|| {
+                        self.with_ctx(|ctx| self.plan.forward_into(ctx, n, chunk_in, chunk_out));
+                    });
+                    if std::panic::catch_unwind(run).is_err() {
+                        panicked.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
+                });
             }
             self.with_ctx(|ctx| {
                 self.plan
                     .forward_into(ctx, first, &input[..first * row_len], first_out);
             });
-            for helper in helpers {
-                helper
-                    .join()
-                    .map_err(|_| EngineError::Execution("an engine thread panicked".into()))?;
-            }
-            Ok(())
-        })
+        });
+        if panicked.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(EngineError::Execution("an engine thread panicked".into()));
+        }
+        Ok(())
     }
 
     /// Runs `f` with a workspace from the pool (a new one when all are in

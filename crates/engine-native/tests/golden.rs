@@ -204,7 +204,10 @@ fn a_file_that_is_not_onnx_is_refused() {
 fn splitting_a_batch_across_threads_gives_the_same_results() {
     let path = root().join("models/cnn_lstm/1/model.onnx");
     let single = NativeEngine::load(&path).unwrap();
-    let split = NativeEngine::load(&path).unwrap().with_threads(3);
+    let split = NativeEngine::load(&path)
+        .unwrap()
+        .with_threads(3, 1)
+        .unwrap();
     let (_, input) = read_npy(&root().join("fixtures/golden/cnn_lstm/input.npy"));
     for rows in [1usize, 2, 3, 7, 32] {
         let batch = Batch {
@@ -218,4 +221,41 @@ fn splitting_a_batch_across_threads_gives_the_same_results() {
             assert!((x - y).abs() <= 1e-5, "batch {rows}: {x} vs {y}");
         }
     }
+}
+
+#[test]
+fn split_batches_from_concurrent_callers_give_the_same_results() {
+    let path = root().join("models/cnn_lstm/1/model.onnx");
+    let single = NativeEngine::load(&path).unwrap();
+    // Two callers at once (two scheduler instances), each splitting its
+    // batch with its own helper.
+    let shared = NativeEngine::load(&path)
+        .unwrap()
+        .with_threads(2, 2)
+        .unwrap();
+    let (_, input) = read_npy(&root().join("fixtures/golden/cnn_lstm/input.npy"));
+    let batches: Vec<Batch> = [5usize, 8]
+        .iter()
+        .map(|&rows| Batch {
+            rows,
+            inputs: vec![input[(8 - rows) * 3000..8 * 3000].to_vec()],
+        })
+        .collect();
+    let expected: Vec<Vec<f32>> = batches
+        .iter()
+        .map(|b| single.infer(b).unwrap().outputs[0].clone())
+        .collect();
+    std::thread::scope(|scope| {
+        for (batch, expected) in batches.iter().zip(&expected) {
+            let shared = &shared;
+            scope.spawn(move || {
+                for _ in 0..20 {
+                    let got = shared.infer(batch).unwrap();
+                    for (x, y) in expected.iter().zip(&got.outputs[0]) {
+                        assert!((x - y).abs() <= 1e-5, "batch {}: {x} vs {y}", batch.rows);
+                    }
+                }
+            });
+        }
+    });
 }

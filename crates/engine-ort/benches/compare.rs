@@ -119,7 +119,7 @@ fn main() {
     println!("|---|---|---|---|---|---|---|---|---|");
     for threads in [1usize, 2] {
         let native = match NativeEngine::load(&model) {
-            Ok(e) => e.with_threads(threads),
+            Ok(e) => e.with_threads(threads, 1).unwrap_or_else(|e| panic!("{e}")),
             Err(e) => panic!("{e}"),
         };
         let ort = ort_available

@@ -281,7 +281,7 @@ pub fn build(
     } else {
         source.to_vec()
     };
-    let engine = NativeEngine::from_bytes(&model)?.with_threads(threads);
+    let engine = NativeEngine::from_bytes(&model)?.with_threads(threads, 1)?;
     let engine = (spec.precision.apply)(engine, context)?;
     Ok(Candidate {
         spec,
@@ -440,7 +440,7 @@ pub fn run(plan: &OptimizePlan<'_>) -> Result<(OptimizeReport, Vec<Candidate>), 
             "--batch-sizes must list positive sizes".into(),
         ));
     }
-    let baseline = NativeEngine::from_bytes(plan.model_bytes)?.with_threads(plan.threads);
+    let baseline = NativeEngine::from_bytes(plan.model_bytes)?.with_threads(plan.threads, 1)?;
     let signature = baseline.signature().clone();
     if plan.inputs.row_dims() != signature.inputs[0].dims.as_slice() {
         return Err(ToolError::InvalidArgument(format!(

@@ -646,7 +646,7 @@ impl ModelEntry {
         precision: PrecisionChoice,
     ) -> Result<NativeEngine, EngineError> {
         let mut engine = NativeEngine::load(path)?
-            .with_threads(self.config.threads)
+            .with_threads(self.config.threads, self.config.instances)?
             .with_precision(precision.native());
         if engine.is_qdq() && precision == PrecisionChoice::Bf16 {
             return Err(EngineError::Unsupported(

@@ -292,31 +292,37 @@ impl NativeEngine {
         let first = rows / threads;
         let (first_out, mut output_rest) = output.split_at_mut(first * width);
         let panicked = std::sync::atomic::AtomicBool::new(false);
-        helpers.in_place_scope(|scope| {
-            let mut input_rest = &input[first * row_len..];
-            for t in 1..threads {
-                let n = rows * (t + 1) / threads - rows * t / threads;
-                let (chunk_in, rest_in) = input_rest.split_at(n * row_len);
-                let (chunk_out, rest_out) =
-                    std::mem::take(&mut output_rest).split_at_mut(n * width);
-                input_rest = rest_in;
-                output_rest = rest_out;
-                let panicked = &panicked;
-                scope.spawn(move |_| {
-                    // A panic would otherwise resume on the caller when the
-                    // scope ends; it becomes this call's error instead.
-                    let run = std::panic::AssertUnwindSafe(|| {
-                        self.with_ctx(|ctx| self.plan.forward_into(ctx, n, chunk_in, chunk_out));
+        // The caller takes its workspace before the helpers start and
+        // returns it after they have returned theirs, so each worker gets
+        // the same workspace call after call (still in its core's cache)
+        // instead of whichever one a race left on top of the pool.
+        self.with_ctx(|caller_ctx| {
+            helpers.in_place_scope(|scope| {
+                let mut input_rest = &input[first * row_len..];
+                for t in 1..threads {
+                    let n = rows * (t + 1) / threads - rows * t / threads;
+                    let (chunk_in, rest_in) = input_rest.split_at(n * row_len);
+                    let (chunk_out, rest_out) =
+                        std::mem::take(&mut output_rest).split_at_mut(n * width);
+                    input_rest = rest_in;
+                    output_rest = rest_out;
+                    let panicked = &panicked;
+                    scope.spawn(move |_| {
+                        // A panic would otherwise resume on the caller when the
+                        // scope ends; it becomes this call's error instead.
+                        let run = std::panic::AssertUnwindSafe(|| {
+                            self.with_ctx(|ctx| {
+                                self.plan.forward_into(ctx, n, chunk_in, chunk_out)
+                            });
+                        });
+                        if std::panic::catch_unwind(run).is_err() {
+                            panicked.store(true, std::sync::atomic::Ordering::Relaxed);
+                        }
                     });
-                    if std::panic::catch_unwind(run).is_err() {
-                        panicked.store(true, std::sync::atomic::Ordering::Relaxed);
-                    }
-                });
-            }
-            self.with_ctx(|ctx| {
+                }
                 self.plan
-                    .forward_into(ctx, first, &input[..first * row_len], first_out);
-            });
+                    .forward_into(caller_ctx, first, &input[..first * row_len], first_out);
+            })
         });
         if panicked.load(std::sync::atomic::Ordering::Relaxed) {
             return Err(EngineError::Execution("an engine thread panicked".into()));

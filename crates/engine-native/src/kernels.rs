@@ -811,87 +811,6 @@ mod x86 {
                     }
                 }
 
-                /// Hidden blocks whose recurrent sums one row keeps before
-                /// their cell updates run (see `step_one_row`).
-                const ONE_ROW_CHUNK: usize = 8;
-
-                /// One row: the products of up to [`ONE_ROW_CHUNK`] blocks
-                /// go to a small gate-major buffer first, then one
-                /// vectorised cell update runs over all of them. At one row
-                /// the step is bound by streaming the weights from L2; a
-                /// cell update between two blocks' products stalls that
-                /// stream, while the chunk's updates, independent of each
-                /// other, overlap.
-                ///
-                /// # Safety
-                /// The CPU has `$feature`; `lstm_step` checked the bounds
-                /// and `a.rows == 1`.
-                #[target_feature(enable = $feature)]
-                unsafe fn step_one_row(w: &PackedRecurrent, a: &mut StepArgs<'_>) {
-                    const UNITS: usize = ONE_ROW_CHUNK * L;
-                    let (hidden, k_in) = (w.hidden, w.k_in);
-                    let panel_len = (k_in + hidden) * 4 * L;
-                    let mut j0 = 0;
-                    while j0 < hidden {
-                        let units = UNITS.min(hidden - j0);
-                        // `[gate][unit]`, `units` per gate.
-                        let mut pre = [0.0f32; 4 * UNITS];
-                        for block in 0..units.div_ceil(L) {
-                            let first = j0 / L + block;
-                            let panel = &w.data[first * panel_len..(first + 1) * panel_len];
-                            let mut acc = [[$zero(); 4]; 1];
-                            // SAFETY: `lstm_step` checked `x` and `h_prev`
-                            // hold row 0; `panel` holds `panel_len` floats.
-                            unsafe {
-                                if k_in > 0 {
-                                    accumulate::<1>(
-                                        &mut acc,
-                                        panel.as_ptr(),
-                                        k_in,
-                                        a.x.as_ptr(),
-                                        a.x_rs,
-                                    );
-                                }
-                                if a.recurrent {
-                                    accumulate::<1>(
-                                        &mut acc,
-                                        panel.as_ptr().add(k_in * 4 * L),
-                                        hidden,
-                                        a.h_prev.as_ptr(),
-                                        a.hp_rs,
-                                    );
-                                }
-                            }
-                            let width = L.min(units - block * L);
-                            for v in 0..4 {
-                                let at = v * units + block * L;
-                                let from = v * hidden + j0 + block * L;
-                                if width == L {
-                                    // SAFETY: `pre` holds `4·units` floats
-                                    // and `gates` `4·hidden` (checked).
-                                    unsafe {
-                                        let g = $load(a.gates.as_ptr().add(from));
-                                        $store(pre.as_mut_ptr().add(at), $add(acc[0][v], g));
-                                    }
-                                } else {
-                                    let mut lanes = [0.0f32; L];
-                                    // SAFETY: `lanes` holds L floats.
-                                    unsafe { $store(lanes.as_mut_ptr(), acc[0][v]) };
-                                    for l in 0..width {
-                                        pre[at + l] = lanes[l] + a.gates[from + l];
-                                    }
-                                }
-                            }
-                        }
-                        super::super::lstm_cell_body(
-                            &pre[..4 * units],
-                            &mut a.c[j0..j0 + units],
-                            &mut a.h_next[j0..j0 + units],
-                        );
-                        j0 += units;
-                    }
-                }
-
                 /// [`super::super::lstm_step`] at this level.
                 ///
                 /// # Safety
@@ -900,11 +819,6 @@ mod x86 {
                 pub(crate) unsafe fn step(w: &PackedRecurrent, a: &mut StepArgs<'_>) {
                     assert_eq!(w.lanes, L, "weights packed for another SIMD level");
                     let (hidden, k_in) = (w.hidden, w.k_in);
-                    if a.rows == 1 {
-                        // SAFETY: as for `step_block` (one row, row 0).
-                        unsafe { step_one_row(w, a) };
-                        return;
-                    }
                     for (block, panel) in w.data.chunks_exact((k_in + hidden) * 4 * L).enumerate() {
                         let j0 = block * L;
                         let mut row = 0;
@@ -1118,8 +1032,8 @@ mod tests {
     #[test]
     fn fused_step_matches_the_textbook_step_on_every_simd_level() {
         // Hidden sizes that fill whole blocks (128) and leave partial ones
-        // (24, 37); row counts covering every register group and remainder;
-        // one row over one chunk of blocks, a partial one, and several (300).
+        // (24, 37), and one wider than a block group (300); row counts
+        // covering every register group and remainder.
         for (rows, hidden) in [
             (1, 128),
             (1, 37),

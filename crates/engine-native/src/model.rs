@@ -13,6 +13,10 @@ use crate::kernels::{
 };
 use crate::quant::{ActQuant, LowMat, LowSimd, Precision, Scratch, detect_low_simd};
 
+mod pipeline;
+
+pub(crate) use pipeline::HandOff;
+
 /// From this many rows (per thread) an LSTM layer computes its input
 /// projection inside the fused step instead of one GEMM up front (see
 /// `Lstm::forward_fused_input`).
@@ -96,6 +100,9 @@ pub(crate) struct Ctx {
     c: Vec<f32>,
     /// Head activations, alternating between layers.
     head: [Vec<f32>; 2],
+    /// The rows one thread hands to another in the one-row pipeline
+    /// ([`HandOff`]).
+    pub(crate) handoff: Vec<f32>,
 }
 
 impl std::fmt::Debug for Ctx {
@@ -125,6 +132,7 @@ impl Ctx {
             h: Default::default(),
             c: Vec::new(),
             head: Default::default(),
+            handoff: Vec::new(),
         }
     }
 }
@@ -304,7 +312,6 @@ impl Plan {
             std::mem::swap(&mut cur, &mut next);
             self.round_output(index, &mut cur[..rows * time * channels]);
         }
-        let [mut head_in, mut head_out] = std::mem::take(&mut ctx.head);
         // Last time step of each sample (when the LSTM has not already
         // returned only its final state).
         let vec: &[f32] = if self.seq.is_empty() {
@@ -320,6 +327,26 @@ impl Plan {
             }
             v
         };
+        self.forward_head(ctx, rows, channels, vec, out);
+        // Put each buffer back in its own slot, so the next call grows
+        // neither (each has reached the size its layers need).
+        if self.seq.len() % 2 == 1 {
+            std::mem::swap(&mut cur, &mut next);
+        }
+        ctx.act = [cur, next];
+    }
+
+    /// Runs the head on `vec` (`rows × channels`: each sample's last time
+    /// step) and writes `rows × output_width` values to `out`.
+    fn forward_head(
+        &self,
+        ctx: &mut Ctx,
+        rows: usize,
+        channels: usize,
+        vec: &[f32],
+        out: &mut [f32],
+    ) {
+        let [mut head_in, mut head_out] = std::mem::take(&mut ctx.head);
         match self.head.split_last() {
             None => out.copy_from_slice(vec),
             Some((final_layer, hidden_layers)) => {
@@ -349,13 +376,9 @@ impl Plan {
         }
         // Put each buffer back in its own slot, so the next call grows
         // neither (each has reached the size its layers need).
-        if self.seq.len() % 2 == 1 {
-            std::mem::swap(&mut cur, &mut next);
-        }
         if self.head.len().saturating_sub(1) % 2 == 1 {
             std::mem::swap(&mut head_in, &mut head_out);
         }
-        ctx.act = [cur, next];
         ctx.head = [head_in, head_out];
     }
 

@@ -259,3 +259,48 @@ fn split_batches_from_concurrent_callers_give_the_same_results() {
         }
     });
 }
+
+#[test]
+fn a_one_row_batch_pipelined_across_two_threads_is_bit_identical() {
+    // The reference model (2 LSTM layers) and variant_b (3) run the
+    // pipeline; variant_a (1 LSTM) runs on the calling thread.
+    for (model, name) in [
+        (root().join("models/cnn_lstm/1/model.onnx"), "cnn_lstm"),
+        (
+            root().join("fixtures/models/variant_a/model.onnx"),
+            "variant_a",
+        ),
+        (
+            root().join("fixtures/models/variant_b/model.onnx"),
+            "variant_b",
+        ),
+    ] {
+        for simd in available_simd() {
+            let g = golden_at(&model, name, simd);
+            let piped = NativeEngine::load(&model)
+                .unwrap()
+                .with_simd(simd)
+                .unwrap()
+                .with_threads(2, 1)
+                .unwrap();
+            let row_len: usize = g.input_shape[1..].iter().product();
+            // Repeated calls reuse the workspaces and the hand-off buffer.
+            for round in 0..3 {
+                for r in 0..g.input_shape[0] {
+                    let batch = Batch {
+                        rows: 1,
+                        inputs: vec![g.input[r * row_len..(r + 1) * row_len].to_vec()],
+                    };
+                    let one = g.engine.infer(&batch).unwrap().outputs[0].clone();
+                    let two = piped.infer(&batch).unwrap().outputs[0].clone();
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(
+                        bits(&one),
+                        bits(&two),
+                        "{name} {simd:?} row {r} round {round}"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -406,6 +406,11 @@ impl Conv1d {
             .collect()
     }
 
+    /// Output time steps for `time` input steps (stride 1, no dilation).
+    pub(crate) fn out_time(&self, time: usize) -> usize {
+        time + self.pad_begin + self.pad_end + 1 - self.kernel
+    }
+
     /// Writes `[B, T', C_out]` to `out` and returns `T'`.
     fn forward(
         &self,
@@ -418,7 +423,7 @@ impl Conv1d {
         let (cin, cout, k) = (self.in_channels, self.out_channels, self.kernel);
         debug_assert_eq!(self.packed_taps.len(), k);
         let span = time + self.pad_begin + self.pad_end;
-        let out_time = span + 1 - k;
+        let out_time = self.out_time(time);
         // Each sample's rows with its zero padding; the taps then read this
         // buffer shifted by 0..k rows, so no im2col copy is needed.
         let padded = sized(&mut ctx.padded, rows * span * cin);

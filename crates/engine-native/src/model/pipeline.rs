@@ -153,7 +153,10 @@ impl Plan {
     /// which run on one thread at one row.
     pub(crate) fn pipeline_cut(&self) -> Option<usize> {
         let last = self.seq.len().checked_sub(1)?;
-        let fp32_lstm = |layer: &SeqLayer| matches!(layer, SeqLayer::Lstm(l) if l.w_low.is_none() && l.r_low.is_none());
+        let fp32_lstm = |layer: &SeqLayer| match layer {
+            SeqLayer::Lstm(l) => l.w_low.is_none() && l.r_low.is_none(),
+            SeqLayer::Conv(_) => false,
+        };
         let before = self.seq.get(last.checked_sub(1)?)?;
         (fp32_lstm(&self.seq[last]) && fp32_lstm(before) && self.output_quant.is_empty())
             .then_some(last)
@@ -164,7 +167,7 @@ impl Plan {
         let mut time = self.time_steps;
         for layer in &self.seq[..cut] {
             if let SeqLayer::Conv(conv) = layer {
-                time = time + conv.pad_begin + conv.pad_end + 1 - conv.kernel;
+                time = conv.out_time(time);
             }
         }
         let width = match &self.seq[cut - 1] {

@@ -242,6 +242,34 @@ impl Plan {
 }
 
 impl Lstm {
+    /// Step `t` of one row: `gates` starts with the step's input projection
+    /// plus bias; `h_prev` is unread at `t = 0` (zero initial state).
+    fn one_row_step(
+        &self,
+        t: usize,
+        gates: &[f32],
+        h_prev: &[f32],
+        c: &mut [f32],
+        h_next: &mut [f32],
+    ) {
+        lstm_step(
+            &self.r_packed,
+            StepArgs {
+                rows: 1,
+                x: &[],
+                x_rs: 0,
+                recurrent: t > 0,
+                h_prev,
+                hp_rs: self.hidden,
+                gates,
+                g_rs: 4 * self.hidden,
+                c,
+                h_next,
+                hn_rs: self.hidden,
+            },
+        );
+    }
+
     /// [`Lstm::forward`] for one row, with every step's hidden state
     /// written to `handoff` (row `t`) and published as soon as it exists.
     fn forward_publishing(&self, ctx: &mut Ctx, time: usize, input: &[f32], handoff: &HandOff<'_>) {
@@ -262,22 +290,7 @@ impl Lstm {
             // SAFETY: row `t` is not published yet and this is the only
             // writer.
             let h_next = unsafe { handoff.row_mut(t) };
-            lstm_step(
-                &self.r_packed,
-                StepArgs {
-                    rows: 1,
-                    x: &[],
-                    x_rs: 0,
-                    recurrent: t > 0,
-                    h_prev,
-                    hp_rs: hidden,
-                    gates: &gates[t * gates_width..],
-                    g_rs: gates_width,
-                    c,
-                    h_next,
-                    hn_rs: hidden,
-                },
-            );
+            self.one_row_step(t, &gates[t * gates_width..], h_prev, c, h_next);
             handoff.publish(t + 1);
         }
     }
@@ -317,22 +330,8 @@ impl Lstm {
                 self.input,
             );
             for step in t..end {
-                lstm_step(
-                    &self.r_packed,
-                    StepArgs {
-                        rows: 1,
-                        x: &[],
-                        x_rs: 0,
-                        recurrent: step > 0,
-                        h_prev: &h_prev,
-                        hp_rs: hidden,
-                        gates: &ctx.gates[step * gates_width..],
-                        g_rs: gates_width,
-                        c,
-                        h_next: &mut h_next,
-                        hn_rs: hidden,
-                    },
-                );
+                let gates = &ctx.gates[step * gates_width..];
+                self.one_row_step(step, gates, &h_prev, c, &mut h_next);
                 std::mem::swap(&mut h_prev, &mut h_next);
             }
             t = end;

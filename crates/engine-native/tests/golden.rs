@@ -224,17 +224,18 @@ fn splitting_a_batch_across_threads_gives_the_same_results() {
 }
 
 #[test]
-fn split_batches_from_concurrent_callers_give_the_same_results() {
+fn batches_from_concurrent_callers_give_the_same_results() {
     let path = root().join("models/cnn_lstm/1/model.onnx");
     let single = NativeEngine::load(&path).unwrap();
-    // Two callers at once (two scheduler instances), each splitting its
-    // batch with its own helper.
+    // Helpers sized for two callers at once (two scheduler instances).
     let shared = NativeEngine::load(&path)
         .unwrap()
         .with_threads(2, 2)
         .unwrap();
     let (_, input) = read_npy(&root().join("fixtures/golden/cnn_lstm/input.npy"));
-    let batches: Vec<Batch> = [5usize, 8]
+    // One row (the two-stage pipeline) and two split batches, from three
+    // callers: one more than the helpers were sized for.
+    let batches: Vec<Batch> = [1usize, 5, 8]
         .iter()
         .map(|&rows| Batch {
             rows,

@@ -7,6 +7,9 @@
 //! over all `B·T` rows, and the recurrent step reads the rows of time `t`
 //! with a stride of `T·4H`. Transposes in the ONNX graph therefore cost
 //! nothing at run time; the recogniser only tracks them.
+//!
+//! [`Plan::forward_into`] runs a batch on the calling thread. A one-row
+//! batch on two threads runs split between layers instead ([`pipeline`]).
 
 use crate::kernels::{
     PackedMatrix, PackedRecurrent, Simd, StepArgs, gemm_packed, lstm_cell, lstm_step, relu_in_place,

@@ -195,6 +195,55 @@ async fn multi_row_and_nested_requests_get_their_own_rows() {
 }
 
 #[tokio::test]
+async fn an_engine_on_two_threads_answers_as_the_golden_fixture() {
+    // `threads = 2`: one-row requests run as the native engine's two-stage
+    // pipeline, larger batches split their rows; the batcher may also merge
+    // the concurrent one-row requests into split batches.
+    let repo = repository_with(
+        "cnn_lstm",
+        &cnn_lstm_config("").replace("max_batch_size = 32", "max_batch_size = 32\nthreads = 2"),
+    );
+    let server = start(config(repo)).await;
+    let golden = std::sync::Arc::new(golden());
+    let clients: Vec<_> = (0..4)
+        .map(|client| {
+            let (http, url, golden) = (
+                server.client.clone(),
+                server.url("/v2/models/cnn_lstm/infer"),
+                golden.clone(),
+            );
+            tokio::spawn(async move {
+                for row in (client..64).step_by(4) {
+                    let response: Value = http
+                        .post(&url)
+                        .json(&request_for(&golden, &[row], "one"))
+                        .send()
+                        .await
+                        .unwrap()
+                        .json()
+                        .await
+                        .unwrap();
+                    assert_golden_rows(&golden, &response, &[row]);
+                }
+            })
+        })
+        .collect();
+    for client in clients {
+        client.await.unwrap();
+    }
+    let rows = [9, 8, 7, 6, 5, 4, 3, 2, 1];
+    let (status, response) = post_json(
+        &server,
+        "/v2/models/cnn_lstm/infer",
+        &request_for(&golden, &rows, "nine"),
+    )
+    .await;
+    assert_eq!(status, 200, "{response}");
+    assert_golden_rows(&golden, &response, &rows);
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
 async fn invalid_requests_are_400_naming_the_problem() {
     let server = start_default().await;
     let golden = golden();

@@ -204,33 +204,23 @@ async fn an_engine_on_two_threads_answers_as_the_golden_fixture() {
         &cnn_lstm_config("").replace("max_batch_size = 32", "max_batch_size = 32\nthreads = 2"),
     );
     let server = start(config(repo)).await;
-    let golden = std::sync::Arc::new(golden());
-    let clients: Vec<_> = (0..4)
-        .map(|client| {
-            let (http, url, golden) = (
-                server.client.clone(),
-                server.url("/v2/models/cnn_lstm/infer"),
-                golden.clone(),
-            );
-            tokio::spawn(async move {
-                for row in (client..64).step_by(4) {
-                    let response: Value = http
-                        .post(&url)
-                        .json(&request_for(&golden, &[row], "one"))
-                        .send()
-                        .await
-                        .unwrap()
-                        .json()
-                        .await
-                        .unwrap();
-                    assert_golden_rows(&golden, &response, &[row]);
-                }
-            })
-        })
-        .collect();
-    for client in clients {
-        client.await.unwrap();
-    }
+    let golden = golden();
+    // Four clients at once, each sending its share of the 64 rows one by one.
+    let client = |first: usize| {
+        let (server, golden) = (&server, &golden);
+        async move {
+            for row in (first..64).step_by(4) {
+                let response: Value = server
+                    .infer(&request_for(golden, &[row], "one"))
+                    .await
+                    .json()
+                    .await
+                    .unwrap();
+                assert_golden_rows(golden, &response, &[row]);
+            }
+        }
+    };
+    tokio::join!(client(0), client(1), client(2), client(3));
     let rows = [9, 8, 7, 6, 5, 4, 3, 2, 1];
     let (status, response) = post_json(
         &server,

@@ -282,14 +282,10 @@ impl NativeEngine {
             )));
         }
         let threads = self.threads.min(rows);
-        let helpers = match &self.helpers {
-            Some(helpers) if threads > 1 => helpers,
-            Some(helpers) if rows == 1 => {
-                if let Some(cut) = self.plan.pipeline_cut() {
-                    return self.infer_one_row_pipelined(helpers, cut, input, output);
-                }
-                self.with_ctx(|ctx| self.plan.forward_into(ctx, rows, input, output));
-                return Ok(());
+        let helpers = match (&self.helpers, self.plan.pipeline_cut()) {
+            (Some(helpers), _) if threads > 1 => helpers,
+            (Some(helpers), Some(cut)) if rows == 1 => {
+                return self.infer_one_row_pipelined(helpers, cut, input, output);
             }
             _ => {
                 self.with_ctx(|ctx| self.plan.forward_into(ctx, rows, input, output));

@@ -504,20 +504,7 @@ impl Lstm {
                 &mut ctx.scratch,
             );
         } else {
-            fill_rows(gates, &self.bias);
-            // Stored time-major, `[T, B, 4H]`: each step then reads one
-            // contiguous block that the prefetcher streams in (sample-major,
-            // a large batch's steps missed the cache on every row).
-            for b in 0..rows {
-                gemm_packed(
-                    &self.w_packed,
-                    time,
-                    &mut gates[b * gates_width..],
-                    rows * gates_width,
-                    &input[b * time * self.input..],
-                    self.input,
-                );
-            }
+            self.project(gates, rows, time, input);
         }
         let [mut h_prev, mut h_next] = std::mem::take(&mut ctx.h);
         sized(&mut h_prev, rows * hidden);
@@ -590,6 +577,26 @@ impl Lstm {
 }
 
 impl Lstm {
+    /// Writes bias + `x·W` in fp32 for `time` steps of `rows` samples
+    /// (`input` sample-major, `[B, T, C]`) to `gates`, stored time-major,
+    /// `[T, B, 4H]`: each step then reads one contiguous block that the
+    /// prefetcher streams in (sample-major, a large batch's steps missed
+    /// the cache on every row).
+    fn project(&self, gates: &mut [f32], rows: usize, time: usize, input: &[f32]) {
+        let gates_width = 4 * self.hidden;
+        fill_rows(gates, &self.bias);
+        for b in 0..rows {
+            gemm_packed(
+                &self.w_packed,
+                time,
+                &mut gates[b * gates_width..],
+                rows * gates_width,
+                &input[b * time * self.input..],
+                self.input,
+            );
+        }
+    }
+
     /// [`Lstm::forward`] for larger batches: each step computes its own
     /// input projection inside the fused step (weights `[W; R]`), so the
     /// `B·T·4H` projection buffer never exists. At batch 128 that buffer is

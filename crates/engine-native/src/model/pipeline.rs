@@ -24,8 +24,8 @@
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use super::{Ctx, Lstm, Plan, SeqLayer, fill_rows, sized};
-use crate::kernels::{StepArgs, gemm_packed, lstm_step};
+use super::{Ctx, Lstm, Plan, SeqLayer, sized};
+use crate::kernels::{StepArgs, lstm_step};
 
 /// Rows the back thread waits for before it starts a GEMM (fewer only at
 /// the end of the sequence). Its first wait is this many of the front's
@@ -275,9 +275,7 @@ impl Lstm {
     fn forward_publishing(&self, ctx: &mut Ctx, time: usize, input: &[f32], handoff: &HandOff<'_>) {
         let hidden = self.hidden;
         let gates_width = 4 * hidden;
-        let gates = sized(&mut ctx.gates, time * gates_width);
-        fill_rows(gates, &self.bias);
-        gemm_packed(&self.w_packed, time, gates, gates_width, input, self.input);
+        self.project(sized(&mut ctx.gates, time * gates_width), 1, time, input);
         let c = sized(&mut ctx.c, hidden);
         c.fill(0.0);
         let gates = &ctx.gates[..time * gates_width];
@@ -320,15 +318,7 @@ impl Lstm {
             let end = available.min(time);
             let rows = handoff.published_rows(end);
             let gates = &mut ctx.gates[t * gates_width..end * gates_width];
-            fill_rows(gates, &self.bias);
-            gemm_packed(
-                &self.w_packed,
-                end - t,
-                gates,
-                gates_width,
-                &rows[t * self.input..],
-                self.input,
-            );
+            self.project(gates, 1, end - t, &rows[t * self.input..]);
             for step in t..end {
                 let gates = &ctx.gates[step * gates_width..];
                 self.one_row_step(step, gates, &h_prev, c, &mut h_next);

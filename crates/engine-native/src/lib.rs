@@ -19,6 +19,7 @@
 mod calibrate;
 mod kernels;
 mod model;
+mod offer;
 mod onnx;
 mod quant;
 mod recognise;
@@ -35,7 +36,14 @@ use std::sync::Mutex;
 pub use crate::calibrate::{Calibration, CalibrationError, CalibrationMethod};
 pub use crate::kernels::{Simd, available_simd, detect_simd};
 use crate::model::{Ctx, HandOff, Plan, SeqLayer};
+use crate::offer::{Job, Spin, run_offering};
 pub use crate::quant::Precision;
+
+/// How long helper threads spin after a call unless
+/// [`NativeEngine::with_helper_spin`] says otherwise: longer than the idle
+/// gaps between a busy server's calls, short enough that an idle engine
+/// stops using the cores within milliseconds.
+pub const DEFAULT_HELPER_SPIN: std::time::Duration = std::time::Duration::from_millis(2);
 
 /// A CNN+LSTM model loaded from ONNX, runnable at any batch size.
 #[derive(Debug)]
@@ -50,6 +58,8 @@ pub struct NativeEngine {
     /// development VM (waking an idle vCPU for a new thread), 5 % of a
     /// batch-32 call (docs/engines.md).
     helpers: Option<rayon::ThreadPool>,
+    /// How the helpers stay awake between calls ([`Self::with_helper_spin`]).
+    spin: Spin,
     /// Where int8 activation scales come from (meaningful at int8 only).
     activations: Int8Activations,
     /// Idle forward-pass workspaces. Each worker (the calling thread and
@@ -150,6 +160,7 @@ impl NativeEngine {
             plan,
             threads: 1,
             helpers: None,
+            spin: Spin::new(DEFAULT_HELPER_SPIN),
             activations,
             pool: Mutex::new(Vec::new()),
             pruning,
@@ -188,6 +199,24 @@ impl NativeEngine {
             None
         };
         Ok(self)
+    }
+
+    /// How long the helper threads keep spinning after a call, so that the
+    /// next call finds them awake (default [`DEFAULT_HELPER_SPIN`]; zero
+    /// parks them at once). Only engines with `threads > 1` have helpers.
+    ///
+    /// A parked helper can take longer to wake than a one-row call takes:
+    /// on the 2-vCPU development VM, after 1 ms idle, a median ~0.5 ms
+    /// (`--example idle_gaps`). Spinning costs a core's time while no call
+    /// comes, as ONNX Runtime's intra-op spinning does.
+    pub fn with_helper_spin(mut self, spin: std::time::Duration) -> Self {
+        self.spin = Spin::new(spin);
+        self
+    }
+
+    /// See [`Self::with_helper_spin`].
+    pub fn helper_spin(&self) -> std::time::Duration {
+        self.spin.duration()
     }
 
     /// Runs the model's GEMMs in `precision` (see [`Precision`]): the
@@ -292,55 +321,49 @@ impl NativeEngine {
                 return Ok(());
             }
         };
-        // Each thread runs whole samples, rows divided evenly; results
-        // differ from a single-threaded run only by the input projection
-        // GEMM's summation order for a different row count (~1e-6).
+        // Each thread's share is whole samples, rows divided evenly;
+        // results differ from a single-threaded run only by the input
+        // projection GEMM's summation order for a different row count
+        // (~1e-6). The shares are fixed by `rows` and `threads` alone, so
+        // whichever thread runs a share, the result is the same.
         let first = rows / threads;
         let (first_out, mut output_rest) = output.split_at_mut(first * width);
-        let panicked = std::sync::atomic::AtomicBool::new(false);
-        // The caller takes its workspace before the helpers start and
-        // returns it after they have returned theirs, so each worker gets
-        // the same workspace call after call (still in its core's cache)
+        let mut input_rest = &input[first * row_len..];
+        let mut jobs: Vec<Job<'_>> = Vec::with_capacity(threads - 1);
+        for t in 1..threads {
+            let n = rows * (t + 1) / threads - rows * t / threads;
+            let (chunk_in, rest_in) = input_rest.split_at(n * row_len);
+            let (chunk_out, rest_out) = std::mem::take(&mut output_rest).split_at_mut(n * width);
+            input_rest = rest_in;
+            output_rest = rest_out;
+            jobs.push(Box::new(move || {
+                self.with_ctx(|ctx| self.plan.forward_into(ctx, n, chunk_in, chunk_out));
+            }));
+        }
+        // The caller takes its workspace before offering the other shares
+        // and returns it after they are settled, so each worker gets the
+        // same workspace call after call (still in its core's cache)
         // instead of whichever one a race left on top of the pool.
-        self.with_ctx(|caller_ctx| {
-            helpers.in_place_scope(|scope| {
-                let mut input_rest = &input[first * row_len..];
-                for t in 1..threads {
-                    let n = rows * (t + 1) / threads - rows * t / threads;
-                    let (chunk_in, rest_in) = input_rest.split_at(n * row_len);
-                    let (chunk_out, rest_out) =
-                        std::mem::take(&mut output_rest).split_at_mut(n * width);
-                    input_rest = rest_in;
-                    output_rest = rest_out;
-                    let panicked = &panicked;
-                    scope.spawn(move |_| {
-                        // A panic would otherwise resume on the caller when the
-                        // scope ends; it becomes this call's error instead.
-                        let run = std::panic::AssertUnwindSafe(|| {
-                            self.with_ctx(|ctx| {
-                                self.plan.forward_into(ctx, n, chunk_in, chunk_out)
-                            });
-                        });
-                        if std::panic::catch_unwind(run).is_err() {
-                            panicked.store(true, std::sync::atomic::Ordering::Relaxed);
-                        }
-                    });
-                }
+        let call = self.spin.call_starts();
+        let ((), panicked) = self.with_ctx(|caller_ctx| {
+            run_offering(helpers, jobs, || {
                 self.plan
                     .forward_into(caller_ctx, first, &input[..first * row_len], first_out);
             })
         });
-        if panicked.load(std::sync::atomic::Ordering::Relaxed) {
+        self.spin.after(helpers, threads - 1, call);
+        if panicked {
             return Err(EngineError::Execution("an engine thread panicked".into()));
         }
         Ok(())
     }
 
     /// One row on two threads (`model::pipeline`): the caller runs the
-    /// sequence layers up to the last LSTM and a helper runs that LSTM and
-    /// the head a step behind. If the helper has not started by the time
-    /// the caller's half is done, the caller claims the other half too, so
-    /// a busy or slow-to-wake helper costs no more than one thread would.
+    /// sequence layers up to the last LSTM while the back half (that LSTM
+    /// and the head, a step behind) is offered to a helper. A helper that
+    /// has not taken it by the time the caller's half is done never will:
+    /// the caller runs it itself, so a busy or slow-to-wake helper costs no
+    /// more than one thread would.
     fn infer_one_row_pipelined(
         &self,
         helpers: &rayon::ThreadPool,
@@ -348,71 +371,25 @@ impl NativeEngine {
         input: &[f32],
         output: &mut [f32],
     ) -> Result<(), EngineError> {
-        use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-        const UNCLAIMED: u8 = 0;
-        const HELPER: u8 = 1;
-        const CALLER: u8 = 2;
         let (time, width) = self.plan.handoff_shape(cut);
-        let claim = AtomicU8::new(UNCLAIMED);
-        let panicked = AtomicBool::new(false);
-        let back_done = AtomicBool::new(false);
-        let output = Mutex::new(output);
-        self.with_ctx(|front_ctx| {
+        let call = self.spin.call_starts();
+        let panicked = self.with_ctx(|front_ctx| {
             let mut buffer = std::mem::take(&mut front_ctx.handoff);
             if buffer.len() < time * width {
                 buffer.resize(time * width, 0.0);
             }
             let handoff = HandOff::new(&mut buffer, time, width);
-            helpers.in_place_scope(|scope| {
-                scope.spawn(|_| {
-                    let claimed = claim.compare_exchange(
-                        UNCLAIMED,
-                        HELPER,
-                        Ordering::AcqRel,
-                        Ordering::Acquire,
-                    );
-                    if claimed.is_err() {
-                        return;
-                    }
-                    // A panic becomes this call's error, as on the split path.
-                    let run = std::panic::AssertUnwindSafe(|| {
-                        self.with_ctx(|ctx| {
-                            if let Ok(mut out) = output.lock() {
-                                self.plan.forward_back(ctx, cut, &handoff, &mut out);
-                            }
-                        })
-                    });
-                    if std::panic::catch_unwind(run).is_err() {
-                        panicked.store(true, Ordering::Relaxed);
-                    }
-                    back_done.store(true, Ordering::Release);
-                });
+            let back: Job<'_> = Box::new(|| {
+                self.with_ctx(|ctx| self.plan.forward_back(ctx, cut, &handoff, output));
+            });
+            let ((), panicked) = run_offering(helpers, vec![back], || {
                 self.plan.forward_front(front_ctx, cut, input, &handoff);
-                let claimed =
-                    claim.compare_exchange(UNCLAIMED, CALLER, Ordering::AcqRel, Ordering::Acquire);
-                if claimed.is_ok() {
-                    if let Ok(mut out) = output.lock() {
-                        self.plan.forward_back(front_ctx, cut, &handoff, &mut out);
-                    }
-                } else {
-                    // The helper is a few steps behind: wait for it here,
-                    // awake. Left to the scope's end, the wait puts this
-                    // thread to sleep, and waking it took ~45 µs of the
-                    // ~0.4 ms call.
-                    let mut spins = 0u32;
-                    while !back_done.load(Ordering::Acquire) {
-                        spins += 1;
-                        if spins < (1 << 16) {
-                            std::hint::spin_loop();
-                        } else {
-                            std::thread::yield_now();
-                        }
-                    }
-                }
             });
             front_ctx.handoff = buffer;
+            panicked
         });
-        if panicked.load(Ordering::Relaxed) {
+        self.spin.after(helpers, 1, call);
+        if panicked {
             return Err(EngineError::Execution("an engine thread panicked".into()));
         }
         Ok(())
@@ -508,27 +485,47 @@ mod tests {
         let input: Vec<f32> = (0..3000).map(|i| ((i as f32) * 0.013).sin()).collect();
         let mut expected = [0.0f32; 3];
         single.infer_into(1, &input, &mut expected).unwrap();
-        // Occupy the only helper until the caller has finished its own
-        // half: the caller must then run the back half itself.
+        // Occupy the only helper until after the call: the caller must run
+        // the back half itself, and must not wait for the helper to start
+        // (if it did, the call would never return).
         let (release, blocked) = std::sync::mpsc::channel::<()>();
-        engine
-            .helpers
-            .as_ref()
-            .unwrap()
-            .spawn(move || blocked.recv().unwrap_or(()));
-        let mut got = [0.0f32; 3];
-        std::thread::scope(|scope| {
-            scope.spawn(|| {
-                // Far longer than the front half takes (about 0.2 ms): the
-                // caller has claimed the back half before the helper is free.
-                std::thread::sleep(std::time::Duration::from_secs(1));
-                release.send(()).unwrap();
-            });
-            engine.infer_into(1, &input, &mut got).unwrap();
+        let (started, running) = std::sync::mpsc::channel::<()>();
+        let helpers = engine.helpers.as_ref().unwrap();
+        helpers.spawn(move || {
+            started.send(()).unwrap_or(());
+            blocked.recv().unwrap_or(());
         });
+        running.recv().unwrap();
+        let mut got = [0.0f32; 3];
+        engine.infer_into(1, &input, &mut got).unwrap();
+        release.send(()).unwrap();
         assert_eq!(got.map(f32::to_bits), expected.map(f32::to_bits));
-        // Only the caller took a workspace: the helper, once free, found the
-        // back half claimed and returned.
-        assert_eq!(engine.pool.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_busy_helper_leaves_its_share_of_a_split_batch_to_the_caller() {
+        let engine = NativeEngine::load(&reference_model())
+            .unwrap()
+            .with_threads(2, 1)
+            .unwrap();
+        let rows = 5;
+        let input: Vec<f32> = (0..rows * 3000)
+            .map(|i| ((i as f32) * 0.007).cos())
+            .collect();
+        let mut expected = vec![0.0f32; rows * 3];
+        engine.infer_into(rows, &input, &mut expected).unwrap();
+        let (release, blocked) = std::sync::mpsc::channel::<()>();
+        let (started, running) = std::sync::mpsc::channel::<()>();
+        engine.helpers.as_ref().unwrap().spawn(move || {
+            started.send(()).unwrap_or(());
+            blocked.recv().unwrap_or(());
+        });
+        running.recv().unwrap();
+        let mut got = vec![0.0f32; rows * 3];
+        engine.infer_into(rows, &input, &mut got).unwrap();
+        release.send(()).unwrap();
+        // The same shares, run by the caller alone: the same bits.
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&got), bits(&expected));
     }
 }

@@ -320,6 +320,11 @@ pub struct ModelConfig {
     /// as intra-op threads).
     #[serde(default = "default_threads")]
     pub threads: usize,
+    /// How long the native engine's helper threads (`threads > 1`) keep
+    /// spinning after a call so that the next call finds them awake; "0s"
+    /// parks them at once.
+    #[serde(default = "default_helper_spin", with = "humantime_serde")]
+    pub helper_spin: Duration,
     /// GEMM precision of the native engine: "fp32", "bf16" or "int8".
     #[serde(default)]
     pub precision: PrecisionChoice,
@@ -350,6 +355,13 @@ fn default_instances() -> usize {
 fn default_threads() -> usize {
     1
 }
+
+fn default_helper_spin() -> Duration {
+    tickserve_engine_native::DEFAULT_HELPER_SPIN
+}
+
+/// Longest `helper_spin`: each call may keep a core busy this long.
+const MAX_HELPER_SPIN: Duration = Duration::from_secs(1);
 
 /// The contents of `<model>/<version>/version.toml`: settings of one
 /// version that override its model's config.toml. Every field is optional;
@@ -462,6 +474,12 @@ pub fn read_config(path: &Path) -> Result<ModelConfig, RepositoryError> {
     }
     if config.threads == 0 {
         return Err(invalid("threads must be at least 1".into()));
+    }
+    if config.helper_spin > MAX_HELPER_SPIN {
+        return Err(invalid(format!(
+            "helper_spin is {:?}; at most {MAX_HELPER_SPIN:?} (after each call a helper keeps a core busy this long)",
+            config.helper_spin
+        )));
     }
     check_quantization(&config.quantization, config.precision, "model").map_err(invalid)?;
     let batching = &config.dynamic_batching;
@@ -647,6 +665,7 @@ impl ModelEntry {
     ) -> Result<NativeEngine, EngineError> {
         let mut engine = NativeEngine::load(path)?
             .with_threads(self.config.threads, self.config.instances)?
+            .with_helper_spin(self.config.helper_spin)
             .with_precision(precision.native());
         if engine.is_qdq() && precision == PrecisionChoice::Bf16 {
             return Err(EngineError::Unsupported(
@@ -750,7 +769,7 @@ impl ModelEntry {
                 Err(other) => return Err(engine_error(other)),
             },
         };
-        tracing::info!(model = %self.name, version, engine = %engine.variant(), threads = self.config.threads, "model loaded");
+        tracing::info!(model = %self.name, version, engine = %engine.variant(), threads = self.config.threads, helper_spin = ?self.config.helper_spin, "model loaded");
         let signature = engine.signature();
         let check = |kind: &str, config: &[TensorConfig], actual: &[TensorSpec]| {
             check_tensors(kind, config, actual).map_err(|reason| RepositoryError::Mismatch {

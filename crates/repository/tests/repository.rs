@@ -157,6 +157,26 @@ fn invalid_configs_are_refused_with_the_reason() {
         err.contains("min_batch_size is 17; expected 1 to max_batch_size (16)"),
         "{err}"
     );
+    let err = load_error(&format!("helper_spin = \"2s\"\n{VARIANT_A}"), a);
+    assert!(err.contains("helper_spin is 2s; at most 1s"), "{err}");
+}
+
+#[test]
+fn helper_spin_is_read_with_its_default_and_a_model_with_it_loads() {
+    let a = root().join("fixtures/models/variant_a/model.onnx");
+    let models = scan(&repo("variant_a", &a, VARIANT_A)).unwrap();
+    assert_eq!(
+        models[0].config.helper_spin,
+        tickserve_engine_native::DEFAULT_HELPER_SPIN
+    );
+    let config = format!("threads = 2\nhelper_spin = \"250us\"\n{VARIANT_A}");
+    let models = scan(&repo("variant_a", &a, &config)).unwrap();
+    assert_eq!(
+        models[0].config.helper_spin,
+        std::time::Duration::from_micros(250)
+    );
+    let loaded = models[0].load_version(1).unwrap();
+    assert!(loaded.engine.variant().starts_with("native/"));
 }
 
 #[test]

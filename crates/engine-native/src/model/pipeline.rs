@@ -17,9 +17,9 @@
 //! GEMM's result for a row does not depend on which other rows share the
 //! call, so outputs are bit-identical to [`Plan::forward_into`] (tested).
 //!
-//! Nothing here waits for a thread that never comes: the caller claims
-//! the back half itself when the helper has not started by the time the
-//! front is done (see `NativeEngine::infer_into`).
+//! Nothing here waits for a thread that never comes: the back half is
+//! offered to a helper (`crate::offer`), and if none has taken it by the
+//! time the front is done, the caller runs it itself.
 
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicUsize, Ordering};

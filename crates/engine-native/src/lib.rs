@@ -359,8 +359,9 @@ impl NativeEngine {
     }
 
     /// One row on two threads (`model::pipeline`): the caller runs the
-    /// sequence layers up to the last LSTM while the back half (that LSTM
-    /// and the head, a step behind) is offered to a helper. A helper that
+    /// sequence layers up to the last LSTM while the back half (most of the
+    /// first layers' rows, then that LSTM and the head, a step behind) is
+    /// offered to a helper. A helper that
     /// has not taken it by the time the caller's half is done never will:
     /// the caller runs it itself, so a busy or slow-to-wake helper costs no
     /// more than one thread would.
@@ -371,21 +372,17 @@ impl NativeEngine {
         input: &[f32],
         output: &mut [f32],
     ) -> Result<(), EngineError> {
-        let (time, width) = self.plan.handoff_shape(cut);
         let call = self.spin.call_starts();
         let panicked = self.with_ctx(|front_ctx| {
-            let mut buffer = std::mem::take(&mut front_ctx.handoff);
-            if buffer.len() < time * width {
-                buffer.resize(time * width, 0.0);
-            }
-            let handoff = HandOff::new(&mut buffer, time, width);
+            let mut buffers = std::mem::take(&mut front_ctx.handoff);
+            let handoff = HandOff::new(&mut buffers, &self.plan, cut);
             let back: Job<'_> = Box::new(|| {
-                self.with_ctx(|ctx| self.plan.forward_back(ctx, cut, &handoff, output));
+                self.with_ctx(|ctx| self.plan.forward_back(ctx, cut, input, &handoff, output));
             });
             let ((), panicked) = run_offering(helpers, vec![back], || {
                 self.plan.forward_front(front_ctx, cut, input, &handoff);
             });
-            front_ctx.handoff = buffer;
+            front_ctx.handoff = buffers;
             panicked
         });
         self.spin.after(helpers, 1, call);

@@ -18,7 +18,7 @@ use crate::quant::{ActQuant, LowMat, LowSimd, Precision, Scratch, detect_low_sim
 
 mod pipeline;
 
-pub(crate) use pipeline::HandOff;
+pub(crate) use pipeline::{HandOff, HandOffBuffers};
 
 /// From this many rows (per thread) an LSTM layer computes its input
 /// projection inside the fused step instead of one GEMM up front (see
@@ -103,9 +103,8 @@ pub(crate) struct Ctx {
     c: Vec<f32>,
     /// Head activations, alternating between layers.
     head: [Vec<f32>; 2],
-    /// The rows one thread hands to another in the one-row pipeline
-    /// ([`HandOff`]).
-    pub(crate) handoff: Vec<f32>,
+    /// What the two threads of the one-row pipeline share ([`HandOff`]).
+    pub(crate) handoff: HandOffBuffers,
 }
 
 impl std::fmt::Debug for Ctx {
@@ -135,7 +134,7 @@ impl Ctx {
             h: Default::default(),
             c: Vec::new(),
             head: Default::default(),
-            handoff: Vec::new(),
+            handoff: HandOffBuffers::default(),
         }
     }
 }

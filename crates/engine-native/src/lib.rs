@@ -10,7 +10,9 @@
 //! Running a batch is plain synchronous code on the caller's thread; the
 //! scheduler decides which threads call it. With intra-op threads
 //! ([`NativeEngine::with_threads`]) the caller splits the batch with the
-//! engine's own helper threads, which live as long as the engine.
+//! engine's own helper threads, which live as long as the engine; a share
+//! no helper has taken by the time the caller is free, the caller runs
+//! itself (`offer.rs`), so a call never waits for a helper to wake.
 //!
 //! Reduced precision ([`quant`]): bf16 and int8 GEMMs, int8 activation
 //! scales dynamic, static ([`calibrate`]: fixed at load from a calibration
@@ -361,10 +363,9 @@ impl NativeEngine {
     /// One row on two threads (`model::pipeline`): the caller runs the
     /// sequence layers up to the last LSTM while the back half (most of the
     /// first layers' rows, then that LSTM and the head, a step behind) is
-    /// offered to a helper. A helper that
-    /// has not taken it by the time the caller's half is done never will:
-    /// the caller runs it itself, so a busy or slow-to-wake helper costs no
-    /// more than one thread would.
+    /// offered to a helper. A helper that has not taken it by the time the
+    /// caller's half is done never will: the caller runs it itself, so a
+    /// busy or slow-to-wake helper costs no more than one thread would.
     fn infer_one_row_pipelined(
         &self,
         helpers: &rayon::ThreadPool,

@@ -45,11 +45,11 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use super::{Conv1d, Ctx, Lstm, Plan, SeqLayer, fill_rows, sized};
 use crate::kernels::{StepArgs, gemm_packed, lstm_step, relu_in_place};
 
-/// Rows the back thread waits for before it starts a GEMM (fewer only at
-/// the end of the sequence). Its first wait is this many of the front's
-/// steps; later it is behind and finds more. Measured at batch 1 on the
-/// reference model, 2 threads: 0.28–0.32 ms per call with 2, 0.30–0.32
-/// with 4, 0.30–0.35 with 8.
+/// Rows the back thread waits for before its first GEMM (fewer only for
+/// a shorter sequence); later it takes any rows waiting. Measured at batch
+/// 1 on the reference model, 2 threads, in the first version of the
+/// pipeline (when this applied to every GEMM): 0.28–0.32 ms per call with
+/// 2, 0.30–0.32 with 4, 0.30–0.35 with 8.
 const MIN_ROWS: usize = 2;
 
 /// The share of the front's first-layer rows (convolutions and input

@@ -317,6 +317,13 @@ pub struct OpenLoop {
 }
 
 /// Sends on the schedule of `open`, each request in its own task.
+///
+/// An OS thread keeps the schedule and only sleeps and spawns; the
+/// requests run on the runtime. tokio's timer has 1 ms granularity, and
+/// with it every request left up to a millisecond late, all of it charged
+/// to the intended-time latency: at 100 requests/s against the bundled
+/// model, p50 2.36 ms from the intended time against 1.25 ms from the
+/// actual send. A thread's sleep is late by tens of microseconds.
 pub async fn open_loop(
     target: &Target,
     workload: Arc<Workload>,
@@ -327,65 +334,34 @@ pub async fn open_loop(
 ) -> Measured {
     warm_up(target, &workload, warmup).await;
     let recorder = Arc::new(Mutex::new(Recorder::new(true)));
-    let in_flight = Arc::new(Semaphore::new(open.max_in_flight.max(1)));
+    let cap = u32::try_from(open.max_in_flight.max(1)).unwrap_or(u32::MAX);
+    let in_flight = Arc::new(Semaphore::new(cap as usize));
     let started = Instant::now();
-    let count = limits.count.unwrap_or(u64::MAX);
-    let mut tasks = JoinSet::new();
-    let mut tick = tokio::time::interval(Duration::from_millis(200));
-    for (seq, offset) in (0..count).zip(Schedule::new(open.arrival, open.rate, open.seed)) {
-        if limits.duration.is_some_and(|d| offset >= d) {
-            break;
-        }
-        let intended = started + offset;
-        loop {
-            tokio::select! {
-                () = tokio::time::sleep_until(intended) => break,
-                _ = tick.tick() => progress.update(&recorder, started, limits),
-            }
-        }
-        // Reap finished tasks so the set does not grow with the run.
-        while tasks.try_join_next().is_some() {}
-        let request = workload.request(seq);
-        let class = class_label(request.priority);
-        let Ok(permit) = in_flight.clone().try_acquire_owned() else {
-            let now = Instant::now();
-            let sample = open_loop_sample(
-                class,
-                Outcome::Dropped,
-                intended,
-                now,
-                now,
-                open.late_threshold,
-            );
-            recorder
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .record(&sample);
-            continue;
+    let mut pacer = tokio::task::spawn_blocking({
+        let pacer = Pacer {
+            runtime: tokio::runtime::Handle::current(),
+            target: target.clone(),
+            workload,
+            open,
+            limits,
+            started,
+            recorder: recorder.clone(),
+            in_flight: in_flight.clone(),
         };
-        let (target, recorder) = (target.clone(), recorder.clone());
-        tasks.spawn(async move {
-            let sent = Instant::now();
-            let outcome = target.send(request).await;
-            drop(permit);
-            let sample = open_loop_sample(
-                class,
-                outcome,
-                intended,
-                sent,
-                Instant::now(),
-                open.late_threshold,
-            );
-            recorder
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .record(&sample);
-        });
-    }
-    // Stragglers: each has its own timeout, so this ends.
+        move || pacer.run()
+    });
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
     loop {
         tokio::select! {
-            joined = tasks.join_next() => if joined.is_none() { break },
+            _ = &mut pacer => break,
+            _ = tick.tick() => progress.update(&recorder, started, limits),
+        }
+    }
+    // Stragglers: each request holds a permit until its answer is
+    // recorded, and each has its own timeout, so this ends.
+    loop {
+        tokio::select! {
+            _ = in_flight.acquire_many(cap) => break,
             _ = tick.tick() => progress.update(&recorder, started, limits),
         }
     }
@@ -394,6 +370,69 @@ pub async fn open_loop(
     Measured {
         recorder: take(recorder, true),
         elapsed,
+    }
+}
+
+/// The thread that keeps an open loop's schedule (see [`open_loop`]).
+struct Pacer {
+    runtime: tokio::runtime::Handle,
+    target: Target,
+    workload: Arc<Workload>,
+    open: OpenLoop,
+    limits: Limits,
+    started: Instant,
+    recorder: Arc<Mutex<Recorder>>,
+    in_flight: Arc<Semaphore>,
+}
+
+impl Pacer {
+    fn run(self) {
+        let count = self.limits.count.unwrap_or(u64::MAX);
+        let schedule = Schedule::new(self.open.arrival, self.open.rate, self.open.seed);
+        let late_threshold = self.open.late_threshold;
+        for (seq, offset) in (0..count).zip(schedule) {
+            if self.limits.duration.is_some_and(|d| offset >= d) {
+                break;
+            }
+            let intended = self.started + offset;
+            let now = Instant::now();
+            if intended > now {
+                std::thread::sleep(intended - now);
+            }
+            let request = self.workload.request(seq);
+            let class = class_label(request.priority);
+            let recorder = self.recorder.clone();
+            let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
+                let now = Instant::now();
+                let sample =
+                    open_loop_sample(class, Outcome::Dropped, intended, now, now, late_threshold);
+                recorder
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .record(&sample);
+                continue;
+            };
+            let target = self.target.clone();
+            self.runtime.spawn(async move {
+                let sent = Instant::now();
+                let outcome = target.send(request).await;
+                let sample = open_loop_sample(
+                    class,
+                    outcome,
+                    intended,
+                    sent,
+                    Instant::now(),
+                    late_threshold,
+                );
+                recorder
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .record(&sample);
+                // Released only once recorded: the caller waits for every
+                // permit before it reads the recorder.
+                drop(permit);
+            });
+        }
     }
 }
 

@@ -181,7 +181,8 @@ pub struct RateArgs {
     #[arg(long, default_value_t = 1024)]
     pub max_in_flight: usize,
     /// A send later than its schedule by more than this counts as late
-    /// (tokio's timer has 1 ms granularity, so keep this above 1 ms).
+    /// (a parked client thread takes up to a few hundred microseconds to
+    /// wake, so keep this above 1 ms).
     #[arg(long, default_value = "5ms", value_parser = parse_duration)]
     #[serde(with = "humantime_serde")]
     pub late_threshold: Duration,

@@ -322,8 +322,9 @@ pub struct OpenLoop {
 /// requests run on the runtime. tokio's timer has 1 ms granularity, and
 /// with it every request left up to a millisecond late, all of it charged
 /// to the intended-time latency: at 100 requests/s against the bundled
-/// model, p50 2.36 ms from the intended time against 1.25 ms from the
-/// actual send. A thread's sleep is late by tens of microseconds.
+/// model, p50 2.80–2.87 ms from the intended time against 1.31–1.33 ms
+/// from the actual send; with the thread, 1.51–1.63 against 1.27–1.36
+/// (docs/bench.md).
 pub async fn open_loop(
     target: &Target,
     workload: Arc<Workload>,

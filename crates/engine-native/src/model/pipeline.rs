@@ -313,6 +313,18 @@ impl<'a> HandOff<'a> {
     }
 }
 
+/// One round of waiting for the other stage, which produces a row every
+/// few microseconds: spin, but give the core away once this has gone on
+/// long enough that the other thread has likely been descheduled.
+fn wait_a_little(spins: &mut u32) {
+    *spins = spins.saturating_add(1);
+    if *spins < 4096 {
+        std::hint::spin_loop();
+    } else {
+        std::thread::yield_now();
+    }
+}
+
 /// Marks the hand-off abandoned unless the front finished: a panicking
 /// front must not leave the back thread waiting forever.
 struct AbandonOnUnwind<'h, 'a>(&'h HandOff<'a>, bool);
@@ -515,12 +527,7 @@ impl Plan {
                 }
                 _ => {}
             }
-            spins += 1;
-            if spins < 4096 {
-                std::hint::spin_loop();
-            } else {
-                std::thread::yield_now();
-            }
+            wait_a_little(&mut spins);
         }
     }
 
@@ -738,14 +745,7 @@ impl Lstm {
                 complete = false;
                 break;
             }
-            // The front produces a row every few microseconds: spin, but
-            // give the core away if it has been descheduled.
-            spins += 1;
-            if spins < 4096 {
-                std::hint::spin_loop();
-            } else {
-                std::thread::yield_now();
-            }
+            wait_a_little(&mut spins);
         }
         ctx.h = [h_prev, h_next];
         complete

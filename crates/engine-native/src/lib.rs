@@ -216,11 +216,6 @@ impl NativeEngine {
         self
     }
 
-    /// See [`Self::with_helper_spin`].
-    pub fn helper_spin(&self) -> std::time::Duration {
-        self.spin.duration()
-    }
-
     /// Runs the model's GEMMs in `precision` (see [`Precision`]): the
     /// weights are converted once, here; the ONNX file stays fp32. int8
     /// is dynamic (activation scales per row at run time).

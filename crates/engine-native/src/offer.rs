@@ -172,7 +172,7 @@ pub(crate) fn run_offering<'a, R>(
 /// Keeps helper threads spinning for a while after a call, so that the
 /// next call's jobs are taken at once instead of after a wake-up (a median
 /// ~0.5 ms after a 1 ms idle gap on the development VM).
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(crate) struct Spin {
     /// How long a helper spins after a call; zero parks it at once.
     duration: Duration,
@@ -186,10 +186,6 @@ impl Spin {
             duration,
             calls: Arc::new(AtomicU64::new(0)),
         }
-    }
-
-    pub(crate) fn duration(&self) -> Duration {
-        self.duration
     }
 
     /// A call that offers jobs is starting: spinning helpers stop and turn

@@ -138,13 +138,10 @@ impl<'a> HandOff<'a> {
     /// The hand-off of a one-row pass of `plan` cut at `cut` (see
     /// [`Plan::pipeline_cut`]), in `buffers` (grown as needed).
     pub(crate) fn new(buffers: &'a mut HandOffBuffers, plan: &Plan, cut: usize) -> Self {
-        let (time, width) = plan.handoff_shape(cut);
-        let gates_width = |layer: &SeqLayer| match layer {
-            SeqLayer::Lstm(l) => 4 * l.hidden,
-            SeqLayer::Conv(c) => c.out_channels,
-        };
-        let (front_gates_width, gates_width) =
-            (gates_width(&plan.seq[cut - 1]), gates_width(&plan.seq[cut]));
+        let (front, back) = plan.cut_lstms(cut);
+        let time = plan.handoff_time(cut);
+        let (width, front_gates_width, gates_width) =
+            (front.hidden, 4 * front.hidden, 4 * back.hidden);
         let split = plan.prefix_split(cut, time);
         sized(&mut buffers.rows, time * width);
         sized(&mut buffers.gates, time * gates_width);
@@ -354,26 +351,29 @@ impl Plan {
             .then_some(last)
     }
 
-    /// The time steps and width of the rows handed over at `cut`.
-    pub(crate) fn handoff_shape(&self, cut: usize) -> (usize, usize) {
-        let mut time = self.time_steps;
-        for layer in &self.seq[..cut] {
-            if let SeqLayer::Conv(conv) = layer {
-                time = conv.out_time(time);
-            }
+    /// The front's last LSTM and the back's LSTM of a pass cut at `cut`.
+    fn cut_lstms(&self, cut: usize) -> (&Lstm, &Lstm) {
+        match (&self.seq[cut - 1], &self.seq[cut]) {
+            (SeqLayer::Lstm(front), SeqLayer::Lstm(back)) => (front, back),
+            _ => unreachable!("pipeline_cut cuts between two LSTMs"),
         }
-        let width = match &self.seq[cut - 1] {
-            SeqLayer::Lstm(l) => l.hidden,
-            SeqLayer::Conv(c) => c.out_channels,
-        };
-        (time, width)
+    }
+
+    /// The time steps of the rows handed over at `cut`.
+    fn handoff_time(&self, cut: usize) -> usize {
+        self.seq[..cut]
+            .iter()
+            .fold(self.time_steps, |time, layer| match layer {
+                SeqLayer::Conv(conv) => conv.out_time(time),
+                SeqLayer::Lstm(_) => time,
+            })
     }
 
     /// Where the front's first-layer rows are split between the two
     /// threads (see [`FRONT_PREFIX_SHARE`]): a row count below `time`, or
     /// `time` (not split) unless every layer before the front's LSTM is an
     /// fp32 convolution.
-    pub(crate) fn prefix_split(&self, cut: usize, time: usize) -> usize {
+    fn prefix_split(&self, cut: usize, time: usize) -> usize {
         let fp32_convs = self.seq[..cut - 1]
             .iter()
             .all(|layer| matches!(layer, SeqLayer::Conv(c) if c.low_taps.is_empty()));
@@ -396,47 +396,34 @@ impl Plan {
         rows: Range<usize>,
         gates: &mut [f32],
     ) {
-        let convs = &self.seq[..cut - 1];
-        let SeqLayer::Lstm(lstm) = &self.seq[cut - 1] else {
-            unreachable!("pipeline_cut cuts after an LSTM")
-        };
-        // Input time steps of each convolution, then the rows each one
-        // needs, from the last back to the first.
-        let mut times = Vec::with_capacity(convs.len());
+        let (lstm, _) = self.cut_lstms(cut);
+        // Each convolution with its input time steps and the input rows it
+        // needs, found from the last back to the first.
+        let mut convs: Vec<(&Conv1d, usize, Range<usize>)> = Vec::with_capacity(cut - 1);
         let mut time = self.time_steps;
-        for layer in convs {
+        for layer in &self.seq[..cut - 1] {
             let SeqLayer::Conv(conv) = layer else {
                 unreachable!("prefix_split only splits convolutions")
             };
-            times.push(time);
+            convs.push((conv, time, 0..0));
             time = conv.out_time(time);
         }
-        let mut needs = vec![rows.clone(); convs.len() + 1];
-        for (index, layer) in convs.iter().enumerate().rev() {
-            let SeqLayer::Conv(conv) = layer else {
-                unreachable!("prefix_split only splits convolutions")
-            };
-            needs[index] = conv.input_rows(&needs[index + 1], times[index]);
+        let mut out = rows.clone();
+        for (conv, time, needs) in convs.iter_mut().rev() {
+            *needs = conv.input_rows(&out, *time);
+            out = needs.clone();
         }
         let [mut cur, mut next] = std::mem::take(&mut ctx.act);
-        for (index, layer) in convs.iter().enumerate() {
-            let SeqLayer::Conv(conv) = layer else {
-                unreachable!("prefix_split only splits convolutions")
-            };
+        for (index, (conv, time, needs)) in convs.iter().enumerate() {
             let src = if index == 0 {
-                let range = &needs[0];
-                &input[range.start * self.features..range.end * self.features]
+                &input[needs.start * self.features..needs.end * self.features]
             } else {
-                &cur[..needs[index].len() * conv.in_channels]
+                &cur[..needs.len() * conv.in_channels]
             };
-            conv.forward_rows(
-                ctx,
-                times[index],
-                src,
-                &needs[index],
-                &needs[index + 1],
-                &mut next,
-            );
+            let out = convs
+                .get(index + 1)
+                .map_or(&rows, |(_, _, next_needs)| next_needs);
+            conv.forward_rows(ctx, *time, src, needs, out, &mut next);
             std::mem::swap(&mut cur, &mut next);
         }
         let src = if convs.is_empty() {
@@ -459,12 +446,7 @@ impl Plan {
         handoff: &HandOff<'_>,
     ) {
         let mut guard = AbandonOnUnwind(handoff, false);
-        let SeqLayer::Lstm(back) = &self.seq[cut] else {
-            unreachable!("pipeline_cut only cuts before an LSTM")
-        };
-        let SeqLayer::Lstm(publishing) = &self.seq[cut - 1] else {
-            unreachable!("pipeline_cut cuts after an LSTM")
-        };
+        let (publishing, back) = self.cut_lstms(cut);
         if handoff.split < handoff.time {
             // SAFETY: rows below `split` are the front's.
             let gates = unsafe { handoff.front_gates_mut(0..handoff.split) };
@@ -564,9 +546,7 @@ impl Plan {
         if handoff.claim_prefix() {
             self.compute_prefix_rest(ctx, cut, input, handoff);
         }
-        let SeqLayer::Lstm(lstm) = &self.seq[cut] else {
-            unreachable!("pipeline_cut only cuts before an LSTM")
-        };
+        let (_, lstm) = self.cut_lstms(cut);
         if !lstm.forward_consuming(ctx, handoff) {
             return false;
         }
@@ -674,18 +654,11 @@ impl Lstm {
         finish_prefix: impl FnOnce(&mut Ctx),
     ) {
         let hidden = self.hidden;
-        let mut finish_prefix = Some(finish_prefix);
         sized(&mut ctx.c, hidden).fill(0.0);
-        for t in 0..handoff.time {
-            if t == handoff.split
-                && let Some(finish) = finish_prefix.take()
-            {
-                finish(ctx);
-            }
+        let step = |ctx: &mut Ctx, t: usize| {
             // SAFETY: rows below `split` are the front's own, written
-            // above; the others are done (`finish_prefix` returned).
+            // before this; the others are done (`finish_prefix` returned).
             let gates = unsafe { handoff.front_gates_row(t) };
-            let c = &mut ctx.c[..hidden];
             let h_prev: &[f32] = if t == 0 {
                 &[]
             } else {
@@ -694,14 +667,21 @@ impl Lstm {
             // SAFETY: row `t` is not published yet and this is the only
             // writer.
             let h_next = unsafe { handoff.row_mut(t) };
-            self.one_row_step(t, gates, h_prev, c, h_next);
+            self.one_row_step(t, gates, h_prev, &mut ctx.c[..hidden], h_next);
             handoff.publish(t + 1);
-            // Not before the split: until the helper has done the rows past
-            // it, the back has not started and the front has no time to
-            // spare.
-            if t >= handoff.split
-                && let Some(range) = handoff.claim(FRONT_CHUNK, FRONT_CHUNK)
-            {
+        };
+        for t in 0..handoff.split {
+            step(ctx, t);
+        }
+        if handoff.split < handoff.time {
+            finish_prefix(ctx);
+        }
+        for t in handoff.split..handoff.time {
+            step(ctx, t);
+            // Only past the split: before it, the helper is still on the
+            // rows past it, the back has not started, and the front has no
+            // time to spare.
+            if let Some(range) = handoff.claim(FRONT_CHUNK, FRONT_CHUNK) {
                 handoff.project(back, range);
             }
         }

@@ -209,6 +209,13 @@ pub struct BatchingConfig {
     pub aging_interval: Duration,
     /// …at most this many levels (never above priority 1).
     pub max_aging_levels: u8,
+    /// Whether a batch with a priority that has a `target_latency` above
+    /// its own runs in chunks, between which waiting requests of higher
+    /// priorities go first.
+    pub chunking: bool,
+    /// Rows per chunk; without it, the most rows the measured engine time
+    /// fits into the tightest higher target less one row's time.
+    pub chunk_rows: Option<usize>,
     /// Per-priority policy, keyed by level `"1"` … `"5"`.
     pub priority: BTreeMap<String, PriorityConfig>,
 }
@@ -223,6 +230,8 @@ impl Default for BatchingConfig {
             aging_threshold: Duration::from_secs(1),
             aging_interval: Duration::from_secs(1),
             max_aging_levels: 2,
+            chunking: true,
+            chunk_rows: None,
             priority: BTreeMap::new(),
         }
     }
@@ -240,6 +249,29 @@ pub struct PriorityConfig {
     pub default_timeout: Option<Duration>,
     /// Whether a request may set a shorter `timeout` of its own.
     pub allow_timeout_override: Option<bool>,
+    /// The latency this priority is promised: lower priorities pad its
+    /// batches only while it is predicted to be met, and run in chunks
+    /// that fit it. `"0s"`: none (best effort). Defaults: 2 ms for
+    /// priority 1, 5 ms for 2, none below.
+    #[serde(with = "humantime_serde")]
+    pub target_latency: Option<Duration>,
+}
+
+/// `[[instance_group]]`: engine workers reserved for some priorities and
+/// optionally pinned to cores.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceGroupConfig {
+    /// Engine worker threads in the group.
+    #[serde(default = "default_instances")]
+    pub count: usize,
+    /// Priorities (1–5) its workers take; all when absent.
+    #[serde(default)]
+    pub priorities: Vec<u8>,
+    /// CPU cores its workers are pinned to, one each, round robin; none:
+    /// the OS places them.
+    #[serde(default)]
+    pub cores: Vec<usize>,
 }
 
 /// `[adaptive_batching]`: the live max batch size controller.
@@ -342,6 +374,20 @@ pub struct ModelConfig {
     /// Result caching of this model (the `[cache]` section).
     #[serde(default)]
     pub cache: ModelCacheConfig,
+    /// Engine workers by group (replaces `instances` when present).
+    #[serde(default)]
+    pub instance_group: Vec<InstanceGroupConfig>,
+}
+
+impl ModelConfig {
+    /// Engine worker threads: the groups' counts, else `instances`.
+    pub fn engine_instances(&self) -> usize {
+        if self.instance_group.is_empty() {
+            self.instances
+        } else {
+            self.instance_group.iter().map(|g| g.count).sum()
+        }
+    }
 }
 
 fn default_max_batch_size() -> usize {
@@ -471,6 +517,48 @@ pub fn read_config(path: &Path) -> Result<ModelConfig, RepositoryError> {
     }
     if config.instances == 0 {
         return Err(invalid("instances must be at least 1".into()));
+    }
+    if !config.instance_group.is_empty() && config.instances != 1 {
+        return Err(invalid(
+            "set either instances or [[instance_group]], not both (the groups' counts are the instances)".into(),
+        ));
+    }
+    for (i, group) in config.instance_group.iter().enumerate() {
+        if group.count == 0 {
+            return Err(invalid(format!(
+                "instance_group {}: count must be at least 1",
+                i + 1
+            )));
+        }
+        if let Some(bad) = group.priorities.iter().find(|p| !(1..=5).contains(*p)) {
+            return Err(invalid(format!(
+                "instance_group {}: priority {bad}; expected 1 (highest) to 5 (lowest)",
+                i + 1
+            )));
+        }
+    }
+    if !config.instance_group.is_empty() {
+        let served: std::collections::BTreeSet<u8> = config
+            .instance_group
+            .iter()
+            .flat_map(|g| {
+                if g.priorities.is_empty() {
+                    vec![1, 2, 3, 4, 5]
+                } else {
+                    g.priorities.clone()
+                }
+            })
+            .collect();
+        if let Some(missing) = (1..=5).find(|p| !served.contains(p)) {
+            return Err(invalid(format!(
+                "no instance_group serves priority {missing}: its requests would never run"
+            )));
+        }
+    }
+    if config.dynamic_batching.chunk_rows == Some(0) {
+        return Err(invalid(
+            "dynamic_batching.chunk_rows must be at least 1".into(),
+        ));
     }
     if config.threads == 0 {
         return Err(invalid("threads must be at least 1".into()));
@@ -664,7 +752,7 @@ impl ModelEntry {
         precision: PrecisionChoice,
     ) -> Result<NativeEngine, EngineError> {
         let mut engine = NativeEngine::load(path)?
-            .with_threads(self.config.threads, self.config.instances)?
+            .with_threads(self.config.threads, self.config.engine_instances())?
             .with_helper_spin(self.config.helper_spin)
             .with_precision(precision.native());
         if engine.is_qdq() && precision == PrecisionChoice::Bf16 {
@@ -706,7 +794,7 @@ impl ModelEntry {
         let engine = tickserve_engine_ort::OrtEngine::load(
             path,
             self.config.threads,
-            self.config.instances,
+            self.config.engine_instances(),
         )?;
         Ok(Arc::new(engine))
     }

@@ -63,6 +63,10 @@ const RATE_TAU: Duration = Duration::from_millis(50);
 const P99_WINDOW: usize = 4096;
 /// How long after a refusal of a class the classes below it are shed.
 const SHED_WINDOW: Duration = Duration::from_secs(1);
+/// How long after the last request of a class with a latency target the
+/// batches below it keep running in chunks. Without such traffic, chunks
+/// would only cost throughput.
+const CHUNKING_WINDOW: Duration = Duration::from_secs(10);
 
 pub(crate) fn start(
     engine: Arc<dyn Engine>,
@@ -158,6 +162,8 @@ struct Batcher {
     targets: [Option<Duration>; Priority::LEVELS],
     /// Per class: when a request of it was last refused for capacity.
     refused_at: [Option<Instant>; Priority::LEVELS],
+    /// Per class: when a request of it last arrived.
+    arrived_at: [Option<Instant>; Priority::LEVELS],
     models: Vec<LatencyModel>,
     arrivals: RateEstimator,
     live_max: usize,
@@ -213,6 +219,7 @@ impl Batcher {
             resumed_starving_last: false,
             targets: config.classes.clone().map(|c| c.target_latency),
             refused_at: [None; Priority::LEVELS],
+            arrived_at: [None; Priority::LEVELS],
             models: vec![LatencyModel::new(MODEL_WINDOW); n.max(1)],
             workers,
             arrivals: RateEstimator::new(RATE_TAU),
@@ -312,6 +319,7 @@ impl Batcher {
         let now = Instant::now();
         let priority = request.priority;
         self.arrivals.record(now, request.rows);
+        self.arrived_at[priority.index()] = Some(now);
         let class_stats = self.stats.class(priority);
         let metrics = &self.class_metrics[priority.index()];
         let deadline = request.arrived + request.timeout;
@@ -419,13 +427,25 @@ impl Batcher {
     /// Rows per engine call for a batch whose best class is `class`: the
     /// most rows that fit the tightest target of a higher class, less one
     /// row's time (the waiting request's own batch). A batch with no
-    /// targeted class above it runs in one call.
-    fn chunk_rows(&self, class: Priority, rows: usize, model: &LatencyModel) -> usize {
+    /// targeted class above it that sent a request within
+    /// [`CHUNKING_WINDOW`] runs in one call.
+    fn chunk_rows(
+        &self,
+        now: Instant,
+        class: Priority,
+        rows: usize,
+        model: &LatencyModel,
+    ) -> usize {
         if !self.config.chunking {
             return rows;
         }
+        let active = |p: &Priority| {
+            self.arrived_at[p.index()]
+                .is_some_and(|at| now.saturating_duration_since(at) < CHUNKING_WINDOW)
+        };
         let tightest = Priority::ALL[..class.index()]
             .iter()
+            .filter(|p| active(p))
             .filter_map(|p| self.targets[p.index()])
             .min();
         let Some(target) = tightest else {
@@ -533,7 +553,7 @@ impl Batcher {
                 .map(|r| r.priority)
                 .min()
                 .unwrap_or(Priority::LOWEST);
-            let chunk = self.chunk_rows(class, rows, model);
+            let chunk = self.chunk_rows(now, class, rows, model);
             return Some(InFlight::new(requests, chunk));
         }
     }
@@ -702,8 +722,10 @@ fn engine_worker(
     let retries = counter!(telemetry::ENGINE_RETRIES_TOTAL, "model" => model.to_owned());
     while let Ok(mut batch) = job_rx.recv() {
         let rows = batch.next_chunk();
-        let (run, answered) = batch.run_chunk(engine);
+        let run = batch.run_chunk(engine);
         let took = run.engine;
+        // Metrics before the answers, so a client that reads them after
+        // its response sees its own call.
         execution.record(took.as_secs_f64());
         batch_size.record(rows as f64);
         batches.increment(run.calls as u64);
@@ -717,10 +739,12 @@ fn engine_worker(
                 "engine call failed; retried on halves"
             );
         }
+        let scattering = std::time::Instant::now();
+        let answered = batch.answer_complete();
         for a in &answered {
             stats.class(a.priority).record_compute(batch.compute());
         }
-        stats.record_batch(rows, run.gather, took, run.scatter);
+        stats.record_batch(rows, run.gather, took, scattering.elapsed());
         let rest = (!batch.is_finished()).then_some(batch);
         let done = Done {
             worker: index,

@@ -34,10 +34,9 @@ pub(crate) struct ChunkRun {
     pub calls: usize,
     /// Calls on halves of a failed call.
     pub retries: usize,
-    /// Time spent gathering inputs, in the engine, and answering requests.
+    /// Time spent gathering inputs and in the engine.
     pub gather: Duration,
     pub engine: Duration,
-    pub scatter: Duration,
 }
 
 /// How one answered request fared, for the latency statistics.
@@ -149,18 +148,15 @@ impl InFlight {
         self.requests.into()
     }
 
-    /// Runs the next chunk on `engine` and answers every request whose
-    /// rows are now all computed.
-    pub fn run_chunk(&mut self, engine: &dyn Engine) -> (ChunkRun, Vec<Answered>) {
+    /// Runs the next chunk on `engine`. The requests it completed are
+    /// answered by [`InFlight::answer_complete`].
+    pub fn run_chunk(&mut self, engine: &dyn Engine) -> ChunkRun {
         let range = self.done..self.done + self.next_chunk();
         let mut run = ChunkRun::default();
         self.execute(engine, range.clone(), &mut run);
         self.compute += run.engine;
         self.done = range.end;
-        let scattering = std::time::Instant::now();
-        let answered = self.answer_complete();
-        run.scatter = scattering.elapsed();
-        (run, answered)
+        run
     }
 
     /// One engine call on `range`; on failure, each half on its own, down
@@ -291,7 +287,7 @@ impl InFlight {
     }
 
     /// Answers every request whose rows are all computed.
-    fn answer_complete(&mut self) -> Vec<Answered> {
+    pub fn answer_complete(&mut self) -> Vec<Answered> {
         let mut answered = Vec::new();
         while let Some(request) = self.requests.front() {
             if self.first_row + request.rows > self.done {
@@ -440,7 +436,8 @@ mod tests {
     fn run_all(batch: &mut InFlight, engine: &RowEngine) -> (usize, usize) {
         let (mut calls, mut retries) = (0, 0);
         while !batch.is_finished() {
-            let (run, _) = batch.run_chunk(engine);
+            let run = batch.run_chunk(engine);
+            batch.answer_complete();
             calls += run.calls;
             retries += run.retries;
         }
@@ -472,16 +469,17 @@ mod tests {
         let engine = RowEngine::new(&[]);
         let (reqs, mut replies) = requests(&[2, 3]);
         let mut batch = InFlight::new(reqs, 2);
-        let (_, answered) = batch.run_chunk(&engine);
-        assert_eq!(answered.len(), 1);
+        batch.run_chunk(&engine);
+        assert_eq!(batch.answer_complete().len(), 1);
         assert!(replies[0].try_recv().is_ok());
         assert!(
             replies[1].try_recv().is_err(),
             "second request is not complete"
         );
         batch.run_chunk(&engine);
-        let (_, answered) = batch.run_chunk(&engine);
-        assert_eq!(answered.len(), 1);
+        assert!(batch.answer_complete().is_empty());
+        batch.run_chunk(&engine);
+        assert_eq!(batch.answer_complete().len(), 1);
         assert_eq!(
             replies[1].try_recv().unwrap().unwrap(),
             vec![expected(2, 3)]

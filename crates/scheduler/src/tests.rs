@@ -587,6 +587,10 @@ impl GatedEngine {
         self.opened.notify_all();
     }
 
+    fn close(&self) {
+        *self.open.lock().unwrap() = false;
+    }
+
     /// The first value of every row, per call, in call order.
     fn calls(&self) -> Vec<Vec<f32>> {
         self.calls
@@ -666,6 +670,13 @@ async fn a_real_time_request_runs_between_the_chunks_of_a_background_batch() {
     cfg.classes[0].target_latency = Some(Duration::from_millis(2));
     cfg.chunk_rows = Some(2);
     let scheduler = Scheduler::spawn(engine.clone(), cfg);
+    // Real-time traffic seen: background batches run in chunks.
+    let warm = send_rows(&scheduler, 0.0, 1, 1);
+    settle().await;
+    engine.open();
+    warm.await.unwrap().unwrap();
+    engine.close();
+    engine.calls.lock().unwrap().clear();
     let background = send_rows(&scheduler, 100.0, 8, 5);
     settle().await;
     until(|| engine.calls().len() == 1).await;
@@ -702,12 +713,36 @@ async fn without_a_target_above_it_a_batch_runs_in_one_call() {
 }
 
 #[tokio::test]
+async fn background_batches_run_in_chunks_only_while_a_targeted_class_has_traffic() {
+    let engine = GatedEngine::new(true);
+    let mut cfg = config(8);
+    cfg.classes[0].target_latency = Some(Duration::from_millis(2));
+    cfg.chunk_rows = Some(2);
+    let scheduler = Scheduler::spawn(engine.clone(), cfg);
+    // No real-time traffic yet: one call.
+    send_rows(&scheduler, 0.0, 8, 5).await.unwrap().unwrap();
+    assert_eq!(engine.calls().len(), 1);
+    // A real-time request, then the same background work: four chunks.
+    send_rows(&scheduler, 50.0, 1, 1).await.unwrap().unwrap();
+    let out = send_rows(&scheduler, 0.0, 8, 5).await.unwrap().unwrap();
+    assert_eq!(out, vec![answer_of(&rows_from(0.0, 8))]);
+    let sizes: Vec<usize> = engine.calls().iter().map(Vec::len).collect();
+    assert_eq!(sizes, [8, 1, 2, 2, 2, 2]);
+}
+
+#[tokio::test]
 async fn chunked_batches_answer_every_request_with_its_rows_once() {
     let engine = GatedEngine::new(false);
     let mut cfg = config(16);
     cfg.classes[0].target_latency = Some(Duration::from_millis(2));
     cfg.chunk_rows = Some(3);
     let scheduler = Scheduler::spawn(engine.clone(), cfg);
+    let warm = send_rows(&scheduler, 0.5, 1, 1);
+    settle().await;
+    engine.open();
+    warm.await.unwrap().unwrap();
+    engine.close();
+    engine.calls.lock().unwrap().clear();
     // One request holds the engine while eleven more (17 rows) queue up;
     // the first ten leave as one batch of 16 rows in chunks of 3, the last
     // one after them.

@@ -55,6 +55,17 @@ async fn a_real_time_request_completes_while_a_background_batch_runs() {
     let golden = golden();
     let (body, rows) = background(&golden, BATCH);
     let url = server.url("/v2/models/chunked/infer");
+    let mut realtime = request_for(&golden, &[1], "rt");
+    realtime["parameters"] = json!({ "priority": 1 });
+    // Real-time traffic seen: background batches now run in chunks.
+    let warm = server
+        .client
+        .post(&url)
+        .json(&realtime)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(warm.status(), 200);
     let bg = tokio::spawn({
         let (client, url) = (server.client.clone(), url.clone());
         async move {
@@ -70,10 +81,10 @@ async fn a_real_time_request_completes_while_a_background_batch_runs() {
             (response, Instant::now())
         }
     });
-    // The background batch has started once its first chunk is counted;
-    // 31 chunks of 2 rows remain.
+    // The background batch has started once its first chunk is counted
+    // (after the warm-up call); 31 chunks of 2 rows remain.
     for _ in 0..3000 {
-        if execution_count(&server, "chunked").await >= 1 {
+        if execution_count(&server, "chunked").await >= 2 {
             break;
         }
         assert!(
@@ -83,11 +94,9 @@ async fn a_real_time_request_completes_while_a_background_batch_runs() {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     assert!(
-        execution_count(&server, "chunked").await >= 1,
+        execution_count(&server, "chunked").await >= 2,
         "background batch never started"
     );
-    let mut realtime = request_for(&golden, &[1], "rt");
-    realtime["parameters"] = json!({ "priority": 1 });
     let response = server
         .client
         .post(&url)

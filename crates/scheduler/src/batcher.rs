@@ -104,8 +104,31 @@ pub(crate) fn start(
         }
     }
     let monitor = config.adaptive.enabled.then(ResourceMonitor::global);
+    let own_thread = config.own_thread;
+    let model = config.model.clone();
     let batcher = Batcher::new(config, stats, workers, monitor);
-    tokio::spawn(batcher.run(command_rx, done_rx));
+    let task = batcher.run(command_rx, done_rx);
+    if !own_thread {
+        tokio::spawn(task);
+        return;
+    }
+    // Its own OS thread and runtime: under load the protocol front end
+    // fills the server's runtime with request decoding, and a batcher
+    // polled behind it would leave the engine idle between batches.
+    let spawned = std::thread::Builder::new()
+        .name(format!("batcher-{model}"))
+        .spawn(move || {
+            match tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+            {
+                Ok(runtime) => runtime.block_on(task),
+                Err(e) => tracing::error!(model, error = %e, "cannot start the batcher runtime"),
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the batcher thread");
+    }
 }
 
 /// Pins the calling thread to `core`, logging (not failing) when the OS
@@ -342,13 +365,25 @@ impl Batcher {
         // working them off plus this request's own batch ends past the
         // deadline, answer now rather than late.
         let ahead = self.rows_ahead(priority);
-        if let Some(wait) = self.drain_time(now, ahead) {
+        if let Some(drain) = self.drain_time(now, ahead) {
+            // The engine-time fit knows nothing of the cores the protocol
+            // front end takes from the engine under load; the queue's own
+            // age does: a newcomer waits at least as long as the oldest
+            // request ahead of it has waited so far.
+            let sojourn = self
+                .queue
+                .oldest_at_or_above(priority)
+                .map_or(Duration::ZERO, |at| now.saturating_duration_since(at));
+            let wait = drain.max(sojourn);
             let own = self.model_for(None).predict(request.rows);
             let finish = now + wait + own;
-            if finish > deadline {
+            // Admitted requests must meet their deadline although the
+            // prediction is a point estimate: the queue ahead may take at
+            // most half of what is left of the timeout.
+            let margin = deadline.saturating_duration_since(now) / 2;
+            if finish + margin > deadline {
                 class_stats.count_rejected_deadline();
                 metrics.rejected_deadline.increment(1);
-                self.refused_at[priority.index()] = Some(now);
                 let error = SchedulerError::DeadlineUnmeetable {
                     model: self.config.model.clone(),
                     priority,
@@ -357,6 +392,7 @@ impl Batcher {
                     retry_after: self.retry_after(now, priority),
                 };
                 let _ = request.response_tx.send(Err(error));
+                self.refused(now, priority);
                 return;
             }
         }
@@ -364,7 +400,6 @@ impl Batcher {
         if let Err(request) = self.queue.push(request, priority, arrived, deadline) {
             class_stats.count_rejected_queue_full();
             metrics.rejected_queue_full.increment(1);
-            self.refused_at[priority.index()] = Some(now);
             let error = SchedulerError::QueueFull {
                 model: self.config.model.clone(),
                 priority,
@@ -372,6 +407,33 @@ impl Batcher {
                 retry_after: self.retry_after(now, priority),
             };
             let _ = request.response_tx.send(Err(error));
+            self.refused(now, priority);
+        }
+    }
+
+    /// A request of `priority` was refused for capacity: lower classes are
+    /// shed for [`SHED_WINDOW`], those already waiting at once (they would
+    /// only take engine time, through the starvation guard, from the class
+    /// that is being refused).
+    fn refused(&mut self, now: Instant, priority: Priority) {
+        self.refused_at[priority.index()] = Some(now);
+        for lower in &Priority::ALL[priority.index() + 1..] {
+            let shed = self.queue.drain_class(*lower);
+            if shed.is_empty() {
+                continue;
+            }
+            let retry_after = self.retry_after(now, *lower);
+            for request in shed {
+                self.stats.class(*lower).count_rejected_queue_full();
+                self.class_metrics[lower.index()].rejected_shed.increment(1);
+                let error = SchedulerError::Shed {
+                    model: self.config.model.clone(),
+                    priority: *lower,
+                    higher: priority,
+                    retry_after,
+                };
+                let _ = request.response_tx.send(Err(error));
+            }
         }
     }
 

@@ -78,6 +78,10 @@ pub struct SchedulerConfig {
     /// `target_latency` above it runs in chunks, between which waiting
     /// work of higher classes goes first.
     pub chunking: bool,
+    /// Whether the batcher runs on an OS thread (and runtime) of its own
+    /// (the default), rather than as a task on the caller's runtime
+    /// (tests on tokio's paused clock need the latter).
+    pub own_thread: bool,
     /// Rows per chunk. `None`: the most rows the instance's measured
     /// engine time fits into the tightest higher target, less one row's
     /// time (the waiting request's own batch).
@@ -118,6 +122,7 @@ impl SchedulerConfig {
             instances: 1,
             instance_groups: Vec::new(),
             chunking: true,
+            own_thread: true,
             chunk_rows: None,
             adaptive: AdaptiveConfig::default(),
         }
@@ -275,11 +280,12 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
-    /// Starts the batcher task on the current tokio runtime and the engine
+    /// Starts the batcher (on its own thread, or as a task on the current
+    /// tokio runtime: [`SchedulerConfig::own_thread`]) and the engine
     /// worker threads.
     ///
     /// # Panics
-    /// Outside a tokio runtime.
+    /// Outside a tokio runtime when `own_thread` is false.
     pub fn spawn(engine: Arc<dyn Engine>, config: SchedulerConfig) -> Self {
         // Room for every class's queue at once; the batcher drains it
         // continuously, and a full channel is reported as a full queue.

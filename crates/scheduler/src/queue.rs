@@ -194,6 +194,16 @@ impl<T: Pending> PriorityQueue<T> {
             .min()
     }
 
+    /// When the oldest request of class `priority` or any higher class
+    /// arrived: how long the queue ahead of a new request of that class
+    /// has been waiting.
+    pub fn oldest_at_or_above(&self, priority: Priority) -> Option<Instant> {
+        self.classes[..=priority.index()]
+            .iter()
+            .filter_map(|class| class.values().next().map(|e| e.arrived))
+            .min()
+    }
+
     /// Rows of class `priority` and every higher class: what a new request
     /// of that class has ahead of it (aging can only add to this).
     pub fn rows_at_or_above(&self, priority: Priority) -> usize {
@@ -443,6 +453,15 @@ impl<T: Pending> PriorityQueue<T> {
             }
         }
         taken
+    }
+
+    /// Removes every request of class `priority`.
+    pub fn drain_class(&mut self, priority: Priority) -> Vec<T> {
+        let class = priority.index();
+        let entries = std::mem::take(&mut self.classes[class]);
+        self.class_rows[class] = 0;
+        self.deadlines.retain(|(_, _, c)| *c != class);
+        entries.into_values().map(|e| e.item).collect()
     }
 
     /// Removes everything (shutdown without an engine).

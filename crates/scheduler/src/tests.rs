@@ -91,6 +91,8 @@ fn config(max_batch_size: usize) -> SchedulerConfig {
         class.default_timeout = Duration::from_secs(60);
         class.target_latency = None;
     }
+    // On the test's runtime, so that its paused clock drives the batcher.
+    config.own_thread = false;
     config.adaptive.enabled = false;
     config
 }
@@ -839,12 +841,17 @@ async fn while_real_time_requests_are_refused_background_ones_are_shed() {
     settle().await;
     until(|| engine.calls().len() == 1).await;
     let queued = send_rows(&scheduler, 2.0, 1, 1);
+    let waiting_background = send_rows(&scheduler, 9.0, 1, 4);
     settle().await;
     let refused = scheduler.infer(1, vec![row(3.0)], at(1)).await;
     assert!(
         matches!(refused, Err(SchedulerError::QueueFull { .. })),
         "{refused:?}"
     );
+    // Background work already waiting is shed with the refusal…
+    let shed = waiting_background.await.unwrap().unwrap_err();
+    assert!(matches!(shed, SchedulerError::Shed { .. }), "{shed:?}");
+    // …and new background work while the window lasts.
     let shed = scheduler.infer(1, vec![row(4.0)], at(5)).await.unwrap_err();
     assert!(matches!(shed, SchedulerError::Shed { .. }), "{shed:?}");
     assert!(shed.to_string().contains("priority 1"), "{shed}");
@@ -853,4 +860,7 @@ async fn while_real_time_requests_are_refused_background_ones_are_shed() {
     assert!(running.await.unwrap().is_ok());
     assert!(queued.await.unwrap().is_ok());
     assert_eq!(scheduler.stats().classes[4].rejected_queue_full, 1);
+    assert_eq!(scheduler.stats().classes[3].rejected_queue_full, 1);
+    // The queued background request never ran.
+    assert!(engine.calls().iter().all(|rows| rows != &[9.0]));
 }

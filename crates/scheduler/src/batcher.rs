@@ -365,16 +365,17 @@ impl Batcher {
         // working them off plus this request's own batch ends past the
         // deadline, answer now rather than late.
         let ahead = self.rows_ahead(priority);
-        if let Some(drain) = self.drain_time(now, ahead) {
-            // The engine-time fit knows nothing of the cores the protocol
-            // front end takes from the engine under load; the queue's own
-            // age does: a newcomer waits at least as long as the oldest
-            // request ahead of it has waited so far.
-            let sojourn = self
-                .queue
-                .oldest_at_or_above(priority)
-                .map_or(Duration::ZERO, |at| now.saturating_duration_since(at));
-            let wait = drain.max(sojourn);
+        let drain = self.drain_time(now, ahead);
+        // The engine-time fit knows nothing of the cores the protocol
+        // front end takes from the engine under load; the queue's own age
+        // does: a newcomer waits at least as long as the oldest request
+        // ahead of it has waited so far.
+        let sojourn = self
+            .queue
+            .oldest_at_or_above(priority)
+            .map(|at| now.saturating_duration_since(at));
+        if drain.is_some() || sojourn.is_some() {
+            let wait = drain.unwrap_or_default().max(sojourn.unwrap_or_default());
             let own = self.model_for(None).predict(request.rows);
             let finish = now + wait + own;
             // Admitted requests must meet their deadline although the
@@ -392,7 +393,11 @@ impl Batcher {
                     retry_after: self.retry_after(now, priority),
                 };
                 let _ = request.response_tx.send(Err(error));
-                self.refused(now, priority);
+                // A deadline the client shortened says nothing about
+                // capacity; the class's own one does.
+                if request.timeout >= self.config.class(priority).default_timeout {
+                    self.refused(now, priority);
+                }
                 return;
             }
         }
@@ -802,10 +807,8 @@ fn engine_worker(
             );
         }
         let scattering = std::time::Instant::now();
-        let answered = batch.answer_complete();
-        for a in &answered {
-            stats.class(a.priority).record_compute(batch.compute());
-        }
+        let compute = batch.compute();
+        let answered = batch.answer_complete(|a| stats.class(a.priority).record_compute(compute));
         stats.record_batch(rows, run.gather, took, scattering.elapsed());
         let rest = (!batch.is_finished()).then_some(batch);
         let done = Done {

@@ -286,8 +286,10 @@ impl InFlight {
         }
     }
 
-    /// Answers every request whose rows are all computed.
-    pub fn answer_complete(&mut self) -> Vec<Answered> {
+    /// Answers every request whose rows are all computed; `before_send`
+    /// sees each one first (its statistics are then in place when its
+    /// client reads them).
+    pub fn answer_complete(&mut self, mut before_send: impl FnMut(&Answered)) -> Vec<Answered> {
         let mut answered = Vec::new();
         while let Some(request) = self.requests.front() {
             if self.first_row + request.rows > self.done {
@@ -306,11 +308,13 @@ impl InFlight {
                 }
                 None => Ok(self.drain_rows(rows)),
             };
-            answered.push(Answered {
+            let outcome = Answered {
                 priority: request.priority,
                 arrived: request.arrived,
                 ok: result.is_ok(),
-            });
+            };
+            before_send(&outcome);
+            answered.push(outcome);
             // The client may have gone meanwhile; nothing to do then.
             let _ = request.response_tx.send(result);
         }
@@ -437,7 +441,7 @@ mod tests {
         let (mut calls, mut retries) = (0, 0);
         while !batch.is_finished() {
             let run = batch.run_chunk(engine);
-            batch.answer_complete();
+            batch.answer_complete(|_| {});
             calls += run.calls;
             retries += run.retries;
         }
@@ -470,16 +474,16 @@ mod tests {
         let (reqs, mut replies) = requests(&[2, 3]);
         let mut batch = InFlight::new(reqs, 2);
         batch.run_chunk(&engine);
-        assert_eq!(batch.answer_complete().len(), 1);
+        assert_eq!(batch.answer_complete(|_| {}).len(), 1);
         assert!(replies[0].try_recv().is_ok());
         assert!(
             replies[1].try_recv().is_err(),
             "second request is not complete"
         );
         batch.run_chunk(&engine);
-        assert!(batch.answer_complete().is_empty());
+        assert!(batch.answer_complete(|_| {}).is_empty());
         batch.run_chunk(&engine);
-        assert_eq!(batch.answer_complete().len(), 1);
+        assert_eq!(batch.answer_complete(|_| {}).len(), 1);
         assert_eq!(
             replies[1].try_recv().unwrap().unwrap(),
             vec![expected(2, 3)]

@@ -864,3 +864,83 @@ async fn while_real_time_requests_are_refused_background_ones_are_shed() {
     // The queued background request never ran.
     assert!(engine.calls().iter().all(|rows| rows != &[9.0]));
 }
+
+// Paused clock: time moves only by `advance` and when every task idles;
+// the gate keeps the engine busy without any timer.
+#[tokio::test(start_paused = true)]
+async fn admission_counts_how_long_the_queue_ahead_has_waited() {
+    let engine = GatedEngine::new(false);
+    let mut cfg = config(1);
+    cfg.classes[2].default_timeout = Duration::from_millis(100);
+    let scheduler = Scheduler::spawn(engine.clone(), cfg);
+    let running = send_rows(&scheduler, 1.0, 1, 3);
+    settle().await;
+    until(|| engine.calls().len() == 1).await;
+    let _queued = send_rows(&scheduler, 2.0, 1, 3);
+    settle().await;
+    // No batch has been measured: only the queue's age speaks. The queued
+    // request has waited 56 ms of its 100: a newcomer would wait at least
+    // as long, more than half of its own 100 ms.
+    tokio::time::advance(Duration::from_millis(55)).await;
+    let refused = scheduler.infer(1, vec![row(3.0)], at(3)).await.unwrap_err();
+    match &refused {
+        SchedulerError::DeadlineUnmeetable { predicted, .. } => {
+            assert!(*predicted >= Duration::from_millis(56), "{refused}")
+        }
+        other => panic!("expected a deadline refusal, got {other:?}"),
+    }
+    // The class's own deadline was refused: lower classes are shed.
+    let shed = scheduler.infer(1, vec![row(4.0)], at(5)).await.unwrap_err();
+    assert!(matches!(shed, SchedulerError::Shed { .. }), "{shed:?}");
+    // A higher class is not held up by the queue below it: admitted.
+    let _realtime = send_rows(&scheduler, 5.0, 1, 1);
+    settle().await;
+    let stats = scheduler.stats();
+    assert_eq!(
+        (
+            stats.classes[0].rejected_deadline,
+            stats.classes[0].rejected_queue_full
+        ),
+        (0, 0)
+    );
+    engine.open();
+    assert!(running.await.unwrap().is_ok());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_deadline_the_client_shortened_sheds_nothing() {
+    let engine = GatedEngine::new(false);
+    let mut cfg = config(1);
+    cfg.classes[2].default_timeout = Duration::from_millis(100);
+    let scheduler = Scheduler::spawn(engine.clone(), cfg);
+    let running = send_rows(&scheduler, 1.0, 1, 3);
+    settle().await;
+    until(|| engine.calls().len() == 1).await;
+    let _queued = send_rows(&scheduler, 2.0, 1, 3);
+    settle().await;
+    tokio::time::advance(Duration::from_millis(30)).await;
+    let short = InferOptions {
+        priority: Priority::new(3),
+        timeout: Some(Duration::from_millis(40)),
+    };
+    let refused = scheduler.infer(1, vec![row(3.0)], short).await.unwrap_err();
+    assert!(
+        matches!(refused, SchedulerError::DeadlineUnmeetable { .. }),
+        "{refused:?}"
+    );
+    // Background work is still admitted. (Queued requests are not awaited:
+    // on the paused clock they could expire while the engine thread runs.)
+    let _background = send_rows(&scheduler, 4.0, 1, 5);
+    settle().await;
+    let stats = scheduler.stats();
+    assert_eq!(stats.classes[2].rejected_deadline, 1);
+    assert_eq!(
+        (
+            stats.classes[4].rejected_deadline,
+            stats.classes[4].rejected_queue_full
+        ),
+        (0, 0)
+    );
+    engine.open();
+    assert!(running.await.unwrap().is_ok());
+}

@@ -56,6 +56,15 @@ pub enum Mode {
         #[command(flatten)]
         stress: StressArgs,
     },
+    /// A foreground class at a fixed rate alone, a background flood alone,
+    /// then both at once: is the foreground isolated from the flood?
+    /// (docs/scheduling.md).
+    Mixed {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        mixed: crate::mixed::MixedArgs,
+    },
     /// The same workload against a baseline and a candidate, repeated;
     /// the improvement in throughput and latency with a 95 % CI.
     Compare {
@@ -270,7 +279,7 @@ pub struct CompareArgs {
     pub requests: u64,
 }
 
-fn parse_duration(text: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime_serde::re::humantime::parse_duration(text).map_err(|e| e.to_string())
 }
 
@@ -359,6 +368,7 @@ pub async fn run(args: BenchArgs) -> Result<Finished, BenchError> {
         Mode::Rate { common, .. } => ("rate", common),
         Mode::Stress { common, .. } => ("stress", common),
         Mode::Compare { common, .. } => ("compare", common),
+        Mode::Mixed { common, .. } => ("mixed", common),
     };
     let common = common.clone();
     let sla = load_sla(&common)?;
@@ -366,6 +376,7 @@ pub async fn run(args: BenchArgs) -> Result<Finished, BenchError> {
     let show = !common.quiet;
     let mut stress = None;
     let mut compare = None;
+    let mut mixed = None;
     let (result, compliance): (RunStats, Compliance) = match args.mode {
         Mode::Latency { requests, .. } => {
             let t = target(&common, &common.url, 1)?;
@@ -426,6 +437,32 @@ pub async fn run(args: BenchArgs) -> Result<Finished, BenchError> {
             stress = Some(report);
             (stats, compliance)
         }
+        Mode::Mixed { mixed: m, .. } => {
+            let class = |priority: u8| -> Result<Arc<Workload>, BenchError> {
+                let mix = format!("{priority}:1")
+                    .parse()
+                    .map_err(|e: String| BenchError::Config(format!("priority {priority}: {e}")))?;
+                workload(
+                    &Common {
+                        priorities: Some(mix),
+                        ..common.clone()
+                    },
+                    params.clone(),
+                )
+            };
+            let classes = crate::mixed::Classes {
+                fg_target: target(&common, &common.url, m.max_in_flight)?,
+                fg_workload: class(m.fg_priority)?,
+                bg_target: target(&common, &common.url, m.bg_clients)?,
+                bg_workload: class(m.bg_priority)?,
+            };
+            let report =
+                crate::mixed::run(&m, &classes, &sla, common.warmup, common.seed, show).await;
+            let compliance = report.verdict(&m);
+            let result = report.fg_under_flood.clone();
+            mixed = Some(report);
+            (result, compliance)
+        }
         Mode::Compare { compare: c, .. } => {
             let report = run_compare(&common, &c, params).await?;
             let last = report.candidate_runs.last().cloned().unwrap_or_default();
@@ -446,6 +483,7 @@ pub async fn run(args: BenchArgs) -> Result<Finished, BenchError> {
         compliance,
         stress,
         compare,
+        mixed,
     };
     write_outputs(&common, &report)?;
     let exit_code = report.compliance.exit_code();

@@ -7,9 +7,12 @@
 //! [`stats::Recorder`] (HDR histograms per priority class); the summary
 //! ([`stats::RunStats`]) is judged by [`sla::evaluate`] and rendered by
 //! [`report`] as text, JSON and HTML. [`cli`] holds the clap options and
-//! the drivers of the five modes (latency, load, rate, stress, compare).
+//! the drivers of the modes (latency, load, rate, stress, compare, and
+//! [`mixed`]: a foreground class's latency alone and under a background
+//! flood).
 
 pub mod cli;
+pub mod mixed;
 pub mod report;
 pub mod run;
 pub mod sla;

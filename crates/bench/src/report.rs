@@ -80,6 +80,9 @@ pub struct Report {
     pub stress: Option<StressReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub compare: Option<CompareReport>,
+    /// Mixed mode: the foreground alone and under the flood.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mixed: Option<crate::mixed::MixedReport>,
 }
 
 impl Report {
@@ -91,6 +94,17 @@ impl Report {
         let mut o = String::new();
         let _ = writeln!(o, "tickserve bench {} — {}", self.mode, self.target);
         let _ = writeln!(o, "{}", "=".repeat(60));
+        if let Some(m) = &self.mixed {
+            let _ = writeln!(
+                o,
+                "\nIsolation: priority {} at {} req/s against {} closed-loop priority-{} clients, {} s per phase",
+                m.fg_priority, m.fg_rate, m.bg_clients, m.bg_priority, m.phase_s
+            );
+            for (label, value) in m.rows() {
+                let _ = writeln!(o, "  {label:<48} {value}");
+            }
+            let _ = writeln!(o);
+        }
         section(&mut o, "Results", &self.result);
         if let Some(s) = &self.stress {
             let _ = writeln!(o, "\nStress test (by {})", s.by);
@@ -198,6 +212,35 @@ impl Report {
             c.total,
             c.health.as_str()
         );
+        if let Some(m) = &self.mixed {
+            let _ = write!(
+                body,
+                "<h2>Isolation</h2><p>Priority {} at {} req/s alone, a flood of {} closed-loop priority-{} clients alone, then both; {} s per phase. Results below: the foreground under the flood.</p><table>",
+                m.fg_priority, m.fg_rate, m.bg_clients, m.bg_priority, m.phase_s
+            );
+            for (label, value) in m.rows() {
+                let _ = write!(
+                    body,
+                    "<tr><td>{}</td><td>{}</td></tr>",
+                    esc(&label),
+                    esc(&value)
+                );
+            }
+            body.push_str("</table><h3>Checks</h3><table><tr><th>scope</th><th>metric</th><th>measured</th><th>goal</th><th></th></tr>");
+            for c in &self.compliance.checks {
+                let _ = write!(
+                    body,
+                    "<tr><td>{}</td><td>{}</td><td>{:.3}</td><td>{} {}</td><td>{}</td></tr>",
+                    esc(&c.scope),
+                    esc(&c.metric),
+                    c.measured,
+                    esc(&c.op),
+                    c.threshold,
+                    if c.passed { "met" } else { "missed" }
+                );
+            }
+            body.push_str("</table>");
+        }
         body.push_str("<h2>Latency per class</h2>");
         body.push_str(&stats_table(&self.result));
         let series: Vec<(String, Vec<(f64, f64)>)> =
@@ -726,6 +769,7 @@ mod tests {
             sla,
             compliance,
             stress: None,
+            mixed: None,
             compare: Some(CompareReport {
                 baseline: "a".into(),
                 candidate: "b".into(),

@@ -164,6 +164,44 @@ fn every_mode_runs_against_a_real_server_and_reports_plausible_numbers() {
     assert!(o.latency_ms.max >= actual.max - 0.5);
     assert!(o.late_sends.is_some());
 
+    // mixed: 1 s phases, 20 priority-1 requests/s against 4 priority-5
+    // clients. The plumbing is checked, not the speed: every scheduled
+    // foreground send is counted in each phase, both classes answer, and
+    // the ratios are what the phases say.
+    let (_, r) = bench(
+        &server,
+        LOOSE_SLA,
+        "mixed",
+        &[
+            "mixed",
+            "--phase",
+            "1s",
+            "--fg-rate",
+            "20",
+            "--bg-clients",
+            "4",
+        ],
+    );
+    let m = r.mixed.as_ref().expect("mixed section");
+    assert_eq!(r.mode, "mixed");
+    assert_eq!((m.fg_priority, m.bg_priority, m.bg_clients), (1, 5, 4));
+    for fg in [&m.fg_alone, &m.fg_under_flood] {
+        assert_eq!(fg.overall.requests, 20);
+        assert_eq!(fg.overall.ok + fg.overall.errors, 20);
+        assert_eq!(fg.classes.keys().collect::<Vec<_>>(), vec!["priority 1"]);
+    }
+    for bg in [&m.bg_alone, &m.bg_under_flood] {
+        assert!(bg.overall.ok > 0);
+        assert_eq!(bg.classes.keys().collect::<Vec<_>>(), vec!["priority 5"]);
+    }
+    let ratio = m.fg_under_flood.overall.latency_ms.p99 / m.fg_alone.overall.latency_ms.p99;
+    assert!((m.p99_ratio - ratio).abs() < 1e-9);
+    assert_eq!(r.compliance.total, 5);
+    assert_eq!(
+        r.result.overall.requests, 20,
+        "the result is the foreground under the flood"
+    );
+
     // stress: three 1 s steps of 1, 2, 3 clients, all within the loose SLA.
     let (code, r) = bench(
         &server,

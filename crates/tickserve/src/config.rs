@@ -505,7 +505,7 @@ mod tests {
         let file = dir.join("tickserve.toml");
         std::fs::write(
             &file,
-            "http_addr = \"127.0.0.1:9000\"\ndrain_timeout = \"2s\"\nlog_format = \"json\"\n",
+            "http_addr = \"127.0.0.1:9000\"\ndrain_timeout = \"2s\"\nshutdown_delay = \"3s\"\nlog_format = \"json\"\n",
         )
         .unwrap();
         let settings = parse(&[
@@ -518,6 +518,7 @@ mod tests {
         .unwrap();
         assert_eq!(settings.server.http_addr.to_string(), "127.0.0.1:9100");
         assert_eq!(settings.server.drain_timeout, Duration::from_secs(2));
+        assert_eq!(settings.server.shutdown_delay, Duration::from_secs(3));
         assert_eq!(settings.log_format, LogFormat::Json);
     }
 

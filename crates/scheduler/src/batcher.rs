@@ -18,9 +18,15 @@
 //!   a one-row batch fit the tightest higher target; between chunks an
 //!   idle worker takes waiting work of a strictly higher class first;
 //! * workers may be reserved for some classes ([`WorkerPlan`]); an idle
-//!   reserved worker is offered work before a general one.
+//!   reserved worker is offered work before a general one;
+//! * under overload lower classes are refused first: while a class is
+//!   refused for capacity, lower classes are shed at admission and their
+//!   queued requests answered 429 at once.
 //!
-//! Workers run the engine ([`InFlight::run_chunk`]), answer each request
+//! The task runs on an OS thread of its own (unless
+//! [`SchedulerConfig::own_thread`] is off, as in tests on the paused
+//! clock), so request decoding on the server's runtime never delays a
+//! dispatch. Workers run the engine ([`InFlight::run_chunk`]), answer each request
 //! whose rows are complete through its oneshot, and report back.
 
 use std::sync::Arc;

@@ -79,9 +79,6 @@ pub(crate) struct InFlight {
 
 impl InFlight {
     /// A batch of `requests` (in row order), run `chunk` rows per call.
-    ///
-    /// # Panics
-    /// With no requests.
     pub fn new(requests: Vec<Request>, chunk: usize) -> Self {
         let rows = requests.iter().map(|r| r.rows).sum();
         let class = requests

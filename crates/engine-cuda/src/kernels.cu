@@ -19,6 +19,8 @@ __device__ __forceinline__ bf16_t f32_to_bf16(float f) {
     return (bf16_t)(u >> 16);
 }
 
+__device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
+
 __device__ __forceinline__ float sigmoid_f(float x) { return 1.0f / (1.0f + expf(-x)); }
 
 // col[(b*Tout + t), tap*Cin + ci] = x[b, t + tap - pad, ci] or 0 outside.
@@ -87,7 +89,7 @@ NAME(const float* __restrict__ gx, long gx_rs, const float* __restrict__ bias,  
     float* hs = smem;                                  /* [LSTM_ROWS][H] */                    \
     float* part = smem + LSTM_ROWS * H;                /* [KS][LSTM_ROWS][4][32] */            \
     const int b0 = blockIdx.y * LSTM_ROWS;                                                     \
-    const int nrows = min(LSTM_ROWS, B - b0);                                                  \
+    const int nrows = imin(LSTM_ROWS, B - b0);                                                  \
     const int tid = threadIdx.y * 32 + threadIdx.x;                                            \
     if (!first) {                                                                              \
         for (int idx = tid; idx < nrows * H; idx += 32 * LSTM_KS) {                            \
@@ -102,7 +104,7 @@ NAME(const float* __restrict__ gx, long gx_rs, const float* __restrict__ bias,  
         _Pragma("unroll") for (int g = 0; g < 4; ++g) acc[r][g] = 0.0f;                        \
     if (!first && j < H) {                                                                     \
         const int per = (H + LSTM_KS - 1) / LSTM_KS;                                           \
-        const int k0 = threadIdx.y * per, k1 = min(H, k0 + per);                               \
+        const int k0 = threadIdx.y * per, k1 = imin(H, k0 + per);                               \
         const long G = 4L * H;                                                                 \
         for (int k = k0; k < k1; ++k) {                                                        \
             const WT* row = R + (long)k * G + j;                                               \

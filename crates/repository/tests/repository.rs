@@ -508,3 +508,55 @@ fn a_version_toml_may_carry_static_quantisation_with_its_own_calibration() {
         "native/int8-static"
     );
 }
+
+#[test]
+fn engine_cuda_runs_the_variant_or_names_what_is_missing() {
+    let dir = repo(
+        "m",
+        &root().join("fixtures/models/variant_a/model.onnx"),
+        &format!("engine = \"cuda\"\ndevice = 0\ngpu_memory_fraction = 0.5\n{VARIANT_A}"),
+    );
+    let result = scan(&dir).unwrap()[0].load_version(1);
+    match tickserve_engine_cuda::probe(0) {
+        Ok(()) => assert_eq!(result.unwrap().engine.kind(), "cuda"),
+        Err(missing) => {
+            assert!(
+                !tickserve_engine_cuda::cuda_required(),
+                "TICKSERVE_REQUIRE_CUDA=1 but {missing}"
+            );
+            println!("SKIPPED the CUDA half of this test: {missing}");
+            let err = result.unwrap_err().to_string();
+            assert!(err.contains("CUDA engine"), "{err}");
+            assert!(err.contains(&missing.to_string()), "{err}");
+        }
+    }
+}
+
+#[test]
+fn engine_auto_without_a_gpu_uses_the_cpu_engines() {
+    if tickserve_engine_cuda::probe(0).is_ok() {
+        println!("SKIPPED engine_auto_without_a_gpu_uses_the_cpu_engines: this machine has a GPU");
+        return;
+    }
+    let dir = repo(
+        "m",
+        &root().join("fixtures/models/variant_a/model.onnx"),
+        &format!("engine = \"auto\"\n{VARIANT_A}"),
+    );
+    let loaded = scan(&dir).unwrap()[0].load_version(1).unwrap();
+    assert_eq!(loaded.engine.kind(), "native");
+}
+
+#[test]
+fn gpu_options_are_checked_and_tf32_is_refused_on_the_cpu() {
+    let err = load_error(
+        &format!("gpu_memory_fraction = 1.5\n{VARIANT_A}"),
+        "fixtures/models/variant_a/model.onnx",
+    );
+    assert!(err.contains("gpu_memory_fraction"), "{err}");
+    let err = load_error(
+        &format!("engine = \"native\"\nprecision = \"tf32\"\n{VARIANT_A}"),
+        "fixtures/models/variant_a/model.onnx",
+    );
+    assert!(err.contains("tf32"), "{err}");
+}

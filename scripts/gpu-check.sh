@@ -23,6 +23,7 @@ if [ "${1:-}" = "prepare" ]; then
     dest="${2:-.gpu}"
     set -e
     cargo build --release -p tickserve-engine-cuda --examples
+    cargo build --release -p tickserve
     mkdir -p "$dest"
     cp target/release/examples/gpu_check "$dest/gpu_check"
     strip "$dest/gpu_check" 2>/dev/null || true
@@ -30,7 +31,7 @@ if [ "${1:-}" = "prepare" ]; then
         cp target/release/tickserve "$dest/tickserve"
         strip "$dest/tickserve" 2>/dev/null || true
     fi
-    cp "$here/gpu-check.sh" "$here/gpu_torch_reference.py" "$dest/"
+    cp "$here/gpu-check.sh" "$here/gpu_torch_reference.py" "$here/gpu-server-load.sh" "$dest/"
     du -sh "$dest"
     echo "now, on the GPU machine, from the repository root: bash $dest/gpu-check.sh"
     exit 0
@@ -95,8 +96,8 @@ run_step "golden checks (tickserve CUDA engine)" 150 "$BIN" golden "$ROOT"
 run_step "throughput and latency (tickserve CUDA engine)" 150 "$BIN" bench "$ROOT" "${BENCH_SECONDS:-0.7}"
 PYTHONUNBUFFERED=1 run_step "PyTorch on the same GPU" 200 python3 "$here/gpu_torch_reference.py" "$WORK/weights" "$ROOT" "${BENCH_SECONDS:-0.7}"
 
-if [ -x "$here/tickserve" ] && [ -x "$here/server-load.sh" ]; then
-    run_step "server under load" 120 bash "$here/server-load.sh" "$here/tickserve" "$ROOT"
+if [ -x "$here/tickserve" ] && [ -f "$here/gpu-server-load.sh" ]; then
+    run_step "server under load (CPU engine, then CUDA engine)" 120 bash "$here/gpu-server-load.sh" "$here/tickserve" "$ROOT" "${LOAD_SECONDS:-8}"
 fi
 
 step "summary"
@@ -107,7 +108,7 @@ rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 print("golden (max abs error vs the fixtures' PyTorch fp32 outputs):")
 for r in rows:
     if r.get("check") == "golden":
-        eng = r.get("engine", "tickserve-cuda") + ("" if r.get("graphs", True) else " (no graphs)")
+        eng = r.get("engine", "tickserve-cuda") + (f" {r['steps']}" if "steps" in r else "") + ("" if r.get("graphs", True) else " no-graphs")
         err = r.get("max_abs", max(r.get("max_abs_full", -1), r.get("max_abs_single", -1), r.get("max_abs_parts", -1)))
         print(f"  {eng:28} {r['model']:10} {r['precision']:5} {err:.3e} {'' if r.get('pass', True) else 'FAIL'} {r.get('error') or ''}")
 print("bench (per call: pinned copy in, forward, copy out):")

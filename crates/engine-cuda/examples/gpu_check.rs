@@ -70,16 +70,45 @@ fn max_abs(a: &[f32], b: &[f32]) -> f64 {
         .fold(0.0, f64::max)
 }
 
+/// How an LSTM layer runs: a fused kernel per step, cuBLAS plus the cell
+/// kernel per step, or (up to 4 rows, else fused) one persistent kernel.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Steps {
+    Fused,
+    Persist,
+    Gemm,
+}
+
+impl Steps {
+    fn min_rows(self) -> usize {
+        match self {
+            Steps::Fused | Steps::Persist => usize::MAX,
+            Steps::Gemm => 1,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Steps::Fused => "fused",
+            Steps::Persist => "persist",
+            Steps::Gemm => "gemm",
+        }
+    }
+}
+
 fn load(
     path: &Path,
     precision: CudaPrecision,
     max_batch: usize,
     graphs: bool,
+    steps: Steps,
 ) -> Result<CudaEngine, String> {
     let options = CudaOptions {
         precision,
         max_batch_size: max_batch,
         graphs,
+        step_gemm_min_rows: steps.min_rows(),
+        persistent_max_rows: if steps == Steps::Persist { 4 } else { 0 },
         ..CudaOptions::default()
     };
     CudaEngine::load(path, &options).map_err(|e| e.to_string())
@@ -95,17 +124,23 @@ fn golden(root: &Path) -> Result<(), String> {
         let row_len = input.len() / rows;
         let width = expected.len() / rows;
         for precision in CudaPrecision::ALL {
-            for graphs in [true, false] {
+            for (graphs, steps) in [
+                (true, Steps::Fused),
+                (false, Steps::Fused),
+                (true, Steps::Gemm),
+                (true, Steps::Persist),
+            ] {
                 if !graphs && precision != CudaPrecision::Fp32 {
                     continue;
                 }
                 let started = Instant::now();
-                let engine = match load(&root.join(model), precision, 64, graphs) {
+                let engine = match load(&root.join(model), precision, 64, graphs, steps) {
                     Ok(e) => e,
                     Err(e) => {
                         failures += 1;
                         println!(
-                            "RESULT {{\"check\":\"golden\",\"model\":\"{name}\",\"precision\":\"{precision}\",\"graphs\":{graphs},\"error\":{e:?}}}"
+                            "RESULT {{\"check\":\"golden\",\"model\":\"{name}\",\"precision\":\"{precision}\",\"graphs\":{graphs},\"steps\":\"{}\",\"error\":{e:?}}}",
+                            steps.name()
                         );
                         continue;
                     }
@@ -161,7 +196,8 @@ fn golden(root: &Path) -> Result<(), String> {
                     failures += 1;
                 }
                 println!(
-                    "RESULT {{\"check\":\"golden\",\"model\":\"{name}\",\"precision\":\"{precision}\",\"graphs\":{graphs},\"rows\":{rows},\"max_abs_full\":{e_full:e},\"max_abs_single\":{e_single:e},\"max_abs_parts\":{e_parts:e},\"tolerance\":{tolerance:e},\"pass\":{pass},\"load_ms\":{load_ms:.1},\"error\":{:?}}}",
+                    "RESULT {{\"check\":\"golden\",\"model\":\"{name}\",\"precision\":\"{precision}\",\"graphs\":{graphs},\"steps\":\"{}\",\"rows\":{rows},\"max_abs_full\":{e_full:e},\"max_abs_single\":{e_single:e},\"max_abs_parts\":{e_parts:e},\"tolerance\":{tolerance:e},\"pass\":{pass},\"load_ms\":{load_ms:.1},\"error\":{:?}}}",
+                    steps.name(),
                     run.err().unwrap_or_default()
                 );
                 if !pass {
@@ -185,12 +221,16 @@ fn bench(root: &Path, seconds: f64) -> Result<(), String> {
     let (_, golden) = read_npy(&root.join("fixtures/golden/cnn_lstm/input.npy"))?;
     let row_len = 50 * 60;
     let budget = Duration::from_secs_f64(seconds);
-    for precision in CudaPrecision::ALL {
+    for (precision, steps) in CudaPrecision::ALL
+        .into_iter()
+        .flat_map(|p| [(p, Steps::Fused), (p, Steps::Gemm), (p, Steps::Persist)])
+    {
         let engine = load(
             &root.join("models/cnn_lstm/1/model.onnx"),
             precision,
             1024,
             true,
+            steps,
         )?;
         for batch in [1usize, 32, 256, 1024] {
             let input: Vec<f32> = (0..batch * row_len)
@@ -218,7 +258,8 @@ fn bench(root: &Path, seconds: f64) -> Result<(), String> {
             let p = |q: f64| times[((times.len() - 1) as f64 * q) as usize];
             let median = p(0.5);
             println!(
-                "RESULT {{\"check\":\"bench\",\"engine\":\"tickserve-cuda\",\"precision\":\"{precision}\",\"batch\":{batch},\"calls\":{},\"p50_ms\":{median:.4},\"p99_ms\":{:.4},\"samples_per_s\":{:.0}}}",
+                "RESULT {{\"check\":\"bench\",\"engine\":\"tickserve-cuda-{}\",\"precision\":\"{precision}\",\"batch\":{batch},\"calls\":{},\"p50_ms\":{median:.4},\"p99_ms\":{:.4},\"samples_per_s\":{:.0}}}",
+                steps.name(),
                 times.len(),
                 p(0.99),
                 batch as f64 / median * 1e3

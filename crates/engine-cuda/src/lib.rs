@@ -92,7 +92,22 @@ pub struct CudaOptions {
     /// Capture a CUDA graph per batch bucket at load (else every call
     /// launches its kernels one by one).
     pub graphs: bool,
+    /// From this many rows, an LSTM time step is a cuBLAS GEMM plus the
+    /// cell kernel instead of the fused step kernel
+    /// ([`DEFAULT_STEP_GEMM_MIN_ROWS`]; `usize::MAX`: never).
+    pub step_gemm_min_rows: usize,
+    /// Batches up to this many rows (at most 4) run each LSTM layer as one
+    /// persistent kernel (every time step in one launch); 0: never.
+    pub persistent_max_rows: usize,
 }
+
+/// Batch size from which a time step's recurrent product goes to cuBLAS
+/// (tensor cores at tf32 and bf16) instead of the fused step kernel.
+pub const DEFAULT_STEP_GEMM_MIN_ROWS: usize = 128;
+
+/// Batches up to this many rows run each LSTM layer as one persistent
+/// kernel.
+pub const DEFAULT_PERSISTENT_MAX_ROWS: usize = 4;
 
 impl Default for CudaOptions {
     fn default() -> Self {
@@ -103,6 +118,8 @@ impl Default for CudaOptions {
             workers: 1,
             gpu_memory_fraction: DEFAULT_GPU_MEMORY_FRACTION,
             graphs: true,
+            step_gemm_min_rows: DEFAULT_STEP_GEMM_MIN_ROWS,
+            persistent_max_rows: DEFAULT_PERSISTENT_MAX_ROWS,
         }
     }
 }
@@ -142,8 +159,14 @@ impl CudaEngine {
     pub fn from_native(native: &NativeEngine, options: &CudaOptions) -> Result<Self, EngineError> {
         let weights = native.weights()?;
         plan::check_supported(&weights).map_err(EngineError::Unsupported)?;
-        let device = Device::new(options.device, &weights, options.precision)
-            .map_err(EngineError::Execution)?;
+        let device = Device::new(
+            options.device,
+            &weights,
+            options.precision,
+            options.step_gemm_min_rows.max(1),
+            options.persistent_max_rows,
+        )
+        .map_err(EngineError::Execution)?;
         let (free, total) = device.memory().map_err(EngineError::Execution)?;
         let buffers = BufferPlan::new(&weights);
         let workers = options.workers.max(1);

@@ -62,7 +62,8 @@ impl BufferPlan {
                 SeqWeights::Lstm { input, hidden, .. } => {
                     gates = gates.max(time * 4 * hidden);
                     state = state.max(*hidden);
-                    low = low.max(time * input);
+                    // The projection's bf16 input, then each step's bf16 h.
+                    low = low.max(time * input).max(*hidden);
                     channels = *hidden;
                 }
             }

@@ -32,9 +32,11 @@ impl fmt::Display for Missing {
     }
 }
 
-/// The libraries the engine opens, in the order they are checked, each
-/// with a probe that only tries to open it.
-fn libraries() -> [(&'static str, unsafe fn() -> bool); 3] {
+/// A library's name and a probe that only tries to open it.
+type Library = (&'static str, unsafe fn() -> bool);
+
+/// The libraries the engine opens, in the order they are checked.
+fn libraries() -> [Library; 3] {
     [
         ("libcuda.so", cudarc::driver::sys::is_culib_present),
         ("libcublas.so", cudarc::cublas::sys::is_culib_present),
@@ -57,7 +59,7 @@ fn device_count() -> Result<usize, String> {
 
 fn check(
     device: usize,
-    libraries: &[(&'static str, unsafe fn() -> bool)],
+    libraries: &[Library],
     count: impl FnOnce() -> Result<usize, String>,
 ) -> Result<(), Missing> {
     for (index, (name, present)) in libraries.iter().enumerate() {
@@ -94,8 +96,7 @@ mod tests {
 
     #[test]
     fn a_missing_driver_is_named_first() {
-        let libs: [(&'static str, unsafe fn() -> bool); 2] =
-            [("libcuda.so", no), ("libcublas.so", no)];
+        let libs: [Library; 2] = [("libcuda.so", no), ("libcublas.so", no)];
         let err = check(0, &libs, || Ok(1)).unwrap_err();
         assert_eq!(err, Missing::Driver);
         assert!(err.to_string().contains("driver"));
@@ -103,7 +104,7 @@ mod tests {
 
     #[test]
     fn a_missing_library_is_named() {
-        let libs: [(&'static str, unsafe fn() -> bool); 3] = [
+        let libs: [Library; 3] = [
             ("libcuda.so", yes),
             ("libcublas.so", yes),
             ("libnvrtc.so", no),
@@ -115,7 +116,7 @@ mod tests {
 
     #[test]
     fn a_missing_device_is_named() {
-        let libs: [(&'static str, unsafe fn() -> bool); 1] = [("libcuda.so", yes)];
+        let libs: [Library; 1] = [("libcuda.so", yes)];
         assert!(matches!(check(0, &libs, || Ok(0)), Err(Missing::Device(_))));
         let err = check(2, &libs, || Ok(1)).unwrap_err();
         assert!(err.to_string().contains("device 2"), "{err}");

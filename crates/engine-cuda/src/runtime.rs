@@ -24,9 +24,16 @@ use crate::CudaPrecision;
 use crate::plan::{BufferPlan, CUBLAS_WORKSPACE_BYTES, Layout};
 
 const KERNELS: &str = include_str!("kernels.cu");
-/// Rows one block of the LSTM step kernel runs (`LSTM_ROWS` in kernels.cu).
-const LSTM_ROWS: u32 = 8;
-const LSTM_KS: u32 = 4;
+/// The fused step kernel's two shapes (kernels.cu): rows per block and
+/// reduction slices (warps) per block.
+const WIDE: (u32, u32) = (8, 4);
+const NARROW: (u32, u32) = (2, 8);
+/// Batches up to this many rows use the narrow step kernel.
+const NARROW_MAX_ROWS: usize = 8;
+/// Most rows the one-block persistent layer kernel runs (`PERSIST_ROWS`).
+pub(crate) const PERSIST_ROWS: usize = 4;
+/// Shared memory a kernel may use without opting in.
+const SHARED_LIMIT: usize = 48 << 10;
 
 /// A failure on the device, as text for `EngineError`.
 pub(crate) type DevResult<T> = Result<T, String>;
@@ -42,8 +49,13 @@ struct Kernels {
     bias_act: CudaFunction,
     to_bf16: CudaFunction,
     last_step: CudaFunction,
-    lstm_f32: CudaFunction,
-    lstm_bf16: CudaFunction,
+    lstm_f32_wide: CudaFunction,
+    lstm_bf16_wide: CudaFunction,
+    lstm_f32_narrow: CudaFunction,
+    lstm_bf16_narrow: CudaFunction,
+    lstm_cell: CudaFunction,
+    persist_f32: CudaFunction,
+    persist_bf16: CudaFunction,
 }
 
 /// A weight matrix on the device: fp32 always, bf16 when the layer runs in
@@ -99,6 +111,13 @@ pub(crate) struct Device {
     precision: CudaPrecision,
     plan: BufferPlan,
     name: String,
+    /// From this many rows, a time step is a cuBLAS GEMM (the recurrent
+    /// product, on tensor cores at tf32/bf16) and the cell kernel, instead
+    /// of the fused step kernel.
+    step_gemm_min_rows: usize,
+    /// Batches up to this many rows (at most [`PERSIST_ROWS`]) run each
+    /// LSTM layer as one persistent kernel; 0: never.
+    persist_max_rows: usize,
 }
 
 /// Host-side weight arena under construction (256-byte aligned pieces).
@@ -148,6 +167,8 @@ impl Device {
         ordinal: usize,
         model: &ModelWeights,
         precision: CudaPrecision,
+        step_gemm_min_rows: usize,
+        persist_max_rows: usize,
     ) -> DevResult<Device> {
         let ctx = CudaContext::new(ordinal).map_err(err("cannot open the CUDA device"))?;
         // Each worker's buffers are used on its own stream only.
@@ -304,6 +325,8 @@ impl Device {
             precision,
             plan: BufferPlan::new(model),
             name,
+            step_gemm_min_rows,
+            persist_max_rows: persist_max_rows.min(PERSIST_ROWS),
         })
     }
 
@@ -522,20 +545,71 @@ impl Device {
                     let gates = buf(l.gates);
                     self.gemm(w, rows * time, 4 * h, *input, src, *wm, gates, buf(l.low))?;
                     let last_only = index == last;
-                    let (func, rptr) = match r.bf16 {
-                        Some(p) => (&self.kernels.lstm_bf16, p),
-                        None => (&self.kernels.lstm_f32, r.f32),
+                    if let Some(cfg) = self.persist_config(rows, h) {
+                        let (func, rptr) = match r.bf16 {
+                            Some(p) => (&self.kernels.persist_bf16, p),
+                            None => (&self.kernels.persist_f32, r.f32),
+                        };
+                        let (y, y_rs) = if last_only {
+                            (0u64, 0i64)
+                        } else {
+                            (dst, (time * h) as i64)
+                        };
+                        let hlast = buf(l.h[0]);
+                        let gx_rs = (time * 4 * h) as i64;
+                        let (bi, hi, ti) = (rows as i32, h as i32, time as i32);
+                        let slices = persist_slices(h) as i32;
+                        let mut b = w.stream.launch_builder(func);
+                        b.arg(&gates)
+                            .arg(&gx_rs)
+                            .arg(bias)
+                            .arg(&rptr)
+                            .arg(&y)
+                            .arg(&y_rs)
+                            .arg(&hlast)
+                            .arg(&bi)
+                            .arg(&hi)
+                            .arg(&ti)
+                            .arg(&slices);
+                        unsafe { b.launch(cfg) }.map_err(err("persistent LSTM launch"))?;
+                        channels = h;
+                        if last_only {
+                            vec_ptr = Some(hlast);
+                            time = 1;
+                        }
+                        src = dst;
+                        continue;
+                    }
+                    let step_gemm = rows >= self.step_gemm_min_rows;
+                    let (rows_per_block, slices) = if rows <= NARROW_MAX_ROWS {
+                        NARROW
+                    } else {
+                        WIDE
+                    };
+                    let (func, rptr) = match (r.bf16, rows <= NARROW_MAX_ROWS) {
+                        (Some(p), true) => (&self.kernels.lstm_bf16_narrow, p),
+                        (Some(p), false) => (&self.kernels.lstm_bf16_wide, p),
+                        (None, true) => (&self.kernels.lstm_f32_narrow, r.f32),
+                        (None, false) => (&self.kernels.lstm_f32_wide, r.f32),
                     };
                     let cfg = LaunchConfig {
                         grid_dim: (
                             (h as u32).div_ceil(32),
-                            (rows as u32).div_ceil(LSTM_ROWS),
+                            (rows as u32).div_ceil(rows_per_block),
                             1,
                         ),
-                        block_dim: (32, LSTM_KS, 1),
-                        shared_mem_bytes: 4 * (LSTM_ROWS * h as u32 + LSTM_KS * LSTM_ROWS * 128),
+                        block_dim: (32, slices, 1),
+                        shared_mem_bytes: 4
+                            * (rows_per_block * h as u32 + slices * rows_per_block * 128),
                     };
                     let c = buf(l.c);
+                    // The bf16 copy of h for the next step's bf16 GEMM
+                    // (the `low` buffer is free once the projection ran).
+                    let hlow = if step_gemm && r.bf16.is_some() {
+                        buf(l.low)
+                    } else {
+                        0u64
+                    };
                     let (bi, hi) = (rows as i32, h as i32);
                     let gx_rs = (time * 4 * h) as i64;
                     for t in 0..time {
@@ -552,6 +626,40 @@ impl Device {
                         };
                         let gx = gates + (4 * t * 4 * h) as u64;
                         let first = i32::from(t == 0);
+                        if step_gemm {
+                            if t > 0 {
+                                // gx_t += h_prev · R
+                                let (a, lda, ty) = match r.bf16 {
+                                    Some(_) => (hlow, h, blas::cudaDataType::CUDA_R_16BF),
+                                    None => (hp, hp_rs as usize, blas::cudaDataType::CUDA_R_32F),
+                                };
+                                self.gemm_raw(
+                                    w,
+                                    rows,
+                                    4 * h,
+                                    h,
+                                    (a, lda),
+                                    (rptr, 4 * h),
+                                    ty,
+                                    (gx, gx_rs as usize),
+                                    1.0,
+                                )?;
+                            }
+                            let mut b = w.stream.launch_builder(&self.kernels.lstm_cell);
+                            b.arg(&gx)
+                                .arg(&gx_rs)
+                                .arg(bias)
+                                .arg(&c)
+                                .arg(&hn)
+                                .arg(&hn_rs)
+                                .arg(&hlow)
+                                .arg(&bi)
+                                .arg(&hi)
+                                .arg(&first);
+                            unsafe { b.launch(elementwise(rows * h)) }
+                                .map_err(err("LSTM cell launch"))?;
+                            continue;
+                        }
                         let mut b = w.stream.launch_builder(func);
                         b.arg(&gx)
                             .arg(&gx_rs)
@@ -625,6 +733,20 @@ impl Device {
         Ok(())
     }
 
+    /// The persistent layer kernel's launch for `rows` rows of hidden size
+    /// `h`, when it applies.
+    fn persist_config(&self, rows: usize, h: usize) -> Option<LaunchConfig> {
+        let slices = persist_slices(h);
+        let shared = 4 * (2 * PERSIST_ROWS * h + slices * rows * 4 * h);
+        (rows <= self.persist_max_rows && 4 * h <= 1024 && shared <= SHARED_LIMIT).then_some(
+            LaunchConfig {
+                grid_dim: (1, 1, 1),
+                block_dim: (1024, 1, 1),
+                shared_mem_bytes: shared as u32,
+            },
+        )
+    }
+
     fn bias_act(
         &self,
         w: &Worker,
@@ -655,31 +777,42 @@ impl Device {
         c: u64,
         low: u64,
     ) -> DevResult<()> {
-        let (a_ptr, b_ptr, ty, compute) = match b.bf16 {
+        let (a_ptr, b_ptr, ty) = match b.bf16 {
             Some(b16) => {
                 let mut l = w.stream.launch_builder(&self.kernels.to_bf16);
                 let count = (m * k) as i64;
                 l.arg(&a).arg(&low).arg(&count);
                 unsafe { l.launch(elementwise(m * k)) }.map_err(err("bf16 conversion launch"))?;
-                (
-                    low,
-                    b16,
-                    blas::cudaDataType::CUDA_R_16BF,
-                    blas::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                )
+                (low, b16, blas::cudaDataType::CUDA_R_16BF)
             }
-            None => (
-                a,
-                b.f32,
-                blas::cudaDataType::CUDA_R_32F,
-                if self.precision == CudaPrecision::Tf32 {
-                    blas::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32
-                } else {
-                    blas::cublasComputeType_t::CUBLAS_COMPUTE_32F
-                },
-            ),
+            None => (a, b.f32, blas::cudaDataType::CUDA_R_32F),
         };
-        let (alpha, beta) = (1.0f32, 0.0f32);
+        self.gemm_raw(w, m, n, k, (a_ptr, k), (b_ptr, n), ty, (c, n), 0.0)
+    }
+
+    /// Row-major `c[m, n] = a[m, k] · b[k, n] + beta · c` with leading
+    /// dimensions (`(pointer, row stride)` each); `a` and `b` of type `ty`,
+    /// `c` fp32; fp32 inputs use TF32 tensor cores at tf32.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_raw(
+        &self,
+        w: &Worker,
+        m: usize,
+        n: usize,
+        k: usize,
+        (a, lda): (u64, usize),
+        (b, ldb): (u64, usize),
+        ty: blas::cudaDataType,
+        (c, ldc): (u64, usize),
+        beta: f32,
+    ) -> DevResult<()> {
+        let compute =
+            if ty == blas::cudaDataType::CUDA_R_32F && self.precision == CudaPrecision::Tf32 {
+                blas::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32
+            } else {
+                blas::cublasComputeType_t::CUBLAS_COMPUTE_32F
+            };
+        let alpha = 1.0f32;
         // Column-major cuBLAS sees the row-major product transposed:
         // cᵀ[n, m] = bᵀ[n, k] · aᵀ[k, m].
         unsafe {
@@ -691,16 +824,16 @@ impl Device {
                 m as i32,
                 k as i32,
                 &alpha as *const f32 as *const c_void,
-                b_ptr as *const c_void,
+                b as *const c_void,
                 ty,
-                n as i32,
-                a_ptr as *const c_void,
+                ldb as i32,
+                a as *const c_void,
                 ty,
-                k as i32,
+                lda as i32,
                 &beta as *const f32 as *const c_void,
                 c as *mut c_void,
                 blas::cudaDataType::CUDA_R_32F,
-                n as i32,
+                ldc as i32,
                 compute,
                 blas::cublasGemmAlgo_t::CUBLAS_GEMM_DFALT,
             )
@@ -725,6 +858,12 @@ enum PendingLayer {
     },
 }
 
+/// Reduction slices of the persistent kernel: as many as 1024 threads
+/// hold for the `4h` gate columns, at most one per k.
+fn persist_slices(h: usize) -> usize {
+    (1024 / (4 * h).max(1)).clamp(1, h.max(1))
+}
+
 fn elementwise(n: usize) -> LaunchConfig {
     let blocks = n.div_ceil(256).clamp(1, 65_536) as u32;
     LaunchConfig {
@@ -743,7 +882,6 @@ fn compile(ctx: &Arc<CudaContext>, major: i32, minor: i32) -> DevResult<Kernels>
     let prog = nvrtc::create_program(&src, Some(&name)).map_err(err("NVRTC create"))?;
     let options = [
         format!("--gpu-architecture=sm_{major}{minor}"),
-        format!("-DLSTM_ROWS={LSTM_ROWS}"),
         "--std=c++17".to_string(),
     ];
     let compiled = unsafe { nvrtc::compile_program(prog, &options) };
@@ -787,8 +925,13 @@ fn compile(ctx: &Arc<CudaContext>, major: i32, minor: i32) -> DevResult<Kernels>
         bias_act: f("bias_act")?,
         to_bf16: f("to_bf16")?,
         last_step: f("last_step")?,
-        lstm_f32: f("lstm_step_f32")?,
-        lstm_bf16: f("lstm_step_bf16")?,
+        lstm_f32_wide: f("lstm_step_f32_wide")?,
+        lstm_bf16_wide: f("lstm_step_bf16_wide")?,
+        lstm_f32_narrow: f("lstm_step_f32_narrow")?,
+        lstm_bf16_narrow: f("lstm_step_bf16_narrow")?,
+        lstm_cell: f("lstm_cell")?,
+        persist_f32: f("lstm_layer_persist_f32")?,
+        persist_bf16: f("lstm_layer_persist_bf16")?,
     })
 }
 

@@ -800,7 +800,7 @@ impl ModelEntry {
             max_batch_size: self.config.max_batch_size,
             workers: self.config.instances,
             gpu_memory_fraction: self.config.gpu_memory_fraction,
-            graphs: true,
+            ..CudaOptions::default()
         };
         Ok(Arc::new(CudaEngine::load(path, &options)?))
     }

@@ -22,9 +22,20 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 if [ "${1:-}" = "prepare" ]; then
     dest="${2:-.gpu}"
     set -e
+    mkdir -p "$dest"
     cargo build --release -p tickserve-engine-cuda --examples
     cargo build --release -p tickserve
-    mkdir -p "$dest"
+    # The GPU tests, run there with TICKSERVE_REQUIRE_CUDA=1 (they find the
+    # fixtures through the path they were built at; see below).
+    cargo test --release --no-run -p tickserve-engine-cuda --test gpu \
+        -p tickserve-repository --test repository --message-format=json 2>/dev/null |
+        python3 -c 'import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
+        print(m["target"]["name"], m["executable"])' |
+        while read -r name exe; do cp "$exe" "$dest/test-$name"; strip "$dest/test-$name" 2>/dev/null || true; done
+    pwd > "$dest/built-at"
     cp target/release/examples/gpu_check "$dest/gpu_check"
     strip "$dest/gpu_check" 2>/dev/null || true
     if [ -x target/release/tickserve ]; then
@@ -95,6 +106,15 @@ run_step "weights for PyTorch" 30 "$BIN" weights "$ROOT" "$WORK/weights"
 run_step "golden checks (tickserve CUDA engine)" 150 "$BIN" golden "$ROOT"
 run_step "throughput and latency (tickserve CUDA engine)" 150 "$BIN" bench "$ROOT" "${BENCH_SECONDS:-0.7}"
 PYTHONUNBUFFERED=1 run_step "PyTorch on the same GPU" 200 python3 "$here/gpu_torch_reference.py" "$WORK/weights" "$ROOT" "${BENCH_SECONDS:-0.7}"
+
+# The GPU tests look for the fixtures where they were built: make that
+# path lead to this checkout.
+if [ -f "$here/built-at" ] && [ ! -e "$(cat "$here/built-at")" ]; then
+    mkdir -p "$(dirname "$(cat "$here/built-at")")" && ln -s "$(pwd)" "$(cat "$here/built-at")"
+fi
+for t in "$here"/test-*; do
+    [ -x "$t" ] && TICKSERVE_REQUIRE_CUDA=1 TICKSERVE_REPO_ROOT="$(pwd)" run_step "$(basename "$t") with TICKSERVE_REQUIRE_CUDA=1" 120 "$t" --nocapture --test-threads 1
+done
 
 if [ -x "$here/tickserve" ] && [ -f "$here/gpu-server-load.sh" ]; then
     run_step "server under load (CPU engine, then CUDA engine)" 120 bash "$here/gpu-server-load.sh" "$here/tickserve" "$ROOT" "${LOAD_SECONDS:-8}"

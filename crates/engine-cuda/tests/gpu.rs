@@ -6,8 +6,12 @@ use std::path::{Path, PathBuf};
 use tickserve_engine::{Batch, Engine};
 use tickserve_engine_cuda::{CudaEngine, CudaOptions, CudaPrecision, cuda_required, probe};
 
+/// The repository root: `TICKSERVE_REPO_ROOT` when set (a test binary
+/// carried to a GPU machine), else where this crate was built.
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+    std::env::var_os("TICKSERVE_REPO_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."))
 }
 
 /// `false` (after printing why) when the test must be skipped.

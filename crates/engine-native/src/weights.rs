@@ -124,3 +124,70 @@ pub(crate) fn export(plan: &Plan) -> Result<ModelWeights, String> {
         output_width: plan.output_width,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use crate::NativeEngine;
+
+    use super::*;
+
+    fn load(relative: &str) -> NativeEngine {
+        NativeEngine::load(
+            &Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../..")
+                .join(relative),
+        )
+        .expect("fixture model")
+    }
+
+    #[test]
+    fn the_reference_model_exports_its_layers_and_shapes() {
+        let w = load("models/cnn_lstm/1/model.onnx").weights().unwrap();
+        assert_eq!((w.time_steps, w.features, w.output_width), (50, 60, 3));
+        assert_eq!(w.seq.len(), 4);
+        assert_eq!(w.seq_time_steps(), 50);
+        match &w.seq[0] {
+            SeqWeights::Conv {
+                in_channels,
+                out_channels,
+                kernel,
+                taps,
+                bias,
+                ..
+            } => {
+                assert_eq!((*in_channels, *out_channels, *kernel), (60, 64, 3));
+                assert_eq!(taps.len(), 3 * 60 * 64);
+                assert_eq!(bias.len(), 64);
+            }
+            other => panic!("expected a convolution, got {other:?}"),
+        }
+        match &w.seq[3] {
+            SeqWeights::Lstm {
+                input,
+                hidden,
+                w_t,
+                r_t,
+                bias,
+            } => {
+                assert_eq!((*input, *hidden), (128, 128));
+                assert_eq!(
+                    (w_t.len(), r_t.len(), bias.len()),
+                    (128 * 512, 128 * 512, 512)
+                );
+            }
+            other => panic!("expected an LSTM, got {other:?}"),
+        }
+        assert_eq!(w.head.len(), 2);
+        assert!(w.head[0].relu && !w.head[1].relu);
+    }
+
+    #[test]
+    fn a_qdq_model_has_no_plain_weights() {
+        let err = load("fixtures/models/cnn_lstm_qdq/model.onnx")
+            .weights()
+            .unwrap_err();
+        assert!(err.to_string().contains("QDQ"), "{err}");
+    }
+}

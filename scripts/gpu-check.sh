@@ -131,6 +131,9 @@ for r in rows:
         eng = r.get("engine", "tickserve-cuda") + (f" {r['steps']}" if "steps" in r else "") + ("" if r.get("graphs", True) else " no-graphs")
         err = r.get("max_abs", max(r.get("max_abs_full", -1), r.get("max_abs_single", -1), r.get("max_abs_parts", -1)))
         print(f"  {eng:28} {r['model']:10} {r['precision']:5} {err:.3e} {'' if r.get('pass', True) else 'FAIL'} {r.get('error') or ''}")
+for r in rows:
+    if r.get("check") == "threads":
+        print(f"  tickserve-cuda from {r['threads']} threads, {r['workers']} workers: {r.get('max_abs', r.get('error'))} {'' if r['pass'] else 'FAIL'}")
 print("bench (per call: pinned copy in, forward, copy out):")
 print(f"  {'engine':22} {'prec':5} {'batch':>6} {'p50 ms':>9} {'p99 ms':>9} {'samples/s':>12}")
 for r in rows:

@@ -210,10 +210,60 @@ fn golden(root: &Path) -> Result<(), String> {
             }
         }
     }
+    failures += usize::from(!from_threads(root)?);
     if failures > 0 {
         return Err(format!("{failures} golden checks failed"));
     }
     Ok(())
+}
+
+/// The reference model called from four threads at once through two
+/// workers, as the scheduler's instances call it (the engine is loaded on
+/// this thread; calls bind the context on theirs). Returns whether every
+/// row matched the fixtures within 1e-4.
+fn from_threads(root: &Path) -> Result<bool, String> {
+    let folder = root.join("fixtures/golden/cnn_lstm");
+    let (shape, input) = read_npy(&folder.join("input.npy"))?;
+    let (_, expected) = read_npy(&folder.join("output.npy"))?;
+    let rows = shape[0] as usize;
+    let (row_len, width) = (input.len() / rows, expected.len() / rows);
+    let options = CudaOptions {
+        max_batch_size: 64,
+        workers: 2,
+        ..CudaOptions::default()
+    };
+    let engine = CudaEngine::load(&root.join("models/cnn_lstm/1/model.onnx"), &options)
+        .map_err(|e| e.to_string())?;
+    let worst = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..4)
+            .map(|t| {
+                let (engine, input, expected) = (&engine, &input, &expected);
+                scope.spawn(move || -> Result<f64, String> {
+                    let mut worst = 0.0f64;
+                    for r in (t..rows).step_by(4) {
+                        let mut out = vec![0.0f32; width];
+                        engine
+                            .infer_into(1, &input[r * row_len..(r + 1) * row_len], &mut out)
+                            .map_err(|e| e.to_string())?;
+                        worst = worst.max(max_abs(&out, &expected[r * width..(r + 1) * width]));
+                    }
+                    Ok(worst)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().map_err(|_| "a thread panicked".to_string())?)
+            .try_fold(0.0f64, |acc, w| w.map(|w| acc.max(w)))
+    });
+    let (pass, detail) = match &worst {
+        Ok(w) => (*w <= 1e-4, format!("\"max_abs\":{w:e}")),
+        Err(e) => (false, format!("\"error\":{e:?}")),
+    };
+    println!(
+        "RESULT {{\"check\":\"threads\",\"model\":\"cnn_lstm\",\"precision\":\"fp32\",\"threads\":4,\"workers\":2,{detail},\"pass\":{pass}}}"
+    );
+    Ok(pass)
 }
 
 fn bench(root: &Path, seconds: f64) -> Result<(), String> {

@@ -347,6 +347,9 @@ impl Device {
 
     /// A worker with buffers for `max_rows` rows.
     pub(crate) fn worker(&self, max_rows: usize) -> DevResult<Worker> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(err("cannot bind the CUDA context"))?;
         let stream = self
             .ctx
             .new_stream()
@@ -406,6 +409,11 @@ impl Device {
         input: &[f32],
         output: &mut [f32],
     ) -> DevResult<()> {
+        // The scheduler calls from its own threads: the raw driver and
+        // cuBLAS calls below need the context current on this one.
+        self.ctx
+            .bind_to_thread()
+            .map_err(err("cannot bind the CUDA context"))?;
         let cu = worker.stream.cu_stream();
         {
             let pin = worker.pin_in.as_mut_slice().map_err(err("pinned input"))?;
@@ -451,6 +459,9 @@ impl Device {
     /// Runs once eagerly at every bucket size (loading cuBLAS's kernels),
     /// then captures one CUDA graph per bucket.
     pub(crate) fn capture(&self, worker: &mut Worker, buckets: &[usize]) -> DevResult<()> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(err("cannot bind the CUDA context"))?;
         for &rows in buckets {
             self.enqueue(worker, rows)?;
             worker.stream.synchronize().map_err(err("warm-up failed"))?;

@@ -680,10 +680,19 @@ impl Batcher {
             latencies.sort_unstable();
             latencies[(latencies.len() * 99).div_ceil(100).saturating_sub(1)]
         });
+        // Memory: the host's, or a GPU's when fuller (the engine's batches
+        // live there on a GPU).
+        let memory = self
+            .monitor
+            .as_ref()
+            .and_then(|m| match (m.memory(), m.gpu_memory()) {
+                (Some(host), Some(gpu)) => Some(host.max(gpu)),
+                (host, gpu) => host.or(gpu),
+            });
         let seen = Observation {
             cpu: self.monitor.as_ref().and_then(|m| m.cpu()),
-            gpu: None,
-            memory: self.monitor.as_ref().and_then(|m| m.memory()),
+            gpu: self.monitor.as_ref().and_then(|m| m.gpu()),
+            memory,
             p99_highest,
         };
         let (next, why) =

@@ -1,10 +1,13 @@
-//! The resource monitor: CPU and memory utilisation of the machine, sampled
-//! once a second on a background thread (sysinfo reads /proc, which must
-//! not run on the async runtime) and read lock-free by the adaptive
-//! controller. One monitor per process, shared by every model.
+//! The resource monitor: CPU and memory utilisation of the machine, and of
+//! its NVIDIA GPUs when NVML is there, sampled once a second on a
+//! background thread (sysinfo reads /proc and NVML calls the driver, which
+//! must not run on the async runtime) and read lock-free by the adaptive
+//! controller and the SLA view. One monitor per process, shared by every
+//! model.
 //!
-//! GPU utilisation (NVML) is not sampled yet: tickserve's engine is CPU
-//! only, so `gpu` stays `None`.
+//! NVML (`libnvidia-ml.so`, part of the NVIDIA driver) is loaded at run
+//! time by `nvml-wrapper`: without it the GPU gauges are absent, the GPU
+//! readings stay `None`, and the log says why once.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -18,6 +21,9 @@ use tickserve_telemetry as telemetry;
 pub struct ResourceMonitor {
     cpu: AtomicU64,
     memory: AtomicU64,
+    /// The busiest GPU's utilisation, and the fullest GPU's memory use.
+    gpu: AtomicU64,
+    gpu_memory: AtomicU64,
 }
 
 const INTERVAL: Duration = Duration::from_secs(1);
@@ -31,6 +37,8 @@ impl ResourceMonitor {
             let monitor = Arc::new(ResourceMonitor {
                 cpu: AtomicU64::new(f64::NAN.to_bits()),
                 memory: AtomicU64::new(f64::NAN.to_bits()),
+                gpu: AtomicU64::new(f64::NAN.to_bits()),
+                gpu_memory: AtomicU64::new(f64::NAN.to_bits()),
             });
             let sampler = Arc::clone(&monitor);
             let started = std::thread::Builder::new()
@@ -52,6 +60,16 @@ impl ResourceMonitor {
         );
         let cpu_gauge = gauge!(telemetry::CPU_UTILISATION);
         let memory_gauge = gauge!(telemetry::MEMORY_UTILISATION);
+        let gpus = match GpuSampler::open() {
+            Ok(gpus) => {
+                tracing::info!(gpus = gpus.count(), "GPU telemetry through NVML");
+                Some(gpus)
+            }
+            Err(reason) => {
+                tracing::info!(%reason, "no GPU telemetry");
+                None
+            }
+        };
         loop {
             // CPU usage is a difference between two refreshes.
             std::thread::sleep(INTERVAL.max(sysinfo::MINIMUM_CPU_UPDATE_INTERVAL));
@@ -68,6 +86,13 @@ impl ResourceMonitor {
             self.memory.store(memory.to_bits(), Ordering::Relaxed);
             cpu_gauge.set(cpu);
             memory_gauge.set(memory);
+            if let Some(gpus) = &gpus {
+                let (utilisation, memory) = gpus.sample();
+                self.gpu
+                    .store(utilisation.unwrap_or(f64::NAN).to_bits(), Ordering::Relaxed);
+                self.gpu_memory
+                    .store(memory.unwrap_or(f64::NAN).to_bits(), Ordering::Relaxed);
+            }
         }
     }
 
@@ -84,5 +109,106 @@ impl ResourceMonitor {
     /// Memory in use, percent of total.
     pub fn memory(&self) -> Option<f64> {
         Self::read(&self.memory)
+    }
+
+    /// Utilisation of the busiest GPU, percent; `None` without NVML.
+    pub fn gpu(&self) -> Option<f64> {
+        Self::read(&self.gpu)
+    }
+
+    /// Memory in use on the fullest GPU, percent of its total.
+    pub fn gpu_memory(&self) -> Option<f64> {
+        Self::read(&self.gpu_memory)
+    }
+}
+
+/// The machine's GPUs through NVML, and their gauges.
+struct GpuSampler {
+    nvml: nvml_wrapper::Nvml,
+    devices: Vec<GpuGauges>,
+}
+
+struct GpuGauges {
+    index: u32,
+    utilisation: metrics::Gauge,
+    memory_used: metrics::Gauge,
+    memory_total: metrics::Gauge,
+}
+
+impl GpuSampler {
+    /// NVML and its devices, or why there is no GPU telemetry.
+    fn open() -> Result<GpuSampler, String> {
+        let nvml = nvml_wrapper::Nvml::init()
+            .map_err(|e| format!("NVML (libnvidia-ml.so, the NVIDIA driver) unavailable: {e}"))?;
+        let count = nvml
+            .device_count()
+            .map_err(|e| format!("NVML cannot count devices: {e}"))?;
+        if count == 0 {
+            return Err("NVML reports no GPU".into());
+        }
+        let devices = (0..count)
+            .map(|index| {
+                let id = index.to_string();
+                GpuGauges {
+                    index,
+                    utilisation: gauge!(telemetry::GPU_UTILISATION, "gpu_id" => id.clone()),
+                    memory_used: gauge!(telemetry::GPU_MEMORY_USED, "gpu_id" => id.clone()),
+                    memory_total: gauge!(telemetry::GPU_MEMORY_TOTAL, "gpu_id" => id),
+                }
+            })
+            .collect();
+        Ok(GpuSampler { nvml, devices })
+    }
+
+    fn count(&self) -> usize {
+        self.devices.len()
+    }
+
+    /// Sets every GPU's gauges; returns the highest utilisation and the
+    /// highest memory use, percent.
+    fn sample(&self) -> (Option<f64>, Option<f64>) {
+        let (mut utilisation, mut memory) = (None::<f64>, None::<f64>);
+        for gauges in &self.devices {
+            let Ok(device) = self.nvml.device_by_index(gauges.index) else {
+                continue;
+            };
+            if let Ok(rates) = device.utilization_rates() {
+                let percent = f64::from(rates.gpu);
+                gauges.utilisation.set(percent);
+                utilisation = Some(utilisation.map_or(percent, |u| u.max(percent)));
+            }
+            if let Ok(info) = device.memory_info() {
+                gauges.memory_used.set(info.used as f64);
+                gauges.memory_total.set(info.total as f64);
+                if info.total > 0 {
+                    let percent = info.used as f64 * 100.0 / info.total as f64;
+                    memory = Some(memory.map_or(percent, |m| m.max(percent)));
+                }
+            }
+        }
+        (utilisation, memory)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Without NVML (no NVIDIA driver) there is no sampler, and the reason
+    /// names the library; with it, every device has gauges and a sample.
+    #[test]
+    fn gpu_telemetry_opens_only_with_nvml_and_says_why_not() {
+        match GpuSampler::open() {
+            Err(reason) => {
+                assert!(reason.contains("NVML"), "{reason}");
+                eprintln!("SKIPPED the GPU half of gpu_telemetry_opens_only_with_nvml: {reason}");
+            }
+            Ok(gpus) => {
+                assert!(gpus.count() > 0);
+                let (utilisation, memory) = gpus.sample();
+                assert!(utilisation.is_some_and(|u| (0.0..=100.0).contains(&u)));
+                assert!(memory.is_some_and(|m| (0.0..=100.0).contains(&m)));
+            }
+        }
     }
 }

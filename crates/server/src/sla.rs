@@ -207,7 +207,9 @@ impl SlaMonitor {
             cpu_percent,
             memory_percent,
             memory_used_bytes,
-            gpu_percent: None,
+            // The busiest GPU (NVML), sampled by the resource monitor;
+            // `null` without NVML.
+            gpu_percent: tickserve_scheduler::monitor::ResourceMonitor::global().gpu(),
         }
     }
 

@@ -49,6 +49,12 @@ pub const CHUNK_ROWS: &str = "tickserve_chunk_rows";
 pub const ENGINE_RETRIES_TOTAL: &str = "tickserve_engine_retries_total";
 /// Gauge of machine CPU utilisation, percent (resource monitor).
 pub const CPU_UTILISATION: &str = "batch_processing_cpu_utilization_percent";
+/// Gauge of a GPU's utilisation, percent (resource monitor, NVML). Label:
+/// `gpu_id`.
+pub const GPU_UTILISATION: &str = "batch_processing_gpu_utilization_percent";
+/// Gauges of a GPU's memory in use and in total, bytes. Label: `gpu_id`.
+pub const GPU_MEMORY_USED: &str = "tickserve_gpu_memory_used_bytes";
+pub const GPU_MEMORY_TOTAL: &str = "tickserve_gpu_memory_total_bytes";
 /// Gauge of machine memory utilisation, percent (resource monitor).
 pub const MEMORY_UTILISATION: &str = "batch_processing_memory_utilization_percent";
 /// Gauge, 1 when every model is loaded and warmed up.
@@ -220,6 +226,21 @@ fn describe() {
     describe_counter!(
         REJECTIONS_TOTAL,
         "Requests refused (queue full, deadline) or expired in the queue, by priority and reason"
+    );
+    describe_gauge!(
+        GPU_UTILISATION,
+        Unit::Percent,
+        "GPU utilisation (NVML), by gpu_id"
+    );
+    describe_gauge!(
+        GPU_MEMORY_USED,
+        Unit::Bytes,
+        "GPU memory in use (NVML), by gpu_id"
+    );
+    describe_gauge!(
+        GPU_MEMORY_TOTAL,
+        Unit::Bytes,
+        "GPU memory in total (NVML), by gpu_id"
     );
     describe_gauge!(
         CHUNK_ROWS,

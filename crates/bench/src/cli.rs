@@ -1,6 +1,7 @@
 //! `tickserve bench <mode>`: the command-line options (clap) and the
 //! drivers that turn them into runs, a [`Report`] and an exit code.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -8,6 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use clap::{Args, Subcommand, ValueEnum};
 
 use crate::BenchError;
+use crate::mixed::{MixedGoals, MixedPlan};
 use crate::report::{CompareReport, Report, SCHEMA, StressReport, StressStep, improvement};
 use crate::run::{Arrival, Limits, Measured, OpenLoop, Progress, Target, closed_loop, open_loop};
 use crate::sla::{Compliance, Sla, evaluate};
@@ -63,6 +65,16 @@ pub enum Mode {
         common: Common,
         #[command(flatten)]
         compare: CompareArgs,
+    },
+    /// A foreground class at a fixed rate (open loop) and a background
+    /// flood (closed loop), alone and together: the foreground's latency
+    /// under the flood and the background's throughput beside the
+    /// foreground.
+    Mixed {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        mixed: MixedArgs,
     },
 }
 
@@ -270,6 +282,68 @@ pub struct CompareArgs {
     pub requests: u64,
 }
 
+/// `bench mixed` options.
+#[derive(Debug, Clone, Args, serde::Serialize)]
+pub struct MixedArgs {
+    /// Foreground priority (1-5).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5))]
+    pub fg_priority: u8,
+    /// Foreground requests per second (open loop).
+    #[arg(long, short = 'r', default_value_t = 100.0)]
+    pub fg_rate: f64,
+    /// Foreground arrival process.
+    #[arg(long, value_enum, default_value_t = Arrival::Constant)]
+    pub fg_arrival: Arrival,
+    /// Background priority (1-5), not the foreground's.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u8).range(1..=5))]
+    pub bg_priority: u8,
+    /// Background clients (closed loop).
+    #[arg(long, short = 'c', default_value_t = 256)]
+    pub bg_concurrency: usize,
+    /// Rows per background request (default: the first dimension of
+    /// `--shape`).
+    #[arg(long)]
+    pub bg_rows: Option<usize>,
+    /// Duration of phase 1, the foreground alone.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub fg_duration: Duration,
+    /// Duration of phase 2, the background alone.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub bg_duration: Duration,
+    /// Duration of phase 3, both together.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub both_duration: Duration,
+    /// Latency target of a class, PRIORITY=DURATION (repeatable; `none`
+    /// for no target): goodput counts the successes within it. Giving
+    /// any replaces the defaults.
+    #[arg(long = "target-latency", value_name = "PRIORITY=DURATION", default_values = ["1=2ms", "2=5ms"])]
+    pub target_latency: Vec<String>,
+    /// Goal: foreground p99 under the flood at most this.
+    #[arg(long, default_value = "5ms", value_parser = parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub goal_fg_p99: Duration,
+    /// Goal: foreground p99 under the flood at most this multiple of its
+    /// p99 alone.
+    #[arg(long, default_value_t = 3.0)]
+    pub goal_fg_p99_ratio: f64,
+    /// Goal: background throughput with the foreground at least this share
+    /// of its throughput alone.
+    #[arg(long, default_value_t = 0.9)]
+    pub goal_bg_throughput_ratio: f64,
+    /// Most foreground requests in flight; a send beyond it is not made
+    /// and counts as an error.
+    #[arg(long, default_value_t = 1024)]
+    pub max_in_flight: usize,
+    /// A foreground send later than its schedule by more than this counts
+    /// as late.
+    #[arg(long, default_value = "5ms", value_parser = parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub late_threshold: Duration,
+}
+
 fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime_serde::re::humantime::parse_duration(text).map_err(|e| e.to_string())
 }
@@ -359,6 +433,7 @@ pub async fn run(args: BenchArgs) -> Result<Finished, BenchError> {
         Mode::Rate { common, .. } => ("rate", common),
         Mode::Stress { common, .. } => ("stress", common),
         Mode::Compare { common, .. } => ("compare", common),
+        Mode::Mixed { common, .. } => ("mixed", common),
     };
     let common = common.clone();
     let sla = load_sla(&common)?;
@@ -366,6 +441,7 @@ pub async fn run(args: BenchArgs) -> Result<Finished, BenchError> {
     let show = !common.quiet;
     let mut stress = None;
     let mut compare = None;
+    let mut mixed = None;
     let (result, compliance): (RunStats, Compliance) = match args.mode {
         Mode::Latency { requests, .. } => {
             let t = target(&common, &common.url, 1)?;
@@ -433,6 +509,14 @@ pub async fn run(args: BenchArgs) -> Result<Finished, BenchError> {
             compare = Some(report);
             (last, compliance)
         }
+        Mode::Mixed { mixed: m, .. } => {
+            let outcome = run_mixed(&common, &m, params).await?;
+            // The SLA file's checks join the goals only when one is given.
+            let sla_checks = common.sla.is_some().then(|| evaluate(&outcome.both, &sla));
+            let compliance = crate::mixed::compliance(outcome.checks, sla_checks);
+            mixed = Some(outcome.report);
+            (outcome.both, compliance)
+        }
     };
     let report = Report {
         schema: SCHEMA.to_owned(),
@@ -446,6 +530,7 @@ pub async fn run(args: BenchArgs) -> Result<Finished, BenchError> {
         compliance,
         stress,
         compare,
+        mixed,
     };
     write_outputs(&common, &report)?;
     let exit_code = report.compliance.exit_code();
@@ -472,7 +557,7 @@ fn write_outputs(c: &Common, report: &Report) -> Result<(), BenchError> {
 }
 
 fn judge(m: Measured, sla: &Sla) -> (RunStats, Compliance) {
-    let stats = m.recorder.summarise(m.elapsed, sla);
+    let stats = m.recorder.summarise(m.elapsed, &sla.goodput_limits());
     let compliance = evaluate(&stats, sla);
     (stats, compliance)
 }
@@ -646,7 +731,7 @@ async fn run_compare(
             workload(c, candidate_params)?,
         ),
     ];
-    let sla = Sla::default();
+    let limits = Sla::default().goodput_limits();
     let mut runs: [Vec<RunStats>; 2] = [Vec::new(), Vec::new()];
     for r in 0..a.repeats.max(1) {
         // Alternate the order so drift in the machine's load does not
@@ -679,7 +764,7 @@ async fn run_compare(
                     run_rate(t, w.clone(), open, a.duration, u64::MAX, c).await
                 }
             };
-            runs[side].push(m.recorder.summarise(m.elapsed, &sla));
+            runs[side].push(m.recorder.summarise(m.elapsed, &limits));
         }
     }
     let [baseline_runs, candidate_runs] = runs;
@@ -722,6 +807,78 @@ async fn run_compare(
     })
 }
 
+async fn run_mixed(
+    c: &Common,
+    m: &MixedArgs,
+    params: serde_json::Map<String, serde_json::Value>,
+) -> Result<crate::mixed::MixedOutcome, BenchError> {
+    if c.priorities.is_some() {
+        return Err(BenchError::Config(
+            "bench mixed sets each class's priority: use --fg-priority and --bg-priority, not --priorities".into(),
+        ));
+    }
+    if m.fg_priority == m.bg_priority {
+        return Err(BenchError::Config(format!(
+            "--fg-priority and --bg-priority are both {}: the classes must differ",
+            m.fg_priority
+        )));
+    }
+    if m.fg_rate.is_nan() || m.fg_rate <= 0.0 {
+        return Err(BenchError::Config("--fg-rate must be positive".into()));
+    }
+    let plan = MixedPlan {
+        fg_priority: m.fg_priority,
+        fg_rate: m.fg_rate,
+        fg_arrival: m.fg_arrival,
+        fg_max_in_flight: m.max_in_flight,
+        late_threshold: m.late_threshold,
+        bg_priority: m.bg_priority,
+        bg_concurrency: m.bg_concurrency.max(1),
+        bg_rows: m
+            .bg_rows
+            .unwrap_or_else(|| c.shape.first().copied().unwrap_or(1)),
+        durations: [m.fg_duration, m.bg_duration, m.both_duration],
+        targets: parse_targets(&m.target_latency)?,
+        goals: MixedGoals {
+            max_fg_p99_ms: m.goal_fg_p99.as_secs_f64() * 1000.0,
+            max_fg_p99_ratio: m.goal_fg_p99_ratio,
+            min_bg_throughput_ratio: m.goal_bg_throughput_ratio,
+        },
+        warmup: c.warmup,
+        show_progress: !c.quiet,
+    };
+    let fg_spec = workload(c, params)?.spec().clone();
+    let fg_target = target(c, &c.url, m.max_in_flight)?;
+    let bg_target = target(c, &c.url, plan.bg_concurrency)?;
+    crate::mixed::run_mixed(&fg_target, &bg_target, &fg_spec, &plan).await
+}
+
+/// `PRIORITY=DURATION` or `PRIORITY=none`, e.g. `1=2ms`.
+fn parse_targets(items: &[String]) -> Result<BTreeMap<u8, Duration>, BenchError> {
+    let mut targets = BTreeMap::new();
+    for item in items {
+        let bad = |why: &str| BenchError::Config(format!("--target-latency `{item}`: {why}"));
+        let (p, d) = item
+            .split_once('=')
+            .ok_or_else(|| bad("expected PRIORITY=DURATION, e.g. 1=2ms"))?;
+        let p: u8 = p
+            .trim()
+            .parse()
+            .ok()
+            .filter(|p| (1..=5).contains(p))
+            .ok_or_else(|| bad("the priority must be 1-5"))?;
+        match d.trim() {
+            "none" => {
+                targets.remove(&p);
+            }
+            d => {
+                targets.insert(p, parse_duration(d).map_err(|e| bad(&e))?);
+            }
+        }
+    }
+    Ok(targets)
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -734,5 +891,14 @@ mod tests {
         assert_eq!(p["tag"], "abc");
         assert_eq!(p["n"], 3);
         assert!(parse_params(&["nokey".into()]).is_err());
+    }
+
+    #[test]
+    fn targets_parse_with_none_and_refuse_bad_priorities() {
+        let t = parse_targets(&["1=2ms".into(), "2=5ms".into(), "2=none".into()]).unwrap();
+        assert_eq!(t, BTreeMap::from([(1, Duration::from_millis(2))]));
+        assert!(parse_targets(&["6=1ms".into()]).is_err());
+        assert!(parse_targets(&["1=soon".into()]).is_err());
+        assert!(parse_targets(&["1".into()]).is_err());
     }
 }

@@ -7,9 +7,11 @@
 //! [`stats::Recorder`] (HDR histograms per priority class); the summary
 //! ([`stats::RunStats`]) is judged by [`sla::evaluate`] and rendered by
 //! [`report`] as text, JSON and HTML. [`cli`] holds the clap options and
-//! the drivers of the five modes (latency, load, rate, stress, compare).
+//! the drivers of the six modes (latency, load, rate, stress, compare,
+//! mixed); [`mixed`] runs a foreground class against a background flood.
 
 pub mod cli;
+pub mod mixed;
 pub mod report;
 pub mod run;
 pub mod sla;

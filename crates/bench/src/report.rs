@@ -8,6 +8,7 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
+use crate::mixed::{MixedReport, PhaseClass};
 use crate::sla::{Compliance, Sla};
 use crate::stats::{ClassStats, RunStats};
 
@@ -63,7 +64,7 @@ pub struct CompareReport {
 pub struct Report {
     pub schema: String,
     pub tool: String,
-    /// `latency`, `load`, `rate`, `stress`, `compare`.
+    /// `latency`, `load`, `rate`, `stress`, `compare`, `mixed`.
     pub mode: String,
     /// Seconds since the Unix epoch at the start.
     pub started_unix_s: u64,
@@ -72,7 +73,7 @@ pub struct Report {
     pub settings: serde_json::Value,
     /// The run judged against the SLA: the whole run; for stress the last
     /// step within SLA (else the first); for compare the candidate's last
-    /// repeat.
+    /// repeat; for mixed the phase with both classes.
     pub result: RunStats,
     pub sla: Sla,
     pub compliance: Compliance,
@@ -80,6 +81,8 @@ pub struct Report {
     pub stress: Option<StressReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub compare: Option<CompareReport>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mixed: Option<MixedReport>,
 }
 
 impl Report {
@@ -91,6 +94,9 @@ impl Report {
         let mut o = String::new();
         let _ = writeln!(o, "tickserve bench {} — {}", self.mode, self.target);
         let _ = writeln!(o, "{}", "=".repeat(60));
+        if let Some(m) = &self.mixed {
+            mixed_text(&mut o, m);
+        }
         section(&mut o, "Results", &self.result);
         if let Some(s) = &self.stress {
             let _ = writeln!(o, "\nStress test (by {})", s.by);
@@ -161,7 +167,7 @@ impl Report {
         for check in &c.checks {
             let _ = writeln!(
                 o,
-                "  [{}] {:<12} {:<10} {:>10.3} {} {}",
+                "  [{}] {:<12} {:<21} {:>10.3} {} {}",
                 if check.passed { "PASS" } else { "FAIL" },
                 check.scope,
                 check.metric,
@@ -198,6 +204,9 @@ impl Report {
             c.total,
             c.health.as_str()
         );
+        if let Some(m) = &self.mixed {
+            mixed_html(&mut body, m);
+        }
         body.push_str("<h2>Latency per class</h2>");
         body.push_str(&stats_table(&self.result));
         let series: Vec<(String, Vec<(f64, f64)>)> =
@@ -223,13 +232,7 @@ impl Report {
             "percentile (0, 90, 99, 99.9, … : log scale of nines)",
             "latency ms",
             &series,
-            Some(&[
-                (0.0, "0"),
-                (1.0, "90"),
-                (2.0, "99"),
-                (3.0, "99.9"),
-                (4.0, "99.99"),
-            ]),
+            Some(&NINES_TICKS),
         ));
         if let Some(s) = &self.stress {
             let rps: Vec<(f64, f64)> = s
@@ -403,6 +406,185 @@ fn section(o: &mut String, title: &str, r: &RunStats) {
         }
     }
 }
+
+/// The rows of a mixed run's table: phase, role, class.
+fn mixed_rows(m: &MixedReport) -> Vec<(&str, &str, &PhaseClass)> {
+    let mut rows = Vec::new();
+    for p in &m.phases {
+        if let Some(c) = &p.foreground {
+            rows.push((p.name.as_str(), "foreground", c));
+        }
+        if let Some(c) = &p.background {
+            rows.push((p.name.as_str(), "background", c));
+        }
+    }
+    rows
+}
+
+fn target_text(t: Option<f64>) -> String {
+    t.map_or("none".to_owned(), |ms| format!("{ms} ms"))
+}
+
+fn ratio_text(r: Option<f64>, unit: &str) -> String {
+    r.map_or("n/a".to_owned(), |r| match unit {
+        "%" => format!("{:.1} %", r * 100.0),
+        _ => format!("{r:.2}{unit}"),
+    })
+}
+
+fn mixed_text(o: &mut String, m: &MixedReport) {
+    let (f, b, s, g) = (&m.foreground, &m.background, &m.summary, &m.goals);
+    let _ = writeln!(
+        o,
+        "\nMixed workload\n  foreground: {} ({}, {} row(s)/request, target {})\n  background: {} ({}, {} row(s)/request, target {})",
+        f.class,
+        f.load,
+        f.rows_per_request,
+        target_text(f.target_ms),
+        b.class,
+        b.load,
+        b.rows_per_request,
+        target_text(b.target_ms)
+    );
+    let _ = writeln!(
+        o,
+        "  {:<17} {:<11} {:>8} {:>8} {:>6} {:>6} {:>6} {:>9} {:>9} {:>9} {:>8} {:>8}",
+        "phase",
+        "class",
+        "requests",
+        "200",
+        "429",
+        "503",
+        "other",
+        "req/s",
+        "rows/s",
+        "goodput",
+        "p50 ms",
+        "p99 ms"
+    );
+    for (phase, role, c) in mixed_rows(m) {
+        let n = &c.counts;
+        let l = &c.stats.latency_ms;
+        let _ = writeln!(
+            o,
+            "  {:<17} {:<11} {:>8} {:>8} {:>6} {:>6} {:>6} {:>9.1} {:>9.1} {:>9.1} {:>8.2} {:>8.2}",
+            phase,
+            role,
+            n.requests,
+            n.ok,
+            n.http_429,
+            n.http_503,
+            n.other,
+            c.stats.throughput_rps,
+            c.rows_per_s,
+            c.stats.goodput_rps,
+            l.median,
+            l.p99
+        );
+    }
+    let _ = writeln!(
+        o,
+        "  (goodput = successes/s within the class's target; foreground latency from the intended send time)"
+    );
+    let _ = writeln!(
+        o,
+        "  foreground p50/p99: {:.2}/{:.2} ms alone, {:.2}/{:.2} ms under the flood; p99 ratio {} (goal <= {}x, p99 <= {} ms)",
+        s.fg_p50_alone_ms,
+        s.fg_p99_alone_ms,
+        s.fg_p50_flood_ms,
+        s.fg_p99_flood_ms,
+        ratio_text(s.fg_p99_ratio, "x"),
+        g.max_fg_p99_ratio,
+        g.max_fg_p99_ms
+    );
+    let _ = writeln!(
+        o,
+        "  background: {:.1} req/s ({:.1} rows/s) alone, {:.1} req/s ({:.1} rows/s) with the foreground; {} of alone (goal >= {:.0} %)",
+        s.bg_rps_alone,
+        s.bg_rows_per_s_alone,
+        s.bg_rps_with_fg,
+        s.bg_rows_per_s_with_fg,
+        ratio_text(s.bg_throughput_ratio, "%"),
+        g.min_bg_throughput_ratio * 100.0
+    );
+    let _ = writeln!(
+        o,
+        "  foreground errors other than 429: {} (goal 0)",
+        s.fg_errors_not_429
+    );
+}
+
+fn mixed_html(body: &mut String, m: &MixedReport) {
+    let (f, b, s) = (&m.foreground, &m.background, &m.summary);
+    let _ = write!(
+        body,
+        "<h2>Mixed workload</h2><p>Foreground: {} — {}, {} row(s)/request, target {}.<br>Background: {} — {}, {} row(s)/request, target {}.</p>",
+        esc(&f.class),
+        esc(&f.load),
+        f.rows_per_request,
+        target_text(f.target_ms),
+        esc(&b.class),
+        esc(&b.load),
+        b.rows_per_request,
+        target_text(b.target_ms)
+    );
+    body.push_str("<table><tr><th>phase</th><th>class</th><th>requests</th><th>200</th><th>429</th><th>503</th><th>other</th><th>req/s</th><th>rows/s</th><th>goodput</th><th>p50 ms</th><th>p99 ms</th></tr>");
+    for (phase, role, c) in mixed_rows(m) {
+        let n = &c.counts;
+        let _ = write!(
+            body,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.1}</td><td>{:.1}</td><td>{:.1}</td><td>{:.2}</td><td>{:.2}</td></tr>",
+            esc(phase),
+            role,
+            n.requests,
+            n.ok,
+            n.http_429,
+            n.http_503,
+            n.other,
+            c.stats.throughput_rps,
+            c.rows_per_s,
+            c.stats.goodput_rps,
+            c.stats.latency_ms.median,
+            c.stats.latency_ms.p99
+        );
+    }
+    let _ = write!(
+        body,
+        "</table><p>Foreground p99 under the flood / alone: {:.2} / {:.2} ms = {}. Background throughput with the foreground / alone: {:.1} / {:.1} req/s = {}. Foreground errors other than 429: {}.</p>",
+        s.fg_p99_flood_ms,
+        s.fg_p99_alone_ms,
+        ratio_text(s.fg_p99_ratio, "×"),
+        s.bg_rps_with_fg,
+        s.bg_rps_alone,
+        ratio_text(s.bg_throughput_ratio, "%"),
+        s.fg_errors_not_429
+    );
+    let series: Vec<(String, Vec<(f64, f64)>)> = m
+        .phases
+        .iter()
+        .filter_map(|p| {
+            p.foreground.as_ref().map(|c| {
+                let pts = c.stats.cdf.iter().map(|&(q, ms)| (nines(q), ms)).collect();
+                (format!("foreground, {}", p.name), pts)
+            })
+        })
+        .collect();
+    body.push_str(&line_chart(
+        "Foreground latency alone and under the flood (CDF)",
+        "percentile (0, 90, 99, 99.9, … : log scale of nines)",
+        "latency ms",
+        &series,
+        Some(&NINES_TICKS),
+    ));
+}
+
+const NINES_TICKS: [(f64, &str); 5] = [
+    (0.0, "0"),
+    (1.0, "90"),
+    (2.0, "99"),
+    (3.0, "99.9"),
+    (4.0, "99.99"),
+];
 
 fn stats_table(r: &RunStats) -> String {
     let mut t = String::from(
@@ -713,7 +895,7 @@ mod tests {
             });
         }
         let sla = Sla::default();
-        let stats = r.summarise(Duration::from_secs(1), &sla);
+        let stats = r.summarise(Duration::from_secs(1), &sla.goodput_limits());
         let compliance = evaluate(&stats, &sla);
         Report {
             schema: SCHEMA.into(),
@@ -740,6 +922,7 @@ mod tests {
                 baseline_runs: vec![],
                 candidate_runs: vec![],
             }),
+            mixed: None,
         }
     }
 

@@ -497,7 +497,7 @@ mod tests {
                 Duration::from_millis(1),
             ));
         }
-        let s = recorder.summarise(Duration::from_secs(2), &Sla::default());
+        let s = recorder.summarise(Duration::from_secs(2), &Sla::default().goodput_limits());
         let corrected = &s.overall.latency_ms;
         let actual = s.overall.actual_latency_ms.as_ref().unwrap();
         // Request 5 is sent at 500 and done at 1500; request i in 6..=15

@@ -14,7 +14,25 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
-use crate::sla::Sla;
+/// The latency within which a successful request counts as "good"
+/// (goodput), per class. The SLA provides one
+/// ([`crate::sla::Sla::goodput_limits`]); `bench mixed` builds its own
+/// from the class latency targets.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GoodputLimits {
+    /// For classes without a limit of their own; `None`: every success
+    /// is good.
+    pub default_ms: Option<f64>,
+    /// Keyed by class label.
+    pub classes: BTreeMap<String, f64>,
+}
+
+impl GoodputLimits {
+    /// The limit of `class` in ms, if any.
+    pub fn for_class(&self, class: &str) -> Option<f64> {
+        self.classes.get(class).copied().or(self.default_ms)
+    }
+}
 
 /// The name of the class that requests without a priority fall into.
 pub const DEFAULT_CLASS: &str = "default";
@@ -157,6 +175,16 @@ impl Recorder {
             .record(sample);
     }
 
+    /// Adds `other`'s samples to this recorder's.
+    pub fn merge(&mut self, other: &Recorder) {
+        for (name, c) in &other.classes {
+            self.classes
+                .entry(name.clone())
+                .or_insert_with(ClassRecorder::new)
+                .merge(c);
+        }
+    }
+
     /// Requests recorded so far and the p99 of the successful ones (ms),
     /// for the live progress line.
     pub fn live(&self) -> (u64, u64, f64) {
@@ -173,9 +201,8 @@ impl Recorder {
     }
 
     /// The statistics of the run, over `elapsed` wall time. Goodput counts
-    /// the successful requests at or under the SLA's max latency of their
-    /// class.
-    pub fn summarise(&self, elapsed: Duration, sla: &Sla) -> RunStats {
+    /// the successful requests at or under their class's limit.
+    pub fn summarise(&self, elapsed: Duration, limits: &GoodputLimits) -> RunStats {
         let secs = elapsed.as_secs_f64().max(1e-9);
         let mut all = ClassRecorder::new();
         for c in self.classes.values() {
@@ -184,12 +211,12 @@ impl Recorder {
         let mut classes = BTreeMap::new();
         let mut good_total = 0u64;
         for (name, c) in &self.classes {
-            let limit = sla.thresholds_for(name).max_ms;
+            let limit = limits.for_class(name);
             let summary = class_stats(c, secs, limit, self.open_loop);
             good_total += summary.good;
             classes.insert(name.clone(), summary);
         }
-        let mut overall = class_stats(&all, secs, sla.thresholds_for("").max_ms, self.open_loop);
+        let mut overall = class_stats(&all, secs, limits.default_ms, self.open_loop);
         // The overall goodput honours each class's own limit.
         overall.good = good_total;
         overall.goodput_rps = good_total as f64 / secs;
@@ -201,13 +228,12 @@ impl Recorder {
     }
 }
 
-fn class_stats(c: &ClassRecorder, secs: f64, max_ms: f64, open_loop: bool) -> ClassStats {
+fn class_stats(c: &ClassRecorder, secs: f64, max_ms: Option<f64>, open_loop: bool) -> ClassStats {
     let errors = c.requests - c.ok;
-    let good = if c.ok == 0 {
-        0
-    } else {
-        let limit = (max_ms * 1000.0) as u64;
-        c.latency.count_between(0, limit)
+    let good = match max_ms {
+        _ if c.ok == 0 => 0,
+        None => c.ok,
+        Some(max_ms) => c.latency.count_between(0, (max_ms * 1000.0) as u64),
     };
     ClassStats {
         requests: c.requests,
@@ -354,6 +380,14 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
+    /// The seed SLA's goodput limit: 200 ms for every class.
+    fn seed_limits() -> GoodputLimits {
+        GoodputLimits {
+            default_ms: Some(200.0),
+            classes: BTreeMap::new(),
+        }
+    }
+
     /// Equal within the histogram's 3 significant digits.
     pub(crate) fn approx(got: f64, want: f64) -> bool {
         (got - want).abs() <= want.abs() * 1e-3 + 1e-9
@@ -375,7 +409,7 @@ mod tests {
         for ms in 1..=100 {
             r.record(&ok(DEFAULT_CLASS, ms));
         }
-        let s = r.summarise(Duration::from_secs(10), &Sla::default());
+        let s = r.summarise(Duration::from_secs(10), &seed_limits());
         let l = &s.overall.latency_ms;
         assert_eq!(l.count, 100);
         assert!(approx(l.min, 1.0), "min {}", l.min);
@@ -408,7 +442,7 @@ mod tests {
             ..ok("priority 5", 0)
         });
         r.record(&ok("priority 5", 20));
-        let s = r.summarise(Duration::from_secs(1), &Sla::default());
+        let s = r.summarise(Duration::from_secs(1), &seed_limits());
         assert_eq!(s.overall.requests, 5);
         assert_eq!(s.overall.ok, 3);
         assert_eq!(s.overall.errors, 2);
@@ -427,14 +461,33 @@ mod tests {
 
     #[test]
     fn goodput_uses_each_class_override() {
-        let sla: Sla = toml::from_str("[classes.\"priority 1\"]\nmax_ms = 5.0\n").unwrap();
+        let limits = GoodputLimits {
+            classes: BTreeMap::from([("priority 1".to_owned(), 5.0)]),
+            ..seed_limits()
+        };
         let mut r = Recorder::new(false);
         r.record(&ok("priority 1", 10));
         r.record(&ok("priority 3", 10));
-        let s = r.summarise(Duration::from_secs(1), &sla);
+        let s = r.summarise(Duration::from_secs(1), &limits);
         assert_eq!(s.classes["priority 1"].good, 0);
         assert_eq!(s.classes["priority 3"].good, 1);
         assert_eq!(s.overall.good, 1);
+    }
+
+    #[test]
+    fn classes_without_a_limit_count_every_success_as_good() {
+        let limits = GoodputLimits {
+            default_ms: None,
+            classes: BTreeMap::from([("priority 1".to_owned(), 2.0)]),
+        };
+        let mut r = Recorder::new(false);
+        r.record(&ok("priority 1", 1));
+        r.record(&ok("priority 1", 10));
+        r.record(&ok("priority 5", 1000));
+        let s = r.summarise(Duration::from_secs(1), &limits);
+        assert_eq!(s.classes["priority 1"].good, 1);
+        assert_eq!(s.classes["priority 5"].good, 1);
+        assert_eq!(s.overall.good, 2);
     }
 
     #[test]

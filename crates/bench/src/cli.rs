@@ -14,7 +14,11 @@ use crate::report::{CompareReport, Report, SCHEMA, StressReport, StressStep, imp
 use crate::run::{Arrival, Limits, Measured, OpenLoop, Progress, Target, closed_loop, open_loop};
 use crate::sla::{Compliance, Sla, evaluate};
 use crate::stats::RunStats;
-use crate::workload::{InputSource, PriorityMix, Workload, WorkloadSpec};
+use crate::workload::{InputSource, PriorityMix, Protocol, Workload, WorkloadSpec};
+
+/// The input shape when neither `--shape` nor the model's metadata gives
+/// one: the bundled model's window of 50 steps × 60 features.
+pub const DEFAULT_SHAPE: [usize; 3] = [1, 50, 60];
 
 /// `tickserve bench`: measure an Open Inference Protocol server (tickserve,
 /// Triton, KServe) and judge it against an SLA.
@@ -97,9 +101,22 @@ pub struct Common {
     /// Input tensor name.
     #[arg(long, default_value = "input")]
     pub input_name: String,
-    /// Input shape including the batch dimension, comma separated.
-    #[arg(long, default_value = "1,50,60", value_delimiter = ',')]
-    pub shape: Vec<usize>,
+    /// Wire format: JSON over HTTP, Triton's binary tensors over HTTP, or
+    /// gRPC (at `--grpc-url`).
+    #[arg(long, value_enum, default_value_t = Protocol::HttpJson)]
+    pub protocol: Protocol,
+    /// The server's gRPC endpoint, for `--protocol grpc`.
+    #[arg(
+        long,
+        env = "TICKSERVE_BENCH_GRPC_URL",
+        default_value = "http://127.0.0.1:8001"
+    )]
+    pub grpc_url: String,
+    /// Input shape including the batch dimension, comma separated
+    /// (default: from the model's metadata at `--url`, with a batch of 1;
+    /// `1,50,60` when the metadata cannot be read).
+    #[arg(long, value_delimiter = ',')]
+    pub shape: Option<Vec<usize>>,
     /// Input datatype.
     #[arg(long, default_value = "FP32")]
     pub datatype: String,
@@ -378,7 +395,7 @@ fn workload(
     Ok(Arc::new(Workload::new(WorkloadSpec {
         model: c.model.clone(),
         input_name: c.input_name.clone(),
-        shape: c.shape.clone(),
+        shape: c.shape.clone().unwrap_or_else(|| DEFAULT_SHAPE.to_vec()),
         datatype: c.datatype.clone(),
         source: c
             .input_file
@@ -389,6 +406,7 @@ fn workload(
         hot_set: c.hot_set,
         priorities: c.priorities.clone(),
         parameters: params,
+        protocol: c.protocol,
     })?))
 }
 
@@ -399,7 +417,74 @@ fn target(c: &Common, url: &str, connections: usize) -> Result<Target, BenchErro
         c.model_version.as_deref(),
         c.timeout,
         connections,
+        (c.protocol == Protocol::Grpc).then_some(c.grpc_url.as_str()),
     )
+}
+
+/// The first input of the model's metadata (`GET /v2/models/{m}`): name,
+/// datatype and shape with a batch of 1 for the variable (`-1`) axes.
+async fn input_from_metadata(c: &Common) -> Result<(String, String, Vec<usize>), String> {
+    let base = c.url.trim_end_matches('/');
+    let url = match &c.model_version {
+        Some(v) => format!("{base}/v2/models/{}/versions/{v}", c.model),
+        None => format!("{base}/v2/models/{}", c.model),
+    };
+    let response = reqwest::Client::builder()
+        .timeout(c.timeout)
+        .build()
+        .map_err(|e| e.to_string())?
+        .get(&url)
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    if !response.status().is_success() {
+        return Err(format!("{url}: http {}", response.status().as_u16()));
+    }
+    let meta: serde_json::Value = response.json().await.map_err(|e| e.to_string())?;
+    let inputs = meta["inputs"].as_array().cloned().unwrap_or_default();
+    let input = inputs
+        .iter()
+        .find(|i| i["name"] == c.input_name.as_str())
+        .or(inputs.first())
+        .ok_or_else(|| format!("{url}: no inputs in the metadata"))?;
+    let shape = input["shape"]
+        .as_array()
+        .ok_or_else(|| format!("{url}: input without a shape"))?
+        .iter()
+        .map(|d| match d.as_i64() {
+            Some(d) if d > 0 => Ok(d as usize),
+            Some(_) => Ok(1),
+            None => Err(format!("{url}: shape entry {d} is not a number")),
+        })
+        .collect::<Result<Vec<usize>, String>>()?;
+    let name = input["name"].as_str().unwrap_or(&c.input_name).to_owned();
+    let datatype = input["datatype"].as_str().unwrap_or(&c.datatype).to_owned();
+    Ok((name, datatype, shape))
+}
+
+/// Fills in `--shape` (and the input's name and datatype) from the
+/// model's metadata when `--shape` was not given.
+async fn resolve_input(mut c: Common) -> Common {
+    if c.shape.is_some() {
+        return c;
+    }
+    match input_from_metadata(&c).await {
+        Ok((name, datatype, shape)) => {
+            if !c.quiet {
+                eprintln!("input from the model's metadata: {name} {datatype} {shape:?}");
+            }
+            c.input_name = name;
+            c.datatype = datatype;
+            c.shape = Some(shape);
+        }
+        Err(e) => {
+            if !c.quiet {
+                eprintln!("cannot read the model's metadata ({e}); input shape {DEFAULT_SHAPE:?}");
+            }
+            c.shape = Some(DEFAULT_SHAPE.to_vec());
+        }
+    }
+    c
 }
 
 fn load_sla(c: &Common) -> Result<Sla, BenchError> {
@@ -435,7 +520,17 @@ pub async fn run(args: BenchArgs) -> Result<Finished, BenchError> {
         Mode::Compare { common, .. } => ("compare", common),
         Mode::Mixed { common, .. } => ("mixed", common),
     };
-    let common = common.clone();
+    let common = resolve_input(common.clone()).await;
+    // Record the input as sent, also when it came from the metadata.
+    let mut settings = settings;
+    if let Some(recorded) = settings
+        .get_mut(mode_name)
+        .and_then(|m| m.get_mut("common"))
+    {
+        recorded["shape"] = serde_json::json!(common.shape);
+        recorded["input_name"] = serde_json::json!(common.input_name);
+        recorded["datatype"] = serde_json::json!(common.datatype);
+    }
     let sla = load_sla(&common)?;
     let params = parse_params(&common.params)?;
     let show = !common.quiet;
@@ -834,9 +929,12 @@ async fn run_mixed(
         late_threshold: m.late_threshold,
         bg_priority: m.bg_priority,
         bg_concurrency: m.bg_concurrency.max(1),
-        bg_rows: m
-            .bg_rows
-            .unwrap_or_else(|| c.shape.first().copied().unwrap_or(1)),
+        bg_rows: m.bg_rows.unwrap_or_else(|| {
+            c.shape
+                .as_ref()
+                .and_then(|s| s.first().copied())
+                .unwrap_or(1)
+        }),
         durations: [m.fg_duration, m.bg_duration, m.both_duration],
         targets: parse_targets(&m.target_latency)?,
         goals: MixedGoals {

@@ -18,6 +18,17 @@ pub mod sla;
 pub mod stats;
 pub mod workload;
 
+/// The gRPC client generated from proto/grpc_service.proto.
+#[allow(
+    clippy::all,
+    clippy::pedantic,
+    missing_debug_implementations,
+    rust_2018_idioms
+)]
+pub mod proto {
+    tonic::include_proto!("inference");
+}
+
 /// Why a bench run could not be carried out (as opposed to "it ran and
 /// the SLA was missed", which is a result).
 #[derive(Debug, thiserror::Error)]

@@ -24,24 +24,38 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+use crate::proto::grpc_inference_service_client::GrpcInferenceServiceClient;
 use crate::stats::{Outcome, Recorder, Sample, class_label};
-use crate::workload::{Request, Workload};
+use crate::workload::{Payload, Request, Workload};
 
-/// An OIP endpoint: base URL and model.
+/// An OIP endpoint: base URL and model, and the protocol to speak.
 #[derive(Debug, Clone)]
 pub struct Target {
     http: reqwest::Client,
     infer_url: String,
+    grpc: Option<GrpcTarget>,
+    timeout: Duration,
+}
+
+/// The gRPC side of a target: one HTTP/2 channel (requests multiplex on
+/// it) and the model version to ask for.
+#[derive(Debug, Clone)]
+struct GrpcTarget {
+    client: GrpcInferenceServiceClient<tonic::transport::Channel>,
+    version: String,
 }
 
 impl Target {
     /// `base_url` like `http://127.0.0.1:8000`; `version` optional.
+    /// `grpc_url` (like `http://127.0.0.1:8001`): send with gRPC there
+    /// instead of HTTP; the channel connects on first use.
     pub fn new(
         base_url: &str,
         model: &str,
         version: Option<&str>,
         timeout: Duration,
         max_connections: usize,
+        grpc_url: Option<&str>,
     ) -> Result<Self, crate::BenchError> {
         let http = reqwest::Client::builder()
             .pool_max_idle_per_host(max_connections)
@@ -54,7 +68,28 @@ impl Target {
             Some(v) => format!("{base}/v2/models/{model}/versions/{v}/infer"),
             None => format!("{base}/v2/models/{model}/infer"),
         };
-        Ok(Self { http, infer_url })
+        let grpc = match grpc_url {
+            None => None,
+            Some(url) => {
+                let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
+                    .map_err(|e| crate::BenchError::Config(format!("--grpc-url {url}: {e}")))?
+                    .tcp_nodelay(true)
+                    .timeout(timeout)
+                    .connect_lazy();
+                Some(GrpcTarget {
+                    client: GrpcInferenceServiceClient::new(channel)
+                        .max_decoding_message_size(usize::MAX)
+                        .max_encoding_message_size(usize::MAX),
+                    version: version.unwrap_or_default().to_owned(),
+                })
+            }
+        };
+        Ok(Self {
+            http,
+            infer_url,
+            grpc,
+            timeout,
+        })
     }
 
     pub fn infer_url(&self) -> &str {
@@ -63,14 +98,19 @@ impl Target {
 
     /// Sends one request and reads the whole response.
     pub async fn send(&self, request: Request) -> Outcome {
-        let sent = self
-            .http
-            .post(&self.infer_url)
-            .header("content-type", "application/json")
-            .body(request.body)
-            .send()
-            .await;
-        match sent {
+        let (body, header_len) = match request.payload {
+            Payload::Json(body) => (body, None),
+            Payload::Binary { body, header_len } => (body, Some(header_len)),
+            Payload::Grpc(r) => return self.send_grpc(*r).await,
+        };
+        let mut post = self.http.post(&self.infer_url);
+        post = match header_len {
+            None => post.header("content-type", "application/json"),
+            Some(n) => post
+                .header("content-type", "application/octet-stream")
+                .header("inference-header-content-length", n),
+        };
+        match post.body(body).send().await {
             Ok(response) => {
                 let status = response.status();
                 match response.bytes().await {
@@ -81,6 +121,38 @@ impl Target {
             }
             Err(e) => transport(&e),
         }
+    }
+
+    async fn send_grpc(&self, mut request: crate::proto::ModelInferRequest) -> Outcome {
+        let Some(grpc) = &self.grpc else {
+            return Outcome::Transport("gRPC request without --grpc-url".into());
+        };
+        request.model_version.clone_from(&grpc.version);
+        let mut client = grpc.client.clone();
+        match tokio::time::timeout(self.timeout, client.model_infer(request)).await {
+            Err(_) => Outcome::Timeout,
+            Ok(Ok(_)) => Outcome::Ok,
+            Ok(Err(status)) => grpc_outcome(&status),
+        }
+    }
+}
+
+/// A gRPC failure as the HTTP status the server maps the same error to
+/// (docs/protocols.md), so both protocols count 429s and 503s alike.
+fn grpc_outcome(status: &tonic::Status) -> Outcome {
+    use tonic::Code;
+    match status.code() {
+        Code::InvalidArgument => Outcome::Status(400),
+        Code::Unauthenticated => Outcome::Status(401),
+        Code::NotFound => Outcome::Status(404),
+        Code::ResourceExhausted => Outcome::Status(429),
+        Code::Internal => Outcome::Status(500),
+        Code::Unavailable if status.message().contains("tcp connect") => {
+            Outcome::Transport("connect".into())
+        }
+        Code::Unavailable => Outcome::Status(503),
+        Code::DeadlineExceeded | Code::Cancelled => Outcome::Timeout,
+        code => Outcome::Transport(format!("grpc {code:?}")),
     }
 }
 

@@ -19,6 +19,7 @@ mod common;
 struct Server {
     child: Child,
     url: String,
+    grpc_url: String,
 }
 
 impl Drop for Server {
@@ -29,7 +30,12 @@ impl Drop for Server {
 }
 
 fn start_server() -> Server {
-    let common::Served { child, http, log } = common::spawn_serve(&["--log-level", "info"]);
+    let common::Served {
+        child,
+        http,
+        grpc,
+        log,
+    } = common::spawn_serve(&["--log-level", "info"]);
     // Keep reading stderr so the server never blocks on a full pipe.
     std::thread::spawn(move || for _ in log.map_while(Result::ok) {});
     common::wait_ready(
@@ -40,6 +46,7 @@ fn start_server() -> Server {
     Server {
         child,
         url: format!("http://{http}"),
+        grpc_url: format!("http://{grpc}"),
     }
 }
 
@@ -338,4 +345,50 @@ fn mixed_mode_runs_three_phases_and_its_counts_add_up() {
     assert_eq!(c.checks[0].scope, "foreground");
     assert_eq!(c.checks[2].scope, "background");
     assert_eq!(c.compliant, code == 0);
+}
+
+#[test]
+fn every_protocol_drives_the_server_with_the_shape_from_the_metadata() {
+    let server = start_server();
+    let grpc_url = server.grpc_url.clone();
+    for (name, extra) in [
+        ("json", vec!["--protocol", "http-json"]),
+        ("binary", vec!["--protocol", "http-binary"]),
+        ("grpc", vec!["--protocol", "grpc", "--grpc-url", &grpc_url]),
+    ] {
+        let mut args = vec!["latency", "-n", "10", "--priorities", "1:1"];
+        args.extend(extra);
+        let (code, r) = bench(&server, LOOSE_SLA, name, &args);
+        assert_eq!(code, 0, "{name}");
+        assert_healthy_run(&r);
+        assert_eq!(r.result.overall.requests, 10, "{name}");
+        assert_eq!(
+            r.result.classes.keys().collect::<Vec<_>>(),
+            vec!["priority 1"]
+        );
+        // No --shape: the input comes from the model's metadata.
+        let common = &r.settings["latency"]["common"];
+        assert_eq!(common["shape"], serde_json::json!([1, 50, 60]), "{name}");
+        assert_eq!(common["input_name"], "input");
+    }
+    // A gRPC request for a model the server does not have: NOT_FOUND,
+    // counted as the HTTP status it maps to.
+    let (code, r) = bench(
+        &server,
+        LOOSE_SLA,
+        "grpc-missing",
+        &[
+            "latency",
+            "-n",
+            "3",
+            "--model",
+            "no_such_model",
+            "--protocol",
+            "grpc",
+            "--grpc-url",
+            &grpc_url,
+        ],
+    );
+    assert_eq!(code, 3);
+    assert_eq!(r.result.overall.errors_by_reason["http 404"], 3);
 }

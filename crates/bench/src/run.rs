@@ -228,6 +228,7 @@ impl Iterator for Schedule {
 pub fn open_loop_sample(
     class: String,
     outcome: Outcome,
+    started: Instant,
     intended: Instant,
     sent: Instant,
     done: Instant,
@@ -239,6 +240,7 @@ pub fn open_loop_sample(
         latency: done.saturating_duration_since(intended),
         actual_latency: Some(done.saturating_duration_since(sent)),
         late: sent.saturating_duration_since(intended) > late_threshold,
+        at: intended.saturating_duration_since(started),
     }
 }
 
@@ -343,6 +345,7 @@ pub async fn closed_loop(
                     latency: sent.elapsed(),
                     actual_latency: None,
                     late: false,
+                    at: sent.saturating_duration_since(started),
                 };
                 recorder
                     .lock()
@@ -477,8 +480,15 @@ impl Pacer {
             let recorder = self.recorder.clone();
             let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
                 let now = Instant::now();
-                let sample =
-                    open_loop_sample(class, Outcome::Dropped, intended, now, now, late_threshold);
+                let sample = open_loop_sample(
+                    class,
+                    Outcome::Dropped,
+                    self.started,
+                    intended,
+                    now,
+                    now,
+                    late_threshold,
+                );
                 recorder
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
@@ -486,12 +496,14 @@ impl Pacer {
                 continue;
             };
             let target = self.target.clone();
+            let started = self.started;
             self.runtime.spawn(async move {
                 let sent = Instant::now();
                 let outcome = target.send(request).await;
                 let sample = open_loop_sample(
                     class,
                     outcome,
+                    started,
                     intended,
                     sent,
                     Instant::now(),
@@ -563,6 +575,7 @@ mod tests {
             recorder.record(&open_loop_sample(
                 "default".into(),
                 Outcome::Ok,
+                base,
                 ms(intended),
                 ms(sent),
                 ms(done),

@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use super::svg::{bar_chart, esc, line_chart};
 use super::{Report, mean, mixed_rows, ratio_text, target_text};
 use crate::mixed::MixedReport;
-use crate::stats::{ClassStats, RunStats};
+use crate::stats::{ClassStats, RunStats, TimelinePoint};
 
 /// One HTML file with inline SVG plots.
 pub(super) fn render(r: &Report) -> String {
@@ -56,6 +56,7 @@ pub(super) fn render(r: &Report) -> String {
         &series,
         Some(&NINES_TICKS),
     ));
+    body.push_str(&timeline_chart(&r.result));
     if let Some(s) = &r.stress {
         let rps: Vec<(f64, f64)> = s
             .steps
@@ -224,6 +225,32 @@ const NINES_TICKS: [(f64, &str); 5] = [
     (3.0, "99.9"),
     (4.0, "99.99"),
 ];
+
+/// p50 and p99 per second of the run (all requests) and p99 per class.
+fn timeline_chart(r: &RunStats) -> String {
+    let points = |c: &ClassStats, pick: fn(&TimelinePoint) -> Option<f64>| -> Vec<(f64, f64)> {
+        c.timeline
+            .iter()
+            .filter_map(|p| pick(p).map(|v| (p.t_s, v)))
+            .collect()
+    };
+    let mut series = vec![
+        ("p50, all".to_owned(), points(&r.overall, |p| p.p50_ms)),
+        ("p99, all".to_owned(), points(&r.overall, |p| p.p99_ms)),
+    ];
+    if r.classes.len() > 1 {
+        for (name, c) in &r.classes {
+            series.push((format!("p99, {name}"), points(c, |p| p.p99_ms)));
+        }
+    }
+    line_chart(
+        "Latency over time",
+        "seconds since the start (one point per second of requests due)",
+        "latency ms",
+        &series,
+        None,
+    )
+}
 
 fn stats_table(r: &RunStats) -> String {
     let mut t = String::from(

@@ -204,6 +204,7 @@ mod tests {
                 latency: Duration::from_millis(i),
                 actual_latency: None,
                 late: false,
+                at: Duration::from_millis(i * 40),
             });
         }
         let sla = Sla::default();
@@ -269,6 +270,7 @@ mod tests {
         assert!(h.starts_with("<!DOCTYPE html>"));
         assert!(h.contains("<svg"));
         assert!(h.contains("Latency by percentile"));
+        assert!(h.contains("Latency over time"));
         assert!(!h.contains("src=") && !h.contains("<link"));
         assert!(!h.contains("<script"));
     }

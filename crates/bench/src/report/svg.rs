@@ -51,7 +51,10 @@ pub(super) fn line_chart(
     if y1 <= y0 {
         y1 = y0 + 1.0;
     }
-    y1 *= 1.05;
+    // Round gridlines: the top of the y axis is the first tick at or above
+    // the highest value.
+    let y_ticks = nice_ticks(y0, y1, 5);
+    y1 = y_ticks.last().copied().unwrap_or(y1).max(y1);
     let sx = |x: f64| L + (x - x0) / (x1 - x0) * (W - L - R);
     let sy = |y: f64| H - B - (y - y0) / (y1 - y0) * (H - T - B);
     let mut s = format!(
@@ -60,15 +63,16 @@ pub(super) fn line_chart(
         cx = W / 2.0
     );
     axes(&mut s, x_label, y_label);
-    for i in 0..=4 {
-        let y = y0 + (y1 - y0) * i as f64 / 4.0;
+    let y_step = y_ticks.get(1).map_or(1.0, |t| t - y_ticks[0]);
+    for &y in &y_ticks {
         let _ = write!(
             s,
-            "<line x1=\"{L}\" x2=\"{}\" y1=\"{py:.1}\" y2=\"{py:.1}\" stroke=\"#ddd\"/><text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\" font-size=\"11\">{}</text>",
+            "<line x1=\"{L}\" x2=\"{}\" y1=\"{py:.1}\" y2=\"{py:.1}\" stroke=\"#ddd\"/><line x1=\"{}\" x2=\"{L}\" y1=\"{py:.1}\" y2=\"{py:.1}\" stroke=\"#333\"/><text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\" font-size=\"11\">{}</text>",
             W - R,
-            L - 5.0,
+            L - 4.0,
+            L - 6.0,
             sy(y) + 4.0,
-            fmt_num(y),
+            tick_label(y, y_step),
             py = sy(y)
         );
     }
@@ -78,20 +82,27 @@ pub(super) fn line_chart(
             .filter(|(x, _)| *x <= x1 + 1e-9)
             .map(|(x, l)| (*x, (*l).to_owned()))
             .collect(),
-        None => (0..=5)
-            .map(|i| {
-                let x = x0 + (x1 - x0) * i as f64 / 5.0;
-                (x, fmt_num(x))
-            })
-            .collect(),
+        None => {
+            let ticks: Vec<f64> = nice_ticks(x0, x1, 6)
+                .into_iter()
+                .filter(|x| (x0 - 1e-9..=x1 + 1e-9).contains(x))
+                .collect();
+            let step = ticks.get(1).map_or(1.0, |t| t - ticks[0]);
+            ticks
+                .into_iter()
+                .map(|x| (x, tick_label(x, step)))
+                .collect()
+        }
     };
     for (x, label) in ticks {
         let _ = write!(
             s,
-            "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\" font-size=\"11\">{}</text>",
-            sx(x),
-            H - B + 15.0,
-            esc(&label)
+            "<line x1=\"{px:.1}\" x2=\"{px:.1}\" y1=\"{}\" y2=\"{}\" stroke=\"#333\"/><text x=\"{px:.1}\" y=\"{}\" text-anchor=\"middle\" font-size=\"11\">{}</text>",
+            H - B,
+            H - B + 4.0,
+            H - B + 16.0,
+            esc(&label),
+            px = sx(x)
         );
     }
     for (i, (name, pts)) in series.iter().enumerate() {
@@ -186,6 +197,35 @@ fn bounds(values: impl Iterator<Item = f64>) -> (f64, f64) {
     })
 }
 
+/// Ticks at round values (1, 2, 2.5 or 5 × 10^k apart) from at or below
+/// `lo` to at or above `hi`, about `n` intervals.
+pub(super) fn nice_ticks(lo: f64, hi: f64, n: usize) -> Vec<f64> {
+    let span = (hi - lo).max(1e-12);
+    let raw = span / n.max(1) as f64;
+    let magnitude = 10f64.powf(raw.log10().floor());
+    let step = [1.0, 2.0, 2.5, 5.0, 10.0]
+        .into_iter()
+        .map(|m| m * magnitude)
+        .find(|&s| s >= raw)
+        .unwrap_or(10.0 * magnitude);
+    let first = (lo / step).floor();
+    let last = (hi / step).ceil();
+    let count = ((last - first) as usize).min(100);
+    (0..=count).map(|i| (first + i as f64) * step).collect()
+}
+
+/// A tick value with as many decimals as its step needs.
+fn tick_label(v: f64, step: f64) -> String {
+    // The fewest decimals that write the step exactly (2.5 → 1, 0.25 → 2).
+    let decimals = (0..6)
+        .find(|&d| {
+            let scaled = step * 10f64.powi(d as i32);
+            (scaled - scaled.round()).abs() < 1e-6
+        })
+        .unwrap_or(6);
+    format!("{v:.decimals$}")
+}
+
 fn fmt_num(v: f64) -> String {
     if v.abs() >= 100.0 {
         format!("{v:.0}")
@@ -193,5 +233,24 @@ fn fmt_num(v: f64) -> String {
         format!("{v:.1}")
     } else {
         format!("{v:.3}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ticks_are_round_and_cover_the_range() {
+        assert_eq!(nice_ticks(0.0, 9.3, 5), vec![0.0, 2.0, 4.0, 6.0, 8.0, 10.0]);
+        assert_eq!(
+            nice_ticks(0.0, 0.42, 5),
+            vec![0.0, 0.1, 0.2, 0.30000000000000004, 0.4, 0.5]
+        );
+        assert_eq!(tick_label(0.30000000000000004, 0.1), "0.3");
+        assert_eq!(tick_label(7.5, 2.5), "7.5");
+        assert_eq!(tick_label(5.0, 2.5), "5.0");
+        assert_eq!(tick_label(0.25, 0.25), "0.25");
+        assert_eq!(tick_label(1250.0, 250.0), "1250");
     }
 }

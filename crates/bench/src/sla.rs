@@ -237,10 +237,10 @@ impl Compliance {
 pub fn recommendation(metric: &str) -> &'static str {
     match metric {
         "p50" => {
-            "Median latency too high: the engine itself is slow for this load. Lower max_wait in the batching config, add engine instances (CPU cores), or scale out replicas."
+            "Median latency too high: the engine itself is slow for this load. Lower the class's max_queue_delay in the model's config, add engine instances (CPU cores), or scale out replicas."
         }
         "p95" | "p99" => {
-            "Tail latency too high: requests wait in the queue. Lower max_batch_size or max_wait, give latency-critical traffic a higher priority, enable the result cache for repeated inputs, or add replicas."
+            "Tail latency too high: requests wait in the queue. Lower max_batch_size or the class's max_queue_delay, give latency-critical traffic a higher priority, enable the result cache for repeated inputs, or add replicas."
         }
         "max" => {
             "Worst-case latency too high: look for stalls (GC, swapping, cold start without warm-up, noisy neighbours); set a queue timeout so requests fail fast instead of waiting, and check warm-up is enabled."
@@ -249,7 +249,7 @@ pub fn recommendation(metric: &str) -> &'static str {
             "Throughput too low: raise max_batch_size so batches fill, add engine instances, enable the result cache, or scale out replicas (autoscale on request rate)."
         }
         "error_rate" => {
-            "Too many errors: read errors_by_reason. 503s mean queues are full (add capacity or raise queue limits), timeouts mean the server is overloaded, 4xx mean the client's requests are malformed."
+            "Too many errors: read errors_by_reason. 429s mean admission control refused requests (a full priority queue, or a deadline the queue ahead cannot meet: add capacity or raise max_queue_size), 503s mean requests expired in the queue (raise default_timeout or add capacity), timeouts mean the server is overloaded, 4xx mean the client's requests are malformed."
         }
         _ => "Investigate this metric.",
     }

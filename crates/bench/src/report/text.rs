@@ -14,7 +14,12 @@ pub(super) fn render(r: &Report) -> String {
     if let Some(m) = &r.mixed {
         mixed_text(&mut o, m);
     }
-    section(&mut o, "Results", &r.result);
+    let title = if r.mixed.is_some() {
+        "Results, both classes together"
+    } else {
+        "Results"
+    };
+    section(&mut o, title, &r.result);
     if let Some(s) = &r.stress {
         let _ = writeln!(o, "\nStress test (by {})", s.by);
         let _ = writeln!(

@@ -315,12 +315,16 @@ pub struct MixedArgs {
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u8).range(1..=5))]
     pub bg_priority: u8,
     /// Background clients (closed loop).
-    #[arg(long, short = 'c', default_value_t = 256)]
+    #[arg(long, short = 'c', visible_alias = "bg-clients", default_value_t = 256)]
     pub bg_concurrency: usize,
     /// Rows per background request (default: the first dimension of
     /// `--shape`).
     #[arg(long)]
     pub bg_rows: Option<usize>,
+    /// Duration of every phase (replaces the three below).
+    #[arg(long, value_parser = parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub phase: Option<Duration>,
     /// Duration of phase 1, the foreground alone.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     #[serde(with = "humantime_serde")]
@@ -344,11 +348,11 @@ pub struct MixedArgs {
     pub goal_fg_p99: Duration,
     /// Goal: foreground p99 under the flood at most this multiple of its
     /// p99 alone.
-    #[arg(long, default_value_t = 3.0)]
+    #[arg(long, visible_alias = "max-p99-ratio", default_value_t = 3.0)]
     pub goal_fg_p99_ratio: f64,
     /// Goal: background throughput with the foreground at least this share
     /// of its throughput alone.
-    #[arg(long, default_value_t = 0.9)]
+    #[arg(long, visible_alias = "min-bg-share", default_value_t = 0.9)]
     pub goal_bg_throughput_ratio: f64,
     /// Most foreground requests in flight; a send beyond it is not made
     /// and counts as an error.
@@ -935,7 +939,9 @@ async fn run_mixed(
                 .and_then(|s| s.first().copied())
                 .unwrap_or(1)
         }),
-        durations: [m.fg_duration, m.bg_duration, m.both_duration],
+        durations: m
+            .phase
+            .map_or([m.fg_duration, m.bg_duration, m.both_duration], |d| [d; 3]),
         targets: parse_targets(&m.target_latency)?,
         goals: MixedGoals {
             max_fg_p99_ms: m.goal_fg_p99.as_secs_f64() * 1000.0,

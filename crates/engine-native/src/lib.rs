@@ -25,6 +25,7 @@ mod offer;
 mod onnx;
 mod quant;
 mod recognise;
+mod weights;
 
 use std::path::Path;
 
@@ -40,6 +41,7 @@ pub use crate::kernels::{Simd, available_simd, detect_simd};
 use crate::model::{Ctx, HandOff, Plan, SeqLayer};
 use crate::offer::{Job, Spin, run_offering};
 pub use crate::quant::Precision;
+pub use crate::weights::{LinearWeights, ModelWeights, SeqWeights};
 
 /// How long helper threads spin after a call unless
 /// [`NativeEngine::with_helper_spin`] says otherwise: longer than the idle
@@ -398,6 +400,15 @@ impl NativeEngine {
             pool.push(ctx);
         }
         result
+    }
+
+    /// The recognised model as plain fp32 weights (for engines that run
+    /// the family elsewhere, such as the CUDA engine).
+    ///
+    /// # Errors
+    /// [`EngineError::Unsupported`] for a QDQ model.
+    pub fn weights(&self) -> Result<ModelWeights, EngineError> {
+        weights::export(&self.plan).map_err(EngineError::Unsupported)
     }
 
     /// What the recogniser found in the graph.

@@ -82,8 +82,13 @@ pub enum EngineChoice {
     Native,
     /// ONNX Runtime, loaded at run time from `ORT_DYLIB_PATH`.
     Onnxruntime,
-    /// The native engine when it recognises the graph, else ONNX Runtime
-    /// when its library is present.
+    /// tickserve's CUDA engine (the native engine's model family on an
+    /// NVIDIA GPU; CUDA loaded at run time). Without a driver, library or
+    /// device, loading stops with a message naming what is missing.
+    Cuda,
+    /// The CUDA engine when a GPU is present and the graph is recognised,
+    /// else the native engine when it recognises the graph, else ONNX
+    /// Runtime when its library is present.
     #[default]
     Auto,
 }
@@ -107,14 +112,28 @@ pub enum PrecisionChoice {
     Fp32,
     Bf16,
     Int8,
+    /// TF32 tensor cores: the CUDA engine only.
+    Tf32,
 }
 
 impl PrecisionChoice {
+    /// The native engine's precision (`tf32`, a CUDA precision, is refused
+    /// before this is asked).
     pub fn native(self) -> Precision {
         match self {
-            PrecisionChoice::Fp32 => Precision::Fp32,
+            PrecisionChoice::Fp32 | PrecisionChoice::Tf32 => Precision::Fp32,
             PrecisionChoice::Bf16 => Precision::Bf16,
             PrecisionChoice::Int8 => Precision::Int8,
+        }
+    }
+
+    /// The configuration spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PrecisionChoice::Fp32 => "fp32",
+            PrecisionChoice::Bf16 => "bf16",
+            PrecisionChoice::Int8 => "int8",
+            PrecisionChoice::Tf32 => "tf32",
         }
     }
 }
@@ -209,6 +228,13 @@ pub struct BatchingConfig {
     pub aging_interval: Duration,
     /// …at most this many levels (never above priority 1).
     pub max_aging_levels: u8,
+    /// Whether a batch with a priority that has a `target_latency` above
+    /// its own runs in chunks, between which waiting requests of higher
+    /// priorities go first.
+    pub chunking: bool,
+    /// Rows per chunk; without it, the most rows the measured engine time
+    /// fits into the tightest higher target less one row's time.
+    pub chunk_rows: Option<usize>,
     /// Per-priority policy, keyed by level `"1"` … `"5"`.
     pub priority: BTreeMap<String, PriorityConfig>,
 }
@@ -223,6 +249,8 @@ impl Default for BatchingConfig {
             aging_threshold: Duration::from_secs(1),
             aging_interval: Duration::from_secs(1),
             max_aging_levels: 2,
+            chunking: true,
+            chunk_rows: None,
             priority: BTreeMap::new(),
         }
     }
@@ -240,6 +268,29 @@ pub struct PriorityConfig {
     pub default_timeout: Option<Duration>,
     /// Whether a request may set a shorter `timeout` of its own.
     pub allow_timeout_override: Option<bool>,
+    /// The latency this priority is promised: lower priorities pad its
+    /// batches only while it is predicted to be met, and run in chunks
+    /// that fit it. `"0s"`: none (best effort). Defaults: 2 ms for
+    /// priority 1, 5 ms for 2, none below.
+    #[serde(with = "humantime_serde")]
+    pub target_latency: Option<Duration>,
+}
+
+/// `[[instance_group]]`: engine workers reserved for some priorities and
+/// optionally pinned to cores.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceGroupConfig {
+    /// Engine worker threads in the group.
+    #[serde(default = "default_instances")]
+    pub count: usize,
+    /// Priorities (1–5) its workers take; all when absent.
+    #[serde(default)]
+    pub priorities: Vec<u8>,
+    /// CPU cores its workers are pinned to, one each, round robin; none:
+    /// the OS places them.
+    #[serde(default)]
+    pub cores: Vec<usize>,
 }
 
 /// `[adaptive_batching]`: the live max batch size controller.
@@ -325,9 +376,17 @@ pub struct ModelConfig {
     /// parks them at once.
     #[serde(default = "default_helper_spin", with = "humantime_serde")]
     pub helper_spin: Duration,
-    /// GEMM precision of the native engine: "fp32", "bf16" or "int8".
+    /// GEMM precision: "fp32", "bf16" or "int8" (native engine); "fp32",
+    /// "tf32" or "bf16" (CUDA engine).
     #[serde(default)]
     pub precision: PrecisionChoice,
+    /// CUDA engine: the device ordinal.
+    #[serde(default)]
+    pub device: usize,
+    /// CUDA engine: the fraction of the GPU's memory its allocations stay
+    /// under (the batch is also capped by free memory less 20 %).
+    #[serde(default = "default_gpu_memory_fraction")]
+    pub gpu_memory_fraction: f64,
     /// int8 activation scales: dynamic, or static from a calibration set.
     #[serde(default)]
     pub quantization: QuantizationConfig,
@@ -342,10 +401,28 @@ pub struct ModelConfig {
     /// Result caching of this model (the `[cache]` section).
     #[serde(default)]
     pub cache: ModelCacheConfig,
+    /// Engine workers by group (replaces `instances` when present).
+    #[serde(default)]
+    pub instance_group: Vec<InstanceGroupConfig>,
+}
+
+impl ModelConfig {
+    /// Engine worker threads: the groups' counts, else `instances`.
+    pub fn engine_instances(&self) -> usize {
+        if self.instance_group.is_empty() {
+            self.instances
+        } else {
+            self.instance_group.iter().map(|g| g.count).sum()
+        }
+    }
 }
 
 fn default_max_batch_size() -> usize {
     32
+}
+
+fn default_gpu_memory_fraction() -> f64 {
+    0.85
 }
 
 fn default_instances() -> usize {
@@ -472,6 +549,48 @@ pub fn read_config(path: &Path) -> Result<ModelConfig, RepositoryError> {
     if config.instances == 0 {
         return Err(invalid("instances must be at least 1".into()));
     }
+    if !config.instance_group.is_empty() && config.instances != 1 {
+        return Err(invalid(
+            "set either instances or [[instance_group]], not both (the groups' counts are the instances)".into(),
+        ));
+    }
+    for (i, group) in config.instance_group.iter().enumerate() {
+        if group.count == 0 {
+            return Err(invalid(format!(
+                "instance_group {}: count must be at least 1",
+                i + 1
+            )));
+        }
+        if let Some(bad) = group.priorities.iter().find(|p| !(1..=5).contains(*p)) {
+            return Err(invalid(format!(
+                "instance_group {}: priority {bad}; expected 1 (highest) to 5 (lowest)",
+                i + 1
+            )));
+        }
+    }
+    if !config.instance_group.is_empty() {
+        let served: std::collections::BTreeSet<u8> = config
+            .instance_group
+            .iter()
+            .flat_map(|g| {
+                if g.priorities.is_empty() {
+                    vec![1, 2, 3, 4, 5]
+                } else {
+                    g.priorities.clone()
+                }
+            })
+            .collect();
+        if let Some(missing) = (1..=5).find(|p| !served.contains(p)) {
+            return Err(invalid(format!(
+                "no instance_group serves priority {missing}: its requests would never run"
+            )));
+        }
+    }
+    if config.dynamic_batching.chunk_rows == Some(0) {
+        return Err(invalid(
+            "dynamic_batching.chunk_rows must be at least 1".into(),
+        ));
+    }
     if config.threads == 0 {
         return Err(invalid("threads must be at least 1".into()));
     }
@@ -479,6 +598,12 @@ pub fn read_config(path: &Path) -> Result<ModelConfig, RepositoryError> {
         return Err(invalid(format!(
             "helper_spin is {:?}; at most {MAX_HELPER_SPIN:?} (after each call a helper keeps a core busy this long)",
             config.helper_spin
+        )));
+    }
+    if !(config.gpu_memory_fraction > 0.0 && config.gpu_memory_fraction <= 1.0) {
+        return Err(invalid(format!(
+            "gpu_memory_fraction is {}; expected more than 0 and at most 1",
+            config.gpu_memory_fraction
         )));
     }
     check_quantization(&config.quantization, config.precision, "model").map_err(invalid)?;
@@ -663,8 +788,13 @@ impl ModelEntry {
         path: &Path,
         precision: PrecisionChoice,
     ) -> Result<NativeEngine, EngineError> {
+        if precision == PrecisionChoice::Tf32 {
+            return Err(EngineError::Unsupported(
+                "precision = \"tf32\" is a CUDA precision; the native engine runs fp32, bf16 or int8".into(),
+            ));
+        }
         let mut engine = NativeEngine::load(path)?
-            .with_threads(self.config.threads, self.config.instances)?
+            .with_threads(self.config.threads, self.config.engine_instances())?
             .with_helper_spin(self.config.helper_spin)
             .with_precision(precision.native());
         if engine.is_qdq() && precision == PrecisionChoice::Bf16 {
@@ -706,7 +836,7 @@ impl ModelEntry {
         let engine = tickserve_engine_ort::OrtEngine::load(
             path,
             self.config.threads,
-            self.config.instances,
+            self.config.engine_instances(),
         )?;
         Ok(Arc::new(engine))
     }
@@ -719,7 +849,7 @@ impl ModelEntry {
         }
         Err(EngineError::Unsupported(format!(
             "precision = \"{}\" is applied by the native engine only; ONNX Runtime runs the model as exported (fp32): set precision = \"fp32\" or engine = \"native\"",
-            precision.native()
+            precision.as_str()
         )))
     }
 
@@ -733,6 +863,80 @@ impl ModelEntry {
         Err(EngineError::Unsupported(
             "this tickserve was built without the `onnxruntime` feature".into(),
         ))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn load_cuda(
+        &self,
+        path: &Path,
+        precision: PrecisionChoice,
+    ) -> Result<Arc<dyn Engine>, EngineError> {
+        use tickserve_engine_cuda::{CudaEngine, CudaOptions, CudaPrecision};
+        let precision = match precision {
+            PrecisionChoice::Fp32 => CudaPrecision::Fp32,
+            PrecisionChoice::Tf32 => CudaPrecision::Tf32,
+            PrecisionChoice::Bf16 => CudaPrecision::Bf16,
+            PrecisionChoice::Int8 => {
+                return Err(EngineError::Unsupported(
+                    "the CUDA engine runs fp32, tf32 or bf16, not int8".into(),
+                ));
+            }
+        };
+        let options = CudaOptions {
+            device: self.config.device,
+            precision,
+            max_batch_size: self.config.max_batch_size,
+            workers: self.config.instances,
+            gpu_memory_fraction: self.config.gpu_memory_fraction,
+            ..CudaOptions::default()
+        };
+        Ok(Arc::new(CudaEngine::load(path, &options)?))
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn load_cuda(
+        &self,
+        _path: &Path,
+        _precision: PrecisionChoice,
+    ) -> Result<Arc<dyn Engine>, EngineError> {
+        Err(EngineError::Unsupported(
+            "this tickserve was built without the `cuda` feature".into(),
+        ))
+    }
+
+    /// `engine = "auto"` on a machine with a usable GPU: the CUDA engine,
+    /// or `None` (after logging why) when the CPU engines should be tried.
+    #[cfg(feature = "cuda")]
+    fn try_auto_cuda(
+        &self,
+        version: u64,
+        path: &Path,
+        precision: PrecisionChoice,
+    ) -> Option<Arc<dyn Engine>> {
+        if let Err(missing) = tickserve_engine_cuda::probe(self.config.device) {
+            tracing::info!(model = %self.name, version, reason = %missing, "engine auto: no usable GPU; using the CPU engines");
+            return None;
+        }
+        match self.load_cuda(path, precision) {
+            Ok(engine) => {
+                tracing::info!(model = %self.name, version, "engine auto: a GPU is present and the graph is recognised; using the CUDA engine");
+                Some(engine)
+            }
+            Err(reason) => {
+                tracing::info!(model = %self.name, version, reason = %reason, "engine auto: the CUDA engine cannot run this model; using the CPU engines");
+                None
+            }
+        }
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn try_auto_cuda(
+        &self,
+        _version: u64,
+        _path: &Path,
+        _precision: PrecisionChoice,
+    ) -> Option<Arc<dyn Engine>> {
+        None
     }
 
     pub fn load_version(&self, version: u64) -> Result<LoadedVersion, RepositoryError> {
@@ -751,24 +955,49 @@ impl ModelEntry {
             EngineChoice::Onnxruntime => self
                 .load_onnxruntime(&path, precision)
                 .map_err(engine_error)?,
-            EngineChoice::Auto => match self.load_native(version, &path, precision) {
-                Ok(native) => Arc::new(native),
-                Err(EngineError::Unsupported(native_reason)) => {
-                    match self.load_onnxruntime(&path, precision) {
-                        Ok(engine) => {
-                            tracing::info!(model = %self.name, version, reason = %native_reason, "the native engine does not run this graph; using ONNX Runtime");
-                            engine
-                        }
-                        Err(ort_error) => {
-                            return Err(engine_error(EngineError::Unsupported(format!(
-                                "no engine can serve it: native engine: {native_reason}; ONNX Runtime: {ort_error}"
-                            ))));
-                        }
-                    }
-                }
-                Err(other) => return Err(engine_error(other)),
+            EngineChoice::Cuda => self.load_cuda(&path, precision).map_err(engine_error)?,
+            EngineChoice::Auto => match self.try_auto_cuda(version, &path, precision) {
+                Some(cuda) => cuda,
+                None => self
+                    .load_auto_cpu(version, &path, precision)
+                    .map_err(engine_error)?,
             },
         };
+        self.loaded(version, engine)
+    }
+
+    /// `engine = "auto"` without the CUDA engine: native when it
+    /// recognises the graph, else ONNX Runtime.
+    fn load_auto_cpu(
+        &self,
+        version: u64,
+        path: &Path,
+        precision: PrecisionChoice,
+    ) -> Result<Arc<dyn Engine>, EngineError> {
+        Ok(match self.load_native(version, path, precision) {
+            Ok(native) => Arc::new(native),
+            Err(EngineError::Unsupported(native_reason)) => {
+                match self.load_onnxruntime(path, precision) {
+                    Ok(engine) => {
+                        tracing::info!(model = %self.name, version, reason = %native_reason, "the native engine does not run this graph; using ONNX Runtime");
+                        engine
+                    }
+                    Err(ort_error) => {
+                        return Err(EngineError::Unsupported(format!(
+                            "no engine can serve it: native engine: {native_reason}; ONNX Runtime: {ort_error}"
+                        )));
+                    }
+                }
+            }
+            Err(other) => return Err(other),
+        })
+    }
+
+    fn loaded(
+        &self,
+        version: u64,
+        engine: Arc<dyn Engine>,
+    ) -> Result<LoadedVersion, RepositoryError> {
         tracing::info!(model = %self.name, version, engine = %engine.variant(), threads = self.config.threads, helper_spin = ?self.config.helper_spin, "model loaded");
         let signature = engine.signature();
         let check = |kind: &str, config: &[TensorConfig], actual: &[TensorSpec]| {

@@ -169,7 +169,7 @@ fn helper_spin_is_read_with_its_default_and_a_model_with_it_loads() {
         models[0].config.helper_spin,
         tickserve_engine_native::DEFAULT_HELPER_SPIN
     );
-    let config = format!("threads = 2\nhelper_spin = \"250us\"\n{VARIANT_A}");
+    let config = format!("engine = \"native\"\nthreads = 2\nhelper_spin = \"250us\"\n{VARIANT_A}");
     let models = scan(&repo("variant_a", &a, &config)).unwrap();
     assert_eq!(
         models[0].config.helper_spin,
@@ -263,12 +263,12 @@ fn precision_is_applied_by_the_native_engine_and_refused_for_onnxruntime() {
         let dir = repo(
             "m",
             &a,
-            &format!("precision = \"{precision}\"\n{VARIANT_A}"),
+            &format!("engine = \"native\"\nprecision = \"{precision}\"\n{VARIANT_A}"),
         );
         let loaded = scan(&dir).unwrap()[0].load_version(1).unwrap();
         assert_eq!(loaded.engine.variant(), variant);
     }
-    let dir = repo("m", &a, VARIANT_A);
+    let dir = repo("m", &a, &format!("engine = \"native\"\n{VARIANT_A}"));
     let loaded = scan(&dir).unwrap()[0].load_version(1).unwrap();
     assert_eq!(
         loaded.engine.variant(),
@@ -369,7 +369,8 @@ fn a_qdq_model_runs_with_its_own_quantisation() {
 #[test]
 fn a_version_toml_overrides_the_precision_of_its_version_only() {
     let a = root().join("fixtures/models/variant_a/model.onnx");
-    let dir = repo("m", &a, VARIANT_A);
+    // The native engine's precisions (engine "auto" would take a GPU).
+    let dir = repo("m", &a, &format!("engine = \"native\"\n{VARIANT_A}"));
     std::fs::create_dir_all(dir.join("m/2")).unwrap();
     std::fs::copy(&a, dir.join("m/2/model.onnx")).unwrap();
     std::fs::write(dir.join("m/2/version.toml"), "precision = \"int8\"\n").unwrap();
@@ -425,7 +426,7 @@ fn a_version_toml_overrides_the_precision_of_its_version_only() {
 fn a_version_toml_may_carry_static_quantisation_with_its_own_calibration() {
     let model = root().join("models/cnn_lstm/1/model.onnx");
     // The model itself runs fp32 with dynamic int8 options.
-    let dir = repo("m", &model, CNN_LSTM);
+    let dir = repo("m", &model, &format!("engine = \"native\"\n{CNN_LSTM}"));
     std::fs::create_dir_all(dir.join("m/2")).unwrap();
     std::fs::copy(&model, dir.join("m/2/model.onnx")).unwrap();
     let version_toml = dir.join("m/2/version.toml");
@@ -507,4 +508,56 @@ fn a_version_toml_may_carry_static_quantisation_with_its_own_calibration() {
             .variant(),
         "native/int8-static"
     );
+}
+
+#[test]
+fn engine_cuda_runs_the_variant_or_names_what_is_missing() {
+    let dir = repo(
+        "m",
+        &root().join("fixtures/models/variant_a/model.onnx"),
+        &format!("engine = \"cuda\"\ndevice = 0\ngpu_memory_fraction = 0.5\n{VARIANT_A}"),
+    );
+    let result = scan(&dir).unwrap()[0].load_version(1);
+    match tickserve_engine_cuda::probe(0) {
+        Ok(()) => assert_eq!(result.unwrap().engine.kind(), "cuda"),
+        Err(missing) => {
+            assert!(
+                !tickserve_engine_cuda::cuda_required(),
+                "TICKSERVE_REQUIRE_CUDA=1 but {missing}"
+            );
+            println!("SKIPPED the CUDA half of this test: {missing}");
+            let err = result.unwrap_err().to_string();
+            assert!(err.contains("CUDA engine"), "{err}");
+            assert!(err.contains(&missing.to_string()), "{err}");
+        }
+    }
+}
+
+#[test]
+fn engine_auto_without_a_gpu_uses_the_cpu_engines() {
+    if tickserve_engine_cuda::probe(0).is_ok() {
+        println!("SKIPPED engine_auto_without_a_gpu_uses_the_cpu_engines: this machine has a GPU");
+        return;
+    }
+    let dir = repo(
+        "m",
+        &root().join("fixtures/models/variant_a/model.onnx"),
+        &format!("engine = \"auto\"\n{VARIANT_A}"),
+    );
+    let loaded = scan(&dir).unwrap()[0].load_version(1).unwrap();
+    assert_eq!(loaded.engine.kind(), "native");
+}
+
+#[test]
+fn gpu_options_are_checked_and_tf32_is_refused_on_the_cpu() {
+    let err = load_error(
+        &format!("gpu_memory_fraction = 1.5\n{VARIANT_A}"),
+        "fixtures/models/variant_a/model.onnx",
+    );
+    assert!(err.contains("gpu_memory_fraction"), "{err}");
+    let err = load_error(
+        &format!("engine = \"native\"\nprecision = \"tf32\"\n{VARIANT_A}"),
+        "fixtures/models/variant_a/model.onnx",
+    );
+    assert!(err.contains("tf32"), "{err}");
 }

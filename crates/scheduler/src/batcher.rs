@@ -1,47 +1,64 @@
 //! The batcher task and the engine worker threads.
 //!
-//! The task owns the [`PriorityQueue`], the list of idle workers, the
-//! per-instance engine-time models and the arrival-rate estimate. It wakes
-//! for: a new request (admitted or refused at once), a worker that
-//! finished (its batch time refits that instance's model), the earliest
+//! The task owns the [`PriorityQueue`], the idle workers, the batches
+//! parked between two chunks, the per-instance engine-time models and the
+//! arrival-rate estimate. It wakes for: a new request (admitted or refused
+//! at once), a worker that finished a chunk (its time refits that
+//! instance's model; the batch comes back if rows remain), the earliest
 //! request deadline (expired requests are answered 503 there, even while
 //! every worker is busy: the timer does not depend on batch formation,
 //! Triton #7512), the moment the next batch is due, and the adaptive
-//! controller's tick. Workers run the engine, answer every request of the
-//! batch through its oneshot, and report back.
+//! controller's tick.
+//!
+//! Real-time isolation comes from three rules (docs/scheduling.md):
+//! * a batch led by a class with a latency target is padded with lower
+//!   classes only while the fit predicts it still meets that target
+//!   ([`BatchLimits`]);
+//! * a batch of lower classes runs in chunks sized so that one chunk plus
+//!   a one-row batch fit the tightest higher target; between chunks an
+//!   idle worker takes waiting work of a strictly higher class first;
+//! * workers may be reserved for some classes ([`WorkerPlan`]); an idle
+//!   reserved worker is offered work before a general one;
+//! * under overload lower classes are refused first: while a class is
+//!   refused for capacity, lower classes are shed at admission and their
+//!   queued requests answered 429 at once.
+//!
+//! The task runs on an OS thread of its own (unless
+//! [`SchedulerConfig::own_thread`] is off, as in tests on the paused
+//! clock), so request decoding on the server's runtime never delays a
+//! dispatch. Workers run the engine ([`InFlight::run_chunk`]), answer each request
+//! whose rows are complete through its oneshot, and report back.
 
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::mpsc as std_mpsc;
 use std::time::Duration;
 
 use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
-use tickserve_engine::{Batch, Engine, EngineError};
+use tickserve_engine::{Engine, EngineError};
 use tickserve_telemetry as telemetry;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::adaptive::Observation;
 use crate::estimate::{LatencyModel, RateEstimator};
+use crate::inflight::{Answered, InFlight};
 use crate::monitor::ResourceMonitor;
-use crate::priority::Priority;
-use crate::queue::{PriorityQueue, Taken};
+use crate::priority::{ClassSet, Priority};
+use crate::queue::{BatchLimits, PriorityQueue, Taken};
 use crate::stats::SchedulerStats;
-use crate::{Request, SchedulerCommand, SchedulerConfig, SchedulerError};
+use crate::{Request, SchedulerCommand, SchedulerConfig, SchedulerError, WorkerPlan};
 
-/// A batch on its way to a worker thread.
-struct WorkerJob {
-    requests: Vec<Request>,
-    rows: usize,
-}
-
-/// What a worker reports when its batch is done.
+/// What a worker reports when a chunk is done.
 struct Done {
     worker: usize,
+    /// Rows of the chunk and its engine time; `clean` when it was one
+    /// engine call (a split chunk says nothing about engine time).
     rows: usize,
     took: Duration,
-    /// Class, arrival and success of every request it answered.
-    answered: Vec<(Priority, Instant, bool)>,
+    clean: bool,
+    answered: Vec<Answered>,
+    /// The batch, when rows of it remain.
+    rest: Option<InFlight>,
 }
 
 /// Batches the latency fit looks back on, per instance.
@@ -50,6 +67,12 @@ const MODEL_WINDOW: usize = 64;
 const RATE_TAU: Duration = Duration::from_millis(50);
 /// Priority-1 latencies kept per controller interval (bounded memory).
 const P99_WINDOW: usize = 4096;
+/// How long after a refusal of a class the classes below it are shed.
+const SHED_WINDOW: Duration = Duration::from_secs(1);
+/// How long after the last request of a class with a latency target the
+/// batches below it keep running in chunks. Without such traffic, chunks
+/// would only cost throughput.
+const CHUNKING_WINDOW: Duration = Duration::from_secs(10);
 
 pub(crate) fn start(
     engine: Arc<dyn Engine>,
@@ -57,31 +80,88 @@ pub(crate) fn start(
     stats: Arc<SchedulerStats>,
     command_rx: mpsc::Receiver<SchedulerCommand>,
 ) {
-    let instances = config.instances.max(1);
+    let plans = config.workers();
     // Workers report "done" here; one slot per worker is enough as each
     // sends at most once per job.
-    let (done_tx, done_rx) = mpsc::channel(instances);
-    let mut workers = Vec::with_capacity(instances);
-    for index in 0..instances {
+    let (done_tx, done_rx) = mpsc::channel(plans.len().max(1));
+    let mut workers = Vec::with_capacity(plans.len());
+    for (index, plan) in plans.into_iter().enumerate() {
         // Capacity 1: a worker is only given a job when it is idle.
-        let (job_tx, job_rx) = std_mpsc::sync_channel::<WorkerJob>(1);
+        let (job_tx, job_rx) = std_mpsc::sync_channel::<InFlight>(1);
         let engine = Arc::clone(&engine);
         let done_tx = done_tx.clone();
         let model = config.model.clone();
         let stats = Arc::clone(&stats);
         let spawned = std::thread::Builder::new()
             .name(format!("engine-{index}"))
-            .spawn(move || engine_worker(index, &*engine, &model, &stats, &job_rx, &done_tx));
+            .spawn(move || {
+                pin_to(plan.core, &model, index);
+                engine_worker(index, &*engine, &model, &stats, &job_rx, &done_tx);
+            });
         match spawned {
-            Ok(_) => workers.push(job_tx),
+            Ok(_) => workers.push(Worker {
+                jobs: job_tx,
+                plan,
+                busy_until: None,
+            }),
             Err(e) => {
                 tracing::error!(model = %config.model, error = %e, "cannot start engine thread")
             }
         }
     }
     let monitor = config.adaptive.enabled.then(ResourceMonitor::global);
+    let own_thread = config.own_thread;
+    let model = config.model.clone();
     let batcher = Batcher::new(config, stats, workers, monitor);
-    tokio::spawn(batcher.run(command_rx, done_rx));
+    let task = batcher.run(command_rx, done_rx);
+    if !own_thread {
+        tokio::spawn(task);
+        return;
+    }
+    // Its own OS thread and runtime: under load the protocol front end
+    // fills the server's runtime with request decoding, and a batcher
+    // polled behind it would leave the engine idle between batches.
+    let spawned = std::thread::Builder::new()
+        .name(format!("batcher-{model}"))
+        .spawn(move || {
+            match tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+            {
+                Ok(runtime) => runtime.block_on(task),
+                Err(e) => tracing::error!(model, error = %e, "cannot start the batcher runtime"),
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the batcher thread");
+    }
+}
+
+/// Pins the calling thread to `core`, logging (not failing) when the OS
+/// refuses: a worker on any core still serves.
+fn pin_to(core: Option<usize>, model: &str, worker: usize) {
+    let Some(core) = core else { return };
+    let pinned = core_affinity::get_core_ids()
+        .and_then(|ids| ids.into_iter().find(|id| id.id == core))
+        .is_some_and(core_affinity::set_for_current);
+    if pinned {
+        tracing::debug!(model, worker, core, "engine worker pinned");
+    } else {
+        tracing::warn!(
+            model,
+            worker,
+            core,
+            "cannot pin the engine worker to this core; it runs unpinned"
+        );
+    }
+}
+
+/// An engine worker thread as the batcher sees it.
+struct Worker {
+    jobs: std_mpsc::SyncSender<InFlight>,
+    plan: WorkerPlan,
+    /// When its running chunk is predicted to finish; `None` when idle.
+    busy_until: Option<Instant>,
 }
 
 /// Metric handles of one class.
@@ -90,6 +170,7 @@ struct ClassMetrics {
     queue_wait: Histogram,
     rejected_queue_full: Counter,
     rejected_deadline: Counter,
+    rejected_shed: Counter,
     expired: Counter,
 }
 
@@ -97,10 +178,21 @@ struct Batcher {
     config: Arc<SchedulerConfig>,
     stats: Arc<SchedulerStats>,
     queue: PriorityQueue<Request>,
-    workers: Vec<std_mpsc::SyncSender<WorkerJob>>,
+    workers: Vec<Worker>,
+    /// Idle workers, the most reserved first: a class with a reserved
+    /// instance goes there before taking a general one.
     idle: Vec<usize>,
-    /// Per worker: when its running batch is predicted to finish.
-    busy_until: Vec<Option<Instant>>,
+    /// Chunked batches between two chunks.
+    parked: Vec<InFlight>,
+    /// Whether the last parked batch resumed ahead of waiting higher
+    /// classes was starving (so the next one is not: see `next_work`).
+    resumed_starving_last: bool,
+    /// Per class: its latency target.
+    targets: [Option<Duration>; Priority::LEVELS],
+    /// Per class: when a request of it was last refused for capacity.
+    refused_at: [Option<Instant>; Priority::LEVELS],
+    /// Per class: when a request of it last arrived.
+    arrived_at: [Option<Instant>; Priority::LEVELS],
     models: Vec<LatencyModel>,
     arrivals: RateEstimator,
     live_max: usize,
@@ -109,13 +201,14 @@ struct Batcher {
     class_metrics: Vec<ClassMetrics>,
     dropped: Counter,
     live_max_gauge: Gauge,
+    chunk_rows_gauge: Gauge,
 }
 
 impl Batcher {
     fn new(
         config: Arc<SchedulerConfig>,
         stats: Arc<SchedulerStats>,
-        workers: Vec<std_mpsc::SyncSender<WorkerJob>>,
+        workers: Vec<Worker>,
         monitor: Option<Arc<ResourceMonitor>>,
     ) -> Self {
         let model = config.model.clone();
@@ -131,6 +224,7 @@ impl Batcher {
                     queue_wait: histogram!(telemetry::QUEUE_WAIT, "model" => model.clone(), "priority" => label),
                     rejected_queue_full: rejected(telemetry::rejection::QUEUE_FULL),
                     rejected_deadline: rejected(telemetry::rejection::DEADLINE),
+                    rejected_shed: rejected(telemetry::rejection::SHED),
                     expired: rejected(telemetry::rejection::TIMEOUT_EXPIRED),
                 }
             })
@@ -143,32 +237,42 @@ impl Batcher {
         let live_max_gauge = gauge!(telemetry::ADAPTIVE_BATCH_SIZE, "model" => model.clone());
         live_max_gauge.set(config.max_batch_size as f64);
         let n = workers.len();
+        let mut idle: Vec<usize> = (0..n).collect();
+        idle.sort_by_key(|&w| workers[w].plan.classes.len());
         Batcher {
             live_max: config.max_batch_size.max(1),
             stats,
             queue,
-            idle: (0..n).rev().collect(),
-            busy_until: vec![None; n],
+            idle,
+            parked: Vec::new(),
+            resumed_starving_last: false,
+            targets: config.classes.clone().map(|c| c.target_latency),
+            refused_at: [None; Priority::LEVELS],
+            arrived_at: [None; Priority::LEVELS],
             models: vec![LatencyModel::new(MODEL_WINDOW); n.max(1)],
             workers,
             arrivals: RateEstimator::new(RATE_TAU),
             monitor,
             highest_latencies: Vec::new(),
             class_metrics,
-            dropped: counter!(telemetry::DROPPED_TOTAL, "model" => model),
+            dropped: counter!(telemetry::DROPPED_TOTAL, "model" => model.clone()),
             live_max_gauge,
+            chunk_rows_gauge: gauge!(telemetry::CHUNK_ROWS, "model" => model),
             config,
         }
     }
 
-    /// The engine-time model of `worker`, or of any instance that has
-    /// samples (instances run the same engine).
-    fn model_for(&self, worker: Option<usize>) -> &LatencyModel {
+    /// Index of the engine-time model for `worker`: its own, or that of any
+    /// instance that has samples (instances run the same engine).
+    fn model_index(&self, worker: Option<usize>) -> usize {
         worker
-            .and_then(|w| self.models.get(w))
-            .filter(|m| m.has_samples())
-            .or_else(|| self.models.iter().find(|m| m.has_samples()))
-            .unwrap_or(&self.models[0])
+            .filter(|&w| self.models.get(w).is_some_and(LatencyModel::has_samples))
+            .or_else(|| self.models.iter().position(LatencyModel::has_samples))
+            .unwrap_or(0)
+    }
+
+    fn model_for(&self, worker: Option<usize>) -> &LatencyModel {
+        &self.models[self.model_index(worker)]
     }
 
     /// Rows per second all instances serve at the live batch size; `None`
@@ -178,23 +282,37 @@ impl Batcher {
         (full > 0.0).then(|| self.workers.len().max(1) as f64 * self.live_max as f64 / full)
     }
 
-    /// How long until some worker is free (zero when one is idle).
+    /// How long until some worker is free (zero when one is idle). With
+    /// chunked batches that is the end of the running chunk.
     fn until_a_worker_is_free(&self, now: Instant) -> Duration {
         if !self.idle.is_empty() {
             return Duration::ZERO;
         }
-        self.busy_until
+        self.workers
             .iter()
-            .flatten()
+            .filter_map(|w| w.busy_until)
             .map(|t| t.saturating_duration_since(now))
             .min()
             .unwrap_or(Duration::ZERO)
     }
 
-    /// Time to work off `rows` queued rows, plus the running batches.
+    /// Time to work off `rows` queued rows, plus the running chunks.
     fn drain_time(&self, now: Instant, rows: usize) -> Option<Duration> {
         let rate = self.service_rate()?;
         Some(self.until_a_worker_is_free(now) + Duration::from_secs_f64(rows as f64 / rate))
+    }
+
+    /// Rows a new request of class `priority` has ahead of it: waiting
+    /// rows of its class and above, and the rest of parked batches it
+    /// cannot go ahead of.
+    fn rows_ahead(&self, priority: Priority) -> usize {
+        let parked: usize = self
+            .parked
+            .iter()
+            .filter(|b| b.class() <= priority)
+            .map(|b| b.remaining())
+            .sum();
+        self.queue.rows_at_or_above(priority) + parked
     }
 
     /// Retry-After for a refused client: when the queue as it stands now
@@ -217,21 +335,60 @@ impl Batcher {
         }
     }
 
+    /// A higher class refused for capacity within [`SHED_WINDOW`], if any:
+    /// requests of lower classes are then refused at once.
+    fn shed_by(&self, now: Instant, priority: Priority) -> Option<Priority> {
+        Priority::ALL[..priority.index()].iter().copied().find(|p| {
+            self.refused_at[p.index()]
+                .is_some_and(|at| now.saturating_duration_since(at) < SHED_WINDOW)
+        })
+    }
+
     fn admit(&mut self, request: Request) {
         let now = Instant::now();
         let priority = request.priority;
         self.arrivals.record(now, request.rows);
+        self.arrived_at[priority.index()] = Some(now);
         let class_stats = self.stats.class(priority);
         let metrics = &self.class_metrics[priority.index()];
         let deadline = request.arrived + request.timeout;
+        // Under overload the lowest classes go first: while a higher class
+        // is being refused, a lower one would only wait for capacity that
+        // is not there.
+        if let Some(higher) = self.shed_by(now, priority) {
+            class_stats.count_rejected_queue_full();
+            metrics.rejected_shed.increment(1);
+            let error = SchedulerError::Shed {
+                model: self.config.model.clone(),
+                priority,
+                higher,
+                retry_after: self.retry_after(now, priority),
+            };
+            let _ = request.response_tx.send(Err(error));
+            return;
+        }
         // Admission: the rows of this and every higher class go first; if
         // working them off plus this request's own batch ends past the
         // deadline, answer now rather than late.
-        let ahead = self.queue.rows_at_or_above(priority);
-        if let Some(wait) = self.drain_time(now, ahead) {
+        let ahead = self.rows_ahead(priority);
+        let drain = self.drain_time(now, ahead);
+        // The engine-time fit knows nothing of the cores the protocol
+        // front end takes from the engine under load; the queue's own age
+        // does: a newcomer waits at least as long as the oldest request
+        // ahead of it has waited so far.
+        let sojourn = self
+            .queue
+            .oldest_at_or_above(priority)
+            .map(|at| now.saturating_duration_since(at));
+        if drain.is_some() || sojourn.is_some() {
+            let wait = drain.unwrap_or_default().max(sojourn.unwrap_or_default());
             let own = self.model_for(None).predict(request.rows);
             let finish = now + wait + own;
-            if finish > deadline {
+            // Admitted requests must meet their deadline although the
+            // prediction is a point estimate: the queue ahead may take at
+            // most half of what is left of the timeout.
+            let margin = deadline.saturating_duration_since(now) / 2;
+            if finish + margin > deadline {
                 class_stats.count_rejected_deadline();
                 metrics.rejected_deadline.increment(1);
                 let error = SchedulerError::DeadlineUnmeetable {
@@ -242,6 +399,11 @@ impl Batcher {
                     retry_after: self.retry_after(now, priority),
                 };
                 let _ = request.response_tx.send(Err(error));
+                // A deadline the client shortened says nothing about
+                // capacity; the class's own one does.
+                if request.timeout >= self.config.class(priority).default_timeout {
+                    self.refused(now, priority);
+                }
                 return;
             }
         }
@@ -256,6 +418,33 @@ impl Batcher {
                 retry_after: self.retry_after(now, priority),
             };
             let _ = request.response_tx.send(Err(error));
+            self.refused(now, priority);
+        }
+    }
+
+    /// A request of `priority` was refused for capacity: lower classes are
+    /// shed for [`SHED_WINDOW`], those already waiting at once (they would
+    /// only take engine time, through the starvation guard, from the class
+    /// that is being refused).
+    fn refused(&mut self, now: Instant, priority: Priority) {
+        self.refused_at[priority.index()] = Some(now);
+        for lower in &Priority::ALL[priority.index() + 1..] {
+            let shed = self.queue.drain_class(*lower);
+            if shed.is_empty() {
+                continue;
+            }
+            let retry_after = self.retry_after(now, *lower);
+            for request in shed {
+                self.stats.class(*lower).count_rejected_queue_full();
+                self.class_metrics[lower.index()].rejected_shed.increment(1);
+                let error = SchedulerError::Shed {
+                    model: self.config.model.clone(),
+                    priority: *lower,
+                    higher: priority,
+                    retry_after,
+                };
+                let _ = request.response_tx.send(Err(error));
+            }
         }
     }
 
@@ -275,14 +464,23 @@ impl Batcher {
 
     fn finished(&mut self, done: Done) {
         let now = Instant::now();
-        if let Some(model) = self.models.get_mut(done.worker) {
+        if done.clean
+            && let Some(model) = self.models.get_mut(done.worker)
+        {
             model.record(done.rows, done.took);
         }
-        if let Some(slot) = self.busy_until.get_mut(done.worker) {
-            *slot = None;
+        if let Some(worker) = self.workers.get_mut(done.worker) {
+            worker.busy_until = None;
+            self.idle.push(done.worker);
+            let workers = &self.workers;
+            self.idle.sort_by_key(|&w| workers[w].plan.classes.len());
         }
-        self.idle.push(done.worker);
-        for (priority, arrived, ok) in done.answered {
+        for Answered {
+            priority,
+            arrived,
+            ok,
+        } in done.answered
+        {
             let took = now.saturating_duration_since(arrived);
             let class = self.stats.class(priority);
             if ok {
@@ -294,35 +492,124 @@ impl Batcher {
                 self.highest_latencies.push(took);
             }
         }
+        if let Some(rest) = done.rest {
+            self.parked.push(rest);
+        }
     }
 
-    /// Hands due batches to idle workers. `flush`: nothing new can arrive,
-    /// so do not wait for anyone.
-    fn dispatch(&mut self, flush: bool) {
-        while let Some(&worker) = self.idle.last() {
-            let now = Instant::now();
-            if self.queue.is_empty() {
-                break;
+    /// Rows per engine call for a batch whose best class is `class`: the
+    /// most rows that fit the tightest target of a higher class, less one
+    /// row's time (the waiting request's own batch). A batch with no
+    /// targeted class above it that sent a request within
+    /// [`CHUNKING_WINDOW`] runs in one call.
+    fn chunk_rows(
+        &self,
+        now: Instant,
+        class: Priority,
+        rows: usize,
+        model: &LatencyModel,
+    ) -> usize {
+        if !self.config.chunking {
+            return rows;
+        }
+        let active = |p: &Priority| {
+            self.arrived_at[p.index()]
+                .is_some_and(|at| now.saturating_duration_since(at) < CHUNKING_WINDOW)
+        };
+        let tightest = Priority::ALL[..class.index()]
+            .iter()
+            .filter(|p| active(p))
+            .filter_map(|p| self.targets[p.index()])
+            .min();
+        let Some(target) = tightest else {
+            return rows;
+        };
+        let chunk = match self.config.chunk_rows {
+            Some(chunk) => chunk,
+            None => model
+                .rows_within(target.saturating_sub(model.predict(1)))
+                .unwrap_or(rows),
+        };
+        let chunk = chunk.clamp(1, rows.max(1));
+        self.chunk_rows_gauge.set(chunk as f64);
+        chunk
+    }
+
+    /// The parked batch `worker` should resume: highest class, then
+    /// oldest, among those whose classes it serves.
+    fn resumable(&self, classes: ClassSet) -> Option<usize> {
+        self.parked
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| classes.covers(b.classes()))
+            .min_by_key(|(_, b)| (b.class(), b.oldest()))
+            .map(|(i, _)| i)
+    }
+
+    /// What an idle `worker` runs next, if anything is due: waiting work of
+    /// a class strictly higher than every parked batch it could resume,
+    /// else the parked batch, else a new batch when one is due.
+    fn next_work(&mut self, worker: usize, now: Instant, flush: bool) -> Option<InFlight> {
+        let classes = self.workers[worker].plan.classes;
+        if let Some(index) = self.resumable(classes) {
+            let parked = &self.parked[index];
+            let waiting = self.queue.best_waiting(now, classes);
+            let higher_waits = waiting.is_some_and(|w| w < parked.class());
+            // Starvation guard for parked batches: one whose oldest request
+            // has gained every aging level resumes ahead of higher classes,
+            // every other time (at most half the engine).
+            let starving = now.saturating_duration_since(parked.oldest())
+                >= self.config.aging.fully_aged_after();
+            let resume = !higher_waits || (starving && !self.resumed_starving_last);
+            if higher_waits {
+                self.resumed_starving_last = resume;
             }
-            if !flush {
-                let fill = self.fill_rows(now, worker);
-                let exec = self
-                    .model_for(Some(worker))
-                    .predict(self.queue.rows().min(self.live_max));
-                match self.queue.next_dispatch(now, fill, exec) {
-                    Some(at) if at <= now => {}
-                    _ => break,
-                }
+            if resume {
+                return Some(self.parked.swap_remove(index));
             }
+            return self.take_batch(worker, now);
+        }
+        if self.queue.is_empty_in(classes) {
+            return None;
+        }
+        if !flush {
+            let fill = self.fill_rows(now, worker);
+            let exec = self
+                .model_for(Some(worker))
+                .predict(self.queue.rows_in(classes).min(self.live_max));
+            match self.queue.next_dispatch_in(now, classes, fill, exec) {
+                Some(at) if at <= now => {}
+                _ => return None,
+            }
+        }
+        self.take_batch(worker, now)
+    }
+
+    /// A new batch from the queue for `worker`: only its classes, at most
+    /// the live batch size, lower classes only within the latency budget.
+    fn take_batch(&mut self, worker: usize, now: Instant) -> Option<InFlight> {
+        let classes = self.workers[worker].plan.classes;
+        let model = &self.models[self.model_index(Some(worker))];
+        loop {
+            let predict = |rows: usize| model.predict(rows);
+            let limits = BatchLimits {
+                max_rows: self.live_max,
+                classes,
+                targets: self.targets,
+                predict: &predict,
+            };
             let Taken {
                 items,
                 rows,
                 dropped,
                 expired,
-            } = self.queue.take(now, self.live_max);
+            } = self.queue.take_within(now, &limits);
             self.dropped.increment(dropped.len() as u64);
             self.answer_expired(now, expired);
             if items.is_empty() {
+                if self.queue.is_empty_in(classes) {
+                    return None;
+                }
                 continue;
             }
             let mut requests = Vec::with_capacity(items.len());
@@ -334,23 +621,56 @@ impl Batcher {
                 self.stats.class(chosen.priority).record_queue(waited);
                 requests.push(chosen.item);
             }
-            self.idle.pop();
-            let predicted = self.model_for(Some(worker)).predict(rows);
-            self.busy_until[worker] = Some(now + predicted);
-            if let Err(
-                std_mpsc::TrySendError::Full(job) | std_mpsc::TrySendError::Disconnected(job),
-            ) = self.workers[worker].try_send(WorkerJob { requests, rows })
-            {
-                // The worker thread died (it never panics on an engine
-                // error); answer its job rather than lose it.
-                tracing::error!(model = %self.config.model, worker, "engine worker is gone");
-                fail(
-                    job.requests,
-                    &SchedulerError::Engine(EngineError::Execution(
-                        "engine worker thread is gone".into(),
-                    )),
-                );
+            let class = requests
+                .iter()
+                .map(|r| r.priority)
+                .min()
+                .unwrap_or(Priority::LOWEST);
+            let chunk = self.chunk_rows(now, class, rows, model);
+            return Some(InFlight::new(requests, chunk));
+        }
+    }
+
+    /// Drops parked batches nobody waits for any more.
+    fn drop_abandoned(&mut self) {
+        let before = self.parked.len();
+        self.parked.retain(|b| !b.is_abandoned());
+        self.dropped.increment((before - self.parked.len()) as u64);
+    }
+
+    /// Hands due work to idle workers. `flush`: nothing new can arrive, so
+    /// do not wait for anyone.
+    fn dispatch(&mut self, flush: bool) {
+        self.drop_abandoned();
+        'next: loop {
+            let now = Instant::now();
+            for position in 0..self.idle.len() {
+                let worker = self.idle[position];
+                if let Some(batch) = self.next_work(worker, now, flush) {
+                    self.idle.remove(position);
+                    self.send(worker, batch, now);
+                    continue 'next;
+                }
             }
+            break;
+        }
+    }
+
+    fn send(&mut self, worker: usize, batch: InFlight, now: Instant) {
+        let predicted = self.model_for(Some(worker)).predict(batch.next_chunk());
+        self.workers[worker].busy_until = Some(now + predicted);
+        if let Err(std_mpsc::TrySendError::Full(job) | std_mpsc::TrySendError::Disconnected(job)) =
+            self.workers[worker].jobs.try_send(batch)
+        {
+            // The worker thread died (it never panics on an engine error);
+            // answer its job rather than lose it.
+            tracing::error!(model = %self.config.model, worker, "engine worker is gone");
+            fail(
+                job.into_requests(),
+                &SchedulerError::Engine(EngineError::Execution(
+                    "engine worker thread is gone".into(),
+                )),
+            );
         }
     }
 
@@ -388,6 +708,11 @@ impl Batcher {
             .set_retry_hint(self.retry_after(now, self.config.default_priority));
     }
 
+    /// Whether nothing is queued, parked or running.
+    fn is_quiet(&self) -> bool {
+        self.queue.is_empty() && self.parked.is_empty() && self.idle.len() == self.workers.len()
+    }
+
     async fn run(
         mut self,
         mut command_rx: mpsc::Receiver<SchedulerCommand>,
@@ -404,27 +729,30 @@ impl Batcher {
             self.dispatch(!open);
             if self.workers.is_empty() {
                 // No engine thread could start: refuse everything that waits.
-                fail(
-                    self.queue.drain(),
-                    &SchedulerError::Engine(EngineError::Execution(
-                        "no engine thread is running".into(),
-                    )),
-                );
+                let error = SchedulerError::Engine(EngineError::Execution(
+                    "no engine thread is running".into(),
+                ));
+                fail(self.queue.drain(), &error);
+                for batch in self.parked.drain(..) {
+                    fail(batch.into_requests(), &error);
+                }
             }
             self.publish(now);
-            if !open && self.queue.is_empty() {
+            if !open && self.is_quiet() {
                 break;
             }
             let next_expiry = self.queue.next_expiry();
-            let next_batch = self.idle.last().and_then(|&w| {
+            let next_batch = self.idle.first().and_then(|&w| {
                 let now = Instant::now();
+                let classes = self.workers[w].plan.classes;
                 let exec = self
                     .model_for(Some(w))
-                    .predict(self.queue.rows().min(self.live_max));
-                self.queue.next_dispatch(now, self.fill_rows(now, w), exec)
+                    .predict(self.queue.rows_in(classes).min(self.live_max));
+                self.queue
+                    .next_dispatch_in(now, classes, self.fill_rows(now, w), exec)
             });
             tokio::select! {
-                // A finished batch first: the engine being free changes
+                // A finished chunk first: the engine being free changes
                 // every other decision.
                 biased;
                 Some(done) = done_rx.recv() => self.finished(done),
@@ -458,75 +786,44 @@ fn engine_worker(
     engine: &dyn Engine,
     model: &str,
     stats: &SchedulerStats,
-    job_rx: &std_mpsc::Receiver<WorkerJob>,
+    job_rx: &std_mpsc::Receiver<InFlight>,
     done_tx: &mpsc::Sender<Done>,
 ) {
     let batch_size = histogram!(telemetry::BATCH_SIZE, "model" => model.to_owned());
     let execution = histogram!(telemetry::ENGINE_EXECUTION, "model" => model.to_owned());
     let batches = counter!(telemetry::BATCHES_TOTAL, "model" => model.to_owned());
-    let input_count = engine.signature().inputs.len();
-    while let Ok(WorkerJob { requests, rows }) = job_rx.recv() {
-        let gathering = std::time::Instant::now();
-        // Gather every request's rows into one contiguous buffer per input.
-        let mut inputs: Vec<Vec<f32>> = (0..input_count).map(|_| Vec::new()).collect();
-        for request in &requests {
-            for (gathered, own) in inputs.iter_mut().zip(&request.inputs) {
-                gathered.extend_from_slice(own);
-            }
-        }
-        let batch = Batch { rows, inputs };
-        let started = std::time::Instant::now();
-        // A panicking engine must not take the worker (and every later
-        // request) down with it.
-        let result = std::panic::catch_unwind(AssertUnwindSafe(|| engine.infer(&batch)))
-            .unwrap_or_else(|_| Err(EngineError::Execution("the engine panicked".into())));
-        let took = started.elapsed();
-        let scattering = std::time::Instant::now();
+    let retries = counter!(telemetry::ENGINE_RETRIES_TOTAL, "model" => model.to_owned());
+    while let Ok(mut batch) = job_rx.recv() {
+        let rows = batch.next_chunk();
+        let run = batch.run_chunk(engine);
+        let took = run.engine;
+        // Metrics before the answers, so a client that reads them after
+        // its response sees its own call.
         execution.record(took.as_secs_f64());
         batch_size.record(rows as f64);
-        batches.increment(1);
-        let mut answered = Vec::with_capacity(requests.len());
-        match result {
-            Ok(output) if output.rows == rows => {
-                let mut offset = 0;
-                for request in requests {
-                    let own: Vec<Vec<f32>> = output
-                        .outputs
-                        .iter()
-                        .map(|values| {
-                            let width = values.len() / rows;
-                            values[offset * width..(offset + request.rows) * width].to_vec()
-                        })
-                        .collect();
-                    offset += request.rows;
-                    stats.class(request.priority).record_compute(took);
-                    answered.push((request.priority, request.arrived, true));
-                    // The client may have gone meanwhile; nothing to do then.
-                    let _ = request.response_tx.send(Ok(own));
-                }
-            }
-            Ok(output) => {
-                answered.extend(requests.iter().map(|r| (r.priority, r.arrived, false)));
-                fail(
-                    requests,
-                    &SchedulerError::Engine(EngineError::Execution(format!(
-                        "engine returned {} rows for a batch of {rows}",
-                        output.rows
-                    ))),
-                )
-            }
-            Err(error) => {
-                tracing::warn!(model, worker = index, %error, "batch failed");
-                answered.extend(requests.iter().map(|r| (r.priority, r.arrived, false)));
-                fail(requests, &SchedulerError::Engine(error));
-            }
+        batches.increment(run.calls as u64);
+        retries.increment(run.retries as u64);
+        if run.retries > 0 {
+            tracing::warn!(
+                model,
+                worker = index,
+                rows,
+                retries = run.retries,
+                "engine call failed; retried on halves"
+            );
         }
-        stats.record_batch(rows, started - gathering, took, scattering.elapsed());
+        let scattering = std::time::Instant::now();
+        let compute = batch.compute();
+        let answered = batch.answer_complete(|a| stats.class(a.priority).record_compute(compute));
+        stats.record_batch(rows, run.gather, took, scattering.elapsed());
+        let rest = (!batch.is_finished()).then_some(batch);
         let done = Done {
             worker: index,
             rows,
             took,
+            clean: run.retries == 0,
             answered,
+            rest,
         };
         if done_tx.blocking_send(done).is_err() {
             break;

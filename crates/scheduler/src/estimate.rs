@@ -69,6 +69,23 @@ impl LatencyModel {
         Duration::from_secs_f64((self.a * rows as f64 + self.b).max(0.0))
     }
 
+    /// The most rows one engine call may hold and still be predicted to
+    /// finish within `budget` (at least 1); `None` before the first batch.
+    pub fn rows_within(&self, budget: Duration) -> Option<usize> {
+        if !self.has_samples() {
+            return None;
+        }
+        if self.a <= 0.0 {
+            return Some(usize::MAX);
+        }
+        let rows = (budget.as_secs_f64() - self.b) / self.a;
+        Some(if rows >= 1.0 {
+            rows.floor() as usize
+        } else {
+            1
+        })
+    }
+
     /// `(a, b)`: seconds per row and fixed seconds per batch.
     pub fn coefficients(&self) -> (f64, f64) {
         (self.a, self.b)
@@ -143,6 +160,18 @@ mod tests {
         assert!((a - 270e-6).abs() < 1e-9, "{a}");
         assert!((b - 300e-6).abs() < 1e-9, "{b}");
         assert_eq!(m.predict(10).as_micros(), 3000);
+    }
+
+    #[test]
+    fn rows_within_a_budget_follow_the_fit() {
+        let mut m = LatencyModel::new(8);
+        assert_eq!(m.rows_within(us(2000)), None);
+        m.record(1, us(400));
+        m.record(32, us(9000));
+        // a ≈ 277 µs/row, b ≈ 123 µs: 6 rows take ≈ 1787 µs, 7 ≈ 2065 µs.
+        assert_eq!(m.rows_within(us(2000)), Some(6));
+        // A budget below one row still runs one row.
+        assert_eq!(m.rows_within(us(10)), Some(1));
     }
 
     #[test]

@@ -19,7 +19,11 @@
 //!   time per batch size ([`estimate`]) and runs the adaptive batch-size
 //!   controller ([`adaptive`], fed by [`monitor`]).
 //! * Engine workers are OS threads: engine calls are long, CPU-bound and
-//!   synchronous, and must never block the async runtime.
+//!   synchronous, and must never block the async runtime. A batch travels
+//!   to a worker one engine call (*chunk*) at a time and comes back to the
+//!   batcher between chunks, so a request of a higher class waits at most
+//!   one chunk ([`batcher`], docs/scheduling.md). Workers may be reserved
+//!   for some classes and pinned to cores ([`InstanceGroup`]).
 //!
 //! Every channel is bounded, and every class queue is capped by its
 //! `max_queue_size`: overload turns into a fast, explicit refusal
@@ -30,6 +34,7 @@
 pub mod adaptive;
 mod batcher;
 pub mod estimate;
+mod inflight;
 pub mod monitor;
 pub mod priority;
 pub mod queue;
@@ -43,7 +48,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 pub use adaptive::AdaptiveConfig;
-pub use priority::{Aging, ClassPolicy, Priority};
+pub use priority::{Aging, ClassPolicy, ClassSet, Priority};
 pub use stats::{SchedulerStats, StatsSnapshot};
 
 /// How one model version's requests are scheduled.
@@ -63,9 +68,45 @@ pub struct SchedulerConfig {
     /// useful (measured arrival rate), instead of always waiting for a
     /// full batch or the class delay.
     pub work_conserving: bool,
-    /// Engine worker threads.
+    /// Engine worker threads serving every class, when `instance_groups`
+    /// is empty.
     pub instances: usize,
+    /// Engine worker threads by group: each group serves some classes and
+    /// may be pinned to cores. Empty: `instances` workers serving all.
+    pub instance_groups: Vec<InstanceGroup>,
+    /// Whether a batch whose best class has a higher class with a
+    /// `target_latency` above it runs in chunks, between which waiting
+    /// work of higher classes goes first.
+    pub chunking: bool,
+    /// Whether the batcher runs on an OS thread (and runtime) of its own
+    /// (the default), rather than as a task on the caller's runtime
+    /// (tests on tokio's paused clock need the latter).
+    pub own_thread: bool,
+    /// Rows per chunk. `None`: the most rows the instance's measured
+    /// engine time fits into the tightest higher target, less one row's
+    /// time (the waiting request's own batch).
+    pub chunk_rows: Option<usize>,
     pub adaptive: AdaptiveConfig,
+}
+
+/// Engine worker threads reserved for some classes and, optionally,
+/// pinned to CPU cores.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceGroup {
+    /// Worker threads in the group.
+    pub count: usize,
+    /// The classes its workers take requests of.
+    pub classes: ClassSet,
+    /// Cores its workers are pinned to, one each, round robin; empty: the
+    /// OS places them.
+    pub cores: Vec<usize>,
+}
+
+/// One engine worker thread: the classes it serves and its core.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkerPlan {
+    pub classes: ClassSet,
+    pub core: Option<usize>,
 }
 
 impl SchedulerConfig {
@@ -79,12 +120,40 @@ impl SchedulerConfig {
             aging: Aging::default(),
             work_conserving: true,
             instances: 1,
+            instance_groups: Vec::new(),
+            chunking: true,
+            own_thread: true,
+            chunk_rows: None,
             adaptive: AdaptiveConfig::default(),
         }
     }
 
     pub fn class(&self, priority: Priority) -> &ClassPolicy {
         &self.classes[priority.index()]
+    }
+
+    /// Every engine worker thread to start, reserved ones first.
+    pub fn workers(&self) -> Vec<WorkerPlan> {
+        if self.instance_groups.is_empty() {
+            return vec![
+                WorkerPlan {
+                    classes: ClassSet::ALL,
+                    core: None,
+                };
+                self.instances.max(1)
+            ];
+        }
+        let mut groups: Vec<&InstanceGroup> = self.instance_groups.iter().collect();
+        groups.sort_by_key(|g| g.classes.len());
+        groups
+            .into_iter()
+            .flat_map(|group| {
+                (0..group.count).map(move |i| WorkerPlan {
+                    classes: group.classes,
+                    core: (!group.cores.is_empty()).then(|| group.cores[i % group.cores.len()]),
+                })
+            })
+            .collect()
     }
 }
 
@@ -137,6 +206,16 @@ pub enum SchedulerError {
     TimeoutNotAllowed(Priority),
     #[error("timeout must be at least 1 microsecond")]
     ZeroTimeout,
+    #[error(
+        "load shed: model '{model}' is refusing priority {higher} requests for lack of capacity, so priority {priority} requests are refused first; retry in {} ms",
+        retry_after.as_millis()
+    )]
+    Shed {
+        model: String,
+        priority: Priority,
+        higher: Priority,
+        retry_after: Duration,
+    },
     #[error("model '{model}' is shutting down")]
     ShuttingDown { model: String },
     #[error("request has {rows} rows, more than the model's max_batch_size {max}")]
@@ -151,6 +230,7 @@ impl SchedulerError {
         match self {
             SchedulerError::QueueFull { retry_after, .. }
             | SchedulerError::DeadlineUnmeetable { retry_after, .. }
+            | SchedulerError::Shed { retry_after, .. }
             | SchedulerError::TimeoutExpired { retry_after, .. } => Some(*retry_after),
             _ => None,
         }
@@ -200,11 +280,12 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
-    /// Starts the batcher task on the current tokio runtime and the engine
+    /// Starts the batcher (on its own thread, or as a task on the current
+    /// tokio runtime: [`SchedulerConfig::own_thread`]) and the engine
     /// worker threads.
     ///
     /// # Panics
-    /// Outside a tokio runtime.
+    /// Outside a tokio runtime when `own_thread` is false.
     pub fn spawn(engine: Arc<dyn Engine>, config: SchedulerConfig) -> Self {
         // Room for every class's queue at once; the batcher drains it
         // continuously, and a full channel is reported as a full queue.

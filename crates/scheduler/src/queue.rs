@@ -16,6 +16,13 @@
 //!   never take the whole engine). With aging capped at two levels this is
 //!   what bounds the wait of a priority-5 request under a saturating
 //!   priority-1 stream;
+//! * latency budgets: a batch holding a request of a class with a
+//!   `target_latency` takes requests of lower classes only while the
+//!   predicted engine time of the batch still ends before that request's
+//!   `arrived + target`; the first lower-class request that would break it
+//!   ends the batch ([`BatchLimits`]);
+//! * reserved instances: a batch is taken for a set of classes
+//!   ([`ClassSet`]) and holds only requests of those classes;
 //! * a request's rows stay together: a request joins a batch only whole
 //!   (one too large for the rows left is skipped and stays queued); the
 //!   request leading a batch always goes, even when it alone exceeds the
@@ -32,7 +39,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::priority::{Aging, Priority};
+use crate::priority::{Aging, ClassSet, Priority};
 
 /// Something waiting in the queue.
 pub trait Pending {
@@ -57,6 +64,46 @@ pub struct Chosen<T> {
     pub item: T,
     pub priority: Priority,
     pub arrived: Instant,
+}
+
+/// What bounds one batch besides what waits.
+#[derive(Clone, Copy)]
+pub struct BatchLimits<'a> {
+    /// Most rows (the request leading the batch always goes, whatever its
+    /// size).
+    pub max_rows: usize,
+    /// The classes the taking instance serves.
+    pub classes: ClassSet,
+    /// Per class (index 0 = priority 1): its latency target, if any.
+    pub targets: [Option<Duration>; Priority::LEVELS],
+    /// Predicted engine time of a batch of `n` rows.
+    pub predict: &'a dyn Fn(usize) -> Duration,
+}
+
+fn no_time(_rows: usize) -> Duration {
+    Duration::ZERO
+}
+
+impl BatchLimits<'static> {
+    /// Rows only: every class, no latency budget.
+    pub fn rows(max_rows: usize) -> Self {
+        BatchLimits {
+            max_rows,
+            classes: ClassSet::ALL,
+            targets: [None; Priority::LEVELS],
+            predict: &no_time,
+        }
+    }
+}
+
+impl std::fmt::Debug for BatchLimits<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BatchLimits")
+            .field("max_rows", &self.max_rows)
+            .field("classes", &self.classes)
+            .field("targets", &self.targets)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A batch taken from the queue, in the order it was chosen.
@@ -120,6 +167,41 @@ impl<T: Pending> PriorityQueue<T> {
     /// Rows waiting, all classes.
     pub fn rows(&self) -> usize {
         self.class_rows.iter().sum()
+    }
+
+    /// Rows waiting in the classes of `classes`.
+    pub fn rows_in(&self, classes: ClassSet) -> usize {
+        classes.iter().map(|p| self.class_rows[p.index()]).sum()
+    }
+
+    /// Whether nothing of the classes of `classes` waits.
+    pub fn is_empty_in(&self, classes: ClassSet) -> bool {
+        classes.iter().all(|p| self.classes[p.index()].is_empty())
+    }
+
+    /// The highest effective priority (aging counted) of any request of
+    /// `classes` waiting: what a batch taken now for them would lead with.
+    pub fn best_waiting(&self, now: Instant, classes: ClassSet) -> Option<Priority> {
+        classes
+            .iter()
+            .filter_map(|p| {
+                let oldest = self.classes[p.index()].values().next()?;
+                Some(
+                    self.aging
+                        .effective(p, now.saturating_duration_since(oldest.arrived)),
+                )
+            })
+            .min()
+    }
+
+    /// When the oldest request of class `priority` or any higher class
+    /// arrived: how long the queue ahead of a new request of that class
+    /// has been waiting.
+    pub fn oldest_at_or_above(&self, priority: Priority) -> Option<Instant> {
+        self.classes[..=priority.index()]
+            .iter()
+            .filter_map(|class| class.values().next().map(|e| e.arrived))
+            .min()
     }
 
     /// Rows of class `priority` and every higher class: what a new request
@@ -189,11 +271,25 @@ impl<T: Pending> PriorityQueue<T> {
     /// When the first class delay runs out: the earliest `arrived +
     /// max_queue_delay` over the oldest request of every class.
     pub fn delay_expires(&self) -> Option<Instant> {
-        self.classes
+        self.delay_expires_in(ClassSet::ALL)
+    }
+
+    fn delay_expires_in(&self, classes: ClassSet) -> Option<Instant> {
+        classes
             .iter()
-            .zip(&self.delays)
-            .filter_map(|(class, delay)| class.values().next().map(|e| e.arrived + *delay))
+            .filter_map(|p| {
+                let oldest = self.classes[p.index()].values().next()?;
+                Some(oldest.arrived + self.delays[p.index()])
+            })
             .min()
+    }
+
+    /// The earliest deadline of a waiting request of `classes`.
+    fn next_expiry_in(&self, classes: ClassSet) -> Option<Instant> {
+        self.deadlines
+            .iter()
+            .find(|(_, _, class)| classes.contains(Priority::ALL[*class]))
+            .map(|(d, _, _)| *d)
     }
 
     /// When the next batch should leave (at or before `now`: at once);
@@ -206,20 +302,36 @@ impl<T: Pending> PriorityQueue<T> {
     /// * `exec`: the predicted engine time of the batch, so that the batch
     ///   leaves early enough for the earliest deadline.
     pub fn next_dispatch(&self, now: Instant, fill_rows: usize, exec: Duration) -> Option<Instant> {
-        let delay = self.delay_expires()?;
-        if self.rows() >= fill_rows.max(1) {
+        self.next_dispatch_in(now, ClassSet::ALL, fill_rows, exec)
+    }
+
+    /// [`PriorityQueue::next_dispatch`] for an instance that serves only
+    /// `classes`.
+    pub fn next_dispatch_in(
+        &self,
+        now: Instant,
+        classes: ClassSet,
+        fill_rows: usize,
+        exec: Duration,
+    ) -> Option<Instant> {
+        let delay = self.delay_expires_in(classes)?;
+        if self.rows_in(classes) >= fill_rows.max(1) {
             return Some(now);
         }
-        let for_deadline = self.next_expiry().map(|d| d.checked_sub(exec).unwrap_or(d));
+        let for_deadline = self
+            .next_expiry_in(classes)
+            .map(|d| d.checked_sub(exec).unwrap_or(d));
         Some(for_deadline.map_or(delay, |d| d.min(delay)))
     }
 
-    /// The oldest request that has gained every aging level, if any.
-    fn starving(&self, now: Instant) -> Option<(usize, u64)> {
+    /// The oldest request of `classes` that has gained every aging level,
+    /// if any.
+    fn starving(&self, now: Instant, classes: ClassSet) -> Option<(usize, u64)> {
         let after = self.aging.fully_aged_after();
         self.classes
             .iter()
             .enumerate()
+            .filter(|(class, _)| classes.contains(Priority::ALL[*class]))
             .filter_map(|(class, entries)| {
                 let (seq, entry) = entries.iter().next()?;
                 (now.saturating_duration_since(entry.arrived) >= after).then_some((
@@ -236,15 +348,26 @@ impl<T: Pending> PriorityQueue<T> {
     /// caller decides when). Expired requests and requests whose client has
     /// gone are removed on the way and returned apart.
     pub fn take(&mut self, now: Instant, max_rows: usize) -> Taken<T> {
+        self.take_within(now, &BatchLimits::rows(max_rows))
+    }
+
+    /// Takes the next batch within `limits`: only classes it names, at most
+    /// its rows, and lower classes only while the latency budget of the
+    /// targeted classes in the batch holds.
+    pub fn take_within(&mut self, now: Instant, limits: &BatchLimits<'_>) -> Taken<T> {
         let expired = self.expire(now);
-        let mut limit = max_rows.max(1);
+        let mut limit = limits.max_rows.max(1);
         let mut chosen: Vec<(usize, u64)> = Vec::new();
         let mut gone: Vec<(usize, u64)> = Vec::new();
         let mut rows = 0;
+        // The best class in the batch, and the earliest `arrived + target`
+        // of its requests with a latency target.
+        let mut best_class = usize::MAX;
+        let mut budget: Option<Instant> = None;
         // The guard takes one place per batch: at most 1/max_rows of the
         // engine. A batch of one row would hand it the whole engine, so
         // then it leads every other batch only (at most half).
-        let mut starving = self.starving(now);
+        let mut starving = self.starving(now, limits.classes);
         if limit == 1 {
             if self.guard_led_last_single {
                 starving = None;
@@ -255,13 +378,28 @@ impl<T: Pending> PriorityQueue<T> {
             let mut consider = |class: usize, seq: u64, entry: &Entry<T>| -> bool {
                 if !entry.item.is_wanted() {
                     gone.push((class, seq));
-                } else if chosen.is_empty() {
-                    limit = limit.max(entry.rows);
-                    rows += entry.rows;
-                    chosen.push((class, seq));
-                } else if rows + entry.rows <= limit {
-                    rows += entry.rows;
-                    chosen.push((class, seq));
+                    return false;
+                }
+                if !chosen.is_empty() {
+                    if rows + entry.rows > limit {
+                        return false;
+                    }
+                    let padding = class > best_class;
+                    let predicted_end = now + (limits.predict)(rows + entry.rows);
+                    if padding && budget.is_some_and(|by| predicted_end > by) {
+                        // Rows of lower classes only come after this one in
+                        // the scan, and more rows only take longer: the
+                        // batch is complete.
+                        return true;
+                    }
+                }
+                limit = limit.max(entry.rows);
+                rows += entry.rows;
+                chosen.push((class, seq));
+                best_class = best_class.min(class);
+                if let Some(target) = limits.targets[class] {
+                    let by = entry.arrived + target;
+                    budget = Some(budget.map_or(by, |b| b.min(by)));
                 }
                 rows >= limit
             };
@@ -276,6 +414,7 @@ impl<T: Pending> PriorityQueue<T> {
                 let best = cursors
                     .iter_mut()
                     .enumerate()
+                    .filter(|(class, _)| limits.classes.contains(Priority::ALL[*class]))
                     .filter_map(|(class, cursor)| {
                         let (seq, entry) = cursor.peek()?;
                         let waited = now.saturating_duration_since(entry.arrived);
@@ -314,6 +453,15 @@ impl<T: Pending> PriorityQueue<T> {
             }
         }
         taken
+    }
+
+    /// Removes every request of class `priority`.
+    pub fn drain_class(&mut self, priority: Priority) -> Vec<T> {
+        let class = priority.index();
+        let entries = std::mem::take(&mut self.classes[class]);
+        self.class_rows[class] = 0;
+        self.deadlines.retain(|(_, _, c)| *c != class);
+        entries.into_values().map(|e| e.item).collect()
     }
 
     /// Removes everything (shutdown without an engine).

@@ -297,6 +297,7 @@ async fn main() {
         },
         admin_token: Some(AdminToken::new(TOKEN)),
         drain_timeout: Duration::from_secs(5),
+        shutdown_delay: Duration::ZERO,
         ..ServerConfig::loopback(root)
     };
     let server = BoundServer::bind(config).await.unwrap();

@@ -85,6 +85,7 @@ async fn main() {
     // bench measures the scheduler, not cache hits.
     let server = BoundServer::bind(ServerConfig {
         drain_timeout: Duration::from_secs(5),
+        shutdown_delay: Duration::ZERO,
         cache: CacheConfig {
             enabled: false,
             ..CacheConfig::default()

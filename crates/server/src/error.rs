@@ -143,6 +143,11 @@ impl From<SchedulerError> for ServeError {
                 reason: error_type::DEADLINE,
                 retry_after,
             },
+            SchedulerError::Shed { retry_after, .. } => ServeError::Rejected {
+                message: error.to_string(),
+                reason: error_type::SHED,
+                retry_after,
+            },
             SchedulerError::TimeoutExpired { retry_after, .. } => ServeError::TimedOut {
                 message: error.to_string(),
                 retry_after,

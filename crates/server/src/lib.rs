@@ -4,9 +4,13 @@
 //!
 //! Start-up binds both listeners first, so liveness answers at once and
 //! readiness answers 503 until every model is loaded and warmed up
-//! ([`models::ModelRegistry::load`]). Shutdown flips readiness to 503,
-//! stops accepting connections, lets queued and running requests finish
-//! within the drain timeout, then returns.
+//! ([`models::ModelRegistry::load`]). Shutdown flips readiness to 503 at
+//! once, keeps serving for the shutdown delay (so load balancers stop
+//! routing), then drains without losing a request a client sent
+//! ([`serve`]): queued connections are taken before the listeners close,
+//! HTTP/1.1 answers carry `Connection: close`, HTTP/2 and gRPC connections
+//! get GOAWAY; queued and running requests finish within the drain
+//! timeout.
 //!
 //! The HTTP handlers ([`http`]) and the gRPC service ([`grpc`]) share one
 //! [`AppState`]: the same registry, schedulers and error mapping. The gRPC
@@ -21,6 +25,7 @@ pub mod grpc;
 mod http;
 pub mod models;
 pub mod scheduling;
+mod serve;
 pub mod sla;
 pub mod triton;
 
@@ -64,6 +69,9 @@ pub struct ServerConfig {
     pub metrics_addr: SocketAddr,
     /// How long shutdown waits for queued and running requests.
     pub drain_timeout: Duration,
+    /// How long shutdown keeps serving normally after readiness turns
+    /// NOT_SERVING, before the drain begins.
+    pub shutdown_delay: Duration,
     /// Largest accepted request body; larger ones get 413.
     pub max_body_bytes: usize,
     /// The result cache (docs/cache.md).
@@ -83,6 +91,7 @@ impl ServerConfig {
             grpc_addr: any_port,
             metrics_addr: any_port,
             drain_timeout: Duration::from_secs(10),
+            shutdown_delay: Duration::ZERO,
             max_body_bytes: 16 * 1024 * 1024,
             cache: CacheConfig::default(),
             admin_token: None,
@@ -247,11 +256,7 @@ impl BoundServer {
         let http_app = http::router(state.clone())
             .merge(sla::router(state.clone()))
             .merge(cache_admin::router(state.clone()));
-        let http_server = tokio::spawn(
-            axum::serve(http_listener, http_app)
-                .with_graceful_shutdown(stopped(stop_rx.clone()))
-                .into_future(),
-        );
+        let http_server = tokio::spawn(serve::serve_http(http_listener, http_app, stop_rx.clone()));
         let (health, health_service) = tonic_health::server::health_reporter();
         set_health(&health, tonic_health::ServingStatus::NotServing).await;
         let inference =
@@ -264,11 +269,12 @@ impl BoundServer {
             tonic::transport::Server::builder()
                 .add_service(health_service)
                 .add_service(inference)
+                // The drain starts when the incoming stream ends (after the
+                // queued connections are taken), not on a signal: tonic
+                // would drop connections it has not yet served.
                 .serve_with_incoming_shutdown(
-                    // Small answers must not wait for Nagle's algorithm.
-                    tonic::transport::server::TcpIncoming::from(grpc_listener)
-                        .with_nodelay(Some(true)),
-                    stopped(stop_rx.clone()),
+                    serve::grpc_incoming(grpc_listener, stop_rx.clone()),
+                    std::future::pending::<()>(),
                 ),
         );
         let metrics_app = metrics_router(metrics.clone());
@@ -312,10 +318,14 @@ impl BoundServer {
         tracing::info!(http = %config.http_addr, grpc = %config.grpc_addr, "ready");
 
         shutdown.await;
-        tracing::info!(drain_timeout = ?config.drain_timeout, "shutting down: draining requests");
         state.draining.store(true, Ordering::Release);
         metrics::gauge!(telemetry::READY).set(0.0);
         set_health(&health, tonic_health::ServingStatus::NotServing).await;
+        if !config.shutdown_delay.is_zero() {
+            tracing::info!(shutdown_delay = ?config.shutdown_delay, "shutting down: not ready, still serving while load balancers stop routing here");
+            tokio::time::sleep(config.shutdown_delay).await;
+        }
+        tracing::info!(drain_timeout = ?config.drain_timeout, "shutting down: draining requests");
         let _ = stop_tx.send(true);
         let drained = tokio::time::timeout(config.drain_timeout, async {
             let _ = http_server.await;

@@ -143,7 +143,7 @@ impl ModelRegistry {
                         signature: loaded.engine.signature().clone(),
                         max_batch_size: entry.config.max_batch_size,
                         max_queue_delay,
-                        instances: entry.config.instances,
+                        instances: entry.config.engine_instances(),
                         cache: entry.config.cache.clone(),
                         scheduler,
                     }),

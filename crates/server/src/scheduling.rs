@@ -11,7 +11,8 @@ use serde_json::{Value, json};
 use tickserve_repository::ModelEntry;
 use tickserve_scheduler::stats::Timing;
 use tickserve_scheduler::{
-    AdaptiveConfig, Aging, ClassPolicy, InferOptions, Priority, SchedulerConfig, StatsSnapshot,
+    AdaptiveConfig, Aging, ClassPolicy, ClassSet, InferOptions, InstanceGroup, Priority,
+    SchedulerConfig, StatsSnapshot,
 };
 
 use crate::error::ServeError;
@@ -32,6 +33,26 @@ pub fn scheduler_config(entry: &ModelEntry) -> SchedulerConfig {
     let batching = &config.dynamic_batching;
     let mut scheduler = SchedulerConfig::new(entry.name.clone(), config.max_batch_size);
     scheduler.instances = config.instances;
+    scheduler.instance_groups = config
+        .instance_group
+        .iter()
+        .map(|group| InstanceGroup {
+            count: group.count,
+            classes: if group.priorities.is_empty() {
+                ClassSet::ALL
+            } else {
+                ClassSet::of(
+                    group
+                        .priorities
+                        .iter()
+                        .filter_map(|&p| Priority::new(i64::from(p))),
+                )
+            },
+            cores: group.cores.clone(),
+        })
+        .collect();
+    scheduler.chunking = batching.chunking;
+    scheduler.chunk_rows = batching.chunk_rows;
     scheduler.work_conserving = batching.work_conserving;
     scheduler.default_priority =
         Priority::new(i64::from(batching.default_priority)).unwrap_or(scheduler.default_priority);
@@ -57,6 +78,12 @@ pub fn scheduler_config(entry: &ModelEntry) -> SchedulerConfig {
             allow_timeout_override: own
                 .and_then(|o| o.allow_timeout_override)
                 .unwrap_or(defaults.allow_timeout_override),
+            // "0s" turns a default target off.
+            target_latency: match own.and_then(|o| o.target_latency) {
+                Some(t) if t.is_zero() => None,
+                Some(t) => Some(t),
+                None => defaults.target_latency,
+            },
         }
     });
     let adaptive = &config.adaptive_batching;

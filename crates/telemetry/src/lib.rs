@@ -41,6 +41,12 @@ pub const REJECTIONS_TOTAL: &str = "tickserve_rejections_total";
 /// Gauge of the live max batch size the adaptive controller set. Label:
 /// `model`.
 pub const ADAPTIVE_BATCH_SIZE: &str = "batch_processing_adaptive_batch_size";
+/// Gauge of the rows per engine call of batches that run in preemptible
+/// chunks (docs/scheduling.md). Label: `model`.
+pub const CHUNK_ROWS: &str = "tickserve_chunk_rows";
+/// Counter of engine calls retried on halves of a failed batch. Label:
+/// `model`.
+pub const ENGINE_RETRIES_TOTAL: &str = "tickserve_engine_retries_total";
 /// Gauge of machine CPU utilisation, percent (resource monitor).
 pub const CPU_UTILISATION: &str = "batch_processing_cpu_utilization_percent";
 /// Gauge of machine memory utilisation, percent (resource monitor).
@@ -107,6 +113,8 @@ pub mod rejection {
     pub const DEADLINE: &str = "deadline";
     /// The request's timeout expired while it waited.
     pub const TIMEOUT_EXPIRED: &str = "timeout_expired";
+    /// A lower class refused while a higher class is being refused.
+    pub const SHED: &str = "shed";
 }
 
 /// Values of the `error_type` / `outcome` labels.
@@ -116,6 +124,8 @@ pub mod error_type {
     pub const QUEUE_FULL: &str = "queue_full";
     /// Refused at admission: the deadline could not be met.
     pub const DEADLINE: &str = "deadline";
+    /// Refused while a higher priority is being refused (load shedding).
+    pub const SHED: &str = "shed";
     /// The request's timeout expired in the queue.
     pub const TIMEOUT: &str = "timeout";
     pub const UNAVAILABLE: &str = "unavailable";
@@ -210,6 +220,16 @@ fn describe() {
     describe_counter!(
         REJECTIONS_TOTAL,
         "Requests refused (queue full, deadline) or expired in the queue, by priority and reason"
+    );
+    describe_gauge!(
+        CHUNK_ROWS,
+        Unit::Count,
+        "Rows per engine call of batches that run in preemptible chunks"
+    );
+    describe_counter!(
+        ENGINE_RETRIES_TOTAL,
+        Unit::Count,
+        "Engine calls retried on halves of a failed batch"
     );
     describe_gauge!(
         ADAPTIVE_BATCH_SIZE,

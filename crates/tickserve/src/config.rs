@@ -64,6 +64,13 @@ pub struct ServeArgs {
     #[arg(long, env = "TICKSERVE_DRAIN_TIMEOUT", value_name = "DURATION", value_parser = humantime_duration)]
     pub drain_timeout: Option<Duration>,
 
+    /// On SIGTERM/SIGINT, how long to keep serving normally after
+    /// readiness turns NOT_SERVING, before the drain, so that load
+    /// balancers stop routing here first (Kubernetes: instead of a preStop
+    /// sleep), e.g. "5s". [default: 0s]
+    #[arg(long, env = "TICKSERVE_SHUTDOWN_DELAY", value_name = "DURATION", value_parser = humantime_duration)]
+    pub shutdown_delay: Option<Duration>,
+
     /// Largest accepted request body in bytes; larger bodies get 413.
     /// [default: 16777216]
     #[arg(long, env = "TICKSERVE_MAX_BODY_BYTES", value_name = "BYTES")]
@@ -171,6 +178,8 @@ struct FileConfig {
     metrics_addr: Option<SocketAddr>,
     #[serde(default, with = "humantime_serde")]
     drain_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    shutdown_delay: Option<Duration>,
     max_body_bytes: Option<usize>,
     log_format: Option<LogFormatArg>,
     log_level: Option<String>,
@@ -330,6 +339,10 @@ impl ServeArgs {
                     .drain_timeout
                     .or(file.drain_timeout)
                     .unwrap_or(DEFAULT_DRAIN_TIMEOUT),
+                shutdown_delay: self
+                    .shutdown_delay
+                    .or(file.shutdown_delay)
+                    .unwrap_or_default(),
                 max_body_bytes,
                 cache,
                 admin_token,
@@ -492,7 +505,7 @@ mod tests {
         let file = dir.join("tickserve.toml");
         std::fs::write(
             &file,
-            "http_addr = \"127.0.0.1:9000\"\ndrain_timeout = \"2s\"\nlog_format = \"json\"\n",
+            "http_addr = \"127.0.0.1:9000\"\ndrain_timeout = \"2s\"\nshutdown_delay = \"3s\"\nlog_format = \"json\"\n",
         )
         .unwrap();
         let settings = parse(&[
@@ -505,6 +518,7 @@ mod tests {
         .unwrap();
         assert_eq!(settings.server.http_addr.to_string(), "127.0.0.1:9100");
         assert_eq!(settings.server.drain_timeout, Duration::from_secs(2));
+        assert_eq!(settings.server.shutdown_delay, Duration::from_secs(3));
         assert_eq!(settings.log_format, LogFormat::Json);
     }
 

@@ -260,8 +260,9 @@ fn every_mode_runs_against_a_real_server_and_reports_plausible_numbers() {
 #[test]
 fn mixed_mode_runs_three_phases_and_its_counts_add_up() {
     let server = start_server();
-    // 20 foreground requests/s for 1 s per phase: exactly 20 scheduled
-    // sends in each foreground phase; 3 background clients of 2 rows.
+    // 20 foreground requests/s for 1 s per phase (`--phase` sets all
+    // three): exactly 20 scheduled sends in each foreground phase; 3
+    // background clients of 2 rows.
     let (code, r) = bench(
         &server,
         LOOSE_SLA,
@@ -270,15 +271,11 @@ fn mixed_mode_runs_three_phases_and_its_counts_add_up() {
             "mixed",
             "--fg-rate",
             "20",
-            "--bg-concurrency",
+            "--bg-clients",
             "3",
             "--bg-rows",
             "2",
-            "--fg-duration",
-            "1s",
-            "--bg-duration",
-            "1s",
-            "--both-duration",
+            "--phase",
             "1s",
         ],
     );

@@ -520,3 +520,94 @@ proptest! {
         prop_assert_eq!(outcome.len() as u32, next_id);
     }
 }
+
+// --- Latency budgets and reserved classes ---------------------------------
+
+/// 0.5 ms per row.
+fn half_ms_per_row(rows: usize) -> Duration {
+    Duration::from_micros(500 * rows as u64)
+}
+
+fn budgeted(max_rows: usize, predict: &dyn Fn(usize) -> Duration) -> BatchLimits<'_> {
+    let mut targets = [None; Priority::LEVELS];
+    targets[0] = Some(ms(2));
+    BatchLimits {
+        max_rows,
+        classes: ClassSet::ALL,
+        targets,
+        predict,
+    }
+}
+
+#[test]
+fn padding_of_a_targeted_batch_stops_at_its_latency_budget() {
+    let t0 = Instant::now();
+    let mut q = queue(100);
+    push(&mut q, req(1, 1), 1, t0);
+    for id in 10..20 {
+        push(&mut q, req(id, 1), 5, t0);
+    }
+    // 2 ms target at 0.5 ms a row: the real-time row and three others.
+    let taken = q.take_within(t0, &budgeted(32, &half_ms_per_row));
+    assert_eq!(ids(&taken), [1, 10, 11, 12]);
+    // Without a target the same batch fills up.
+    let taken = q.take_within(t0, &BatchLimits::rows(32));
+    assert_eq!(taken.items.len(), 7);
+}
+
+#[test]
+fn time_already_waited_counts_against_the_budget() {
+    let t0 = Instant::now();
+    let mut q = queue(100);
+    push(&mut q, req(1, 1), 1, t0);
+    for id in 10..20 {
+        push(&mut q, req(id, 1), 5, t0);
+    }
+    // 1 ms of the 2 ms are gone: one more row fits.
+    let taken = q.take_within(t0 + ms(1), &budgeted(32, &half_ms_per_row));
+    assert_eq!(ids(&taken), [1, 10]);
+    // Past the target: no padding at all, the request still leaves.
+    let mut q = queue(100);
+    push(&mut q, req(1, 1), 1, t0);
+    push(&mut q, req(10, 1), 5, t0);
+    let taken = q.take_within(t0 + ms(3), &budgeted(32, &half_ms_per_row));
+    assert_eq!(ids(&taken), [1]);
+}
+
+#[test]
+fn requests_of_the_targeted_class_itself_are_not_held_back_by_the_budget() {
+    let t0 = Instant::now();
+    let mut q = queue(100);
+    for id in 1..=6 {
+        push(&mut q, req(id, 1), 1, t0);
+    }
+    push(&mut q, req(10, 1), 5, t0);
+    let taken = q.take_within(t0, &budgeted(32, &half_ms_per_row));
+    assert_eq!(ids(&taken), [1, 2, 3, 4, 5, 6]);
+}
+
+#[test]
+fn a_batch_for_a_reserved_instance_holds_only_its_classes() {
+    let t0 = Instant::now();
+    let mut q = queue(100);
+    push(&mut q, req(5, 1), 5, t0);
+    push(&mut q, req(3, 1), 3, t0 + ms(1));
+    push(&mut q, req(2, 1), 2, t0 + ms(2));
+    push(&mut q, req(1, 1), 1, t0 + ms(3));
+    let realtime = ClassSet::of([p(1), p(2)]);
+    assert_eq!(q.rows_in(realtime), 2);
+    assert_eq!(q.best_waiting(t0 + ms(3), realtime), Some(p(1)));
+    let limits = BatchLimits {
+        classes: realtime,
+        ..BatchLimits::rows(32)
+    };
+    let taken = q.take_within(t0 + ms(3), &limits);
+    assert_eq!(ids(&taken), [1, 2]);
+    assert!(q.is_empty_in(realtime));
+    assert!(!q.is_empty());
+    assert_eq!(
+        q.next_dispatch_in(t0 + ms(3), realtime, 1, Duration::ZERO),
+        None
+    );
+    assert_eq!(q.best_waiting(t0 + ms(3), ClassSet::ALL), Some(p(3)));
+}

@@ -87,6 +87,7 @@ pub fn config(repository: PathBuf) -> ServerConfig {
         grpc_addr: "127.0.0.1:0".parse().unwrap(),
         metrics_addr: "127.0.0.1:0".parse().unwrap(),
         drain_timeout: Duration::from_secs(10),
+        shutdown_delay: Duration::ZERO,
         max_body_bytes: 16 * 1024 * 1024,
         cache: tickserve_server::CacheConfig::default(),
         admin_token: None,

@@ -1,0 +1,1004 @@
+//! Everything that touches the GPU: the context, the NVRTC-compiled
+//! kernels, the weights on the device, and the workers (a stream, a cuBLAS
+//! handle, the batch buffers, pinned host buffers and one CUDA graph per
+//! batch bucket each).
+//!
+//! Every device buffer is addressed by raw pointer (`u64`) into one arena
+//! per worker, laid out by [`crate::plan::BufferPlan`]; cudarc's event
+//! tracking is off because each worker's memory is only ever used on that
+//! worker's stream.
+
+use std::ffi::{CStr, CString, c_void};
+use std::sync::Arc;
+
+use cudarc::cublas::{CudaBlas, sys as blas};
+use cudarc::driver::sys as drv;
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, LaunchConfig,
+    PinnedHostSlice, PushKernelArg,
+};
+use cudarc::nvrtc::Ptx;
+use tickserve_engine_native::{LinearWeights, ModelWeights, SeqWeights};
+
+use crate::CudaPrecision;
+use crate::plan::{BufferPlan, CUBLAS_WORKSPACE_BYTES, Layout};
+
+const KERNELS: &str = include_str!("kernels.cu");
+/// The fused step kernel's two shapes (kernels.cu): rows per block and
+/// reduction slices (warps) per block.
+const WIDE: (u32, u32) = (8, 4);
+const NARROW: (u32, u32) = (2, 8);
+/// Batches up to this many rows use the narrow step kernel.
+const NARROW_MAX_ROWS: usize = 8;
+/// Most rows the one-block persistent layer kernel runs (`PERSIST_ROWS`).
+pub(crate) const PERSIST_ROWS: usize = 4;
+/// Shared memory a kernel may use without opting in.
+const SHARED_LIMIT: usize = 48 << 10;
+
+/// A failure on the device, as text for `EngineError`.
+pub(crate) type DevResult<T> = Result<T, String>;
+
+fn err<E: std::fmt::Debug>(what: &'static str) -> impl Fn(E) -> String {
+    move |e| format!("{what}: {e:?}")
+}
+
+/// The compiled kernels.
+#[derive(Debug)]
+struct Kernels {
+    im2col: CudaFunction,
+    bias_act: CudaFunction,
+    to_bf16: CudaFunction,
+    last_step: CudaFunction,
+    lstm_f32_wide: CudaFunction,
+    lstm_bf16_wide: CudaFunction,
+    lstm_f32_narrow: CudaFunction,
+    lstm_bf16_narrow: CudaFunction,
+    lstm_cell: CudaFunction,
+    persist_f32: CudaFunction,
+    persist_bf16: CudaFunction,
+}
+
+/// A weight matrix on the device: fp32 always, bf16 when the layer runs in
+/// bf16.
+#[derive(Debug, Clone, Copy)]
+struct Mat {
+    f32: u64,
+    bf16: Option<u64>,
+}
+
+#[derive(Debug)]
+enum Layer {
+    Conv {
+        cin: usize,
+        cout: usize,
+        kernel: usize,
+        pad: usize,
+        out_time: usize,
+        taps: Mat,
+        bias: u64,
+        relu: bool,
+    },
+    Lstm {
+        input: usize,
+        hidden: usize,
+        w: Mat,
+        r: Mat,
+        bias: u64,
+    },
+}
+
+#[derive(Debug)]
+struct Linear {
+    input: usize,
+    output: usize,
+    w: Mat,
+    bias: u64,
+    relu: bool,
+}
+
+/// The model on one GPU: context, kernels and weights, shared by workers.
+#[derive(Debug)]
+pub(crate) struct Device {
+    ctx: Arc<CudaContext>,
+    kernels: Kernels,
+    _weights: CudaSlice<u8>,
+    weight_bytes: usize,
+    layers: Vec<Layer>,
+    head: Vec<Linear>,
+    time_steps: usize,
+    features: usize,
+    output_width: usize,
+    precision: CudaPrecision,
+    plan: BufferPlan,
+    name: String,
+    /// From this many rows, a time step is a cuBLAS GEMM (the recurrent
+    /// product, on tensor cores at tf32/bf16) and the cell kernel, instead
+    /// of the fused step kernel.
+    step_gemm_min_rows: usize,
+    /// Batches up to this many rows (at most [`PERSIST_ROWS`]) run each
+    /// LSTM layer as one persistent kernel; 0: never.
+    persist_max_rows: usize,
+}
+
+/// Host-side weight arena under construction (256-byte aligned pieces).
+#[derive(Default)]
+struct Arena {
+    bytes: Vec<u8>,
+}
+
+impl Arena {
+    fn push_f32(&mut self, values: &[f32]) -> usize {
+        let at = self.bytes.len();
+        for v in values {
+            self.bytes.extend_from_slice(&v.to_le_bytes());
+        }
+        self.align();
+        at
+    }
+
+    fn push_bf16(&mut self, values: &[f32]) -> usize {
+        let at = self.bytes.len();
+        for v in values {
+            self.bytes.extend_from_slice(&bf16_bits(*v).to_le_bytes());
+        }
+        self.align();
+        at
+    }
+
+    fn align(&mut self) {
+        let len = self.bytes.len().div_ceil(256) * 256;
+        self.bytes.resize(len, 0);
+    }
+}
+
+/// `v` rounded to bfloat16 (nearest even), as its bits.
+pub(crate) fn bf16_bits(v: f32) -> u16 {
+    let u = v.to_bits();
+    if (u & 0x7fff_ffff) > 0x7f80_0000 {
+        return ((u >> 16) | 0x40) as u16;
+    }
+    let rounded = u.wrapping_add(0x7fff + ((u >> 16) & 1));
+    (rounded >> 16) as u16
+}
+
+impl Device {
+    /// Opens device `ordinal`, compiles the kernels and uploads the weights.
+    pub(crate) fn new(
+        ordinal: usize,
+        model: &ModelWeights,
+        precision: CudaPrecision,
+        step_gemm_min_rows: usize,
+        persist_max_rows: usize,
+    ) -> DevResult<Device> {
+        let ctx = CudaContext::new(ordinal).map_err(err("cannot open the CUDA device"))?;
+        // Each worker's buffers are used on its own stream only.
+        unsafe { ctx.disable_event_tracking() };
+        let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(err("cannot read the compute capability"))?;
+        let kernels = compile(&ctx, major, minor)?;
+
+        // Which layers run their GEMMs in bf16: all but the first sequence
+        // layer and the last head layer (the native engine's rule: those
+        // two made most of bf16's error for a few % of the work).
+        let low =
+            |index: usize, last: bool| precision == CudaPrecision::Bf16 && index != 0 && !last;
+        let mut arena = Arena::default();
+        let mut pending_seq = Vec::new();
+        let mut time = model.time_steps;
+        for (index, layer) in model.seq.iter().enumerate() {
+            let bf = low(index, false);
+            match layer {
+                SeqWeights::Conv {
+                    in_channels,
+                    out_channels,
+                    kernel,
+                    pad_begin,
+                    pad_end,
+                    taps,
+                    bias,
+                    relu,
+                } => {
+                    let out_time = time + pad_begin + pad_end + 1 - kernel;
+                    let t = arena.push_f32(taps);
+                    let tb = bf.then(|| arena.push_bf16(taps));
+                    let b = arena.push_f32(bias);
+                    pending_seq.push((
+                        PendingLayer::Conv {
+                            cin: *in_channels,
+                            cout: *out_channels,
+                            kernel: *kernel,
+                            pad: *pad_begin,
+                            out_time,
+                            relu: *relu,
+                        },
+                        [Some(t), tb, None, None, Some(b)],
+                    ));
+                    time = out_time;
+                }
+                SeqWeights::Lstm {
+                    input,
+                    hidden,
+                    w_t,
+                    r_t,
+                    bias,
+                } => {
+                    let w = arena.push_f32(w_t);
+                    let wb = bf.then(|| arena.push_bf16(w_t));
+                    let r = arena.push_f32(r_t);
+                    let rb = bf.then(|| arena.push_bf16(r_t));
+                    let b = arena.push_f32(bias);
+                    pending_seq.push((
+                        PendingLayer::Lstm {
+                            input: *input,
+                            hidden: *hidden,
+                        },
+                        [Some(w), wb, Some(r), rb, Some(b)],
+                    ));
+                }
+            }
+        }
+        let mut pending_head: Vec<(&LinearWeights, usize, Option<usize>, usize)> = Vec::new();
+        let last_head = model.head.len().saturating_sub(1);
+        for (index, linear) in model.head.iter().enumerate() {
+            let bf = precision == CudaPrecision::Bf16 && index != last_head;
+            let w = arena.push_f32(&linear.w_t);
+            let wb = bf.then(|| arena.push_bf16(&linear.w_t));
+            let b = arena.push_f32(&linear.bias);
+            pending_head.push((linear, w, wb, b));
+        }
+        let stream = ctx.default_stream();
+        let weights = stream
+            .clone_htod(&arena.bytes)
+            .map_err(err("cannot upload the weights"))?;
+        stream
+            .synchronize()
+            .map_err(err("cannot upload the weights"))?;
+        let base = {
+            let (ptr, _sync) = weights.device_ptr(&stream);
+            ptr
+        };
+        let at = |offset: usize| base + offset as u64;
+        let layers = pending_seq
+            .into_iter()
+            .map(|(layer, [a, ab, r, rb, b])| {
+                let a = Mat {
+                    f32: at(a.unwrap_or(0)),
+                    bf16: ab.map(at),
+                };
+                let bias = at(b.unwrap_or(0));
+                match layer {
+                    PendingLayer::Conv {
+                        cin,
+                        cout,
+                        kernel,
+                        pad,
+                        out_time,
+                        relu,
+                    } => Layer::Conv {
+                        cin,
+                        cout,
+                        kernel,
+                        pad,
+                        out_time,
+                        taps: a,
+                        bias,
+                        relu,
+                    },
+                    PendingLayer::Lstm { input, hidden } => Layer::Lstm {
+                        input,
+                        hidden,
+                        w: a,
+                        r: Mat {
+                            f32: at(r.unwrap_or(0)),
+                            bf16: rb.map(at),
+                        },
+                        bias,
+                    },
+                }
+            })
+            .collect();
+        let head = pending_head
+            .into_iter()
+            .map(|(l, w, wb, b)| Linear {
+                input: l.input,
+                output: l.output,
+                w: Mat {
+                    f32: at(w),
+                    bf16: wb.map(at),
+                },
+                bias: at(b),
+                relu: l.relu,
+            })
+            .collect();
+        Ok(Device {
+            ctx,
+            kernels,
+            weight_bytes: arena.bytes.len(),
+            _weights: weights,
+            layers,
+            head,
+            time_steps: model.time_steps,
+            features: model.features,
+            output_width: model.output_width,
+            precision,
+            plan: BufferPlan::new(model),
+            name,
+            step_gemm_min_rows,
+            persist_max_rows: persist_max_rows.min(PERSIST_ROWS),
+        })
+    }
+
+    pub(crate) fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub(crate) fn weight_bytes(&self) -> usize {
+        self.weight_bytes
+    }
+
+    /// `(free, total)` device memory in bytes.
+    pub(crate) fn memory(&self) -> DevResult<(usize, usize)> {
+        self.ctx
+            .mem_get_info()
+            .map_err(err("cannot read the GPU's memory"))
+    }
+
+    /// A worker with buffers for `max_rows` rows.
+    pub(crate) fn worker(&self, max_rows: usize) -> DevResult<Worker> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(err("cannot bind the CUDA context"))?;
+        let stream = self
+            .ctx
+            .new_stream()
+            .map_err(err("cannot create a stream"))?;
+        let blas = CudaBlas::new(stream.clone()).map_err(err("cannot create a cuBLAS handle"))?;
+        let workspace = stream
+            .alloc_zeros::<u8>(CUBLAS_WORKSPACE_BYTES)
+            .map_err(err("cannot allocate the cuBLAS workspace"))?;
+        let layout = self.plan.layout(max_rows);
+        let arena = stream
+            .alloc_zeros::<u8>(layout.bytes)
+            .map_err(err("cannot allocate the batch buffers"))?;
+        let (ws_ptr, base) = {
+            let (w, _s1) = workspace.device_ptr(&stream);
+            let (a, _s2) = arena.device_ptr(&stream);
+            (w, a)
+        };
+        unsafe {
+            blas::cublasSetWorkspace_v2(
+                *blas.handle(),
+                ws_ptr as *mut c_void,
+                CUBLAS_WORKSPACE_BYTES,
+            )
+        }
+        .result()
+        .map_err(err("cannot set the cuBLAS workspace"))?;
+        let input_len = max_rows * self.time_steps * self.features;
+        let output_len = max_rows * self.output_width;
+        // Input: write-combined (the host only writes it). Output: cached,
+        // the host reads it.
+        let pin_in = unsafe { self.ctx.alloc_pinned::<f32>(input_len) }
+            .map_err(err("cannot allocate pinned host memory"))?;
+        let pin_out = unsafe { self.ctx.alloc_pinned_with_flags::<f32>(output_len, 0) }
+            .map_err(err("cannot allocate pinned host memory"))?;
+        stream
+            .synchronize()
+            .map_err(err("cannot allocate the batch buffers"))?;
+        Ok(Worker {
+            stream,
+            blas,
+            _workspace: workspace,
+            _arena: arena,
+            base,
+            layout,
+            max_rows,
+            pin_in,
+            pin_out,
+            graphs: Vec::new(),
+        })
+    }
+
+    /// Runs `rows` rows (`rows ≤ worker.max_rows`) from `input` into `output`.
+    pub(crate) fn run(
+        &self,
+        worker: &mut Worker,
+        rows: usize,
+        input: &[f32],
+        output: &mut [f32],
+    ) -> DevResult<()> {
+        // The scheduler calls from its own threads: the raw driver and
+        // cuBLAS calls below need the context current on this one.
+        self.ctx
+            .bind_to_thread()
+            .map_err(err("cannot bind the CUDA context"))?;
+        let cu = worker.stream.cu_stream();
+        {
+            let pin = worker.pin_in.as_mut_slice().map_err(err("pinned input"))?;
+            pin[..input.len()].copy_from_slice(input);
+        }
+        let pin = worker.pin_in.as_slice().map_err(err("pinned input"))?;
+        unsafe {
+            cudarc::driver::result::memcpy_htod_async(
+                worker.base + worker.layout.input as u64,
+                &pin[..input.len()],
+                cu,
+            )
+        }
+        .map_err(err("copy to the GPU failed"))?;
+        match worker.graph_for(rows) {
+            Some(graph) => graph.launch().map_err(err("graph launch failed"))?,
+            None => self.enqueue(worker, rows)?,
+        }
+        let out_len = rows * self.output_width;
+        {
+            let pout = worker
+                .pin_out
+                .as_mut_slice()
+                .map_err(err("pinned output"))?;
+            unsafe {
+                cudarc::driver::result::memcpy_dtoh_async(
+                    &mut pout[..out_len],
+                    worker.base + worker.layout.output as u64,
+                    cu,
+                )
+            }
+            .map_err(err("copy from the GPU failed"))?;
+        }
+        worker
+            .stream
+            .synchronize()
+            .map_err(err("the forward pass failed"))?;
+        let pout = worker.pin_out.as_slice().map_err(err("pinned output"))?;
+        output.copy_from_slice(&pout[..out_len]);
+        Ok(())
+    }
+
+    /// Runs once eagerly at every bucket size (loading cuBLAS's kernels),
+    /// then captures one CUDA graph per bucket.
+    pub(crate) fn capture(&self, worker: &mut Worker, buckets: &[usize]) -> DevResult<()> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(err("cannot bind the CUDA context"))?;
+        for &rows in buckets {
+            self.enqueue(worker, rows)?;
+            worker.stream.synchronize().map_err(err("warm-up failed"))?;
+            worker
+                .stream
+                .begin_capture(drv::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+                .map_err(err("cannot begin graph capture"))?;
+            let enqueued = self.enqueue(worker, rows);
+            let graph = worker
+                .stream
+                .end_capture(drv::CUgraphInstantiate_flags(0))
+                .map_err(err("cannot end graph capture"))?;
+            enqueued?;
+            let graph = graph.ok_or_else(|| "graph capture returned no graph".to_string())?;
+            graph.upload().map_err(err("cannot upload a graph"))?;
+            worker.graphs.push((rows, graph));
+        }
+        worker
+            .stream
+            .synchronize()
+            .map_err(err("graph upload failed"))?;
+        Ok(())
+    }
+
+    /// Enqueues the forward pass for `rows` rows on the worker's stream,
+    /// from its input buffer to its output buffer.
+    fn enqueue(&self, w: &Worker, rows: usize) -> DevResult<()> {
+        let l = &w.layout;
+        let buf = |offset: usize| w.base + offset as u64;
+        let mut src = buf(l.input);
+        let mut time = self.time_steps;
+        let mut channels = self.features;
+        // Where the last-step vector ends up, `[rows, channels]`.
+        let mut vec_ptr = None;
+        let last = self.layers.len().saturating_sub(1);
+        for (index, layer) in self.layers.iter().enumerate() {
+            let dst = buf(l.act[index % 2]);
+            match layer {
+                Layer::Conv {
+                    cin,
+                    cout,
+                    kernel,
+                    pad,
+                    out_time,
+                    taps,
+                    bias,
+                    relu,
+                } => {
+                    let col = buf(l.col);
+                    let n = rows * out_time * kernel * cin;
+                    let mut b = w.stream.launch_builder(&self.kernels.im2col);
+                    let (bi, ti, ci, ki, pi, oi) = (
+                        rows as i32,
+                        time as i32,
+                        *cin as i32,
+                        *kernel as i32,
+                        *pad as i32,
+                        *out_time as i32,
+                    );
+                    b.arg(&src)
+                        .arg(&col)
+                        .arg(&bi)
+                        .arg(&ti)
+                        .arg(&ci)
+                        .arg(&ki)
+                        .arg(&pi)
+                        .arg(&oi);
+                    unsafe { b.launch(elementwise(n)) }.map_err(err("im2col launch"))?;
+                    self.gemm(
+                        w,
+                        rows * out_time,
+                        *cout,
+                        kernel * cin,
+                        col,
+                        *taps,
+                        dst,
+                        buf(l.low),
+                    )?;
+                    self.bias_act(w, dst, *bias, rows * out_time, *cout, *relu)?;
+                    time = *out_time;
+                    channels = *cout;
+                    src = dst;
+                }
+                Layer::Lstm {
+                    input,
+                    hidden,
+                    w: wm,
+                    r,
+                    bias,
+                } => {
+                    let h = *hidden;
+                    let gates = buf(l.gates);
+                    self.gemm(w, rows * time, 4 * h, *input, src, *wm, gates, buf(l.low))?;
+                    let last_only = index == last;
+                    if let Some(cfg) = self.persist_config(rows, h) {
+                        let (func, rptr) = match r.bf16 {
+                            Some(p) => (&self.kernels.persist_bf16, p),
+                            None => (&self.kernels.persist_f32, r.f32),
+                        };
+                        let (y, y_rs) = if last_only {
+                            (0u64, 0i64)
+                        } else {
+                            (dst, (time * h) as i64)
+                        };
+                        let hlast = buf(l.h[0]);
+                        let gx_rs = (time * 4 * h) as i64;
+                        let (bi, hi, ti) = (rows as i32, h as i32, time as i32);
+                        let slices = persist_slices(h) as i32;
+                        let mut b = w.stream.launch_builder(func);
+                        b.arg(&gates)
+                            .arg(&gx_rs)
+                            .arg(bias)
+                            .arg(&rptr)
+                            .arg(&y)
+                            .arg(&y_rs)
+                            .arg(&hlast)
+                            .arg(&bi)
+                            .arg(&hi)
+                            .arg(&ti)
+                            .arg(&slices);
+                        unsafe { b.launch(cfg) }.map_err(err("persistent LSTM launch"))?;
+                        channels = h;
+                        if last_only {
+                            vec_ptr = Some(hlast);
+                            time = 1;
+                        }
+                        src = dst;
+                        continue;
+                    }
+                    let step_gemm = rows >= self.step_gemm_min_rows;
+                    let (rows_per_block, slices) = if rows <= NARROW_MAX_ROWS {
+                        NARROW
+                    } else {
+                        WIDE
+                    };
+                    let (func, rptr) = match (r.bf16, rows <= NARROW_MAX_ROWS) {
+                        (Some(p), true) => (&self.kernels.lstm_bf16_narrow, p),
+                        (Some(p), false) => (&self.kernels.lstm_bf16_wide, p),
+                        (None, true) => (&self.kernels.lstm_f32_narrow, r.f32),
+                        (None, false) => (&self.kernels.lstm_f32_wide, r.f32),
+                    };
+                    let cfg = LaunchConfig {
+                        grid_dim: (
+                            (h as u32).div_ceil(32),
+                            (rows as u32).div_ceil(rows_per_block),
+                            1,
+                        ),
+                        block_dim: (32, slices, 1),
+                        shared_mem_bytes: 4
+                            * (rows_per_block * h as u32 + slices * rows_per_block * 128),
+                    };
+                    let c = buf(l.c);
+                    // The bf16 copy of h for the next step's bf16 GEMM
+                    // (the `low` buffer is free once the projection ran).
+                    let hlow = if step_gemm && r.bf16.is_some() {
+                        buf(l.low)
+                    } else {
+                        0u64
+                    };
+                    let (bi, hi) = (rows as i32, h as i32);
+                    let gx_rs = (time * 4 * h) as i64;
+                    for t in 0..time {
+                        let (hp, hp_rs, hn, hn_rs) = if last_only {
+                            (buf(l.h[(t + 1) % 2]), h as i64, buf(l.h[t % 2]), h as i64)
+                        } else {
+                            let prev = dst + (4 * t.saturating_sub(1) * h) as u64;
+                            (
+                                prev,
+                                (time * h) as i64,
+                                dst + (4 * t * h) as u64,
+                                (time * h) as i64,
+                            )
+                        };
+                        let gx = gates + (4 * t * 4 * h) as u64;
+                        let first = i32::from(t == 0);
+                        if step_gemm {
+                            if t > 0 {
+                                // gx_t += h_prev · R
+                                let (a, lda, ty) = match r.bf16 {
+                                    Some(_) => (hlow, h, blas::cudaDataType::CUDA_R_16BF),
+                                    None => (hp, hp_rs as usize, blas::cudaDataType::CUDA_R_32F),
+                                };
+                                self.gemm_raw(
+                                    w,
+                                    rows,
+                                    4 * h,
+                                    h,
+                                    (a, lda),
+                                    (rptr, 4 * h),
+                                    ty,
+                                    (gx, gx_rs as usize),
+                                    1.0,
+                                )?;
+                            }
+                            let mut b = w.stream.launch_builder(&self.kernels.lstm_cell);
+                            b.arg(&gx)
+                                .arg(&gx_rs)
+                                .arg(bias)
+                                .arg(&c)
+                                .arg(&hn)
+                                .arg(&hn_rs)
+                                .arg(&hlow)
+                                .arg(&bi)
+                                .arg(&hi)
+                                .arg(&first);
+                            unsafe { b.launch(elementwise(rows * h)) }
+                                .map_err(err("LSTM cell launch"))?;
+                            continue;
+                        }
+                        let mut b = w.stream.launch_builder(func);
+                        b.arg(&gx)
+                            .arg(&gx_rs)
+                            .arg(bias)
+                            .arg(&rptr)
+                            .arg(&hp)
+                            .arg(&hp_rs)
+                            .arg(&hn)
+                            .arg(&hn_rs)
+                            .arg(&c)
+                            .arg(&bi)
+                            .arg(&hi)
+                            .arg(&first);
+                        unsafe { b.launch(cfg) }.map_err(err("LSTM step launch"))?;
+                    }
+                    channels = h;
+                    if last_only {
+                        vec_ptr = Some(buf(l.h[(time + 1) % 2]));
+                        time = 1;
+                    }
+                    src = dst;
+                }
+            }
+        }
+        let vec = match vec_ptr {
+            Some(p) => p,
+            None if self.layers.is_empty() => src,
+            None => {
+                let out = buf(l.head[0]);
+                let mut b = w.stream.launch_builder(&self.kernels.last_step);
+                let (bi, ti, ci) = (rows as i32, time as i32, channels as i32);
+                b.arg(&src).arg(&out).arg(&bi).arg(&ti).arg(&ci);
+                unsafe { b.launch(elementwise(rows * channels)) }
+                    .map_err(err("last-step launch"))?;
+                out
+            }
+        };
+        let mut src = vec;
+        let last_head = self.head.len().saturating_sub(1);
+        for (index, linear) in self.head.iter().enumerate() {
+            let dst = if index == last_head {
+                buf(l.output)
+            } else {
+                buf(l.head[(index + 1) % 2])
+            };
+            self.gemm(
+                w,
+                rows,
+                linear.output,
+                linear.input,
+                src,
+                linear.w,
+                dst,
+                buf(l.low),
+            )?;
+            self.bias_act(w, dst, linear.bias, rows, linear.output, linear.relu)?;
+            src = dst;
+        }
+        if self.head.is_empty() {
+            let bytes = rows * self.output_width * 4;
+            unsafe {
+                cudarc::driver::result::memcpy_dtod_async(
+                    buf(l.output),
+                    src,
+                    bytes,
+                    w.stream.cu_stream(),
+                )
+            }
+            .map_err(err("copy of the output"))?;
+        }
+        Ok(())
+    }
+
+    /// The persistent layer kernel's launch for `rows` rows of hidden size
+    /// `h`, when it applies.
+    fn persist_config(&self, rows: usize, h: usize) -> Option<LaunchConfig> {
+        let slices = persist_slices(h);
+        let shared = 4 * (2 * PERSIST_ROWS * h + slices * rows * 4 * h);
+        (rows <= self.persist_max_rows && 4 * h <= 1024 && shared <= SHARED_LIMIT).then_some(
+            LaunchConfig {
+                grid_dim: (1, 1, 1),
+                block_dim: (1024, 1, 1),
+                shared_mem_bytes: shared as u32,
+            },
+        )
+    }
+
+    fn bias_act(
+        &self,
+        w: &Worker,
+        y: u64,
+        bias: u64,
+        rows: usize,
+        n: usize,
+        relu: bool,
+    ) -> DevResult<()> {
+        let mut b = w.stream.launch_builder(&self.kernels.bias_act);
+        let (r, ni, ri) = (rows as i64, n as i32, i32::from(relu));
+        b.arg(&y).arg(&bias).arg(&r).arg(&ni).arg(&ri);
+        unsafe { b.launch(elementwise(rows * n)) }.map_err(err("bias launch"))?;
+        Ok(())
+    }
+
+    /// Row-major `c[m, n] = a[m, k] · b[k, n]` (`b` a weight matrix) in the
+    /// engine's precision; a bf16 weight makes `a` go through `low` first.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        &self,
+        w: &Worker,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: u64,
+        b: Mat,
+        c: u64,
+        low: u64,
+    ) -> DevResult<()> {
+        let (a_ptr, b_ptr, ty) = match b.bf16 {
+            Some(b16) => {
+                let mut l = w.stream.launch_builder(&self.kernels.to_bf16);
+                let count = (m * k) as i64;
+                l.arg(&a).arg(&low).arg(&count);
+                unsafe { l.launch(elementwise(m * k)) }.map_err(err("bf16 conversion launch"))?;
+                (low, b16, blas::cudaDataType::CUDA_R_16BF)
+            }
+            None => (a, b.f32, blas::cudaDataType::CUDA_R_32F),
+        };
+        self.gemm_raw(w, m, n, k, (a_ptr, k), (b_ptr, n), ty, (c, n), 0.0)
+    }
+
+    /// Row-major `c[m, n] = a[m, k] · b[k, n] + beta · c` with leading
+    /// dimensions (`(pointer, row stride)` each); `a` and `b` of type `ty`,
+    /// `c` fp32; fp32 inputs use TF32 tensor cores at tf32.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_raw(
+        &self,
+        w: &Worker,
+        m: usize,
+        n: usize,
+        k: usize,
+        (a, lda): (u64, usize),
+        (b, ldb): (u64, usize),
+        ty: blas::cudaDataType,
+        (c, ldc): (u64, usize),
+        beta: f32,
+    ) -> DevResult<()> {
+        let compute =
+            if ty == blas::cudaDataType::CUDA_R_32F && self.precision == CudaPrecision::Tf32 {
+                blas::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32
+            } else {
+                blas::cublasComputeType_t::CUBLAS_COMPUTE_32F
+            };
+        let alpha = 1.0f32;
+        // Column-major cuBLAS sees the row-major product transposed:
+        // cᵀ[n, m] = bᵀ[n, k] · aᵀ[k, m].
+        unsafe {
+            blas::cublasGemmEx(
+                *w.blas.handle(),
+                blas::cublasOperation_t::CUBLAS_OP_N,
+                blas::cublasOperation_t::CUBLAS_OP_N,
+                n as i32,
+                m as i32,
+                k as i32,
+                &alpha as *const f32 as *const c_void,
+                b as *const c_void,
+                ty,
+                ldb as i32,
+                a as *const c_void,
+                ty,
+                lda as i32,
+                &beta as *const f32 as *const c_void,
+                c as *mut c_void,
+                blas::cudaDataType::CUDA_R_32F,
+                ldc as i32,
+                compute,
+                blas::cublasGemmAlgo_t::CUBLAS_GEMM_DFALT,
+            )
+        }
+        .result()
+        .map_err(err("cuBLAS GEMM failed"))
+    }
+}
+
+enum PendingLayer {
+    Conv {
+        cin: usize,
+        cout: usize,
+        kernel: usize,
+        pad: usize,
+        out_time: usize,
+        relu: bool,
+    },
+    Lstm {
+        input: usize,
+        hidden: usize,
+    },
+}
+
+/// Reduction slices of the persistent kernel: as many as 1024 threads
+/// hold for the `4h` gate columns, at most one per k.
+fn persist_slices(h: usize) -> usize {
+    (1024 / (4 * h).max(1)).clamp(1, h.max(1))
+}
+
+fn elementwise(n: usize) -> LaunchConfig {
+    let blocks = n.div_ceil(256).clamp(1, 65_536) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Compiles kernels.cu to a CUBIN for this GPU's architecture (a CUBIN
+/// does not depend on the driver accepting NVRTC's PTX version).
+fn compile(ctx: &Arc<CudaContext>, major: i32, minor: i32) -> DevResult<Kernels> {
+    use cudarc::nvrtc::{result as nvrtc, sys as nv};
+    let src = CString::new(KERNELS).map_err(err("kernel source"))?;
+    let name = CString::new("tickserve_kernels.cu").map_err(err("kernel source"))?;
+    let prog = nvrtc::create_program(&src, Some(&name)).map_err(err("NVRTC create"))?;
+    let options = [
+        format!("--gpu-architecture=sm_{major}{minor}"),
+        "--std=c++17".to_string(),
+    ];
+    let compiled = unsafe { nvrtc::compile_program(prog, &options) };
+    let log = unsafe { nvrtc::get_program_log(prog) }
+        .map(|raw| {
+            let bytes: Vec<u8> = raw.iter().map(|&c| c as u8).collect();
+            CStr::from_bytes_until_nul(&bytes)
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        })
+        .unwrap_or_default();
+    if let Err(e) = compiled {
+        unsafe { nvrtc::destroy_program(prog) }.ok();
+        return Err(format!(
+            "NVRTC could not compile the kernels ({e:?}, options {options:?}):\n{log}"
+        ));
+    }
+    let mut size = 0usize;
+    let cubin = unsafe {
+        nv::nvrtcGetCUBINSize(prog, &mut size)
+            .result()
+            .and_then(|()| {
+                let mut data = vec![0u8; size];
+                nv::nvrtcGetCUBIN(prog, data.as_mut_ptr() as *mut std::ffi::c_char)
+                    .result()
+                    .map(|()| data)
+            })
+    };
+    unsafe { nvrtc::destroy_program(prog) }.ok();
+    let cubin = cubin.map_err(err("NVRTC CUBIN"))?;
+    let module = ctx
+        .load_module(Ptx::from_binary(cubin))
+        .map_err(err("cannot load the compiled kernels"))?;
+    let f = |name: &str| {
+        module
+            .load_function(name)
+            .map_err(|e| format!("kernel {name} missing: {e:?}"))
+    };
+    Ok(Kernels {
+        im2col: f("im2col")?,
+        bias_act: f("bias_act")?,
+        to_bf16: f("to_bf16")?,
+        last_step: f("last_step")?,
+        lstm_f32_wide: f("lstm_step_f32_wide")?,
+        lstm_bf16_wide: f("lstm_step_bf16_wide")?,
+        lstm_f32_narrow: f("lstm_step_f32_narrow")?,
+        lstm_bf16_narrow: f("lstm_step_bf16_narrow")?,
+        lstm_cell: f("lstm_cell")?,
+        persist_f32: f("lstm_layer_persist_f32")?,
+        persist_bf16: f("lstm_layer_persist_bf16")?,
+    })
+}
+
+/// One stream's worth of state: used by one thread at a time.
+pub(crate) struct Worker {
+    stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    _workspace: CudaSlice<u8>,
+    _arena: CudaSlice<u8>,
+    base: u64,
+    layout: Layout,
+    pub(crate) max_rows: usize,
+    pin_in: PinnedHostSlice<f32>,
+    pin_out: PinnedHostSlice<f32>,
+    /// `(bucket rows, graph)`, ascending.
+    graphs: Vec<(usize, CudaGraph)>,
+}
+
+// Safety: a worker is only ever used by the one thread that took it from
+// the engine's pool; its raw handles (graph, pinned memory) are not shared.
+unsafe impl Send for Worker {}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("max_rows", &self.max_rows)
+            .field("graphs", &self.graphs.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Worker {
+    fn graph_for(&self, rows: usize) -> Option<&CudaGraph> {
+        self.graphs
+            .iter()
+            .find(|(bucket, _)| *bucket >= rows)
+            .map(|(_, g)| g)
+    }
+
+    pub(crate) fn graphs(&self) -> usize {
+        self.graphs.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bf16_rounding_is_nearest_even() {
+        assert_eq!(bf16_bits(1.0), 0x3f80);
+        assert_eq!(bf16_bits(-2.0), 0xc000);
+        // 1 + 2^-8 is halfway between 1 and 1 + 2^-7: ties to even (1.0).
+        assert_eq!(bf16_bits(1.0 + 1.0 / 256.0), 0x3f80);
+        // Just above halfway rounds up.
+        assert_eq!(bf16_bits(f32::from_bits(0x3f80_8001)), 0x3f81);
+        assert!(f32::from_bits(u32::from(bf16_bits(f32::NAN)) << 16).is_nan());
+    }
+}

@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# Real-time isolation, measured: for each scheduling configuration of the
+# bundled model (cache off), starts `tickserve serve` on loopback and runs
+# `tickserve bench mixed` against it (priority 1 at 100 req/s alone, 256
+# closed-loop priority-5 clients alone, then both), and prints one table
+# row per configuration. docs/scheduling.md shows its output.
+#
+#   scripts/bench-mixed.sh [phase-seconds] [config…]
+#
+# Configurations: unchunked (chunking and the latency targets off: the
+# scheduler before real-time isolation), one (1 instance), bundled (the
+# bundled config.toml: 2 instances), reserved (a worker for priorities 1–2
+# and one for all, pinned to cores 0 and 1), threads2 (1 instance of 2
+# threads), int8 and int8-unchunked. Default: all of them. Bounded: each
+# configuration takes 3 phases plus start-up.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+phase=${1:-10}
+shift || true
+configs=("$@")
+if [ ${#configs[@]} -eq 0 ]; then
+    configs=(unchunked one bundled reserved threads2 int8 int8-unchunked)
+fi
+
+cargo build --release -q -p tickserve
+bin=target/release/tickserve
+work=$(mktemp -d)
+trap 'rm -rf "$work"; [ -n "${server:-}" ] && kill "$server" 2>/dev/null || true' EXIT
+
+unchunked='[dynamic_batching]
+chunking = false
+[dynamic_batching.priority.1]
+target_latency = "0s"
+[dynamic_batching.priority.2]
+target_latency = "0s"'
+reserved='[[instance_group]]
+count = 1
+priorities = [1, 2]
+cores = [0]
+[[instance_group]]
+count = 1
+cores = [1]'
+
+# Prints the config.toml of configuration $1.
+config_of() {
+    local top="" extra=""
+    case $1 in
+        unchunked) top="instances = 2"; extra=$unchunked ;;
+        one) top="instances = 1" ;;
+        bundled) cat models/cnn_lstm/config.toml; return ;;
+        reserved) extra=$reserved ;;
+        threads2) top="threads = 2" ;;
+        int8) top=$'instances = 2\nprecision = "int8"' ;;
+        int8-unchunked) top=$'instances = 2\nprecision = "int8"'; extra=$unchunked ;;
+        *) echo "unknown configuration $1" >&2; exit 2 ;;
+    esac
+    printf 'engine = "native"\nmax_batch_size = 32\n%s\n' "$top"
+    printf '[[input]]\nname = "input"\ndatatype = "FP32"\ndims = [50, 60]\n'
+    printf '[[output]]\nname = "output"\ndatatype = "FP32"\ndims = [3]\n%s\n' "$extra"
+}
+
+echo "| configuration | p1 p50 / p99 alone (ms) | p1 p50 / p99 under flood (ms) | p99 ratio | p1 errors | p5 req/s alone / with p1 | p5 share | verdict |"
+echo "|---|---|---|---|---|---|---|---|"
+for name in "${configs[@]}"; do
+    repo=$work/$name
+    mkdir -p "$repo/cnn_lstm/1"
+    cp models/cnn_lstm/1/model.onnx "$repo/cnn_lstm/1/"
+    config_of "$name" > "$repo/cnn_lstm/config.toml"
+    port=$((20000 + RANDOM % 5000))
+    "$bin" serve --model-repository "$repo" --http-addr "127.0.0.1:$port" \
+        --grpc-addr "127.0.0.1:$((port + 5000))" --metrics-addr "127.0.0.1:$((port + 10000))" \
+        --cache false --log-level warn > "$work/$name.log" 2>&1 &
+    server=$!
+    for _ in $(seq 1 600); do
+        curl -sf "http://127.0.0.1:$port/v2/health/ready" > /dev/null && break
+        sleep 0.1
+    done
+    "$bin" bench mixed --url "http://127.0.0.1:$port" --phase "${phase}s" -q --format none \
+        --json "$work/$name.json" || true
+    kill "$server"; wait "$server" 2>/dev/null || true
+    server=
+    python3 - "$name" "$work/$name.json" <<'PY'
+import json, sys
+name, path = sys.argv[1:3]
+r = json.load(open(path))
+m = r["mixed"]
+alone_fg, alone_bg, both = m["phases"]
+fa, ff = alone_fg["foreground"]["stats"], both["foreground"]["stats"]
+ba, bf = alone_bg["background"]["stats"], both["background"]["stats"]
+s = m["summary"]
+ratio = lambda v, f: "n/a" if v is None else f(v)
+lat = lambda o: f'{o["latency_ms"]["median"]:.2f} / {o["latency_ms"]["p99"]:.2f}'
+verdict = "met" if r["compliance"]["compliant"] else "missed: " + ", ".join(
+    c["metric"] for c in r["compliance"]["checks"] if not c["passed"])
+print(f'| {name} | {lat(fa)} | {lat(ff)} | {ratio(s["fg_p99_ratio"], lambda v: f"{v:.1f}×")} '
+      f'| {ff["errors"] + fa["errors"]} '
+      f'| {ba["throughput_rps"]:.0f} / {bf["throughput_rps"]:.0f} '
+      f'| {ratio(s["bg_throughput_ratio"], lambda v: f"{v * 100:.0f} %")} | {verdict} |')
+PY
+done

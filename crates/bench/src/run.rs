@@ -37,13 +37,19 @@ pub struct Target {
     timeout: Duration,
 }
 
-/// The gRPC side of a target: one HTTP/2 channel (requests multiplex on
-/// it) and the model version to ask for.
+/// The gRPC side of a target: HTTP/2 channels, used in turn (requests
+/// multiplex on each; one per [`STREAMS_PER_CHANNEL`] clients, as servers
+/// commonly allow a few hundred concurrent streams per connection), and
+/// the model version to ask for.
 #[derive(Debug, Clone)]
 struct GrpcTarget {
-    client: GrpcInferenceServiceClient<tonic::transport::Channel>,
+    clients: Arc<[GrpcInferenceServiceClient<tonic::transport::Channel>]>,
+    next: Arc<AtomicU64>,
     version: String,
 }
+
+/// Concurrent requests per gRPC channel.
+const STREAMS_PER_CHANNEL: usize = 100;
 
 impl Target {
     /// `base_url` like `http://127.0.0.1:8000`; `version` optional.
@@ -71,15 +77,21 @@ impl Target {
         let grpc = match grpc_url {
             None => None,
             Some(url) => {
-                let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
+                let endpoint = tonic::transport::Endpoint::from_shared(url.to_owned())
                     .map_err(|e| crate::BenchError::Config(format!("--grpc-url {url}: {e}")))?
                     .tcp_nodelay(true)
-                    .timeout(timeout)
-                    .connect_lazy();
+                    .timeout(timeout);
+                let channels = max_connections.div_ceil(STREAMS_PER_CHANNEL).max(1);
+                let clients = (0..channels)
+                    .map(|_| {
+                        GrpcInferenceServiceClient::new(endpoint.connect_lazy())
+                            .max_decoding_message_size(usize::MAX)
+                            .max_encoding_message_size(usize::MAX)
+                    })
+                    .collect();
                 Some(GrpcTarget {
-                    client: GrpcInferenceServiceClient::new(channel)
-                        .max_decoding_message_size(usize::MAX)
-                        .max_encoding_message_size(usize::MAX),
+                    clients,
+                    next: Arc::new(AtomicU64::new(0)),
                     version: version.unwrap_or_default().to_owned(),
                 })
             }
@@ -128,7 +140,8 @@ impl Target {
             return Outcome::Transport("gRPC request without --grpc-url".into());
         };
         request.model_version.clone_from(&grpc.version);
-        let mut client = grpc.client.clone();
+        let turn = grpc.next.fetch_add(1, Ordering::Relaxed) as usize;
+        let mut client = grpc.clients[turn % grpc.clients.len()].clone();
         match tokio::time::timeout(self.timeout, client.model_infer(request)).await {
             Err(_) => Outcome::Timeout,
             Ok(Ok(_)) => Outcome::Ok,

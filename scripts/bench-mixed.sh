@@ -85,12 +85,17 @@ import json, sys
 name, path = sys.argv[1:3]
 r = json.load(open(path))
 m = r["mixed"]
-fa, ff = m["fg_alone"]["overall"], m["fg_under_flood"]["overall"]
-ba, bf = m["bg_alone"]["overall"], m["bg_under_flood"]["overall"]
+alone_fg, alone_bg, both = m["phases"]
+fa, ff = alone_fg["foreground"]["stats"], both["foreground"]["stats"]
+ba, bf = alone_bg["background"]["stats"], both["background"]["stats"]
+s = m["summary"]
+ratio = lambda v, f: "n/a" if v is None else f(v)
 lat = lambda o: f'{o["latency_ms"]["median"]:.2f} / {o["latency_ms"]["p99"]:.2f}'
 verdict = "met" if r["compliance"]["compliant"] else "missed: " + ", ".join(
     c["metric"] for c in r["compliance"]["checks"] if not c["passed"])
-print(f'| {name} | {lat(fa)} | {lat(ff)} | {m["p99_ratio"]:.1f}× | {ff["errors"] + fa["errors"]} '
-      f'| {ba["throughput_rps"]:.0f} / {bf["throughput_rps"]:.0f} | {m["bg_share"] * 100:.0f} % | {verdict} |')
+print(f'| {name} | {lat(fa)} | {lat(ff)} | {ratio(s["fg_p99_ratio"], lambda v: f"{v:.1f}×")} '
+      f'| {ff["errors"] + fa["errors"]} '
+      f'| {ba["throughput_rps"]:.0f} / {bf["throughput_rps"]:.0f} '
+      f'| {ratio(s["bg_throughput_ratio"], lambda v: f"{v * 100:.0f} %")} | {verdict} |')
 PY
 done

@@ -1,6 +1,7 @@
 //! `tickserve bench <mode>`: the command-line options (clap) and the
 //! drivers that turn them into runs, a [`Report`] and an exit code.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -8,11 +9,16 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use clap::{Args, Subcommand, ValueEnum};
 
 use crate::BenchError;
+use crate::mixed::{MixedGoals, MixedPlan};
 use crate::report::{CompareReport, Report, SCHEMA, StressReport, StressStep, improvement};
 use crate::run::{Arrival, Limits, Measured, OpenLoop, Progress, Target, closed_loop, open_loop};
 use crate::sla::{Compliance, Sla, evaluate};
 use crate::stats::RunStats;
-use crate::workload::{InputSource, PriorityMix, Workload, WorkloadSpec};
+use crate::workload::{InputSource, PriorityMix, Protocol, Workload, WorkloadSpec};
+
+/// The input shape when neither `--shape` nor the model's metadata gives
+/// one: the bundled model's window of 50 steps × 60 features.
+pub const DEFAULT_SHAPE: [usize; 3] = [1, 50, 60];
 
 /// `tickserve bench`: measure an Open Inference Protocol server (tickserve,
 /// Triton, KServe) and judge it against an SLA.
@@ -56,15 +62,6 @@ pub enum Mode {
         #[command(flatten)]
         stress: StressArgs,
     },
-    /// A foreground class at a fixed rate alone, a background flood alone,
-    /// then both at once: is the foreground isolated from the flood?
-    /// (docs/scheduling.md).
-    Mixed {
-        #[command(flatten)]
-        common: Common,
-        #[command(flatten)]
-        mixed: crate::mixed::MixedArgs,
-    },
     /// The same workload against a baseline and a candidate, repeated;
     /// the improvement in throughput and latency with a 95 % CI.
     Compare {
@@ -72,6 +69,16 @@ pub enum Mode {
         common: Common,
         #[command(flatten)]
         compare: CompareArgs,
+    },
+    /// A foreground class at a fixed rate (open loop) and a background
+    /// flood (closed loop), alone and together: the foreground's latency
+    /// under the flood and the background's throughput beside the
+    /// foreground.
+    Mixed {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        mixed: MixedArgs,
     },
 }
 
@@ -94,9 +101,22 @@ pub struct Common {
     /// Input tensor name.
     #[arg(long, default_value = "input")]
     pub input_name: String,
-    /// Input shape including the batch dimension, comma separated.
-    #[arg(long, default_value = "1,50,60", value_delimiter = ',')]
-    pub shape: Vec<usize>,
+    /// Wire format: JSON over HTTP, Triton's binary tensors over HTTP, or
+    /// gRPC (at `--grpc-url`).
+    #[arg(long, value_enum, default_value_t = Protocol::HttpJson)]
+    pub protocol: Protocol,
+    /// The server's gRPC endpoint, for `--protocol grpc`.
+    #[arg(
+        long,
+        env = "TICKSERVE_BENCH_GRPC_URL",
+        default_value = "http://127.0.0.1:8001"
+    )]
+    pub grpc_url: String,
+    /// Input shape including the batch dimension, comma separated
+    /// (default: from the model's metadata at `--url`, with a batch of 1;
+    /// `1,50,60` when the metadata cannot be read).
+    #[arg(long, value_delimiter = ',')]
+    pub shape: Option<Vec<usize>>,
     /// Input datatype.
     #[arg(long, default_value = "FP32")]
     pub datatype: String,
@@ -279,7 +299,73 @@ pub struct CompareArgs {
     pub requests: u64,
 }
 
-pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
+/// `bench mixed` options.
+#[derive(Debug, Clone, Args, serde::Serialize)]
+pub struct MixedArgs {
+    /// Foreground priority (1-5).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5))]
+    pub fg_priority: u8,
+    /// Foreground requests per second (open loop).
+    #[arg(long, short = 'r', default_value_t = 100.0)]
+    pub fg_rate: f64,
+    /// Foreground arrival process.
+    #[arg(long, value_enum, default_value_t = Arrival::Constant)]
+    pub fg_arrival: Arrival,
+    /// Background priority (1-5), not the foreground's.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u8).range(1..=5))]
+    pub bg_priority: u8,
+    /// Background clients (closed loop).
+    #[arg(long, short = 'c', visible_alias = "bg-clients", default_value_t = 256)]
+    pub bg_concurrency: usize,
+    /// Rows per background request (default: the first dimension of
+    /// `--shape`).
+    #[arg(long)]
+    pub bg_rows: Option<usize>,
+    /// Duration of every phase (replaces the three below).
+    #[arg(long, value_parser = parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub phase: Option<Duration>,
+    /// Duration of phase 1, the foreground alone.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub fg_duration: Duration,
+    /// Duration of phase 2, the background alone.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub bg_duration: Duration,
+    /// Duration of phase 3, both together.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub both_duration: Duration,
+    /// Latency target of a class, PRIORITY=DURATION (repeatable; `none`
+    /// for no target): goodput counts the successes within it. Giving
+    /// any replaces the defaults.
+    #[arg(long = "target-latency", value_name = "PRIORITY=DURATION", default_values = ["1=2ms", "2=5ms"])]
+    pub target_latency: Vec<String>,
+    /// Goal: foreground p99 under the flood at most this.
+    #[arg(long, default_value = "5ms", value_parser = parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub goal_fg_p99: Duration,
+    /// Goal: foreground p99 under the flood at most this multiple of its
+    /// p99 alone.
+    #[arg(long, visible_alias = "max-p99-ratio", default_value_t = 3.0)]
+    pub goal_fg_p99_ratio: f64,
+    /// Goal: background throughput with the foreground at least this share
+    /// of its throughput alone.
+    #[arg(long, visible_alias = "min-bg-share", default_value_t = 0.9)]
+    pub goal_bg_throughput_ratio: f64,
+    /// Most foreground requests in flight; a send beyond it is not made
+    /// and counts as an error.
+    #[arg(long, default_value_t = 1024)]
+    pub max_in_flight: usize,
+    /// A foreground send later than its schedule by more than this counts
+    /// as late.
+    #[arg(long, default_value = "5ms", value_parser = parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub late_threshold: Duration,
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime_serde::re::humantime::parse_duration(text).map_err(|e| e.to_string())
 }
 
@@ -313,7 +399,7 @@ fn workload(
     Ok(Arc::new(Workload::new(WorkloadSpec {
         model: c.model.clone(),
         input_name: c.input_name.clone(),
-        shape: c.shape.clone(),
+        shape: c.shape.clone().unwrap_or_else(|| DEFAULT_SHAPE.to_vec()),
         datatype: c.datatype.clone(),
         source: c
             .input_file
@@ -324,6 +410,7 @@ fn workload(
         hot_set: c.hot_set,
         priorities: c.priorities.clone(),
         parameters: params,
+        protocol: c.protocol,
     })?))
 }
 
@@ -334,7 +421,74 @@ fn target(c: &Common, url: &str, connections: usize) -> Result<Target, BenchErro
         c.model_version.as_deref(),
         c.timeout,
         connections,
+        (c.protocol == Protocol::Grpc).then_some(c.grpc_url.as_str()),
     )
+}
+
+/// The first input of the model's metadata (`GET /v2/models/{m}`): name,
+/// datatype and shape with a batch of 1 for the variable (`-1`) axes.
+async fn input_from_metadata(c: &Common) -> Result<(String, String, Vec<usize>), String> {
+    let base = c.url.trim_end_matches('/');
+    let url = match &c.model_version {
+        Some(v) => format!("{base}/v2/models/{}/versions/{v}", c.model),
+        None => format!("{base}/v2/models/{}", c.model),
+    };
+    let response = reqwest::Client::builder()
+        .timeout(c.timeout)
+        .build()
+        .map_err(|e| e.to_string())?
+        .get(&url)
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    if !response.status().is_success() {
+        return Err(format!("{url}: http {}", response.status().as_u16()));
+    }
+    let meta: serde_json::Value = response.json().await.map_err(|e| e.to_string())?;
+    let inputs = meta["inputs"].as_array().cloned().unwrap_or_default();
+    let input = inputs
+        .iter()
+        .find(|i| i["name"] == c.input_name.as_str())
+        .or(inputs.first())
+        .ok_or_else(|| format!("{url}: no inputs in the metadata"))?;
+    let shape = input["shape"]
+        .as_array()
+        .ok_or_else(|| format!("{url}: input without a shape"))?
+        .iter()
+        .map(|d| match d.as_i64() {
+            Some(d) if d > 0 => Ok(d as usize),
+            Some(_) => Ok(1),
+            None => Err(format!("{url}: shape entry {d} is not a number")),
+        })
+        .collect::<Result<Vec<usize>, String>>()?;
+    let name = input["name"].as_str().unwrap_or(&c.input_name).to_owned();
+    let datatype = input["datatype"].as_str().unwrap_or(&c.datatype).to_owned();
+    Ok((name, datatype, shape))
+}
+
+/// Fills in `--shape` (and the input's name and datatype) from the
+/// model's metadata when `--shape` was not given.
+async fn resolve_input(mut c: Common) -> Common {
+    if c.shape.is_some() {
+        return c;
+    }
+    match input_from_metadata(&c).await {
+        Ok((name, datatype, shape)) => {
+            if !c.quiet {
+                eprintln!("input from the model's metadata: {name} {datatype} {shape:?}");
+            }
+            c.input_name = name;
+            c.datatype = datatype;
+            c.shape = Some(shape);
+        }
+        Err(e) => {
+            if !c.quiet {
+                eprintln!("cannot read the model's metadata ({e}); input shape {DEFAULT_SHAPE:?}");
+            }
+            c.shape = Some(DEFAULT_SHAPE.to_vec());
+        }
+    }
+    c
 }
 
 fn load_sla(c: &Common) -> Result<Sla, BenchError> {
@@ -370,7 +524,17 @@ pub async fn run(args: BenchArgs) -> Result<Finished, BenchError> {
         Mode::Compare { common, .. } => ("compare", common),
         Mode::Mixed { common, .. } => ("mixed", common),
     };
-    let common = common.clone();
+    let common = resolve_input(common.clone()).await;
+    // Record the input as sent, also when it came from the metadata.
+    let mut settings = settings;
+    if let Some(recorded) = settings
+        .get_mut(mode_name)
+        .and_then(|m| m.get_mut("common"))
+    {
+        recorded["shape"] = serde_json::json!(common.shape);
+        recorded["input_name"] = serde_json::json!(common.input_name);
+        recorded["datatype"] = serde_json::json!(common.datatype);
+    }
     let sla = load_sla(&common)?;
     let params = parse_params(&common.params)?;
     let show = !common.quiet;
@@ -437,38 +601,20 @@ pub async fn run(args: BenchArgs) -> Result<Finished, BenchError> {
             stress = Some(report);
             (stats, compliance)
         }
-        Mode::Mixed { mixed: m, .. } => {
-            let class = |priority: u8| -> Result<Arc<Workload>, BenchError> {
-                let mix = format!("{priority}:1")
-                    .parse()
-                    .map_err(|e: String| BenchError::Config(format!("priority {priority}: {e}")))?;
-                workload(
-                    &Common {
-                        priorities: Some(mix),
-                        ..common.clone()
-                    },
-                    params.clone(),
-                )
-            };
-            let classes = crate::mixed::Classes {
-                fg_target: target(&common, &common.url, m.max_in_flight)?,
-                fg_workload: class(m.fg_priority)?,
-                bg_target: target(&common, &common.url, m.bg_clients)?,
-                bg_workload: class(m.bg_priority)?,
-            };
-            let report =
-                crate::mixed::run(&m, &classes, &sla, common.warmup, common.seed, show).await;
-            let compliance = report.verdict(&m);
-            let result = report.fg_under_flood.clone();
-            mixed = Some(report);
-            (result, compliance)
-        }
         Mode::Compare { compare: c, .. } => {
             let report = run_compare(&common, &c, params).await?;
             let last = report.candidate_runs.last().cloned().unwrap_or_default();
             let compliance = evaluate(&last, &sla);
             compare = Some(report);
             (last, compliance)
+        }
+        Mode::Mixed { mixed: m, .. } => {
+            let outcome = run_mixed(&common, &m, params).await?;
+            // The SLA file's checks join the goals only when one is given.
+            let sla_checks = common.sla.is_some().then(|| evaluate(&outcome.both, &sla));
+            let compliance = crate::mixed::compliance(outcome.checks, sla_checks);
+            mixed = Some(outcome.report);
+            (outcome.both, compliance)
         }
     };
     let report = Report {
@@ -510,7 +656,7 @@ fn write_outputs(c: &Common, report: &Report) -> Result<(), BenchError> {
 }
 
 fn judge(m: Measured, sla: &Sla) -> (RunStats, Compliance) {
-    let stats = m.recorder.summarise(m.elapsed, sla);
+    let stats = m.recorder.summarise(m.elapsed, &sla.goodput_limits());
     let compliance = evaluate(&stats, sla);
     (stats, compliance)
 }
@@ -684,7 +830,7 @@ async fn run_compare(
             workload(c, candidate_params)?,
         ),
     ];
-    let sla = Sla::default();
+    let limits = Sla::default().goodput_limits();
     let mut runs: [Vec<RunStats>; 2] = [Vec::new(), Vec::new()];
     for r in 0..a.repeats.max(1) {
         // Alternate the order so drift in the machine's load does not
@@ -717,7 +863,7 @@ async fn run_compare(
                     run_rate(t, w.clone(), open, a.duration, u64::MAX, c).await
                 }
             };
-            runs[side].push(m.recorder.summarise(m.elapsed, &sla));
+            runs[side].push(m.recorder.summarise(m.elapsed, &limits));
         }
     }
     let [baseline_runs, candidate_runs] = runs;
@@ -760,6 +906,83 @@ async fn run_compare(
     })
 }
 
+async fn run_mixed(
+    c: &Common,
+    m: &MixedArgs,
+    params: serde_json::Map<String, serde_json::Value>,
+) -> Result<crate::mixed::MixedOutcome, BenchError> {
+    if c.priorities.is_some() {
+        return Err(BenchError::Config(
+            "bench mixed sets each class's priority: use --fg-priority and --bg-priority, not --priorities".into(),
+        ));
+    }
+    if m.fg_priority == m.bg_priority {
+        return Err(BenchError::Config(format!(
+            "--fg-priority and --bg-priority are both {}: the classes must differ",
+            m.fg_priority
+        )));
+    }
+    if m.fg_rate.is_nan() || m.fg_rate <= 0.0 {
+        return Err(BenchError::Config("--fg-rate must be positive".into()));
+    }
+    let plan = MixedPlan {
+        fg_priority: m.fg_priority,
+        fg_rate: m.fg_rate,
+        fg_arrival: m.fg_arrival,
+        fg_max_in_flight: m.max_in_flight,
+        late_threshold: m.late_threshold,
+        bg_priority: m.bg_priority,
+        bg_concurrency: m.bg_concurrency.max(1),
+        bg_rows: m.bg_rows.unwrap_or_else(|| {
+            c.shape
+                .as_ref()
+                .and_then(|s| s.first().copied())
+                .unwrap_or(1)
+        }),
+        durations: m
+            .phase
+            .map_or([m.fg_duration, m.bg_duration, m.both_duration], |d| [d; 3]),
+        targets: parse_targets(&m.target_latency)?,
+        goals: MixedGoals {
+            max_fg_p99_ms: m.goal_fg_p99.as_secs_f64() * 1000.0,
+            max_fg_p99_ratio: m.goal_fg_p99_ratio,
+            min_bg_throughput_ratio: m.goal_bg_throughput_ratio,
+        },
+        warmup: c.warmup,
+        show_progress: !c.quiet,
+    };
+    let fg_spec = workload(c, params)?.spec().clone();
+    let fg_target = target(c, &c.url, m.max_in_flight)?;
+    let bg_target = target(c, &c.url, plan.bg_concurrency)?;
+    crate::mixed::run_mixed(&fg_target, &bg_target, &fg_spec, &plan).await
+}
+
+/// `PRIORITY=DURATION` or `PRIORITY=none`, e.g. `1=2ms`.
+fn parse_targets(items: &[String]) -> Result<BTreeMap<u8, Duration>, BenchError> {
+    let mut targets = BTreeMap::new();
+    for item in items {
+        let bad = |why: &str| BenchError::Config(format!("--target-latency `{item}`: {why}"));
+        let (p, d) = item
+            .split_once('=')
+            .ok_or_else(|| bad("expected PRIORITY=DURATION, e.g. 1=2ms"))?;
+        let p: u8 = p
+            .trim()
+            .parse()
+            .ok()
+            .filter(|p| (1..=5).contains(p))
+            .ok_or_else(|| bad("the priority must be 1-5"))?;
+        match d.trim() {
+            "none" => {
+                targets.remove(&p);
+            }
+            d => {
+                targets.insert(p, parse_duration(d).map_err(|e| bad(&e))?);
+            }
+        }
+    }
+    Ok(targets)
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -772,5 +995,14 @@ mod tests {
         assert_eq!(p["tag"], "abc");
         assert_eq!(p["n"], 3);
         assert!(parse_params(&["nokey".into()]).is_err());
+    }
+
+    #[test]
+    fn targets_parse_with_none_and_refuse_bad_priorities() {
+        let t = parse_targets(&["1=2ms".into(), "2=5ms".into(), "2=none".into()]).unwrap();
+        assert_eq!(t, BTreeMap::from([(1, Duration::from_millis(2))]));
+        assert!(parse_targets(&["6=1ms".into()]).is_err());
+        assert!(parse_targets(&["1=soon".into()]).is_err());
+        assert!(parse_targets(&["1".into()]).is_err());
     }
 }

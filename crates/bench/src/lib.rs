@@ -7,9 +7,8 @@
 //! [`stats::Recorder`] (HDR histograms per priority class); the summary
 //! ([`stats::RunStats`]) is judged by [`sla::evaluate`] and rendered by
 //! [`report`] as text, JSON and HTML. [`cli`] holds the clap options and
-//! the drivers of the modes (latency, load, rate, stress, compare, and
-//! [`mixed`]: a foreground class's latency alone and under a background
-//! flood).
+//! the drivers of the six modes (latency, load, rate, stress, compare,
+//! mixed); [`mixed`] runs a foreground class against a background flood.
 
 pub mod cli;
 pub mod mixed;
@@ -18,6 +17,17 @@ pub mod run;
 pub mod sla;
 pub mod stats;
 pub mod workload;
+
+/// The gRPC client generated from proto/grpc_service.proto.
+#[allow(
+    clippy::all,
+    clippy::pedantic,
+    missing_debug_implementations,
+    rust_2018_idioms
+)]
+pub mod proto {
+    tonic::include_proto!("inference");
+}
 
 /// Why a bench run could not be carried out (as opposed to "it ran and
 /// the SLA was missed", which is a result).

@@ -24,24 +24,44 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+use crate::proto::grpc_inference_service_client::GrpcInferenceServiceClient;
 use crate::stats::{Outcome, Recorder, Sample, class_label};
-use crate::workload::{Request, Workload};
+use crate::workload::{Payload, Request, Workload};
 
-/// An OIP endpoint: base URL and model.
+/// An OIP endpoint: base URL and model, and the protocol to speak.
 #[derive(Debug, Clone)]
 pub struct Target {
     http: reqwest::Client,
     infer_url: String,
+    grpc: Option<GrpcTarget>,
+    timeout: Duration,
 }
+
+/// The gRPC side of a target: HTTP/2 channels, used in turn (requests
+/// multiplex on each; one per [`STREAMS_PER_CHANNEL`] clients, as servers
+/// commonly allow a few hundred concurrent streams per connection), and
+/// the model version to ask for.
+#[derive(Debug, Clone)]
+struct GrpcTarget {
+    clients: Arc<[GrpcInferenceServiceClient<tonic::transport::Channel>]>,
+    next: Arc<AtomicU64>,
+    version: String,
+}
+
+/// Concurrent requests per gRPC channel.
+const STREAMS_PER_CHANNEL: usize = 100;
 
 impl Target {
     /// `base_url` like `http://127.0.0.1:8000`; `version` optional.
+    /// `grpc_url` (like `http://127.0.0.1:8001`): send with gRPC there
+    /// instead of HTTP; the channel connects on first use.
     pub fn new(
         base_url: &str,
         model: &str,
         version: Option<&str>,
         timeout: Duration,
         max_connections: usize,
+        grpc_url: Option<&str>,
     ) -> Result<Self, crate::BenchError> {
         let http = reqwest::Client::builder()
             .pool_max_idle_per_host(max_connections)
@@ -54,7 +74,34 @@ impl Target {
             Some(v) => format!("{base}/v2/models/{model}/versions/{v}/infer"),
             None => format!("{base}/v2/models/{model}/infer"),
         };
-        Ok(Self { http, infer_url })
+        let grpc = match grpc_url {
+            None => None,
+            Some(url) => {
+                let endpoint = tonic::transport::Endpoint::from_shared(url.to_owned())
+                    .map_err(|e| crate::BenchError::Config(format!("--grpc-url {url}: {e}")))?
+                    .tcp_nodelay(true)
+                    .timeout(timeout);
+                let channels = max_connections.div_ceil(STREAMS_PER_CHANNEL).max(1);
+                let clients = (0..channels)
+                    .map(|_| {
+                        GrpcInferenceServiceClient::new(endpoint.connect_lazy())
+                            .max_decoding_message_size(usize::MAX)
+                            .max_encoding_message_size(usize::MAX)
+                    })
+                    .collect();
+                Some(GrpcTarget {
+                    clients,
+                    next: Arc::new(AtomicU64::new(0)),
+                    version: version.unwrap_or_default().to_owned(),
+                })
+            }
+        };
+        Ok(Self {
+            http,
+            infer_url,
+            grpc,
+            timeout,
+        })
     }
 
     pub fn infer_url(&self) -> &str {
@@ -63,14 +110,19 @@ impl Target {
 
     /// Sends one request and reads the whole response.
     pub async fn send(&self, request: Request) -> Outcome {
-        let sent = self
-            .http
-            .post(&self.infer_url)
-            .header("content-type", "application/json")
-            .body(request.body)
-            .send()
-            .await;
-        match sent {
+        let (body, header_len) = match request.payload {
+            Payload::Json(body) => (body, None),
+            Payload::Binary { body, header_len } => (body, Some(header_len)),
+            Payload::Grpc(r) => return self.send_grpc(*r).await,
+        };
+        let mut post = self.http.post(&self.infer_url);
+        post = match header_len {
+            None => post.header("content-type", "application/json"),
+            Some(n) => post
+                .header("content-type", "application/octet-stream")
+                .header("inference-header-content-length", n),
+        };
+        match post.body(body).send().await {
             Ok(response) => {
                 let status = response.status();
                 match response.bytes().await {
@@ -81,6 +133,39 @@ impl Target {
             }
             Err(e) => transport(&e),
         }
+    }
+
+    async fn send_grpc(&self, mut request: crate::proto::ModelInferRequest) -> Outcome {
+        let Some(grpc) = &self.grpc else {
+            return Outcome::Transport("gRPC request without --grpc-url".into());
+        };
+        request.model_version.clone_from(&grpc.version);
+        let turn = grpc.next.fetch_add(1, Ordering::Relaxed) as usize;
+        let mut client = grpc.clients[turn % grpc.clients.len()].clone();
+        match tokio::time::timeout(self.timeout, client.model_infer(request)).await {
+            Err(_) => Outcome::Timeout,
+            Ok(Ok(_)) => Outcome::Ok,
+            Ok(Err(status)) => grpc_outcome(&status),
+        }
+    }
+}
+
+/// A gRPC failure as the HTTP status the server maps the same error to
+/// (docs/protocols.md), so both protocols count 429s and 503s alike.
+fn grpc_outcome(status: &tonic::Status) -> Outcome {
+    use tonic::Code;
+    match status.code() {
+        Code::InvalidArgument => Outcome::Status(400),
+        Code::Unauthenticated => Outcome::Status(401),
+        Code::NotFound => Outcome::Status(404),
+        Code::ResourceExhausted => Outcome::Status(429),
+        Code::Internal => Outcome::Status(500),
+        Code::Unavailable if status.message().contains("tcp connect") => {
+            Outcome::Transport("connect".into())
+        }
+        Code::Unavailable => Outcome::Status(503),
+        Code::DeadlineExceeded | Code::Cancelled => Outcome::Timeout,
+        code => Outcome::Transport(format!("grpc {code:?}")),
     }
 }
 
@@ -156,6 +241,7 @@ impl Iterator for Schedule {
 pub fn open_loop_sample(
     class: String,
     outcome: Outcome,
+    started: Instant,
     intended: Instant,
     sent: Instant,
     done: Instant,
@@ -167,6 +253,7 @@ pub fn open_loop_sample(
         latency: done.saturating_duration_since(intended),
         actual_latency: Some(done.saturating_duration_since(sent)),
         late: sent.saturating_duration_since(intended) > late_threshold,
+        at: intended.saturating_duration_since(started),
     }
 }
 
@@ -271,6 +358,7 @@ pub async fn closed_loop(
                     latency: sent.elapsed(),
                     actual_latency: None,
                     late: false,
+                    at: sent.saturating_duration_since(started),
                 };
                 recorder
                     .lock()
@@ -405,8 +493,15 @@ impl Pacer {
             let recorder = self.recorder.clone();
             let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
                 let now = Instant::now();
-                let sample =
-                    open_loop_sample(class, Outcome::Dropped, intended, now, now, late_threshold);
+                let sample = open_loop_sample(
+                    class,
+                    Outcome::Dropped,
+                    self.started,
+                    intended,
+                    now,
+                    now,
+                    late_threshold,
+                );
                 recorder
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
@@ -414,12 +509,14 @@ impl Pacer {
                 continue;
             };
             let target = self.target.clone();
+            let started = self.started;
             self.runtime.spawn(async move {
                 let sent = Instant::now();
                 let outcome = target.send(request).await;
                 let sample = open_loop_sample(
                     class,
                     outcome,
+                    started,
                     intended,
                     sent,
                     Instant::now(),
@@ -491,13 +588,14 @@ mod tests {
             recorder.record(&open_loop_sample(
                 "default".into(),
                 Outcome::Ok,
+                base,
                 ms(intended),
                 ms(sent),
                 ms(done),
                 Duration::from_millis(1),
             ));
         }
-        let s = recorder.summarise(Duration::from_secs(2), &Sla::default());
+        let s = recorder.summarise(Duration::from_secs(2), &Sla::default().goodput_limits());
         let corrected = &s.overall.latency_ms;
         let actual = s.overall.actual_latency_ms.as_ref().unwrap();
         // Request 5 is sent at 500 and done at 1500; request i in 6..=15

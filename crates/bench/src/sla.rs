@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::stats::RunStats;
+use crate::stats::{GoodputLimits, RunStats};
 
 /// Exit code of a run whose SLA verdict is "not compliant".
 pub const EXIT_SLA_FAILED: u8 = 3;
@@ -121,6 +121,18 @@ impl Sla {
         }
         t
     }
+
+    /// Goodput counts a success within its class's `max_ms`.
+    pub fn goodput_limits(&self) -> GoodputLimits {
+        GoodputLimits {
+            default_ms: Some(self.thresholds.max_ms),
+            classes: self
+                .classes
+                .iter()
+                .filter_map(|(class, o)| o.max_ms.map(|ms| (class.clone(), ms)))
+                .collect(),
+        }
+    }
 }
 
 /// Overall health from the share of checks passed.
@@ -182,6 +194,39 @@ pub struct Compliance {
 }
 
 impl Compliance {
+    /// The verdict on `checks`: compliant when all passed, the health
+    /// from the share passed, one recommendation per failed scope and
+    /// metric.
+    pub fn from_checks(checks: Vec<Check>) -> Self {
+        let total = checks.len();
+        let passed = checks.iter().filter(|c| c.passed).count();
+        let pass_ratio = if total == 0 {
+            1.0
+        } else {
+            passed as f64 / total as f64
+        };
+        let mut recommendations: Vec<String> = Vec::new();
+        for c in checks.iter().filter(|c| !c.passed) {
+            let advice = c
+                .recommendation
+                .clone()
+                .unwrap_or_else(|| recommendation(&c.metric).to_owned());
+            let text = format!("[{} {}] {advice}", c.scope, c.metric);
+            if !recommendations.contains(&text) {
+                recommendations.push(text);
+            }
+        }
+        Compliance {
+            compliant: passed == total,
+            passed,
+            total,
+            pass_ratio,
+            health: Health::from_pass_ratio(pass_ratio),
+            checks,
+            recommendations,
+        }
+    }
+
     /// 0 when every check passed, [`EXIT_SLA_FAILED`] otherwise.
     pub fn exit_code(&self) -> u8 {
         if self.compliant { 0 } else { EXIT_SLA_FAILED }
@@ -192,10 +237,10 @@ impl Compliance {
 pub fn recommendation(metric: &str) -> &'static str {
     match metric {
         "p50" => {
-            "Median latency too high: the engine itself is slow for this load. Lower max_wait in the batching config, add engine instances (CPU cores), or scale out replicas."
+            "Median latency too high: the engine itself is slow for this load. Lower the class's max_queue_delay in the model's config, add engine instances (CPU cores), or scale out replicas."
         }
         "p95" | "p99" => {
-            "Tail latency too high: requests wait in the queue. Lower max_batch_size or max_wait, give latency-critical traffic a higher priority, enable the result cache for repeated inputs, or add replicas."
+            "Tail latency too high: requests wait in the queue. Lower max_batch_size or the class's max_queue_delay, give latency-critical traffic a higher priority, enable the result cache for repeated inputs, or add replicas."
         }
         "max" => {
             "Worst-case latency too high: look for stalls (GC, swapping, cold start without warm-up, noisy neighbours); set a queue timeout so requests fail fast instead of waiting, and check warm-up is enabled."
@@ -204,7 +249,7 @@ pub fn recommendation(metric: &str) -> &'static str {
             "Throughput too low: raise max_batch_size so batches fill, add engine instances, enable the result cache, or scale out replicas (autoscale on request rate)."
         }
         "error_rate" => {
-            "Too many errors: read errors_by_reason. 503s mean queues are full (add capacity or raise queue limits), timeouts mean the server is overloaded, 4xx mean the client's requests are malformed."
+            "Too many errors: read errors_by_reason. 429s mean admission control refused requests (a full priority queue, or a deadline the queue ahead cannot meet: add capacity or raise max_queue_size), 503s mean requests expired in the queue (raise default_timeout or add capacity), timeouts mean the server is overloaded, 4xx mean the client's requests are malformed."
         }
         _ => "Investigate this metric.",
     }
@@ -268,29 +313,7 @@ pub fn evaluate(stats: &RunStats, sla: &Sla) -> Compliance {
             }
         }
     }
-    let total = checks.len();
-    let passed = checks.iter().filter(|c| c.passed).count();
-    let pass_ratio = if total == 0 {
-        1.0
-    } else {
-        passed as f64 / total as f64
-    };
-    let mut recommendations: Vec<String> = Vec::new();
-    for c in checks.iter().filter(|c| !c.passed) {
-        let text = format!("[{} {}] {}", c.scope, c.metric, recommendation(&c.metric));
-        if !recommendations.contains(&text) {
-            recommendations.push(text);
-        }
-    }
-    Compliance {
-        compliant: passed == total,
-        passed,
-        total,
-        pass_ratio,
-        health: Health::from_pass_ratio(pass_ratio),
-        checks,
-        recommendations,
-    }
+    Compliance::from_checks(checks)
 }
 
 #[cfg(test)]
@@ -329,6 +352,9 @@ mod tests {
         assert_eq!(sla.thresholds_for("priority 1").p99_ms, 20.0);
         assert_eq!(sla.thresholds_for("priority 2").max_ms, 200.0);
         assert!(Sla::parse("p99 = 3").is_err(), "unknown keys are refused");
+        let limits = sla.goodput_limits();
+        assert_eq!(limits.for_class("priority 1"), Some(10.0));
+        assert_eq!(limits.for_class("priority 2"), Some(200.0));
     }
 
     #[test]

@@ -14,7 +14,25 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
-use crate::sla::Sla;
+/// The latency within which a successful request counts as "good"
+/// (goodput), per class. The SLA provides one
+/// ([`crate::sla::Sla::goodput_limits`]); `bench mixed` builds its own
+/// from the class latency targets.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GoodputLimits {
+    /// For classes without a limit of their own; `None`: every success
+    /// is good.
+    pub default_ms: Option<f64>,
+    /// Keyed by class label.
+    pub classes: BTreeMap<String, f64>,
+}
+
+impl GoodputLimits {
+    /// The limit of `class` in ms, if any.
+    pub fn for_class(&self, class: &str) -> Option<f64> {
+        self.classes.get(class).copied().or(self.default_ms)
+    }
+}
 
 /// The name of the class that requests without a priority fall into.
 pub const DEFAULT_CLASS: &str = "default";
@@ -68,6 +86,50 @@ pub struct Sample {
     /// Open loop only: the send left later than scheduled by more than the
     /// late threshold.
     pub late: bool,
+    /// When the request was due, from the start of the run (open loop: its
+    /// intended send time; closed loop: its send time): its place on the
+    /// latency-over-time chart.
+    pub at: Duration,
+}
+
+/// Width of one point of the latency-over-time series.
+pub const TIMELINE_STEP: Duration = Duration::from_secs(1);
+
+/// One [`TIMELINE_STEP`] of a run.
+#[derive(Debug)]
+struct TimeBucket {
+    /// Successful requests' latencies at 2 significant digits (1 %).
+    latency: Histogram<u32>,
+    requests: u64,
+    errors: u64,
+}
+
+impl TimeBucket {
+    fn new() -> Self {
+        // 1 µs .. 1 h at 2 significant digits: fixed, valid bounds.
+        let latency = match Histogram::new_with_bounds(1, 3_600_000_000, 2) {
+            Ok(h) => h,
+            Err(_) => unreachable!("constant histogram bounds are valid"),
+        };
+        Self {
+            latency,
+            requests: 0,
+            errors: 0,
+        }
+    }
+}
+
+/// Latency over time: one point per [`TIMELINE_STEP`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TimelinePoint {
+    /// Start of the step, seconds from the start of the run.
+    pub t_s: f64,
+    pub requests: u64,
+    pub errors: u64,
+    /// Of the successful requests due in the step; `None` when none
+    /// succeeded.
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
 }
 
 #[derive(Debug)]
@@ -78,6 +140,7 @@ struct ClassRecorder {
     ok: u64,
     late: u64,
     errors: BTreeMap<String, u64>,
+    timeline: Vec<TimeBucket>,
 }
 
 impl ClassRecorder {
@@ -89,10 +152,26 @@ impl ClassRecorder {
             ok: 0,
             late: 0,
             errors: BTreeMap::new(),
+            timeline: Vec::new(),
         }
     }
 
+    fn bucket(&mut self, i: usize) -> &mut TimeBucket {
+        if self.timeline.len() <= i {
+            self.timeline.resize_with(i + 1, TimeBucket::new);
+        }
+        &mut self.timeline[i]
+    }
+
     fn record(&mut self, sample: &Sample) {
+        let step = (sample.at.as_nanos() / TIMELINE_STEP.as_nanos()) as usize;
+        let bucket = self.bucket(step);
+        bucket.requests += 1;
+        if sample.outcome == Outcome::Ok {
+            bucket.latency.saturating_record(micros(sample.latency));
+        } else {
+            bucket.errors += 1;
+        }
         self.requests += 1;
         if sample.late {
             self.late += 1;
@@ -108,7 +187,17 @@ impl ClassRecorder {
         }
     }
 
-    fn merge(&mut self, other: &ClassRecorder) {
+    /// Adds `other`'s counts; its latency over time too when `timeline`
+    /// (the live progress line needs no timeline).
+    fn merge(&mut self, other: &ClassRecorder, timeline: bool) {
+        if timeline {
+            for (i, b) in other.timeline.iter().enumerate() {
+                let mine = self.bucket(i);
+                let _ = mine.latency.add(&b.latency);
+                mine.requests += b.requests;
+                mine.errors += b.errors;
+            }
+        }
         // Both histograms share the same bounds, so `add` cannot fail.
         let _ = self.latency.add(&other.latency);
         let _ = self.actual.add(&other.actual);
@@ -157,12 +246,22 @@ impl Recorder {
             .record(sample);
     }
 
+    /// Adds `other`'s samples to this recorder's.
+    pub fn merge(&mut self, other: &Recorder) {
+        for (name, c) in &other.classes {
+            self.classes
+                .entry(name.clone())
+                .or_insert_with(ClassRecorder::new)
+                .merge(c, true);
+        }
+    }
+
     /// Requests recorded so far and the p99 of the successful ones (ms),
     /// for the live progress line.
     pub fn live(&self) -> (u64, u64, f64) {
         let mut all = ClassRecorder::new();
         for c in self.classes.values() {
-            all.merge(c);
+            all.merge(c, false);
         }
         let p99 = if all.ok > 0 {
             all.latency.value_at_quantile(0.99) as f64 / 1000.0
@@ -173,23 +272,22 @@ impl Recorder {
     }
 
     /// The statistics of the run, over `elapsed` wall time. Goodput counts
-    /// the successful requests at or under the SLA's max latency of their
-    /// class.
-    pub fn summarise(&self, elapsed: Duration, sla: &Sla) -> RunStats {
+    /// the successful requests at or under their class's limit.
+    pub fn summarise(&self, elapsed: Duration, limits: &GoodputLimits) -> RunStats {
         let secs = elapsed.as_secs_f64().max(1e-9);
         let mut all = ClassRecorder::new();
         for c in self.classes.values() {
-            all.merge(c);
+            all.merge(c, true);
         }
         let mut classes = BTreeMap::new();
         let mut good_total = 0u64;
         for (name, c) in &self.classes {
-            let limit = sla.thresholds_for(name).max_ms;
+            let limit = limits.for_class(name);
             let summary = class_stats(c, secs, limit, self.open_loop);
             good_total += summary.good;
             classes.insert(name.clone(), summary);
         }
-        let mut overall = class_stats(&all, secs, sla.thresholds_for("").max_ms, self.open_loop);
+        let mut overall = class_stats(&all, secs, limits.default_ms, self.open_loop);
         // The overall goodput honours each class's own limit.
         overall.good = good_total;
         overall.goodput_rps = good_total as f64 / secs;
@@ -201,13 +299,12 @@ impl Recorder {
     }
 }
 
-fn class_stats(c: &ClassRecorder, secs: f64, max_ms: f64, open_loop: bool) -> ClassStats {
+fn class_stats(c: &ClassRecorder, secs: f64, max_ms: Option<f64>, open_loop: bool) -> ClassStats {
     let errors = c.requests - c.ok;
-    let good = if c.ok == 0 {
-        0
-    } else {
-        let limit = (max_ms * 1000.0) as u64;
-        c.latency.count_between(0, limit)
+    let good = match max_ms {
+        _ if c.ok == 0 => 0,
+        None => c.ok,
+        Some(max_ms) => c.latency.count_between(0, (max_ms * 1000.0) as u64),
     };
     ClassStats {
         requests: c.requests,
@@ -226,7 +323,28 @@ fn class_stats(c: &ClassRecorder, secs: f64, max_ms: f64, open_loop: bool) -> Cl
         actual_latency_ms: open_loop.then(|| LatencySummary::of(&c.actual)),
         late_sends: open_loop.then_some(c.late),
         cdf: cdf_points(&c.latency),
+        timeline: timeline_points(&c.timeline),
     }
+}
+
+fn timeline_points(buckets: &[TimeBucket]) -> Vec<TimelinePoint> {
+    let ms = |us: u64| us as f64 / 1000.0;
+    buckets
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            let q = |quantile: f64| {
+                (!b.latency.is_empty()).then(|| ms(b.latency.value_at_quantile(quantile)))
+            };
+            TimelinePoint {
+                t_s: i as f64 * TIMELINE_STEP.as_secs_f64(),
+                requests: b.requests,
+                errors: b.errors,
+                p50_ms: q(0.5),
+                p99_ms: q(0.99),
+            }
+        })
+        .collect()
 }
 
 /// Latency statistics in milliseconds. All zero when nothing succeeded.
@@ -292,6 +410,9 @@ pub struct ClassStats {
     pub late_sends: Option<u64>,
     /// (percentile, latency ms) points for CDF plots.
     pub cdf: Vec<(f64, f64)>,
+    /// Latency over time, one point per second.
+    #[serde(default)]
+    pub timeline: Vec<TimelinePoint>,
 }
 
 /// Statistics of a whole run.
@@ -354,6 +475,14 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
+    /// The seed SLA's goodput limit: 200 ms for every class.
+    fn seed_limits() -> GoodputLimits {
+        GoodputLimits {
+            default_ms: Some(200.0),
+            classes: BTreeMap::new(),
+        }
+    }
+
     /// Equal within the histogram's 3 significant digits.
     pub(crate) fn approx(got: f64, want: f64) -> bool {
         (got - want).abs() <= want.abs() * 1e-3 + 1e-9
@@ -366,6 +495,7 @@ mod tests {
             latency: Duration::from_millis(ms),
             actual_latency: None,
             late: false,
+            at: Duration::from_millis(ms * 10),
         }
     }
 
@@ -375,7 +505,7 @@ mod tests {
         for ms in 1..=100 {
             r.record(&ok(DEFAULT_CLASS, ms));
         }
-        let s = r.summarise(Duration::from_secs(10), &Sla::default());
+        let s = r.summarise(Duration::from_secs(10), &seed_limits());
         let l = &s.overall.latency_ms;
         assert_eq!(l.count, 100);
         assert!(approx(l.min, 1.0), "min {}", l.min);
@@ -408,7 +538,7 @@ mod tests {
             ..ok("priority 5", 0)
         });
         r.record(&ok("priority 5", 20));
-        let s = r.summarise(Duration::from_secs(1), &Sla::default());
+        let s = r.summarise(Duration::from_secs(1), &seed_limits());
         assert_eq!(s.overall.requests, 5);
         assert_eq!(s.overall.ok, 3);
         assert_eq!(s.overall.errors, 2);
@@ -427,14 +557,60 @@ mod tests {
 
     #[test]
     fn goodput_uses_each_class_override() {
-        let sla: Sla = toml::from_str("[classes.\"priority 1\"]\nmax_ms = 5.0\n").unwrap();
+        let limits = GoodputLimits {
+            classes: BTreeMap::from([("priority 1".to_owned(), 5.0)]),
+            ..seed_limits()
+        };
         let mut r = Recorder::new(false);
         r.record(&ok("priority 1", 10));
         r.record(&ok("priority 3", 10));
-        let s = r.summarise(Duration::from_secs(1), &sla);
+        let s = r.summarise(Duration::from_secs(1), &limits);
         assert_eq!(s.classes["priority 1"].good, 0);
         assert_eq!(s.classes["priority 3"].good, 1);
         assert_eq!(s.overall.good, 1);
+    }
+
+    #[test]
+    fn classes_without_a_limit_count_every_success_as_good() {
+        let limits = GoodputLimits {
+            default_ms: None,
+            classes: BTreeMap::from([("priority 1".to_owned(), 2.0)]),
+        };
+        let mut r = Recorder::new(false);
+        r.record(&ok("priority 1", 1));
+        r.record(&ok("priority 1", 10));
+        r.record(&ok("priority 5", 1000));
+        let s = r.summarise(Duration::from_secs(1), &limits);
+        assert_eq!(s.classes["priority 1"].good, 1);
+        assert_eq!(s.classes["priority 5"].good, 1);
+        assert_eq!(s.overall.good, 2);
+    }
+
+    #[test]
+    fn latency_over_time_has_a_point_per_second() {
+        let mut r = Recorder::new(false);
+        // ok(…, ms) is due at 10 × ms: 1..=100 ms spread over 0..1 s.
+        for ms in 1..=100 {
+            r.record(&ok("priority 1", ms));
+        }
+        r.record(&Sample {
+            outcome: Outcome::Timeout,
+            at: Duration::from_millis(2500),
+            ..ok("priority 5", 0)
+        });
+        let s = r.summarise(Duration::from_secs(3), &seed_limits());
+        let t = &s.overall.timeline;
+        assert_eq!(t.len(), 3);
+        assert_eq!((t[0].t_s, t[0].requests, t[0].errors), (0.0, 99, 0));
+        // 1..=99 ms in the first second (100 ms is due at 1.0 s).
+        assert!(approx(t[0].p50_ms.unwrap(), 50.0) || (t[0].p50_ms.unwrap() - 50.0).abs() < 0.6);
+        assert_eq!(
+            (t[1].requests, t[1].p99_ms.map(|v| v.round())),
+            (1, Some(100.0))
+        );
+        assert_eq!((t[2].requests, t[2].errors, t[2].p50_ms), (1, 1, None));
+        assert_eq!(s.classes["priority 5"].timeline.len(), 3);
+        assert_eq!(s.classes["priority 5"].timeline[0].requests, 0);
     }
 
     #[test]

@@ -1,6 +1,8 @@
-//! What the load generator sends: OIP JSON request bodies built from input
-//! rows (random with a seed, or read from a .npy / JSON file), a share of
-//! repeated inputs (the cache workload) and a priority mix.
+//! What the load generator sends: OIP requests built from input rows
+//! (random with a seed, or read from a .npy / JSON file), a share of
+//! repeated inputs (the cache workload) and a priority mix, in one of the
+//! server's wire formats ([`Protocol`]): JSON over HTTP, Triton's
+//! binary-tensor extension over HTTP, or gRPC with raw input contents.
 //!
 //! Bodies are serialised ahead of time from a pool of base rows, so the
 //! client spends its CPU on sending, not on formatting floats. A "fresh"
@@ -14,6 +16,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::BenchError;
+use crate::proto as pb;
 
 /// The share of traffic sent at each priority, e.g. `1:10,3:60,5:30`.
 #[derive(Debug, Clone, PartialEq)]
@@ -77,6 +80,20 @@ impl PriorityMix {
     }
 }
 
+/// The wire format of the requests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Protocol {
+    /// JSON body over HTTP (`data` arrays).
+    #[default]
+    HttpJson,
+    /// Triton's binary-tensor extension over HTTP: a JSON header, then the
+    /// input as little-endian bytes (`Inference-Header-Content-Length`).
+    HttpBinary,
+    /// gRPC `ModelInfer` with `raw_input_contents`.
+    Grpc,
+}
+
 /// Where input rows come from.
 #[derive(Debug, Clone)]
 pub enum InputSource {
@@ -104,12 +121,28 @@ pub struct WorkloadSpec {
     pub priorities: Option<PriorityMix>,
     /// Extra request-level `parameters` (JSON object members).
     pub parameters: serde_json::Map<String, serde_json::Value>,
+    pub protocol: Protocol,
+}
+
+/// One ready-to-send request in its wire format.
+#[derive(Debug)]
+pub enum Payload {
+    /// An HTTP JSON body.
+    Json(reqwest::Body),
+    /// An HTTP binary-tensor body: a JSON header of `header_len` bytes,
+    /// then the tensor bytes.
+    Binary {
+        body: reqwest::Body,
+        header_len: usize,
+    },
+    /// A gRPC request.
+    Grpc(Box<pb::ModelInferRequest>),
 }
 
 /// One ready-to-send request.
 #[derive(Debug)]
 pub struct Request {
-    pub body: reqwest::Body,
+    pub payload: Payload,
     pub priority: Option<u8>,
 }
 
@@ -121,6 +154,12 @@ pub struct Workload {
     /// rows, and the head/tail split of the fresh template.
     hot: Vec<Vec<bytes_body::Bytes>>,
     fresh: Vec<(String, String)>,
+    /// Binary and gRPC: the base rows (the last one is the fresh template)
+    /// and, per priority slot, the binary header or the gRPC request
+    /// without its data.
+    rows: Vec<Vec<f32>>,
+    binary_headers: Vec<String>,
+    grpc: Vec<pb::ModelInferRequest>,
     rng_seed: u64,
 }
 
@@ -169,6 +208,11 @@ impl Workload {
         let slots: Vec<Option<u8>> = std::iter::once(None).chain((1..=5).map(Some)).collect();
         let mut hot = Vec::new();
         let mut fresh = Vec::new();
+        let binary_headers = slots
+            .iter()
+            .map(|&p| binary_header(&spec, p, per_request * 4))
+            .collect();
+        let grpc = slots.iter().map(|&p| grpc_request(&spec, p)).collect();
         for priority in slots {
             let bodies = (0..hot_n)
                 .map(|i| {
@@ -189,6 +233,9 @@ impl Workload {
             spec,
             hot,
             fresh,
+            rows,
+            binary_headers,
+            grpc,
         })
     }
 
@@ -207,31 +254,122 @@ impl Workload {
             .map(|m| m.pick(rng.random::<f64>()));
         let slot = priority.map_or(0, usize::from);
         let repeated = rng.random::<f64>() < self.spec.repeat_fraction;
-        let body = if repeated {
-            let set = &self.hot[slot];
-            let b = set[rng.random_range(0..set.len())].clone();
-            reqwest::Body::from(b.to_vec())
-        } else {
-            let (head, tail) = &self.fresh[slot];
-            // A value no other request has: unique per sequence number
-            // (exact in f32 up to 2^24 requests, then it wraps).
-            let unique = (seq % (1 << 24)) as f32 / (1u32 << 24) as f32;
-            let mut s = String::with_capacity(head.len() + tail.len() + 16);
-            s.push_str(head);
-            s.push_str(&json_f32(unique));
-            s.push_str(tail);
-            reqwest::Body::from(s)
+        let hot_index = rng.random_range(0..self.hot[slot].len());
+        // A value no other request has: unique per sequence number (exact
+        // in f32 up to 2^24 requests, then it wraps).
+        let unique = (seq % (1 << 24)) as f32 / (1u32 << 24) as f32;
+        let payload = match self.spec.protocol {
+            Protocol::HttpJson if repeated => {
+                Payload::Json(reqwest::Body::from(self.hot[slot][hot_index].to_vec()))
+            }
+            Protocol::HttpJson => {
+                let (head, tail) = &self.fresh[slot];
+                let mut s = String::with_capacity(head.len() + tail.len() + 16);
+                s.push_str(head);
+                s.push_str(&json_f32(unique));
+                s.push_str(tail);
+                Payload::Json(reqwest::Body::from(s))
+            }
+            Protocol::HttpBinary | Protocol::Grpc => {
+                let (row, first) = if repeated {
+                    let row = &self.rows[hot_index % self.rows.len()];
+                    (row, row[0])
+                } else {
+                    (&self.rows[self.rows.len() - 1], unique)
+                };
+                let mut bytes = Vec::with_capacity(row.len() * 4);
+                bytes.extend_from_slice(&first.to_le_bytes());
+                for v in &row[1..] {
+                    bytes.extend_from_slice(&v.to_le_bytes());
+                }
+                if self.spec.protocol == Protocol::Grpc {
+                    let mut r = self.grpc[slot].clone();
+                    r.raw_input_contents = vec![bytes];
+                    Payload::Grpc(Box::new(r))
+                } else {
+                    let header = &self.binary_headers[slot];
+                    let mut body = Vec::with_capacity(header.len() + bytes.len());
+                    body.extend_from_slice(header.as_bytes());
+                    body.extend_from_slice(&bytes);
+                    Payload::Binary {
+                        body: reqwest::Body::from(body),
+                        header_len: header.len(),
+                    }
+                }
+            }
         };
-        Request { body, priority }
+        Request { payload, priority }
+    }
+}
+
+/// The request-level parameters of a slot: the extra ones and the priority.
+fn parameters(
+    spec: &WorkloadSpec,
+    priority: Option<u8>,
+) -> serde_json::Map<String, serde_json::Value> {
+    let mut params = spec.parameters.clone();
+    if let Some(p) = priority {
+        params.insert("priority".into(), serde_json::Value::from(p));
+    }
+    params
+}
+
+/// The JSON header of a binary-tensor request carrying `bytes` of input.
+fn binary_header(spec: &WorkloadSpec, priority: Option<u8>, bytes: usize) -> String {
+    let params = parameters(spec, priority);
+    let mut header = serde_json::json!({
+        "inputs": [{
+            "name": spec.input_name,
+            "shape": spec.shape,
+            "datatype": spec.datatype,
+            "parameters": {"binary_data_size": bytes},
+        }],
+    });
+    if !params.is_empty() {
+        header["parameters"] = serde_json::Value::Object(params);
+    }
+    header.to_string()
+}
+
+/// A gRPC request without its input bytes.
+fn grpc_request(spec: &WorkloadSpec, priority: Option<u8>) -> pb::ModelInferRequest {
+    use pb::infer_parameter::ParameterChoice;
+    let parameters = parameters(spec, priority)
+        .into_iter()
+        .map(|(k, v)| {
+            let choice = match v {
+                serde_json::Value::Bool(b) => ParameterChoice::BoolParam(b),
+                serde_json::Value::Number(n) => match n.as_i64() {
+                    Some(i) => ParameterChoice::Int64Param(i),
+                    None => ParameterChoice::DoubleParam(n.as_f64().unwrap_or(0.0)),
+                },
+                serde_json::Value::String(s) => ParameterChoice::StringParam(s),
+                other => ParameterChoice::StringParam(other.to_string()),
+            };
+            (
+                k,
+                pb::InferParameter {
+                    parameter_choice: Some(choice),
+                },
+            )
+        })
+        .collect();
+    pb::ModelInferRequest {
+        model_name: spec.model.clone(),
+        parameters,
+        inputs: vec![pb::model_infer_request::InferInputTensor {
+            name: spec.input_name.clone(),
+            datatype: spec.datatype.clone(),
+            shape: spec.shape.iter().map(|&d| d as i64).collect(),
+            ..Default::default()
+        }],
+        ..Default::default()
     }
 }
 
 /// The body up to (not including) the first data value, and after it.
 fn template(spec: &WorkloadSpec, priority: Option<u8>, row: &[f32]) -> (String, String) {
-    let mut params = spec.parameters.clone();
-    if let Some(p) = priority {
-        params.insert("priority".into(), serde_json::Value::from(p));
-    }
+    let params = parameters(spec, priority);
     let mut head = String::from("{");
     if !params.is_empty() {
         head.push_str("\"parameters\":");
@@ -313,13 +451,15 @@ mod tests {
             hot_set: 4,
             priorities: None,
             parameters: serde_json::Map::new(),
+            protocol: Protocol::HttpJson,
         }
     }
 
     fn body(w: &Workload, seq: u64) -> serde_json::Value {
-        let r = w.request(seq);
-        let bytes = r.body.as_bytes().unwrap().to_vec();
-        serde_json::from_slice(&bytes).unwrap()
+        let Payload::Json(body) = w.request(seq).payload else {
+            panic!("not a JSON request")
+        };
+        serde_json::from_slice(body.as_bytes().unwrap()).unwrap()
     }
 
     #[test]
@@ -407,5 +547,56 @@ mod tests {
         assert!(seen.contains("[7.0,8.0,9.0,10.0,11.0,12.0]"), "{seen:?}");
         std::fs::write(&path, "[1,2,3,4,5]").unwrap();
         assert!(Workload::new(s).is_err());
+    }
+
+    #[test]
+    fn binary_and_grpc_requests_carry_the_same_rows_as_json() {
+        let mut s = spec();
+        s.priorities = Some("3:1".parse().unwrap());
+        let json = Workload::new(s.clone()).unwrap();
+        let want: Vec<f32> = body(&json, 9)["inputs"][0]["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect();
+        let le = |bytes: &[u8]| -> Vec<f32> {
+            bytes
+                .chunks(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect()
+        };
+
+        s.protocol = Protocol::HttpBinary;
+        let Payload::Binary { body, header_len } =
+            Workload::new(s.clone()).unwrap().request(9).payload
+        else {
+            panic!("not binary")
+        };
+        let bytes = body.as_bytes().unwrap();
+        let header: serde_json::Value = serde_json::from_slice(&bytes[..header_len]).unwrap();
+        assert_eq!(header["inputs"][0]["parameters"]["binary_data_size"], 24);
+        assert_eq!(header["parameters"]["priority"], 3);
+        assert!(header["inputs"][0].get("data").is_none());
+        assert_eq!(le(&bytes[header_len..]), want);
+
+        s.protocol = Protocol::Grpc;
+        s.parameters
+            .insert("cache".into(), serde_json::Value::Bool(false));
+        let Payload::Grpc(r) = Workload::new(s).unwrap().request(9).payload else {
+            panic!("not gRPC")
+        };
+        assert_eq!(r.model_name, "m");
+        assert_eq!(r.inputs[0].shape, vec![1, 2, 3]);
+        assert_eq!(le(&r.raw_input_contents[0]), want);
+        use pb::infer_parameter::ParameterChoice;
+        assert_eq!(
+            r.parameters["priority"].parameter_choice,
+            Some(ParameterChoice::Int64Param(3))
+        );
+        assert_eq!(
+            r.parameters["cache"].parameter_choice,
+            Some(ParameterChoice::BoolParam(false))
+        );
     }
 }

@@ -19,6 +19,7 @@ mod common;
 struct Server {
     child: Child,
     url: String,
+    grpc_url: String,
 }
 
 impl Drop for Server {
@@ -29,7 +30,12 @@ impl Drop for Server {
 }
 
 fn start_server() -> Server {
-    let common::Served { child, http, log } = common::spawn_serve(&["--log-level", "info"]);
+    let common::Served {
+        child,
+        http,
+        grpc,
+        log,
+    } = common::spawn_serve(&["--log-level", "info"]);
     // Keep reading stderr so the server never blocks on a full pipe.
     std::thread::spawn(move || for _ in log.map_while(Result::ok) {});
     common::wait_ready(
@@ -40,6 +46,7 @@ fn start_server() -> Server {
     Server {
         child,
         url: format!("http://{http}"),
+        grpc_url: format!("http://{grpc}"),
     }
 }
 
@@ -164,44 +171,6 @@ fn every_mode_runs_against_a_real_server_and_reports_plausible_numbers() {
     assert!(o.latency_ms.max >= actual.max - 0.5);
     assert!(o.late_sends.is_some());
 
-    // mixed: 1 s phases, 20 priority-1 requests/s against 4 priority-5
-    // clients. The plumbing is checked, not the speed: every scheduled
-    // foreground send is counted in each phase, both classes answer, and
-    // the ratios are what the phases say.
-    let (_, r) = bench(
-        &server,
-        LOOSE_SLA,
-        "mixed",
-        &[
-            "mixed",
-            "--phase",
-            "1s",
-            "--fg-rate",
-            "20",
-            "--bg-clients",
-            "4",
-        ],
-    );
-    let m = r.mixed.as_ref().expect("mixed section");
-    assert_eq!(r.mode, "mixed");
-    assert_eq!((m.fg_priority, m.bg_priority, m.bg_clients), (1, 5, 4));
-    for fg in [&m.fg_alone, &m.fg_under_flood] {
-        assert_eq!(fg.overall.requests, 20);
-        assert_eq!(fg.overall.ok + fg.overall.errors, 20);
-        assert_eq!(fg.classes.keys().collect::<Vec<_>>(), vec!["priority 1"]);
-    }
-    for bg in [&m.bg_alone, &m.bg_under_flood] {
-        assert!(bg.overall.ok > 0);
-        assert_eq!(bg.classes.keys().collect::<Vec<_>>(), vec!["priority 5"]);
-    }
-    let ratio = m.fg_under_flood.overall.latency_ms.p99 / m.fg_alone.overall.latency_ms.p99;
-    assert!((m.p99_ratio - ratio).abs() < 1e-9);
-    assert_eq!(r.compliance.total, 5);
-    assert_eq!(
-        r.result.overall.requests, 20,
-        "the result is the foreground under the flood"
-    );
-
     // stress: three 1 s steps of 1, 2, 3 clients, all within the loose SLA.
     let (code, r) = bench(
         &server,
@@ -286,4 +255,137 @@ fn every_mode_runs_against_a_real_server_and_reports_plausible_numbers() {
     assert_eq!(code, 3);
     assert_eq!(r.result.overall.errors, 5);
     assert_eq!(r.result.overall.errors_by_reason["http 404"], 5);
+}
+
+#[test]
+fn mixed_mode_runs_three_phases_and_its_counts_add_up() {
+    let server = start_server();
+    // 20 foreground requests/s for 1 s per phase (`--phase` sets all
+    // three): exactly 20 scheduled sends in each foreground phase; 3
+    // background clients of 2 rows.
+    let (code, r) = bench(
+        &server,
+        LOOSE_SLA,
+        "mixed",
+        &[
+            "mixed",
+            "--fg-rate",
+            "20",
+            "--bg-clients",
+            "3",
+            "--bg-rows",
+            "2",
+            "--phase",
+            "1s",
+        ],
+    );
+    // Whether the goals are met depends on the machine (a debug build
+    // here): only the plumbing is checked.
+    assert!(code == 0 || code == 3, "exit code {code}");
+    assert_eq!(r.mode, "mixed");
+    let m = r.mixed.as_ref().expect("mixed section");
+    assert_eq!(m.foreground.class, "priority 1");
+    assert_eq!(m.background.class, "priority 5");
+    assert_eq!(m.background.rows_per_request, 2);
+    assert_eq!(m.foreground.target_ms, Some(2.0));
+    assert_eq!(m.background.target_ms, None);
+    let names: Vec<&str> = m.phases.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, tickserve_bench::mixed::PHASES);
+    let shape: Vec<(bool, bool)> = m
+        .phases
+        .iter()
+        .map(|p| (p.foreground.is_some(), p.background.is_some()))
+        .collect();
+    assert_eq!(shape, vec![(true, false), (false, true), (true, true)]);
+    for p in &m.phases {
+        for (c, rows) in [
+            (&p.foreground, m.foreground.rows_per_request),
+            (&p.background, m.background.rows_per_request),
+        ] {
+            let Some(c) = c else { continue };
+            let n = &c.counts;
+            assert_eq!(
+                n.ok + n.http_429 + n.http_503 + n.other,
+                n.requests,
+                "{n:?}"
+            );
+            assert_eq!(n.requests, c.stats.requests);
+            assert_eq!(n.ok, c.stats.ok);
+            assert!(c.stats.good <= c.stats.ok);
+            assert!((c.rows_per_s - c.stats.throughput_rps * rows as f64).abs() < 1e-6);
+        }
+    }
+    let fg = |i: usize| m.phases[i].foreground.as_ref().unwrap();
+    let bg = |i: usize| m.phases[i].background.as_ref().unwrap();
+    assert_eq!(fg(0).counts.requests, 20);
+    assert_eq!(fg(2).counts.requests, 20);
+    assert!(bg(1).counts.ok > 0, "{:?}", bg(1).counts);
+    // The report's result is the phase with both classes.
+    assert_eq!(
+        r.result.classes.keys().collect::<Vec<_>>(),
+        vec!["priority 1", "priority 5"]
+    );
+    assert_eq!(
+        r.result.overall.requests,
+        fg(2).counts.requests + bg(2).counts.requests
+    );
+    assert_eq!(sum_requests(&r.result.classes), r.result.overall.requests);
+    // The summary reads the phases.
+    let s = &m.summary;
+    assert_eq!(s.fg_p99_alone_ms, fg(0).stats.latency_ms.p99);
+    assert_eq!(s.fg_p99_flood_ms, fg(2).stats.latency_ms.p99);
+    assert_eq!(s.bg_rps_alone, bg(1).stats.throughput_rps);
+    assert_eq!(s.bg_rows_per_s_with_fg, bg(2).rows_per_s);
+    // Four goal checks, then the SLA file's six on the "both" phase.
+    let c = &r.compliance;
+    assert_eq!(c.total, 10);
+    assert_eq!(c.checks[0].scope, "foreground");
+    assert_eq!(c.checks[2].scope, "background");
+    assert_eq!(c.compliant, code == 0);
+}
+
+#[test]
+fn every_protocol_drives_the_server_with_the_shape_from_the_metadata() {
+    let server = start_server();
+    let grpc_url = server.grpc_url.clone();
+    for (name, extra) in [
+        ("json", vec!["--protocol", "http-json"]),
+        ("binary", vec!["--protocol", "http-binary"]),
+        ("grpc", vec!["--protocol", "grpc", "--grpc-url", &grpc_url]),
+    ] {
+        let mut args = vec!["latency", "-n", "10", "--priorities", "1:1"];
+        args.extend(extra);
+        let (code, r) = bench(&server, LOOSE_SLA, name, &args);
+        assert_eq!(code, 0, "{name}");
+        assert_healthy_run(&r);
+        assert_eq!(r.result.overall.requests, 10, "{name}");
+        assert_eq!(
+            r.result.classes.keys().collect::<Vec<_>>(),
+            vec!["priority 1"]
+        );
+        // No --shape: the input comes from the model's metadata.
+        let common = &r.settings["latency"]["common"];
+        assert_eq!(common["shape"], serde_json::json!([1, 50, 60]), "{name}");
+        assert_eq!(common["input_name"], "input");
+    }
+    // A gRPC request for a model the server does not have: NOT_FOUND,
+    // counted as the HTTP status it maps to.
+    let (code, r) = bench(
+        &server,
+        LOOSE_SLA,
+        "grpc-missing",
+        &[
+            "latency",
+            "-n",
+            "3",
+            "--model",
+            "no_such_model",
+            "--protocol",
+            "grpc",
+            "--grpc-url",
+            &grpc_url,
+        ],
+    );
+    assert_eq!(code, 3);
+    assert_eq!(r.result.overall.errors_by_reason["http 404"], 3);
 }

@@ -16,6 +16,7 @@ fn serve_answers_and_exits_zero_on_sigterm() {
         mut child,
         http,
         log: lines,
+        ..
     } = common::spawn_serve(&[]);
     let client = reqwest::blocking::Client::new();
     common::wait_ready(&client, &http, Duration::from_secs(30));

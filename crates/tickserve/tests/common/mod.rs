@@ -10,12 +10,13 @@ pub fn root() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
 }
 
-/// A running `tickserve serve`: the child, its HTTP address, and the log
+/// A running `tickserve serve`: the child, its HTTP and gRPC addresses, and the log
 /// lines after its "listening" line (keep reading them, or the server
 /// blocks on a full pipe).
 pub struct Served {
     pub child: Child,
     pub http: String,
+    pub grpc: String,
     pub log: Lines<BufReader<ChildStderr>>,
 }
 
@@ -42,14 +43,20 @@ pub fn spawn_serve(extra: &[&str]) -> Served {
         .unwrap();
     // The JSON log's "listening" line names the bound port.
     let mut log = BufReader::new(child.stderr.take().unwrap()).lines();
-    let http = loop {
+    let (http, grpc) = loop {
         let line = log.next().expect("server exited before listening").unwrap();
         let line: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
         if line["message"] == "listening" {
-            break line["http"].as_str().unwrap().to_owned();
+            let addr = |key: &str| line[key].as_str().unwrap().to_owned();
+            break (addr("http"), addr("grpc"));
         }
     };
-    Served { child, http, log }
+    Served {
+        child,
+        http,
+        grpc,
+        log,
+    }
 }
 
 /// Polls `/v2/health/ready` on `http` until it answers 200.

@@ -2,15 +2,14 @@
 //! serving-systems.md §6.
 //!
 //! Handlers decode the wire format into the protocol-neutral
-//! [`InferRequest`], call [`ModelVersion::infer`](crate::models::ModelVersion::infer)
-//! and encode the [`InferResponse`](crate::models::InferResponse). Nothing
-//! here knows about batching.
+//! [`InferRequest`], call the one inference path (crate::infer) and encode
+//! the [`InferResponse`](crate::models::InferResponse). Nothing here knows
+//! about batching, caching or metrics.
 //! The binary-tensor, MessagePack and raw forms of the same request and
 //! answer are chosen by headers in [`crate::codec`]; compression is a tower
 //! layer around the router.
 
 use std::fmt;
-use std::time::Instant;
 
 use axum::Json;
 use axum::Router;
@@ -20,14 +19,13 @@ use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use metrics::{counter, histogram};
 use serde::de::{self, DeserializeSeed, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
-use tickserve_telemetry as telemetry;
 
 use crate::AppState;
 use crate::codec;
 use crate::error::ServeError;
+use crate::infer::Protocol;
 use crate::models::{InferRequest, InputTensor};
 use crate::scheduling::{self, Param};
 
@@ -208,76 +206,32 @@ async fn infer(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let mut answer = codec::Answer::from_accept(&headers);
-    let started = Instant::now();
-    let mut rows = 0usize;
-    let mut priority = "none";
-    let mut class = None;
-    let mut known_model = false;
-    let result = async {
-        let registry = state.registry()?;
-        let version = registry
-            .get(&path.model)?
-            .version(path.version.as_deref())?;
-        known_model = true;
-        let body = body.map_err(|rejection| {
-            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ServeError::PayloadTooLarge(format!(
-                    "request body is larger than the limit of {} bytes (--max-body-bytes)",
-                    state.max_body_bytes
-                ))
-            } else {
-                ServeError::Invalid(format!(
-                    "cannot read the request body: {}",
-                    rejection.body_text()
-                ))
-            }
-        })?;
-        let request = codec::decode_request(&headers, &body, Some(version), &mut answer)?;
-        let chosen = request
-            .options
-            .priority
-            .unwrap_or_else(|| version.default_priority());
-        priority = chosen.label();
-        class = Some(chosen.level());
-        rows = request
-            .inputs
-            .first()
-            .and_then(|i| i.shape.first())
-            .map_or(0, |&n| n.max(0) as usize);
-        crate::cached::infer(state.cache.as_deref(), version, request).await
-    }
+    let result = crate::infer::infer(
+        &state,
+        Protocol::Http,
+        &path.model,
+        path.version.as_deref(),
+        |version| {
+            let body = body.map_err(|rejection| {
+                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    ServeError::PayloadTooLarge(format!(
+                        "request body is larger than the limit of {} bytes (--max-body-bytes)",
+                        state.max_body_bytes
+                    ))
+                } else {
+                    ServeError::Invalid(format!(
+                        "cannot read the request body: {}",
+                        rejection.body_text()
+                    ))
+                }
+            })?;
+            codec::decode_request(&headers, &body, Some(version), &mut answer)
+        },
+    )
     .await;
-
-    let model = if known_model {
-        path.model.as_str()
-    } else {
-        "unknown"
-    };
-    let outcome = match &result {
-        Ok(_) => "success",
-        Err(e) => {
-            counter!(telemetry::ERRORS_TOTAL, "model" => model.to_owned(), "error_type" => e.kind(), "priority" => priority).increment(1);
-            e.kind()
-        }
-    };
-    if known_model {
-        let batch_type = if rows <= 1 { "single" } else { "multi" };
-        counter!(telemetry::REQUESTS_TOTAL, "model" => model.to_owned(), "outcome" => outcome, "batch_type" => batch_type, "source" => "http", "priority" => priority)
-            .increment(1);
-        histogram!(telemetry::REQUEST_LATENCY, "model" => model.to_owned(), "batch_size_range" => telemetry::batch_size_range(rows), "priority" => priority)
-            .record(started.elapsed().as_secs_f64());
-        state
-            .sla
-            .record(model, class, started.elapsed(), result.is_ok());
-    }
     match result {
         Ok(response) => answer.encode(&response),
-        Err(error) => {
-            if error.status().is_server_error() {
-                tracing::warn!(model = %path.model, %error, "inference request failed");
-            }
-            error.into_response()
-        }
+        Err(error) => error.into_response(),
     }
 }
 

@@ -19,6 +19,7 @@ mod codec;
 pub mod error;
 pub mod grpc;
 mod http;
+mod infer;
 pub mod models;
 pub mod scheduling;
 pub mod sla;

@@ -5,10 +5,10 @@
 //! request of a new size pays no first-call cost, Triton #7776 in
 //! serving-systems.md) and starts one [`Scheduler`] per version.
 //!
-//! [`ModelVersion::infer`] is what every front end calls: it validates a
-//! decoded request against the model's signature, queues it and shapes the
-//! answer. HTTP (and later gRPC) only translate their wire formats into
-//! [`InferRequest`] and back from [`InferResponse`].
+//! [`ModelVersion`] validates a decoded request against the model's
+//! signature and shapes the answer; crate::infer, the one path HTTP and
+//! gRPC call, runs it between the two. The front ends only translate their
+//! wire formats into [`InferRequest`] and back from [`InferResponse`].
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -211,27 +211,7 @@ impl ModelVersion {
         self.scheduler.stats()
     }
 
-    /// Validates `request`, runs it through the scheduler and shapes the
-    /// answer.
-    pub async fn infer(&self, request: InferRequest) -> Result<InferResponse, ServeError> {
-        let (rows, order) = self.validate(&request)?;
-        let wanted = self.requested_outputs(request.outputs.as_deref())?;
-        let InferRequest {
-            id,
-            inputs,
-            options,
-            ..
-        } = request;
-        let mut slots: Vec<Option<InputTensor>> = inputs.into_iter().map(Some).collect();
-        let inputs = order
-            .into_iter()
-            .map(|index| slots[index].take().map(|t| t.data).unwrap_or_default())
-            .collect();
-        let outputs = self.scheduler.infer(rows, inputs, options).await?;
-        Ok(self.respond(id, rows, &wanted, outputs))
-    }
-
-    /// The scheduler, for the cache layer that sends only missing rows.
+    /// The scheduler, for the inference path (crate::infer).
     pub(crate) fn scheduler(&self) -> &Scheduler {
         &self.scheduler
     }

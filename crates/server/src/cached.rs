@@ -17,7 +17,7 @@
 //! `enabled = false`, or the request sets the parameter `"cache": false`.
 //!
 //! Triton's statistics are kept here for what the scheduler cannot see
-//! (scheduling.rs `TritonTotals` reads them back): a request answered
+//! (triton.rs `CacheStats`, merged with the scheduler's counters): a request answered
 //! without the queue counts in `success` and `queue`, and every cached
 //! request is a `cache_hit` (all rows found) or a `cache_miss` (some rows
 //! computed, here or by an identical request in flight).
@@ -100,7 +100,7 @@ impl CacheLayer {
             .lookup_and_run(version, request, rows, order, &mut trace)
             .await;
         let took = started.elapsed();
-        let counters = version.scheduler().counters();
+        let counters = version.cache_stats();
         let missed = trace.queued || trace.coalesced;
         if !trace.queued {
             counters.record_answered_without_queue(priority, took, trace.waited, answer.is_ok());

@@ -230,8 +230,9 @@ impl GrpcInferenceService for InferenceService {
             model_stats: versions
                 .into_iter()
                 .map(|v| {
-                    let stats = v.stats();
-                    let totals = scheduling::TritonTotals::of(&stats);
+                    let triton = v.stats();
+                    let totals = triton::TritonTotals::of(&triton);
+                    let stats = triton.scheduler;
                     pb::ModelStatistics {
                         name: v.name.clone(),
                         version: v.version.to_string(),

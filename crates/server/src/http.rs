@@ -23,7 +23,6 @@ use crate::AppState;
 use crate::codec;
 use crate::error::ServeError;
 use crate::infer::Protocol;
-use crate::scheduling;
 
 pub(crate) fn router(state: AppState) -> Router {
     let limit = state.max_body_bytes;
@@ -167,7 +166,7 @@ fn stats_response(state: &AppState, model: Option<&str>, version: Option<&str>) 
         Ok(versions) => {
             let stats: Vec<_> = versions
                 .into_iter()
-                .map(|v| scheduling::model_stats(&v.name, v.version, &v.stats()))
+                .map(|v| crate::triton::model_stats(&v.name, v.version, &v.stats()))
                 .collect();
             Json(serde_json::json!({ "model_stats": stats })).into_response()
         }

@@ -16,9 +16,10 @@ use std::sync::Arc;
 
 use tickserve_engine::{Batch, DataType, Engine, Signature, TensorSpec};
 use tickserve_repository::{self as repository, ModelCacheConfig, ModelEntry, RepositoryError};
-use tickserve_scheduler::{InferOptions, Priority, Scheduler, StatsSnapshot};
+use tickserve_scheduler::{InferOptions, Priority, Scheduler};
 
 use crate::error::ServeError;
+use crate::triton::{CacheStats, TritonStats};
 
 /// One decoded input tensor of a request.
 #[derive(Debug, Clone, PartialEq)]
@@ -77,6 +78,8 @@ pub struct ModelVersion {
     /// The `[cache]` section of the model's config.toml.
     pub cache: ModelCacheConfig,
     scheduler: Scheduler,
+    /// Triton's statistics of requests the cache answers without the queue.
+    cache_stats: CacheStats,
 }
 
 /// Every version of one model.
@@ -146,6 +149,7 @@ impl ModelRegistry {
                         instances: entry.config.instances,
                         cache: entry.config.cache.clone(),
                         scheduler,
+                        cache_stats: CacheStats::default(),
                     }),
                 );
             }
@@ -206,9 +210,14 @@ impl ModelVersion {
         self.scheduler.config().default_priority
     }
 
-    /// Scheduler counters, for the statistics endpoint.
-    pub fn stats(&self) -> StatsSnapshot {
-        self.scheduler.stats()
+    /// Triton's statistics: the scheduler's counters and the cache's.
+    pub fn stats(&self) -> TritonStats {
+        self.cache_stats.merge(self.scheduler.stats())
+    }
+
+    /// The cache step's share of the statistics (crate::cached).
+    pub(crate) fn cache_stats(&self) -> &CacheStats {
+        &self.cache_stats
     }
 
     /// The scheduler, for the inference path (crate::infer).

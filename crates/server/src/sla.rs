@@ -273,7 +273,7 @@ fn recommendation(metric: &str) -> &'static str {
     match metric {
         "p50" => "Median latency too high: add engine instances (CPU cores) or replicas.",
         "p95" | "p99" => {
-            "Tail latency too high: lower max_batch_size or max_wait, raise the priority of latency-critical traffic, enable the result cache, or add replicas."
+            "Tail latency too high: lower max_batch_size or max_queue_delay, raise the priority of latency-critical traffic, enable the result cache, or add replicas."
         }
         "max" => {
             "Worst-case latency too high: look for stalls; set a queue timeout so requests fail fast."

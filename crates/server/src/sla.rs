@@ -11,7 +11,8 @@
 //! warning ≥ 70 %, else critical) — the same numbers `tickserve bench`
 //! applies to its own measurements (crates/bench/src/sla.rs). The cache
 //! hit rate comes from the result cache's own counters, queue lengths from
-//! the scheduler's gauges, CPU and memory from sysinfo.
+//! the scheduler's gauges, CPU and memory from the cgroup's limits where set,
+//! else from sysinfo (host-wide).
 //!
 //! Each request is recorded under its priority class (the request's own,
 //! or the model's `default_priority`); `class: None` ("default") is for
@@ -29,6 +30,7 @@ use axum::response::{Html, IntoResponse};
 use axum::routing::get;
 use serde::Serialize;
 use tickserve_telemetry as telemetry;
+use tickserve_telemetry::cgroup::{Cgroup, CpuMeter};
 
 use crate::AppState;
 
@@ -88,6 +90,9 @@ pub struct SlaMonitor {
     started: Instant,
     entries: Mutex<VecDeque<Entry>>,
     system: Mutex<sysinfo::System>,
+    /// The container's cgroup, whose limits win over the host's figures.
+    cgroup: Option<Cgroup>,
+    cpu_meter: Mutex<CpuMeter>,
 }
 
 impl Default for SlaMonitor {
@@ -102,6 +107,8 @@ impl SlaMonitor {
             started: Instant::now(),
             entries: Mutex::new(VecDeque::with_capacity(1024)),
             system: Mutex::new(sysinfo::System::new()),
+            cgroup: Cgroup::detect(),
+            cpu_meter: Mutex::new(CpuMeter::default()),
         }
     }
 
@@ -211,18 +218,32 @@ impl SlaMonitor {
         }
     }
 
-    /// Host CPU % (since the previous call) and memory.
+    /// CPU % (since the previous call) and memory: against the cgroup's
+    /// limits where they are set, else the host's.
     fn host(&self) -> (f64, f64, u64) {
         let mut sys = self.system.lock().unwrap_or_else(PoisonError::into_inner);
         sys.refresh_cpu_usage();
         sys.refresh_memory();
         let total = sys.total_memory().max(1);
-        let used = sys.used_memory();
-        (
-            f64::from(sys.global_cpu_usage()),
-            used as f64 / total as f64 * 100.0,
-            used,
-        )
+        let mut used = sys.used_memory();
+        let mut cpu = f64::from(sys.global_cpu_usage());
+        let mut memory = used as f64 / total as f64 * 100.0;
+        if let Some(cgroup) = &self.cgroup {
+            let mut meter = self
+                .cpu_meter
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if let Some(percent) = meter.sample(cgroup, Instant::now()) {
+                cpu = percent;
+            }
+            if let (Some(percent), Some(current)) =
+                (cgroup.memory_percent(), cgroup.memory_current())
+            {
+                memory = percent;
+                used = current;
+            }
+        }
+        (cpu, memory, used)
     }
 }
 

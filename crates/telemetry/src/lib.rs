@@ -7,6 +7,8 @@
 //! design does not have. Every other crate records through the `metrics`
 //! macros with the constants below, so a name is never spelled twice.
 
+pub mod cgroup;
+
 use std::sync::OnceLock;
 
 use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
@@ -41,9 +43,11 @@ pub const REJECTIONS_TOTAL: &str = "tickserve_rejections_total";
 /// Gauge of the live max batch size the adaptive controller set. Label:
 /// `model`.
 pub const ADAPTIVE_BATCH_SIZE: &str = "batch_processing_adaptive_batch_size";
-/// Gauge of machine CPU utilisation, percent (resource monitor).
+/// Gauge of CPU utilisation, percent (resource monitor): of the cgroup's
+/// quota where one is set (see [`cgroup`]), else of the machine.
 pub const CPU_UTILISATION: &str = "batch_processing_cpu_utilization_percent";
-/// Gauge of machine memory utilisation, percent (resource monitor).
+/// Gauge of memory utilisation, percent (resource monitor): of the
+/// cgroup's limit where one is set, else of the machine.
 pub const MEMORY_UTILISATION: &str = "batch_processing_memory_utilization_percent";
 /// Gauge, 1 when every model is loaded and warmed up.
 pub const READY: &str = "tickserve_ready";
@@ -65,9 +69,10 @@ pub const CACHE_REDIS_CIRCUIT: &str = "tickserve_cache_redis_circuit_state";
 /// Histogram of one request's cache lookup time, seconds. Label: `tier`.
 pub const CACHE_LOOKUP: &str = "tickserve_cache_lookup_seconds";
 
-/// Latency buckets of the design document, seconds.
-pub const LATENCY_BUCKETS: [f64; 12] = [
-    0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0,
+/// Latency buckets of the design document, seconds, with sub-millisecond
+/// steps added below them: tickserve answers in hundreds of microseconds.
+pub const LATENCY_BUCKETS: [f64; 15] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0,
 ];
 /// Batch-size buckets of the design document, rows.
 pub const BATCH_SIZE_BUCKETS: [f64; 9] = [1.0, 5.0, 10.0, 20.0, 32.0, 64.0, 128.0, 256.0, 512.0];

@@ -4,7 +4,8 @@
 //!  front end (http.rs, grpc.rs): decode the wire format
 //!   ─▶ infer(): find the version ─▶ decode ─▶ resolve options once
 //!       ─▶ validate ─▶ [cache step: only missing rows ─▶] schedule ─▶ respond
-//!       ─▶ metrics (model, priority, source = protocol, outcome) + SLA sample
+//!       ─▶ metrics (model, priority, source = protocol, outcome), SLA sample,
+//!          throughput count
 //!   ─▶ front end: encode the answer or the error
 //! ```
 //!
@@ -175,4 +176,7 @@ fn record(
     state
         .sla
         .record(model, priority.map(Priority::level), took, result.is_ok());
+    if result.is_ok() {
+        state.throughput.record(model, Instant::now());
+    }
 }

@@ -241,11 +241,15 @@ impl BoundServer {
                 .with_graceful_shutdown(stopped(stop_rx.clone()))
                 .into_future(),
         );
+        let throughput = Arc::clone(&state.throughput);
         let upkeep = tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(5));
-            loop {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            for n in 0u64.. {
                 tick.tick().await;
-                metrics.run_upkeep();
+                throughput.publish(std::time::Instant::now());
+                if n % 5 == 0 {
+                    metrics.run_upkeep();
+                }
             }
         });
 

@@ -4,6 +4,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use metrics_exporter_prometheus::PrometheusHandle;
+use tickserve_telemetry::throughput::Throughput;
 
 use crate::ServerConfig;
 use crate::cached::CacheLayer;
@@ -20,6 +21,8 @@ pub(crate) struct AppState {
     pub(crate) max_body_bytes: usize,
     /// Rolling-window SLA view (`GET /v2/sla`, `GET /dashboard`).
     pub(crate) sla: Arc<SlaMonitor>,
+    /// Completed requests per second (`batch_processing_throughput_rps`).
+    pub(crate) throughput: Arc<Throughput>,
     pub(crate) metrics: PrometheusHandle,
     pub(crate) cache: Option<Arc<CacheLayer>>,
     pub(crate) admin_token: Option<Arc<str>>,
@@ -38,6 +41,7 @@ impl AppState {
             draining: Arc::new(AtomicBool::new(false)),
             max_body_bytes: config.max_body_bytes,
             sla: Arc::new(SlaMonitor::new()),
+            throughput: Arc::new(Throughput::new(std::time::Instant::now())),
             metrics,
             cache,
             admin_token: config.admin_token.as_ref().map(|t| Arc::from(t.expose())),

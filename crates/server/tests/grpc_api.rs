@@ -408,6 +408,21 @@ async fn a_grpc_request_counts_under_its_priority_and_reaches_the_sla_view() {
         assert!(metrics.contains(series), "missing {series} in\n{metrics}");
     }
 
+    // The throughput gauge is published once a second.
+    let mut published = false;
+    for _ in 0..30 {
+        if server
+            .metrics_text()
+            .await
+            .contains("batch_processing_throughput_rps{model=\"grpc_priority\"}")
+        {
+            published = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(published, "no throughput gauge for the model");
+
     let view = server.get_json("/v2/sla").await;
     assert_eq!(view["overall"]["requests"], 1, "{view:#}");
     assert_eq!(view["overall"]["ok"], 1);

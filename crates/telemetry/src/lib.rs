@@ -8,6 +8,7 @@
 //! macros with the constants below, so a name is never spelled twice.
 
 pub mod cgroup;
+pub mod throughput;
 
 use std::sync::OnceLock;
 
@@ -49,6 +50,9 @@ pub const CPU_UTILISATION: &str = "batch_processing_cpu_utilization_percent";
 /// Gauge of memory utilisation, percent (resource monitor): of the
 /// cgroup's limit where one is set, else of the machine.
 pub const MEMORY_UTILISATION: &str = "batch_processing_memory_utilization_percent";
+/// Gauge of completed requests per second over the last
+/// [`throughput::WINDOW_SECONDS`] seconds. Label: `model`.
+pub const THROUGHPUT: &str = "batch_processing_throughput_rps";
 /// Gauge, 1 when every model is loaded and warmed up.
 pub const READY: &str = "tickserve_ready";
 /// Counter of rows answered from the result cache. Labels: `model`,
@@ -223,6 +227,10 @@ fn describe() {
     );
     describe_gauge!(CPU_UTILISATION, "Machine CPU utilisation, percent");
     describe_gauge!(MEMORY_UTILISATION, "Machine memory utilisation, percent");
+    describe_gauge!(
+        THROUGHPUT,
+        "Completed requests per second over a sliding window"
+    );
     describe_gauge!(READY, "1 when every model is loaded and warmed up");
     describe_counter!(CACHE_HITS, "Rows answered from the result cache, by tier");
     describe_counter!(CACHE_MISSES, "Rows not found in the result cache, by tier");

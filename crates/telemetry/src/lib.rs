@@ -17,10 +17,11 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Counter of finished requests. Labels: `model`, `outcome`
 /// (`success` or an [`error_type`] value), `batch_type` (`single` for a
-/// one-row request, `multi` otherwise), `source` (`http`).
+/// one-row request, `multi` otherwise), `source` (`http` or `grpc`),
+/// `priority` (1–5).
 pub const REQUESTS_TOTAL: &str = "batch_processing_requests_total";
 /// Histogram of request latency from arrival to answer, seconds. Labels:
-/// `model`, `batch_size_range` (see [`batch_size_range`]).
+/// `model`, `batch_size_range` (see [`batch_size_range`]), `priority`.
 pub const REQUEST_LATENCY: &str = "batch_processing_latency_seconds";
 /// Histogram of rows per engine call. Label: `model`.
 pub const BATCH_SIZE: &str = "batch_processing_batch_size";
@@ -29,7 +30,9 @@ pub const BATCH_SIZE: &str = "batch_processing_batch_size";
 pub const QUEUE_WAIT: &str = "batch_processing_wait_time_seconds";
 /// Gauge of requests waiting in the queue. Labels: `model`, `priority`.
 pub const QUEUE_LENGTH: &str = "batch_processing_queue_length";
-/// Counter of failed requests. Labels: `model`, `error_type`.
+/// Counter of failed requests. Labels: `model` (`unknown` when the model
+/// or version does not exist), `error_type`, `priority` (`none` when the
+/// request failed before its class was known).
 pub const ERRORS_TOTAL: &str = "batch_processing_errors_total";
 /// Histogram of engine execution time per batch, seconds. Label: `model`.
 pub const ENGINE_EXECUTION: &str = "tickserve_engine_execution_seconds";

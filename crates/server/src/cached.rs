@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tickserve_cache::flight::{Claim, Leader, SingleFlight};
 use tickserve_cache::{CacheKey, KeyInput, ResultCache, Row, row_key};
+use tickserve_scheduler::Priority;
 
 use crate::error::ServeError;
 use crate::models::{InferRequest, ModelVersion};
@@ -81,20 +82,17 @@ fn key_parameters(parameters: &serde_json::Map<String, Value>) -> Vec<u8> {
 impl CacheLayer {
     /// The outputs (signature order, `rows` rows each) of a validated
     /// request whose inputs feed the signature in `order`, through the
-    /// cache, plus Triton's statistics of the request. `started` is when
-    /// validation began.
+    /// cache, plus Triton's statistics of the request under `priority`
+    /// (resolved by crate::infer). `started` is when validation began.
     pub(crate) async fn outputs(
         &self,
         version: &ModelVersion,
         request: &InferRequest,
+        priority: Priority,
         rows: usize,
         order: &[usize],
         started: Instant,
     ) -> Result<Vec<Vec<f32>>, ServeError> {
-        let priority = request
-            .options
-            .priority
-            .unwrap_or_else(|| version.default_priority());
         let mut trace = Trace::default();
         let answer = self
             .lookup_and_run(version, request, rows, order, &mut trace)

@@ -84,7 +84,7 @@ pub(crate) async fn infer(
             .first()
             .and_then(|i| i.shape.first())
             .map_or(0, |&n| n.max(0) as usize);
-        run(state, version, request).await
+        run(state, version, request, chosen).await
     }
     .await;
     record(
@@ -99,11 +99,13 @@ pub(crate) async fn infer(
     result
 }
 
-/// Validate → (cache step →) schedule → respond.
+/// Validate → (cache step →) schedule → respond, for a request of class
+/// `priority` (already in its options).
 async fn run(
     state: &AppState,
     version: &ModelVersion,
     request: InferRequest,
+    priority: Priority,
 ) -> Result<InferResponse, ServeError> {
     // Triton's cache statistics time the request from here.
     let started = Instant::now();
@@ -113,7 +115,7 @@ async fn run(
     let outputs = match state.cache.as_deref() {
         Some(layer) if use_cache => {
             layer
-                .outputs(version, &request, rows, &order, started)
+                .outputs(version, &request, priority, rows, &order, started)
                 .await?
         }
         _ => {

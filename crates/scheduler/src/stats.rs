@@ -3,10 +3,8 @@
 //! batcher and the engine workers, read by [`SchedulerStats::snapshot`];
 //! Prometheus metrics are recorded separately through `metrics`.
 //!
-//! The server's result cache writes here too, so that one source answers
-//! both protocols: requests it answers without the queue
-//! ([`SchedulerStats::record_answered_without_queue`]) and Triton's
-//! `cache_hit` / `cache_miss` durations.
+//! Only what the scheduler sees is counted here; the server's result cache
+//! keeps its own counters for requests it answers without the queue.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -98,8 +96,6 @@ pub struct SchedulerStats {
     last_inference_ms: AtomicU64,
     live_batch_size: AtomicUsize,
     retry_hint_ns: AtomicU64,
-    cache_hit: Timed,
-    cache_miss: Timed,
 }
 
 /// One class's counters as read.
@@ -137,12 +133,6 @@ pub struct StatsSnapshot {
     pub classes: Vec<ClassSnapshot>,
     /// Only sizes that ran.
     pub batches: Vec<BatchSnapshot>,
-    /// Requests answered wholly from the result cache, and the time to
-    /// look their rows up and assemble the answer.
-    pub cache_hit: Timing,
-    /// Requests with at least one row not in the cache, and the time spent
-    /// looking up and storing rows (not the engine's time).
-    pub cache_miss: Timing,
 }
 
 impl SchedulerStats {
@@ -157,50 +147,6 @@ impl SchedulerStats {
             last_inference_ms: AtomicU64::new(0),
             live_batch_size: AtomicUsize::new(max_batch_size),
             retry_hint_ns: AtomicU64::new(Duration::from_millis(1).as_nanos() as u64),
-            cache_hit: Timed::default(),
-            cache_miss: Timed::default(),
-        }
-    }
-
-    /// A request the result cache answered without the queue (every row
-    /// cached, or computed by an identical request in flight). As in
-    /// Triton, it counts in `success` (or `fail`) and `queue` (for the time
-    /// it `waited` for rows in flight; zero for a pure cache hit), never in
-    /// the compute counters, `inference_count` or `execution_count`.
-    pub fn record_answered_without_queue(
-        &self,
-        priority: Priority,
-        took: Duration,
-        waited: Duration,
-        ok: bool,
-    ) {
-        let class = self.class(priority);
-        if ok {
-            class.record_success(took);
-            class.record_queue(waited);
-        } else {
-            class.record_fail(took);
-        }
-    }
-
-    /// Triton's `cache_hit`: a request answered wholly from the cache and
-    /// the time its lookup and assembly took.
-    pub fn record_cache_hit(&self, took: Duration) {
-        self.cache_hit.add(took);
-    }
-
-    /// Triton's `cache_miss`: a request with rows missing from the cache
-    /// and the time spent looking them up and storing the computed ones.
-    /// As Triton does, that time is added to the request's `success`
-    /// duration (the scheduler timed only its queue-to-answer part), or to
-    /// nothing when `queued` is false (the caller timed it all).
-    pub fn record_cache_miss(&self, priority: Priority, took: Duration, queued: bool) {
-        self.cache_miss.add(took);
-        if queued {
-            self.class(priority).success.ns.fetch_add(
-                took.as_nanos().min(u128::from(u64::MAX)) as u64,
-                Ordering::Relaxed,
-            );
         }
     }
 
@@ -279,8 +225,6 @@ impl SchedulerStats {
                     compute_output: b.output.read(),
                 })
                 .collect(),
-            cache_hit: self.cache_hit.read(),
-            cache_miss: self.cache_miss.read(),
         }
     }
 }

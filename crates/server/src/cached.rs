@@ -1,21 +1,23 @@
-//! The result cache in front of [`ModelVersion::infer`]: per-row lookup,
-//! only missing rows go to the scheduler, the answer is reassembled in
-//! order.
+//! The cache step of the inference path (crate::infer): per-row lookup,
+//! only missing rows go to the scheduler, the outputs are reassembled in
+//! request order.
 //!
 //! ```text
 //!  request (n rows) ─▶ n keys ─▶ L1 ─▶ misses: claim single-flight
 //!     leaders: L1 again ─▶ L2 (Redis) ─▶ still missing: ONE scheduler call
 //!              with just those rows ─▶ store (L1 now, Redis write-behind)
 //!     followers: wait for the leader's row (coalesced)
-//!  ─▶ rows in request order ─▶ ModelVersion::respond
+//!  ─▶ rows in request order ─▶ back to crate::infer, which responds
 //! ```
 //!
-//! A request whose rows are all cached never reaches the queue. The cache
+//! It runs after validation and before the answer is shaped, both of which
+//! crate::infer does once for cached and uncached requests alike. A
+//! request whose rows are all cached never reaches the queue. The cache
 //! is skipped when the server's cache is off, the model's `[cache]` says
 //! `enabled = false`, or the request sets the parameter `"cache": false`.
 //!
 //! Triton's statistics are kept here for what the scheduler cannot see
-//! (scheduling.rs `TritonTotals` reads them back): a request answered
+//! (triton.rs `CacheStats`, merged with the scheduler's counters): a request answered
 //! without the queue counts in `success` and `queue`, and every cached
 //! request is a `cache_hit` (all rows found) or a `cache_miss` (some rows
 //! computed, here or by an identical request in flight).
@@ -26,14 +28,15 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tickserve_cache::flight::{Claim, Leader, SingleFlight};
 use tickserve_cache::{CacheKey, KeyInput, ResultCache, Row, row_key};
+use tickserve_scheduler::Priority;
 
 use crate::error::ServeError;
-use crate::models::{InferRequest, InferResponse, ModelVersion};
+use crate::models::{InferRequest, ModelVersion};
 
 /// Request parameters that never change a result, so they stay out of the
 /// key. Every other request parameter is part of it.
 pub(crate) const PARAMETERS_NOT_IN_KEY: [&str; 5] = [
-    "cache",
+    crate::infer::CACHE_PARAMETER,
     crate::scheduling::PRIORITY_PARAMETER,
     crate::scheduling::REQUEST_TYPE_PARAMETER,
     crate::scheduling::TIMEOUT_PARAMETER,
@@ -63,27 +66,6 @@ impl CacheLayer {
     }
 }
 
-/// Answers `request`, through the cache when it applies.
-pub(crate) async fn infer(
-    layer: Option<&CacheLayer>,
-    version: &ModelVersion,
-    request: InferRequest,
-) -> Result<InferResponse, ServeError> {
-    let wants_cache = match request.parameters.get("cache") {
-        None | Some(Value::Bool(true)) => true,
-        Some(Value::Bool(false)) => false,
-        Some(other) => {
-            return Err(ServeError::Invalid(format!(
-                "parameter 'cache' must be true or false, not {other}"
-            )));
-        }
-    };
-    match layer {
-        Some(layer) if wants_cache && version.cache.enabled => layer.infer(version, request).await,
-        _ => version.infer(request).await,
-    }
-}
-
 /// The request parameters that can change the result, as canonical JSON
 /// (keys sorted), or nothing when there are none.
 fn key_parameters(parameters: &serde_json::Map<String, Value>) -> Vec<u8> {
@@ -98,26 +80,25 @@ fn key_parameters(parameters: &serde_json::Map<String, Value>) -> Vec<u8> {
 }
 
 impl CacheLayer {
-    /// [`Self::lookup_and_run`] plus Triton's statistics of the request.
-    async fn infer(
+    /// The outputs (signature order, `rows` rows each) of a validated
+    /// request whose inputs feed the signature in `order`, through the
+    /// cache, plus Triton's statistics of the request under `priority`
+    /// (resolved by crate::infer). `started` is when validation began.
+    pub(crate) async fn outputs(
         &self,
         version: &ModelVersion,
-        request: InferRequest,
-    ) -> Result<InferResponse, ServeError> {
-        let started = Instant::now();
-        let priority = request
-            .options
-            .priority
-            .unwrap_or_else(|| version.default_priority());
+        request: &InferRequest,
+        priority: Priority,
+        rows: usize,
+        order: &[usize],
+        started: Instant,
+    ) -> Result<Vec<Vec<f32>>, ServeError> {
         let mut trace = Trace::default();
-        let answer = self.lookup_and_run(version, request, &mut trace).await;
+        let answer = self
+            .lookup_and_run(version, request, rows, order, &mut trace)
+            .await;
         let took = started.elapsed();
-        if !trace.validated {
-            // Refused before any lookup: like the uncached path, which
-            // refuses it before the scheduler, it is in no statistic.
-            return answer;
-        }
-        let counters = version.scheduler().counters();
+        let counters = version.cache_stats();
         let missed = trace.queued || trace.coalesced;
         if !trace.queued {
             counters.record_answered_without_queue(priority, took, trace.waited, answer.is_ok());
@@ -141,12 +122,12 @@ impl CacheLayer {
     async fn lookup_and_run(
         &self,
         version: &ModelVersion,
-        request: InferRequest,
+        request: &InferRequest,
+        rows: usize,
+        order: &[usize],
         trace: &mut Trace,
-    ) -> Result<InferResponse, ServeError> {
+    ) -> Result<Vec<Vec<f32>>, ServeError> {
         let started = Instant::now();
-        let (rows, order) = version.validate(&request)?;
-        let wanted = version.requested_outputs(request.outputs.as_deref())?;
         let model = version.name.as_str();
         let ttl = version.cache.ttl.unwrap_or(self.cache.config().ttl);
         let parameters = key_parameters(&request.parameters);
@@ -176,7 +157,6 @@ impl CacheLayer {
                 )
             })
             .collect();
-        trace.validated = true;
 
         let mut found = self.cache.get_l1(model, &keys).await;
         let mut leaders: Vec<(usize, RowLeader)> = Vec::new();
@@ -224,7 +204,7 @@ impl CacheLayer {
         if !pending.is_empty() {
             let indices: Vec<usize> = pending.iter().map(|(i, _)| *i).collect();
             trace.queued = true;
-            match run_rows(version, &request, &order, &indices).await {
+            match run_rows(version, request, order, &indices).await {
                 Ok(computed) => {
                     let storing = Instant::now();
                     for ((i, leader), row) in pending.into_iter().zip(computed) {
@@ -259,7 +239,7 @@ impl CacheLayer {
                 None => {
                     // The leader's client went away before it finished.
                     trace.queued = true;
-                    let row = run_rows(version, &request, &order, &[i])
+                    let row = run_rows(version, request, order, &[i])
                         .await?
                         .pop()
                         .ok_or_else(|| ServeError::Internal("the engine returned no row".into()))?;
@@ -273,7 +253,7 @@ impl CacheLayer {
             self.cache.record_coalesced(model, coalesced);
         }
 
-        let outputs = version
+        version
             .signature
             .outputs
             .iter()
@@ -288,8 +268,7 @@ impl CacheLayer {
                 }
                 Ok(data)
             })
-            .collect::<Result<Vec<_>, ServeError>>()?;
-        Ok(version.respond(request.id, rows, &wanted, outputs))
+            .collect()
     }
 }
 
@@ -297,8 +276,6 @@ impl CacheLayer {
 /// statistics.
 #[derive(Debug, Default)]
 struct Trace {
-    /// The request passed validation (refused ones count nowhere).
-    validated: bool,
     /// Some of its rows went to the scheduler, which counts the request in
     /// `success`/`fail`, `queue` and the compute statistics.
     queued: bool,

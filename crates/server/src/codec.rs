@@ -1,25 +1,28 @@
-//! The HTTP request and answer forms other than plain JSON: Triton's
-//! binary-tensor extension (including the raw single-input form),
-//! MessagePack bodies, and gzip/deflate compression (serving-systems.md §6).
+//! The HTTP wire formats: the JSON request and answer structures, and the
+//! forms other than plain JSON: Triton's binary-tensor extension
+//! (including the raw single-input form), MessagePack bodies, and gzip/deflate compression (serving-systems.md §6).
 //!
 //! [`decode_request`] picks the form from the headers
 //! (`Inference-Header-Content-Length`, `Content-Type`), decodes into the
 //! same [`RequestJson`] structure the JSON path uses and hands it to
-//! [`http::request_from_wire`]; it also records in [`Answer`] how the
+//! [`request_from_wire`]; it also records in [`Answer`] how the
 //! client wants the answer (binary outputs, MessagePack via `Accept`).
 //! Compression is done by tower-http layers before and after the handlers,
 //! so every route, not only inference, honours `Content-Encoding` and
 //! `Accept-Encoding`; the body limit applies to the decompressed size.
 
+use std::fmt;
+
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
+use serde::de::{self, DeserializeSeed, SeqAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize};
 use tower_http::compression::CompressionLayer;
 use tower_http::decompression::RequestDecompressionLayer;
 
 use crate::error::ServeError;
-use crate::http::{self, OutputJson, RequestJson, ResponseJson};
 use crate::models::{InferRequest, InferResponse, InputTensor, ModelVersion};
-use crate::scheduling;
+use crate::scheduling::{self, Param};
 
 /// Header giving the length of the JSON header of a binary-tensor body.
 pub const INFERENCE_HEADER_CONTENT_LENGTH: &str = "inference-header-content-length";
@@ -194,21 +197,21 @@ pub(crate) fn decode_request(
                 ServeError::Invalid(format!("malformed inference request JSON header: {e}"))
             })?;
             answer.binary = binary_outputs(&request);
-            http::request_from_wire(request, binary, priority_header)
+            request_from_wire(request, binary, priority_header)
         }
         None if is_msgpack(headers.get(header::CONTENT_TYPE)) => {
             let request: RequestJson = rmp_serde::from_slice(body).map_err(|e| {
                 ServeError::Invalid(format!("malformed inference request MessagePack: {e}"))
             })?;
             answer.binary = binary_outputs(&request);
-            http::request_from_wire(request, &[], priority_header)
+            request_from_wire(request, &[], priority_header)
         }
         None => {
             let request: RequestJson = serde_json::from_slice(body).map_err(|e| {
                 ServeError::Invalid(format!("malformed inference request JSON: {e}"))
             })?;
             answer.binary = binary_outputs(&request);
-            http::request_from_wire(request, &[], priority_header)
+            request_from_wire(request, &[], priority_header)
         }
     }
 }
@@ -317,6 +320,184 @@ pub(crate) fn tensor_from_le_bytes(
         .collect())
 }
 
+// === JSON wire format ===
+
+/// The request body's structure, shared by the JSON, MessagePack and
+/// binary-tensor forms (the latter's JSON header omits `data` of inputs
+/// that carry `binary_data_size`).
+#[derive(Debug, Deserialize)]
+pub(crate) struct RequestJson {
+    #[serde(default)]
+    pub(crate) id: Option<String>,
+    #[serde(default)]
+    pub(crate) parameters: Option<serde_json::Map<String, serde_json::Value>>,
+    pub(crate) inputs: Vec<InputJson>,
+    #[serde(default)]
+    pub(crate) outputs: Option<Vec<RequestedOutputJson>>,
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct InputJson {
+    pub(crate) name: String,
+    pub(crate) shape: Vec<i64>,
+    pub(crate) datatype: String,
+    #[serde(default)]
+    pub(crate) parameters: Option<serde_json::Map<String, serde_json::Value>>,
+    #[serde(default)]
+    pub(crate) data: Option<FlatData>,
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct RequestedOutputJson {
+    pub(crate) name: String,
+    #[serde(default)]
+    pub(crate) parameters: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+/// Converts the decoded body into the protocol-neutral request. `binary`
+/// holds the raw tensors that follow a binary-tensor request's JSON header,
+/// consumed in input order by inputs with `binary_data_size`;
+/// `priority_header` is the `x-priority` header.
+pub(crate) fn request_from_wire(
+    request: RequestJson,
+    binary: &[u8],
+    priority_header: Option<&str>,
+) -> Result<InferRequest, ServeError> {
+    let parameter = |name: &str| {
+        request
+            .parameters
+            .as_ref()
+            .and_then(|p| p.get(name))
+            .map(Param::from_json)
+    };
+    let options = scheduling::resolve_options(
+        parameter(scheduling::PRIORITY_PARAMETER),
+        parameter(scheduling::REQUEST_TYPE_PARAMETER),
+        parameter(scheduling::TIMEOUT_PARAMETER),
+        priority_header,
+    )?;
+    let mut rest = binary;
+    let mut inputs = Vec::with_capacity(request.inputs.len());
+    for i in request.inputs {
+        let data = match (binary_data_size(i.parameters.as_ref(), &i.name)?, i.data) {
+            (Some(size), _) => {
+                let Some((bytes, tail)) = rest.split_at_checked(size) else {
+                    return Err(ServeError::Invalid(format!(
+                        "input '{}' has binary_data_size {size} but only {} bytes of binary data remain",
+                        i.name,
+                        rest.len()
+                    )));
+                };
+                rest = tail;
+                tensor_from_le_bytes(&i.name, &i.datatype, bytes)?
+            }
+            (None, Some(data)) => data.0,
+            (None, None) => {
+                return Err(ServeError::Invalid(format!(
+                    "input '{}' has neither data nor binary_data_size",
+                    i.name
+                )));
+            }
+        };
+        inputs.push(InputTensor {
+            name: i.name,
+            datatype: i.datatype,
+            shape: i.shape,
+            data,
+        });
+    }
+    if !rest.is_empty() {
+        return Err(ServeError::Invalid(format!(
+            "{} bytes of binary data follow the inputs' binary_data_size",
+            rest.len()
+        )));
+    }
+    Ok(InferRequest {
+        options,
+        id: request.id,
+        inputs,
+        outputs: request
+            .outputs
+            .map(|outputs| outputs.into_iter().map(|o| o.name).collect()),
+        parameters: request.parameters.unwrap_or_default(),
+    })
+}
+
+#[derive(Serialize)]
+pub(crate) struct ResponseJson<'a> {
+    pub(crate) model_name: &'a str,
+    pub(crate) model_version: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) id: Option<&'a str>,
+    pub(crate) outputs: Vec<OutputJson<'a>>,
+}
+
+#[derive(Serialize)]
+pub(crate) struct OutputJson<'a> {
+    pub(crate) name: &'a str,
+    pub(crate) datatype: &'static str,
+    pub(crate) shape: &'a [usize],
+    /// `{"binary_data_size": N}` when the data follows the JSON header.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) parameters: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) data: Option<&'a [f32]>,
+}
+
+/// Tensor `data`, flat or nested to any depth, flattened in row-major
+/// order while parsing (no intermediate `serde_json::Value` tree).
+#[derive(Debug, Default)]
+pub(crate) struct FlatData(pub(crate) Vec<f32>);
+
+impl<'de> Deserialize<'de> for FlatData {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let mut values = Vec::new();
+        deserializer.deserialize_any(Flatten(&mut values))?;
+        Ok(FlatData(values))
+    }
+}
+
+struct Flatten<'a>(&'a mut Vec<f32>);
+
+impl<'de> Visitor<'de> for Flatten<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an array of numbers, flat or nested")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        if let Some(hint) = seq.size_hint() {
+            self.0.reserve(hint);
+        }
+        while seq.next_element_seed(Flatten(&mut *self.0))?.is_some() {}
+        Ok(())
+    }
+
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<(), E> {
+        self.0.push(v as f32);
+        Ok(())
+    }
+
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<(), E> {
+        self.0.push(v as f32);
+        Ok(())
+    }
+
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<(), E> {
+        self.0.push(v as f32);
+        Ok(())
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for Flatten<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -354,11 +535,11 @@ mod tests {
             .iter()
             .flat_map(|v| v.to_le_bytes())
             .collect();
-        let decoded = http::request_from_wire(request, &tail, None).unwrap();
+        let decoded = request_from_wire(request, &tail, None).unwrap();
         assert_eq!(decoded.inputs[0].data, vec![1.0]);
         assert_eq!(decoded.inputs[1].data, vec![2.0, 3.0]);
         let request: RequestJson = serde_json::from_slice(header).unwrap();
-        let err = http::request_from_wire(request, &tail[..8], None).unwrap_err();
+        let err = request_from_wire(request, &tail[..8], None).unwrap_err();
         assert!(err.to_string().contains("remain"), "{err}");
     }
 
@@ -372,5 +553,79 @@ mod tests {
             HeaderValue::from_static("text/plain, application/msgpack;q=0.9"),
         );
         assert!(Answer::from_accept(&headers).msgpack);
+    }
+}
+
+#[cfg(test)]
+mod json_tests {
+    use super::*;
+    use axum::http::StatusCode;
+
+    fn decode_json(body: &[u8], priority_header: Option<&str>) -> Result<InferRequest, ServeError> {
+        let request: RequestJson = serde_json::from_slice(body)
+            .map_err(|e| ServeError::Invalid(format!("malformed inference request JSON: {e}")))?;
+        request_from_wire(request, &[], priority_header)
+    }
+
+    #[test]
+    fn nested_and_flat_data_decode_to_the_same_values() {
+        let flat = decode_json(
+            br#"{"inputs":[{"name":"x","shape":[2,2],"datatype":"FP32","data":[1,2.5,-3,4e0]}]}"#,
+            None,
+        )
+        .unwrap();
+        let nested = decode_json(br#"{"inputs":[{"name":"x","shape":[2,2],"datatype":"FP32","data":[[1,2.5],[-3,4e0]]}]}"#, None).unwrap();
+        assert_eq!(flat.inputs[0].data, vec![1.0, 2.5, -3.0, 4.0]);
+        assert_eq!(flat, nested);
+        assert_eq!(flat.id, None);
+        assert_eq!(flat.outputs, None);
+    }
+
+    #[test]
+    fn strings_in_data_are_refused_with_a_reason() {
+        let err = decode_json(
+            br#"{"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":["a"]}]}"#,
+            None,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("array of numbers"), "{err}");
+    }
+
+    #[test]
+    fn json_floats_round_trip_to_the_same_f32_bits() {
+        let value = 0.1f32;
+        let text = format!(
+            r#"{{"inputs":[{{"name":"x","shape":[1],"datatype":"FP32","data":[{}]}}]}}"#,
+            value as f64
+        );
+        let decoded = decode_json(text.as_bytes(), None).unwrap();
+        assert_eq!(decoded.inputs[0].data[0].to_bits(), value.to_bits());
+    }
+
+    #[test]
+    fn scheduling_parameters_and_the_header_become_options() {
+        let body = br#"{"parameters":{"request_type":"real_time_trading","timeout":2500},"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":[1]}]}"#;
+        let decoded = decode_json(body, Some("5")).unwrap();
+        assert_eq!(
+            decoded.options.priority,
+            tickserve_scheduler::Priority::new(1)
+        );
+        assert_eq!(
+            decoded.options.timeout,
+            Some(std::time::Duration::from_micros(2500))
+        );
+        let plain = br#"{"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":[1]}]}"#;
+        let decoded = decode_json(plain, Some("background")).unwrap();
+        assert_eq!(
+            decoded.options.priority,
+            tickserve_scheduler::Priority::new(5)
+        );
+        let bad = br#"{"parameters":{"priority":7},"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":[1]}]}"#;
+        let err = decode_json(bad, None).unwrap_err();
+        assert_eq!(err.status(), StatusCode::BAD_REQUEST);
+        assert!(
+            err.to_string().contains("invalid priority parameter 7"),
+            "{err}"
+        );
     }
 }

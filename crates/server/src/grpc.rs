@@ -4,8 +4,9 @@
 //! tritonclient and perf_analyzer work unchanged.
 //!
 //! Each RPC translates its message into the protocol-neutral
-//! [`InferRequest`], calls the same [`ModelVersion::infer`] as HTTP (same
-//! scheduler, validation and limits) and translates the answer back;
+//! [`InferRequest`], calls the same inference path as HTTP (crate::infer:
+//! same scheduler, validation, limits, metrics and SLA sample) and
+//! translates the answer back;
 //! failures become a `tonic::Status` through the one mapping in
 //! [`crate::error`]. Tensors arrive either as typed `contents` or as
 //! little-endian `raw_input_contents`; the answer uses the same form the
@@ -14,10 +15,7 @@
 //! by `id`, as with Triton).
 
 use std::sync::Arc;
-use std::time::Instant;
 
-use metrics::{counter, histogram};
-use tickserve_telemetry as telemetry;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -25,6 +23,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::AppState;
 use crate::codec;
 use crate::error::ServeError;
+use crate::infer::Protocol;
 use crate::models::{InferRequest, InferResponse, InputTensor, ModelVersion};
 use crate::scheduling::{self, Param};
 use crate::triton;
@@ -231,8 +230,9 @@ impl GrpcInferenceService for InferenceService {
             model_stats: versions
                 .into_iter()
                 .map(|v| {
-                    let stats = v.stats();
-                    let totals = scheduling::TritonTotals::of(&stats);
+                    let triton = v.stats();
+                    let totals = triton::TritonTotals::of(&triton);
+                    let stats = triton.scheduler;
                     pb::ModelStatistics {
                         name: v.name.clone(),
                         version: v.version.to_string(),
@@ -332,55 +332,19 @@ fn model_config(config: &triton::ModelConfigJson) -> pb::ModelConfig {
     }
 }
 
-/// One unary inference, with the same metrics as HTTP (`source="grpc"`).
+/// One unary inference through the same path as HTTP.
 async fn infer(
     state: &AppState,
-    request: pb::ModelInferRequest,
+    mut request: pb::ModelInferRequest,
 ) -> Result<pb::ModelInferResponse, ServeError> {
-    let started = Instant::now();
-    let model = request.model_name.clone();
-    let version = match lookup(state, &request.model_name, &request.model_version) {
-        Ok(version) => version,
-        Err(error) => {
-            counter!(telemetry::ERRORS_TOTAL, "model" => "unknown", "error_type" => error.kind())
-                .increment(1);
-            return Err(error);
-        }
-    };
-    let (decoded, raw) = request_from_proto(request);
-    let result = match decoded {
-        Ok(decoded) => {
-            let rows = decoded
-                .inputs
-                .first()
-                .and_then(|i| i.shape.first())
-                .map_or(0, |&n| n.max(0) as usize);
-            // The same path as HTTP: the result cache, then the scheduler.
-            crate::cached::infer(state.cache.as_deref(), version, decoded)
-                .await
-                .map(|r| (r, rows))
-        }
-        Err(error) => Err(error),
-    };
-    let (outcome, rows) = match &result {
-        Ok((_, rows)) => ("success", *rows),
-        Err(error) => {
-            counter!(telemetry::ERRORS_TOTAL, "model" => model.clone(), "error_type" => error.kind())
-                .increment(1);
-            (error.kind(), 0)
-        }
-    };
-    let batch_type = if rows <= 1 { "single" } else { "multi" };
-    counter!(telemetry::REQUESTS_TOTAL, "model" => model.clone(), "outcome" => outcome, "batch_type" => batch_type, "source" => "grpc")
-        .increment(1);
-    histogram!(telemetry::REQUEST_LATENCY, "model" => model, "batch_size_range" => telemetry::batch_size_range(rows))
-        .record(started.elapsed().as_secs_f64());
-    if let Err(error) = &result
-        && error.grpc_code() == tonic::Code::Internal
-    {
-        tracing::warn!(%error, "gRPC inference request failed");
-    }
-    result.map(|(response, _)| response_to_proto(response, raw))
+    let model = std::mem::take(&mut request.model_name);
+    let version = std::mem::take(&mut request.model_version);
+    let raw = !request.raw_input_contents.is_empty();
+    crate::infer::infer(state, Protocol::Grpc, &model, version_arg(&version), |_| {
+        request_from_proto(request).0
+    })
+    .await
+    .map(|response| response_to_proto(response, raw))
 }
 
 /// Decodes a serialized `ModelInferRequest` exactly as the service does.

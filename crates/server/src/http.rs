@@ -2,15 +2,12 @@
 //! serving-systems.md §6.
 //!
 //! Handlers decode the wire format into the protocol-neutral
-//! [`InferRequest`], call [`ModelVersion::infer`](crate::models::ModelVersion::infer)
-//! and encode the [`InferResponse`](crate::models::InferResponse). Nothing
-//! here knows about batching.
+//! [`InferRequest`](crate::models::InferRequest), call the one inference path (crate::infer) and encode
+//! the [`InferResponse`](crate::models::InferResponse). Nothing here knows
+//! about batching, caching or metrics.
 //! The binary-tensor, MessagePack and raw forms of the same request and
 //! answer are chosen by headers in [`crate::codec`]; compression is a tower
 //! layer around the router.
-
-use std::fmt;
-use std::time::Instant;
 
 use axum::Json;
 use axum::Router;
@@ -20,16 +17,12 @@ use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use metrics::{counter, histogram};
-use serde::de::{self, DeserializeSeed, SeqAccess, Visitor};
-use serde::{Deserialize, Deserializer, Serialize};
-use tickserve_telemetry as telemetry;
+use serde::Deserialize;
 
 use crate::AppState;
 use crate::codec;
 use crate::error::ServeError;
-use crate::models::{InferRequest, InputTensor};
-use crate::scheduling::{self, Param};
+use crate::infer::Protocol;
 
 pub(crate) fn router(state: AppState) -> Router {
     let limit = state.max_body_bytes;
@@ -173,7 +166,7 @@ fn stats_response(state: &AppState, model: Option<&str>, version: Option<&str>) 
         Ok(versions) => {
             let stats: Vec<_> = versions
                 .into_iter()
-                .map(|v| scheduling::model_stats(&v.name, v.version, &v.stats()))
+                .map(|v| crate::triton::model_stats(&v.name, v.version, &v.stats()))
                 .collect();
             Json(serde_json::json!({ "model_stats": stats })).into_response()
         }
@@ -208,330 +201,31 @@ async fn infer(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let mut answer = codec::Answer::from_accept(&headers);
-    let started = Instant::now();
-    let mut rows = 0usize;
-    let mut priority = "none";
-    let mut class = None;
-    let mut known_model = false;
-    let result = async {
-        let registry = state.registry()?;
-        let version = registry
-            .get(&path.model)?
-            .version(path.version.as_deref())?;
-        known_model = true;
-        let body = body.map_err(|rejection| {
-            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ServeError::PayloadTooLarge(format!(
-                    "request body is larger than the limit of {} bytes (--max-body-bytes)",
-                    state.max_body_bytes
-                ))
-            } else {
-                ServeError::Invalid(format!(
-                    "cannot read the request body: {}",
-                    rejection.body_text()
-                ))
-            }
-        })?;
-        let request = codec::decode_request(&headers, &body, Some(version), &mut answer)?;
-        let chosen = request
-            .options
-            .priority
-            .unwrap_or_else(|| version.default_priority());
-        priority = chosen.label();
-        class = Some(chosen.level());
-        rows = request
-            .inputs
-            .first()
-            .and_then(|i| i.shape.first())
-            .map_or(0, |&n| n.max(0) as usize);
-        crate::cached::infer(state.cache.as_deref(), version, request).await
-    }
+    let result = crate::infer::infer(
+        &state,
+        Protocol::Http,
+        &path.model,
+        path.version.as_deref(),
+        |version| {
+            let body = body.map_err(|rejection| {
+                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    ServeError::PayloadTooLarge(format!(
+                        "request body is larger than the limit of {} bytes (--max-body-bytes)",
+                        state.max_body_bytes
+                    ))
+                } else {
+                    ServeError::Invalid(format!(
+                        "cannot read the request body: {}",
+                        rejection.body_text()
+                    ))
+                }
+            })?;
+            codec::decode_request(&headers, &body, Some(version), &mut answer)
+        },
+    )
     .await;
-
-    let model = if known_model {
-        path.model.as_str()
-    } else {
-        "unknown"
-    };
-    let outcome = match &result {
-        Ok(_) => "success",
-        Err(e) => {
-            counter!(telemetry::ERRORS_TOTAL, "model" => model.to_owned(), "error_type" => e.kind(), "priority" => priority).increment(1);
-            e.kind()
-        }
-    };
-    if known_model {
-        let batch_type = if rows <= 1 { "single" } else { "multi" };
-        counter!(telemetry::REQUESTS_TOTAL, "model" => model.to_owned(), "outcome" => outcome, "batch_type" => batch_type, "source" => "http", "priority" => priority)
-            .increment(1);
-        histogram!(telemetry::REQUEST_LATENCY, "model" => model.to_owned(), "batch_size_range" => telemetry::batch_size_range(rows), "priority" => priority)
-            .record(started.elapsed().as_secs_f64());
-        state
-            .sla
-            .record(model, class, started.elapsed(), result.is_ok());
-    }
     match result {
         Ok(response) => answer.encode(&response),
-        Err(error) => {
-            if error.status().is_server_error() {
-                tracing::warn!(model = %path.model, %error, "inference request failed");
-            }
-            error.into_response()
-        }
-    }
-}
-
-// === JSON wire format ===
-
-/// The request body's structure, shared by the JSON, MessagePack and
-/// binary-tensor forms (the latter's JSON header omits `data` of inputs
-/// that carry `binary_data_size`).
-#[derive(Debug, Deserialize)]
-pub(crate) struct RequestJson {
-    #[serde(default)]
-    pub(crate) id: Option<String>,
-    #[serde(default)]
-    pub(crate) parameters: Option<serde_json::Map<String, serde_json::Value>>,
-    pub(crate) inputs: Vec<InputJson>,
-    #[serde(default)]
-    pub(crate) outputs: Option<Vec<RequestedOutputJson>>,
-}
-
-#[derive(Debug, Deserialize)]
-pub(crate) struct InputJson {
-    pub(crate) name: String,
-    pub(crate) shape: Vec<i64>,
-    pub(crate) datatype: String,
-    #[serde(default)]
-    pub(crate) parameters: Option<serde_json::Map<String, serde_json::Value>>,
-    #[serde(default)]
-    pub(crate) data: Option<FlatData>,
-}
-
-#[derive(Debug, Deserialize)]
-pub(crate) struct RequestedOutputJson {
-    pub(crate) name: String,
-    #[serde(default)]
-    pub(crate) parameters: Option<serde_json::Map<String, serde_json::Value>>,
-}
-
-#[cfg(test)]
-fn decode_request(body: &[u8], priority_header: Option<&str>) -> Result<InferRequest, ServeError> {
-    let request: RequestJson = serde_json::from_slice(body)
-        .map_err(|e| ServeError::Invalid(format!("malformed inference request JSON: {e}")))?;
-    request_from_wire(request, &[], priority_header)
-}
-
-/// Converts the decoded body into the protocol-neutral request. `binary`
-/// holds the raw tensors that follow a binary-tensor request's JSON header,
-/// consumed in input order by inputs with `binary_data_size`;
-/// `priority_header` is the `x-priority` header.
-pub(crate) fn request_from_wire(
-    request: RequestJson,
-    binary: &[u8],
-    priority_header: Option<&str>,
-) -> Result<InferRequest, ServeError> {
-    let parameter = |name: &str| {
-        request
-            .parameters
-            .as_ref()
-            .and_then(|p| p.get(name))
-            .map(Param::from_json)
-    };
-    let options = scheduling::resolve_options(
-        parameter(scheduling::PRIORITY_PARAMETER),
-        parameter(scheduling::REQUEST_TYPE_PARAMETER),
-        parameter(scheduling::TIMEOUT_PARAMETER),
-        priority_header,
-    )?;
-    let mut rest = binary;
-    let mut inputs = Vec::with_capacity(request.inputs.len());
-    for i in request.inputs {
-        let data = match (
-            codec::binary_data_size(i.parameters.as_ref(), &i.name)?,
-            i.data,
-        ) {
-            (Some(size), _) => {
-                let Some((bytes, tail)) = rest.split_at_checked(size) else {
-                    return Err(ServeError::Invalid(format!(
-                        "input '{}' has binary_data_size {size} but only {} bytes of binary data remain",
-                        i.name,
-                        rest.len()
-                    )));
-                };
-                rest = tail;
-                codec::tensor_from_le_bytes(&i.name, &i.datatype, bytes)?
-            }
-            (None, Some(data)) => data.0,
-            (None, None) => {
-                return Err(ServeError::Invalid(format!(
-                    "input '{}' has neither data nor binary_data_size",
-                    i.name
-                )));
-            }
-        };
-        inputs.push(InputTensor {
-            name: i.name,
-            datatype: i.datatype,
-            shape: i.shape,
-            data,
-        });
-    }
-    if !rest.is_empty() {
-        return Err(ServeError::Invalid(format!(
-            "{} bytes of binary data follow the inputs' binary_data_size",
-            rest.len()
-        )));
-    }
-    Ok(InferRequest {
-        options,
-        id: request.id,
-        inputs,
-        outputs: request
-            .outputs
-            .map(|outputs| outputs.into_iter().map(|o| o.name).collect()),
-        parameters: request.parameters.unwrap_or_default(),
-    })
-}
-
-#[derive(Serialize)]
-pub(crate) struct ResponseJson<'a> {
-    pub(crate) model_name: &'a str,
-    pub(crate) model_version: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub(crate) id: Option<&'a str>,
-    pub(crate) outputs: Vec<OutputJson<'a>>,
-}
-
-#[derive(Serialize)]
-pub(crate) struct OutputJson<'a> {
-    pub(crate) name: &'a str,
-    pub(crate) datatype: &'static str,
-    pub(crate) shape: &'a [usize],
-    /// `{"binary_data_size": N}` when the data follows the JSON header.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub(crate) parameters: Option<serde_json::Value>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub(crate) data: Option<&'a [f32]>,
-}
-
-/// Tensor `data`, flat or nested to any depth, flattened in row-major
-/// order while parsing (no intermediate `serde_json::Value` tree).
-#[derive(Debug, Default)]
-pub(crate) struct FlatData(pub(crate) Vec<f32>);
-
-impl<'de> Deserialize<'de> for FlatData {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let mut values = Vec::new();
-        deserializer.deserialize_any(Flatten(&mut values))?;
-        Ok(FlatData(values))
-    }
-}
-
-struct Flatten<'a>(&'a mut Vec<f32>);
-
-impl<'de> Visitor<'de> for Flatten<'_> {
-    type Value = ();
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("an array of numbers, flat or nested")
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        if let Some(hint) = seq.size_hint() {
-            self.0.reserve(hint);
-        }
-        while seq.next_element_seed(Flatten(&mut *self.0))?.is_some() {}
-        Ok(())
-    }
-
-    fn visit_f64<E: de::Error>(self, v: f64) -> Result<(), E> {
-        self.0.push(v as f32);
-        Ok(())
-    }
-
-    fn visit_i64<E: de::Error>(self, v: i64) -> Result<(), E> {
-        self.0.push(v as f32);
-        Ok(())
-    }
-
-    fn visit_u64<E: de::Error>(self, v: u64) -> Result<(), E> {
-        self.0.push(v as f32);
-        Ok(())
-    }
-}
-
-impl<'de> DeserializeSeed<'de> for Flatten<'_> {
-    type Value = ();
-
-    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
-        deserializer.deserialize_any(self)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn nested_and_flat_data_decode_to_the_same_values() {
-        let flat = decode_request(
-            br#"{"inputs":[{"name":"x","shape":[2,2],"datatype":"FP32","data":[1,2.5,-3,4e0]}]}"#,
-            None,
-        )
-        .unwrap();
-        let nested = decode_request(br#"{"inputs":[{"name":"x","shape":[2,2],"datatype":"FP32","data":[[1,2.5],[-3,4e0]]}]}"#, None).unwrap();
-        assert_eq!(flat.inputs[0].data, vec![1.0, 2.5, -3.0, 4.0]);
-        assert_eq!(flat, nested);
-        assert_eq!(flat.id, None);
-        assert_eq!(flat.outputs, None);
-    }
-
-    #[test]
-    fn strings_in_data_are_refused_with_a_reason() {
-        let err = decode_request(
-            br#"{"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":["a"]}]}"#,
-            None,
-        )
-        .unwrap_err();
-        assert!(err.to_string().contains("array of numbers"), "{err}");
-    }
-
-    #[test]
-    fn json_floats_round_trip_to_the_same_f32_bits() {
-        let value = 0.1f32;
-        let text = format!(
-            r#"{{"inputs":[{{"name":"x","shape":[1],"datatype":"FP32","data":[{}]}}]}}"#,
-            value as f64
-        );
-        let decoded = decode_request(text.as_bytes(), None).unwrap();
-        assert_eq!(decoded.inputs[0].data[0].to_bits(), value.to_bits());
-    }
-
-    #[test]
-    fn scheduling_parameters_and_the_header_become_options() {
-        let body = br#"{"parameters":{"request_type":"real_time_trading","timeout":2500},"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":[1]}]}"#;
-        let decoded = decode_request(body, Some("5")).unwrap();
-        assert_eq!(
-            decoded.options.priority,
-            tickserve_scheduler::Priority::new(1)
-        );
-        assert_eq!(
-            decoded.options.timeout,
-            Some(std::time::Duration::from_micros(2500))
-        );
-        let plain = br#"{"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":[1]}]}"#;
-        let decoded = decode_request(plain, Some("background")).unwrap();
-        assert_eq!(
-            decoded.options.priority,
-            tickserve_scheduler::Priority::new(5)
-        );
-        let bad = br#"{"parameters":{"priority":7},"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":[1]}]}"#;
-        let err = decode_request(bad, None).unwrap_err();
-        assert_eq!(err.status(), StatusCode::BAD_REQUEST);
-        assert!(
-            err.to_string().contains("invalid priority parameter 7"),
-            "{err}"
-        );
+        Err(error) => error.into_response(),
     }
 }

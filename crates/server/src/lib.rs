@@ -23,10 +23,14 @@ mod codec;
 pub mod error;
 pub mod grpc;
 mod http;
+mod infer;
 pub mod models;
+#[cfg(test)]
+mod router_tests;
 pub mod scheduling;
 mod serve;
 pub mod sla;
+mod state;
 pub mod triton;
 
 /// Entry points for the decoding benchmark (benches/decode.rs).
@@ -39,8 +43,7 @@ pub mod bench {
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -53,8 +56,8 @@ use tickserve_repository::RepositoryError;
 use tickserve_telemetry as telemetry;
 use tokio::net::TcpListener;
 
-use crate::error::ServeError;
 use crate::models::ModelRegistry;
+pub(crate) use crate::state::AppState;
 
 pub use tickserve_cache::{CacheConfig, ClientIdentity, RedisConfig, RedisTls};
 
@@ -139,35 +142,6 @@ pub enum StartError {
     Task(String),
 }
 
-/// State shared by every handler.
-#[derive(Debug, Clone)]
-pub(crate) struct AppState {
-    registry: Arc<OnceLock<ModelRegistry>>,
-    draining: Arc<AtomicBool>,
-    max_body_bytes: usize,
-    /// Rolling-window SLA view (`GET /v2/sla`, `GET /dashboard`).
-    sla: Arc<sla::SlaMonitor>,
-    metrics: PrometheusHandle,
-    cache: Option<Arc<cached::CacheLayer>>,
-    admin_token: Option<Arc<str>>,
-}
-
-impl AppState {
-    fn registry(&self) -> Result<&ModelRegistry, ServeError> {
-        self.registry.get().ok_or_else(|| {
-            ServeError::NotReady("the server is starting: models are still loading".into())
-        })
-    }
-
-    fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Acquire)
-    }
-
-    fn is_ready(&self) -> bool {
-        self.registry.get().is_some() && !self.is_draining()
-    }
-}
-
 /// A server whose listeners are bound; [`BoundServer::serve`] runs it.
 #[derive(Debug)]
 pub struct BoundServer {
@@ -236,15 +210,7 @@ impl BoundServer {
             )?))),
             false => None,
         };
-        let state = AppState {
-            registry: Arc::new(OnceLock::new()),
-            draining: Arc::new(AtomicBool::new(false)),
-            max_body_bytes: config.max_body_bytes,
-            sla: Arc::new(sla::SlaMonitor::new()),
-            metrics: metrics.clone(),
-            cache,
-            admin_token: config.admin_token.as_ref().map(|t| Arc::from(t.expose())),
-        };
+        let state = AppState::new(&config, metrics.clone(), cache);
         metrics::gauge!(telemetry::READY).set(0.0);
 
         // Shutdown fans out to both servers and to the loader.
@@ -253,9 +219,7 @@ impl BoundServer {
             let _ = rx.wait_for(|&stop| stop).await;
         };
 
-        let http_app = http::router(state.clone())
-            .merge(sla::router(state.clone()))
-            .merge(cache_admin::router(state.clone()));
+        let http_app = router(state.clone());
         let http_server = tokio::spawn(serve::serve_http(http_listener, http_app, stop_rx.clone()));
         let (health, health_service) = tonic_health::server::health_reporter();
         set_health(&health, tonic_health::ServingStatus::NotServing).await;
@@ -283,11 +247,15 @@ impl BoundServer {
                 .with_graceful_shutdown(stopped(stop_rx.clone()))
                 .into_future(),
         );
+        let throughput = Arc::clone(&state.throughput);
         let upkeep = tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(5));
-            loop {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            for n in 0u64.. {
                 tick.tick().await;
-                metrics.run_upkeep();
+                throughput.publish(std::time::Instant::now());
+                if n % 5 == 0 {
+                    metrics.run_upkeep();
+                }
             }
         });
 
@@ -312,13 +280,13 @@ impl BoundServer {
         for model in registry.models() {
             tracing::info!(model = %model.name, versions = ?model.version_names(), "model ready");
         }
-        let _ = state.registry.set(registry);
+        state.set_registry(registry);
         metrics::gauge!(telemetry::READY).set(1.0);
         set_health(&health, tonic_health::ServingStatus::Serving).await;
         tracing::info!(http = %config.http_addr, grpc = %config.grpc_addr, "ready");
 
         shutdown.await;
-        state.draining.store(true, Ordering::Release);
+        state.start_draining();
         metrics::gauge!(telemetry::READY).set(0.0);
         set_health(&health, tonic_health::ServingStatus::NotServing).await;
         if !config.shutdown_delay.is_zero() {
@@ -343,6 +311,15 @@ impl BoundServer {
         }
         Ok(())
     }
+}
+
+/// Every HTTP route of the inference address: the protocol, the SLA view
+/// and dashboard, and the cache admin endpoints. Needs no socket: tests
+/// call it through `tower::ServiceExt::oneshot`.
+pub(crate) fn router(state: AppState) -> Router {
+    http::router(state.clone())
+        .merge(sla::router(state.clone()))
+        .merge(cache_admin::router(state))
 }
 
 /// Sets the gRPC health status of the server ("") and of the inference

@@ -5,10 +5,10 @@
 //! request of a new size pays no first-call cost, Triton #7776 in
 //! serving-systems.md) and starts one [`Scheduler`] per version.
 //!
-//! [`ModelVersion::infer`] is what every front end calls: it validates a
-//! decoded request against the model's signature, queues it and shapes the
-//! answer. HTTP (and later gRPC) only translate their wire formats into
-//! [`InferRequest`] and back from [`InferResponse`].
+//! [`ModelVersion`] validates a decoded request against the model's
+//! signature and shapes the answer; crate::infer, the one path HTTP and
+//! gRPC call, runs it between the two. The front ends only translate their
+//! wire formats into [`InferRequest`] and back from [`InferResponse`].
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -16,9 +16,10 @@ use std::sync::Arc;
 
 use tickserve_engine::{Batch, DataType, Engine, Signature, TensorSpec};
 use tickserve_repository::{self as repository, ModelCacheConfig, ModelEntry, RepositoryError};
-use tickserve_scheduler::{InferOptions, Priority, Scheduler, StatsSnapshot};
+use tickserve_scheduler::{InferOptions, Priority, Scheduler};
 
 use crate::error::ServeError;
+use crate::triton::{CacheStats, TritonStats};
 
 /// One decoded input tensor of a request.
 #[derive(Debug, Clone, PartialEq)]
@@ -77,6 +78,8 @@ pub struct ModelVersion {
     /// The `[cache]` section of the model's config.toml.
     pub cache: ModelCacheConfig,
     scheduler: Scheduler,
+    /// Triton's statistics of requests the cache answers without the queue.
+    cache_stats: CacheStats,
 }
 
 /// Every version of one model.
@@ -146,6 +149,7 @@ impl ModelRegistry {
                         instances: entry.config.engine_instances(),
                         cache: entry.config.cache.clone(),
                         scheduler,
+                        cache_stats: CacheStats::default(),
                     }),
                 );
             }
@@ -206,32 +210,17 @@ impl ModelVersion {
         self.scheduler.config().default_priority
     }
 
-    /// Scheduler counters, for the statistics endpoint.
-    pub fn stats(&self) -> StatsSnapshot {
-        self.scheduler.stats()
+    /// Triton's statistics: the scheduler's counters and the cache's.
+    pub fn stats(&self) -> TritonStats {
+        self.cache_stats.merge(self.scheduler.stats())
     }
 
-    /// Validates `request`, runs it through the scheduler and shapes the
-    /// answer.
-    pub async fn infer(&self, request: InferRequest) -> Result<InferResponse, ServeError> {
-        let (rows, order) = self.validate(&request)?;
-        let wanted = self.requested_outputs(request.outputs.as_deref())?;
-        let InferRequest {
-            id,
-            inputs,
-            options,
-            ..
-        } = request;
-        let mut slots: Vec<Option<InputTensor>> = inputs.into_iter().map(Some).collect();
-        let inputs = order
-            .into_iter()
-            .map(|index| slots[index].take().map(|t| t.data).unwrap_or_default())
-            .collect();
-        let outputs = self.scheduler.infer(rows, inputs, options).await?;
-        Ok(self.respond(id, rows, &wanted, outputs))
+    /// The cache step's share of the statistics (crate::cached).
+    pub(crate) fn cache_stats(&self) -> &CacheStats {
+        &self.cache_stats
     }
 
-    /// The scheduler, for the cache layer that sends only missing rows.
+    /// The scheduler, for the inference path (crate::infer).
     pub(crate) fn scheduler(&self) -> &Scheduler {
         &self.scheduler
     }

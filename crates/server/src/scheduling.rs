@@ -1,18 +1,16 @@
 //! The server's side of scheduling: turning a model's config.toml into a
 //! [`SchedulerConfig`], turning a request's scheduling parameters into
 //! [`InferOptions`] (protocol-neutral, so gRPC maps its parameters the same
-//! way), and the statistics endpoint's body (Triton's shape,
-//! serving-systems.md §6, plus per-priority counts). docs/scheduling.md
-//! describes the behaviour.
+//! way). docs/scheduling.md describes the behaviour; the statistics
+//! endpoint's body is in crate::triton.
 
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use serde_json::Value;
 use tickserve_repository::ModelEntry;
-use tickserve_scheduler::stats::Timing;
 use tickserve_scheduler::{
     AdaptiveConfig, Aging, ClassPolicy, ClassSet, InferOptions, InstanceGroup, Priority,
-    SchedulerConfig, StatsSnapshot,
+    SchedulerConfig,
 };
 
 use crate::error::ServeError;
@@ -197,105 +195,6 @@ pub fn resolve_options(
     Ok(InferOptions {
         priority: by_level.or(by_type).or(by_header),
         timeout,
-    })
-}
-
-fn timing(t: Timing) -> Value {
-    json!({ "count": t.count, "ns": t.ns })
-}
-
-fn sum(items: impl Iterator<Item = Timing>) -> Timing {
-    items.fold(Timing::default(), |a, b| Timing {
-        count: a.count + b.count,
-        ns: a.ns + b.ns,
-    })
-}
-
-/// Triton's per-version `inference_stats` totals, summed over the
-/// priority classes and batch sizes of the scheduler's counters. The HTTP
-/// and gRPC statistics both answer from these.
-///
-/// With the result cache, Triton's rules hold: a request answered from the
-/// cache counts in `success`, `queue` and `cache_hit`, never in the
-/// compute counters; a request with rows the engine had to compute counts
-/// in `cache_miss` as well as in the usual ones.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TritonTotals {
-    pub success: Timing,
-    pub fail: Timing,
-    pub queue: Timing,
-    pub compute_input: Timing,
-    pub compute_infer: Timing,
-    pub compute_output: Timing,
-    pub cache_hit: Timing,
-    pub cache_miss: Timing,
-}
-
-impl TritonTotals {
-    pub fn of(stats: &StatsSnapshot) -> Self {
-        let classes = &stats.classes;
-        let compute_infer = sum(classes.iter().map(|c| c.compute_infer));
-        // Triton counts every compute phase per request, and perf_analyzer
-        // refuses statistics whose three compute counts differ: the
-        // gathering and scattering time, measured per batch, is reported
-        // over the same request count as the engine time.
-        let per_request = |batch_total: Timing| Timing {
-            count: compute_infer.count,
-            ns: batch_total.ns,
-        };
-        TritonTotals {
-            success: sum(classes.iter().map(|c| c.success)),
-            fail: sum(classes.iter().map(|c| c.fail)),
-            queue: sum(classes.iter().map(|c| c.queue)),
-            compute_input: per_request(sum(stats.batches.iter().map(|b| b.compute_input))),
-            compute_infer,
-            compute_output: per_request(sum(stats.batches.iter().map(|b| b.compute_output))),
-            cache_hit: stats.cache_hit,
-            cache_miss: stats.cache_miss,
-        }
-    }
-}
-
-/// One entry of `model_stats`.
-pub fn model_stats(name: &str, version: u64, stats: &StatsSnapshot) -> Value {
-    let classes = &stats.classes;
-    let totals = TritonTotals::of(stats);
-    json!({
-        "name": name,
-        "version": version.to_string(),
-        "last_inference": stats.last_inference_ms,
-        "inference_count": stats.inference_count,
-        "execution_count": stats.execution_count,
-        "inference_stats": {
-            "success": timing(totals.success),
-            "fail": timing(totals.fail),
-            "queue": timing(totals.queue),
-            "compute_input": timing(totals.compute_input),
-            "compute_infer": timing(totals.compute_infer),
-            "compute_output": timing(totals.compute_output),
-            "cache_hit": timing(totals.cache_hit),
-            "cache_miss": timing(totals.cache_miss),
-        },
-        "batch_stats": stats.batches.iter().map(|b| json!({
-            "batch_size": b.batch_size,
-            "compute_input": timing(b.compute_input),
-            "compute_infer": timing(b.compute_infer),
-            "compute_output": timing(b.compute_output),
-        })).collect::<Vec<_>>(),
-        "priority_stats": classes.iter().map(|c| json!({
-            "priority": c.priority.level(),
-            "request_type": c.priority.name(),
-            "success": timing(c.success),
-            "fail": timing(c.fail),
-            "queue": timing(c.queue),
-            "compute_infer": timing(c.compute_infer),
-            "rejected": {
-                "queue_full": c.rejected_queue_full,
-                "deadline": c.rejected_deadline,
-            },
-            "timeout_expired": c.expired,
-        })).collect::<Vec<_>>(),
-        "adaptive_batch_size": stats.live_batch_size,
     })
 }
 

@@ -1,17 +1,18 @@
 //! The server's own SLA view: `GET /v2/sla` (JSON) and `GET /dashboard`
 //! (a self-contained page that polls it).
 //!
-//! The HTTP handler reports every finished inference request to the
-//! [`SlaMonitor`] (model, priority class, latency, success). The monitor
-//! keeps the requests of the last window (60 s, at most
+//! The inference path (crate::infer) reports every finished request, HTTP
+//! or gRPC, to the [`SlaMonitor`] (model, priority class, latency,
+//! success). The monitor keeps the requests of the last window (60 s, at most
 //! [`MAX_SAMPLES`] of them) in a bounded ring; a query sorts each class's
 //! latencies and checks them against the seed's SLA (seed-requirements.md,
 //! "Benchmarks and SLA reports": p50 ≤ 50 ms, p95 ≤ 80, p99 ≤ 100,
 //! max ≤ 200, ≥ 50 requests/s, errors ≤ 1 %; healthy ≥ 90 % of checks,
 //! warning ≥ 70 %, else critical) — the same numbers `tickserve bench`
-//! applies to its own measurements (crates/bench/src/sla.rs). Queue
-//! lengths and cache counters are read from the Prometheus registry, CPU
-//! and memory from sysinfo.
+//! applies to its own measurements (crates/bench/src/sla.rs). The cache
+//! hit rate comes from the result cache's own counters, queue lengths from
+//! the scheduler's gauges, CPU and memory from the cgroup's limits where set,
+//! else from sysinfo (host-wide).
 //!
 //! Each request is recorded under its priority class (the request's own,
 //! or the model's `default_priority`); `class: None` ("default") is for
@@ -29,6 +30,7 @@ use axum::response::{Html, IntoResponse};
 use axum::routing::get;
 use serde::Serialize;
 use tickserve_telemetry as telemetry;
+use tickserve_telemetry::cgroup::{Cgroup, CpuMeter};
 
 use crate::AppState;
 
@@ -88,6 +90,9 @@ pub struct SlaMonitor {
     started: Instant,
     entries: Mutex<VecDeque<Entry>>,
     system: Mutex<sysinfo::System>,
+    /// The container's cgroup, whose limits win over the host's figures.
+    cgroup: Option<Cgroup>,
+    cpu_meter: Mutex<CpuMeter>,
 }
 
 impl Default for SlaMonitor {
@@ -102,6 +107,8 @@ impl SlaMonitor {
             started: Instant::now(),
             entries: Mutex::new(VecDeque::with_capacity(1024)),
             system: Mutex::new(sysinfo::System::new()),
+            cgroup: Cgroup::detect(),
+            cpu_meter: Mutex::new(CpuMeter::default()),
         }
     }
 
@@ -213,18 +220,32 @@ impl SlaMonitor {
         }
     }
 
-    /// Host CPU % (since the previous call) and memory.
+    /// CPU % (since the previous call) and memory: against the cgroup's
+    /// limits where they are set, else the host's.
     fn host(&self) -> (f64, f64, u64) {
         let mut sys = self.system.lock().unwrap_or_else(PoisonError::into_inner);
         sys.refresh_cpu_usage();
         sys.refresh_memory();
         let total = sys.total_memory().max(1);
-        let used = sys.used_memory();
-        (
-            f64::from(sys.global_cpu_usage()),
-            used as f64 / total as f64 * 100.0,
-            used,
-        )
+        let mut used = sys.used_memory();
+        let mut cpu = f64::from(sys.global_cpu_usage());
+        let mut memory = used as f64 / total as f64 * 100.0;
+        if let Some(cgroup) = &self.cgroup {
+            let mut meter = self
+                .cpu_meter
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if let Some(percent) = meter.sample(cgroup, Instant::now()) {
+                cpu = percent;
+            }
+            if let (Some(percent), Some(current)) =
+                (cgroup.memory_percent(), cgroup.memory_current())
+            {
+                memory = percent;
+                used = current;
+            }
+        }
+        (cpu, memory, used)
     }
 }
 
@@ -275,7 +296,7 @@ fn recommendation(metric: &str) -> &'static str {
     match metric {
         "p50" => "Median latency too high: add engine instances (CPU cores) or replicas.",
         "p95" | "p99" => {
-            "Tail latency too high: lower max_batch_size or max_wait, raise the priority of latency-critical traffic, enable the result cache, or add replicas."
+            "Tail latency too high: lower max_batch_size or max_queue_delay, raise the priority of latency-critical traffic, enable the result cache, or add replicas."
         }
         "max" => {
             "Worst-case latency too high: look for stalls; set a queue timeout so requests fail fast."
@@ -284,7 +305,7 @@ fn recommendation(metric: &str) -> &'static str {
             "Throughput below the SLA: raise max_batch_size, add engine instances or replicas (or the traffic is simply low)."
         }
         "error_rate" => {
-            "Too many errors: see batch_processing_errors_total by error_type (503 = queue full, 4xx = bad requests)."
+            "Too many errors: see batch_processing_errors_total by error_type (429 = queue full or deadline, 503 = timeout in the queue or unavailable, 4xx = bad requests)."
         }
         _ => "Investigate this metric.",
     }
@@ -372,8 +393,8 @@ pub struct SlaView {
     pub recommendations: Vec<String>,
     /// Requests waiting in the batch queues, per model.
     pub queue_length: Option<BTreeMap<String, f64>>,
-    /// Result-cache hits (any tier) / rows looked up since start, when a
-    /// cache reports `*cache_hits_total` / `*cache_misses_total`.
+    /// Result-cache hits (any tier) / rows looked up since start; `None`
+    /// without a cache or before its first lookup.
     pub cache_hit_rate: Option<f64>,
     pub cpu_percent: f64,
     pub memory_percent: f64,
@@ -382,44 +403,36 @@ pub struct SlaView {
     pub gpu_percent: Option<f64>,
 }
 
-/// Reads queue lengths and cache counters from Prometheus' text format.
-///
-/// The cache counts per tier: every row is looked up in `l1`, and only
-/// L1 misses in `l2`. Rows looked up are therefore the `l1` hits and
-/// misses (or the unlabelled ones), and hits are those of every tier.
-fn from_metrics(text: &str) -> (BTreeMap<String, f64>, Option<f64>) {
+/// Queue lengths per model, from the Prometheus registry's text: the
+/// scheduler keeps them only as gauges (its statistics snapshot has no
+/// queue length).
+fn queue_lengths(text: &str) -> BTreeMap<String, f64> {
     let mut queues = BTreeMap::new();
-    let (mut hits, mut looked_up) = (0.0, 0.0);
-    let mut cache_seen = false;
     for line in text.lines().filter(|l| !l.starts_with('#')) {
         let Some((series, value)) = line.rsplit_once(' ') else {
             continue;
         };
+        if series.split('{').next() != Some(telemetry::QUEUE_LENGTH) {
+            continue;
+        }
         let Ok(value) = value.parse::<f64>() else {
             continue;
         };
-        let name = series.split('{').next().unwrap_or(series);
-        if name == telemetry::QUEUE_LENGTH {
-            let model = series
-                .split("model=\"")
-                .nth(1)
-                .and_then(|s| s.split('"').next())
-                .unwrap_or("")
-                .to_owned();
-            *queues.entry(model).or_insert(0.0) += value;
-        } else if name.ends_with("cache_hits_total") || name.ends_with("cache_misses_total") {
-            let first_tier = !series.contains("tier=\"") || series.contains("tier=\"l1\"");
-            if first_tier {
-                looked_up += value;
-            }
-            if name.ends_with("cache_hits_total") {
-                hits += value;
-            }
-            cache_seen = true;
-        }
+        let model = series
+            .split("model=\"")
+            .nth(1)
+            .and_then(|s| s.split('"').next())
+            .unwrap_or("")
+            .to_owned();
+        *queues.entry(model).or_insert(0.0) += value;
     }
-    let rate = (cache_seen && looked_up > 0.0).then(|| hits / looked_up);
-    (queues, rate)
+    queues
+}
+
+/// Rows answered by either tier over rows looked up, from the cache's own
+/// counters; `None` without a cache or before its first lookup.
+fn cache_hit_rate(stats: &tickserve_cache::CacheStats) -> Option<f64> {
+    (stats.l1.hits + stats.l1.misses > 0).then_some(stats.hit_rate)
 }
 
 pub(crate) fn router(state: AppState) -> Router {
@@ -432,12 +445,12 @@ pub(crate) fn router(state: AppState) -> Router {
 async fn sla(State(state): State<AppState>) -> Json<SlaView> {
     let monitor = state.sla.clone();
     let metrics = state.metrics.clone();
+    let cache = state.cache.as_ref().map(|layer| layer.cache.stats());
     // Sorting the window and reading /proc is blocking work.
     let view = tokio::task::spawn_blocking(move || {
         let mut view = monitor.view(Instant::now());
-        let (queues, cache) = from_metrics(&metrics.render());
-        view.queue_length = Some(queues);
-        view.cache_hit_rate = cache;
+        view.queue_length = Some(queue_lengths(&metrics.render()));
+        view.cache_hit_rate = cache.as_ref().and_then(cache_hit_rate);
         view
     })
     .await;
@@ -511,15 +524,11 @@ mod tests {
     }
 
     #[test]
-    fn queue_lengths_and_cache_rate_come_from_the_metrics_text() {
-        let text = "# TYPE batch_processing_queue_length gauge\nbatch_processing_queue_length{model=\"a\"} 3\nbatch_processing_queue_length{model=\"b\"} 0\ntickserve_cache_hits_total{model=\"a\"} 30\ntickserve_cache_misses_total{model=\"a\"} 10\n";
-        let (q, rate) = from_metrics(text);
-        assert_eq!(q["a"], 3.0);
+    fn queue_lengths_come_from_the_metrics_text() {
+        let text = "# TYPE batch_processing_queue_length gauge\nbatch_processing_queue_length{model=\"a\",priority=\"1\"} 3\nbatch_processing_queue_length{model=\"a\",priority=\"5\"} 2\nbatch_processing_queue_length{model=\"b\"} 0\ntickserve_cache_hits_total{model=\"a\"} 30\n";
+        let q = queue_lengths(text);
+        assert_eq!(q["a"], 5.0);
         assert_eq!(q["b"], 0.0);
-        assert_eq!(rate, Some(0.75));
-        assert_eq!(from_metrics("").1, None);
-        // 100 rows: 50 L1 hits; of the 50 L1 misses, 30 L2 hits.
-        let tiers = "batch_processing_cache_hits_total{model=\"a\",tier=\"l1\"} 50\nbatch_processing_cache_misses_total{model=\"a\",tier=\"l1\"} 50\nbatch_processing_cache_hits_total{model=\"a\",tier=\"l2\"} 30\nbatch_processing_cache_misses_total{model=\"a\",tier=\"l2\"} 20\n";
-        assert_eq!(from_metrics(tiers).1, Some(0.8));
+        assert_eq!(q.len(), 2);
     }
 }

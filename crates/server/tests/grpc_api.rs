@@ -380,3 +380,54 @@ async fn a_full_queue_is_resource_exhausted_as_http_is_429() {
     assert!(second.await.unwrap().is_ok());
     server.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_grpc_request_counts_under_its_priority_and_reaches_the_sla_view() {
+    // A model name of its own: the metrics recorder is shared by every
+    // server of this test binary.
+    let repo = repository_with("grpc_priority", &cnn_lstm_config(""));
+    let server = start(config(repo)).await;
+    let golden = golden();
+    let mut c = client(&server).await;
+    let mut prioritised = request("p1", 1, rows_of(&golden, &[0]), false);
+    prioritised.model_name = "grpc_priority".into();
+    prioritised.parameters.insert(
+        "priority".into(),
+        pb::InferParameter {
+            parameter_choice: Some(pb::infer_parameter::ParameterChoice::Int64Param(1)),
+        },
+    );
+    let response = c.model_infer(prioritised).await.unwrap().into_inner();
+    assert_golden(&golden, &outputs_of(&response), &[0]);
+
+    let metrics = server.metrics_text().await;
+    for series in [
+        "batch_processing_requests_total{model=\"grpc_priority\",outcome=\"success\",batch_type=\"single\",source=\"grpc\",priority=\"1\"} 1",
+        "batch_processing_latency_seconds_count{model=\"grpc_priority\",batch_size_range=\"single\",priority=\"1\"} 1",
+    ] {
+        assert!(metrics.contains(series), "missing {series} in\n{metrics}");
+    }
+
+    // The throughput gauge is published once a second.
+    let mut published = false;
+    for _ in 0..30 {
+        if server
+            .metrics_text()
+            .await
+            .contains("batch_processing_throughput_rps{model=\"grpc_priority\"}")
+        {
+            published = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(published, "no throughput gauge for the model");
+
+    let view = server.get_json("/v2/sla").await;
+    assert_eq!(view["overall"]["requests"], 1, "{view:#}");
+    assert_eq!(view["overall"]["ok"], 1);
+    let class = &view["classes"][0];
+    assert_eq!(class["model"], "grpc_priority");
+    assert_eq!(class["class"], "priority 1");
+    server.shutdown().await.unwrap();
+}

@@ -7,6 +7,9 @@
 //! design does not have. Every other crate records through the `metrics`
 //! macros with the constants below, so a name is never spelled twice.
 
+pub mod cgroup;
+pub mod throughput;
+
 use std::sync::OnceLock;
 
 use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
@@ -14,10 +17,11 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Counter of finished requests. Labels: `model`, `outcome`
 /// (`success` or an [`error_type`] value), `batch_type` (`single` for a
-/// one-row request, `multi` otherwise), `source` (`http`).
+/// one-row request, `multi` otherwise), `source` (`http` or `grpc`),
+/// `priority` (1–5).
 pub const REQUESTS_TOTAL: &str = "batch_processing_requests_total";
 /// Histogram of request latency from arrival to answer, seconds. Labels:
-/// `model`, `batch_size_range` (see [`batch_size_range`]).
+/// `model`, `batch_size_range` (see [`batch_size_range`]), `priority`.
 pub const REQUEST_LATENCY: &str = "batch_processing_latency_seconds";
 /// Histogram of rows per engine call. Label: `model`.
 pub const BATCH_SIZE: &str = "batch_processing_batch_size";
@@ -26,7 +30,9 @@ pub const BATCH_SIZE: &str = "batch_processing_batch_size";
 pub const QUEUE_WAIT: &str = "batch_processing_wait_time_seconds";
 /// Gauge of requests waiting in the queue. Labels: `model`, `priority`.
 pub const QUEUE_LENGTH: &str = "batch_processing_queue_length";
-/// Counter of failed requests. Labels: `model`, `error_type`.
+/// Counter of failed requests. Labels: `model` (`unknown` when the model
+/// or version does not exist), `error_type`, `priority` (`none` when the
+/// request failed before its class was known).
 pub const ERRORS_TOTAL: &str = "batch_processing_errors_total";
 /// Histogram of engine execution time per batch, seconds. Label: `model`.
 pub const ENGINE_EXECUTION: &str = "tickserve_engine_execution_seconds";
@@ -47,16 +53,21 @@ pub const CHUNK_ROWS: &str = "tickserve_chunk_rows";
 /// Counter of engine calls retried on halves of a failed batch. Label:
 /// `model`.
 pub const ENGINE_RETRIES_TOTAL: &str = "tickserve_engine_retries_total";
-/// Gauge of machine CPU utilisation, percent (resource monitor).
-pub const CPU_UTILISATION: &str = "batch_processing_cpu_utilization_percent";
 /// Gauge of a GPU's utilisation, percent (resource monitor, NVML). Label:
 /// `gpu_id`.
 pub const GPU_UTILISATION: &str = "batch_processing_gpu_utilization_percent";
 /// Gauges of a GPU's memory in use and in total, bytes. Label: `gpu_id`.
 pub const GPU_MEMORY_USED: &str = "tickserve_gpu_memory_used_bytes";
 pub const GPU_MEMORY_TOTAL: &str = "tickserve_gpu_memory_total_bytes";
-/// Gauge of machine memory utilisation, percent (resource monitor).
+/// Gauge of CPU utilisation, percent (resource monitor): of the cgroup's
+/// quota where one is set (see [`cgroup`]), else of the machine.
+pub const CPU_UTILISATION: &str = "batch_processing_cpu_utilization_percent";
+/// Gauge of memory utilisation, percent (resource monitor): of the
+/// cgroup's limit where one is set, else of the machine.
 pub const MEMORY_UTILISATION: &str = "batch_processing_memory_utilization_percent";
+/// Gauge of completed requests per second over the last
+/// [`throughput::WINDOW_SECONDS`] seconds. Label: `model`.
+pub const THROUGHPUT: &str = "batch_processing_throughput_rps";
 /// Gauge, 1 when every model is loaded and warmed up.
 pub const READY: &str = "tickserve_ready";
 /// Counter of rows answered from the result cache. Labels: `model`,
@@ -77,9 +88,10 @@ pub const CACHE_REDIS_CIRCUIT: &str = "tickserve_cache_redis_circuit_state";
 /// Histogram of one request's cache lookup time, seconds. Label: `tier`.
 pub const CACHE_LOOKUP: &str = "tickserve_cache_lookup_seconds";
 
-/// Latency buckets of the design document, seconds.
-pub const LATENCY_BUCKETS: [f64; 12] = [
-    0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0,
+/// Latency buckets of the design document, seconds, with sub-millisecond
+/// steps added below them: tickserve answers in hundreds of microseconds.
+pub const LATENCY_BUCKETS: [f64; 15] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0,
 ];
 /// Batch-size buckets of the design document, rows.
 pub const BATCH_SIZE_BUCKETS: [f64; 9] = [1.0, 5.0, 10.0, 20.0, 32.0, 64.0, 128.0, 256.0, 512.0];
@@ -259,6 +271,10 @@ fn describe() {
     );
     describe_gauge!(CPU_UTILISATION, "Machine CPU utilisation, percent");
     describe_gauge!(MEMORY_UTILISATION, "Machine memory utilisation, percent");
+    describe_gauge!(
+        THROUGHPUT,
+        "Completed requests per second over a sliding window"
+    );
     describe_gauge!(READY, "1 when every model is loaded and warmed up");
     describe_counter!(CACHE_HITS, "Rows answered from the result cache, by tier");
     describe_counter!(CACHE_MISSES, "Rows not found in the result cache, by tier");

@@ -7,11 +7,12 @@
 #
 #   scripts/bench-mixed.sh [phase-seconds] [config…]
 #
-# Configurations: unchunked (chunking and the latency targets off: the
-# scheduler before real-time isolation), one (1 instance), bundled (the
-# bundled config.toml: 2 instances), reserved (a worker for priorities 1–2
-# and one for all, pinned to cores 0 and 1), threads2 (1 instance of 2
-# threads), int8 and int8-unchunked. Default: all of them. Bounded: each
+# Configurations: today (chunking and the latency targets off: the
+# scheduler before real-time isolation, 1 instance), bundled (the bundled
+# config.toml: a worker for priorities 1–2 pinned to core 0 and one for
+# all on core 1), one (1 instance), two (2 instances), threads2 (1
+# instance of 2 threads), int8 and int8-today (the bundled workers in
+# int8, and int8 before isolation). Default: all of them. Bounded: each
 # configuration takes 3 phases plus start-up.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +21,7 @@ phase=${1:-10}
 shift || true
 configs=("$@")
 if [ ${#configs[@]} -eq 0 ]; then
-    configs=(unchunked one bundled reserved threads2 int8 int8-unchunked)
+    configs=(today bundled one two threads2 int8 int8-today)
 fi
 
 cargo build --release -q -p tickserve
@@ -46,13 +47,13 @@ cores = [1]'
 config_of() {
     local top="" extra=""
     case $1 in
-        unchunked) top="instances = 2"; extra=$unchunked ;;
-        one) top="instances = 1" ;;
+        today) top="instances = 1"; extra=$unchunked ;;
+        two) top="instances = 2" ;;
         bundled) cat models/cnn_lstm/config.toml; return ;;
-        reserved) extra=$reserved ;;
+        one) top="instances = 1" ;;
         threads2) top="threads = 2" ;;
-        int8) top=$'instances = 2\nprecision = "int8"' ;;
-        int8-unchunked) top=$'instances = 2\nprecision = "int8"'; extra=$unchunked ;;
+        int8) top='precision = "int8"'; extra=$reserved ;;
+        int8-today) top=$'instances = 1\nprecision = "int8"'; extra=$unchunked ;;
         *) echo "unknown configuration $1" >&2; exit 2 ;;
     esac
     printf 'engine = "native"\nmax_batch_size = 32\n%s\n' "$top"

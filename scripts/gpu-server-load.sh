@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The server under load on a GPU machine (called by scripts/gpu-check.sh):
 # the same model served by the CPU engine and by the CUDA engine, each
-# measured with `tickserve bench load` (closed loop, 64 clients, HTTP JSON
-# requests of one row, result cache off).
+# measured with `tickserve bench load` (closed loop, 64 clients, requests
+# of one row over HTTP JSON, HTTP binary tensors and gRPC, result cache
+# off).
 #
 # usage: gpu-server-load.sh TICKSERVE_BINARY REPO_ROOT [SECONDS]
 set -u -o pipefail
@@ -56,7 +57,13 @@ CONFIG
         echo "engine = \"auto\" chose: $(get "http://127.0.0.1:$port/v2/models/cnn_lstm")"
     elif [ "$ready" = 1 ]; then
         get "http://127.0.0.1:$port/v2/models/cnn_lstm"; echo
-        "$bin" bench load -q --url "http://127.0.0.1:$port" -m cnn_lstm -c 64 -d "${seconds}s" 2>&1 | tail -25
+        # Every wire format the server speaks: JSON, Triton's binary
+        # tensors, gRPC (the last two keep decoding off the critical path).
+        for protocol in http-json http-binary grpc; do
+            echo "--- $engine over $protocol"
+            "$bin" bench load -q --url "http://127.0.0.1:$port" --grpc-url "http://127.0.0.1:$((port + 1))" \
+                --protocol "$protocol" -m cnn_lstm -c 64 -d "${seconds}s" 2>&1 | grep -E "^  all|err %|Results"
+        done
     else
         echo "$engine server did not become ready"
     fi

@@ -665,6 +665,18 @@ fn send_rows(
     tokio::spawn(async move { s.infer(rows, vec![rows_from(first, rows)], at(level)).await })
 }
 
+/// One real-time request through the (closed) gate: a class with a
+/// latency target has traffic, so lower classes now run in chunks. The
+/// gate is closed again and the engine's record cleared.
+async fn real_time_seen(scheduler: &Scheduler, engine: &GatedEngine) {
+    let warm = send_rows(scheduler, 0.5, 1, 1);
+    settle().await;
+    engine.open();
+    warm.await.unwrap().unwrap();
+    engine.close();
+    engine.calls.lock().unwrap().clear();
+}
+
 #[tokio::test]
 async fn a_real_time_request_runs_between_the_chunks_of_a_background_batch() {
     let engine = GatedEngine::new(false);
@@ -672,13 +684,7 @@ async fn a_real_time_request_runs_between_the_chunks_of_a_background_batch() {
     cfg.classes[0].target_latency = Some(Duration::from_millis(2));
     cfg.chunk_rows = Some(2);
     let scheduler = Scheduler::spawn(engine.clone(), cfg);
-    // Real-time traffic seen: background batches run in chunks.
-    let warm = send_rows(&scheduler, 0.0, 1, 1);
-    settle().await;
-    engine.open();
-    warm.await.unwrap().unwrap();
-    engine.close();
-    engine.calls.lock().unwrap().clear();
+    real_time_seen(&scheduler, &engine).await;
     let background = send_rows(&scheduler, 100.0, 8, 5);
     settle().await;
     until(|| engine.calls().len() == 1).await;
@@ -739,12 +745,7 @@ async fn chunked_batches_answer_every_request_with_its_rows_once() {
     cfg.classes[0].target_latency = Some(Duration::from_millis(2));
     cfg.chunk_rows = Some(3);
     let scheduler = Scheduler::spawn(engine.clone(), cfg);
-    let warm = send_rows(&scheduler, 0.5, 1, 1);
-    settle().await;
-    engine.open();
-    warm.await.unwrap().unwrap();
-    engine.close();
-    engine.calls.lock().unwrap().clear();
+    real_time_seen(&scheduler, &engine).await;
     // One request holds the engine while eleven more (17 rows) queue up;
     // the first ten leave as one batch of 16 rows in chunks of 3, the last
     // one after them.

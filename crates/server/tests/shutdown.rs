@@ -52,17 +52,22 @@ async fn send(client: &reqwest::Client, url: &str, body: &[u8]) -> Result<u16, r
     Ok(status)
 }
 
-/// One server, `clients` keep-alive and `clients` new-connection clients,
-/// shutdown after `after`; returns the outcomes.
-async fn one_shutdown(clients: usize, after: Duration) -> Arc<Outcomes> {
-    let mut server = start(tickserve_server::ServerConfig {
+/// The bundled model without the result cache: every request runs.
+async fn start_uncached() -> TestServer {
+    start(tickserve_server::ServerConfig {
         cache: tickserve_server::CacheConfig {
             enabled: false,
             ..Default::default()
         },
         ..config(root().join("models"))
     })
-    .await;
+    .await
+}
+
+/// One server, `clients` keep-alive and `clients` new-connection clients,
+/// shutdown after `after`; returns the outcomes.
+async fn one_shutdown(clients: usize, after: Duration) -> Arc<Outcomes> {
+    let mut server = start_uncached().await;
     let golden = golden();
     let body = Arc::new(serde_json::to_vec(&request_for(&golden, &[0], "s")).unwrap());
     let url = server.url("/v2/models/cnn_lstm/infer");
@@ -207,14 +212,7 @@ mod grpc {
         let golden = Arc::new(golden());
         let mut seen: BTreeMap<String, u64> = BTreeMap::new();
         for round in 0..4u64 {
-            let mut server = start(tickserve_server::ServerConfig {
-                cache: tickserve_server::CacheConfig {
-                    enabled: false,
-                    ..Default::default()
-                },
-                ..config(root().join("models"))
-            })
-            .await;
+            let mut server = start_uncached().await;
             let endpoint = format!("http://{}", server.grpc);
             let shared = GrpcInferenceServiceClient::connect(endpoint.clone())
                 .await

@@ -751,15 +751,21 @@ impl Batcher {
                 break;
             }
             let next_expiry = self.queue.next_expiry();
-            let next_batch = self.idle.first().and_then(|&w| {
-                let now = Instant::now();
-                let classes = self.workers[w].plan.classes;
-                let exec = self
-                    .model_for(Some(w))
-                    .predict(self.queue.rows_in(classes).min(self.live_max));
-                self.queue
-                    .next_dispatch_in(now, classes, self.fill_rows(now, w), exec)
-            });
+            // The earliest moment any idle worker has a batch due (a
+            // reserved worker may have nothing while a general one waits).
+            let now = Instant::now();
+            let next_batch = self
+                .idle
+                .iter()
+                .filter_map(|&w| {
+                    let classes = self.workers[w].plan.classes;
+                    let exec = self
+                        .model_for(Some(w))
+                        .predict(self.queue.rows_in(classes).min(self.live_max));
+                    self.queue
+                        .next_dispatch_in(now, classes, self.fill_rows(now, w), exec)
+                })
+                .min();
             tokio::select! {
                 // A finished chunk first: the engine being free changes
                 // every other decision.

@@ -945,3 +945,30 @@ async fn a_deadline_the_client_shortened_sheds_nothing() {
     engine.open();
     assert!(running.await.unwrap().is_ok());
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_idle_reserved_worker_does_not_hide_a_batch_due_on_a_general_one() {
+    // Waiting mode: a lone background request leaves after its 5 ms class
+    // delay. The reserved worker, idle and first in line, has nothing due;
+    // the general worker's batch must still be woken for at 5 ms (not at
+    // the request's 60 s expiry).
+    let engine = FakeEngine::new(false);
+    let mut cfg = waiting_config(8);
+    cfg.instance_groups = vec![
+        InstanceGroup {
+            count: 1,
+            classes: ClassSet::of([Priority::HIGHEST]),
+            cores: Vec::new(),
+        },
+        InstanceGroup {
+            count: 1,
+            classes: ClassSet::ALL,
+            cores: Vec::new(),
+        },
+    ];
+    let scheduler = Scheduler::spawn(engine.clone(), cfg);
+    let start = Instant::now();
+    let (out, answered) = send(&scheduler, 1.0, at(5)).await.unwrap();
+    assert!(out.is_ok(), "{out:?}");
+    assert_eq!(answered - start, Duration::from_millis(5));
+}

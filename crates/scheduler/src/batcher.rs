@@ -572,17 +572,21 @@ impl Batcher {
         if self.queue.is_empty_in(classes) {
             return None;
         }
-        if !flush {
-            let fill = self.fill_rows(now, worker);
-            let exec = self
-                .model_for(Some(worker))
-                .predict(self.queue.rows_in(classes).min(self.live_max));
-            match self.queue.next_dispatch_in(now, classes, fill, exec) {
-                Some(at) if at <= now => {}
-                _ => return None,
-            }
+        if !flush && self.batch_due(worker, now).is_none_or(|at| at > now) {
+            return None;
         }
         self.take_batch(worker, now)
+    }
+
+    /// When a new batch for `worker` is due, from the waiting requests of
+    /// its classes; `None` when none wait.
+    fn batch_due(&self, worker: usize, now: Instant) -> Option<Instant> {
+        let classes = self.workers[worker].plan.classes;
+        let exec = self
+            .model_for(Some(worker))
+            .predict(self.queue.rows_in(classes).min(self.live_max));
+        self.queue
+            .next_dispatch_in(now, classes, self.fill_rows(now, worker), exec)
     }
 
     /// A new batch from the queue for `worker`: only its classes, at most
@@ -757,14 +761,7 @@ impl Batcher {
             let next_batch = self
                 .idle
                 .iter()
-                .filter_map(|&w| {
-                    let classes = self.workers[w].plan.classes;
-                    let exec = self
-                        .model_for(Some(w))
-                        .predict(self.queue.rows_in(classes).min(self.live_max));
-                    self.queue
-                        .next_dispatch_in(now, classes, self.fill_rows(now, w), exec)
-                })
+                .filter_map(|&w| self.batch_due(w, now))
                 .min();
             tokio::select! {
                 // A finished chunk first: the engine being free changes

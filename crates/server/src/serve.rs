@@ -56,6 +56,7 @@ fn take_queued(listener: &TcpListener) -> Vec<TcpStream> {
     let mut context = Context::from_waker(Waker::noop());
     let mut queued = Vec::new();
     while let Poll::Ready(Ok((stream, _))) = listener.poll_accept(&mut context) {
+        let _ = stream.set_nodelay(true);
         queued.push(stream);
     }
     queued
@@ -128,7 +129,6 @@ pub(crate) async fn serve_http(listener: TcpListener, app: Router, stop: watch::
         "HTTP listener closing after its queued connections"
     );
     for stream in queued {
-        let _ = stream.set_nodelay(true);
         connections.spawn(connection(stream, app.clone(), drain_rx.clone()));
     }
     drop(listener);
@@ -178,7 +178,6 @@ pub(crate) fn grpc_incoming(
         );
         drop(listener);
         for stream in queued {
-            let _ = stream.set_nodelay(true);
             if sender.send(Ok(stream)).await.is_err() {
                 return;
             }

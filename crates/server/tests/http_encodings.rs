@@ -295,12 +295,14 @@ async fn model_configuration_and_statistics_extensions() {
         "/v2/models/cnn_lstm/stats",
         "/v2/models/cnn_lstm/versions/1/stats",
     ] {
-        // The engine thread counts a batch just after answering it: give
-        // the counters a moment to catch up with the answer.
+        // The engine thread counts a batch, and the batcher the request's
+        // success, just after answering it: give the counters a moment to
+        // catch up with the answer.
         let mut stats = Value::Null;
         for _ in 0..100 {
             stats = server.get_json(path).await;
-            if stats["model_stats"][0]["inference_count"] == 3 {
+            let model = &stats["model_stats"][0];
+            if model["inference_count"] == 3 && model["inference_stats"]["success"]["count"] == 1 {
                 break;
             }
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;

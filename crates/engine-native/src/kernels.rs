@@ -372,11 +372,11 @@ fn store_lanes<const L: usize>(dst: &mut [f32], values: &[f32; L], width: usize)
 }
 
 /// One hidden block (`L` units, all four gates) of one LSTM step for `R`
-/// rows starting at `row`: `4·R` vector accumulators take
-/// `x · W + h_prev · R` over the block's panel, then the input projection
-/// or bias is added and the cell update runs on the registers, so the gate
-/// pre-activations never go to memory. With one row, even and odd `p`
-/// accumulate separately: eight independent FMA chains instead of four.
+/// rows starting at `row`: `4·R` accumulators take `x · W`, which is added
+/// to the bias as [`gemm_packed`] adds it, then `h_prev · R` from zero,
+/// which the cell update adds to that input part. Two chains added in the
+/// unfused step's order: a row's bits depend neither on its batch nor on
+/// whether the step computed the input projection itself.
 #[inline(always)]
 fn step_block<const L: usize, const R: usize>(
     panel: &[f32],
@@ -387,73 +387,72 @@ fn step_block<const L: usize, const R: usize>(
     a: &mut StepArgs<'_>,
 ) {
     let k = if a.recurrent { hidden } else { 0 };
-    let mut acc = [[[0.0f32; L]; 4]; R];
-    let mut acc_odd = [[[0.0f32; L]; 4]; R];
-    let xs: [&[f32]; R] = std::array::from_fn(|r| {
-        let start = (row + r) * a.x_rs;
-        &a.x[start.min(a.x.len())..(start + k_in).min(a.x.len())]
-    });
-    for p in 0..k_in {
-        let w = &panel[p * 4 * L..(p + 1) * 4 * L];
-        for r in 0..R {
-            let v = xs[r][p];
+    let width = L.min(hidden - j0);
+    let mut inputs = [[0.0f32; 128]; R];
+    if k_in > 0 {
+        let xs: [&[f32]; R] = std::array::from_fn(|r| {
+            let start = (row + r) * a.x_rs;
+            &a.x[start.min(a.x.len())..(start + k_in).min(a.x.len())]
+        });
+        let acc = accumulate_rows::<L, R>(panel, k_in, xs);
+        for (r, (acc, input)) in acc.iter().zip(&mut inputs).enumerate() {
+            let gates = &a.gates[(row + r) * a.g_rs..];
             for gate in 0..4 {
-                for l in 0..L {
-                    acc[r][gate][l] = v.mul_add(w[gate * L + l], acc[r][gate][l]);
+                for l in 0..width {
+                    input[gate * L + l] = gates[gate * hidden + j0 + l] + acc[gate][l];
                 }
             }
         }
     }
-    let panel = &panel[k_in * 4 * L..];
     let hs: [&[f32]; R] = std::array::from_fn(|r| {
         let start = (row + r) * a.hp_rs;
         &a.h_prev[start.min(a.h_prev.len())..(start + k).min(a.h_prev.len())]
     });
-    let mut p = 0;
-    if R == 1 {
-        while p + 1 < k {
-            let (w0, w1) = panel[p * 4 * L..(p + 2) * 4 * L].split_at(4 * L);
-            let (a0, a1) = (hs[0][p], hs[0][p + 1]);
-            for gate in 0..4 {
-                for l in 0..L {
-                    acc[0][gate][l] = a0.mul_add(w0[gate * L + l], acc[0][gate][l]);
-                    acc_odd[0][gate][l] = a1.mul_add(w1[gate * L + l], acc_odd[0][gate][l]);
-                }
-            }
-            p += 2;
-        }
-    }
-    while p < k {
-        let w = &panel[p * 4 * L..(p + 1) * 4 * L];
-        for r in 0..R {
-            let v = hs[r][p];
-            for gate in 0..4 {
-                for l in 0..L {
-                    acc[r][gate][l] = v.mul_add(w[gate * L + l], acc[r][gate][l]);
-                }
-            }
-        }
-        p += 1;
-    }
-    let width = L.min(hidden - j0);
-    for r in 0..R {
+    let acc = accumulate_rows::<L, R>(&panel[k_in * 4 * L..], k, hs);
+    for (r, (acc, input)) in acc.iter().zip(&inputs).enumerate() {
         let mut sums = [0.0f32; 128];
         for gate in 0..4 {
-            for l in 0..L {
-                sums[gate * L + l] = acc[r][gate][l] + acc_odd[r][gate][l];
-            }
+            sums[gate * L..(gate + 1) * L].copy_from_slice(&acc[gate]);
         }
         let b = row + r;
+        let (gates, gates_hidden, gates_j0) = if k_in > 0 {
+            (&input[..], L, 0)
+        } else {
+            (&a.gates[b * a.g_rs..], hidden, j0)
+        };
         cell_lanes::<L>(
             &sums,
-            &a.gates[b * a.g_rs..],
-            hidden,
-            j0,
+            gates,
+            gates_hidden,
+            gates_j0,
             width,
             &mut a.c[b * hidden + j0..],
             &mut a.h_next[b * a.hn_rs + j0..],
         );
     }
+}
+
+/// `Σ_p rows[r][p] · panel[p]` from zero, in `p` order, for `R` rows and
+/// one block's four gates.
+#[inline(always)]
+fn accumulate_rows<const L: usize, const R: usize>(
+    panel: &[f32],
+    k: usize,
+    rows: [&[f32]; R],
+) -> [[[f32; L]; 4]; R] {
+    let mut acc = [[[0.0f32; L]; 4]; R];
+    for p in 0..k {
+        let w = &panel[p * 4 * L..(p + 1) * 4 * L];
+        for r in 0..R {
+            let v = rows[r][p];
+            for gate in 0..4 {
+                for l in 0..L {
+                    acc[r][gate][l] = v.mul_add(w[gate * L + l], acc[r][gate][l]);
+                }
+            }
+        }
+    }
+    acc
 }
 
 /// Runs [`step_block`] over every hidden block, and within a block over the
@@ -713,25 +712,7 @@ mod x86 {
                     // SAFETY: the caller guarantees every offset below is in
                     // bounds (see `# Safety`).
                     unsafe {
-                        let mut p = 0;
-                        if R == 1 {
-                            // Two chains per gate hide the FMA latency.
-                            let mut odd = [$zero(); 4];
-                            while p + 1 < k {
-                                let w = panel.add(p * 4 * L);
-                                let a0 = $set1(*src.add(p));
-                                let a1 = $set1(*src.add(p + 1));
-                                for v in 0..4 {
-                                    acc[0][v] = $fma(a0, $load(w.add(v * L)), acc[0][v]);
-                                    odd[v] = $fma(a1, $load(w.add((4 + v) * L)), odd[v]);
-                                }
-                                p += 2;
-                            }
-                            for v in 0..4 {
-                                acc[0][v] = $add(acc[0][v], odd[v]);
-                            }
-                        }
-                        while p < k {
+                        for p in 0..k {
                             let w = panel.add(p * 4 * L);
                             let w = [
                                 $load(w),
@@ -745,12 +726,119 @@ mod x86 {
                                     acc[v] = $fma(a, w[v], acc[v]);
                                 }
                             }
-                            p += 1;
                         }
                     }
                 }
 
+                /// [`accumulate`] for one row over two hidden blocks at once
+                /// (`panels[0]`, `panels[1]`): eight independent FMA chains
+                /// hide the FMA latency that four would expose, and each
+                /// block's chain runs in the same order as in `accumulate`,
+                /// so a row alone gets the bits it gets in a batch.
+                ///
+                /// # Safety
+                /// As [`accumulate`], for both panels.
+                #[inline]
+                #[target_feature(enable = $feature)]
+                unsafe fn accumulate_pair(
+                    acc: &mut [[Vector; 4]; 2],
+                    panels: [*const f32; 2],
+                    k: usize,
+                    src: *const f32,
+                ) {
+                    // SAFETY: the caller guarantees every offset below is in
+                    // bounds (see `# Safety`).
+                    unsafe {
+                        for p in 0..k {
+                            let a = $set1(*src.add(p));
+                            for (acc, panel) in acc.iter_mut().zip(panels) {
+                                let w = panel.add(p * 4 * L);
+                                for v in 0..4 {
+                                    acc[v] = $fma(a, $load(w.add(v * L)), acc[v]);
+                                }
+                            }
+                        }
+                    }
+                }
+
+                /// The input part of one row's gates for one hidden block:
+                /// what the step adds `x·W` to (the bias, `gates` of the
+                /// row) plus that product, rounded as the separate GEMM
+                /// rounds it (`gemm_packed` adds its sums to the bias the
+                /// same way), so the fused and unfused steps agree bit for
+                /// bit.
+                ///
+                /// # Safety
+                /// The CPU has `$feature`.
+                #[inline]
+                #[target_feature(enable = $feature)]
+                unsafe fn input_part(
+                    acc: &[Vector; 4],
+                    gates: &[f32],
+                    hidden: usize,
+                    j0: usize,
+                    width: usize,
+                ) -> [f32; 4 * L] {
+                    let mut part = [0.0f32; 4 * L];
+                    for (v, acc) in acc.iter().enumerate() {
+                        let bias = &gates[v * hidden + j0..v * hidden + j0 + width];
+                        let out = part[v * L..].as_mut_ptr();
+                        if width == L {
+                            // SAFETY: `bias` and `part` hold L floats here.
+                            unsafe { $store(out, $add($load(bias.as_ptr()), *acc)) };
+                        } else {
+                            // SAFETY: `part` holds 4·L floats.
+                            unsafe { $store(out, *acc) };
+                            for (sum, bias) in part[v * L..v * L + width].iter_mut().zip(bias) {
+                                *sum += bias;
+                            }
+                        }
+                    }
+                    part
+                }
+
+                /// Adds the input part to a row's recurrent sums and runs the
+                /// cell update: `input` is that row's [`input_part`] when the
+                /// step computes `x·W` itself, else the row of `a.gates`.
+                ///
+                /// # Safety
+                /// The CPU has `$feature`; row `b` is in bounds.
+                #[allow(clippy::too_many_arguments)]
+                #[inline]
+                #[target_feature(enable = $feature)]
+                unsafe fn finish_row(
+                    acc: &[Vector; 4],
+                    input: Option<&[f32; 4 * L]>,
+                    hidden: usize,
+                    j0: usize,
+                    width: usize,
+                    b: usize,
+                    a: &mut StepArgs<'_>,
+                ) {
+                    let mut sums = [0.0f32; 4 * L];
+                    for (v, acc) in acc.iter().enumerate() {
+                        // SAFETY: `sums` holds 4·L floats.
+                        unsafe { $store(sums.as_mut_ptr().add(v * L), *acc) };
+                    }
+                    let (gates, gates_hidden, gates_j0) = match input {
+                        Some(part) => (&part[..], L, 0),
+                        None => (&a.gates[b * a.g_rs..], hidden, j0),
+                    };
+                    cell_lanes::<L>(
+                        &sums,
+                        gates,
+                        gates_hidden,
+                        gates_j0,
+                        width,
+                        &mut a.c[b * hidden + j0..],
+                        &mut a.h_next[b * a.hn_rs + j0..],
+                    );
+                }
+
                 /// `R` rows from `row` × one hidden block of the fused step.
+                /// The input product and the recurrent product run as two
+                /// chains from zero, added as the unfused step adds them, so
+                /// a row's bits do not depend on which step its batch used.
                 ///
                 /// # Safety
                 /// The CPU has `$feature`; `lstm_step` checked that rows
@@ -766,8 +854,10 @@ mod x86 {
                     row: usize,
                     a: &mut StepArgs<'_>,
                 ) {
-                    let mut acc = [[$zero(); 4]; R];
+                    let width = L.min(hidden - j0);
+                    let mut inputs = [[0.0f32; 4 * L]; R];
                     if k_in > 0 {
+                        let mut acc = [[$zero(); 4]; R];
                         // SAFETY: `lstm_step` checked `x` holds these rows.
                         unsafe {
                             accumulate::<R>(
@@ -776,9 +866,19 @@ mod x86 {
                                 k_in,
                                 a.x.as_ptr().add(row * a.x_rs),
                                 a.x_rs,
-                            )
-                        };
+                            );
+                            for (r, acc) in acc.iter().enumerate() {
+                                inputs[r] = input_part(
+                                    acc,
+                                    &a.gates[(row + r) * a.g_rs..],
+                                    hidden,
+                                    j0,
+                                    width,
+                                );
+                            }
+                        }
                     }
+                    let mut acc = [[$zero(); 4]; R];
                     if a.recurrent {
                         // SAFETY: `lstm_step` checked `h_prev` holds these rows.
                         unsafe {
@@ -791,23 +891,64 @@ mod x86 {
                             )
                         };
                     }
-                    let width = L.min(hidden - j0);
                     for (r, acc) in acc.iter().enumerate() {
-                        let mut sums = [0.0f32; 4 * L];
-                        for v in 0..4 {
-                            // SAFETY: `sums` holds 4·L floats.
-                            unsafe { $store(sums.as_mut_ptr().add(v * L), acc[v]) };
+                        let input = (k_in > 0).then_some(&inputs[r]);
+                        // SAFETY: row `row + r` is in bounds (see `# Safety`).
+                        unsafe { finish_row(acc, input, hidden, j0, width, row + r, a) };
+                    }
+                }
+
+                /// [`step_block`] for a one-row step over two neighbouring
+                /// hidden blocks (`j0` and `j0 + L`), with [`accumulate_pair`].
+                ///
+                /// # Safety
+                /// The CPU has `$feature`; `lstm_step` checked row 0 is in
+                /// bounds; both panels hold `(k_in + hidden)·4·L` floats and
+                /// the second block starts below `hidden`.
+                #[inline]
+                #[target_feature(enable = $feature)]
+                unsafe fn step_pair(
+                    panels: [&[f32]; 2],
+                    k_in: usize,
+                    hidden: usize,
+                    j0: usize,
+                    a: &mut StepArgs<'_>,
+                ) {
+                    let starts = [j0, j0 + L];
+                    let widths = starts.map(|j| L.min(hidden - j));
+                    let mut inputs = [[0.0f32; 4 * L]; 2];
+                    if k_in > 0 {
+                        let mut acc = [[$zero(); 4]; 2];
+                        // SAFETY: `lstm_step` checked `x` holds row 0.
+                        unsafe {
+                            accumulate_pair(
+                                &mut acc,
+                                panels.map(<[f32]>::as_ptr),
+                                k_in,
+                                a.x.as_ptr(),
+                            );
+                            for i in 0..2 {
+                                inputs[i] =
+                                    input_part(&acc[i], a.gates, hidden, starts[i], widths[i]);
+                            }
                         }
-                        let b = row + r;
-                        cell_lanes::<L>(
-                            &sums,
-                            &a.gates[b * a.g_rs..],
-                            hidden,
-                            j0,
-                            width,
-                            &mut a.c[b * hidden + j0..],
-                            &mut a.h_next[b * a.hn_rs + j0..],
-                        );
+                    }
+                    let mut acc = [[$zero(); 4]; 2];
+                    if a.recurrent {
+                        // SAFETY: `lstm_step` checked `h_prev` holds row 0.
+                        unsafe {
+                            accumulate_pair(
+                                &mut acc,
+                                panels.map(|p| p.as_ptr().add(k_in * 4 * L)),
+                                hidden,
+                                a.h_prev.as_ptr(),
+                            )
+                        };
+                    }
+                    for i in 0..2 {
+                        let input = (k_in > 0).then_some(&inputs[i]);
+                        // SAFETY: row 0 is in bounds (see `# Safety`).
+                        unsafe { finish_row(&acc[i], input, hidden, starts[i], widths[i], 0, a) };
                     }
                 }
 
@@ -819,7 +960,27 @@ mod x86 {
                 pub(crate) unsafe fn step(w: &PackedRecurrent, a: &mut StepArgs<'_>) {
                     assert_eq!(w.lanes, L, "weights packed for another SIMD level");
                     let (hidden, k_in) = (w.hidden, w.k_in);
-                    for (block, panel) in w.data.chunks_exact((k_in + hidden) * 4 * L).enumerate() {
+                    let panel_len = (k_in + hidden) * 4 * L;
+                    if a.rows == 1 {
+                        // One row leaves one block four chains; two blocks
+                        // at a time give it eight.
+                        let mut pairs = w.data.chunks(2 * panel_len).enumerate();
+                        for (pair, panels) in &mut pairs {
+                            let j0 = pair * 2 * L;
+                            // SAFETY: `lstm_step` checked row 0; a pair's
+                            // second panel is a whole block below `hidden`.
+                            unsafe {
+                                if panels.len() == 2 * panel_len {
+                                    let (first, second) = panels.split_at(panel_len);
+                                    step_pair([first, second], k_in, hidden, j0, a);
+                                } else {
+                                    step_block::<1>(panels, k_in, hidden, j0, 0, a);
+                                }
+                            }
+                        }
+                        return;
+                    }
+                    for (block, panel) in w.data.chunks_exact(panel_len).enumerate() {
                         let j0 = block * L;
                         let mut row = 0;
                         while row < a.rows {

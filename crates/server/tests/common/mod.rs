@@ -108,7 +108,9 @@ pub async fn start(config: ServerConfig) -> TestServer {
     }));
     let client = reqwest::Client::new();
     let ready = format!("http://{http}/v2/health/ready");
-    for _ in 0..600 {
+    // Warm-up runs every batch size; on a loaded 2-core machine a large
+    // `max_batch_size` takes seconds.
+    for _ in 0..6000 {
         if let Ok(r) = client.get(&ready).send().await
             && r.status() == 200
         {
@@ -124,7 +126,7 @@ pub async fn start(config: ServerConfig) -> TestServer {
         assert!(!task.is_finished(), "server stopped before becoming ready");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    panic!("server not ready after 6 s");
+    panic!("server not ready after 60 s");
 }
 
 /// The bundled repository.

@@ -90,13 +90,20 @@ pub(crate) fn start(
         let (job_tx, job_rx) = std_mpsc::sync_channel::<InFlight>(1);
         let engine = Arc::clone(&engine);
         let done_tx = done_tx.clone();
-        let model = config.model.clone();
+        let (model, version) = (config.model.clone(), config.version.clone());
         let stats = Arc::clone(&stats);
         let spawned = std::thread::Builder::new()
             .name(format!("engine-{index}"))
             .spawn(move || {
                 pin_to(plan.core, &model, index);
-                engine_worker(index, &*engine, &model, &stats, &job_rx, &done_tx);
+                engine_worker(
+                    index,
+                    &*engine,
+                    (&model, &version),
+                    &stats,
+                    &job_rx,
+                    &done_tx,
+                );
             });
         match spawned {
             Ok(_) => workers.push(Worker {
@@ -211,17 +218,17 @@ impl Batcher {
         workers: Vec<Worker>,
         monitor: Option<Arc<ResourceMonitor>>,
     ) -> Self {
-        let model = config.model.clone();
+        let (model, version) = (config.model.clone(), config.version.clone());
         let class_metrics = Priority::ALL
             .iter()
             .map(|p| {
                 let label = p.label();
                 let rejected = |reason: &'static str| {
-                    counter!(telemetry::REJECTIONS_TOTAL, "model" => model.clone(), "priority" => label, "reason" => reason)
+                    counter!(telemetry::REJECTIONS_TOTAL, "model" => model.clone(), "version" => version.clone(), "priority" => label, "reason" => reason)
                 };
                 ClassMetrics {
-                    queue_length: gauge!(telemetry::QUEUE_LENGTH, "model" => model.clone(), "priority" => label),
-                    queue_wait: histogram!(telemetry::QUEUE_WAIT, "model" => model.clone(), "priority" => label),
+                    queue_length: gauge!(telemetry::QUEUE_LENGTH, "model" => model.clone(), "version" => version.clone(), "priority" => label),
+                    queue_wait: histogram!(telemetry::QUEUE_WAIT, "model" => model.clone(), "version" => version.clone(), "priority" => label),
                     rejected_queue_full: rejected(telemetry::rejection::QUEUE_FULL),
                     rejected_deadline: rejected(telemetry::rejection::DEADLINE),
                     rejected_shed: rejected(telemetry::rejection::SHED),
@@ -234,7 +241,7 @@ impl Batcher {
             config.classes.clone().map(|c| c.max_queue_size),
             config.aging,
         );
-        let live_max_gauge = gauge!(telemetry::ADAPTIVE_BATCH_SIZE, "model" => model.clone());
+        let live_max_gauge = gauge!(telemetry::ADAPTIVE_BATCH_SIZE, "model" => model.clone(), "version" => version.clone());
         live_max_gauge.set(config.max_batch_size as f64);
         let n = workers.len();
         let mut idle: Vec<usize> = (0..n).collect();
@@ -255,9 +262,9 @@ impl Batcher {
             monitor,
             highest_latencies: Vec::new(),
             class_metrics,
-            dropped: counter!(telemetry::DROPPED_TOTAL, "model" => model.clone()),
+            dropped: counter!(telemetry::DROPPED_TOTAL, "model" => model.clone(), "version" => version.clone()),
             live_max_gauge,
-            chunk_rows_gauge: gauge!(telemetry::CHUNK_ROWS, "model" => model),
+            chunk_rows_gauge: gauge!(telemetry::CHUNK_ROWS, "model" => model, "version" => version),
             config,
         }
     }
@@ -713,9 +720,11 @@ impl Batcher {
 
     fn publish(&self, now: Instant) {
         for p in Priority::ALL {
+            let waiting = self.queue.len_of(p);
             self.class_metrics[p.index()]
                 .queue_length
-                .set(self.queue.len_of(p) as f64);
+                .set(waiting as f64);
+            self.stats.class(p).set_queue_length(waiting);
         }
         self.stats
             .set_retry_hint(self.retry_after(now, self.config.default_priority));
@@ -796,15 +805,15 @@ fn fail(requests: Vec<Request>, error: &SchedulerError) {
 fn engine_worker(
     index: usize,
     engine: &dyn Engine,
-    model: &str,
+    (model, version): (&str, &str),
     stats: &SchedulerStats,
     job_rx: &std_mpsc::Receiver<InFlight>,
     done_tx: &mpsc::Sender<Done>,
 ) {
-    let batch_size = histogram!(telemetry::BATCH_SIZE, "model" => model.to_owned());
-    let execution = histogram!(telemetry::ENGINE_EXECUTION, "model" => model.to_owned());
-    let batches = counter!(telemetry::BATCHES_TOTAL, "model" => model.to_owned());
-    let retries = counter!(telemetry::ENGINE_RETRIES_TOTAL, "model" => model.to_owned());
+    let batch_size = histogram!(telemetry::BATCH_SIZE, "model" => model.to_owned(), "version" => version.to_owned());
+    let execution = histogram!(telemetry::ENGINE_EXECUTION, "model" => model.to_owned(), "version" => version.to_owned());
+    let batches = counter!(telemetry::BATCHES_TOTAL, "model" => model.to_owned(), "version" => version.to_owned());
+    let retries = counter!(telemetry::ENGINE_RETRIES_TOTAL, "model" => model.to_owned(), "version" => version.to_owned());
     while let Ok(mut batch) = job_rx.recv() {
         let rows = batch.next_chunk();
         let run = batch.run_chunk(engine);

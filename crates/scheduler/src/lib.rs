@@ -56,6 +56,9 @@ pub use stats::{SchedulerStats, StatsSnapshot};
 pub struct SchedulerConfig {
     /// Model name, used as the `model` label of metrics and in logs.
     pub model: String,
+    /// Model version, the `version` label of metrics: two loaded versions
+    /// of one model keep separate series (queue length, batch sizes, …).
+    pub version: String,
     /// Most rows in one engine call (and in one request); the adaptive
     /// controller moves the live batch size between its minimum and this.
     pub max_batch_size: usize,
@@ -110,10 +113,12 @@ pub struct WorkerPlan {
 }
 
 impl SchedulerConfig {
-    /// The seed's defaults for every class, one instance.
+    /// The seed's defaults for every class, one instance, version "1"
+    /// (set [`SchedulerConfig::version`] for any other).
     pub fn new(model: impl Into<String>, max_batch_size: usize) -> Self {
         SchedulerConfig {
             model: model.into(),
+            version: "1".to_owned(),
             max_batch_size,
             classes: Priority::ALL.map(ClassPolicy::default_for),
             default_priority: Priority::new(3).unwrap_or(Priority::LOWEST),

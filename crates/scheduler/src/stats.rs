@@ -52,9 +52,15 @@ pub struct ClassStats {
     rejected_queue_full: AtomicU64,
     rejected_deadline: AtomicU64,
     expired: AtomicU64,
+    /// Requests waiting, as the batcher last published it.
+    queue_length: AtomicUsize,
 }
 
 impl ClassStats {
+    pub fn set_queue_length(&self, waiting: usize) {
+        self.queue_length.store(waiting, Ordering::Relaxed);
+    }
+
     pub fn count_rejected_queue_full(&self) {
         self.rejected_queue_full.fetch_add(1, Ordering::Relaxed);
     }
@@ -109,6 +115,8 @@ pub struct ClassSnapshot {
     pub rejected_queue_full: u64,
     pub rejected_deadline: u64,
     pub expired: u64,
+    /// Requests waiting now.
+    pub queue_length: usize,
 }
 
 /// One batch size's counters as read.
@@ -210,6 +218,7 @@ impl SchedulerStats {
                         rejected_queue_full: c.rejected_queue_full.load(Ordering::Relaxed),
                         rejected_deadline: c.rejected_deadline.load(Ordering::Relaxed),
                         expired: c.expired.load(Ordering::Relaxed),
+                        queue_length: c.queue_length.load(Ordering::Relaxed),
                     }
                 })
                 .collect(),

@@ -90,7 +90,7 @@ pub(crate) async fn infer(
     record(
         state,
         protocol,
-        &version.name,
+        (&version.name, version.version),
         priority,
         rows,
         started,
@@ -151,7 +151,7 @@ fn in_signature_order(inputs: Vec<InputTensor>, order: &[usize]) -> Vec<Vec<f32>
 fn record(
     state: &AppState,
     protocol: Protocol,
-    model: &str,
+    (model, version): (&str, u64),
     priority: Option<Priority>,
     rows: usize,
     started: Instant,
@@ -159,10 +159,11 @@ fn record(
 ) {
     let took = started.elapsed();
     let label = priority.map_or("none", Priority::label);
+    let version = version.to_string();
     let outcome = match result {
         Ok(_) => "success",
         Err(error) => {
-            counter!(telemetry::ERRORS_TOTAL, "model" => model.to_owned(), "error_type" => error.kind(), "priority" => label)
+            counter!(telemetry::ERRORS_TOTAL, "model" => model.to_owned(), "version" => version.clone(), "error_type" => error.kind(), "priority" => label)
                 .increment(1);
             if error.status().is_server_error() {
                 tracing::warn!(model, source = protocol.label(), %error, "inference request failed");
@@ -171,9 +172,9 @@ fn record(
         }
     };
     let batch_type = if rows <= 1 { "single" } else { "multi" };
-    counter!(telemetry::REQUESTS_TOTAL, "model" => model.to_owned(), "outcome" => outcome, "batch_type" => batch_type, "source" => protocol.label(), "priority" => label)
+    counter!(telemetry::REQUESTS_TOTAL, "model" => model.to_owned(), "version" => version.clone(), "outcome" => outcome, "batch_type" => batch_type, "source" => protocol.label(), "priority" => label)
         .increment(1);
-    histogram!(telemetry::REQUEST_LATENCY, "model" => model.to_owned(), "batch_size_range" => telemetry::batch_size_range(rows), "priority" => label)
+    histogram!(telemetry::REQUEST_LATENCY, "model" => model.to_owned(), "version" => version, "batch_size_range" => telemetry::batch_size_range(rows), "priority" => label)
         .record(took.as_secs_f64());
     state
         .sla

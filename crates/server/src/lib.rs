@@ -210,7 +210,7 @@ impl BoundServer {
             )?))),
             false => None,
         };
-        let state = AppState::new(&config, metrics.clone(), cache);
+        let state = AppState::new(&config, cache);
         metrics::gauge!(telemetry::READY).set(0.0);
 
         // Shutdown fans out to both servers and to the loader.

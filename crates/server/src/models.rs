@@ -125,7 +125,8 @@ impl ModelRegistry {
             for &version in &entry.versions {
                 let loaded = entry.load_version(version)?;
                 warm_up(&entry, version, &*loaded.engine)?;
-                let scheduler_config = crate::scheduling::scheduler_config(&entry);
+                let mut scheduler_config = crate::scheduling::scheduler_config(&entry);
+                scheduler_config.version = version.to_string();
                 // What Triton's model configuration reports: the delay of
                 // the model's default class.
                 let max_queue_delay =

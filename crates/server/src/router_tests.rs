@@ -19,11 +19,8 @@ fn root() -> PathBuf {
 /// State with no models loaded yet, and no cache.
 fn starting() -> AppState {
     let config = ServerConfig::loopback(root().join("models"));
-    AppState::new(
-        &config,
-        tickserve_telemetry::install_recorder().unwrap(),
-        None,
-    )
+    tickserve_telemetry::install_recorder().unwrap();
+    AppState::new(&config, None)
 }
 
 /// State with the bundled repository loaded.

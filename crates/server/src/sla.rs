@@ -29,7 +29,6 @@ use axum::http::header;
 use axum::response::{Html, IntoResponse};
 use axum::routing::get;
 use serde::Serialize;
-use tickserve_telemetry as telemetry;
 use tickserve_telemetry::cgroup::{Cgroup, CpuMeter};
 
 use crate::AppState;
@@ -403,30 +402,24 @@ pub struct SlaView {
     pub gpu_percent: Option<f64>,
 }
 
-/// Queue lengths per model, from the Prometheus registry's text: the
-/// scheduler keeps them only as gauges (its statistics snapshot has no
-/// queue length).
-fn queue_lengths(text: &str) -> BTreeMap<String, f64> {
-    let mut queues = BTreeMap::new();
-    for line in text.lines().filter(|l| !l.starts_with('#')) {
-        let Some((series, value)) = line.rsplit_once(' ') else {
-            continue;
-        };
-        if series.split('{').next() != Some(telemetry::QUEUE_LENGTH) {
-            continue;
-        }
-        let Ok(value) = value.parse::<f64>() else {
-            continue;
-        };
-        let model = series
-            .split("model=\"")
-            .nth(1)
-            .and_then(|s| s.split('"').next())
-            .unwrap_or("")
-            .to_owned();
-        *queues.entry(model).or_insert(0.0) += value;
-    }
-    queues
+/// Requests waiting per model (all versions and classes), from each
+/// scheduler's statistics.
+fn queue_lengths(state: &AppState) -> BTreeMap<String, f64> {
+    let Ok(registry) = state.registry() else {
+        return BTreeMap::new();
+    };
+    registry
+        .models()
+        .map(|model| {
+            let waiting: usize = model
+                .versions
+                .values()
+                .flat_map(|version| version.scheduler().stats().classes)
+                .map(|class| class.queue_length)
+                .sum();
+            (model.name.clone(), waiting as f64)
+        })
+        .collect()
 }
 
 /// Rows answered by either tier over rows looked up, from the cache's own
@@ -444,12 +437,12 @@ pub(crate) fn router(state: AppState) -> Router {
 
 async fn sla(State(state): State<AppState>) -> Json<SlaView> {
     let monitor = state.sla.clone();
-    let metrics = state.metrics.clone();
+    let queues = queue_lengths(&state);
     let cache = state.cache.as_ref().map(|layer| layer.cache.stats());
     // Sorting the window and reading /proc is blocking work.
     let view = tokio::task::spawn_blocking(move || {
         let mut view = monitor.view(Instant::now());
-        view.queue_length = Some(queue_lengths(&metrics.render()));
+        view.queue_length = Some(queues);
         view.cache_hit_rate = cache.as_ref().and_then(cache_hit_rate);
         view
     })
@@ -521,14 +514,5 @@ mod tests {
         let v = SlaMonitor::new().view(Instant::now());
         assert_eq!(v.total, 0);
         assert_eq!(v.health, "healthy");
-    }
-
-    #[test]
-    fn queue_lengths_come_from_the_metrics_text() {
-        let text = "# TYPE batch_processing_queue_length gauge\nbatch_processing_queue_length{model=\"a\",priority=\"1\"} 3\nbatch_processing_queue_length{model=\"a\",priority=\"5\"} 2\nbatch_processing_queue_length{model=\"b\"} 0\ntickserve_cache_hits_total{model=\"a\"} 30\n";
-        let q = queue_lengths(text);
-        assert_eq!(q["a"], 5.0);
-        assert_eq!(q["b"], 0.0);
-        assert_eq!(q.len(), 2);
     }
 }

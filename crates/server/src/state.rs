@@ -3,7 +3,6 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use metrics_exporter_prometheus::PrometheusHandle;
 use tickserve_telemetry::throughput::Throughput;
 
 use crate::ServerConfig;
@@ -23,7 +22,6 @@ pub(crate) struct AppState {
     pub(crate) sla: Arc<SlaMonitor>,
     /// Completed requests per second (`batch_processing_throughput_rps`).
     pub(crate) throughput: Arc<Throughput>,
-    pub(crate) metrics: PrometheusHandle,
     pub(crate) cache: Option<Arc<CacheLayer>>,
     pub(crate) admin_token: Option<Arc<str>>,
 }
@@ -31,18 +29,13 @@ pub(crate) struct AppState {
 impl AppState {
     /// State with no registry yet (readiness answers 503 until
     /// [`Self::set_registry`]).
-    pub(crate) fn new(
-        config: &ServerConfig,
-        metrics: PrometheusHandle,
-        cache: Option<Arc<CacheLayer>>,
-    ) -> Self {
+    pub(crate) fn new(config: &ServerConfig, cache: Option<Arc<CacheLayer>>) -> Self {
         AppState {
             registry: Arc::new(OnceLock::new()),
             draining: Arc::new(AtomicBool::new(false)),
             max_body_bytes: config.max_body_bytes,
             sla: Arc::new(SlaMonitor::new()),
             throughput: Arc::new(Throughput::new(std::time::Instant::now())),
-            metrics,
             cache,
             admin_token: config.admin_token.as_ref().map(|t| Arc::from(t.expose())),
         }

@@ -74,13 +74,15 @@ async fn clear(server: &TestServer, model: &str, tier: &str) -> serde_json::Valu
     response.json().await.unwrap()
 }
 
-/// Rows the engine ran for `model`, from the batch-size histogram.
+/// Rows the engine ran for `model` (every version), from the batch-size
+/// histogram.
 async fn engine_rows(server: &TestServer, model: &str) -> f64 {
     let text = server.metrics_text().await;
-    let prefix = format!("batch_processing_batch_size_sum{{model=\"{model}\"}} ");
+    let prefix = format!("batch_processing_batch_size_sum{{model=\"{model}\",");
     text.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .map_or(0.0, |v| v.trim().parse().unwrap())
+        .filter(|l| l.starts_with(&prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// Waits (bounded) until Redis db 1 holds `n` keys: writes are write-behind.

@@ -23,13 +23,17 @@ fn sample(text: &str, series: &str) -> Option<f64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixty_four_concurrent_clients_each_get_their_golden_rows_in_shared_batches() {
     // The result cache would answer repeated rows without the engine;
-    // this test is about batching, so every row must reach it.
+    // this test is about batching, so every row must reach it. A long
+    // deadline: admission control must not refuse on a loaded machine.
     let server = start(tickserve_server::ServerConfig {
         cache: tickserve_server::CacheConfig {
             enabled: false,
             ..Default::default()
         },
-        ..config(root().join("models"))
+        ..config(repository_with(
+            "cnn_lstm",
+            &cnn_lstm_config("[dynamic_batching.priority.3]\ndefault_timeout = \"60s\"\n"),
+        ))
     })
     .await;
     let golden = std::sync::Arc::new(golden());
@@ -63,13 +67,17 @@ async fn sixty_four_concurrent_clients_each_get_their_golden_rows_in_shared_batc
     let text = server.metrics_text().await;
     let batches = sample(
         &text,
-        "batch_processing_batch_size_count{model=\"cnn_lstm\"}",
+        "batch_processing_batch_size_count{model=\"cnn_lstm\",version=\"1\"}",
     )
     .unwrap();
-    let rows = sample(&text, "batch_processing_batch_size_sum{model=\"cnn_lstm\"}").unwrap();
+    let rows = sample(
+        &text,
+        "batch_processing_batch_size_sum{model=\"cnn_lstm\",version=\"1\"}",
+    )
+    .unwrap();
     let single = sample(
         &text,
-        "batch_processing_batch_size_bucket{model=\"cnn_lstm\",le=\"1\"}",
+        "batch_processing_batch_size_bucket{model=\"cnn_lstm\",version=\"1\",le=\"1\"}",
     )
     .unwrap();
     assert_eq!(rows, 64.0 * 4.0, "every requested row ran exactly once");
@@ -124,12 +132,18 @@ async fn a_client_that_disconnects_while_queued_is_dropped_before_the_engine() {
 
     let text = server.metrics_text().await;
     assert_eq!(
-        sample(&text, "tickserve_requests_dropped_total{model=\"slow\"}"),
+        sample(
+            &text,
+            "tickserve_requests_dropped_total{model=\"slow\",version=\"1\"}"
+        ),
         Some(1.0),
         "{text}"
     );
     assert_eq!(
-        sample(&text, "batch_processing_batch_size_sum{model=\"slow\"}"),
+        sample(
+            &text,
+            "batch_processing_batch_size_sum{model=\"slow\",version=\"1\"}"
+        ),
         Some(1.0),
         "{text}"
     );

@@ -402,8 +402,8 @@ async fn a_grpc_request_counts_under_its_priority_and_reaches_the_sla_view() {
 
     let metrics = server.metrics_text().await;
     for series in [
-        "batch_processing_requests_total{model=\"grpc_priority\",outcome=\"success\",batch_type=\"single\",source=\"grpc\",priority=\"1\"} 1",
-        "batch_processing_latency_seconds_count{model=\"grpc_priority\",batch_size_range=\"single\",priority=\"1\"} 1",
+        "batch_processing_requests_total{model=\"grpc_priority\",version=\"1\",outcome=\"success\",batch_type=\"single\",source=\"grpc\",priority=\"1\"} 1",
+        "batch_processing_latency_seconds_count{model=\"grpc_priority\",version=\"1\",batch_size_range=\"single\",priority=\"1\"} 1",
     ] {
         assert!(metrics.contains(series), "missing {series} in\n{metrics}");
     }

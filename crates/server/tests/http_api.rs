@@ -396,7 +396,7 @@ async fn a_full_queue_answers_429_with_retry_after_and_says_so() {
     let metrics = server.metrics_text().await;
     assert!(
         metrics.contains(
-            "batch_processing_errors_total{model=\"cnn_lstm\",error_type=\"queue_full\",priority=\"3\"} 1"
+            "batch_processing_errors_total{model=\"cnn_lstm\",version=\"1\",error_type=\"queue_full\",priority=\"3\"} 1"
         ),
         "{metrics}"
     );
@@ -468,15 +468,15 @@ async fn requests_and_batches_are_counted_in_prometheus_format() {
     let text = server.metrics_text().await;
     for needle in [
         "# TYPE batch_processing_requests_total counter",
-        "batch_processing_requests_total{model=\"cnn_lstm\",outcome=\"success\",batch_type=\"multi\",source=\"http\",priority=\"3\"}",
-        "batch_processing_requests_total{model=\"cnn_lstm\",outcome=\"invalid_request\"",
-        "batch_processing_latency_seconds_bucket{model=\"cnn_lstm\",batch_size_range=\"small\",priority=\"3\",le=\"0.001\"}",
-        "batch_processing_batch_size_bucket{model=\"cnn_lstm\",le=\"32\"}",
-        "batch_processing_wait_time_seconds_bucket{model=\"cnn_lstm\",priority=\"3\",le=\"0.005\"}",
-        "batch_processing_queue_length{model=\"cnn_lstm\",priority=\"1\"}",
-        "batch_processing_adaptive_batch_size{model=\"cnn_lstm\"}",
-        "tickserve_engine_execution_seconds_count{model=\"cnn_lstm\"}",
-        "batch_processing_errors_total{model=\"cnn_lstm\",error_type=\"invalid_request\",priority=\"none\"}",
+        "batch_processing_requests_total{model=\"cnn_lstm\",version=\"1\",outcome=\"success\",batch_type=\"multi\",source=\"http\",priority=\"3\"}",
+        "batch_processing_requests_total{model=\"cnn_lstm\",version=\"1\",outcome=\"invalid_request\"",
+        "batch_processing_latency_seconds_bucket{model=\"cnn_lstm\",version=\"1\",batch_size_range=\"small\",priority=\"3\",le=\"0.001\"}",
+        "batch_processing_batch_size_bucket{model=\"cnn_lstm\",version=\"1\",le=\"32\"}",
+        "batch_processing_wait_time_seconds_bucket{model=\"cnn_lstm\",version=\"1\",priority=\"3\",le=\"0.005\"}",
+        "batch_processing_queue_length{model=\"cnn_lstm\",version=\"1\",priority=\"1\"}",
+        "batch_processing_adaptive_batch_size{model=\"cnn_lstm\",version=\"1\"}",
+        "tickserve_engine_execution_seconds_count{model=\"cnn_lstm\",version=\"1\"}",
+        "batch_processing_errors_total{model=\"cnn_lstm\",version=\"1\",error_type=\"invalid_request\",priority=\"none\"}",
         "tickserve_ready 1",
     ] {
         assert!(text.contains(needle), "metrics lack {needle}:\n{text}");

@@ -181,10 +181,10 @@ async fn real_time_requests_overtake_a_background_flood() {
 
     let metrics = server.metrics_text().await;
     for needle in [
-        "tickserve_rejections_total{model=\"cnn_lstm\",priority=\"5\",reason=\"queue_full\"}",
-        "batch_processing_latency_seconds_bucket{model=\"cnn_lstm\",batch_size_range=\"single\",priority=\"1\",le=\"0.005\"}",
-        "batch_processing_wait_time_seconds_bucket{model=\"cnn_lstm\",priority=\"5\",le=\"0.005\"}",
-        "batch_processing_queue_length{model=\"cnn_lstm\",priority=\"5\"}",
+        "tickserve_rejections_total{model=\"cnn_lstm\",version=\"1\",priority=\"5\",reason=\"queue_full\"}",
+        "batch_processing_latency_seconds_bucket{model=\"cnn_lstm\",version=\"1\",batch_size_range=\"single\",priority=\"1\",le=\"0.005\"}",
+        "batch_processing_wait_time_seconds_bucket{model=\"cnn_lstm\",version=\"1\",priority=\"5\",le=\"0.005\"}",
+        "batch_processing_queue_length{model=\"cnn_lstm\",version=\"1\",priority=\"5\"}",
     ] {
         assert!(metrics.contains(needle), "metrics lack {needle}");
     }

@@ -116,7 +116,7 @@ async fn a_real_time_request_completes_while_a_background_batch_runs() {
     assert_golden_rows(&golden, &background, &rows);
     let metrics = server.metrics_text().await;
     assert!(
-        metrics.contains("tickserve_chunk_rows{model=\"chunked\"} 2"),
+        metrics.contains("tickserve_chunk_rows{model=\"chunked\",version=\"1\"} 2"),
         "chunk gauge missing: {metrics}"
     );
     server.shutdown().await.unwrap();

@@ -15,43 +15,48 @@ use std::sync::OnceLock;
 use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-/// Counter of finished requests. Labels: `model`, `outcome`
+/// Counter of finished requests. Labels: `model`, `version`, `outcome`
 /// (`success` or an [`error_type`] value), `batch_type` (`single` for a
 /// one-row request, `multi` otherwise), `source` (`http` or `grpc`),
 /// `priority` (1–5).
 pub const REQUESTS_TOTAL: &str = "batch_processing_requests_total";
 /// Histogram of request latency from arrival to answer, seconds. Labels:
-/// `model`, `batch_size_range` (see [`batch_size_range`]), `priority`.
+/// `model`, `version`, `batch_size_range` (see [`batch_size_range`]),
+/// `priority`.
 pub const REQUEST_LATENCY: &str = "batch_processing_latency_seconds";
-/// Histogram of rows per engine call. Label: `model`.
+/// Histogram of rows per engine call. Labels: `model`, `version`.
 pub const BATCH_SIZE: &str = "batch_processing_batch_size";
 /// Histogram of the time a request waited in the queue before its batch
-/// left for the engine, seconds. Labels: `model`, `priority` (1–5).
+/// left for the engine, seconds. Labels: `model`, `version`, `priority`
+/// (1–5).
 pub const QUEUE_WAIT: &str = "batch_processing_wait_time_seconds";
-/// Gauge of requests waiting in the queue. Labels: `model`, `priority`.
+/// Gauge of requests waiting in the queue. Labels: `model`, `version`,
+/// `priority`: two loaded versions keep separate gauges.
 pub const QUEUE_LENGTH: &str = "batch_processing_queue_length";
 /// Counter of failed requests. Labels: `model` (`unknown` when the model
-/// or version does not exist), `error_type`, `priority` (`none` when the
+/// or version does not exist), `version` (absent then), `error_type`,
+/// `priority` (`none` when the
 /// request failed before its class was known).
 pub const ERRORS_TOTAL: &str = "batch_processing_errors_total";
-/// Histogram of engine execution time per batch, seconds. Label: `model`.
+/// Histogram of engine execution time per batch, seconds. Labels: `model`,
+/// `version`.
 pub const ENGINE_EXECUTION: &str = "tickserve_engine_execution_seconds";
-/// Counter of batches run by the engine. Label: `model`.
+/// Counter of batches run by the engine. Labels: `model`, `version`.
 pub const BATCHES_TOTAL: &str = "tickserve_batches_total";
 /// Counter of requests dropped before the engine because their client had
-/// gone. Label: `model`.
+/// gone. Labels: `model`, `version`.
 pub const DROPPED_TOTAL: &str = "tickserve_requests_dropped_total";
 /// Counter of requests refused or expired by the scheduler. Labels:
-/// `model`, `priority`, `reason` (a [`rejection`] value).
+/// `model`, `version`, `priority`, `reason` (a [`rejection`] value).
 pub const REJECTIONS_TOTAL: &str = "tickserve_rejections_total";
-/// Gauge of the live max batch size the adaptive controller set. Label:
-/// `model`.
+/// Gauge of the live max batch size the adaptive controller set. Labels:
+/// `model`, `version`.
 pub const ADAPTIVE_BATCH_SIZE: &str = "batch_processing_adaptive_batch_size";
 /// Gauge of the rows per engine call of batches that run in preemptible
-/// chunks (docs/scheduling.md). Label: `model`.
+/// chunks (docs/scheduling.md). Labels: `model`, `version`.
 pub const CHUNK_ROWS: &str = "tickserve_chunk_rows";
-/// Counter of engine calls retried on halves of a failed batch. Label:
-/// `model`.
+/// Counter of engine calls retried on halves of a failed batch. Labels:
+/// `model`, `version`.
 pub const ENGINE_RETRIES_TOTAL: &str = "tickserve_engine_retries_total";
 /// Gauge of a GPU's utilisation, percent (resource monitor, NVML). Label:
 /// `gpu_id`.

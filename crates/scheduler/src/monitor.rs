@@ -1,5 +1,6 @@
-//! The resource monitor: CPU and memory utilisation of the machine, and of
-//! its NVIDIA GPUs when NVML is there, sampled once a second on a
+//! The resource monitor: CPU and memory utilisation of the container (its
+//! cgroup v2 limits where set, else the machine's), and of its NVIDIA GPUs
+//! when NVML is there, sampled once a second on a
 //! background thread (sysinfo reads /proc and NVML calls the driver, which
 //! must not run on the async runtime) and read lock-free by the adaptive
 //! controller and the SLA view. One monitor per process, shared by every
@@ -15,12 +16,15 @@ use std::time::Duration;
 
 use metrics::gauge;
 use tickserve_telemetry as telemetry;
+use tickserve_telemetry::cgroup::{Cgroup, CpuMeter};
 
 /// Latest utilisation, percent, as f64 bits; NaN until the first sample.
 #[derive(Debug)]
 pub struct ResourceMonitor {
     cpu: AtomicU64,
     memory: AtomicU64,
+    /// Memory in use, bytes (not f64 bits).
+    memory_used: AtomicU64,
     /// The busiest GPU's utilisation, and the fullest GPU's memory use.
     gpu: AtomicU64,
     gpu_memory: AtomicU64,
@@ -31,19 +35,24 @@ const INTERVAL: Duration = Duration::from_secs(1);
 static MONITOR: OnceLock<Arc<ResourceMonitor>> = OnceLock::new();
 
 impl ResourceMonitor {
-    /// The process-wide monitor, started on first use.
+    /// The process-wide monitor, started on first use. Memory is read
+    /// once before this returns; CPU use, a difference between two
+    /// samples, is there a second later.
     pub fn global() -> Arc<ResourceMonitor> {
         Arc::clone(MONITOR.get_or_init(|| {
             let monitor = Arc::new(ResourceMonitor {
                 cpu: AtomicU64::new(f64::NAN.to_bits()),
                 memory: AtomicU64::new(f64::NAN.to_bits()),
+                memory_used: AtomicU64::new(0),
                 gpu: AtomicU64::new(f64::NAN.to_bits()),
                 gpu_memory: AtomicU64::new(f64::NAN.to_bits()),
             });
+            let mut host = HostSampler::new();
+            host.sample(&monitor);
             let sampler = Arc::clone(&monitor);
             let started = std::thread::Builder::new()
                 .name("resource-monitor".into())
-                .spawn(move || sampler.run());
+                .spawn(move || sampler.run(host));
             if let Err(e) = started {
                 tracing::warn!(error = %e, "cannot start the resource monitor; adaptive batching keeps its size");
             }
@@ -51,15 +60,7 @@ impl ResourceMonitor {
         }))
     }
 
-    fn run(&self) {
-        use sysinfo::{CpuRefreshKind, MemoryRefreshKind, RefreshKind, System};
-        let mut system = System::new_with_specifics(
-            RefreshKind::nothing()
-                .with_cpu(CpuRefreshKind::nothing().with_cpu_usage())
-                .with_memory(MemoryRefreshKind::nothing().with_ram()),
-        );
-        let cpu_gauge = gauge!(telemetry::CPU_UTILISATION);
-        let memory_gauge = gauge!(telemetry::MEMORY_UTILISATION);
+    fn run(&self, mut host: HostSampler) {
         let gpus = match GpuSampler::open() {
             Ok(gpus) => {
                 tracing::info!(gpus = gpus.count(), "GPU telemetry through NVML");
@@ -73,19 +74,7 @@ impl ResourceMonitor {
         loop {
             // CPU usage is a difference between two refreshes.
             std::thread::sleep(INTERVAL.max(sysinfo::MINIMUM_CPU_UPDATE_INTERVAL));
-            system.refresh_cpu_usage();
-            system.refresh_memory();
-            let cpu = f64::from(system.global_cpu_usage());
-            let total = system.total_memory();
-            let memory = if total == 0 {
-                f64::NAN
-            } else {
-                system.used_memory() as f64 * 100.0 / total as f64
-            };
-            self.cpu.store(cpu.to_bits(), Ordering::Relaxed);
-            self.memory.store(memory.to_bits(), Ordering::Relaxed);
-            cpu_gauge.set(cpu);
-            memory_gauge.set(memory);
+            host.sample(self);
             if let Some(gpus) = &gpus {
                 let (utilisation, memory) = gpus.sample();
                 self.gpu
@@ -101,14 +90,22 @@ impl ResourceMonitor {
         v.is_finite().then_some(v)
     }
 
-    /// CPU utilisation of the whole machine, percent.
+    /// CPU utilisation, percent of the cgroup's quota where one is set,
+    /// else of the whole machine; `None` before the first sample.
     pub fn cpu(&self) -> Option<f64> {
         Self::read(&self.cpu)
     }
 
-    /// Memory in use, percent of total.
+    /// Memory in use, percent of the cgroup's limit where one is set, else
+    /// of the machine's total.
     pub fn memory(&self) -> Option<f64> {
         Self::read(&self.memory)
+    }
+
+    /// Memory in use, bytes (the cgroup's where it has a limit); `None`
+    /// before the first sample.
+    pub fn memory_used_bytes(&self) -> Option<u64> {
+        Some(self.memory_used.load(Ordering::Relaxed)).filter(|&b| b > 0)
     }
 
     /// Utilisation of the busiest GPU, percent; `None` without NVML.
@@ -119,6 +116,71 @@ impl ResourceMonitor {
     /// Memory in use on the fullest GPU, percent of its total.
     pub fn gpu_memory(&self) -> Option<f64> {
         Self::read(&self.gpu_memory)
+    }
+}
+
+/// CPU and memory of the container: its cgroup v2 limits where they are
+/// set (in a container, 100 % means the quota is spent although the host
+/// may be idle), else the machine's figures through sysinfo.
+struct HostSampler {
+    system: sysinfo::System,
+    cgroup: Option<Cgroup>,
+    cpu_meter: CpuMeter,
+    /// Whether `system` has been refreshed before (its CPU use is the
+    /// growth since then).
+    sampled: bool,
+    cpu_gauge: metrics::Gauge,
+    memory_gauge: metrics::Gauge,
+}
+
+impl HostSampler {
+    fn new() -> Self {
+        use sysinfo::{CpuRefreshKind, MemoryRefreshKind, RefreshKind, System};
+        HostSampler {
+            system: System::new_with_specifics(
+                RefreshKind::nothing()
+                    .with_cpu(CpuRefreshKind::nothing().with_cpu_usage())
+                    .with_memory(MemoryRefreshKind::nothing().with_ram()),
+            ),
+            cgroup: Cgroup::detect(),
+            cpu_meter: CpuMeter::default(),
+            sampled: false,
+            cpu_gauge: gauge!(telemetry::CPU_UTILISATION),
+            memory_gauge: gauge!(telemetry::MEMORY_UTILISATION),
+        }
+    }
+
+    /// Stores this sample in `monitor` and the gauges. CPU use is `None`
+    /// on the first call (it is the growth since the previous one).
+    fn sample(&mut self, monitor: &ResourceMonitor) {
+        let first = !std::mem::replace(&mut self.sampled, true);
+        self.system.refresh_cpu_usage();
+        self.system.refresh_memory();
+        let mut cpu = (!first).then(|| f64::from(self.system.global_cpu_usage()));
+        let total = self.system.total_memory();
+        let mut used = self.system.used_memory();
+        let mut memory = (total > 0).then(|| used as f64 * 100.0 / total as f64);
+        if let Some(cgroup) = &self.cgroup {
+            let limited_cpu = self.cpu_meter.sample(cgroup, std::time::Instant::now());
+            if limited_cpu.is_some() || cgroup.cpu_limit().is_some() {
+                cpu = limited_cpu;
+            }
+            if let (Some(percent), Some(current)) =
+                (cgroup.memory_percent(), cgroup.memory_current())
+            {
+                memory = Some(percent);
+                used = current;
+            }
+        }
+        if let Some(cpu) = cpu {
+            monitor.cpu.store(cpu.to_bits(), Ordering::Relaxed);
+            self.cpu_gauge.set(cpu);
+        }
+        if let Some(memory) = memory {
+            monitor.memory.store(memory.to_bits(), Ordering::Relaxed);
+            monitor.memory_used.store(used, Ordering::Relaxed);
+            self.memory_gauge.set(memory);
+        }
     }
 }
 

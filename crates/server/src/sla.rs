@@ -11,8 +11,8 @@
 //! warning ≥ 70 %, else critical) — the same numbers `tickserve bench`
 //! applies to its own measurements (crates/bench/src/sla.rs). The cache
 //! hit rate comes from the result cache's own counters, queue lengths from
-//! the scheduler's gauges, CPU and memory from the cgroup's limits where set,
-//! else from sysinfo (host-wide).
+//! the schedulers' statistics, CPU, memory and GPU from the resource monitor
+//! (the cgroup's limits where set, else the host's figures).
 //!
 //! Each request is recorded under its priority class (the request's own,
 //! or the model's `default_priority`); `class: None` ("default") is for
@@ -29,7 +29,6 @@ use axum::http::header;
 use axum::response::{Html, IntoResponse};
 use axum::routing::get;
 use serde::Serialize;
-use tickserve_telemetry::cgroup::{Cgroup, CpuMeter};
 
 use crate::AppState;
 
@@ -88,10 +87,6 @@ struct Entry {
 pub struct SlaMonitor {
     started: Instant,
     entries: Mutex<VecDeque<Entry>>,
-    system: Mutex<sysinfo::System>,
-    /// The container's cgroup, whose limits win over the host's figures.
-    cgroup: Option<Cgroup>,
-    cpu_meter: Mutex<CpuMeter>,
 }
 
 impl Default for SlaMonitor {
@@ -105,9 +100,6 @@ impl SlaMonitor {
         Self {
             started: Instant::now(),
             entries: Mutex::new(VecDeque::with_capacity(1024)),
-            system: Mutex::new(sysinfo::System::new()),
-            cgroup: Cgroup::detect(),
-            cpu_meter: Mutex::new(CpuMeter::default()),
         }
     }
 
@@ -194,7 +186,9 @@ impl SlaMonitor {
                 recommendations.push(r);
             }
         }
-        let (cpu_percent, memory_percent, memory_used_bytes) = self.host();
+        // The resource monitor's latest sample: the cgroup's figures
+        // against its limits where set, else the host's.
+        let resources = tickserve_scheduler::monitor::ResourceMonitor::global();
         SlaView {
             window_s: span,
             health: health(pass_ratio),
@@ -210,41 +204,13 @@ impl SlaMonitor {
             recommendations,
             queue_length: None,
             cache_hit_rate: None,
-            cpu_percent,
-            memory_percent,
-            memory_used_bytes,
+            cpu_percent: resources.cpu(),
+            memory_percent: resources.memory(),
+            memory_used_bytes: resources.memory_used_bytes(),
             // The busiest GPU (NVML), sampled by the resource monitor;
             // `null` without NVML.
-            gpu_percent: tickserve_scheduler::monitor::ResourceMonitor::global().gpu(),
+            gpu_percent: resources.gpu(),
         }
-    }
-
-    /// CPU % (since the previous call) and memory: against the cgroup's
-    /// limits where they are set, else the host's.
-    fn host(&self) -> (f64, f64, u64) {
-        let mut sys = self.system.lock().unwrap_or_else(PoisonError::into_inner);
-        sys.refresh_cpu_usage();
-        sys.refresh_memory();
-        let total = sys.total_memory().max(1);
-        let mut used = sys.used_memory();
-        let mut cpu = f64::from(sys.global_cpu_usage());
-        let mut memory = used as f64 / total as f64 * 100.0;
-        if let Some(cgroup) = &self.cgroup {
-            let mut meter = self
-                .cpu_meter
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            if let Some(percent) = meter.sample(cgroup, Instant::now()) {
-                cpu = percent;
-            }
-            if let (Some(percent), Some(current)) =
-                (cgroup.memory_percent(), cgroup.memory_current())
-            {
-                memory = percent;
-                used = current;
-            }
-        }
-        (cpu, memory, used)
     }
 }
 
@@ -395,10 +361,14 @@ pub struct SlaView {
     /// Result-cache hits (any tier) / rows looked up since start; `None`
     /// without a cache or before its first lookup.
     pub cache_hit_rate: Option<f64>,
-    pub cpu_percent: f64,
-    pub memory_percent: f64,
-    pub memory_used_bytes: u64,
-    /// No GPU engine yet.
+    /// CPU use, percent of the cgroup's quota where one is set, else of
+    /// the machine; `null` in the first second.
+    pub cpu_percent: Option<f64>,
+    /// Memory in use, percent of the cgroup's limit where set, else of the
+    /// machine.
+    pub memory_percent: Option<f64>,
+    pub memory_used_bytes: Option<u64>,
+    /// The busiest GPU's utilisation (NVML); `null` without one.
     pub gpu_percent: Option<f64>,
 }
 

@@ -632,7 +632,7 @@ pub async fn run(args: BenchArgs) -> Result<Finished, BenchError> {
         mixed,
     };
     write_outputs(&common, &report)?;
-    let exit_code = report.compliance.exit_code();
+    let exit_code = crate::sla::exit_code(&report.compliance);
     Ok(Finished { report, exit_code })
 }
 

@@ -2,7 +2,9 @@
 //!
 //! An SLA file (TOML) holds the thresholds of seed-requirements.md
 //! ("Benchmarks and SLA reports"): p50 ≤ 50 ms, p95 ≤ 80, p99 ≤ 100,
-//! max ≤ 200, ≥ 50 requests/s, errors ≤ 1 %. Any field may be left out
+//! max ≤ 200, ≥ 50 requests/s, errors ≤ 1 % — the thresholds, checks,
+//! health and advice of `tickserve_telemetry::sla`, which the server's
+//! `/v2/sla` applies too. Any field may be left out
 //! (the default stays); `[classes."priority N"]` tables override fields for
 //! one priority class. [`evaluate`] checks a run's statistics: every
 //! threshold over all requests, plus every overridden threshold on its
@@ -14,35 +16,12 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+pub use tickserve_telemetry::sla::{Check, Compliance, Health, Thresholds, recommendation};
+
 use crate::stats::{GoodputLimits, RunStats};
 
 /// Exit code of a run whose SLA verdict is "not compliant".
 pub const EXIT_SLA_FAILED: u8 = 3;
-
-/// Thresholds; latencies in milliseconds, the error rate as a fraction.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Thresholds {
-    pub p50_ms: f64,
-    pub p95_ms: f64,
-    pub p99_ms: f64,
-    pub max_ms: f64,
-    pub min_throughput_rps: f64,
-    pub max_error_rate: f64,
-}
-
-impl Default for Thresholds {
-    fn default() -> Self {
-        Self {
-            p50_ms: 50.0,
-            p95_ms: 80.0,
-            p99_ms: 100.0,
-            max_ms: 200.0,
-            min_throughput_rps: 50.0,
-            max_error_rate: 0.01,
-        }
-    }
-}
 
 /// Per-class overrides: only the fields given are checked on the class.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -135,123 +114,12 @@ impl Sla {
     }
 }
 
-/// Overall health from the share of checks passed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Health {
-    Healthy,
-    Warning,
-    Critical,
-}
-
-impl Health {
-    /// healthy ≥ 90 % of checks passed, warning ≥ 70 %, else critical.
-    pub fn from_pass_ratio(ratio: f64) -> Self {
-        if ratio >= 0.9 {
-            Health::Healthy
-        } else if ratio >= 0.7 {
-            Health::Warning
-        } else {
-            Health::Critical
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Health::Healthy => "healthy",
-            Health::Warning => "warning",
-            Health::Critical => "critical",
-        }
-    }
-}
-
-/// One threshold against one measured value.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Check {
-    /// `"overall"` or a class label.
-    pub scope: String,
-    /// `p50`, `p95`, `p99`, `max`, `throughput`, `error_rate`.
-    pub metric: String,
-    pub measured: f64,
-    pub threshold: f64,
-    /// `"<="` or `">="`.
-    pub op: String,
-    pub passed: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub recommendation: Option<String>,
-}
-
-/// The verdict on one run.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Compliance {
-    pub compliant: bool,
-    pub passed: usize,
-    pub total: usize,
-    pub pass_ratio: f64,
-    pub health: Health,
-    pub checks: Vec<Check>,
-    pub recommendations: Vec<String>,
-}
-
-impl Compliance {
-    /// The verdict on `checks`: compliant when all passed, the health
-    /// from the share passed, one recommendation per failed scope and
-    /// metric.
-    pub fn from_checks(checks: Vec<Check>) -> Self {
-        let total = checks.len();
-        let passed = checks.iter().filter(|c| c.passed).count();
-        let pass_ratio = if total == 0 {
-            1.0
-        } else {
-            passed as f64 / total as f64
-        };
-        let mut recommendations: Vec<String> = Vec::new();
-        for c in checks.iter().filter(|c| !c.passed) {
-            let advice = c
-                .recommendation
-                .clone()
-                .unwrap_or_else(|| recommendation(&c.metric).to_owned());
-            let text = format!("[{} {}] {advice}", c.scope, c.metric);
-            if !recommendations.contains(&text) {
-                recommendations.push(text);
-            }
-        }
-        Compliance {
-            compliant: passed == total,
-            passed,
-            total,
-            pass_ratio,
-            health: Health::from_pass_ratio(pass_ratio),
-            checks,
-            recommendations,
-        }
-    }
-
-    /// 0 when every check passed, [`EXIT_SLA_FAILED`] otherwise.
-    pub fn exit_code(&self) -> u8 {
-        if self.compliant { 0 } else { EXIT_SLA_FAILED }
-    }
-}
-
-/// What to try when a metric misses its threshold.
-pub fn recommendation(metric: &str) -> &'static str {
-    match metric {
-        "p50" => {
-            "Median latency too high: the engine itself is slow for this load. Lower the class's max_queue_delay in the model's config, add engine instances (CPU cores), or scale out replicas."
-        }
-        "p95" | "p99" => {
-            "Tail latency too high: requests wait in the queue. Lower max_batch_size or the class's max_queue_delay, give latency-critical traffic a higher priority, enable the result cache for repeated inputs, or add replicas."
-        }
-        "max" => {
-            "Worst-case latency too high: look for stalls (GC, swapping, cold start without warm-up, noisy neighbours); set a queue timeout so requests fail fast instead of waiting, and check warm-up is enabled."
-        }
-        "throughput" => {
-            "Throughput too low: raise max_batch_size so batches fill, add engine instances, enable the result cache, or scale out replicas (autoscale on request rate)."
-        }
-        "error_rate" => {
-            "Too many errors: read errors_by_reason. 429s mean admission control refused requests (a full priority queue, or a deadline the queue ahead cannot meet: add capacity or raise max_queue_size), 503s mean requests expired in the queue (raise default_timeout or add capacity), timeouts mean the server is overloaded, 4xx mean the client's requests are malformed."
-        }
-        _ => "Investigate this metric.",
+/// 0 when every check passed, [`EXIT_SLA_FAILED`] otherwise.
+pub fn exit_code(compliance: &Compliance) -> u8 {
+    if compliance.compliant {
+        0
+    } else {
+        EXIT_SLA_FAILED
     }
 }
 
@@ -259,20 +127,7 @@ pub fn recommendation(metric: &str) -> &'static str {
 pub fn evaluate(stats: &RunStats, sla: &Sla) -> Compliance {
     let mut checks = Vec::new();
     let mut add = |scope: &str, metric: &str, measured: f64, threshold: f64, at_most: bool| {
-        let passed = if at_most {
-            measured <= threshold
-        } else {
-            measured >= threshold
-        };
-        checks.push(Check {
-            scope: scope.to_owned(),
-            metric: metric.to_owned(),
-            measured,
-            threshold,
-            op: if at_most { "<=" } else { ">=" }.to_owned(),
-            passed,
-            recommendation: (!passed).then(|| recommendation(metric).to_owned()),
-        });
+        checks.push(Check::new(scope, metric, measured, threshold, at_most));
     };
     let t = sla.thresholds;
     let o = &stats.overall;
@@ -363,7 +218,7 @@ mod tests {
         assert!(c.compliant);
         assert_eq!((c.passed, c.total), (6, 6));
         assert_eq!(c.health, Health::Healthy);
-        assert_eq!(c.exit_code(), 0);
+        assert_eq!(exit_code(&c), 0);
         assert!(c.recommendations.is_empty());
     }
 
@@ -377,7 +232,7 @@ mod tests {
         assert!(!c.compliant);
         assert_eq!((c.passed, c.total), (5, 6));
         assert_eq!(c.health, Health::Warning);
-        assert_eq!(c.exit_code(), EXIT_SLA_FAILED);
+        assert_eq!(exit_code(&c), EXIT_SLA_FAILED);
         assert_eq!(c.recommendations.len(), 1);
         assert!(c.recommendations[0].starts_with("[overall max]"));
     }

@@ -30,48 +30,16 @@ use axum::response::{Html, IntoResponse};
 use axum::routing::get;
 use serde::Serialize;
 
+use tickserve_telemetry::sla::{
+    ALERTS, Alerts, Check, Compliance, Health, LatencyFigures, Thresholds,
+};
+
 use crate::AppState;
 
 /// Most requests kept in the window; older ones are dropped first.
 pub const MAX_SAMPLES: usize = 200_000;
 /// Length of the rolling window.
 pub const WINDOW: Duration = Duration::from_secs(60);
-
-/// The seed's SLA thresholds (latencies in ms).
-#[derive(Debug, Clone, Copy, Serialize)]
-pub struct Thresholds {
-    pub p50_ms: f64,
-    pub p95_ms: f64,
-    pub p99_ms: f64,
-    pub max_ms: f64,
-    pub min_throughput_rps: f64,
-    pub max_error_rate: f64,
-}
-
-pub const DEFAULT_THRESHOLDS: Thresholds = Thresholds {
-    p50_ms: 50.0,
-    p95_ms: 80.0,
-    p99_ms: 100.0,
-    max_ms: 200.0,
-    min_throughput_rps: 50.0,
-    max_error_rate: 0.01,
-};
-
-/// The dashboard's alert thresholds (seed's dashboard config).
-pub const ALERTS: Alerts = Alerts {
-    p99_ms: 100.0,
-    error_percent: 1.0,
-    cpu_percent: 90.0,
-    gpu_percent: 85.0,
-};
-
-#[derive(Debug, Clone, Copy, Serialize)]
-pub struct Alerts {
-    pub p99_ms: f64,
-    pub error_percent: f64,
-    pub cpu_percent: f64,
-    pub gpu_percent: f64,
-}
 
 #[derive(Debug, Clone)]
 struct Entry {
@@ -147,14 +115,14 @@ impl SlaMonitor {
                     .push((e.latency_us, e.ok));
             }
         }
-        let t = DEFAULT_THRESHOLDS;
+        let t = Thresholds::SEED;
         let mut classes = Vec::new();
         let mut checks = Vec::new();
         let mut all: Vec<(u64, bool)> = Vec::new();
         for ((model, class), samples) in groups {
             let stats = WindowStats::of(&samples, span);
             let scope = format!("{model} {class}");
-            latency_checks(&mut checks, &scope, &stats, &t);
+            checks.extend(Check::latency_and_errors(&scope, &stats.figures(), &t));
             all.extend(samples);
             classes.push(ClassView {
                 model,
@@ -164,7 +132,7 @@ impl SlaMonitor {
         }
         let overall = WindowStats::of(&all, span);
         if overall.requests > 0 {
-            checks.push(check(
+            checks.push(Check::new(
                 "overall",
                 "throughput",
                 overall.rps,
@@ -172,36 +140,23 @@ impl SlaMonitor {
                 false,
             ));
         }
-        let total = checks.len();
-        let passed = checks.iter().filter(|c| c.passed).count();
-        let pass_ratio = if total == 0 {
-            1.0
-        } else {
-            passed as f64 / total as f64
-        };
-        let mut recommendations: Vec<String> = Vec::new();
-        for c in checks.iter().filter(|c| !c.passed) {
-            let r = format!("[{} {}] {}", c.scope, c.metric, recommendation(c.metric));
-            if !recommendations.contains(&r) {
-                recommendations.push(r);
-            }
-        }
+        let verdict = Compliance::from_checks(checks);
         // The resource monitor's latest sample: the cgroup's figures
         // against its limits where set, else the host's.
         let resources = tickserve_scheduler::monitor::ResourceMonitor::global();
         SlaView {
             window_s: span,
-            health: health(pass_ratio),
-            compliant: passed == total,
-            passed,
-            total,
-            pass_ratio,
+            health: verdict.health,
+            compliant: verdict.compliant,
+            passed: verdict.passed,
+            total: verdict.total,
+            pass_ratio: verdict.pass_ratio,
             thresholds: t,
             alerts: ALERTS,
             overall,
             classes,
-            checks,
-            recommendations,
+            checks: verdict.checks,
+            recommendations: verdict.recommendations,
             queue_length: None,
             cache_hit_rate: None,
             cpu_percent: resources.cpu(),
@@ -211,68 +166,6 @@ impl SlaMonitor {
             // `null` without NVML.
             gpu_percent: resources.gpu(),
         }
-    }
-}
-
-fn latency_checks(checks: &mut Vec<Check>, scope: &str, s: &WindowStats, t: &Thresholds) {
-    if s.ok > 0 {
-        checks.push(check(scope, "p50", s.p50_ms, t.p50_ms, true));
-        checks.push(check(scope, "p95", s.p95_ms, t.p95_ms, true));
-        checks.push(check(scope, "p99", s.p99_ms, t.p99_ms, true));
-        checks.push(check(scope, "max", s.max_ms, t.max_ms, true));
-    }
-    if s.requests > 0 {
-        checks.push(check(
-            scope,
-            "error_rate",
-            s.error_rate,
-            t.max_error_rate,
-            true,
-        ));
-    }
-}
-
-fn check(scope: &str, metric: &'static str, measured: f64, threshold: f64, at_most: bool) -> Check {
-    Check {
-        scope: scope.to_owned(),
-        metric,
-        measured,
-        threshold,
-        op: if at_most { "<=" } else { ">=" },
-        passed: if at_most {
-            measured <= threshold
-        } else {
-            measured >= threshold
-        },
-    }
-}
-
-fn health(pass_ratio: f64) -> &'static str {
-    if pass_ratio >= 0.9 {
-        "healthy"
-    } else if pass_ratio >= 0.7 {
-        "warning"
-    } else {
-        "critical"
-    }
-}
-
-fn recommendation(metric: &str) -> &'static str {
-    match metric {
-        "p50" => "Median latency too high: add engine instances (CPU cores) or replicas.",
-        "p95" | "p99" => {
-            "Tail latency too high: lower max_batch_size or max_queue_delay, raise the priority of latency-critical traffic, enable the result cache, or add replicas."
-        }
-        "max" => {
-            "Worst-case latency too high: look for stalls; set a queue timeout so requests fail fast."
-        }
-        "throughput" => {
-            "Throughput below the SLA: raise max_batch_size, add engine instances or replicas (or the traffic is simply low)."
-        }
-        "error_rate" => {
-            "Too many errors: see batch_processing_errors_total by error_type (429 = queue full or deadline, 503 = timeout in the queue or unavailable, 4xx = bad requests)."
-        }
-        _ => "Investigate this metric.",
     }
 }
 
@@ -291,6 +184,18 @@ pub struct WindowStats {
 }
 
 impl WindowStats {
+    fn figures(&self) -> LatencyFigures {
+        LatencyFigures {
+            requests: self.requests,
+            ok: self.ok,
+            error_rate: self.error_rate,
+            p50_ms: self.p50_ms,
+            p95_ms: self.p95_ms,
+            p99_ms: self.p99_ms,
+            max_ms: self.max_ms,
+        }
+    }
+
     fn of(samples: &[(u64, bool)], span_s: f64) -> Self {
         let mut ok: Vec<u64> = samples.iter().filter(|s| s.1).map(|s| s.0).collect();
         ok.sort_unstable();
@@ -331,21 +236,11 @@ pub struct ClassView {
     pub stats: WindowStats,
 }
 
-#[derive(Debug, Clone, Serialize)]
-pub struct Check {
-    pub scope: String,
-    pub metric: &'static str,
-    pub measured: f64,
-    pub threshold: f64,
-    pub op: &'static str,
-    pub passed: bool,
-}
-
 /// The body of `GET /v2/sla`.
 #[derive(Debug, Clone, Serialize)]
 pub struct SlaView {
     pub window_s: f64,
-    pub health: &'static str,
+    pub health: Health,
     pub compliant: bool,
     pub passed: usize,
     pub total: usize,

@@ -8,6 +8,7 @@
 //! macros with the constants below, so a name is never spelled twice.
 
 pub mod cgroup;
+pub mod sla;
 pub mod throughput;
 
 use std::sync::OnceLock;

@@ -355,7 +355,7 @@ mod tests {
         // max 100 ≤ 200, errors 1/101 = 0.99 % ≤ 1 %, throughput 10 < 50
         // fails: 4 of 6 = 67 % < 70 %.
         assert_eq!((v.passed, v.total), (4, 6));
-        assert_eq!(v.health, "critical");
+        assert_eq!(v.health.as_str(), "critical");
         assert_eq!(v.recommendations.len(), 2);
     }
 
@@ -378,6 +378,6 @@ mod tests {
     fn no_traffic_is_healthy_with_no_checks() {
         let v = SlaMonitor::new().view(Instant::now());
         assert_eq!(v.total, 0);
-        assert_eq!(v.health, "healthy");
+        assert_eq!(v.health.as_str(), "healthy");
     }
 }

@@ -4,13 +4,9 @@
 //! checks the rules' syntax in scripts/test.sh.)
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::Path;
-
 use tickserve_bench::sla::Sla;
 
-fn root() -> &'static Path {
-    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
-}
+use tickserve_test_support::root;
 
 #[test]
 fn grafana_dashboard_has_the_seed_panels_and_sla_thresholds() {

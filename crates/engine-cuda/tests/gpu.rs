@@ -1,18 +1,14 @@
 //! Golden checks on a real GPU. Without CUDA they print `SKIPPED … <reason>`
 //! and pass, unless `TICKSERVE_REQUIRE_CUDA=1`, which makes them fail.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use tickserve_engine::{Batch, Engine};
 use tickserve_engine_cuda::{CudaEngine, CudaOptions, CudaPrecision, cuda_required, probe};
 
 /// The repository root: `TICKSERVE_REPO_ROOT` when set (a test binary
 /// carried to a GPU machine), else where this crate was built.
-fn root() -> PathBuf {
-    std::env::var_os("TICKSERVE_REPO_ROOT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."))
-}
+use tickserve_test_support::root;
 
 /// `false` (after printing why) when the test must be skipped.
 fn gpu_or_skip(test: &str) -> bool {

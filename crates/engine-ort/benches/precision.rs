@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use tickserve_engine::{Batch, Engine};
 use tickserve_engine_native::{Calibration, CalibrationMethod, NativeEngine, Precision};
 use tickserve_engine_ort::OrtEngine;
+use tickserve_test_support::read_npy;
 
 const BATCHES: [usize; 3] = [1, 8, 32];
 
@@ -46,16 +47,6 @@ fn median_and_p99(times: &mut [Duration]) -> (Duration, Duration) {
     times.sort_unstable();
     let at = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize];
     (at(0.5), at(0.99))
-}
-
-fn read_npy(path: &Path) -> (Vec<usize>, Vec<f32>) {
-    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let npy = npyz::NpyFile::new(&bytes[..]).unwrap_or_else(|e| panic!("{e}"));
-    let shape = npy.shape().iter().map(|&d| d as usize).collect();
-    (
-        shape,
-        npy.into_vec::<f32>().unwrap_or_else(|e| panic!("{e}")),
-    )
 }
 
 /// Each engine on the golden windows (one batch) against PyTorch fp32.
@@ -102,7 +93,7 @@ fn main() {
             .and_then(|s| s.parse().ok())
             .unwrap_or(1.5),
     );
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let root = tickserve_test_support::root();
     let model = root.join("models/cnn_lstm/1/model.onnx");
     let qdq = root.join("fixtures/models/cnn_lstm_qdq/model.onnx");
     let mut engines: Vec<(String, Box<dyn Engine>)> = Vec::new();

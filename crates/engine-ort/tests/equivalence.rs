@@ -7,15 +7,10 @@
 //! that they were skipped, and why.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
-
 use tickserve_engine::{Batch, Engine};
 use tickserve_engine_native::NativeEngine;
 use tickserve_engine_ort::OrtEngine;
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+use tickserve_test_support::{read_npy, root};
 
 /// `true` when ONNX Runtime is usable; otherwise reports the skip (or
 /// fails, when the environment requires ONNX Runtime).
@@ -31,13 +26,6 @@ fn onnxruntime_or_skip(test: &str) -> bool {
             false
         }
     }
-}
-
-fn read_npy(path: &Path) -> (Vec<usize>, Vec<f32>) {
-    let bytes = std::fs::read(path).unwrap();
-    let npy = npyz::NpyFile::new(&bytes[..]).unwrap();
-    let shape = npy.shape().iter().map(|&d| d as usize).collect();
-    (shape, npy.into_vec::<f32>().unwrap())
 }
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {

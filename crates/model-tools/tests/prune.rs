@@ -10,8 +10,6 @@
 //! otherwise it prints that it was skipped, and why.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
-
 use tickserve_engine::{Batch, Engine};
 use tickserve_engine_native::NativeEngine;
 use tickserve_engine_ort::OrtEngine;
@@ -19,9 +17,7 @@ use tickserve_model_tools::npy;
 use tickserve_model_tools::onnx::{self, FloatTensor};
 use tickserve_model_tools::prune::{PruneOptions, prune_bytes};
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+use tickserve_test_support::root;
 
 /// (model file, golden fixture, [(conv weight, dims after 25 % channel
 /// pruning)], LSTM input weight name and dims after).

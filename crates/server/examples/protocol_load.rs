@@ -72,12 +72,7 @@ fn cpu_seconds(pid: u32) -> f64 {
 }
 
 fn input(rows: usize) -> Vec<f32> {
-    let bytes = std::fs::read(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../fixtures/golden/cnn_lstm/input.npy"
-    ))
-    .unwrap();
-    let golden: Vec<f32> = npyz::NpyFile::new(&bytes[..]).unwrap().into_vec().unwrap();
+    let golden = tickserve_test_support::golden().input;
     let available = golden.len() / ROW;
     (0..rows)
         .flat_map(|r| golden[(r % available) * ROW..(r % available + 1) * ROW].to_vec())

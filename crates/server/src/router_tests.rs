@@ -2,8 +2,6 @@
 //! (`tower::ServiceExt::oneshot`): one request in, one response out.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
-
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use serde_json::Value;
@@ -12,9 +10,7 @@ use tower::ServiceExt;
 use crate::models::ModelRegistry;
 use crate::{AppState, ServerConfig, router};
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+use tickserve_test_support::root;
 
 /// State with no models loaded yet, and no cache.
 fn starting() -> AppState {

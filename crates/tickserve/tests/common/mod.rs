@@ -2,13 +2,10 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{BufRead, BufReader, Lines};
-use std::path::Path;
 use std::process::{Child, ChildStderr, Command, Stdio};
 use std::time::{Duration, Instant};
 
-pub fn root() -> &'static Path {
-    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
-}
+pub use tickserve_test_support::root;
 
 /// A running `tickserve serve`: the child, its HTTP and gRPC addresses, and the log
 /// lines after its "listening" line (keep reading them, or the server

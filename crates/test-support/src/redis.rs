@@ -12,7 +12,7 @@ use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::tls::TestPki;
+use crate::tls::TestPki;
 
 /// How a test's redis-server is set up beyond the defaults.
 #[derive(Default)]

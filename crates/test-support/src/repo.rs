@@ -1,0 +1,61 @@
+//! Model repositories for tests, each in a fresh temp folder: the bundled
+//! model under any name, with the config.toml the test needs.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use crate::root;
+
+/// A new empty folder under the system's temp folder, unique to this
+/// process and call.
+pub fn fresh_dir(prefix: &str) -> PathBuf {
+    static COUNTER: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    dir
+}
+
+/// A repository in a fresh temp folder holding the bundled model under
+/// `name` (version 1) with the given config.toml.
+pub fn repository_with(name: &str, config_toml: &str) -> PathBuf {
+    let dir = fresh_dir("tickserve-test");
+    std::fs::create_dir_all(dir.join(name)).unwrap();
+    std::fs::write(dir.join(name).join("config.toml"), config_toml).unwrap();
+    with_version(&dir, name, 1);
+    dir
+}
+
+/// Adds the bundled model as `version` of `name` in `repository`.
+pub fn with_version(repository: &Path, name: &str, version: u64) {
+    let folder = repository.join(name).join(version.to_string());
+    std::fs::create_dir_all(&folder).unwrap();
+    std::fs::copy(
+        root().join("models/cnn_lstm/1/model.onnx"),
+        folder.join("model.onnx"),
+    )
+    .unwrap_or_else(|e| panic!("{}: {e}", folder.display()));
+}
+
+/// config.toml of the bundled model with `extra` appended (batching,
+/// cache and other sections).
+pub fn cnn_lstm_config(extra: &str) -> String {
+    format!(
+        r#"
+engine = "native"
+max_batch_size = 32
+[[input]]
+name = "input"
+datatype = "FP32"
+dims = [50, 60]
+[[output]]
+name = "output"
+datatype = "FP32"
+dims = [3]
+{extra}
+"#
+    )
+}

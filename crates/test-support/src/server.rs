@@ -1,0 +1,128 @@
+//! A real tickserve server on 127.0.0.1:0 (HTTP, gRPC and metrics on free
+//! ports) with the real engine, and the client calls tests make to it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tickserve_server::{BoundServer, ServerConfig, StartError};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::root;
+
+pub struct TestServer {
+    pub http: SocketAddr,
+    pub grpc: SocketAddr,
+    pub metrics: SocketAddr,
+    pub client: reqwest::Client,
+    stop: Option<oneshot::Sender<()>>,
+    pub task: Option<JoinHandle<Result<(), StartError>>>,
+}
+
+impl TestServer {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.http)
+    }
+
+    /// Asks the server to shut down and waits for `serve` to return.
+    pub async fn shutdown(mut self) -> Result<(), StartError> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.task.take().unwrap().await.unwrap()
+    }
+
+    pub fn trigger_shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
+    /// GETs `path` and parses the answer as JSON, whatever its status.
+    pub async fn get_json(&self, path: &str) -> serde_json::Value {
+        self.client
+            .get(self.url(path))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// POSTs an inference request for the bundled model as JSON.
+    pub async fn infer(&self, body: &serde_json::Value) -> reqwest::Response {
+        self.client
+            .post(self.url("/v2/models/cnn_lstm/infer"))
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn metrics_text(&self) -> String {
+        self.client
+            .get(format!("http://{}/metrics", self.metrics))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+}
+
+pub fn config(repository: PathBuf) -> ServerConfig {
+    ServerConfig {
+        model_repository: repository,
+        http_addr: "127.0.0.1:0".parse().unwrap(),
+        grpc_addr: "127.0.0.1:0".parse().unwrap(),
+        metrics_addr: "127.0.0.1:0".parse().unwrap(),
+        drain_timeout: Duration::from_secs(10),
+        shutdown_delay: Duration::ZERO,
+        max_body_bytes: 16 * 1024 * 1024,
+        cache: tickserve_server::CacheConfig::default(),
+        admin_token: None,
+    }
+}
+
+/// Starts a server and waits until it reports ready.
+pub async fn start(config: ServerConfig) -> TestServer {
+    let server = BoundServer::bind(config).await.unwrap();
+    let (http, grpc, metrics) = (
+        server.http_addr(),
+        server.grpc_addr(),
+        server.metrics_addr(),
+    );
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(server.serve(async move {
+        let _ = stopped.await;
+    }));
+    let client = reqwest::Client::new();
+    let ready = format!("http://{http}/v2/health/ready");
+    // Warm-up runs every batch size; on a loaded 2-core machine a large
+    // `max_batch_size` takes seconds.
+    for _ in 0..6000 {
+        if let Ok(r) = client.get(&ready).send().await
+            && r.status() == 200
+        {
+            return TestServer {
+                http,
+                grpc,
+                metrics,
+                client,
+                stop: Some(stop),
+                task: Some(task),
+            };
+        }
+        assert!(!task.is_finished(), "server stopped before becoming ready");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("server not ready after 60 s");
+}
+
+/// The bundled repository.
+pub async fn start_default() -> TestServer {
+    start(config(root().join("models"))).await
+}

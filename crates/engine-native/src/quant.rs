@@ -33,7 +33,12 @@
 //! (`recognise.rs`). The kernels are the same for all three.
 //!
 //! SIMD levels ([`LowSimd`]): AVX-512 VNNI/BF16, AVX2 (a hand-written
-//! int8 kernel, see [`avx2`]) and portable loops.
+//! int8 kernel, see [`avx2`]) and portable loops, detected in
+//! `crate::kernels::simd` with the fp32 levels.
+
+#[cfg(test)]
+pub(crate) use crate::kernels::simd::low_simd_levels;
+pub(crate) use crate::kernels::simd::{LowSimd, detect_low_simd};
 
 /// Numeric precision the native engine runs a model's GEMMs in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -637,53 +642,6 @@ fn bf16_rows_body(m: usize, k: usize, k_pad: usize, src: &[f32], rs: usize, dst:
         {
             *d = to_bf16(v);
         }
-    }
-}
-
-/// SIMD level of the low-precision kernels, picked once per process.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum LowSimd {
-    /// AVX-512 with VNNI (int8) and BF16 (bf16) instructions.
-    Avx512,
-    /// AVX2 + FMA: the int8 kernel of [`avx2`] (i16 `vpmaddwd`); bf16 and
-    /// row conversions run the portable loops compiled for AVX2.
-    Avx2,
-    Portable,
-}
-
-/// The best level the CPU runs, lowered by `TICKSERVE_LOW_SIMD=avx2` or
-/// `=portable` (to benchmark the AVX2 kernel on an AVX-512 machine; a
-/// level above the CPU's is ignored).
-pub(crate) fn detect_low_simd() -> LowSimd {
-    static LEVEL: std::sync::OnceLock<LowSimd> = std::sync::OnceLock::new();
-    *LEVEL.get_or_init(|| {
-        let best = best_low_simd();
-        match std::env::var("TICKSERVE_LOW_SIMD").as_deref() {
-            Ok("portable") => LowSimd::Portable,
-            Ok("avx2") if best == LowSimd::Avx512 => LowSimd::Avx2,
-            _ => best,
-        }
-    })
-}
-
-fn best_low_simd() -> LowSimd {
-    {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512f")
-                && std::arch::is_x86_feature_detected!("avx512bw")
-                && std::arch::is_x86_feature_detected!("avx512vnni")
-                && std::arch::is_x86_feature_detected!("avx512bf16")
-            {
-                return LowSimd::Avx512;
-            }
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                return LowSimd::Avx2;
-            }
-        }
-        LowSimd::Portable
     }
 }
 
@@ -1345,19 +1303,6 @@ mod avx512 {
             }
         }
     }
-}
-
-/// The levels the current CPU can run, for tests.
-#[cfg(test)]
-pub(crate) fn low_simd_levels() -> Vec<LowSimd> {
-    let mut levels = vec![LowSimd::Portable];
-    if crate::kernels::detect_simd() != crate::kernels::Simd::Portable {
-        levels.push(LowSimd::Avx2);
-    }
-    if best_low_simd() == LowSimd::Avx512 {
-        levels.push(LowSimd::Avx512);
-    }
-    levels
 }
 
 #[cfg(test)]

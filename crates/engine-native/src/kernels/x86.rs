@@ -1,4 +1,4 @@
-//! The AVX-512 and AVX2 forms of [`gemm_block`] and [`step_block`] with
+//! The AVX-512 and AVX2 forms of `gemm::gemm_block` and `lstm::step_block` with
 //! explicit vector registers: the compiler does not keep the portable
 //! form's `[[[f32; L]; 4]; R]` accumulators in registers (measured 4×
 //! slower), and these loops are the engine's whole inner loop.

@@ -27,7 +27,8 @@
 //! [`SchedulerConfig::own_thread`] is off, as in tests on the paused
 //! clock), so request decoding on the server's runtime never delays a
 //! dispatch. Workers run the engine ([`InFlight::run_chunk`]), answer each request
-//! whose rows are complete through its oneshot, and report back.
+//! whose rows are complete through its oneshot, and report back; their
+//! loop is in `worker`.
 
 use std::sync::Arc;
 use std::sync::mpsc as std_mpsc;
@@ -48,18 +49,9 @@ use crate::queue::{BatchLimits, PriorityQueue, Taken};
 use crate::stats::SchedulerStats;
 use crate::{Request, SchedulerCommand, SchedulerConfig, SchedulerError, WorkerPlan};
 
-/// What a worker reports when a chunk is done.
-struct Done {
-    worker: usize,
-    /// Rows of the chunk and its engine time; `clean` when it was one
-    /// engine call (a split chunk says nothing about engine time).
-    rows: usize,
-    took: Duration,
-    clean: bool,
-    answered: Vec<Answered>,
-    /// The batch, when rows of it remain.
-    rest: Option<InFlight>,
-}
+mod worker;
+
+use worker::{Done, engine_worker, pin_to};
 
 /// Batches the latency fit looks back on, per instance.
 const MODEL_WINDOW: usize = 64;
@@ -141,25 +133,6 @@ pub(crate) fn start(
         });
     if let Err(e) = spawned {
         tracing::error!(error = %e, "cannot start the batcher thread");
-    }
-}
-
-/// Pins the calling thread to `core`, logging (not failing) when the OS
-/// refuses: a worker on any core still serves.
-fn pin_to(core: Option<usize>, model: &str, worker: usize) {
-    let Some(core) = core else { return };
-    let pinned = core_affinity::get_core_ids()
-        .and_then(|ids| ids.into_iter().find(|id| id.id == core))
-        .is_some_and(core_affinity::set_for_current);
-    if pinned {
-        tracing::debug!(model, worker, core, "engine worker pinned");
-    } else {
-        tracing::warn!(
-            model,
-            worker,
-            core,
-            "cannot pin the engine worker to this core; it runs unpinned"
-        );
     }
 }
 
@@ -799,55 +772,5 @@ async fn sleep_until(deadline: Option<Instant>) {
 fn fail(requests: Vec<Request>, error: &SchedulerError) {
     for request in requests {
         let _ = request.response_tx.send(Err(error.clone()));
-    }
-}
-
-fn engine_worker(
-    index: usize,
-    engine: &dyn Engine,
-    (model, version): (&str, &str),
-    stats: &SchedulerStats,
-    job_rx: &std_mpsc::Receiver<InFlight>,
-    done_tx: &mpsc::Sender<Done>,
-) {
-    let batch_size = histogram!(telemetry::BATCH_SIZE, "model" => model.to_owned(), "version" => version.to_owned());
-    let execution = histogram!(telemetry::ENGINE_EXECUTION, "model" => model.to_owned(), "version" => version.to_owned());
-    let batches = counter!(telemetry::BATCHES_TOTAL, "model" => model.to_owned(), "version" => version.to_owned());
-    let retries = counter!(telemetry::ENGINE_RETRIES_TOTAL, "model" => model.to_owned(), "version" => version.to_owned());
-    while let Ok(mut batch) = job_rx.recv() {
-        let rows = batch.next_chunk();
-        let run = batch.run_chunk(engine);
-        let took = run.engine;
-        // Metrics before the answers, so a client that reads them after
-        // its response sees its own call.
-        execution.record(took.as_secs_f64());
-        batch_size.record(rows as f64);
-        batches.increment(run.calls as u64);
-        retries.increment(run.retries as u64);
-        if run.retries > 0 {
-            tracing::warn!(
-                model,
-                worker = index,
-                rows,
-                retries = run.retries,
-                "engine call failed; retried on halves"
-            );
-        }
-        let scattering = std::time::Instant::now();
-        let compute = batch.compute();
-        let answered = batch.answer_complete(|a| stats.class(a.priority).record_compute(compute));
-        stats.record_batch(rows, run.gather, took, scattering.elapsed());
-        let rest = (!batch.is_finished()).then_some(batch);
-        let done = Done {
-            worker: index,
-            rows,
-            took,
-            clean: run.retries == 0,
-            answered,
-            rest,
-        };
-        if done_tx.blocking_send(done).is_err() {
-            break;
-        }
     }
 }

@@ -1,0 +1,98 @@
+//! The engine worker threads of the batcher: each blocks on its job
+//! channel, runs one chunk of a batch through the engine (with the retry on
+//! halves inside [`InFlight::run_chunk`]), records the batch metrics,
+//! answers the requests whose rows are complete and reports a [`Done`] back
+//! to the batcher task (with the batch, when rows of it remain).
+
+use std::sync::mpsc as std_mpsc;
+use std::time::Duration;
+
+use metrics::{counter, histogram};
+use tickserve_engine::Engine;
+use tickserve_telemetry as telemetry;
+use tokio::sync::mpsc;
+
+use crate::inflight::{Answered, InFlight};
+use crate::stats::SchedulerStats;
+
+/// What a worker reports when a chunk is done.
+pub(super) struct Done {
+    pub(super) worker: usize,
+    /// Rows of the chunk and its engine time; `clean` when it was one
+    /// engine call (a split chunk says nothing about engine time).
+    pub(super) rows: usize,
+    pub(super) took: Duration,
+    pub(super) clean: bool,
+    pub(super) answered: Vec<Answered>,
+    /// The batch, when rows of it remain.
+    pub(super) rest: Option<InFlight>,
+}
+
+/// Pins the calling thread to `core`, logging (not failing) when the OS
+/// refuses: a worker on any core still serves.
+pub(super) fn pin_to(core: Option<usize>, model: &str, worker: usize) {
+    let Some(core) = core else { return };
+    let pinned = core_affinity::get_core_ids()
+        .and_then(|ids| ids.into_iter().find(|id| id.id == core))
+        .is_some_and(core_affinity::set_for_current);
+    if pinned {
+        tracing::debug!(model, worker, core, "engine worker pinned");
+    } else {
+        tracing::warn!(
+            model,
+            worker,
+            core,
+            "cannot pin the engine worker to this core; it runs unpinned"
+        );
+    }
+}
+
+pub(super) fn engine_worker(
+    index: usize,
+    engine: &dyn Engine,
+    (model, version): (&str, &str),
+    stats: &SchedulerStats,
+    job_rx: &std_mpsc::Receiver<InFlight>,
+    done_tx: &mpsc::Sender<Done>,
+) {
+    let batch_size = histogram!(telemetry::BATCH_SIZE, "model" => model.to_owned(), "version" => version.to_owned());
+    let execution = histogram!(telemetry::ENGINE_EXECUTION, "model" => model.to_owned(), "version" => version.to_owned());
+    let batches = counter!(telemetry::BATCHES_TOTAL, "model" => model.to_owned(), "version" => version.to_owned());
+    let retries = counter!(telemetry::ENGINE_RETRIES_TOTAL, "model" => model.to_owned(), "version" => version.to_owned());
+    while let Ok(mut batch) = job_rx.recv() {
+        let rows = batch.next_chunk();
+        let run = batch.run_chunk(engine);
+        let took = run.engine;
+        // Metrics before the answers, so a client that reads them after
+        // its response sees its own call.
+        execution.record(took.as_secs_f64());
+        batch_size.record(rows as f64);
+        batches.increment(run.calls as u64);
+        retries.increment(run.retries as u64);
+        if run.retries > 0 {
+            tracing::warn!(
+                model,
+                worker = index,
+                rows,
+                retries = run.retries,
+                "engine call failed; retried on halves"
+            );
+        }
+        let scattering = std::time::Instant::now();
+        let compute = batch.compute();
+        let answered = batch.answer_complete(|a| stats.class(a.priority).record_compute(compute));
+        stats.record_batch(rows, run.gather, took, scattering.elapsed());
+        let rest = (!batch.is_finished()).then_some(batch);
+        let done = Done {
+            worker: index,
+            rows,
+            took,
+            clean: run.retries == 0,
+            answered,
+            rest,
+        };
+        if done_tx.blocking_send(done).is_err() {
+            break;
+        }
+    }
+}

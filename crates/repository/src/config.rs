@@ -38,8 +38,77 @@ pub enum EngineChoice {
 pub struct TensorConfig {
     pub name: String,
     pub datatype: String,
-    /// Dimensions without the batch axis.
+    /// Dimensions without the batch axis, as clients send and receive them.
     pub dims: Vec<usize>,
+    /// The dimensions the model file has, when they differ from `dims`
+    /// (Triton's `reshape`): the same elements, only the shape differs.
+    #[serde(default)]
+    pub reshape: Option<Vec<usize>>,
+}
+
+impl TensorConfig {
+    /// The dimensions the model file must have.
+    pub fn model_dims(&self) -> &[usize] {
+        self.reshape.as_deref().unwrap_or(&self.dims)
+    }
+}
+
+/// Which of a model's versions are served (Triton's `version_policy`).
+/// config.toml: `version_policy = { latest = 2 }`, `version_policy = "all"`
+/// or `version_policy = { specific = [1, 3] }`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VersionPolicy {
+    /// The N highest version numbers.
+    Latest(usize),
+    /// Every version folder.
+    All,
+    /// These versions; each must exist.
+    Specific(Vec<u64>),
+}
+
+impl Default for VersionPolicy {
+    /// Triton's default: the latest version only.
+    fn default() -> Self {
+        VersionPolicy::Latest(1)
+    }
+}
+
+impl VersionPolicy {
+    /// The versions to serve out of those `found` (ascending), or the
+    /// first version the policy names that is not there.
+    pub fn select(&self, found: &[u64]) -> Result<Vec<u64>, u64> {
+        match self {
+            VersionPolicy::All => Ok(found.to_vec()),
+            VersionPolicy::Latest(n) => Ok(found[found.len().saturating_sub(*n)..].to_vec()),
+            VersionPolicy::Specific(wanted) => {
+                let mut selected = Vec::with_capacity(wanted.len());
+                for &version in wanted {
+                    if !found.contains(&version) {
+                        return Err(version);
+                    }
+                    selected.push(version);
+                }
+                selected.sort_unstable();
+                selected.dedup();
+                Ok(selected)
+            }
+        }
+    }
+
+    /// The problem with a policy that can serve nothing.
+    pub(crate) fn check(&self) -> Result<(), String> {
+        match self {
+            VersionPolicy::Latest(0) => Err("version_policy latest must be at least 1".into()),
+            VersionPolicy::Specific(v) if v.is_empty() => {
+                Err("version_policy specific names no version".into())
+            }
+            VersionPolicy::Specific(v) if v.contains(&0) => {
+                Err("version_policy specific: versions are positive integers".into())
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 /// Numeric precision the native engine runs a model in (the ONNX file
@@ -329,9 +398,15 @@ pub struct ModelConfig {
     /// int8 activation scales: dynamic, or static from a calibration set.
     #[serde(default)]
     pub quantization: QuantizationConfig,
-    #[serde(rename = "input")]
+    /// Which versions are served; the latest one by default.
+    #[serde(default)]
+    pub version_policy: VersionPolicy,
+    /// Inputs and outputs. config.toml must declare them; from a
+    /// config.pbtxt they are optional and, like in an ONNX-only folder,
+    /// completed from the model file when absent (crate::load).
+    #[serde(rename = "input", default)]
     pub inputs: Vec<TensorConfig>,
-    #[serde(rename = "output")]
+    #[serde(rename = "output", default)]
     pub outputs: Vec<TensorConfig>,
     #[serde(default)]
     pub dynamic_batching: BatchingConfig,
@@ -343,6 +418,18 @@ pub struct ModelConfig {
     /// Engine workers by group (replaces `instances` when present).
     #[serde(default)]
     pub instance_group: Vec<InstanceGroupConfig>,
+    /// `engine = "auto"` without trying the CUDA engine (a config.pbtxt's
+    /// `instance_group { kind: KIND_CPU }`; config.toml says `engine`).
+    #[serde(skip)]
+    pub cpu_only: bool,
+}
+
+impl Default for ModelConfig {
+    /// Every setting at its default and no declared inputs or outputs:
+    /// the configuration of a folder holding only model files.
+    fn default() -> Self {
+        ModelConfig::deserialize(toml::Table::new()).expect("every ModelConfig field has a default")
+    }
 }
 
 impl ModelConfig {
@@ -408,6 +495,20 @@ pub fn read_config(path: &Path) -> Result<ModelConfig, RepositoryError> {
         reason,
     };
     let config: ModelConfig = toml::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+    check_config(&config).map_err(invalid)?;
+    if config.inputs.is_empty() || config.outputs.is_empty() {
+        return Err(invalid(
+            "at least one [[input]] and one [[output]] are required".into(),
+        ));
+    }
+    Ok(config)
+}
+
+/// The rules every model configuration follows, whichever file it came
+/// from (config.toml, config.pbtxt, or none).
+pub(crate) fn check_config(config: &ModelConfig) -> Result<(), String> {
+    let invalid = |reason: String| reason;
+    config.version_policy.check()?;
     if config.max_batch_size == 0 {
         return Err(invalid("max_batch_size must be at least 1".into()));
     }
@@ -516,11 +617,6 @@ pub fn read_config(path: &Path) -> Result<ModelConfig, RepositoryError> {
     if config.cache.ttl.is_some_and(|ttl| ttl.is_zero()) {
         return Err(invalid("cache.ttl must be positive".into()));
     }
-    if config.inputs.is_empty() || config.outputs.is_empty() {
-        return Err(invalid(
-            "at least one [[input]] and one [[output]] are required".into(),
-        ));
-    }
     for tensor in config.inputs.iter().chain(&config.outputs) {
         if DataType::parse(&tensor.datatype).is_none() {
             return Err(invalid(format!(
@@ -530,8 +626,16 @@ pub fn read_config(path: &Path) -> Result<ModelConfig, RepositoryError> {
                 DataType::ALL.map(DataType::as_str).join(", ")
             )));
         }
+        if let Some(reshape) = &tensor.reshape
+            && reshape.iter().product::<usize>() != tensor.dims.iter().product::<usize>()
+        {
+            return Err(invalid(format!(
+                "'{}' has dims {:?} and reshape {reshape:?}: they must hold the same number of elements",
+                tensor.name, tensor.dims
+            )));
+        }
     }
-    Ok(config)
+    Ok(())
 }
 
 /// The rules of a `[quantization]` table, the same in config.toml and

@@ -24,10 +24,15 @@
 //! engine and checks that what the model file declares matches what the
 //! config promises, so clients are never told one shape and served another.
 //!
+//! Triton's `config.pbtxt` is read instead of config.toml when a folder
+//! has it (never both), and a folder with only `<version>/model.onnx`
+//! serves with defaults and the model file's inputs and outputs.
+//!
 //! The crate is split by responsibility: `config` (the config.toml and
-//! version.toml types and their checks), `scan` (finding models and their
-//! versions on disk) and `load` (building an engine for one version and
-//! checking it against the configuration).
+//! version.toml types and their checks), `pbtxt` (Triton's config.pbtxt
+//! and its JSON form, mapped onto the same types), `scan` (finding models
+//! and their versions on disk) and `load` (building an engine for one
+//! version and checking it against the configuration).
 
 use std::path::PathBuf;
 
@@ -35,19 +40,23 @@ use tickserve_engine::EngineError;
 
 mod config;
 mod load;
+mod pbtxt;
 mod scan;
 
 pub use config::{
     ActivationsChoice, AdaptiveBatchingConfig, BatchingConfig, CalibrationMethodChoice,
     EngineChoice, InstanceGroupConfig, ModelCacheConfig, ModelConfig, PrecisionChoice,
-    PriorityConfig, QuantizationConfig, TensorConfig, VersionConfig, check_version_config,
-    read_config, read_version_config,
+    PriorityConfig, QuantizationConfig, TensorConfig, VersionConfig, VersionPolicy,
+    check_version_config, read_config, read_version_config,
 };
 pub use load::LoadedVersion;
-pub use scan::{ModelEntry, scan};
+pub use pbtxt::{Pbtxt, parse_json_config, parse_pbtxt, read_pbtxt};
+pub use scan::{ConfigSource, ModelEntry, model_names, scan, scan_model, scan_model_with};
 
 /// Name of the per-model configuration file.
 pub const CONFIG_FILE: &str = "config.toml";
+/// Name of Triton's per-model configuration file (crate::pbtxt).
+pub const PBTXT_FILE: &str = "config.pbtxt";
 /// Name of the model file inside each version folder.
 pub const MODEL_FILE: &str = "model.onnx";
 /// Name of the optional per-version settings file inside a version folder.
@@ -62,7 +71,9 @@ pub enum RepositoryError {
         #[source]
         source: std::io::Error,
     },
-    #[error("model repository {0} holds no models (expected <model>/config.toml)")]
+    #[error(
+        "model repository {0} holds no models (expected <model>/config.toml, <model>/config.pbtxt or <model>/<version>/model.onnx)"
+    )]
     Empty(PathBuf),
     #[error("invalid {path}: {reason}")]
     Config { path: PathBuf, reason: String },
@@ -70,19 +81,21 @@ pub enum RepositoryError {
         "model '{model}' has no version folders with a {MODEL_FILE} (expected {dir}/<version>/{MODEL_FILE})"
     )]
     NoVersions { model: String, dir: PathBuf },
-    #[error("model '{model}' version {version}: {source}")]
+    #[error("model '{model}' version {version}: {}: {source}", file.display())]
     Engine {
         model: String,
         version: u64,
+        /// The model file.
+        file: PathBuf,
         #[source]
         source: EngineError,
     },
-    #[error(
-        "model '{model}' version {version}: config.toml does not match the model file: {reason}"
-    )]
+    #[error("model '{model}' version {version}: {file} does not match the model file: {reason}")]
     Mismatch {
         model: String,
         version: u64,
+        /// The configuration file (`config.toml` or `config.pbtxt`).
+        file: &'static str,
         reason: String,
     },
 }

@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use tickserve_engine::{Engine, EngineError, TensorSpec};
+use tickserve_engine::{Engine, EngineError, Signature, TensorSpec};
 use tickserve_engine_native::{Calibration, NativeEngine};
 
 use crate::config::{ActivationsChoice, EngineChoice, PrecisionChoice, TensorConfig};
@@ -17,6 +17,11 @@ use crate::{MODEL_FILE, ModelEntry, RepositoryError};
 pub struct LoadedVersion {
     pub version: u64,
     pub engine: Arc<dyn Engine>,
+    /// What clients send and receive: the engine's inputs and outputs, in
+    /// the engine's order, with the configured `dims` where a `reshape`
+    /// makes them differ from the model file's. A configuration without
+    /// inputs or outputs (config.pbtxt or none) takes the model's.
+    pub signature: Signature,
 }
 
 impl ModelEntry {
@@ -184,6 +189,7 @@ impl ModelEntry {
         let engine_error = |source| RepositoryError::Engine {
             model: self.name.clone(),
             version,
+            file: path.clone(),
             source,
         };
         let precision = self.precision_of(version);
@@ -196,7 +202,10 @@ impl ModelEntry {
                 .load_onnxruntime(&path, precision)
                 .map_err(engine_error)?,
             EngineChoice::Cuda => self.load_cuda(&path, precision).map_err(engine_error)?,
-            EngineChoice::Auto => match self.try_auto_cuda(version, &path, precision) {
+            EngineChoice::Auto => match (!self.config.cpu_only)
+                .then(|| self.try_auto_cuda(version, &path, precision))
+                .flatten()
+            {
                 Some(cuda) => cuda,
                 None => self
                     .load_auto_cpu(version, &path, precision)
@@ -240,20 +249,59 @@ impl ModelEntry {
     ) -> Result<LoadedVersion, RepositoryError> {
         tracing::info!(model = %self.name, version, engine = %engine.variant(), threads = self.config.threads, helper_spin = ?self.config.helper_spin, "model loaded");
         let signature = engine.signature();
+        let file = self.source.as_str();
         let check = |kind: &str, config: &[TensorConfig], actual: &[TensorSpec]| {
-            check_tensors(kind, config, actual).map_err(|reason| RepositoryError::Mismatch {
-                model: self.name.clone(),
-                version,
-                reason,
+            complete_tensors(kind, file, config, actual).map_err(|reason| {
+                RepositoryError::Mismatch {
+                    model: self.name.clone(),
+                    version,
+                    file,
+                    reason,
+                }
             })
         };
-        check("input", &self.config.inputs, &signature.inputs)?;
-        check("output", &self.config.outputs, &signature.outputs)?;
-        Ok(LoadedVersion { version, engine })
+        let signature = Signature {
+            inputs: check("input", &self.config.inputs, &signature.inputs)?,
+            outputs: check("output", &self.config.outputs, &signature.outputs)?,
+        };
+        Ok(LoadedVersion {
+            version,
+            engine,
+            signature,
+        })
     }
 }
 
-fn check_tensors(kind: &str, config: &[TensorConfig], actual: &[TensorSpec]) -> Result<(), String> {
+/// The tensors clients see: the model's when the configuration declares
+/// none, else the declared ones after checking them against the model.
+fn complete_tensors(
+    kind: &str,
+    file: &str,
+    config: &[TensorConfig],
+    actual: &[TensorSpec],
+) -> Result<Vec<TensorSpec>, String> {
+    if config.is_empty() {
+        return Ok(actual.to_vec());
+    }
+    check_tensors(kind, file, config, actual)?;
+    Ok(actual
+        .iter()
+        .map(|spec| {
+            let declared = config.iter().find(|c| c.name == spec.name);
+            TensorSpec {
+                dims: declared.map_or_else(|| spec.dims.clone(), |c| c.dims.clone()),
+                ..spec.clone()
+            }
+        })
+        .collect())
+}
+
+fn check_tensors(
+    kind: &str,
+    file: &str,
+    config: &[TensorConfig],
+    actual: &[TensorSpec],
+) -> Result<(), String> {
     for declared in config {
         let Some(found) = actual.iter().find(|a| a.name == declared.name) else {
             let names: Vec<&str> = actual.iter().map(|a| a.name.as_str()).collect();
@@ -264,14 +312,21 @@ fn check_tensors(kind: &str, config: &[TensorConfig], actual: &[TensorSpec]) -> 
         };
         if found.datatype.as_str() != declared.datatype {
             return Err(format!(
-                "{kind} '{}' is {} in config.toml but {} in the model",
+                "{kind} '{}' is {} in {file} but {} in the model",
                 declared.name, declared.datatype, found.datatype
             ));
         }
-        if found.dims != declared.dims {
+        if found.dims != declared.model_dims() {
             return Err(format!(
-                "{kind} '{}' has dims {:?} in config.toml but {:?} in the model",
-                declared.name, declared.dims, found.dims
+                "{kind} '{}' has {} {:?} in {file} but {:?} in the model",
+                declared.name,
+                if declared.reshape.is_some() {
+                    "reshape"
+                } else {
+                    "dims"
+                },
+                declared.model_dims(),
+                found.dims
             ));
         }
     }
@@ -280,7 +335,7 @@ fn check_tensors(kind: &str, config: &[TensorConfig], actual: &[TensorSpec]) -> 
         .find(|a| !config.iter().any(|c| c.name == a.name))
     {
         return Err(format!(
-            "the model's {kind} '{}' is not declared in config.toml",
+            "the model's {kind} '{}' is not declared in {file}",
             missing.name
         ));
     }

@@ -34,6 +34,7 @@ fn cached_config(repository: std::path::PathBuf, redis: Option<&RedisServer>) ->
             ..CacheConfig::default()
         },
         admin_token: Some(AdminToken::new(TOKEN)),
+        model_control: tickserve_server::ModelControl::default(),
         ..config(repository)
     }
 }
@@ -477,6 +478,7 @@ fn with_redis(repository: std::path::PathBuf, redis: RedisConfig) -> ServerConfi
             ..CacheConfig::default()
         },
         admin_token: Some(AdminToken::new(TOKEN)),
+        model_control: tickserve_server::ModelControl::default(),
         ..config(repository)
     }
 }

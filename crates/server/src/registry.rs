@@ -166,6 +166,13 @@ impl ModelRegistry {
     pub fn load_model(&self, name: &str, config: Option<&str>) -> Result<(), RepositoryError> {
         let _one_load_at_a_time = lock(&self.loads);
         let dir = self.root.join(name);
+        if !dir.is_dir() {
+            // Nothing to report in the index: no such model.
+            return Err(RepositoryError::Config {
+                path: dir,
+                reason: "no such model folder in the repository".into(),
+            });
+        }
         let fingerprint = fingerprint(&dir);
         lock(&self.status)
             .entry(name.to_owned())

@@ -9,7 +9,7 @@ use axum::http::{Request, StatusCode};
 use serde_json::Value;
 use tower::ServiceExt;
 
-use crate::models::ModelRegistry;
+use crate::registry::{ModelControl, ModelRegistry};
 use crate::{AppState, ServerConfig, router};
 
 fn root() -> PathBuf {
@@ -30,11 +30,12 @@ fn starting() -> AppState {
 async fn loaded() -> AppState {
     let state = starting();
     let runtime = tokio::runtime::Handle::current();
-    let registry =
-        tokio::task::spawn_blocking(move || ModelRegistry::load(&root().join("models"), &runtime))
-            .await
-            .unwrap()
-            .unwrap();
+    let registry = tokio::task::spawn_blocking(move || {
+        ModelRegistry::start(&root().join("models"), &runtime, &ModelControl::default())
+    })
+    .await
+    .unwrap()
+    .unwrap();
     state.set_registry(registry);
     state
 }

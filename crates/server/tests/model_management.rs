@@ -200,6 +200,7 @@ async fn explicit_mode_loads_unloads_and_reports_the_index() {
             .contains("no such model folder"),
         "{body}"
     );
+    assert!(!index(&server).await.iter().any(|r| r["name"] == "nope"));
     server.shutdown().await.unwrap();
 }
 

@@ -360,13 +360,18 @@ async fn poll_repository(state: AppState, interval: Duration) {
     tick.tick().await;
     loop {
         tick.tick().await;
-        let state = state.clone();
-        let _ = tokio::task::spawn_blocking(move || {
-            if let Ok(registry) = state.registry() {
-                registry.poll();
-            }
+        let polling = state.clone();
+        let loaded = tokio::task::spawn_blocking(move || {
+            polling
+                .registry()
+                .map(|registry| registry.poll())
+                .unwrap_or_default()
         })
-        .await;
+        .await
+        .unwrap_or_default();
+        for model in loaded {
+            repository_api::forget_cached(&state, &model).await;
+        }
     }
 }
 

@@ -227,13 +227,15 @@ impl ModelRegistry {
     }
 
     /// Poll mode's step: loads models whose folder changed or appeared and
-    /// unloads those whose folder is gone. Blocking.
-    pub fn poll(&self) {
+    /// unloads those whose folder is gone. Blocking. Returns the models it
+    /// loaded anew.
+    pub fn poll(&self) -> Vec<String> {
+        let mut loaded = Vec::new();
         let names = match repository::model_names(&self.root) {
             Ok(names) => names,
             Err(error) => {
                 tracing::warn!(error = %error, "cannot read the model repository; nothing changes");
-                return;
+                return loaded;
             }
         };
         for name in &names {
@@ -250,7 +252,9 @@ impl ModelRegistry {
             };
             if changed {
                 tracing::info!(model = %name, "model folder changed; loading");
-                let _ = self.load_model(name, None);
+                if self.load_model(name, None).is_ok() {
+                    loaded.push(name.clone());
+                }
             }
         }
         let gone: Vec<String> = self
@@ -262,6 +266,7 @@ impl ModelRegistry {
         for name in gone {
             let _ = self.unload_model(&name);
         }
+        loaded
     }
 
     pub fn control(&self) -> &ModelControl {

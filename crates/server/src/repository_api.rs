@@ -26,15 +26,31 @@ pub(crate) async fn load(
     config: Option<String>,
 ) -> Result<(), ServeError> {
     explicit_only(state, "load")?;
-    let state = state.clone();
+    let loading = state.clone();
+    let name = model.clone();
     tokio::task::spawn_blocking(move || {
-        state
+        loading
             .registry()?
-            .load_model(&model, config.as_deref())
-            .map_err(|e| ServeError::Invalid(format!("failed to load '{model}': {e}")))
+            .load_model(&name, config.as_deref())
+            .map_err(|e| ServeError::Invalid(format!("failed to load '{name}': {e}")))
     })
     .await
-    .map_err(|e| ServeError::Internal(format!("the load task failed: {e}")))?
+    .map_err(|e| ServeError::Internal(format!("the load task failed: {e}")))??;
+    forget_cached(state, &model).await;
+    Ok(())
+}
+
+/// Drops the in-process cached results of a model that was loaded anew:
+/// a file replaced under the same version number keeps the cache key
+/// (model, version, engine variant), so its old answers must not be
+/// served. Redis keeps its entries until their TTL (other replicas may
+/// still serve the old file).
+pub(crate) async fn forget_cached(state: &AppState, model: &str) {
+    if let Some(layer) = &state.cache
+        && let Err(error) = layer.cache.clear_model(model, true, false).await
+    {
+        tracing::warn!(%model, %error, "cannot clear the model's cached results after its load");
+    }
 }
 
 /// Stops serving `model`; requests it is answering finish first.

@@ -416,3 +416,33 @@ async fn a_polled_swap_under_load_fails_no_request() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_file_replaced_in_place_is_not_answered_from_the_old_cache() {
+    let repo = temp_repo();
+    add_version(&repo, "m", 1);
+    let mut config = server_config(repo.clone(), explicit(&["m"]));
+    config.cache.enabled = true;
+    let server = start(config).await;
+    let (status, first) = infer_golden(&server, "m").await;
+    assert_eq!(status, 200);
+    assert_golden_rows(&golden(), &first, &[0, 1, 2]);
+    // The same version number and engine variant, other weights ("a
+    // retrained model"): 4 KiB at 3/8 of the file set to zero, which lies
+    // in the raw data of the largest weight tensor (bytes 25 % to 49.8 %
+    // of the bundled model.onnx).
+    let path = repo.join("m/1/model.onnx");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let at = bytes.len() * 3 / 8;
+    bytes[at..at + 4096].fill(0);
+    std::fs::write(&path, bytes).unwrap();
+    let (status, body) = post(&server, "/v2/repository/models/m/load", json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, second) = infer_golden(&server, "m").await;
+    assert_eq!(status, 200);
+    assert_ne!(
+        first["outputs"][0]["data"], second["outputs"][0]["data"],
+        "answered from the cache of the replaced file"
+    );
+    server.shutdown().await.unwrap();
+}

@@ -490,6 +490,41 @@ mod tests {
     }
 
     #[test]
+    fn model_control_flags_resolve_and_load_model_needs_explicit_mode() {
+        let control = parse(&[]).resolve().unwrap().server.model_control;
+        assert_eq!(control.mode, ControlMode::None);
+        assert_eq!(control.poll_interval, Duration::from_secs(5));
+        let control = parse(&[
+            "--model-control-mode",
+            "explicit",
+            "--load-model",
+            "a",
+            "--load-model",
+            "b",
+        ])
+        .resolve()
+        .unwrap()
+        .server
+        .model_control;
+        assert_eq!(control.mode, ControlMode::Explicit);
+        assert_eq!(control.load_models, vec!["a", "b"]);
+        let control = parse(&[
+            "--model-control-mode",
+            "poll",
+            "--repository-poll-interval",
+            "250ms",
+        ])
+        .resolve()
+        .unwrap()
+        .server
+        .model_control;
+        assert_eq!(control.mode, ControlMode::Poll);
+        assert_eq!(control.poll_interval, Duration::from_millis(250));
+        let err = parse(&["--load-model", "a"]).resolve().unwrap_err();
+        assert!(err.to_string().contains("explicit"), "{err}");
+    }
+
+    #[test]
     fn a_byte_limit_alone_lifts_the_row_limit_and_both_can_be_set() {
         let cache = parse(&["--cache-max-bytes", "1000000"])
             .resolve()

@@ -296,6 +296,7 @@ async fn main() {
             ..CacheConfig::default()
         },
         admin_token: Some(AdminToken::new(TOKEN)),
+        model_control: tickserve_server::ModelControl::default(),
         drain_timeout: Duration::from_secs(5),
         shutdown_delay: Duration::ZERO,
         ..ServerConfig::loopback(root)

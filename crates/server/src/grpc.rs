@@ -64,11 +64,7 @@ fn version_arg(version: &str) -> Option<&str> {
     (!version.is_empty()).then_some(version)
 }
 
-fn lookup<'a>(
-    state: &'a AppState,
-    name: &str,
-    version: &str,
-) -> Result<&'a Arc<ModelVersion>, ServeError> {
+fn lookup(state: &AppState, name: &str, version: &str) -> Result<Arc<ModelVersion>, ServeError> {
     state.registry()?.get(name)?.version(version_arg(version))
 }
 
@@ -208,7 +204,7 @@ impl GrpcInferenceService for InferenceService {
         let request = request.into_inner();
         let version = lookup(&self.state, &request.name, &request.version)?;
         Ok(Response::new(pb::ModelConfigResponse {
-            config: Some(model_config(&triton::ModelConfigJson::of(version))),
+            config: Some(model_config(&triton::ModelConfigJson::of(&version))),
         }))
     }
 
@@ -267,22 +263,52 @@ impl GrpcInferenceService for InferenceService {
 
     async fn repository_index(
         &self,
-        _: Request<pb::RepositoryIndexRequest>,
+        request: Request<pb::RepositoryIndexRequest>,
     ) -> Result<Response<pb::RepositoryIndexResponse>, Status> {
+        let ready_only = request.into_inner().ready;
         let registry = self.state.registry()?;
         Ok(Response::new(pb::RepositoryIndexResponse {
-            models: triton::repository_index(registry)
+            models: registry
+                .index()
                 .into_iter()
-                .map(
-                    |(name, version)| pb::repository_index_response::ModelIndex {
-                        name,
-                        version,
-                        state: "READY".into(),
-                        reason: String::new(),
-                    },
-                )
+                .filter(|row| !ready_only || row.state == "READY")
+                .map(|row| pb::repository_index_response::ModelIndex {
+                    name: row.name,
+                    version: row.version,
+                    state: row.state.into(),
+                    reason: row.reason,
+                })
                 .collect(),
         }))
+    }
+
+    async fn repository_model_load(
+        &self,
+        request: Request<pb::RepositoryModelLoadRequest>,
+    ) -> Result<Response<pb::RepositoryModelLoadResponse>, Status> {
+        let request = request.into_inner();
+        let config = request
+            .parameters
+            .get("config")
+            .and_then(|p| match &p.parameter_choice {
+                Some(pb::model_repository_parameter::ParameterChoice::StringParam(s)) => {
+                    Some(s.clone())
+                }
+                Some(pb::model_repository_parameter::ParameterChoice::BytesParam(b)) => {
+                    Some(String::from_utf8_lossy(b).into_owned())
+                }
+                _ => None,
+            });
+        crate::repository_api::load(&self.state, request.model_name, config).await?;
+        Ok(Response::new(pb::RepositoryModelLoadResponse {}))
+    }
+
+    async fn repository_model_unload(
+        &self,
+        request: Request<pb::RepositoryModelUnloadRequest>,
+    ) -> Result<Response<pb::RepositoryModelUnloadResponse>, Status> {
+        crate::repository_api::unload(&self.state, request.into_inner().model_name).await?;
+        Ok(Response::new(pb::RepositoryModelUnloadResponse {}))
     }
 }
 

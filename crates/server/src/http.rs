@@ -51,6 +51,8 @@ pub(crate) fn router(state: AppState) -> Router {
         )
         .route("/v2/models/stats", get(all_stats))
         .route("/v2/repository/index", post(repository_index))
+        .route("/v2/repository/models/{model}/load", post(load_model))
+        .route("/v2/repository/models/{model}/unload", post(unload_model))
         .fallback(no_route)
         .layer(DefaultBodyLimit::max(limit))
         .layer(codec::decompression_layer())
@@ -140,7 +142,7 @@ async fn model_config(State(state): State<AppState>, Path(path): Path<ModelPath>
         let version = registry
             .get(&path.model)?
             .version(path.version.as_deref())?;
-        Ok(crate::triton::ModelConfigJson::of(version))
+        Ok(crate::triton::ModelConfigJson::of(&version))
     });
     match result {
         Ok(config) => Json(config).into_response(),
@@ -174,18 +176,62 @@ fn stats_response(state: &AppState, model: Option<&str>, version: Option<&str>) 
     }
 }
 
-/// Triton's repository index: every loaded version and its state.
-async fn repository_index(State(state): State<AppState>) -> Response {
+/// Triton's repository index: every model folder and served version, with
+/// its state and the reason it is not ready. A body `{"ready": true}`
+/// keeps the ready rows only.
+async fn repository_index(State(state): State<AppState>, body: Bytes) -> Response {
+    let ready_only = serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|b| b.get("ready").and_then(serde_json::Value::as_bool))
+        .unwrap_or(false);
     match state.registry() {
         Ok(registry) => Json(
-            crate::triton::repository_index(registry)
+            registry
+                .index()
                 .into_iter()
-                .map(|(name, version)| {
-                    serde_json::json!({"name": name, "version": version, "state": "READY", "reason": ""})
+                .filter(|row| !ready_only || row.state == "READY")
+                .map(|row| {
+                    serde_json::json!({"name": row.name, "version": row.version, "state": row.state, "reason": row.reason})
                 })
                 .collect::<Vec<_>>(),
         )
         .into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Triton's repository load: loads or reloads the model (explicit mode),
+/// optionally with `{"parameters": {"config": "<JSON model config>"}}`
+/// replacing the folder's configuration. Answers once the model serves.
+async fn load_model(
+    State(state): State<AppState>,
+    Path(model): Path<String>,
+    body: Bytes,
+) -> Response {
+    let config = if body.is_empty() {
+        None
+    } else {
+        match serde_json::from_slice::<serde_json::Value>(&body) {
+            Ok(body) => body
+                .pointer("/parameters/config")
+                .map(|c| c.as_str().map_or_else(|| c.to_string(), str::to_owned)),
+            Err(e) => {
+                return ServeError::Invalid(format!("the load request body is not JSON: {e}"))
+                    .into_response();
+            }
+        }
+    };
+    match crate::repository_api::load(&state, model, config).await {
+        Ok(()) => Json(serde_json::json!({})).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Triton's repository unload (explicit mode): requests being answered
+/// finish first.
+async fn unload_model(State(state): State<AppState>, Path(model): Path<String>) -> Response {
+    match crate::repository_api::unload(&state, model).await {
+        Ok(()) => Json(serde_json::json!({})).into_response(),
         Err(e) => e.into_response(),
     }
 }

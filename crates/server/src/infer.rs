@@ -59,6 +59,8 @@ pub(crate) async fn infer(
         .registry()
         .and_then(|registry| registry.get(model)?.version(version))
     {
+        // Held until the answer: a swap meanwhile lets this request finish
+        // on this version (crate::registry).
         Ok(version) => version,
         Err(error) => {
             // No model to label it with: one error counter, nothing else.
@@ -70,7 +72,7 @@ pub(crate) async fn infer(
     let mut priority = None;
     let mut rows = 0;
     let result = async {
-        let mut request = decode(version)?;
+        let mut request = decode(&version)?;
         let chosen = request
             .options
             .priority
@@ -84,7 +86,7 @@ pub(crate) async fn infer(
             .first()
             .and_then(|i| i.shape.first())
             .map_or(0, |&n| n.max(0) as usize);
-        run(state, version, request, chosen).await
+        run(state, &version, request, chosen).await
     }
     .await;
     record(

@@ -4,7 +4,8 @@
 //!
 //! Start-up binds both listeners first, so liveness answers at once and
 //! readiness answers 503 until every model is loaded and warmed up
-//! ([`models::ModelRegistry::load`]). Shutdown flips readiness to 503 at
+//! ([`registry::ModelRegistry::start`]); models are then loaded, swapped and
+//! unloaded while serving as the model control mode allows ([`registry`]). Shutdown flips readiness to 503 at
 //! once, keeps serving for the shutdown delay (so load balancers stop
 //! routing), then drains without losing a request a client sent
 //! ([`serve`]): queued connections are taken before the listeners close,
@@ -25,6 +26,8 @@ pub mod grpc;
 mod http;
 mod infer;
 pub mod models;
+pub mod registry;
+mod repository_api;
 #[cfg(test)]
 mod router_tests;
 pub mod scheduling;
@@ -56,7 +59,8 @@ use tickserve_repository::RepositoryError;
 use tickserve_telemetry as telemetry;
 use tokio::net::TcpListener;
 
-use crate::models::ModelRegistry;
+use crate::registry::ModelRegistry;
+pub use crate::registry::{ControlMode, ModelControl};
 pub(crate) use crate::state::AppState;
 
 pub use tickserve_cache::{CacheConfig, ClientIdentity, RedisConfig, RedisTls};
@@ -81,6 +85,8 @@ pub struct ServerConfig {
     pub cache: CacheConfig,
     /// Bearer token of the admin endpoints; `None` turns them off.
     pub admin_token: Option<AdminToken>,
+    /// Which models are loaded and how that changes (docs/models.md).
+    pub model_control: ModelControl,
 }
 
 impl ServerConfig {
@@ -98,6 +104,7 @@ impl ServerConfig {
             max_body_bytes: 16 * 1024 * 1024,
             cache: CacheConfig::default(),
             admin_token: None,
+            model_control: ModelControl::default(),
         }
     }
 }
@@ -261,9 +268,11 @@ impl BoundServer {
 
         let root = config.model_repository.clone();
         let runtime = tokio::runtime::Handle::current();
-        let loaded = tokio::task::spawn_blocking(move || ModelRegistry::load(&root, &runtime))
-            .await
-            .map_err(|e| StartError::Task(e.to_string()));
+        let control = config.model_control.clone();
+        let loaded =
+            tokio::task::spawn_blocking(move || ModelRegistry::start(&root, &runtime, &control))
+                .await
+                .map_err(|e| StartError::Task(e.to_string()));
         let registry = match loaded {
             Ok(Ok(registry)) => registry,
             Ok(Err(e)) | Err(StartError::Repository(e)) => {
@@ -277,15 +286,21 @@ impl BoundServer {
                 return Err(e);
             }
         };
-        for model in registry.models() {
-            tracing::info!(model = %model.name, versions = ?model.version_names(), "model ready");
-        }
         state.set_registry(registry);
+        let poll = (config.model_control.mode == ControlMode::Poll).then(|| {
+            tokio::spawn(poll_repository(
+                state.clone(),
+                config.model_control.poll_interval,
+            ))
+        });
         metrics::gauge!(telemetry::READY).set(1.0);
         set_health(&health, tonic_health::ServingStatus::Serving).await;
         tracing::info!(http = %config.http_addr, grpc = %config.grpc_addr, "ready");
 
         shutdown.await;
+        if let Some(poll) = poll {
+            poll.abort();
+        }
         state.start_draining();
         metrics::gauge!(telemetry::READY).set(0.0);
         set_health(&health, tonic_health::ServingStatus::NotServing).await;
@@ -335,6 +350,29 @@ async fn set_health(
             status,
         )
         .await;
+}
+
+/// Poll mode: re-reads the repository every `interval`, off the async
+/// runtime, one pass at a time.
+async fn poll_repository(state: AppState, interval: Duration) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let polling = state.clone();
+        let loaded = tokio::task::spawn_blocking(move || {
+            polling
+                .registry()
+                .map(|registry| registry.poll())
+                .unwrap_or_default()
+        })
+        .await
+        .unwrap_or_default();
+        for model in loaded {
+            repository_api::forget_cached(&state, &model).await;
+        }
+    }
 }
 
 fn metrics_router(handle: PrometheusHandle) -> Router {

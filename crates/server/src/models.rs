@@ -1,9 +1,7 @@
 //! The loaded models and the protocol-neutral inference path.
 //!
-//! [`ModelRegistry::load`] scans the repository, loads every version, warms
-//! each engine up at every batch size it will run (so the first real
-//! request of a new size pays no first-call cost, Triton #7776 in
-//! serving-systems.md) and starts one [`Scheduler`] per version.
+//! crate::registry loads models into [`Model`]s of [`ModelVersion`]s and
+//! swaps them in and out.
 //!
 //! [`ModelVersion`] validates a decoded request against the model's
 //! signature and shapes the answer; crate::infer, the one path HTTP and
@@ -11,11 +9,10 @@
 //! wire formats into [`InferRequest`] and back from [`InferResponse`].
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::sync::Arc;
 
-use tickserve_engine::{Batch, DataType, Engine, Signature, TensorSpec};
-use tickserve_repository::{self as repository, ModelCacheConfig, ModelEntry, RepositoryError};
+use tickserve_engine::{DataType, Signature, TensorSpec};
+use tickserve_repository::ModelCacheConfig;
 use tickserve_scheduler::{InferOptions, Priority, Scheduler};
 
 use crate::error::ServeError;
@@ -77,12 +74,13 @@ pub struct ModelVersion {
     pub instances: usize,
     /// The `[cache]` section of the model's config.toml.
     pub cache: ModelCacheConfig,
-    scheduler: Scheduler,
+    pub(crate) scheduler: Scheduler,
     /// Triton's statistics of requests the cache answers without the queue.
-    cache_stats: CacheStats,
+    pub(crate) cache_stats: CacheStats,
 }
 
-/// Every version of one model.
+/// The served versions of one model. Immutable: a reload builds a new
+/// `Model` and swaps it in (crate::registry).
 #[derive(Debug)]
 pub struct Model {
     pub name: String,
@@ -91,13 +89,15 @@ pub struct Model {
 }
 
 impl Model {
-    /// The version a request names, or the latest when it names none.
-    pub fn version(&self, version: Option<&str>) -> Result<&Arc<ModelVersion>, ServeError> {
+    /// The version a request names, or the latest when it names none. The
+    /// caller's clone keeps the version (and its scheduler) alive until
+    /// the request is answered, even if a swap replaces it meanwhile.
+    pub fn version(&self, version: Option<&str>) -> Result<Arc<ModelVersion>, ServeError> {
         let found = match version {
             None => self.versions.values().next_back(),
             Some(v) => v.parse::<u64>().ok().and_then(|n| self.versions.get(&n)),
         };
-        found.ok_or_else(|| ServeError::VersionNotFound {
+        found.cloned().ok_or_else(|| ServeError::VersionNotFound {
             model: self.name.clone(),
             version: version.unwrap_or("").to_owned(),
             available: self.version_names().join(", "),
@@ -107,102 +107,6 @@ impl Model {
     pub fn version_names(&self) -> Vec<String> {
         self.versions.keys().map(u64::to_string).collect()
     }
-}
-
-/// All models of the repository, by name.
-#[derive(Debug)]
-pub struct ModelRegistry {
-    models: BTreeMap<String, Model>,
-}
-
-impl ModelRegistry {
-    /// Loads and warms up every model in `root`. Blocking: call it off the
-    /// async runtime's worker threads. Schedulers are started on `runtime`.
-    pub fn load(root: &Path, runtime: &tokio::runtime::Handle) -> Result<Self, RepositoryError> {
-        let mut models = BTreeMap::new();
-        for entry in repository::scan(root)? {
-            let mut versions = BTreeMap::new();
-            for &version in &entry.versions {
-                let loaded = entry.load_version(version)?;
-                warm_up(&entry, version, &*loaded.engine)?;
-                let mut scheduler_config = crate::scheduling::scheduler_config(&entry);
-                scheduler_config.version = version.to_string();
-                // What Triton's model configuration reports: the delay of
-                // the model's default class.
-                let max_queue_delay =
-                    Priority::new(i64::from(entry.config.dynamic_batching.default_priority))
-                        .map(|p| scheduler_config.class(p).max_queue_delay)
-                        .unwrap_or_default();
-                let scheduler = {
-                    let _guard = runtime.enter();
-                    Scheduler::spawn(Arc::clone(&loaded.engine), scheduler_config)
-                };
-                versions.insert(
-                    version,
-                    Arc::new(ModelVersion {
-                        name: entry.name.clone(),
-                        version,
-                        engine_kind: loaded.engine.kind(),
-                        engine_variant: loaded.engine.variant(),
-                        signature: loaded.engine.signature().clone(),
-                        max_batch_size: entry.config.max_batch_size,
-                        max_queue_delay,
-                        instances: entry.config.engine_instances(),
-                        cache: entry.config.cache.clone(),
-                        scheduler,
-                        cache_stats: CacheStats::default(),
-                    }),
-                );
-            }
-            models.insert(
-                entry.name.clone(),
-                Model {
-                    name: entry.name,
-                    versions,
-                },
-            );
-        }
-        Ok(ModelRegistry { models })
-    }
-
-    pub fn get(&self, name: &str) -> Result<&Model, ServeError> {
-        self.models
-            .get(name)
-            .ok_or_else(|| ServeError::ModelNotFound(name.to_owned()))
-    }
-
-    pub fn models(&self) -> impl Iterator<Item = &Model> {
-        self.models.values()
-    }
-}
-
-/// Runs every batch size from 1 to `max_batch_size` once, so allocations,
-/// page faults and code paths of each size are paid before readiness.
-fn warm_up(entry: &ModelEntry, version: u64, engine: &dyn Engine) -> Result<(), RepositoryError> {
-    let started = std::time::Instant::now();
-    for rows in 1..=entry.config.max_batch_size {
-        let inputs = engine
-            .signature()
-            .inputs
-            .iter()
-            .map(|spec| vec![0.0f32; rows * spec.row_len()])
-            .collect();
-        engine
-            .infer(&Batch { rows, inputs })
-            .map_err(|source| RepositoryError::Engine {
-                model: entry.name.clone(),
-                version,
-                source,
-            })?;
-    }
-    tracing::info!(
-        model = %entry.name,
-        version,
-        batch_sizes = entry.config.max_batch_size,
-        elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
-        "warmed up"
-    );
-    Ok(())
 }
 
 impl ModelVersion {

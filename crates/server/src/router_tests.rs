@@ -7,7 +7,7 @@ use axum::http::{Request, StatusCode};
 use serde_json::Value;
 use tower::ServiceExt;
 
-use crate::models::ModelRegistry;
+use crate::registry::{ModelControl, ModelRegistry};
 use crate::{AppState, ServerConfig, router};
 
 use tickserve_test_support::root;
@@ -23,11 +23,12 @@ fn starting() -> AppState {
 async fn loaded() -> AppState {
     let state = starting();
     let runtime = tokio::runtime::Handle::current();
-    let registry =
-        tokio::task::spawn_blocking(move || ModelRegistry::load(&root().join("models"), &runtime))
-            .await
-            .unwrap()
-            .unwrap();
+    let registry = tokio::task::spawn_blocking(move || {
+        ModelRegistry::start(&root().join("models"), &runtime, &ModelControl::default())
+    })
+    .await
+    .unwrap()
+    .unwrap();
     state.set_registry(registry);
     state
 }

@@ -275,6 +275,7 @@ fn queue_lengths(state: &AppState) -> BTreeMap<String, f64> {
     };
     registry
         .models()
+        .into_iter()
         .map(|model| {
             let waiting: usize = model
                 .versions

@@ -8,7 +8,7 @@ use tickserve_telemetry::throughput::Throughput;
 use crate::ServerConfig;
 use crate::cached::CacheLayer;
 use crate::error::ServeError;
-use crate::models::ModelRegistry;
+use crate::registry::ModelRegistry;
 use crate::sla::SlaMonitor;
 
 /// State shared by every handler; cheap to clone.

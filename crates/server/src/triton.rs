@@ -19,7 +19,8 @@ use tickserve_scheduler::stats::Timing;
 use tickserve_scheduler::{Priority, StatsSnapshot};
 
 use crate::error::ServeError;
-use crate::models::{ModelRegistry, ModelVersion};
+use crate::models::ModelVersion;
+use crate::registry::ModelRegistry;
 
 /// Triton's `TYPE_*` name of a datatype (model_config.proto's `DataType`).
 pub fn triton_type(datatype: DataType) -> &'static str {
@@ -141,28 +142,20 @@ impl ModelConfigJson {
 
 /// Every version of every model, every version of one model, or one
 /// version: what a statistics request covers.
-pub fn versions<'r>(
-    registry: &'r ModelRegistry,
+pub fn versions(
+    registry: &ModelRegistry,
     model: Option<&str>,
     version: Option<&str>,
-) -> Result<Vec<&'r Arc<ModelVersion>>, ServeError> {
+) -> Result<Vec<Arc<ModelVersion>>, ServeError> {
     match (model, version) {
         (None, _) => Ok(registry
             .models()
-            .flat_map(|m| m.versions.values())
+            .iter()
+            .flat_map(|m| m.versions.values().cloned())
             .collect()),
-        (Some(name), None) => Ok(registry.get(name)?.versions.values().collect()),
+        (Some(name), None) => Ok(registry.get(name)?.versions.values().cloned().collect()),
         (Some(name), Some(version)) => Ok(vec![registry.get(name)?.version(Some(version))?]),
     }
-}
-
-/// `(model, version)` of every loaded version, all of them ready.
-pub fn repository_index(registry: &ModelRegistry) -> Vec<(String, String)> {
-    registry
-        .models()
-        .flat_map(|m| m.versions.values())
-        .map(|v| (v.name.clone(), v.version.to_string()))
-        .collect()
 }
 
 // === statistics ===

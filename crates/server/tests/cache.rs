@@ -34,6 +34,7 @@ fn cached_config(repository: std::path::PathBuf, redis: Option<&RedisServer>) ->
             ..CacheConfig::default()
         },
         admin_token: Some(AdminToken::new(TOKEN)),
+        model_control: tickserve_server::ModelControl::default(),
         ..config(repository)
     }
 }
@@ -249,7 +250,12 @@ async fn an_l2_hit_lives_in_l1_only_as_long_as_it_had_left_in_redis() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn versions_and_parameters_get_their_own_entries() {
     let model = "cache_keys";
-    let repo = repository_with(model, &cnn_lstm_config(""));
+    // Both versions served (the default policy serves the latest only).
+    let config = cnn_lstm_config("").replace(
+        "max_batch_size = 32",
+        "max_batch_size = 32\nversion_policy = \"all\"",
+    );
+    let repo = repository_with(model, &config);
     std::fs::create_dir_all(repo.join(model).join("2")).unwrap();
     std::fs::copy(
         repo.join(model).join("1/model.onnx"),
@@ -479,6 +485,7 @@ fn with_redis(repository: std::path::PathBuf, redis: RedisConfig) -> ServerConfi
             ..CacheConfig::default()
         },
         admin_token: Some(AdminToken::new(TOKEN)),
+        model_control: tickserve_server::ModelControl::default(),
         ..config(repository)
     }
 }

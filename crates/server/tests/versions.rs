@@ -24,13 +24,13 @@ fn series(metrics: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_versions_keep_separate_series() {
     let model = "two_versions";
-    let repo = repository_with(model, &cnn_lstm_config("[cache]\nenabled = false\n"));
-    std::fs::create_dir_all(repo.join(model).join("2")).unwrap();
-    std::fs::copy(
-        repo.join(model).join("1/model.onnx"),
-        repo.join(model).join("2/model.onnx"),
-    )
-    .unwrap();
+    // Both versions served (Triton's default policy serves the latest).
+    let config_toml = cnn_lstm_config("[cache]\nenabled = false\n").replace(
+        "max_batch_size = 32",
+        "max_batch_size = 32\nversion_policy = \"all\"",
+    );
+    let repo = repository_with(model, &config_toml);
+    with_version(&repo, model, 2);
     let server = start(config(repo)).await;
     let golden = golden();
     let body = request_for(&golden, &[3], "v");

@@ -84,6 +84,7 @@ pub fn config(repository: PathBuf) -> ServerConfig {
         max_body_bytes: 16 * 1024 * 1024,
         cache: tickserve_server::CacheConfig::default(),
         admin_token: None,
+        model_control: tickserve_server::ModelControl::default(),
     }
 }
 

@@ -14,7 +14,8 @@ use anyhow::Context;
 use clap::{Args, ValueEnum};
 use serde::Deserialize;
 use tickserve_server::{
-    AdminToken, CacheConfig, ClientIdentity, RedisConfig, RedisTls, ServerConfig,
+    AdminToken, CacheConfig, ClientIdentity, ControlMode, ModelControl, RedisConfig, RedisTls,
+    ServerConfig,
 };
 use tickserve_telemetry::LogFormat;
 
@@ -31,6 +32,20 @@ const DEFAULT_LOG_LEVEL: &str = "info";
 pub enum LogFormatArg {
     Text,
     Json,
+}
+
+/// `--model-control-mode`: which models are loaded and who changes that.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelControlArg {
+    /// Every model at start; no changes while running.
+    None,
+    /// Every model at start; the repository is re-read every poll interval
+    /// and changed models are swapped in without dropping a request.
+    Poll,
+    /// The --load-model models at start; the repository load/unload
+    /// endpoints change the set.
+    Explicit,
 }
 
 #[derive(Debug, Args)]
@@ -166,6 +181,27 @@ pub struct ServeArgs {
         hide_env_values = true
     )]
     pub admin_token: Option<String>,
+
+    /// Which models are loaded and who may change that: none (every model
+    /// at start), poll (and reload changed ones every poll interval) or
+    /// explicit (only --load-model at start; the load/unload endpoints).
+    /// [default: none]
+    #[arg(long, env = "TICKSERVE_MODEL_CONTROL_MODE", value_name = "MODE")]
+    pub model_control_mode: Option<ModelControlArg>,
+
+    /// Explicit mode: a model to load at start; repeat it, or `*` for
+    /// every model (environment: comma-separated). [default: none]
+    #[arg(
+        long = "load-model",
+        env = "TICKSERVE_LOAD_MODEL",
+        value_name = "MODEL",
+        value_delimiter = ','
+    )]
+    pub load_model: Vec<String>,
+
+    /// Poll mode: how often the repository is re-read. [default: 5s]
+    #[arg(long, env = "TICKSERVE_REPOSITORY_POLL_INTERVAL", value_name = "DURATION", value_parser = humantime_duration)]
+    pub repository_poll_interval: Option<Duration>,
 }
 
 /// The TOML file's contents: every key optional, unknown keys refused.
@@ -199,6 +235,10 @@ struct FileConfig {
     #[serde(default, with = "humantime_serde")]
     redis_timeout: Option<Duration>,
     admin_token: Option<String>,
+    model_control_mode: Option<ModelControlArg>,
+    load_model: Option<Vec<String>>,
+    #[serde(default, with = "humantime_serde")]
+    repository_poll_interval: Option<Duration>,
 }
 
 /// The merged settings.
@@ -317,6 +357,34 @@ impl ServeArgs {
             .or(file.admin_token)
             .filter(|t| !t.is_empty())
             .map(AdminToken::new);
+        let control_defaults = ModelControl::default();
+        let poll_interval = self
+            .repository_poll_interval
+            .or(file.repository_poll_interval)
+            .unwrap_or(control_defaults.poll_interval);
+        anyhow::ensure!(
+            !poll_interval.is_zero(),
+            "repository_poll_interval must be positive"
+        );
+        let load_models = if self.load_model.is_empty() {
+            file.load_model.unwrap_or_default()
+        } else {
+            self.load_model
+        };
+        let mode = match self.model_control_mode.or(file.model_control_mode) {
+            None | Some(ModelControlArg::None) => ControlMode::None,
+            Some(ModelControlArg::Poll) => ControlMode::Poll,
+            Some(ModelControlArg::Explicit) => ControlMode::Explicit,
+        };
+        anyhow::ensure!(
+            load_models.is_empty() || mode == ControlMode::Explicit,
+            "load_model applies to --model-control-mode explicit only (the other modes load every model)"
+        );
+        let model_control = ModelControl {
+            mode,
+            load_models,
+            poll_interval,
+        };
         Ok(Settings {
             server: ServerConfig {
                 model_repository: self
@@ -346,6 +414,7 @@ impl ServeArgs {
                 max_body_bytes,
                 cache,
                 admin_token,
+                model_control,
             },
             log_format: match log_format {
                 LogFormatArg::Text => LogFormat::Text,
@@ -418,6 +487,41 @@ mod tests {
             !shown.contains("hunter2") && !shown.contains("s3cret"),
             "{shown}"
         );
+    }
+
+    #[test]
+    fn model_control_flags_resolve_and_load_model_needs_explicit_mode() {
+        let control = parse(&[]).resolve().unwrap().server.model_control;
+        assert_eq!(control.mode, ControlMode::None);
+        assert_eq!(control.poll_interval, Duration::from_secs(5));
+        let control = parse(&[
+            "--model-control-mode",
+            "explicit",
+            "--load-model",
+            "a",
+            "--load-model",
+            "b",
+        ])
+        .resolve()
+        .unwrap()
+        .server
+        .model_control;
+        assert_eq!(control.mode, ControlMode::Explicit);
+        assert_eq!(control.load_models, vec!["a", "b"]);
+        let control = parse(&[
+            "--model-control-mode",
+            "poll",
+            "--repository-poll-interval",
+            "250ms",
+        ])
+        .resolve()
+        .unwrap()
+        .server
+        .model_control;
+        assert_eq!(control.mode, ControlMode::Poll);
+        assert_eq!(control.poll_interval, Duration::from_millis(250));
+        let err = parse(&["--load-model", "a"]).resolve().unwrap_err();
+        assert!(err.to_string().contains("explicit"), "{err}");
     }
 
     #[test]

@@ -7,6 +7,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tickserve_telemetry::throughput::Throughput;
 
 use crate::ServerConfig;
+use crate::auth::AuthHandle;
 use crate::cached::CacheLayer;
 use crate::error::ServeError;
 use crate::models::ModelRegistry;
@@ -19,6 +20,7 @@ pub(crate) struct AppState {
     registry: Arc<OnceLock<ModelRegistry>>,
     draining: Arc<AtomicBool>,
     pub(crate) max_body_bytes: usize,
+    pub(crate) limits: crate::Limits,
     /// Rolling-window SLA view (`GET /v2/sla`, `GET /dashboard`).
     pub(crate) sla: Arc<SlaMonitor>,
     /// Completed requests per second (`batch_processing_throughput_rps`).
@@ -26,6 +28,8 @@ pub(crate) struct AppState {
     pub(crate) metrics: PrometheusHandle,
     pub(crate) cache: Option<Arc<CacheLayer>>,
     pub(crate) admin_token: Option<Arc<str>>,
+    /// Bearer tokens of the inference address (crate::auth).
+    pub(crate) auth: AuthHandle,
 }
 
 impl AppState {
@@ -40,12 +44,20 @@ impl AppState {
             registry: Arc::new(OnceLock::new()),
             draining: Arc::new(AtomicBool::new(false)),
             max_body_bytes: config.max_body_bytes,
+            limits: config.limits,
             sla: Arc::new(SlaMonitor::new()),
             throughput: Arc::new(Throughput::new(std::time::Instant::now())),
             metrics,
             cache,
             admin_token: config.admin_token.as_ref().map(|t| Arc::from(t.expose())),
+            auth: AuthHandle::off(),
         }
+    }
+
+    /// The same state with these bearer tokens required.
+    pub(crate) fn with_auth(mut self, auth: AuthHandle) -> Self {
+        self.auth = auth;
+        self
     }
 
     pub(crate) fn registry(&self) -> Result<&ModelRegistry, ServeError> {

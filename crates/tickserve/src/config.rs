@@ -166,6 +166,9 @@ pub struct ServeArgs {
         hide_env_values = true
     )]
     pub admin_token: Option<String>,
+
+    #[command(flatten)]
+    pub security: crate::security::SecurityArgs,
 }
 
 /// The TOML file's contents: every key optional, unknown keys refused.
@@ -199,6 +202,18 @@ struct FileConfig {
     #[serde(default, with = "humantime_serde")]
     redis_timeout: Option<Duration>,
     admin_token: Option<String>,
+    auth_token: Option<String>,
+    auth_token_file: Option<PathBuf>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_client_ca: Option<PathBuf>,
+    #[serde(default, with = "humantime_serde")]
+    header_read_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    body_read_timeout: Option<Duration>,
+    max_connections: Option<usize>,
+    grpc_max_message_bytes: Option<usize>,
+    max_concurrent_streams: Option<u32>,
 }
 
 /// The merged settings.
@@ -209,7 +224,7 @@ pub struct Settings {
     pub log_level: String,
 }
 
-fn humantime_duration(text: &str) -> Result<Duration, String> {
+pub(crate) fn humantime_duration(text: &str) -> Result<Duration, String> {
     humantime_serde::re::humantime::parse_duration(text).map_err(|e| e.to_string())
 }
 
@@ -317,6 +332,21 @@ impl ServeArgs {
             .or(file.admin_token)
             .filter(|t| !t.is_empty())
             .map(AdminToken::new);
+        let security = self.security.resolve(
+            crate::security::SecurityFile {
+                auth_token: file.auth_token,
+                auth_token_file: file.auth_token_file,
+                tls_cert: file.tls_cert,
+                tls_key: file.tls_key,
+                tls_client_ca: file.tls_client_ca,
+                header_read_timeout: file.header_read_timeout,
+                body_read_timeout: file.body_read_timeout,
+                max_connections: file.max_connections,
+                grpc_max_message_bytes: file.grpc_max_message_bytes,
+                max_concurrent_streams: file.max_concurrent_streams,
+            },
+            max_body_bytes,
+        )?;
         Ok(Settings {
             server: ServerConfig {
                 model_repository: self
@@ -346,6 +376,9 @@ impl ServeArgs {
                 max_body_bytes,
                 cache,
                 admin_token,
+                auth: security.auth,
+                tls: security.tls,
+                limits: security.limits,
             },
             log_format: match log_format {
                 LogFormatArg::Text => LogFormat::Text,

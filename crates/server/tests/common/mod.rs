@@ -91,6 +91,9 @@ pub fn config(repository: PathBuf) -> ServerConfig {
         max_body_bytes: 16 * 1024 * 1024,
         cache: tickserve_server::CacheConfig::default(),
         admin_token: None,
+        auth: None,
+        tls: None,
+        limits: tickserve_server::Limits::default(),
     }
 }
 

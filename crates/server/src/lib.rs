@@ -109,7 +109,9 @@ pub struct ServerConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     /// Longest time for the TLS handshake and for a request's headers
-    /// (HTTP/1.1); past it the connection closes.
+    /// (HTTP/1.1); past it the connection closes. hyper starts the clock
+    /// when it waits for a request, so a kept-alive HTTP/1.1 connection
+    /// idle this long is closed too.
     pub header_read_timeout: Duration,
     /// Longest wait for the next piece of an HTTP request body; past it
     /// the request gets 408.
@@ -126,7 +128,7 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            header_read_timeout: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(30),
             body_read_timeout: Duration::from_secs(30),
             max_connections: 4096,
             grpc_max_message_bytes: 16 * 1024 * 1024,

@@ -51,7 +51,9 @@ pub struct SecurityArgs {
     pub tls_client_ca: Option<PathBuf>,
 
     /// Longest time for a connection's TLS handshake, and for a request's
-    /// headers; past it the connection is closed, e.g. "10s". [default: 10s]
+    /// headers; past it the connection is closed. A kept-alive HTTP/1.1
+    /// connection idle this long is closed too: keep clients' pool idle
+    /// timeouts below it, e.g. "30s". [default: 30s]
     #[arg(long, env = "TICKSERVE_HEADER_READ_TIMEOUT", value_name = "DURATION", value_parser = humantime_duration)]
     pub header_read_timeout: Option<Duration>,
 
@@ -194,7 +196,7 @@ mod tests {
             .unwrap();
         assert!(security.auth.is_none() && security.tls.is_none());
         assert_eq!(security.limits.grpc_max_message_bytes, 1234);
-        assert_eq!(security.limits.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(security.limits.header_read_timeout, Duration::from_secs(30));
         assert_eq!(security.limits.max_connections, 4096);
     }
 

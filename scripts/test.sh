@@ -8,7 +8,8 @@
 # perf_analyzer, and the local multi-replica test: three tickserve
 # processes behind nginx sharing one Redis, with SIGTERM and SIGKILL
 # under load (deploy/local/run.sh test, about a minute), and the short
-# fault-injection run (scripts/chaos.sh ci, about 1.5 minutes). The fuzz
+# fault-injection run (scripts/chaos.sh ci: Redis killed, SIGTERM, SIGKILL,
+# about a minute). The fuzz
 # corpus is replayed by `cargo test` (crates/server/tests/fuzz_corpus.rs).
 #
 #   scripts/test.sh                          # everything

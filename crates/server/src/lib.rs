@@ -128,7 +128,7 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            header_read_timeout: Duration::from_secs(30),
+            header_read_timeout: Duration::from_secs(120),
             body_read_timeout: Duration::from_secs(30),
             max_connections: 4096,
             grpc_max_message_bytes: 16 * 1024 * 1024,

@@ -53,7 +53,8 @@ pub struct SecurityArgs {
     /// Longest time for a connection's TLS handshake, and for a request's
     /// headers; past it the connection is closed. A kept-alive HTTP/1.1
     /// connection idle this long is closed too: keep clients' pool idle
-    /// timeouts below it, e.g. "30s". [default: 30s]
+    /// timeouts below it, e.g. "20s". [default: 120s, above the idle
+    /// timeouts of nginx (60 s) and reqwest (90 s) upstream pools]
     #[arg(long, env = "TICKSERVE_HEADER_READ_TIMEOUT", value_name = "DURATION", value_parser = humantime_duration)]
     pub header_read_timeout: Option<Duration>,
 
@@ -196,7 +197,10 @@ mod tests {
             .unwrap();
         assert!(security.auth.is_none() && security.tls.is_none());
         assert_eq!(security.limits.grpc_max_message_bytes, 1234);
-        assert_eq!(security.limits.header_read_timeout, Duration::from_secs(30));
+        assert_eq!(
+            security.limits.header_read_timeout,
+            Duration::from_secs(120)
+        );
         assert_eq!(security.limits.max_connections, 4096);
     }
 

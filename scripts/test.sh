@@ -7,7 +7,10 @@
 # against a running tickserve: tritonclient (Python, HTTP and gRPC) and
 # perf_analyzer, and the local multi-replica test: three tickserve
 # processes behind nginx sharing one Redis, with SIGTERM and SIGKILL
-# under load (deploy/local/run.sh test, about a minute).
+# under load (deploy/local/run.sh test, about a minute), and the short
+# fault-injection run (scripts/chaos.sh ci: Redis killed, SIGTERM, SIGKILL,
+# about a minute). The fuzz
+# corpus is replayed by `cargo test` (crates/server/tests/fuzz_corpus.rs).
 #
 #   scripts/test.sh                          # everything
 #   scripts/test.sh -p tickserve-scheduler   # extra args go to cargo test (Rust tests only)
@@ -62,4 +65,6 @@ if [[ $# -eq 0 ]]; then
     scripts/perf_analyzer_check.sh
     echo "== three replicas behind nginx, one Redis (deploy/local)"
     deploy/local/run.sh test
+    echo "== fault injection, short run: no accepted request lost (scripts/chaos.sh ci)"
+    scripts/chaos.sh ci
 fi

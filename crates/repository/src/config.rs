@@ -490,11 +490,17 @@ pub fn read_config(path: &Path) -> Result<ModelConfig, RepositoryError> {
         path: path.to_path_buf(),
         source,
     })?;
+    parse_config(path, &text)
+}
+
+/// Parses and checks the text of a config.toml; `path` names it in
+/// errors. (Also the entry point of the config fuzz target.)
+pub fn parse_config(path: &Path, text: &str) -> Result<ModelConfig, RepositoryError> {
     let invalid = |reason: String| RepositoryError::Config {
         path: path.to_path_buf(),
         reason,
     };
-    let config: ModelConfig = toml::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+    let config: ModelConfig = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
     check_config(&config).map_err(invalid)?;
     if config.inputs.is_empty() || config.outputs.is_empty() {
         return Err(invalid(
@@ -695,7 +701,12 @@ pub fn read_version_config(path: &Path) -> Result<VersionConfig, RepositoryError
         path: path.to_path_buf(),
         source,
     })?;
-    toml::from_str(&text).map_err(|e| RepositoryError::Config {
+    parse_version_config(path, &text)
+}
+
+/// Parses the text of a version.toml; `path` names it in errors.
+pub fn parse_version_config(path: &Path, text: &str) -> Result<VersionConfig, RepositoryError> {
+    toml::from_str(text).map_err(|e| RepositoryError::Config {
         path: path.to_path_buf(),
         reason: e.to_string(),
     })

@@ -47,7 +47,7 @@ pub use config::{
     ActivationsChoice, AdaptiveBatchingConfig, BatchingConfig, CalibrationMethodChoice,
     EngineChoice, InstanceGroupConfig, ModelCacheConfig, ModelConfig, PrecisionChoice,
     PriorityConfig, QuantizationConfig, TensorConfig, VersionConfig, VersionPolicy,
-    check_version_config, read_config, read_version_config,
+    check_version_config, parse_config, parse_version_config, read_config, read_version_config,
 };
 pub use load::LoadedVersion;
 pub use pbtxt::{Pbtxt, parse_json_config, parse_pbtxt, read_pbtxt};

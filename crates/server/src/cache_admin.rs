@@ -6,8 +6,10 @@
 //!   cached row of one model (all versions) from memory and/or Redis
 //!   (default both).
 //!
-//! Both need `Authorization: Bearer <token>` with the server's admin token
-//! (`--admin-token`); without a configured token the routes do not exist.
+//! Both need `Authorization: Bearer <token>`: the admin token
+//! (`--admin-token`) when one is set, otherwise any token of
+//! `--auth-token`/`--auth-token-file` (crate::auth). With neither the
+//! routes do not exist.
 
 use axum::Json;
 use axum::Router;
@@ -21,7 +23,7 @@ use crate::AppState;
 use crate::error::ServeError;
 
 pub(crate) fn router(state: AppState) -> Router {
-    if state.admin_token.is_none() {
+    if state.admin_token.is_none() && !state.auth.enabled() {
         return Router::new();
     }
     Router::new()
@@ -38,7 +40,11 @@ fn same(a: &[u8], b: &[u8]) -> bool {
 
 fn authorise(state: &AppState, headers: &HeaderMap) -> Result<(), ServeError> {
     let Some(token) = &state.admin_token else {
-        return Err(ServeError::Unauthorized("admin endpoints are off".into()));
+        // No admin token of their own: the inference tokens open them.
+        return match state.auth.enabled() {
+            true => state.auth.check(headers),
+            false => Err(ServeError::Unauthorized("admin endpoints are off".into())),
+        };
     };
     let given = headers
         .get(AUTHORIZATION)

@@ -60,9 +60,12 @@ pub enum ServeError {
     Internal(String),
     #[error("no route for {0}")]
     NoRoute(String),
-    /// An admin endpoint without the right bearer token.
+    /// No valid bearer token (inference or admin routes).
     #[error("{0}")]
     Unauthorized(String),
+    /// The client stopped sending its request body (body read timeout).
+    #[error("{0}")]
+    RequestTimeout(String),
 }
 
 impl ServeError {
@@ -76,6 +79,7 @@ impl ServeError {
             ServeError::NotReady(_) | ServeError::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
             ServeError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ServeError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ServeError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ServeError::Rejected { .. } => StatusCode::TOO_MANY_REQUESTS,
             ServeError::TimedOut { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
@@ -93,6 +97,7 @@ impl ServeError {
 
     /// The gRPC code of the same failure, following the HTTP status:
     /// 400 → INVALID_ARGUMENT, 401 → UNAUTHENTICATED, 404 → NOT_FOUND,
+    /// 408 → DEADLINE_EXCEEDED,
     /// 413 and 429 → RESOURCE_EXHAUSTED, 503 → UNAVAILABLE, 500 → INTERNAL.
     pub fn grpc_code(&self) -> tonic::Code {
         match self {
@@ -109,6 +114,7 @@ impl ServeError {
             ServeError::TimedOut { .. } => tonic::Code::Unavailable,
             ServeError::Internal(_) => tonic::Code::Internal,
             ServeError::Unauthorized(_) => tonic::Code::Unauthenticated,
+            ServeError::RequestTimeout(_) => tonic::Code::DeadlineExceeded,
         }
     }
 
@@ -117,7 +123,8 @@ impl ServeError {
         match self {
             ServeError::Invalid(_)
             | ServeError::PayloadTooLarge(_)
-            | ServeError::Unauthorized(_) => error_type::INVALID,
+            | ServeError::Unauthorized(_)
+            | ServeError::RequestTimeout(_) => error_type::INVALID,
             ServeError::ModelNotFound(_)
             | ServeError::VersionNotFound { .. }
             | ServeError::NoRoute(_) => error_type::NOT_FOUND,

@@ -240,6 +240,19 @@ async fn no_route(uri: Uri) -> ServeError {
     ServeError::NoRoute(uri.path().to_owned())
 }
 
+/// Whether the body failed because the client stopped sending it (the
+/// body read timeout of crate::serve).
+fn body_timed_out(rejection: &BytesRejection) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(rejection);
+    while let Some(error) = source {
+        if error.is::<tower_http::timeout::TimeoutError>() {
+            return true;
+        }
+        source = error.source();
+    }
+    false
+}
+
 async fn infer(
     State(state): State<AppState>,
     Path(path): Path<ModelPath>,
@@ -254,7 +267,12 @@ async fn infer(
         path.version.as_deref(),
         |version| {
             let body = body.map_err(|rejection| {
-                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                if body_timed_out(&rejection) {
+                    ServeError::RequestTimeout(format!(
+                        "the request body stalled: no data for {:?} (--body-read-timeout)",
+                        state.limits.body_read_timeout
+                    ))
+                } else if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
                     ServeError::PayloadTooLarge(format!(
                         "request body is larger than the limit of {} bytes (--max-body-bytes)",
                         state.max_body_bytes

@@ -13,11 +13,17 @@
 //! get GOAWAY; queued and running requests finish within the drain
 //! timeout.
 //!
+//! Both inference addresses can require a bearer token ([`auth`]) and
+//! speak TLS, optionally mutual ([`tls`]); the connection limits
+//! ([`Limits`]) hold on both (docs/security.md). The metrics address stays
+//! plain and open: put it on a private interface.
+//!
 //! The HTTP handlers ([`http`]) and the gRPC service ([`grpc`]) share one
 //! [`AppState`]: the same registry, schedulers and error mapping. The gRPC
 //! listener also serves grpc.health.v1 for Kubernetes probes, SERVING once
 //! the models are ready and NOT_SERVING while draining.
 
+pub mod auth;
 mod cache_admin;
 mod cached;
 mod codec;
@@ -34,7 +40,12 @@ pub mod scheduling;
 mod serve;
 pub mod sla;
 mod state;
+pub mod tls;
 pub mod triton;
+
+/// Entry points of the fuzz targets (fuzz/) and their corpus replay.
+#[doc(hidden)]
+pub mod fuzzing;
 
 /// Entry points for the decoding benchmark (benches/decode.rs).
 #[doc(hidden)]
@@ -63,6 +74,8 @@ use crate::registry::ModelRegistry;
 pub use crate::registry::{ControlMode, ModelControl};
 pub(crate) use crate::state::AppState;
 
+pub use crate::auth::{AuthConfig, AuthError, AuthHandle};
+pub use crate::tls::{TlsConfig, TlsError};
 pub use tickserve_cache::{CacheConfig, ClientIdentity, RedisConfig, RedisTls};
 
 /// Everything `serve` needs, as plain data (the CLI fills it from flags,
@@ -83,10 +96,51 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// The result cache (docs/cache.md).
     pub cache: CacheConfig,
-    /// Bearer token of the admin endpoints; `None` turns them off.
+    /// Bearer token of the admin endpoints; `None` turns them off (unless
+    /// `auth` is set: then they take the inference tokens).
     pub admin_token: Option<AdminToken>,
     /// Which models are loaded and how that changes (docs/models.md).
     pub model_control: ModelControl,
+    /// Bearer tokens required on the inference address (HTTP and gRPC);
+    /// `None`: open.
+    pub auth: Option<AuthConfig>,
+    /// TLS on the HTTP and gRPC addresses; `None`: plain text.
+    pub tls: Option<TlsConfig>,
+    /// Limits against slow or abusive clients.
+    pub limits: Limits,
+}
+
+/// Limits against slow or abusive clients, per address (HTTP and gRPC
+/// each).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Longest time for the TLS handshake and for a request's headers
+    /// (HTTP/1.1); past it the connection closes. hyper starts the clock
+    /// when it waits for a request, so a kept-alive HTTP/1.1 connection
+    /// idle this long is closed too.
+    pub header_read_timeout: Duration,
+    /// Longest wait for the next piece of an HTTP request body; past it
+    /// the request gets 408.
+    pub body_read_timeout: Duration,
+    /// Most open connections per address; past it HTTP clients get 503
+    /// and gRPC clients UNAVAILABLE.
+    pub max_connections: usize,
+    /// Largest gRPC request message; larger ones get OUT_OF_RANGE.
+    pub grpc_max_message_bytes: usize,
+    /// Most concurrent HTTP/2 streams (gRPC calls) per connection.
+    pub max_concurrent_streams: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            header_read_timeout: Duration::from_secs(120),
+            body_read_timeout: Duration::from_secs(30),
+            max_connections: 4096,
+            grpc_max_message_bytes: 16 * 1024 * 1024,
+            max_concurrent_streams: 1024,
+        }
+    }
 }
 
 impl ServerConfig {
@@ -105,6 +159,9 @@ impl ServerConfig {
             cache: CacheConfig::default(),
             admin_token: None,
             model_control: ModelControl::default(),
+            auth: None,
+            tls: None,
+            limits: Limits::default(),
         }
     }
 }
@@ -147,22 +204,46 @@ pub enum StartError {
     Cache(#[from] L2Error),
     #[error("server task failed: {0}")]
     Task(String),
+    #[error("cannot set up authentication: {0}")]
+    Auth(#[from] AuthError),
+    #[error("cannot set up TLS: {0}")]
+    Tls(#[from] TlsError),
 }
 
 /// A server whose listeners are bound; [`BoundServer::serve`] runs it.
-#[derive(Debug)]
 pub struct BoundServer {
     config: ServerConfig,
     http_listener: TcpListener,
     grpc_listener: TcpListener,
     metrics_listener: TcpListener,
     metrics: PrometheusHandle,
+    auth: AuthHandle,
+    http_tls: Option<tokio_rustls::TlsAcceptor>,
+    grpc_tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+impl std::fmt::Debug for BoundServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BoundServer")
+            .field("config", &self.config)
+            .field("tls", &self.http_tls.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl BoundServer {
     /// Binds the HTTP, gRPC and metrics listeners (port 0 picks a free port).
     pub async fn bind(config: ServerConfig) -> Result<Self, StartError> {
         let metrics = telemetry::install_recorder()?;
+        // Bad token files and certificates stop the start, before binding.
+        let auth = AuthHandle::new(config.auth.clone())?;
+        let (http_tls, grpc_tls) = match &config.tls {
+            Some(tls) => (
+                Some(tls::acceptor(tls, &[b"h2", b"http/1.1"])?),
+                Some(tls::acceptor(tls, &[b"h2"])?),
+            ),
+            None => (None, None),
+        };
         let bind = |addr: SocketAddr| async move {
             TcpListener::bind(addr)
                 .await
@@ -177,7 +258,16 @@ impl BoundServer {
             grpc_listener,
             metrics_listener,
             metrics,
+            auth,
+            http_tls,
+            grpc_tls,
         })
+    }
+
+    /// The tokens this server checks; [`AuthHandle::reload`] rereads the
+    /// token file (the binary calls it on SIGHUP).
+    pub fn auth_handle(&self) -> AuthHandle {
+        self.auth.clone()
     }
 
     pub fn http_addr(&self) -> SocketAddr {
@@ -210,6 +300,9 @@ impl BoundServer {
             grpc_listener,
             metrics_listener,
             metrics,
+            auth,
+            http_tls,
+            grpc_tls,
         } = self;
         let cache = match config.cache.enabled {
             true => Some(Arc::new(cached::CacheLayer::new(ResultCache::new(
@@ -217,7 +310,7 @@ impl BoundServer {
             )?))),
             false => None,
         };
-        let state = AppState::new(&config, cache);
+        let state = AppState::new(&config, cache).with_auth(auth.clone());
         metrics::gauge!(telemetry::READY).set(0.0);
 
         // Shutdown fans out to both servers and to the loader.
@@ -227,24 +320,33 @@ impl BoundServer {
         };
 
         let http_app = router(state.clone());
-        let http_server = tokio::spawn(serve::serve_http(http_listener, http_app, stop_rx.clone()));
+        let http_accept = serve::Accept::new("http", http_tls, config.limits);
+        let grpc_accept = serve::Accept::new("grpc", grpc_tls, config.limits);
+        let http_server = tokio::spawn(serve::serve_http(
+            http_listener,
+            http_app,
+            http_accept,
+            stop_rx.clone(),
+        ));
         let (health, health_service) = tonic_health::server::health_reporter();
         set_health(&health, tonic_health::ServingStatus::NotServing).await;
         let inference =
             grpc::GrpcInferenceServiceServer::new(grpc::InferenceService::new(state.clone()))
                 .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
                 .send_compressed(tonic::codec::CompressionEncoding::Gzip)
-                .max_decoding_message_size(config.max_body_bytes)
+                .max_decoding_message_size(config.limits.grpc_max_message_bytes)
                 .max_encoding_message_size(usize::MAX);
         let grpc_server = tokio::spawn(
             tonic::transport::Server::builder()
+                .max_concurrent_streams(config.limits.max_concurrent_streams)
+                .layer(auth::GrpcAuthLayer { auth })
                 .add_service(health_service)
                 .add_service(inference)
                 // The drain starts when the incoming stream ends (after the
                 // queued connections are taken), not on a signal: tonic
                 // would drop connections it has not yet served.
                 .serve_with_incoming_shutdown(
-                    serve::grpc_incoming(grpc_listener, stop_rx.clone()),
+                    serve::grpc_incoming(grpc_listener, grpc_accept, stop_rx.clone()),
                     std::future::pending::<()>(),
                 ),
         );
@@ -332,9 +434,14 @@ impl BoundServer {
 /// and dashboard, and the cache admin endpoints. Needs no socket: tests
 /// call it through `tower::ServiceExt::oneshot`.
 pub(crate) fn router(state: AppState) -> Router {
+    let auth = state.auth.clone();
     http::router(state.clone())
         .merge(sla::router(state.clone()))
         .merge(cache_admin::router(state))
+        .layer(axum::middleware::from_fn_with_state(
+            auth,
+            auth::http_middleware,
+        ))
 }
 
 /// Sets the gRPC health status of the server ("") and of the inference

@@ -6,6 +6,7 @@ use std::sync::{Arc, OnceLock};
 use tickserve_telemetry::throughput::Throughput;
 
 use crate::ServerConfig;
+use crate::auth::AuthHandle;
 use crate::cached::CacheLayer;
 use crate::error::ServeError;
 use crate::registry::ModelRegistry;
@@ -18,12 +19,15 @@ pub(crate) struct AppState {
     registry: Arc<OnceLock<ModelRegistry>>,
     draining: Arc<AtomicBool>,
     pub(crate) max_body_bytes: usize,
+    pub(crate) limits: crate::Limits,
     /// Rolling-window SLA view (`GET /v2/sla`, `GET /dashboard`).
     pub(crate) sla: Arc<SlaMonitor>,
     /// Completed requests per second (`batch_processing_throughput_rps`).
     pub(crate) throughput: Arc<Throughput>,
     pub(crate) cache: Option<Arc<CacheLayer>>,
     pub(crate) admin_token: Option<Arc<str>>,
+    /// Bearer tokens of the inference address (crate::auth).
+    pub(crate) auth: AuthHandle,
 }
 
 impl AppState {
@@ -34,11 +38,19 @@ impl AppState {
             registry: Arc::new(OnceLock::new()),
             draining: Arc::new(AtomicBool::new(false)),
             max_body_bytes: config.max_body_bytes,
+            limits: config.limits,
             sla: Arc::new(SlaMonitor::new()),
             throughput: Arc::new(Throughput::new(std::time::Instant::now())),
             cache,
             admin_token: config.admin_token.as_ref().map(|t| Arc::from(t.expose())),
+            auth: AuthHandle::off(),
         }
+    }
+
+    /// The same state with these bearer tokens required.
+    pub(crate) fn with_auth(mut self, auth: AuthHandle) -> Self {
+        self.auth = auth;
+        self
     }
 
     pub(crate) fn registry(&self) -> Result<&ModelRegistry, ServeError> {

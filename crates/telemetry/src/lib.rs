@@ -76,6 +76,9 @@ pub const MEMORY_UTILISATION: &str = "batch_processing_memory_utilization_percen
 pub const THROUGHPUT: &str = "batch_processing_throughput_rps";
 /// Gauge, 1 when every model is loaded and warmed up.
 pub const READY: &str = "tickserve_ready";
+/// Connections closed or answered 503 because the address was at its
+/// connection cap, by `listener` (http, grpc).
+pub const CONNECTIONS_REFUSED_TOTAL: &str = "tickserve_connections_refused_total";
 /// Counter of rows answered from the result cache. Labels: `model`,
 /// `tier` (`l1` in-process, `l2` Redis).
 pub const CACHE_HITS: &str = "batch_processing_cache_hits_total";
@@ -214,6 +217,10 @@ pub fn install_recorder() -> Result<PrometheusHandle, TelemetryError> {
 
 fn describe() {
     describe_counter!(REQUESTS_TOTAL, "Inference requests answered, by outcome");
+    describe_counter!(
+        CONNECTIONS_REFUSED_TOTAL,
+        "Connections refused at the connection cap, by listener"
+    );
     describe_histogram!(
         REQUEST_LATENCY,
         Unit::Seconds,

@@ -85,6 +85,9 @@ pub fn config(repository: PathBuf) -> ServerConfig {
         cache: tickserve_server::CacheConfig::default(),
         admin_token: None,
         model_control: tickserve_server::ModelControl::default(),
+        auth: None,
+        tls: None,
+        limits: tickserve_server::Limits::default(),
     }
 }
 

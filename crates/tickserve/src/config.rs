@@ -202,6 +202,8 @@ pub struct ServeArgs {
     /// Poll mode: how often the repository is re-read. [default: 5s]
     #[arg(long, env = "TICKSERVE_REPOSITORY_POLL_INTERVAL", value_name = "DURATION", value_parser = humantime_duration)]
     pub repository_poll_interval: Option<Duration>,
+    #[command(flatten)]
+    pub security: crate::security::SecurityArgs,
 }
 
 /// The TOML file's contents: every key optional, unknown keys refused.
@@ -239,6 +241,18 @@ struct FileConfig {
     load_model: Option<Vec<String>>,
     #[serde(default, with = "humantime_serde")]
     repository_poll_interval: Option<Duration>,
+    auth_token: Option<String>,
+    auth_token_file: Option<PathBuf>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_client_ca: Option<PathBuf>,
+    #[serde(default, with = "humantime_serde")]
+    header_read_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    body_read_timeout: Option<Duration>,
+    max_connections: Option<usize>,
+    grpc_max_message_bytes: Option<usize>,
+    max_concurrent_streams: Option<u32>,
 }
 
 /// The merged settings.
@@ -249,7 +263,7 @@ pub struct Settings {
     pub log_level: String,
 }
 
-fn humantime_duration(text: &str) -> Result<Duration, String> {
+pub(crate) fn humantime_duration(text: &str) -> Result<Duration, String> {
     humantime_serde::re::humantime::parse_duration(text).map_err(|e| e.to_string())
 }
 
@@ -385,6 +399,21 @@ impl ServeArgs {
             load_models,
             poll_interval,
         };
+        let security = self.security.resolve(
+            crate::security::SecurityFile {
+                auth_token: file.auth_token,
+                auth_token_file: file.auth_token_file,
+                tls_cert: file.tls_cert,
+                tls_key: file.tls_key,
+                tls_client_ca: file.tls_client_ca,
+                header_read_timeout: file.header_read_timeout,
+                body_read_timeout: file.body_read_timeout,
+                max_connections: file.max_connections,
+                grpc_max_message_bytes: file.grpc_max_message_bytes,
+                max_concurrent_streams: file.max_concurrent_streams,
+            },
+            max_body_bytes,
+        )?;
         Ok(Settings {
             server: ServerConfig {
                 model_repository: self
@@ -415,6 +444,9 @@ impl ServeArgs {
                 cache,
                 admin_token,
                 model_control,
+                auth: security.auth,
+                tls: security.tls,
+                limits: security.limits,
             },
             log_format: match log_format {
                 LogFormatArg::Text => LogFormat::Text,

@@ -7,6 +7,7 @@
 //! file given with `--config`, and the built-in defaults.
 
 mod config;
+mod security;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -76,9 +77,40 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     runtime.block_on(async move {
         let server = tickserve_server::BoundServer::bind(settings.server).await?;
         tracing::info!(http = %server.http_addr(), grpc = %server.grpc_addr(), metrics = %server.metrics_addr(), "listening");
+        reload_tokens_on_sighup(server.auth_handle());
         server.serve(shutdown_signal()).await?;
         anyhow::Ok(())
     })
+}
+
+/// Rereads the token file on every SIGHUP (docs/security.md); a failed
+/// read keeps the tokens in force. Logs how many tokens are valid, never
+/// the tokens.
+fn reload_tokens_on_sighup(auth: tickserve_server::AuthHandle) {
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hangups = match signal(SignalKind::hangup()) {
+            Ok(hangups) => hangups,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGHUP: tokens cannot be rotated");
+                return;
+            }
+        };
+        while hangups.recv().await.is_some() {
+            match auth.reload() {
+                Ok(tokens) if auth.enabled() => {
+                    tracing::info!(tokens, "SIGHUP: bearer tokens reloaded");
+                }
+                Ok(_) => tracing::info!("SIGHUP: authentication is off, nothing to reload"),
+                Err(error) => {
+                    tracing::error!(%error, "SIGHUP: tokens not reloaded, the old ones stay valid");
+                }
+            }
+        }
+    });
+    #[cfg(not(unix))]
+    let _ = auth;
 }
 
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM (Kubernetes, systemd).

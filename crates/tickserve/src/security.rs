@@ -1,0 +1,248 @@
+//! `tickserve serve` settings of authentication, TLS and the connection
+//! limits (docs/security.md): their flags and environment variables, and
+//! how they merge with the TOML file's keys of the same names into the
+//! server's [`AuthConfig`], [`TlsConfig`] and [`Limits`].
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use tickserve_server::{AuthConfig, Limits, TlsConfig};
+
+use crate::config::humantime_duration;
+
+#[derive(Debug, Default, Args)]
+pub struct SecurityArgs {
+    /// Bearer token required on the inference, repository and cache admin
+    /// routes, HTTP and gRPC (`Authorization: Bearer <token>`); health
+    /// checks and the metrics address stay open. Prefer --auth-token-file
+    /// (rotation on SIGHUP). [default: unset (open)]
+    #[arg(
+        long,
+        env = "TICKSERVE_AUTH_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true,
+        conflicts_with = "auth_token_file"
+    )]
+    pub auth_token: Option<String>,
+
+    /// File of bearer tokens, one a line ('#' comments); any of them is
+    /// accepted. Read again on SIGHUP, so a token is rotated by adding
+    /// the new one, moving clients over, and removing the old one.
+    /// [default: unset]
+    #[arg(long, env = "TICKSERVE_AUTH_TOKEN_FILE", value_name = "FILE")]
+    pub auth_token_file: Option<PathBuf>,
+
+    /// PEM certificate chain of the HTTP and gRPC addresses: with it (and
+    /// --tls-key) both speak only TLS; the metrics address stays plain.
+    /// [default: unset (plain text)]
+    #[arg(long, env = "TICKSERVE_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert. [default: unset]
+    #[arg(long, env = "TICKSERVE_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+
+    /// PEM CA certificate(s) of client certificates: with it, every
+    /// client must present a certificate it signed (mutual TLS); needs
+    /// --tls-cert. [default: unset]
+    #[arg(long, env = "TICKSERVE_TLS_CLIENT_CA", value_name = "FILE")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// Longest time for a connection's TLS handshake, and for a request's
+    /// headers; past it the connection is closed. A kept-alive HTTP/1.1
+    /// connection idle this long is closed too: keep clients' pool idle
+    /// timeouts below it, e.g. "20s". [default: 120s, above the idle
+    /// timeouts of nginx (60 s) and reqwest (90 s) upstream pools]
+    #[arg(long, env = "TICKSERVE_HEADER_READ_TIMEOUT", value_name = "DURATION", value_parser = humantime_duration)]
+    pub header_read_timeout: Option<Duration>,
+
+    /// Longest wait for the next piece of an HTTP request body; past it
+    /// the request is answered 408, e.g. "30s". [default: 30s]
+    #[arg(long, env = "TICKSERVE_BODY_READ_TIMEOUT", value_name = "DURATION", value_parser = humantime_duration)]
+    pub body_read_timeout: Option<Duration>,
+
+    /// Most open connections per address (HTTP and gRPC each); past it an
+    /// HTTP client gets 503 and a gRPC client UNAVAILABLE.
+    /// [default: 4096]
+    #[arg(long, env = "TICKSERVE_MAX_CONNECTIONS", value_name = "N")]
+    pub max_connections: Option<usize>,
+
+    /// Largest gRPC request message in bytes; larger ones get
+    /// OUT_OF_RANGE. [default: --max-body-bytes]
+    #[arg(long, env = "TICKSERVE_GRPC_MAX_MESSAGE_BYTES", value_name = "BYTES")]
+    pub grpc_max_message_bytes: Option<usize>,
+
+    /// Most concurrent HTTP/2 streams (gRPC calls) per connection.
+    /// [default: 1024]
+    #[arg(long, env = "TICKSERVE_MAX_CONCURRENT_STREAMS", value_name = "N")]
+    pub max_concurrent_streams: Option<u32>,
+}
+
+/// The same settings from the TOML file (keys as the long flags, with
+/// underscores).
+#[derive(Debug, Default)]
+pub struct SecurityFile {
+    pub auth_token: Option<String>,
+    pub auth_token_file: Option<PathBuf>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_client_ca: Option<PathBuf>,
+    pub header_read_timeout: Option<Duration>,
+    pub body_read_timeout: Option<Duration>,
+    pub max_connections: Option<usize>,
+    pub grpc_max_message_bytes: Option<usize>,
+    pub max_concurrent_streams: Option<u32>,
+}
+
+/// The merged settings.
+#[derive(Debug)]
+pub struct Security {
+    pub auth: Option<AuthConfig>,
+    pub tls: Option<TlsConfig>,
+    pub limits: Limits,
+}
+
+fn read(what: &str, path: &Path) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("cannot read the {what} {}", path.display()))
+}
+
+impl SecurityArgs {
+    /// Flags and environment over the file over the defaults; the TLS
+    /// files are read now. `max_body_bytes` is the default gRPC message
+    /// limit.
+    pub fn resolve(self, file: SecurityFile, max_body_bytes: usize) -> anyhow::Result<Security> {
+        // A flag of one kind replaces the file's setting of either kind.
+        let auth = match (self.auth_token, self.auth_token_file) {
+            (Some(token), _) => Some(AuthConfig::Token(token)),
+            (None, Some(path)) => Some(AuthConfig::File(path)),
+            (None, None) => match (file.auth_token, file.auth_token_file) {
+                (Some(_), Some(_)) => {
+                    anyhow::bail!("auth_token and auth_token_file exclude each other")
+                }
+                (Some(token), None) => Some(AuthConfig::Token(token)),
+                (None, Some(path)) => Some(AuthConfig::File(path)),
+                (None, None) => None,
+            },
+        };
+        anyhow::ensure!(
+            auth != Some(AuthConfig::Token(String::new())),
+            "auth_token must not be empty"
+        );
+        let cert = self.tls_cert.or(file.tls_cert);
+        let key = self.tls_key.or(file.tls_key);
+        let client_ca = self.tls_client_ca.or(file.tls_client_ca);
+        let tls = match (cert, key) {
+            (None, None) => {
+                anyhow::ensure!(
+                    client_ca.is_none(),
+                    "tls_client_ca needs tls_cert and tls_key"
+                );
+                None
+            }
+            (Some(cert), Some(key)) => Some(TlsConfig {
+                cert_pem: read("TLS certificate", &cert)?,
+                key_pem: read("TLS key", &key)?,
+                client_ca_pem: client_ca.map(|ca| read("TLS client CA", &ca)).transpose()?,
+            }),
+            _ => anyhow::bail!("tls_cert and tls_key go together"),
+        };
+        let d = Limits::default();
+        let limits = Limits {
+            header_read_timeout: self
+                .header_read_timeout
+                .or(file.header_read_timeout)
+                .unwrap_or(d.header_read_timeout),
+            body_read_timeout: self
+                .body_read_timeout
+                .or(file.body_read_timeout)
+                .unwrap_or(d.body_read_timeout),
+            max_connections: self
+                .max_connections
+                .or(file.max_connections)
+                .unwrap_or(d.max_connections),
+            grpc_max_message_bytes: self
+                .grpc_max_message_bytes
+                .or(file.grpc_max_message_bytes)
+                .unwrap_or(max_body_bytes),
+            max_concurrent_streams: self
+                .max_concurrent_streams
+                .or(file.max_concurrent_streams)
+                .unwrap_or(d.max_concurrent_streams),
+        };
+        anyhow::ensure!(
+            !limits.header_read_timeout.is_zero() && !limits.body_read_timeout.is_zero(),
+            "header_read_timeout and body_read_timeout must be positive"
+        );
+        anyhow::ensure!(
+            limits.max_connections > 0
+                && limits.grpc_max_message_bytes > 0
+                && limits.max_concurrent_streams > 0,
+            "max_connections, grpc_max_message_bytes and max_concurrent_streams must be positive"
+        );
+        Ok(Security { auth, tls, limits })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn defaults_are_open_plain_with_the_default_limits() {
+        let security = SecurityArgs::default()
+            .resolve(SecurityFile::default(), 1234)
+            .unwrap();
+        assert!(security.auth.is_none() && security.tls.is_none());
+        assert_eq!(security.limits.grpc_max_message_bytes, 1234);
+        assert_eq!(
+            security.limits.header_read_timeout,
+            Duration::from_secs(120)
+        );
+        assert_eq!(security.limits.max_connections, 4096);
+    }
+
+    #[test]
+    fn flags_override_the_file_and_bad_combinations_are_refused() {
+        let file = || SecurityFile {
+            auth_token_file: Some("/etc/tokens".into()),
+            max_connections: Some(10),
+            body_read_timeout: Some(Duration::from_secs(5)),
+            ..SecurityFile::default()
+        };
+        let args = SecurityArgs {
+            auth_token: Some("flag".into()),
+            max_connections: Some(20),
+            ..SecurityArgs::default()
+        };
+        let security = args.resolve(file(), 1).unwrap();
+        assert_eq!(security.auth, Some(AuthConfig::Token("flag".into())));
+        assert_eq!(security.limits.max_connections, 20);
+        assert_eq!(security.limits.body_read_timeout, Duration::from_secs(5));
+        let security = SecurityArgs::default().resolve(file(), 1).unwrap();
+        assert_eq!(security.auth, Some(AuthConfig::File("/etc/tokens".into())));
+
+        let both = SecurityFile {
+            auth_token: Some("a".into()),
+            ..file()
+        };
+        assert!(SecurityArgs::default().resolve(both, 1).is_err());
+        let half_tls = SecurityArgs {
+            tls_cert: Some("cert.pem".into()),
+            ..SecurityArgs::default()
+        };
+        assert!(half_tls.resolve(SecurityFile::default(), 1).is_err());
+        let ca_alone = SecurityArgs {
+            tls_client_ca: Some("ca.pem".into()),
+            ..SecurityArgs::default()
+        };
+        assert!(ca_alone.resolve(SecurityFile::default(), 1).is_err());
+        let zero = SecurityArgs {
+            max_connections: Some(0),
+            ..SecurityArgs::default()
+        };
+        assert!(zero.resolve(SecurityFile::default(), 1).is_err());
+    }
+}

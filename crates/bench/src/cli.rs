@@ -80,6 +80,16 @@ pub enum Mode {
         #[command(flatten)]
         mixed: MixedArgs,
     },
+    /// Many instruments, one tick each per request: the whole window every
+    /// time, then only the new row on a stream the server keeps
+    /// (`sequence_id`); bytes per request, requests/s and latency of both
+    /// (HTTP JSON).
+    Streams {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        streams: crate::streams::StreamsArgs,
+    },
 }
 
 /// Options every mode takes.
@@ -365,7 +375,7 @@ pub struct MixedArgs {
     pub late_threshold: Duration,
 }
 
-fn parse_duration(text: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime_serde::re::humantime::parse_duration(text).map_err(|e| e.to_string())
 }
 
@@ -523,6 +533,7 @@ pub async fn run(args: BenchArgs) -> Result<Finished, BenchError> {
         Mode::Stress { common, .. } => ("stress", common),
         Mode::Compare { common, .. } => ("compare", common),
         Mode::Mixed { common, .. } => ("mixed", common),
+        Mode::Streams { common, .. } => ("streams", common),
     };
     let common = resolve_input(common.clone()).await;
     // Record the input as sent, also when it came from the metadata.
@@ -541,6 +552,7 @@ pub async fn run(args: BenchArgs) -> Result<Finished, BenchError> {
     let mut stress = None;
     let mut compare = None;
     let mut mixed = None;
+    let mut streams = None;
     let (result, compliance): (RunStats, Compliance) = match args.mode {
         Mode::Latency { requests, .. } => {
             let t = target(&common, &common.url, 1)?;
@@ -616,6 +628,11 @@ pub async fn run(args: BenchArgs) -> Result<Finished, BenchError> {
             mixed = Some(outcome.report);
             (outcome.both, compliance)
         }
+        Mode::Streams { streams: s, .. } => {
+            let outcome = run_streams(&common, &s, &params).await?;
+            streams = Some(outcome.report);
+            (outcome.result, outcome.compliance)
+        }
     };
     let report = Report {
         schema: SCHEMA.to_owned(),
@@ -630,6 +647,7 @@ pub async fn run(args: BenchArgs) -> Result<Finished, BenchError> {
         stress,
         compare,
         mixed,
+        streams,
     };
     write_outputs(&common, &report)?;
     let exit_code = report.compliance.exit_code();
@@ -955,6 +973,35 @@ async fn run_mixed(
     let fg_target = target(c, &c.url, m.max_in_flight)?;
     let bg_target = target(c, &c.url, plan.bg_concurrency)?;
     crate::mixed::run_mixed(&fg_target, &bg_target, &fg_spec, &plan).await
+}
+
+async fn run_streams(
+    c: &Common,
+    s: &crate::streams::StreamsArgs,
+    params: &serde_json::Map<String, serde_json::Value>,
+) -> Result<crate::streams::StreamsOutcome, BenchError> {
+    if c.protocol != Protocol::HttpJson {
+        return Err(BenchError::Config(
+            "bench streams sends HTTP JSON (the goal is about the JSON a client sends): drop --protocol".into(),
+        ));
+    }
+    let shape = c.shape.clone().unwrap_or_else(|| DEFAULT_SHAPE.to_vec());
+    let [_, rows, features] = shape[..] else {
+        return Err(BenchError::Config(format!(
+            "bench streams needs a model input of shape [1, T, F], not {shape:?}"
+        )));
+    };
+    let parameters = serde_json::Value::Object(params.clone()).to_string();
+    let target = crate::streams::StreamsTarget {
+        infer_url: target(c, &c.url, s.concurrency)?.infer_url().to_owned(),
+        input_name: c.input_name.clone(),
+        rows,
+        features,
+        parameters: parameters[1..parameters.len() - 1].to_owned(),
+        seed: c.seed,
+        timeout: c.timeout,
+    };
+    crate::streams::run_streams(&target, s).await
 }
 
 /// `PRIORITY=DURATION` or `PRIORITY=none`, e.g. `1=2ms`.

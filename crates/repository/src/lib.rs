@@ -33,6 +33,9 @@ use serde::{Deserialize, Serialize};
 use tickserve_engine::{DataType, Engine, EngineError, TensorSpec};
 use tickserve_engine_native::{Calibration, CalibrationMethod, NativeEngine, Precision};
 
+mod stream;
+pub use stream::{PadWith, StreamConfig, WarmupPolicy};
+
 /// Name of the per-model configuration file.
 pub const CONFIG_FILE: &str = "config.toml";
 /// Name of the model file inside each version folder.
@@ -401,6 +404,10 @@ pub struct ModelConfig {
     /// Result caching of this model (the `[cache]` section).
     #[serde(default)]
     pub cache: ModelCacheConfig,
+    /// Per-instrument windows kept by the server (the `[stream]` section;
+    /// docs/streams.md).
+    #[serde(default)]
+    pub stream: StreamConfig,
     /// Engine workers by group (replaces `instances` when present).
     #[serde(default)]
     pub instance_group: Vec<InstanceGroupConfig>,
@@ -651,6 +658,7 @@ pub fn read_config(path: &Path) -> Result<ModelConfig, RepositoryError> {
     if config.cache.ttl.is_some_and(|ttl| ttl.is_zero()) {
         return Err(invalid("cache.ttl must be positive".into()));
     }
+    config.stream.check().map_err(invalid)?;
     if config.inputs.is_empty() || config.outputs.is_empty() {
         return Err(invalid(
             "at least one [[input]] and one [[output]] are required".into(),

@@ -19,6 +19,7 @@ use tickserve_repository::{self as repository, ModelCacheConfig, ModelEntry, Rep
 use tickserve_scheduler::{InferOptions, Priority, Scheduler};
 
 use crate::error::ServeError;
+use crate::streams::{StreamStore, WindowShape};
 use crate::triton::{CacheStats, TritonStats};
 
 /// One decoded input tensor of a request.
@@ -80,6 +81,10 @@ pub struct ModelVersion {
     scheduler: Scheduler,
     /// Triton's statistics of requests the cache answers without the queue.
     cache_stats: CacheStats,
+    /// The streams' windows (crate::streams); `None` when the `[stream]`
+    /// table turns them off or the model has not one input of shape
+    /// [T, F].
+    streams: Option<StreamStore>,
 }
 
 /// Every version of one model.
@@ -150,6 +155,7 @@ impl ModelRegistry {
                         cache: entry.config.cache.clone(),
                         scheduler,
                         cache_stats: CacheStats::default(),
+                        streams: stream_store(&entry, version, loaded.engine.signature()),
                     }),
                 );
             }
@@ -172,6 +178,38 @@ impl ModelRegistry {
 
     pub fn models(&self) -> impl Iterator<Item = &Model> {
         self.models.values()
+    }
+
+    /// Drops every model's idle streams (the server's upkeep calls it
+    /// each second, so the gauges fall without traffic).
+    pub(crate) fn sweep_streams(&self) {
+        for model in self.models.values() {
+            for version in model.versions.values() {
+                if let Some(store) = &version.streams {
+                    store.sweep();
+                }
+            }
+        }
+    }
+}
+
+/// The version's stream store, when its config allows streams and its one
+/// input is a window of T rows of F values.
+fn stream_store(entry: &ModelEntry, version: u64, signature: &Signature) -> Option<StreamStore> {
+    let config = &entry.config.stream;
+    match signature.inputs.as_slice() {
+        [spec] if config.enabled && spec.dims.len() == 2 && spec.datatype == DataType::Fp32 => {
+            Some(StreamStore::new(
+                &entry.name,
+                version,
+                WindowShape {
+                    rows: spec.dims[0],
+                    row_len: spec.dims[1],
+                },
+                config.clone(),
+            ))
+        }
+        _ => None,
     }
 }
 
@@ -218,6 +256,11 @@ impl ModelVersion {
     /// The cache step's share of the statistics (crate::cached).
     pub(crate) fn cache_stats(&self) -> &CacheStats {
         &self.cache_stats
+    }
+
+    /// The streams' windows, when this version keeps streams.
+    pub(crate) fn streams(&self) -> Option<&StreamStore> {
+        self.streams.as_ref()
     }
 
     /// The scheduler, for the inference path (crate::infer).

@@ -174,7 +174,11 @@ fn body(target: &StreamsTarget, instrument: &Instrument, send: Send, tick: &str)
             join_rows(instrument),
             format!("\"sequence_id\":{},\"sequence_start\":true", instrument.id),
         ),
-        Send::Tick => (1, tick.to_owned(), format!("\"sequence_id\":{}", instrument.id)),
+        Send::Tick => (
+            1,
+            tick.to_owned(),
+            format!("\"sequence_id\":{}", instrument.id),
+        ),
     };
     let separator = if sequence.is_empty() || target.parameters.is_empty() {
         ""
@@ -190,7 +194,9 @@ fn body(target: &StreamsTarget, instrument: &Instrument, send: Send, tick: &str)
 }
 
 fn join_rows(instrument: &Instrument) -> String {
-    let mut data = String::with_capacity(instrument.rows.iter().map(String::len).sum::<usize>() + instrument.rows.len());
+    let mut data = String::with_capacity(
+        instrument.rows.iter().map(String::len).sum::<usize>() + instrument.rows.len(),
+    );
     for (i, row) in instrument.rows.iter().enumerate() {
         if i > 0 {
             data.push(',');
@@ -315,7 +321,10 @@ async fn phase(
             Arc::clone(&bytes),
         );
         tasks.spawn(async move {
-            let count = instruments.lock().unwrap_or_else(PoisonError::into_inner).len();
+            let count = instruments
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .len();
             for n in 0usize.. {
                 if deadline.map_or(n >= count, |d| Instant::now() >= d) {
                     break;
@@ -439,19 +448,28 @@ mod tests {
         let t = target();
         let mut instrument = Instrument::new(7, t.rows, t.features, t.seed);
         let tick = instrument.tick(t.features);
-        let full: serde_json::Value = serde_json::from_str(&body(&t, &instrument, Send::Full, &tick)).unwrap();
+        let full: serde_json::Value =
+            serde_json::from_str(&body(&t, &instrument, Send::Full, &tick)).unwrap();
         assert_eq!(full["inputs"][0]["shape"], serde_json::json!([1, 4, 3]));
         assert_eq!(full["inputs"][0]["data"].as_array().unwrap().len(), 4);
         assert_eq!(full["parameters"], serde_json::json!({"cache": false}));
-        let start: serde_json::Value = serde_json::from_str(&body(&t, &instrument, Send::Start, "")).unwrap();
+        let start: serde_json::Value =
+            serde_json::from_str(&body(&t, &instrument, Send::Start, "")).unwrap();
         assert_eq!(start["inputs"][0]["data"], full["inputs"][0]["data"]);
         assert_eq!(start["parameters"]["sequence_start"], true);
         assert_eq!(start["parameters"]["sequence_id"], 7);
         let next = instrument.tick(t.features);
-        let one: serde_json::Value = serde_json::from_str(&body(&t, &instrument, Send::Tick, &next)).unwrap();
+        let one: serde_json::Value =
+            serde_json::from_str(&body(&t, &instrument, Send::Tick, &next)).unwrap();
         assert_eq!(one["inputs"][0]["shape"], serde_json::json!([1, 1, 3]));
         // The tick is the window's newest row.
-        assert_eq!(one["inputs"][0]["data"][0], serde_json::from_str::<serde_json::Value>(instrument.rows.back().unwrap()).unwrap());
-        assert_eq!(one["parameters"], serde_json::json!({"sequence_id": 7, "cache": false}));
+        assert_eq!(
+            one["inputs"][0]["data"][0],
+            serde_json::from_str::<serde_json::Value>(instrument.rows.back().unwrap()).unwrap()
+        );
+        assert_eq!(
+            one["parameters"],
+            serde_json::json!({"sequence_id": 7, "cache": false})
+        );
     }
 }

@@ -97,7 +97,11 @@ fn window_of(rows: &[Vec<f32>]) -> Vec<Vec<f32>> {
 }
 
 async fn start_with(name: &str, stream_table: &str) -> TestServer {
-    start(config(repository_with(name, &cnn_lstm_config(stream_table)))).await
+    start(config(repository_with(
+        name,
+        &cnn_lstm_config(stream_table),
+    )))
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -109,40 +113,136 @@ async fn stream_answers_equal_whole_windows_across_starts_ends_evictions_and_res
     // A starts with a whole window, then gets one tick at a time, then
     // three at once.
     let a = json!(1001);
-    let answer = answered(&server, model, &tick(a.clone(), &rows[..T], json!({"sequence_start": true}))).await;
+    let answer = answered(
+        &server,
+        model,
+        &tick(a.clone(), &rows[..T], json!({"sequence_start": true})),
+    )
+    .await;
     assert_eq!(answer, full(&server, model, &rows[..T]).await);
     for end in T + 1..=T + 5 {
-        let answer = answered(&server, model, &tick(a.clone(), &rows[end - 1..end], json!({}))).await;
-        assert_eq!(answer, full(&server, model, &window_of(&rows[..end])).await, "tick {end}");
+        let answer = answered(
+            &server,
+            model,
+            &tick(a.clone(), &rows[end - 1..end], json!({})),
+        )
+        .await;
+        assert_eq!(
+            answer,
+            full(&server, model, &window_of(&rows[..end])).await,
+            "tick {end}"
+        );
     }
-    let answer = answered(&server, model, &tick(a.clone(), &rows[T + 5..T + 8], json!({}))).await;
-    assert_eq!(answer, full(&server, model, &window_of(&rows[..T + 8])).await);
+    let answer = answered(
+        &server,
+        model,
+        &tick(a.clone(), &rows[T + 5..T + 8], json!({})),
+    )
+    .await;
+    assert_eq!(
+        answer,
+        full(&server, model, &window_of(&rows[..T + 8])).await
+    );
 
     // B (a string id) and C take the two places: A, least recently used,
     // is evicted and refused, never answered from its old rows.
     let b = json!("EURUSD");
-    answered(&server, model, &tick(b.clone(), &rows[10..10 + T], json!({"sequence_start": true}))).await;
-    answered(&server, model, &tick(json!(1003), &rows[20..20 + T], json!({"sequence_start": true}))).await;
-    refused(&server, model, &tick(a.clone(), &rows[T + 8..T + 9], json!({})), 404, "evicted").await;
-    let answer = answered(&server, model, &tick(b.clone(), &rows[10 + T..11 + T], json!({}))).await;
+    answered(
+        &server,
+        model,
+        &tick(
+            b.clone(),
+            &rows[10..10 + T],
+            json!({"sequence_start": true}),
+        ),
+    )
+    .await;
+    answered(
+        &server,
+        model,
+        &tick(
+            json!(1003),
+            &rows[20..20 + T],
+            json!({"sequence_start": true}),
+        ),
+    )
+    .await;
+    refused(
+        &server,
+        model,
+        &tick(a.clone(), &rows[T + 8..T + 9], json!({})),
+        404,
+        "evicted",
+    )
+    .await;
+    let answer = answered(
+        &server,
+        model,
+        &tick(b.clone(), &rows[10 + T..11 + T], json!({})),
+    )
+    .await;
     assert_eq!(answer, full(&server, model, &rows[11..11 + T]).await);
 
     // A restarted holds only its new window.
-    let answer = answered(&server, model, &tick(a.clone(), &rows[30..30 + T], json!({"sequence_start": true}))).await;
+    let answer = answered(
+        &server,
+        model,
+        &tick(
+            a.clone(),
+            &rows[30..30 + T],
+            json!({"sequence_start": true}),
+        ),
+    )
+    .await;
     assert_eq!(answer, full(&server, model, &rows[30..30 + T]).await);
-    let answer = answered(&server, model, &tick(a.clone(), &rows[T + 30..T + 31], json!({}))).await;
+    let answer = answered(
+        &server,
+        model,
+        &tick(a.clone(), &rows[T + 30..T + 31], json!({})),
+    )
+    .await;
     assert_eq!(answer, full(&server, model, &rows[31..31 + T]).await);
 
     // An end is answered, then the stream is gone.
-    let answer = answered(&server, model, &tick(a.clone(), &rows[T + 31..T + 32], json!({"sequence_end": true}))).await;
+    let answer = answered(
+        &server,
+        model,
+        &tick(
+            a.clone(),
+            &rows[T + 31..T + 32],
+            json!({"sequence_end": true}),
+        ),
+    )
+    .await;
     assert_eq!(answer, full(&server, model, &rows[32..32 + T]).await);
-    refused(&server, model, &tick(a.clone(), &rows[0..1], json!({})), 404, "sequence_start=true").await;
+    refused(
+        &server,
+        model,
+        &tick(a.clone(), &rows[0..1], json!({})),
+        404,
+        "sequence_start=true",
+    )
+    .await;
 
     // Warm-up under "reject": the rows are kept and the answer says how
     // many are missing; once full, the answer is the whole window's.
     let d = json!("warming");
-    refused(&server, model, &tick(d.clone(), &rows[..10], json!({"sequence_start": true})), 409, "40 more rows").await;
-    refused(&server, model, &tick(d.clone(), &rows[10..49], json!({})), 409, "1 more rows").await;
+    refused(
+        &server,
+        model,
+        &tick(d.clone(), &rows[..10], json!({"sequence_start": true})),
+        409,
+        "40 more rows",
+    )
+    .await;
+    refused(
+        &server,
+        model,
+        &tick(d.clone(), &rows[10..49], json!({})),
+        409,
+        "1 more rows",
+    )
+    .await;
     let answer = answered(&server, model, &tick(d.clone(), &rows[49..50], json!({}))).await;
     assert_eq!(answer, full(&server, model, &rows[..T]).await);
 
@@ -154,10 +254,20 @@ async fn stream_answers_equal_whole_windows_across_starts_ends_evictions_and_res
             .unwrap_or_else(|| panic!("no {name} for {model} in\n{metrics}"))
             .to_owned()
     };
-    assert!(line("tickserve_streams_live{").ends_with(" 2"), "{}", line("tickserve_streams_live{"));
-    assert!(line("tickserve_streams_memory_bytes{").ends_with(&format!(" {}", 2 * T * F * 4 + "EURUSD".len() + "warming".len())));
+    assert!(
+        line("tickserve_streams_live{").ends_with(" 2"),
+        "{}",
+        line("tickserve_streams_live{")
+    );
+    assert!(line("tickserve_streams_memory_bytes{").ends_with(&format!(
+        " {}",
+        2 * T * F * 4 + "EURUSD".len() + "warming".len()
+    )));
     let evicted = line("tickserve_streams_evicted_total{");
-    assert!(evicted.contains("reason=\"capacity\"") && !evicted.ends_with(" 0"), "{evicted}");
+    assert!(
+        evicted.contains("reason=\"capacity\"") && !evicted.ends_with(" 0"),
+        "{evicted}"
+    );
     server.shutdown().await.unwrap();
 }
 
@@ -166,7 +276,12 @@ async fn padding_with_zeros_answers_like_the_padded_window() {
     let model = "streams_pad";
     let server = start_with(model, "[stream]\nwarmup = \"pad\"").await;
     let rows = series(3);
-    let answer = answered(&server, model, &tick(json!(5), &rows[..1], json!({"sequence_start": true}))).await;
+    let answer = answered(
+        &server,
+        model,
+        &tick(json!(5), &rows[..1], json!({"sequence_start": true})),
+    )
+    .await;
     let mut padded = vec![vec![0.0f32; F]; T - 1];
     padded.push(rows[0].clone());
     assert_eq!(answer, full(&server, model, &padded).await);
@@ -183,21 +298,55 @@ async fn bad_sequences_get_clear_errors_and_leave_the_window_unchanged() {
     let server = start_with(model, "").await;
     let rows = series(T + 2);
     let id = json!(77);
-    answered(&server, model, &tick(id.clone(), &rows[..T], json!({"sequence_start": true}))).await;
+    answered(
+        &server,
+        model,
+        &tick(id.clone(), &rows[..T], json!({"sequence_start": true})),
+    )
+    .await;
 
     let bad_rows = series(T + 1);
-    refused(&server, model, &tick(id.clone(), &bad_rows, json!({})), 400, "1 <= k <= 50").await;
-    let narrow = vec![vec![0.5f32; F - 1]];
-    refused(&server, model, &tick(id.clone(), &narrow, json!({})), 400, "[1, k, 60]").await;
+    refused(
+        &server,
+        model,
+        &tick(id.clone(), &bad_rows, json!({})),
+        400,
+        "1 <= k <= 50",
+    )
+    .await;
+    let mut narrow = tick(id.clone(), &[vec![0.5f32; F - 1]], json!({}));
+    narrow["inputs"][0]["shape"] = json!([1, 1, F - 1]);
+    refused(&server, model, &narrow, 400, "[1, k, 60]").await;
     let mut two = tick(id.clone(), &rows[T..T + 2], json!({}));
     two["inputs"][0]["shape"] = json!([2, 1, F]);
     refused(&server, model, &two, 400, "[1, k, 60]").await;
     let mut short = tick(id.clone(), &rows[T..T + 1], json!({}));
     short["inputs"][0]["data"] = json!([1.0, 2.0]);
     refused(&server, model, &short, 400, "needs 60").await;
-    refused(&server, model, &tick(json!(78), &rows[T..T + 1], json!({})), 404, "unknown").await;
-    refused(&server, model, &tick(json!(0), &rows[T..T + 1], json!({})), 400, "positive integer").await;
-    refused(&server, model, &tick(id.clone(), &rows[T..T + 1], json!({"sequence_end": 1})), 400, "true or false").await;
+    refused(
+        &server,
+        model,
+        &tick(json!(78), &rows[T..T + 1], json!({})),
+        404,
+        "unknown",
+    )
+    .await;
+    refused(
+        &server,
+        model,
+        &tick(json!(0), &rows[T..T + 1], json!({})),
+        400,
+        "positive integer",
+    )
+    .await;
+    refused(
+        &server,
+        model,
+        &tick(id.clone(), &rows[T..T + 1], json!({"sequence_end": 1})),
+        400,
+        "true or false",
+    )
+    .await;
     // Refused after the stream's turn was taken (an unknown output): the
     // window must not advance either.
     let mut unknown_output = tick(id.clone(), &rows[T..T + 1], json!({}));
@@ -206,13 +355,18 @@ async fn bad_sequences_get_clear_errors_and_leave_the_window_unchanged() {
     let mut bad_cache = tick(id.clone(), &rows[T..T + 1], json!({}));
     bad_cache["parameters"]["cache"] = json!("maybe");
     refused(&server, model, &bad_cache, 400, "cache").await;
-    // Nor a failed restart.
-    let mut bad_restart = tick(id.clone(), &rows[1..2], json!({"sequence_start": true}));
+    // Nor a refused restart.
+    let mut bad_restart = tick(id.clone(), &rows[2..T + 2], json!({"sequence_start": true}));
     bad_restart["outputs"] = json!([{"name": "nope"}]);
     refused(&server, model, &bad_restart, 400, "unknown output").await;
 
     // The next good tick sees exactly the first window plus itself.
-    let answer = answered(&server, model, &tick(id.clone(), &rows[T..T + 1], json!({}))).await;
+    let answer = answered(
+        &server,
+        model,
+        &tick(id.clone(), &rows[T..T + 1], json!({})),
+    )
+    .await;
     assert_eq!(answer, full(&server, model, &rows[1..T + 1]).await);
     server.shutdown().await.unwrap();
 }
@@ -224,7 +378,12 @@ async fn concurrent_ticks_on_one_stream_are_applied_one_at_a_time() {
     let server = start_with(model, "").await;
     let rows = series(T + N);
     let id = json!("one");
-    answered(&server, model, &tick(id.clone(), &rows[..T], json!({"sequence_start": true}))).await;
+    answered(
+        &server,
+        model,
+        &tick(id.clone(), &rows[..T], json!({"sequence_start": true})),
+    )
+    .await;
     let sends: Vec<_> = (0..N)
         .map(|i| {
             let body = tick(id.clone(), &rows[T + i..T + i + 1], json!({}));
@@ -265,11 +424,18 @@ async fn concurrent_ticks_on_one_stream_are_applied_one_at_a_time() {
     server.shutdown().await.unwrap();
 }
 
-fn grpc_request(model: &str, id: pb::infer_parameter::ParameterChoice, start: bool, rows: &[Vec<f32>]) -> pb::ModelInferRequest {
+fn grpc_request(
+    model: &str,
+    id: pb::infer_parameter::ParameterChoice,
+    start: bool,
+    rows: &[Vec<f32>],
+) -> pb::ModelInferRequest {
     let mut parameters = std::collections::HashMap::new();
     parameters.insert(
         "sequence_id".to_owned(),
-        pb::InferParameter { parameter_choice: Some(id) },
+        pb::InferParameter {
+            parameter_choice: Some(id),
+        },
     );
     parameters.insert(
         "sequence_start".to_owned(),
@@ -330,31 +496,57 @@ async fn grpc_streams_answer_like_whole_windows_and_map_their_errors() {
         .await
         .unwrap()
         .into_inner();
-    let expected = client.model_infer(whole(&rows[..T])).await.unwrap().into_inner();
+    let expected = client
+        .model_infer(whole(&rows[..T]))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(outputs(started), outputs(expected));
     let ticked = client
         .model_infer(grpc_request(model, Uint64Param(9), false, &rows[T..]))
         .await
         .unwrap()
         .into_inner();
-    let expected = client.model_infer(whole(&rows[1..])).await.unwrap().into_inner();
+    let expected = client
+        .model_infer(whole(&rows[1..]))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(outputs(ticked), outputs(expected));
 
     let unknown = client
-        .model_infer(grpc_request(model, StringParam("nope".into()), false, &rows[T..]))
+        .model_infer(grpc_request(
+            model,
+            StringParam("nope".into()),
+            false,
+            &rows[T..],
+        ))
         .await
         .unwrap_err();
     assert_eq!(unknown.code(), tonic::Code::NotFound, "{unknown:?}");
     let warming = client
-        .model_infer(grpc_request(model, StringParam("new".into()), true, &rows[..3]))
+        .model_infer(grpc_request(
+            model,
+            StringParam("new".into()),
+            true,
+            &rows[..3],
+        ))
         .await
         .unwrap_err();
-    assert_eq!(warming.code(), tonic::Code::FailedPrecondition, "{warming:?}");
+    assert_eq!(
+        warming.code(),
+        tonic::Code::FailedPrecondition,
+        "{warming:?}"
+    );
     assert!(warming.message().contains("47 more rows"), "{warming:?}");
     let too_many = client
         .model_infer(grpc_request(model, Uint64Param(9), false, &series(T + 1)))
         .await
         .unwrap_err();
-    assert_eq!(too_many.code(), tonic::Code::InvalidArgument, "{too_many:?}");
+    assert_eq!(
+        too_many.code(),
+        tonic::Code::InvalidArgument,
+        "{too_many:?}"
+    );
     server.shutdown().await.unwrap();
 }

@@ -292,7 +292,10 @@ fn describe() {
         CACHE_COALESCED,
         "Rows that waited for an identical row in flight instead of running the engine"
     );
-    describe_gauge!(STREAMS_LIVE, "Live streams (per-instrument windows) of a model version");
+    describe_gauge!(
+        STREAMS_LIVE,
+        "Live streams (per-instrument windows) of a model version"
+    );
     describe_gauge!(
         STREAMS_MEMORY,
         Unit::Bytes,

@@ -27,8 +27,8 @@ use serde_json::Value;
 use crate::error::ServeError;
 use crate::models::{InferRequest, ModelVersion};
 
-pub(crate) use store::{StreamId, StreamStore, Turn, WindowShape};
 pub use store::StreamError;
+pub(crate) use store::{StreamId, StreamStore, Turn, WindowShape};
 
 /// Request parameter naming the stream (Triton's).
 pub const SEQUENCE_ID: &str = "sequence_id";
@@ -196,7 +196,10 @@ mod tests {
         let sequence = take_sequence(&mut p).unwrap().unwrap();
         assert_eq!(sequence.id, StreamId::Text("EURUSD".into()));
         assert!(!sequence.start && sequence.end);
-        assert_eq!(take_sequence(&mut params(r#"{"cache": true}"#)).unwrap(), None);
+        assert_eq!(
+            take_sequence(&mut params(r#"{"cache": true}"#)).unwrap(),
+            None
+        );
     }
 
     #[test]
@@ -208,7 +211,10 @@ mod tests {
             (r#"{"sequence_id": ""}"#, "1 to 256 bytes"),
             (r#"{"sequence_id": true}"#, "positive integer or a string"),
             (r#"{"sequence_start": true}"#, "need a sequence_id"),
-            (r#"{"sequence_id": 1, "sequence_end": "yes"}"#, "true or false"),
+            (
+                r#"{"sequence_id": 1, "sequence_end": "yes"}"#,
+                "true or false",
+            ),
         ] {
             let err = take_sequence(&mut params(text)).unwrap_err();
             assert!(err.to_string().contains(needle), "{text}: {err}");

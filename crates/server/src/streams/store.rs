@@ -369,10 +369,9 @@ impl Inner {
 
     fn sweep(&self, table: &mut Table, now: Instant) {
         while let Some((_, oldest)) = table.lru.first_key_value() {
-            let expired = table
-                .streams
-                .get(oldest)
-                .is_none_or(|slot| now.duration_since(slot.last_used_at) >= self.config.idle_timeout);
+            let expired = table.streams.get(oldest).is_none_or(|slot| {
+                now.duration_since(slot.last_used_at) >= self.config.idle_timeout
+            });
             if !expired {
                 break;
             }

@@ -50,14 +50,23 @@ async fn the_window_rolls_and_pads_with_zeros_while_short() {
         append(&store, 1, true, &[1.0]).await,
         [vec![0.0; 4], rows(&[1.0])].concat()
     );
-    assert_eq!(append(&store, 1, false, &[2.0, 3.0]).await, rows(&[1.0, 2.0, 3.0]));
-    assert_eq!(append(&store, 1, false, &[4.0]).await, rows(&[2.0, 3.0, 4.0]));
+    assert_eq!(
+        append(&store, 1, false, &[2.0, 3.0]).await,
+        rows(&[1.0, 2.0, 3.0])
+    );
+    assert_eq!(
+        append(&store, 1, false, &[4.0]).await,
+        rows(&[2.0, 3.0, 4.0])
+    );
     assert_eq!(
         append(&store, 1, false, &[5.0, 6.0, 7.0]).await,
         rows(&[5.0, 6.0, 7.0])
     );
     // A start resets the window to its own rows.
-    assert_eq!(append(&store, 1, true, &[8.0, 9.0, 10.0]).await, rows(&[8.0, 9.0, 10.0]));
+    assert_eq!(
+        append(&store, 1, true, &[8.0, 9.0, 10.0]).await,
+        rows(&[8.0, 9.0, 10.0])
+    );
     assert_eq!(store.usage(), (1, 24));
 }
 
@@ -67,8 +76,14 @@ async fn padding_with_the_first_row_repeats_the_oldest_row() {
         pad: PadWith::FirstRow,
         ..config()
     });
-    assert_eq!(append(&store, 1, true, &[1.0]).await, rows(&[1.0, 1.0, 1.0]));
-    assert_eq!(append(&store, 1, false, &[2.0]).await, rows(&[1.0, 1.0, 2.0]));
+    assert_eq!(
+        append(&store, 1, true, &[1.0]).await,
+        rows(&[1.0, 1.0, 1.0])
+    );
+    assert_eq!(
+        append(&store, 1, false, &[2.0]).await,
+        rows(&[1.0, 1.0, 2.0])
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -79,7 +94,14 @@ async fn reject_keeps_the_rows_and_says_how_many_are_missing() {
         .await
         .unwrap_err();
     assert!(
-        matches!(err, StreamError::WarmingUp { have: 1, missing: 2, .. }),
+        matches!(
+            err,
+            StreamError::WarmingUp {
+                have: 1,
+                missing: 2,
+                ..
+            }
+        ),
         "{err:?}"
     );
     assert!(err.to_string().contains("2 more rows"), "{err}");
@@ -87,8 +109,21 @@ async fn reject_keeps_the_rows_and_says_how_many_are_missing() {
         .begin(n(1), false, false, rows(&[2.0]))
         .await
         .unwrap_err();
-    assert!(matches!(err, StreamError::WarmingUp { have: 2, missing: 1, .. }), "{err:?}");
-    assert_eq!(append(&store, 1, false, &[3.0]).await, rows(&[1.0, 2.0, 3.0]));
+    assert!(
+        matches!(
+            err,
+            StreamError::WarmingUp {
+                have: 2,
+                missing: 1,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(
+        append(&store, 1, false, &[3.0]).await,
+        rows(&[1.0, 2.0, 3.0])
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -100,7 +135,10 @@ async fn a_turn_dropped_without_commit_leaves_the_window_unchanged() {
     drop(turn);
     // The same for a restart and an end that were not answered.
     drop(store.begin(n(1), true, true, rows(&[9.0])).await.unwrap());
-    assert_eq!(append(&store, 1, false, &[5.0]).await, rows(&[2.0, 3.0, 5.0]));
+    assert_eq!(
+        append(&store, 1, false, &[5.0]).await,
+        rows(&[2.0, 3.0, 5.0])
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -108,20 +146,29 @@ async fn an_unanswered_start_leaves_no_stream() {
     let store = store(config());
     drop(store.begin(n(1), true, false, rows(&[1.0])).await.unwrap());
     assert_eq!(store.usage(), (0, 0));
-    let err = store.begin(n(1), false, false, rows(&[1.0])).await.unwrap_err();
+    let err = store
+        .begin(n(1), false, false, rows(&[1.0]))
+        .await
+        .unwrap_err();
     assert!(matches!(err, StreamError::Unknown { .. }), "{err:?}");
 }
 
 #[tokio::test(start_paused = true)]
 async fn unknown_and_ended_streams_are_refused() {
     let store = store(config());
-    let err = store.begin(n(1), false, false, rows(&[1.0])).await.unwrap_err();
+    let err = store
+        .begin(n(1), false, false, rows(&[1.0]))
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("sequence_start=true"), "{err}");
     append(&store, 1, true, &[1.0]).await;
     let turn = store.begin(n(1), false, true, rows(&[2.0])).await.unwrap();
     turn.commit();
     assert_eq!(store.usage(), (0, 0));
-    let err = store.begin(n(1), false, false, rows(&[3.0])).await.unwrap_err();
+    let err = store
+        .begin(n(1), false, false, rows(&[3.0]))
+        .await
+        .unwrap_err();
     assert!(matches!(err, StreamError::Unknown { .. }), "{err:?}");
     // Numbers and strings are different ids.
     append(&store, 2, true, &[1.0]).await;
@@ -143,9 +190,15 @@ async fn the_stream_cap_evicts_the_least_recently_used() {
     append(&store, 1, false, &[1.5]).await; // 2 is now the least recently used
     append(&store, 3, true, &[3.0]).await;
     assert_eq!(store.usage(), (2, 48));
-    let err = store.begin(n(2), false, false, rows(&[2.5])).await.unwrap_err();
+    let err = store
+        .begin(n(2), false, false, rows(&[2.5]))
+        .await
+        .unwrap_err();
     assert!(matches!(err, StreamError::Unknown { .. }), "{err:?}");
-    assert_eq!(append(&store, 1, false, &[1.7]).await, rows(&[1.0, 1.5, 1.7]));
+    assert_eq!(
+        append(&store, 1, false, &[1.7]).await,
+        rows(&[1.0, 1.5, 1.7])
+    );
     // Restarted after its eviction, the stream holds only its new rows.
     assert_eq!(
         append(&store, 2, true, &[2.0, 2.5]).await,
@@ -165,13 +218,21 @@ async fn the_memory_cap_counts_windows_and_ids() {
     append(&store, 2, true, &[2.0]).await;
     assert_eq!(store.usage(), (2, 48));
     let mut turn = store
-        .begin(StreamId::Text("0123456789".into()), true, false, rows(&[3.0]))
+        .begin(
+            StreamId::Text("0123456789".into()),
+            true,
+            false,
+            rows(&[3.0]),
+        )
         .await
         .unwrap();
     turn.take_input();
     turn.commit();
     assert_eq!(store.usage(), (2, 58));
-    let err = store.begin(n(1), false, false, rows(&[1.5])).await.unwrap_err();
+    let err = store
+        .begin(n(1), false, false, rows(&[1.5]))
+        .await
+        .unwrap_err();
     assert!(matches!(err, StreamError::Unknown { .. }), "{err:?}");
 }
 
@@ -189,11 +250,17 @@ async fn idle_streams_are_dropped_after_the_timeout() {
     store.sweep();
     // 2 was idle for 10 s; 1 for 1 s.
     assert_eq!(store.usage(), (1, 24));
-    let err = store.begin(n(2), false, false, rows(&[2.5])).await.unwrap_err();
+    let err = store
+        .begin(n(2), false, false, rows(&[2.5]))
+        .await
+        .unwrap_err();
     assert!(matches!(err, StreamError::Unknown { .. }), "{err:?}");
     tokio::time::advance(Duration::from_secs(9)).await;
     // A request finds its stream gone without waiting for the sweep.
-    let err = store.begin(n(1), false, false, rows(&[1.7])).await.unwrap_err();
+    let err = store
+        .begin(n(1), false, false, rows(&[1.7]))
+        .await
+        .unwrap_err();
     assert!(matches!(err, StreamError::Unknown { .. }), "{err:?}");
     assert_eq!(store.usage(), (0, 0));
 }
@@ -204,7 +271,10 @@ async fn concurrent_appends_on_one_stream_apply_one_at_a_time_in_turn_order() {
     let store = StreamStore::new(
         "m",
         1,
-        WindowShape { rows: T, row_len: 1 },
+        WindowShape {
+            rows: T,
+            row_len: 1,
+        },
         StreamConfig {
             max_pending: T,
             ..config()
@@ -221,7 +291,10 @@ async fn concurrent_appends_on_one_stream_apply_one_at_a_time_in_turn_order() {
             let store = store.clone();
             let order = Arc::clone(&order);
             tokio::spawn(async move {
-                let mut turn = store.begin(n(1), false, false, vec![i as f32]).await.unwrap();
+                let mut turn = store
+                    .begin(n(1), false, false, vec![i as f32])
+                    .await
+                    .unwrap();
                 order.lock().unwrap().push(i as f32);
                 let input = turn.take_input();
                 tokio::task::yield_now().await;
@@ -259,8 +332,17 @@ async fn too_many_requests_waiting_on_one_stream_are_refused() {
     });
     append(&store, 1, true, &[1.0]).await;
     let held = store.begin(n(1), false, false, rows(&[2.0])).await.unwrap();
-    let err = store.begin(n(1), false, false, rows(&[3.0])).await.unwrap_err();
-    assert!(matches!(err, StreamError::Busy { pending: 1, .. }), "{err:?}");
+    let err = store
+        .begin(n(1), false, false, rows(&[3.0]))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StreamError::Busy { pending: 1, .. }),
+        "{err:?}"
+    );
     held.commit();
-    assert_eq!(append(&store, 1, false, &[3.0]).await, rows(&[1.0, 2.0, 3.0]));
+    assert_eq!(
+        append(&store, 1, false, &[3.0]).await,
+        rows(&[1.0, 2.0, 3.0])
+    );
 }

@@ -7,7 +7,8 @@
 # against a running tickserve: tritonclient (Python, HTTP and gRPC) and
 # perf_analyzer, and the local multi-replica test: three tickserve
 # processes behind nginx sharing one Redis, with SIGTERM and SIGKILL
-# under load (deploy/local/run.sh test, about a minute).
+# under load, and streams routed by sequence id (deploy/local/run.sh test,
+# about a minute and a half).
 #
 #   scripts/test.sh                          # everything
 #   scripts/test.sh -p tickserve-scheduler   # extra args go to cargo test (Rust tests only)

@@ -153,6 +153,17 @@ struct Window {
     started: bool,
 }
 
+impl Window {
+    /// Makes `rows` the window, in the buffer allocated when the stream
+    /// started (T × F values, never more), so a stream holds what the
+    /// memory cap counts whatever buffer the request's rows came in.
+    fn replace(&mut self, rows: &[f32]) {
+        self.data.clear();
+        self.data.extend_from_slice(rows);
+        self.started = true;
+    }
+}
+
 /// Why a stream left the store.
 #[derive(Debug, Clone, Copy)]
 enum Removal {
@@ -259,8 +270,7 @@ impl StreamStore {
                 WarmupPolicy::Reject => {
                     // The rows are kept, so a stream fed one tick at a
                     // time fills up; only the answer is refused.
-                    window.data = next;
-                    window.started = true;
+                    window.replace(&next);
                     if end {
                         inner.remove_if_same(&id, &stream, Removal::Client);
                     }
@@ -488,8 +498,8 @@ impl Turn {
 
     /// The request was answered: the stream advances (or ends).
     pub(crate) fn commit(mut self) {
-        self.window.data = std::mem::take(&mut self.next);
-        self.window.started = true;
+        let next = std::mem::take(&mut self.next);
+        self.window.replace(&next);
         self.committed = true;
         if self.end {
             self.store

@@ -7,10 +7,11 @@
 # against a running tickserve: tritonclient (Python, HTTP and gRPC) and
 # perf_analyzer, and the local multi-replica test: three tickserve
 # processes behind nginx sharing one Redis, with SIGTERM and SIGKILL
-# under load (deploy/local/run.sh test, about a minute), and the short
-# fault-injection run (scripts/chaos.sh ci: Redis killed, SIGTERM, SIGKILL,
-# about a minute). The fuzz
-# corpus is replayed by `cargo test` (crates/server/tests/fuzz_corpus.rs).
+# under load, and streams routed by sequence id (deploy/local/run.sh test,
+# about a minute and a half), and the short fault-injection run
+# (scripts/chaos.sh ci: Redis killed, SIGTERM, SIGKILL, about a minute).
+# The fuzz corpus is replayed by `cargo test`
+# (crates/server/tests/fuzz_corpus.rs).
 #
 #   scripts/test.sh                          # everything
 #   scripts/test.sh -p tickserve-scheduler   # extra args go to cargo test (Rust tests only)

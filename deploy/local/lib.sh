@@ -252,11 +252,17 @@ bench() {
     bench_finish
 }
 
-# Reads overall.KEY (or any dotted path) from a bench JSON report.
+# Reads overall.KEY (or any dotted path) from a bench JSON report's
+# result; a path starting with / from the top of the report.
 report() {
     python3 -c 'import json, sys
-value = json.load(open(sys.argv[1]))["result"]
-for key in sys.argv[2].split("."):
+value = json.load(open(sys.argv[1]))
+path = sys.argv[2]
+if path.startswith("/"):
+    path = path[1:]
+else:
+    value = value["result"]
+for key in path.split("."):
     value = value[key]
 print(json.dumps(value) if isinstance(value, dict) else (round(value, 1) if isinstance(value, float) else value))' "$1" "$2"
 }

@@ -24,7 +24,11 @@
 #      drains and exits 0; nginx retries what it refuses);
 #   3. SIGKILL to a replica under load loses at most the requests in
 #      flight (at most the client concurrency), nginx stops sending to it,
-#      the other replicas keep serving, and once restarted it serves again.
+#      the other replicas keep serving, and once restarted it serves again;
+#   4. streams routed by sequence id: `tickserve bench streams` through
+#      nginx (x-sequence-id header) gets every tick answered, each
+#      replica holds a share of the streams, and together exactly one
+#      window per instrument.
 #
 # Needs: redis-server and redis-cli, nginx, curl, python3 (reads the
 # bench's JSON report and picks ports), and a tickserve binary:
@@ -258,12 +262,48 @@ test_sigkill() {
         test "$back_after" -gt "$back_before" -a "$under_load" = yes
 }
 
+# Streams live in one replica's memory: routed by the x-sequence-id
+# header, every tick of an instrument must reach the replica that holds
+# its window, or it is refused as an unknown stream (404).
+test_streams() {
+    local instruments=300
+    echo "== 4. streams routed by sequence id ($instruments instruments, one tick per request, through nginx)"
+    local i live total=0 holders=0
+    local before=()
+    for ((i = 1; i <= replicas; i++)); do
+        before[i]=$(metric "$i" tickserve_streams_live)
+    done
+    bench "$work/streams.json" streams --url "$lb_url" --instruments "$instruments" \
+        -c "$concurrency" -d 3s --seed 505
+    local starts start_errors ticks errors
+    starts=$(report "$work/streams.json" /streams.starts)
+    start_errors=$(report "$work/streams.json" /streams.start_errors)
+    ticks=$(report "$work/streams.json" overall.requests)
+    errors=$(report "$work/streams.json" overall.errors)
+    for ((i = 1; i <= replicas; i++)); do
+        live=$(($(metric "$i" tickserve_streams_live) - before[i]))
+        echo "  replica $i holds $live streams"
+        total=$((total + live))
+        if ((live > 0)); then holders=$((holders + 1)); fi
+    done
+    echo "  $starts streams started ($start_errors errors), then $ticks ticks, $(report "$work/streams.json" overall.throughput_rps) requests/s, errors $errors $(report "$work/streams.json" overall.errors_by_reason)"
+    check "every stream started ($starts of $instruments, $start_errors errors)" \
+        test "$starts" -eq "$instruments" -a "$start_errors" -eq 0
+    check "every tick reached the replica holding its window ($errors errors of $ticks)" \
+        test "$errors" -eq 0 -a "$ticks" -gt "$instruments"
+    check "the replicas together hold one window per instrument ($total of $instruments)" \
+        test "$total" -eq "$instruments"
+    check "every replica holds a share of the streams ($holders of $replicas)" \
+        test "$holders" -eq "$replicas"
+}
+
 run_test() {
     local started=$SECONDS
     start_all
     print_layout
     test_cache_direct
     test_cache_under_load
+    test_streams
     test_sigterm
     test_sigkill
     echo "== $((SECONDS - started)) s; $failures failed checks"

@@ -49,6 +49,7 @@ pub async fn run(args: BenchArgs) -> Result<Finished, BenchError> {
         Mode::Stress { common, .. } => ("stress", common),
         Mode::Compare { common, .. } => ("compare", common),
         Mode::Mixed { common, .. } => ("mixed", common),
+        Mode::Streams { common, .. } => ("streams", common),
     };
     let common = resolve_input(common.clone()).await;
     // Record the input as sent, also when it came from the metadata.
@@ -67,6 +68,7 @@ pub async fn run(args: BenchArgs) -> Result<Finished, BenchError> {
     let mut stress = None;
     let mut compare = None;
     let mut mixed = None;
+    let mut streams = None;
     let (result, compliance): (RunStats, Compliance) = match args.mode {
         Mode::Latency { requests, .. } => {
             let t = target(&common, &common.url, 1)?;
@@ -142,6 +144,11 @@ pub async fn run(args: BenchArgs) -> Result<Finished, BenchError> {
             mixed = Some(outcome.report);
             (outcome.both, compliance)
         }
+        Mode::Streams { streams: s, .. } => {
+            let outcome = run_streams(&common, &s, &params).await?;
+            streams = Some(outcome.report);
+            (outcome.result, outcome.compliance)
+        }
     };
     let report = Report {
         schema: SCHEMA.to_owned(),
@@ -156,6 +163,7 @@ pub async fn run(args: BenchArgs) -> Result<Finished, BenchError> {
         stress,
         compare,
         mixed,
+        streams,
     };
     write_outputs(&common, &report)?;
     let exit_code = crate::sla::exit_code(&report.compliance);

@@ -7,8 +7,9 @@
 //! [`stats::Recorder`] (HDR histograms per priority class); the summary
 //! ([`stats::RunStats`]) is judged by [`sla::evaluate`] and rendered by
 //! [`report`] as text, JSON and HTML. [`cli`] holds the clap options and
-//! the drivers of the six modes (latency, load, rate, stress, compare,
-//! mixed); [`mixed`] runs a foreground class against a background flood.
+//! the drivers of the seven modes (latency, load, rate, stress, compare,
+//! mixed, streams); [`mixed`] runs a foreground class against a background
+//! flood; [`streams`] compares whole windows with stream ticks.
 
 pub mod cli;
 pub mod mixed;
@@ -16,6 +17,7 @@ pub mod report;
 pub mod run;
 pub mod sla;
 pub mod stats;
+pub mod streams;
 pub mod workload;
 
 /// The gRPC client generated from proto/grpc_service.proto.

@@ -415,6 +415,10 @@ pub struct ModelConfig {
     /// Result caching of this model (the `[cache]` section).
     #[serde(default)]
     pub cache: ModelCacheConfig,
+    /// Per-instrument windows kept by the server (the `[stream]` section;
+    /// docs/streams.md).
+    #[serde(default)]
+    pub stream: crate::StreamConfig,
     /// Engine workers by group (replaces `instances` when present).
     #[serde(default)]
     pub instance_group: Vec<InstanceGroupConfig>,
@@ -623,6 +627,7 @@ pub(crate) fn check_config(config: &ModelConfig) -> Result<(), String> {
     if config.cache.ttl.is_some_and(|ttl| ttl.is_zero()) {
         return Err(invalid("cache.ttl must be positive".into()));
     }
+    config.stream.check().map_err(invalid)?;
     for tensor in config.inputs.iter().chain(&config.outputs) {
         if DataType::parse(&tensor.datatype).is_none() {
             return Err(invalid(format!(

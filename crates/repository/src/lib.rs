@@ -42,6 +42,7 @@ mod config;
 mod load;
 mod pbtxt;
 mod scan;
+mod stream;
 
 pub use config::{
     ActivationsChoice, AdaptiveBatchingConfig, BatchingConfig, CalibrationMethodChoice,
@@ -52,6 +53,7 @@ pub use config::{
 pub use load::LoadedVersion;
 pub use pbtxt::{Pbtxt, parse_json_config, parse_pbtxt, read_pbtxt};
 pub use scan::{ConfigSource, ModelEntry, model_names, scan, scan_model, scan_model_with};
+pub use stream::{PadWith, StreamConfig, WarmupPolicy};
 
 /// Name of the per-model configuration file.
 pub const CONFIG_FILE: &str = "config.toml";

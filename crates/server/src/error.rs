@@ -18,6 +18,8 @@ use axum::response::{IntoResponse, Response};
 use tickserve_scheduler::SchedulerError;
 use tickserve_telemetry::error_type;
 
+use crate::streams::StreamError;
+
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum ServeError {
     /// The request is malformed or does not fit the model.
@@ -66,6 +68,9 @@ pub enum ServeError {
     /// The client stopped sending its request body (body read timeout).
     #[error("{0}")]
     RequestTimeout(String),
+    /// A stream request the stream's state refuses (docs/streams.md).
+    #[error(transparent)]
+    Stream(#[from] StreamError),
 }
 
 impl ServeError {
@@ -82,6 +87,10 @@ impl ServeError {
             ServeError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ServeError::Rejected { .. } => StatusCode::TOO_MANY_REQUESTS,
             ServeError::TimedOut { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ServeError::Stream(StreamError::Unknown { .. }) => StatusCode::NOT_FOUND,
+            // The request is well formed; the stream is not ready for it.
+            ServeError::Stream(StreamError::WarmingUp { .. }) => StatusCode::CONFLICT,
+            ServeError::Stream(StreamError::Busy { .. }) => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -98,7 +107,8 @@ impl ServeError {
     /// The gRPC code of the same failure, following the HTTP status:
     /// 400 → INVALID_ARGUMENT, 401 → UNAUTHENTICATED, 404 → NOT_FOUND,
     /// 408 → DEADLINE_EXCEEDED,
-    /// 413 and 429 → RESOURCE_EXHAUSTED, 503 → UNAVAILABLE, 500 → INTERNAL.
+    /// 413 and 429 → RESOURCE_EXHAUSTED, 503 → UNAVAILABLE, 500 → INTERNAL,
+    /// and a stream not yet full (HTTP 409) → FAILED_PRECONDITION.
     pub fn grpc_code(&self) -> tonic::Code {
         match self {
             ServeError::Invalid(_) => tonic::Code::InvalidArgument,
@@ -115,6 +125,9 @@ impl ServeError {
             ServeError::Internal(_) => tonic::Code::Internal,
             ServeError::Unauthorized(_) => tonic::Code::Unauthenticated,
             ServeError::RequestTimeout(_) => tonic::Code::DeadlineExceeded,
+            ServeError::Stream(StreamError::Unknown { .. }) => tonic::Code::NotFound,
+            ServeError::Stream(StreamError::WarmingUp { .. }) => tonic::Code::FailedPrecondition,
+            ServeError::Stream(StreamError::Busy { .. }) => tonic::Code::ResourceExhausted,
         }
     }
 
@@ -133,6 +146,9 @@ impl ServeError {
             ServeError::Internal(_) => error_type::ENGINE,
             ServeError::Rejected { reason, .. } => reason,
             ServeError::TimedOut { .. } => error_type::TIMEOUT,
+            ServeError::Stream(StreamError::Unknown { .. }) => error_type::NOT_FOUND,
+            ServeError::Stream(StreamError::WarmingUp { .. }) => error_type::STREAM_WARMUP,
+            ServeError::Stream(StreamError::Busy { .. }) => error_type::QUEUE_FULL,
         }
     }
 }

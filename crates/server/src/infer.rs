@@ -3,6 +3,7 @@
 //! ```text
 //!  front end (http.rs, grpc.rs): decode the wire format
 //!   ─▶ infer(): find the version ─▶ decode ─▶ resolve options once
+//!       ─▶ [stream request: new rows ─▶ the stream's full window (crate::streams)]
 //!       ─▶ validate ─▶ [cache step: only missing rows ─▶] schedule ─▶ respond
 //!       ─▶ metrics (model, priority, source = protocol, outcome), SLA sample,
 //!          throughput count
@@ -23,6 +24,7 @@ use tickserve_telemetry as telemetry;
 use crate::AppState;
 use crate::error::ServeError;
 use crate::models::{InferRequest, InferResponse, InputTensor, ModelVersion};
+use crate::streams;
 
 /// The front end a request came through: the `source` label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,7 +88,18 @@ pub(crate) async fn infer(
             .first()
             .and_then(|i| i.shape.first())
             .map_or(0, |&n| n.max(0) as usize);
-        run(state, &version, request, chosen).await
+        match streams::take_sequence(&mut request.parameters)? {
+            None => run(state, &version, request, chosen).await,
+            Some(sequence) => {
+                // The window advances only for a request that was
+                // answered (Triton's semantics): a refusal anywhere on the
+                // path drops the turn and leaves the window as it was.
+                let turn = streams::open(&version, sequence, &mut request).await?;
+                let answer = run(state, &version, request, chosen).await?;
+                turn.commit();
+                Ok(answer)
+            }
+        }
     }
     .await;
     record(

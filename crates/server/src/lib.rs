@@ -40,6 +40,7 @@ pub mod scheduling;
 mod serve;
 pub mod sla;
 mod state;
+pub mod streams;
 pub mod tls;
 pub mod triton;
 
@@ -357,11 +358,15 @@ impl BoundServer {
                 .into_future(),
         );
         let throughput = Arc::clone(&state.throughput);
+        let upkeep_state = state.clone();
         let upkeep = tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             for n in 0u64.. {
                 tick.tick().await;
                 throughput.publish(std::time::Instant::now());
+                if let Ok(registry) = upkeep_state.registry() {
+                    registry.sweep_streams();
+                }
                 if n % 5 == 0 {
                     metrics.run_upkeep();
                 }

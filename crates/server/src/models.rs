@@ -16,6 +16,7 @@ use tickserve_repository::ModelCacheConfig;
 use tickserve_scheduler::{InferOptions, Priority, Scheduler};
 
 use crate::error::ServeError;
+use crate::streams::StreamStore;
 use crate::triton::{CacheStats, TritonStats};
 
 /// One decoded input tensor of a request.
@@ -77,6 +78,10 @@ pub struct ModelVersion {
     pub(crate) scheduler: Scheduler,
     /// Triton's statistics of requests the cache answers without the queue.
     pub(crate) cache_stats: CacheStats,
+    /// The streams' windows (crate::streams); `None` when the `[stream]`
+    /// table turns them off or the model has not one input of shape
+    /// [T, F].
+    pub(crate) streams: Option<StreamStore>,
 }
 
 /// The served versions of one model. Immutable: a reload builds a new
@@ -123,6 +128,11 @@ impl ModelVersion {
     /// The cache step's share of the statistics (crate::cached).
     pub(crate) fn cache_stats(&self) -> &CacheStats {
         &self.cache_stats
+    }
+
+    /// The streams' windows, when this version keeps streams.
+    pub(crate) fn streams(&self) -> Option<&StreamStore> {
+        self.streams.as_ref()
     }
 
     /// The scheduler, for the inference path (crate::infer).

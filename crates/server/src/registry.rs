@@ -285,6 +285,18 @@ impl ModelRegistry {
         self.snapshot().values().cloned().collect()
     }
 
+    /// Drops every served version's idle streams (the server's upkeep
+    /// calls it each second, so the gauges fall without traffic).
+    pub(crate) fn sweep_streams(&self) {
+        for model in self.snapshot().values() {
+            for version in model.versions.values() {
+                if let Some(store) = version.streams() {
+                    store.sweep();
+                }
+            }
+        }
+    }
+
     /// Triton's repository index: every served version (READY), every
     /// model being loaded (LOADING), and every model folder that serves
     /// nothing or whose last load failed (UNAVAILABLE, with the reason).
@@ -388,6 +400,7 @@ impl ModelRegistry {
             let _guard = self.runtime.enter();
             Scheduler::spawn(Arc::clone(&loaded.engine), scheduler_config)
         };
+        let streams = crate::streams::store_for(entry, version, &loaded.signature);
         Ok(ModelVersion {
             name: entry.name.clone(),
             version,
@@ -400,6 +413,7 @@ impl ModelRegistry {
             cache: entry.config.cache.clone(),
             scheduler,
             cache_stats: CacheStats::default(),
+            streams,
         })
     }
 }

@@ -96,6 +96,14 @@ pub const CACHE_REDIS_WRITES_DROPPED: &str = "tickserve_cache_redis_writes_dropp
 pub const CACHE_REDIS_CIRCUIT: &str = "tickserve_cache_redis_circuit_state";
 /// Histogram of one request's cache lookup time, seconds. Label: `tier`.
 pub const CACHE_LOOKUP: &str = "tickserve_cache_lookup_seconds";
+/// Gauge: live streams (per-instrument windows) of a model version
+/// (docs/streams.md).
+pub const STREAMS_LIVE: &str = "tickserve_streams_live";
+/// Gauge: bytes the live streams' windows and ids hold.
+pub const STREAMS_MEMORY: &str = "tickserve_streams_memory_bytes";
+/// Counter: streams dropped by the server, by `reason` ("idle" or
+/// "capacity"), not counting those a client ended.
+pub const STREAMS_EVICTED: &str = "tickserve_streams_evicted_total";
 
 /// Latency buckets of the design document, seconds, with sub-millisecond
 /// steps added below them: tickserve answers in hundreds of microseconds.
@@ -158,6 +166,8 @@ pub mod error_type {
     pub const UNAVAILABLE: &str = "unavailable";
     pub const ENGINE: &str = "engine";
     pub const CANCELLED: &str = "cancelled";
+    /// A stream's window is not full yet under `warmup = "reject"`.
+    pub const STREAM_WARMUP: &str = "stream_warmup";
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -294,6 +304,19 @@ fn describe() {
     describe_counter!(
         CACHE_COALESCED,
         "Rows that waited for an identical row in flight instead of running the engine"
+    );
+    describe_gauge!(
+        STREAMS_LIVE,
+        "Live streams (per-instrument windows) of a model version"
+    );
+    describe_gauge!(
+        STREAMS_MEMORY,
+        Unit::Bytes,
+        "Bytes held by the live streams' windows and ids"
+    );
+    describe_counter!(
+        STREAMS_EVICTED,
+        "Streams dropped by the server (idle timeout or capacity), by reason"
     );
     describe_counter!(CACHE_REDIS_ERRORS, "Failed or timed-out Redis operations");
     describe_counter!(

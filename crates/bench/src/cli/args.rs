@@ -73,6 +73,16 @@ pub enum Mode {
         #[command(flatten)]
         mixed: MixedArgs,
     },
+    /// Many instruments, one tick each per request: the whole window every
+    /// time, then only the new row on a stream the server keeps
+    /// (`sequence_id`); bytes per request, requests/s and latency of both
+    /// (HTTP JSON).
+    Streams {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        streams: crate::streams::StreamsArgs,
+    },
 }
 
 /// Options every mode takes.
@@ -358,6 +368,6 @@ pub struct MixedArgs {
     pub late_threshold: Duration,
 }
 
-pub(super) fn parse_duration(text: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime_serde::re::humantime::parse_duration(text).map_err(|e| e.to_string())
 }

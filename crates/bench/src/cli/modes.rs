@@ -325,3 +325,32 @@ pub(super) fn parse_targets(items: &[String]) -> Result<BTreeMap<u8, Duration>, 
     }
     Ok(targets)
 }
+
+pub(super) async fn run_streams(
+    c: &Common,
+    s: &crate::streams::StreamsArgs,
+    params: &serde_json::Map<String, serde_json::Value>,
+) -> Result<crate::streams::StreamsOutcome, BenchError> {
+    if c.protocol != Protocol::HttpJson {
+        return Err(BenchError::Config(
+            "bench streams sends HTTP JSON (the goal is about the JSON a client sends): drop --protocol".into(),
+        ));
+    }
+    let shape = c.shape.clone().unwrap_or_else(|| DEFAULT_SHAPE.to_vec());
+    let [_, rows, features] = shape[..] else {
+        return Err(BenchError::Config(format!(
+            "bench streams needs a model input of shape [1, T, F], not {shape:?}"
+        )));
+    };
+    let parameters = serde_json::Value::Object(params.clone()).to_string();
+    let target = crate::streams::StreamsTarget {
+        infer_url: target(c, &c.url, s.concurrency)?.infer_url().to_owned(),
+        input_name: c.input_name.clone(),
+        rows,
+        features,
+        parameters: parameters[1..parameters.len() - 1].to_owned(),
+        seed: c.seed,
+        timeout: c.timeout,
+    };
+    crate::streams::run_streams(&target, s).await
+}

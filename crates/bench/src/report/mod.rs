@@ -68,7 +68,7 @@ pub struct CompareReport {
 pub struct Report {
     pub schema: String,
     pub tool: String,
-    /// `latency`, `load`, `rate`, `stress`, `compare`, `mixed`.
+    /// `latency`, `load`, `rate`, `stress`, `compare`, `mixed`, `streams`.
     pub mode: String,
     /// Seconds since the Unix epoch at the start.
     pub started_unix_s: u64,
@@ -87,6 +87,9 @@ pub struct Report {
     pub compare: Option<CompareReport>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mixed: Option<MixedReport>,
+    /// `bench streams`: whole windows against stream ticks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub streams: Option<crate::streams::StreamsReport>,
 }
 
 mod html;
@@ -236,6 +239,7 @@ mod tests {
                 candidate_runs: vec![],
             }),
             mixed: None,
+            streams: None,
         }
     }
 

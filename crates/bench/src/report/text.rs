@@ -14,8 +14,13 @@ pub(super) fn render(r: &Report) -> String {
     if let Some(m) = &r.mixed {
         mixed_text(&mut o, m);
     }
+    if let Some(s) = &r.streams {
+        crate::streams::text(&mut o, s);
+    }
     let title = if r.mixed.is_some() {
         "Results, both classes together"
+    } else if r.streams.is_some() {
+        "Results, stream ticks"
     } else {
         "Results"
     };

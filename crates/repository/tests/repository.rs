@@ -3,23 +3,15 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tickserve_repository::{RepositoryError, scan};
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+use tickserve_test_support::root;
 
 /// A repository with one model `name` whose version 1 is `model` and whose
 /// config.toml is `config`.
 fn repo(name: &str, model: &Path, config: &str) -> PathBuf {
-    static N: AtomicUsize = AtomicUsize::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "tickserve-repo-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
+    let dir = tickserve_test_support::fresh_dir("tickserve-repo");
     std::fs::create_dir_all(dir.join(name).join("1")).unwrap();
     std::fs::write(dir.join(name).join("config.toml"), config).unwrap();
     std::fs::copy(model, dir.join(name).join("1/model.onnx")).unwrap();

@@ -3,14 +3,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tickserve_repository::{ConfigSource, EngineChoice, VersionPolicy, parse_pbtxt, scan};
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+use tickserve_test_support::root;
 
 fn bundled() -> PathBuf {
     root().join("models/cnn_lstm/1/model.onnx")
@@ -18,14 +15,7 @@ fn bundled() -> PathBuf {
 
 /// An empty temporary repository.
 fn empty_repo() -> PathBuf {
-    static N: AtomicUsize = AtomicUsize::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "tickserve-triton-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    tickserve_test_support::fresh_dir("tickserve-triton")
 }
 
 /// Model `name` in `repo` with the bundled model as each of `versions` and

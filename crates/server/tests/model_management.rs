@@ -34,14 +34,7 @@ optimization { input_pinned_memory { enable: true } }
 "#;
 
 fn temp_repo() -> PathBuf {
-    static N: AtomicUsize = AtomicUsize::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "tickserve-mm-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    tickserve_test_support::fresh_dir("tickserve-mm")
 }
 
 /// Copies the bundled model to `repo/name/version/model.onnx` through a

@@ -6,18 +6,12 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tickserve_test_support::root;
 
 /// A copy of the bundled repository (config.toml and version 1).
 fn repository() -> PathBuf {
-    static N: AtomicUsize = AtomicUsize::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "tickserve-model-tools-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
+    let dir = tickserve_test_support::fresh_dir("tickserve-model-tools");
     let model = dir.join("cnn_lstm");
     std::fs::create_dir_all(model.join("1")).unwrap();
     let source = root().join("models/cnn_lstm");

@@ -26,8 +26,9 @@
 #      flight (at most the client concurrency), nginx stops sending to it,
 #      the other replicas keep serving, and once restarted it serves again;
 #   4. streams routed by sequence id: `tickserve bench streams` through
-#      nginx (x-sequence-id header) gets every tick answered, each
-#      replica holds a share of the streams, and together exactly one
+#      nginx (x-sequence-id header) gets every tick answered (and, as a
+#      control, without the header ticks reach the wrong replica and are
+#      refused), each replica holds a share of the streams, and together exactly one
 #      window per instrument.
 #
 # Needs: redis-server and redis-cli, nginx, curl, python3 (reads the
@@ -295,6 +296,19 @@ test_streams() {
         test "$total" -eq "$instruments"
     check "every replica holds a share of the streams ($holders of $replicas)" \
         test "$holders" -eq "$replicas"
+    # The control: the same client without the routing header. nginx then
+    # spreads its ticks over the replicas, and those that miss the one
+    # holding their stream must be refused; were they answered, the checks
+    # above would prove nothing about routing.
+    local control=60
+    bench "$work/streams-unrouted.json" streams --url "$lb_url" --instruments "$control" \
+        -c "$concurrency" -d 1s --seed 506 --no-routing-header
+    local unrouted_ticks unrouted_errors
+    unrouted_ticks=$(report "$work/streams-unrouted.json" overall.requests)
+    unrouted_errors=$(report "$work/streams-unrouted.json" overall.errors)
+    echo "  control without x-sequence-id: $unrouted_errors errors of $unrouted_ticks ticks $(report "$work/streams-unrouted.json" overall.errors_by_reason)"
+    check "without the header, ticks that reach another replica are refused ($unrouted_errors of $unrouted_ticks)" \
+        test "$unrouted_errors" -gt 0 -a "$unrouted_ticks" -gt "$unrouted_errors"
 }
 
 run_test() {

@@ -59,6 +59,12 @@ pub struct StreamsArgs {
     /// Goal: stream requests/s ÷ whole-window requests/s at least this.
     #[arg(long, default_value_t = 1.3)]
     pub goal_rps_ratio: f64,
+    /// Send stream requests without the x-sequence-id header, as a client
+    /// that does not know about it would: behind a load balancer that
+    /// routes on the header, ticks then reach replicas that do not hold
+    /// their stream (deploy/local's routing check uses it as its control).
+    #[arg(long)]
+    pub no_routing_header: bool,
 }
 
 /// One workload's result.
@@ -233,9 +239,26 @@ pub async fn run_streams(
             Arc::new(Mutex::new(mine))
         })
         .collect();
-    let full = phase(&http, target, &owned, Send::Full, Some(args.duration)).await;
-    let starts = phase(&http, target, &owned, Send::Start, None).await;
-    let streams = phase(&http, target, &owned, Send::Tick, Some(args.duration)).await;
+    let header = !args.no_routing_header;
+    let full = phase(
+        &http,
+        target,
+        &owned,
+        Send::Full,
+        Some(args.duration),
+        header,
+    )
+    .await;
+    let starts = phase(&http, target, &owned, Send::Start, None, header).await;
+    let streams = phase(
+        &http,
+        target,
+        &owned,
+        Send::Tick,
+        Some(args.duration),
+        header,
+    )
+    .await;
 
     let limits = GoodputLimits::default();
     let full_stats = full.recorder.summarise(full.elapsed, &limits);
@@ -299,13 +322,15 @@ struct PhaseResult {
 }
 
 /// Every client sends `send` requests for its instruments in turn until
-/// `duration` passes, or (no duration) once per instrument.
+/// `duration` passes, or (no duration) once per instrument; stream requests
+/// carry the x-sequence-id header when `routing_header`.
 async fn phase(
     http: &reqwest::Client,
     target: &StreamsTarget,
     owned: &[Arc<Mutex<Vec<Instrument>>>],
     send: Send,
     duration: Option<Duration>,
+    routing_header: bool,
 ) -> PhaseResult {
     let recorder = Arc::new(Mutex::new(Recorder::new(false)));
     let bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -342,7 +367,7 @@ async fn phase(
                 let mut post = http
                     .post(&target.infer_url)
                     .header("content-type", "application/json");
-                if send != Send::Full {
+                if send != Send::Full && routing_header {
                     post = post.header(SEQUENCE_HEADER, id);
                 }
                 let sent = Instant::now();

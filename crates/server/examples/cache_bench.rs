@@ -26,6 +26,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+use tickserve_test_support::RequestExt;
 
 use tickserve_server::{AdminToken, BoundServer, CacheConfig, RedisConfig, RedisTls, ServerConfig};
 
@@ -92,9 +93,8 @@ impl Bench {
             .post(format!("{}/v2/models/cnn_lstm/infer", self.base))
             .header("content-type", "application/json")
             .body(body)
-            .send()
-            .await
-            .unwrap();
+            .sent()
+            .await;
         assert_eq!(response.status(), 200);
         response.bytes().await.unwrap();
         started.elapsed()
@@ -108,9 +108,8 @@ impl Bench {
                 self.base
             ))
             .bearer_auth(TOKEN)
-            .send()
-            .await
-            .unwrap();
+            .sent()
+            .await;
         if r.status() != 200 {
             eprintln!("warning: clearing tier {tier} answered {}", r.status());
         }
@@ -120,25 +119,13 @@ impl Bench {
         self.client
             .get(format!("{}/v2/cache/stats", self.base))
             .bearer_auth(TOKEN)
-            .send()
+            .json_value()
             .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
     }
 
     /// Quantile upper bounds of the lookup histogram of `tier`.
     async fn server_lookup(&self, tier: &str) -> String {
-        let text = self
-            .client
-            .get(&self.metrics)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = self.client.get(&self.metrics).text_body().await;
         let prefix = format!("tickserve_cache_lookup_seconds_bucket{{tier=\"{tier}\",le=\"");
         let buckets: Vec<(String, f64)> = text
             .lines()
@@ -170,12 +157,8 @@ impl Bench {
         let view: serde_json::Value = self
             .client
             .get(format!("{}/v2/sla", self.base))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+            .json_value()
+            .await;
         let class = format!("priority {priority}");
         view["classes"]
             .as_array()

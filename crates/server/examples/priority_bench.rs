@@ -20,6 +20,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
+use tickserve_test_support::RequestExt;
 
 use serde_json::{Value, json};
 use tickserve_server::{BoundServer, CacheConfig, ServerConfig};
@@ -125,9 +126,8 @@ async fn main() {
             .post(&url)
             .header("content-type", "application/json")
             .body(bodies[2].clone())
-            .send()
-            .await
-            .unwrap();
+            .sent()
+            .await;
         assert_eq!(r.status(), 200);
         let _ = r.bytes().await.unwrap();
         sequential.push(sent.elapsed());
@@ -296,12 +296,8 @@ async fn main() {
     );
     let stats: Value = client
         .get(format!("http://{http}/v2/models/cnn_lstm/stats"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .json_value()
+        .await;
     let model = &stats["model_stats"][0];
     let batches = model["execution_count"].as_f64().unwrap_or(0.0);
     let rows = model["inference_count"].as_f64().unwrap_or(0.0);

@@ -5,6 +5,7 @@
 mod common;
 
 use std::time::Duration;
+use tickserve_test_support::RequestExt;
 
 use common::redis::{RedisOptions, RedisServer};
 use common::tls::TestPki;
@@ -44,9 +45,8 @@ async fn infer(server: &TestServer, model: &str, body: &serde_json::Value) -> se
         .client
         .post(server.url(&format!("/v2/models/{model}/infer")))
         .json(body)
-        .send()
-        .await
-        .unwrap();
+        .sent()
+        .await;
     assert_eq!(response.status(), 200);
     response.json().await.unwrap()
 }
@@ -56,9 +56,8 @@ async fn stats(server: &TestServer) -> serde_json::Value {
         .client
         .get(server.url("/v2/cache/stats"))
         .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap();
+        .sent()
+        .await;
     assert_eq!(response.status(), 200);
     response.json().await.unwrap()
 }
@@ -68,9 +67,8 @@ async fn clear(server: &TestServer, model: &str, tier: &str) -> serde_json::Valu
         .client
         .delete(server.url(&format!("/v2/cache/models/{model}?tier={tier}")))
         .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap();
+        .sent()
+        .await;
     assert_eq!(response.status(), 200);
     response.json().await.unwrap()
 }
@@ -272,9 +270,8 @@ async fn versions_and_parameters_get_their_own_entries() {
                 .client
                 .post(server.url(&path))
                 .json(&body)
-                .send()
-                .await
-                .unwrap();
+                .sent()
+                .await;
             assert_eq!(r.status(), 200);
         }
     };
@@ -324,17 +321,15 @@ async fn versions_and_parameters_get_their_own_entries() {
     let r = server
         .client
         .get(server.url("/v2/cache/stats"))
-        .send()
-        .await
-        .unwrap();
+        .sent()
+        .await;
     assert_eq!(r.status(), 401);
     let r = server
         .client
         .delete(server.url("/v2/cache/models/nope"))
         .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap();
+        .sent()
+        .await;
     assert_eq!(r.status(), 404);
     server.shutdown().await.unwrap();
 }
@@ -346,9 +341,8 @@ async fn admin_endpoints_are_off_without_a_token() {
         .client
         .get(server.url("/v2/cache/stats"))
         .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap();
+        .sent()
+        .await;
     assert_eq!(r.status(), 404);
     server.shutdown().await.unwrap();
 }
@@ -695,12 +689,8 @@ async fn triton_stats(
         s = server
             .client
             .get(server.url(&format!("/v2/models/{model}/stats")))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+            .json_value()
+            .await;
         let stats = &s["model_stats"][0]["inference_stats"];
         if stats["compute_infer"]["count"] == computed && stats["success"]["count"] == succeeded {
             break;

@@ -10,6 +10,7 @@ mod common;
 
 use std::io::Write;
 use std::time::Duration;
+use tickserve_test_support::RequestExt;
 
 use common::*;
 use serde_json::Value;
@@ -50,9 +51,8 @@ async fn sixty_four_concurrent_clients_each_get_their_golden_rows_in_shared_batc
                     let response = client
                         .post(&url)
                         .json(&request_for(&golden, &rows, &id))
-                        .send()
-                        .await
-                        .unwrap();
+                        .sent()
+                        .await;
                     assert_eq!(response.status(), 200);
                     let body: Value = response.json().await.unwrap();
                     assert_eq!(body["id"], id.as_str());
@@ -124,9 +124,8 @@ async fn a_client_that_disconnects_while_queued_is_dropped_before_the_engine() {
         .client
         .post(server.url("/v2/models/slow/infer"))
         .json(&request_for(&golden, &[4], "stays"))
-        .send()
-        .await
-        .unwrap();
+        .sent()
+        .await;
     assert_eq!(response.status(), 200);
     assert_golden_rows(&golden, &response.json().await.unwrap(), &[4]);
 

@@ -7,6 +7,7 @@ mod common;
 
 use std::path::PathBuf;
 use std::process::Command;
+use tickserve_test_support::RequestExt;
 
 fn chromium() -> PathBuf {
     for name in ["chromium", "chromium-browser", "google-chrome"] {
@@ -72,12 +73,8 @@ async fn sla_view_and_dashboard_show_live_numbers() {
     let page = server
         .client
         .get(server.url("/dashboard"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+        .text_body()
+        .await;
     assert!(page.contains("<title>Batch Processing Performance SLA Dashboard</title>"));
     assert!(
         !page.contains("src=\"http") && !page.contains("<link"),

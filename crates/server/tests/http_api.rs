@@ -5,12 +5,13 @@
 mod common;
 
 use std::time::Duration;
+use tickserve_test_support::RequestExt;
 
 use common::*;
 use serde_json::{Value, json};
 
 async fn get(server: &TestServer, path: &str) -> (u16, Value) {
-    let r = server.client.get(server.url(path)).send().await.unwrap();
+    let r = server.client.get(server.url(path)).sent().await;
     let status = r.status().as_u16();
     let text = r.text().await.unwrap();
     (
@@ -25,9 +26,8 @@ async fn post(server: &TestServer, path: &str, body: impl Into<reqwest::Body>) -
         .post(server.url(path))
         .header("content-type", "application/json")
         .body(body)
-        .send()
-        .await
-        .unwrap();
+        .sent()
+        .await;
     let status = r.status().as_u16();
     let text = r.text().await.unwrap();
     (
@@ -370,7 +370,7 @@ async fn a_full_queue_answers_429_with_retry_after_and_says_so() {
         let url = server.url("/v2/models/cnn_lstm/infer");
         let body = serde_json::to_vec(&request_for(&golden, &[i], "q")).unwrap();
         async move {
-            let r = client.post(url).body(body).send().await.unwrap();
+            let r = client.post(url).body(body).sent().await;
             let status = r.status().as_u16();
             let retry_after = r
                 .headers()
@@ -417,7 +417,7 @@ async fn shutdown_drains_queued_requests_then_returns() {
     let url = server.url("/v2/models/cnn_lstm/infer");
     let body = serde_json::to_vec(&request_for(&golden, &[9], "drain")).unwrap();
     let in_flight = tokio::spawn(async move {
-        let r = client.post(url).body(body).send().await.unwrap();
+        let r = client.post(url).body(body).sent().await;
         (r.status().as_u16(), r.json::<Value>().await.unwrap())
     });
     tokio::time::sleep(Duration::from_millis(100)).await;

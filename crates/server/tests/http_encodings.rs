@@ -7,6 +7,7 @@
 mod common;
 
 use std::io::{Read, Write};
+use tickserve_test_support::RequestExt;
 
 use common::*;
 use serde_json::{Value, json};
@@ -76,9 +77,8 @@ async fn binary_inputs_and_outputs_round_trip() {
         .header(HEADER_LEN, header.len())
         .header("content-type", "application/octet-stream")
         .body(body)
-        .send()
-        .await
-        .unwrap();
+        .sent()
+        .await;
     assert_eq!(response.status(), 200);
     let (json, tail) = split_binary(response).await;
     assert_eq!(json["id"], "bin");
@@ -106,9 +106,8 @@ async fn the_raw_single_input_form_answers_binary() {
         .post(server.url("/v2/models/cnn_lstm/infer"))
         .header(HEADER_LEN, "0")
         .body(le_bytes(&input_rows(&golden, &[3])))
-        .send()
-        .await
-        .unwrap();
+        .sent()
+        .await;
     assert_eq!(response.status(), 200);
     let (json, tail) = split_binary(response).await;
     assert_eq!(json["outputs"][0]["shape"], json!([1, 3]));
@@ -158,9 +157,8 @@ async fn msgpack_requests_and_answers_have_the_json_structure() {
         .header("content-type", "application/msgpack")
         .header("accept", "application/msgpack")
         .body(body)
-        .send()
-        .await
-        .unwrap();
+        .sent()
+        .await;
     assert_eq!(response.status(), 200);
     assert_eq!(
         response.headers()["content-type"].to_str().unwrap(),
@@ -177,9 +175,8 @@ async fn msgpack_requests_and_answers_have_the_json_structure() {
         .post(server.url("/v2/models/cnn_lstm/infer"))
         .header("content-type", "application/msgpack")
         .body(body)
-        .send()
-        .await
-        .unwrap();
+        .sent()
+        .await;
     let answer: Value = response.json().await.unwrap();
     assert_golden_rows(&golden, &answer, &[0, 4]);
 
@@ -188,9 +185,8 @@ async fn msgpack_requests_and_answers_have_the_json_structure() {
         .post(server.url("/v2/models/cnn_lstm/infer"))
         .header("content-type", "application/msgpack")
         .body(vec![0xc1, 0x00])
-        .send()
-        .await
-        .unwrap();
+        .sent()
+        .await;
     assert_eq!(garbage.status(), 400);
     assert!(garbage.text().await.unwrap().contains("MessagePack"));
     server.shutdown().await.unwrap();
@@ -223,9 +219,8 @@ async fn a_max_batch_request_round_trips_gzip_and_is_smaller_on_the_wire() {
         .header("content-encoding", "gzip")
         .header("accept-encoding", "gzip")
         .body(compressed)
-        .send()
-        .await
-        .unwrap();
+        .sent()
+        .await;
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["content-encoding"], "gzip");
     let wire = response.bytes().await.unwrap();
@@ -245,9 +240,8 @@ async fn a_max_batch_request_round_trips_gzip_and_is_smaller_on_the_wire() {
         .post(server.url("/v2/models/cnn_lstm/infer"))
         .header("content-encoding", "deflate")
         .body(encoder.finish().unwrap())
-        .send()
-        .await
-        .unwrap();
+        .sent()
+        .await;
     assert_eq!(response.status(), 200);
     assert!(response.headers().get("content-encoding").is_none());
     assert_golden_rows(&golden, &response.json().await.unwrap(), &rows);
@@ -282,9 +276,8 @@ async fn model_configuration_and_statistics_extensions() {
     let missing = server
         .client
         .get(server.url("/v2/models/cnn_lstm/versions/9/config"))
-        .send()
-        .await
-        .unwrap();
+        .sent()
+        .await;
     assert_eq!(missing.status(), 404);
 
     let golden = golden();
@@ -315,12 +308,8 @@ async fn model_configuration_and_statistics_extensions() {
     let index: Value = server
         .client
         .post(server.url("/v2/repository/index"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .json_value()
+        .await;
     assert_eq!(
         index,
         json!([{"name": "cnn_lstm", "version": "1", "state": "READY", "reason": ""}])
@@ -344,18 +333,16 @@ async fn a_datatype_the_model_does_not_take_is_400_with_the_reason() {
                 .post(server.url("/v2/models/cnn_lstm/infer"))
                 .header(HEADER_LEN, header.len())
                 .body(body)
-                .send()
+                .sent()
                 .await
-                .unwrap()
         } else {
             server
                 .client
                 .post(server.url("/v2/models/cnn_lstm/infer"))
                 .json(&json!({"inputs": [{"name": "input", "shape": [1, 50, 60],
                     "datatype": datatype, "data": vec![0; ROW]}]}))
-                .send()
+                .sent()
                 .await
-                .unwrap()
         };
         assert_eq!(response.status(), 400, "{datatype}");
         let body: Value = response.json().await.unwrap();

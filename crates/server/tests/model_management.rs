@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
+use tickserve_test_support::RequestExt;
 
 use common::{TestServer, assert_golden_rows, config, golden, request_for, root, start};
 use serde_json::{Value, json};
@@ -73,9 +74,8 @@ async fn post(server: &TestServer, path: &str, body: Value) -> (u16, Value) {
         .client
         .post(server.url(path))
         .json(&body)
-        .send()
-        .await
-        .unwrap();
+        .sent()
+        .await;
     let status = response.status().as_u16();
     (status, response.json().await.unwrap_or(Value::Null))
 }

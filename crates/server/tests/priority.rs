@@ -14,6 +14,7 @@ mod common;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
+use tickserve_test_support::RequestExt;
 
 use common::*;
 use serde_json::{Value, json};
@@ -70,9 +71,8 @@ async fn real_time_requests_overtake_a_background_flood() {
                         .post(&url)
                         .header("content-type", "application/json")
                         .body(body.to_vec())
-                        .send()
-                        .await
-                        .unwrap();
+                        .sent()
+                        .await;
                     let status = r.status().as_u16();
                     let retry_after = r.headers().get("retry-after").cloned();
                     let _ = r.bytes().await.unwrap();
@@ -116,9 +116,8 @@ async fn real_time_requests_overtake_a_background_flood() {
             .header("content-type", "application/json")
             .header("x-priority", "1")
             .body(real_time_body.to_vec())
-            .send()
-            .await
-            .unwrap();
+            .sent()
+            .await;
         assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
         let _ = r.bytes().await.unwrap();
         real_time.push(sent.elapsed());
@@ -210,7 +209,7 @@ async fn invalid_priorities_are_400_listing_what_is_allowed() {
         if let Some(h) = header {
             request = request.header("x-priority", h);
         }
-        let r = request.send().await.unwrap();
+        let r = request.sent().await;
         assert_eq!(r.status(), 400);
         let message = r.json::<Value>().await.unwrap()["error"]
             .as_str()

@@ -8,6 +8,7 @@
 mod common;
 
 use std::time::{Duration, Instant};
+use tickserve_test_support::RequestExt;
 
 use common::*;
 use serde_json::{Value, json};
@@ -58,26 +59,12 @@ async fn a_real_time_request_completes_while_a_background_batch_runs() {
     let mut realtime = request_for(&golden, &[1], "rt");
     realtime["parameters"] = json!({ "priority": 1 });
     // Real-time traffic seen: background batches now run in chunks.
-    let warm = server
-        .client
-        .post(&url)
-        .json(&realtime)
-        .send()
-        .await
-        .unwrap();
+    let warm = server.client.post(&url).json(&realtime).sent().await;
     assert_eq!(warm.status(), 200);
     let bg = tokio::spawn({
         let (client, url) = (server.client.clone(), url.clone());
         async move {
-            let response: Value = client
-                .post(&url)
-                .json(&body)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let response: Value = client.post(&url).json(&body).json_value().await;
             (response, Instant::now())
         }
     });
@@ -97,13 +84,7 @@ async fn a_real_time_request_completes_while_a_background_batch_runs() {
         execution_count(&server, "chunked").await >= 2,
         "background batch never started"
     );
-    let response = server
-        .client
-        .post(&url)
-        .json(&realtime)
-        .send()
-        .await
-        .unwrap();
+    let response = server.client.post(&url).json(&realtime).sent().await;
     assert_eq!(response.status(), 200);
     let response: Value = response.json().await.unwrap();
     let realtime_done = Instant::now();

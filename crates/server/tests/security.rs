@@ -8,6 +8,7 @@ mod common;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
+use tickserve_test_support::RequestExt;
 
 use common::tls::TestPki;
 use common::*;
@@ -60,7 +61,7 @@ async fn http_routes_need_the_token_and_health_and_metrics_do_not() {
     let body = request_for(&golden, &[0], "auth");
     let url = server.url("/v2/models/cnn_lstm/infer");
 
-    let refused = server.client.post(&url).json(&body).send().await.unwrap();
+    let refused = server.client.post(&url).json(&body).sent().await;
     assert_eq!(refused.status(), 401);
     assert_eq!(refused.headers()["www-authenticate"], "Bearer");
     let error: serde_json::Value = refused.json().await.unwrap();
@@ -71,9 +72,8 @@ async fn http_routes_need_the_token_and_health_and_metrics_do_not() {
         .post(&url)
         .bearer_auth("t0ken-for-test")
         .json(&body)
-        .send()
-        .await
-        .unwrap();
+        .sent()
+        .await;
     assert_eq!(wrong.status(), 401);
 
     let answered = server
@@ -81,9 +81,8 @@ async fn http_routes_need_the_token_and_health_and_metrics_do_not() {
         .post(&url)
         .bearer_auth(TOKEN)
         .json(&body)
-        .send()
-        .await
-        .unwrap();
+        .sent()
+        .await;
     assert_eq!(answered.status(), 200);
     assert_golden_rows(&golden, &answered.json().await.unwrap(), &[0]);
 
@@ -100,7 +99,7 @@ async fn http_routes_need_the_token_and_health_and_metrics_do_not() {
             if let Some(token) = token {
                 request = request.bearer_auth(token);
             }
-            async move { request.send().await.unwrap().status() }
+            async move { request.sent().await.status() }
         };
         assert_eq!(status(None).await, 401, "{path} without a token");
         assert_eq!(status(Some(TOKEN)).await, 200, "{path} with the token");
@@ -111,7 +110,7 @@ async fn http_routes_need_the_token_and_health_and_metrics_do_not() {
         "/v2/health/ready",
         "/v2/models/cnn_lstm/ready",
     ] {
-        let status = server.client.get(server.url(path)).send().await.unwrap();
+        let status = server.client.get(server.url(path)).sent().await;
         assert_eq!(status.status(), 200, "{path}");
     }
     assert!(server.metrics_text().await.contains("tickserve_ready"));

@@ -15,6 +15,7 @@ use common::*;
 use serde_json::{Value, json};
 use tickserve_server::grpc::pb;
 use tickserve_server::grpc::pb::grpc_inference_service_client::GrpcInferenceServiceClient;
+use tickserve_test_support::RequestExt;
 
 const T: usize = 50;
 const F: usize = 60;
@@ -69,9 +70,8 @@ async fn post(server: &TestServer, model: &str, body: &Value) -> (u16, Value) {
         .client
         .post(server.url(&format!("/v2/models/{model}/infer")))
         .json(body)
-        .send()
-        .await
-        .unwrap();
+        .sent()
+        .await;
     (response.status().as_u16(), response.json().await.unwrap())
 }
 
@@ -390,7 +390,7 @@ async fn concurrent_ticks_on_one_stream_are_applied_one_at_a_time() {
             let client = server.client.clone();
             let url = server.url(&format!("/v2/models/{model}/infer"));
             tokio::spawn(async move {
-                let response = client.post(url).json(&body).send().await.unwrap();
+                let response = client.post(url).json(&body).sent().await;
                 assert_eq!(response.status(), 200);
                 let answer: Value = response.json().await.unwrap();
                 answer["outputs"][0]["data"].clone()

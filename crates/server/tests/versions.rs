@@ -6,6 +6,7 @@
 mod common;
 
 use common::*;
+use tickserve_test_support::RequestExt;
 
 /// The value of the series of `name` whose labels include every `labels`
 /// pair, or `None` when there is no such series.
@@ -40,9 +41,8 @@ async fn two_versions_keep_separate_series() {
                 .client
                 .post(server.url(&format!("/v2/models/{model}/versions/{version}/infer")))
                 .json(&body)
-                .send()
-                .await
-                .unwrap();
+                .sent()
+                .await;
             assert_eq!(response.status(), 200);
         }
     }

@@ -26,4 +26,4 @@ pub mod tls;
 pub use fixture::{Golden, ROW, argmax, assert_golden_rows, golden, read_npy, request_for, root};
 pub use repo::{cnn_lstm_config, fresh_dir, repository_with, with_version};
 #[cfg(feature = "server")]
-pub use server::{TestServer, config, start, start_default};
+pub use server::{RequestExt, TestServer, config, start, start_default};

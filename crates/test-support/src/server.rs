@@ -1,6 +1,7 @@
 //! A real tickserve server on 127.0.0.1:0 (HTTP, gRPC and metrics on free
 //! ports) with the real engine, and the client calls tests make to it.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -41,14 +42,7 @@ impl TestServer {
 
     /// GETs `path` and parses the answer as JSON, whatever its status.
     pub async fn get_json(&self, path: &str) -> serde_json::Value {
-        self.client
-            .get(self.url(path))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        self.client.get(self.url(path)).json_value().await
     }
 
     /// POSTs an inference request for the bundled model as JSON.
@@ -56,20 +50,15 @@ impl TestServer {
         self.client
             .post(self.url("/v2/models/cnn_lstm/infer"))
             .json(body)
-            .send()
+            .sent()
             .await
-            .unwrap()
     }
 
     pub async fn metrics_text(&self) -> String {
         self.client
             .get(format!("http://{}/metrics", self.metrics))
-            .send()
+            .text_body()
             .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
     }
 }
 
@@ -129,4 +118,29 @@ pub async fn start(config: ServerConfig) -> TestServer {
 /// The bundled repository.
 pub async fn start_default() -> TestServer {
     start(config(root().join("models"))).await
+}
+
+/// The awaits and unwraps that end every request a test sends, as one
+/// call each.
+pub trait RequestExt {
+    /// Sends the request; panics when it cannot be sent.
+    fn sent(self) -> impl Future<Output = reqwest::Response> + Send;
+    /// Sends the request and parses the answer as JSON, whatever its status.
+    fn json_value(self) -> impl Future<Output = serde_json::Value> + Send;
+    /// Sends the request and reads the answer as text, whatever its status.
+    fn text_body(self) -> impl Future<Output = String> + Send;
+}
+
+impl RequestExt for reqwest::RequestBuilder {
+    async fn sent(self) -> reqwest::Response {
+        self.send().await.unwrap()
+    }
+
+    async fn json_value(self) -> serde_json::Value {
+        self.send().await.unwrap().json().await.unwrap()
+    }
+
+    async fn text_body(self) -> String {
+        self.send().await.unwrap().text().await.unwrap()
+    }
 }

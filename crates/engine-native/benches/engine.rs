@@ -19,14 +19,9 @@ fn engine_batches(c: &mut Criterion) {
     let row_len = 50 * 60;
     let mut group = c.benchmark_group("cnn_lstm");
     for batch in [1usize, 8, 32, 128] {
-        // Deterministic, varied input: the LSTM's work does not depend on
-        // values, but denormals or zeros could flatter it.
-        let data: Vec<f32> = (0..batch * row_len)
-            .map(|i| ((i as f32) * 0.013).sin())
-            .collect();
         let input = Batch {
             rows: batch,
-            inputs: vec![data],
+            inputs: vec![tickserve_test_support::sine_input(batch * row_len)],
         };
         group.throughput(Throughput::Elements(batch as u64));
         group.bench_with_input(BenchmarkId::new("native", batch), &input, |b, input| {

@@ -38,12 +38,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .with_helper_spin(Duration::ZERO),
         ),
     ];
-    let data: Vec<f32> = (0..rows * 3000)
-        .map(|i| ((i as f32) * 0.013).sin())
-        .collect();
     let batch = Batch {
         rows,
-        inputs: vec![data],
+        inputs: vec![tickserve_test_support::sine_input(rows * 3000)],
     };
     for gap in gaps {
         let mut times: [Vec<f64>; 3] = Default::default();

@@ -22,12 +22,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let engine = NativeEngine::load(&model)?
         .with_threads(threads, 1)?
         .with_precision(precision);
-    let data: Vec<f32> = (0..rows * 3000)
-        .map(|i| ((i as f32) * 0.013).sin())
-        .collect();
     let batch = Batch {
         rows,
-        inputs: vec![data],
+        inputs: vec![tickserve_test_support::sine_input(rows * 3000)],
     };
     let started = Instant::now();
     let mut calls = 0u64;

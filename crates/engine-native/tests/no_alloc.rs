@@ -78,9 +78,7 @@ fn a_steady_state_forward_pass_allocates_nothing() {
     let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/cnn_lstm/1/model.onnx");
     let engine = NativeEngine::load(&model).unwrap();
     for rows in [1usize, 7, 32] {
-        let input: Vec<f32> = (0..rows * 3000)
-            .map(|i| ((i as f32) * 0.013).sin())
-            .collect();
+        let input = tickserve_test_support::sine_input(rows * 3000);
         let mut output = vec![0.0f32; rows * 3];
         // The first call at a size grows the workspace.
         engine.infer_into(rows, &input, &mut output).unwrap();

@@ -127,12 +127,9 @@ fn main() {
             .ok()
             .map(|()| OrtEngine::load(&model, threads, 1).unwrap_or_else(|e| panic!("{e}")));
         for rows in BATCHES {
-            let data: Vec<f32> = (0..rows * 3000)
-                .map(|i| ((i as f32) * 0.013).sin())
-                .collect();
             let batch = Batch {
                 rows,
-                inputs: vec![data],
+                inputs: vec![tickserve_test_support::sine_input(rows * 3000)],
             };
             let ort_result = ort.as_ref().map(|e| measure(e, &batch, budget));
             let native_result = measure(&native, &batch, budget);

@@ -138,12 +138,9 @@ fn main() {
     println!("| engine | batch | median ms | p99 ms | samples/s | vs ORT fp32 | vs ORT int8 |");
     println!("|---|---|---|---|---|---|---|");
     for rows in BATCHES {
-        let data: Vec<f32> = (0..rows * 3000)
-            .map(|i| ((i as f32) * 0.013).sin())
-            .collect();
         let batch = Batch {
             rows,
-            inputs: vec![data],
+            inputs: vec![tickserve_test_support::sine_input(rows * 3000)],
         };
         let mut times: Vec<Vec<Duration>> = vec![Vec::new(); engines.len()];
         for (_, engine) in &engines {

@@ -82,3 +82,10 @@ pub fn assert_golden_rows(golden: &Golden, response: &serde_json::Value, rows: &
         }
     }
 }
+
+/// `len` deterministic, varied input values (a sine sweep): the engines'
+/// work does not depend on values, but zeros or denormals could flatter
+/// a measurement.
+pub fn sine_input(len: usize) -> Vec<f32> {
+    (0..len).map(|i| ((i as f32) * 0.013).sin()).collect()
+}

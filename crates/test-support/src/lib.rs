@@ -23,7 +23,9 @@ mod server;
 #[cfg(feature = "server")]
 pub mod tls;
 
-pub use fixture::{Golden, ROW, argmax, assert_golden_rows, golden, read_npy, request_for, root};
+pub use fixture::{
+    Golden, ROW, argmax, assert_golden_rows, golden, read_npy, request_for, root, sine_input,
+};
 pub use repo::{cnn_lstm_config, fresh_dir, repository_with, with_version};
 #[cfg(feature = "server")]
 pub use server::{RequestExt, TestServer, config, start, start_default};

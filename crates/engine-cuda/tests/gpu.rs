@@ -10,18 +10,10 @@ use tickserve_engine_cuda::{CudaEngine, CudaOptions, CudaPrecision, cuda_require
 /// carried to a GPU machine), else where this crate was built.
 use tickserve_test_support::root;
 
-/// `false` (after printing why) when the test must be skipped.
+/// `false` (after printing why) when the test must be skipped; fails
+/// instead when TICKSERVE_REQUIRE_CUDA=1.
 fn gpu_or_skip(test: &str) -> bool {
-    match probe(0) {
-        Ok(()) => true,
-        Err(missing) if cuda_required() => {
-            panic!("{test}: TICKSERVE_REQUIRE_CUDA=1 but {missing}")
-        }
-        Err(missing) => {
-            println!("SKIPPED {test}: {missing}");
-            false
-        }
-    }
+    tickserve_test_support::available_or_skip(test, probe(0), cuda_required())
 }
 
 fn npy(path: &Path) -> (Vec<u64>, Vec<f32>) {

@@ -330,19 +330,10 @@ fn pruning_twice_keeps_both_records_and_bad_requests_are_refused() {
 }
 
 /// `true` when ONNX Runtime is usable; otherwise reports the skip (or
-/// fails, when the environment requires ONNX Runtime).
+/// fails, when TICKSERVE_REQUIRE_ORT is set).
 fn onnxruntime_or_skip(test: &str) -> bool {
-    match tickserve_engine_ort::is_available() {
-        Ok(()) => true,
-        Err(reason) => {
-            assert!(
-                std::env::var_os("TICKSERVE_REQUIRE_ORT").is_none(),
-                "TICKSERVE_REQUIRE_ORT is set but {reason}"
-            );
-            eprintln!("SKIPPED {test}: {reason}");
-            false
-        }
-    }
+    let required = std::env::var_os("TICKSERVE_REQUIRE_ORT").is_some();
+    tickserve_test_support::available_or_skip(test, tickserve_engine_ort::is_available(), required)
 }
 
 #[test]

@@ -89,3 +89,23 @@ pub fn assert_golden_rows(golden: &Golden, response: &serde_json::Value, rows: &
 pub fn sine_input(len: usize) -> Vec<f32> {
     (0..len).map(|i| ((i as f32) * 0.013).sin()).collect()
 }
+
+/// Whether a test that needs an optional runtime (ONNX Runtime, a GPU)
+/// can run: `true` when `availability` is `Ok`; otherwise it prints
+/// `SKIPPED {test}: {reason}` and returns `false`, or fails the test when
+/// `required` (the environment asked for that runtime: a skip there would
+/// hide a broken installation).
+pub fn available_or_skip<E: std::fmt::Display>(
+    test: &str,
+    availability: Result<(), E>,
+    required: bool,
+) -> bool {
+    match availability {
+        Ok(()) => true,
+        Err(reason) => {
+            assert!(!required, "{test}: required here, but {reason}");
+            println!("SKIPPED {test}: {reason}");
+            false
+        }
+    }
+}

@@ -24,7 +24,8 @@ mod server;
 pub mod tls;
 
 pub use fixture::{
-    Golden, ROW, argmax, assert_golden_rows, golden, read_npy, request_for, root, sine_input,
+    Golden, ROW, argmax, assert_golden_rows, available_or_skip, golden, read_npy, request_for,
+    root, sine_input,
 };
 pub use repo::{cnn_lstm_config, fresh_dir, repository_with, with_version};
 #[cfg(feature = "server")]

@@ -12,7 +12,6 @@ use axum::http::{HeaderMap, HeaderValue};
 use criterion::{Criterion, criterion_group, criterion_main};
 use prost::Message;
 use tickserve_server::bench::{decode_http_body, decode_infer_message};
-use tickserve_server::grpc::pb;
 
 const ROW: usize = 50 * 60;
 
@@ -76,26 +75,7 @@ fn binary_body(rows: usize) -> (HeaderMap, Vec<u8>) {
 }
 
 fn grpc_body(rows: usize, raw: bool) -> Vec<u8> {
-    let values = data(rows);
-    let mut request = pb::ModelInferRequest {
-        model_name: "cnn_lstm".into(),
-        inputs: vec![pb::model_infer_request::InferInputTensor {
-            name: "input".into(),
-            datatype: "FP32".into(),
-            shape: vec![rows as i64, 50, 60],
-            ..Default::default()
-        }],
-        ..Default::default()
-    };
-    if raw {
-        request.raw_input_contents = vec![values.iter().flat_map(|v| v.to_le_bytes()).collect()];
-    } else {
-        request.inputs[0].contents = Some(pb::InferTensorContents {
-            fp32_contents: values,
-            ..Default::default()
-        });
-    }
-    request.encode_to_vec()
+    tickserve_test_support::grpc_request("", rows, data(rows), raw).encode_to_vec()
 }
 
 fn decode(c: &mut Criterion) {

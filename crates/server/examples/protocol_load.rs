@@ -16,7 +16,6 @@
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use tickserve_server::grpc::pb;
 use tickserve_server::grpc::pb::grpc_inference_service_client::GrpcInferenceServiceClient;
 
 const ROW: usize = 50 * 60;
@@ -137,17 +136,8 @@ async fn main() {
     let header_len = header.len();
     let mut binary = header;
     binary.extend_from_slice(&raw);
-    let grpc_request = pb::ModelInferRequest {
-        model_name: "cnn_lstm".into(),
-        inputs: vec![pb::model_infer_request::InferInputTensor {
-            name: "input".into(),
-            datatype: "FP32".into(),
-            shape: vec![args.rows as i64, 50, 60],
-            ..Default::default()
-        }],
-        raw_input_contents: vec![raw.clone()],
-        ..Default::default()
-    };
+    let mut grpc_request = tickserve_test_support::grpc_request("", args.rows, Vec::new(), true);
+    grpc_request.raw_input_contents = vec![raw.clone()];
 
     println!(
         "{} clients, {} s per form, {} row(s) per request, {} gRPC connection(s)",

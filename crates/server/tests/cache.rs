@@ -41,12 +41,7 @@ fn cached_config(repository: std::path::PathBuf, redis: Option<&RedisServer>) ->
 }
 
 async fn infer(server: &TestServer, model: &str, body: &serde_json::Value) -> serde_json::Value {
-    let response = server
-        .client
-        .post(server.url(&format!("/v2/models/{model}/infer")))
-        .json(body)
-        .sent()
-        .await;
+    let response = server.post_infer(model, body).await;
     assert_eq!(response.status(), 200);
     response.json().await.unwrap()
 }
@@ -755,23 +750,9 @@ async fn triton_statistics_count_cache_hits_and_misses_on_both_protocols() {
     let mut grpc = GrpcInferenceServiceClient::connect(format!("http://{}", server.grpc))
         .await
         .unwrap();
-    let data: Vec<f32> = g.input[13 * ROW..15 * ROW].to_vec();
-    grpc.model_infer(pb::ModelInferRequest {
-        model_name: model.into(),
-        inputs: vec![pb::model_infer_request::InferInputTensor {
-            name: "input".into(),
-            datatype: "FP32".into(),
-            shape: vec![2, 50, 60],
-            contents: Some(pb::InferTensorContents {
-                fp32_contents: data,
-                ..Default::default()
-            }),
-            ..Default::default()
-        }],
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let mut request = grpc_request("", 2, g.input[13 * ROW..15 * ROW].to_vec(), false);
+    request.model_name = model.into();
+    grpc.model_infer(request).await.unwrap();
     let http = triton_stats(&server, model, 3, 6).await;
     let stats = grpc
         .model_statistics(pb::ModelStatisticsRequest {

@@ -26,26 +26,7 @@ fn rows_of(golden: &Golden, rows: &[usize]) -> Vec<f32> {
 }
 
 fn request(id: &str, rows: usize, data: Vec<f32>, raw: bool) -> pb::ModelInferRequest {
-    let mut request = pb::ModelInferRequest {
-        model_name: "cnn_lstm".into(),
-        id: id.into(),
-        inputs: vec![pb::model_infer_request::InferInputTensor {
-            name: "input".into(),
-            datatype: "FP32".into(),
-            shape: vec![rows as i64, 50, 60],
-            ..Default::default()
-        }],
-        ..Default::default()
-    };
-    if raw {
-        request.raw_input_contents = vec![data.iter().flat_map(|v| v.to_le_bytes()).collect()];
-    } else {
-        request.inputs[0].contents = Some(pb::InferTensorContents {
-            fp32_contents: data,
-            ..Default::default()
-        });
-    }
-    request
+    grpc_request(id, rows, data, raw)
 }
 
 fn outputs_of(response: &pb::ModelInferResponse) -> Vec<f32> {

@@ -209,22 +209,7 @@ async fn grpc_messages_past_the_limit_are_refused() {
     let mut client = GrpcInferenceServiceClient::connect(format!("http://{}", server.grpc))
         .await
         .unwrap();
-    let request = pb::ModelInferRequest {
-        model_name: "cnn_lstm".into(),
-        inputs: vec![pb::model_infer_request::InferInputTensor {
-            name: "input".into(),
-            datatype: "FP32".into(),
-            shape: vec![1, 50, 60],
-            ..Default::default()
-        }],
-        raw_input_contents: vec![
-            golden.input[..ROW]
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect(),
-        ],
-        ..Default::default()
-    };
+    let request = grpc_request("", 1, golden.input[..ROW].to_vec(), true);
     let refused = client.model_infer(request).await.unwrap_err();
     // tonic's code for a message over the decoding limit.
     assert_eq!(refused.code(), Code::OutOfRange, "{refused:?}");

@@ -24,22 +24,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 const TOKEN: &str = "t0ken-for-tests";
 
 fn infer_request() -> pb::ModelInferRequest {
-    let golden = golden();
-    pb::ModelInferRequest {
-        model_name: "cnn_lstm".into(),
-        id: "auth".into(),
-        inputs: vec![pb::model_infer_request::InferInputTensor {
-            name: "input".into(),
-            datatype: "FP32".into(),
-            shape: vec![1, 50, 60],
-            contents: Some(pb::InferTensorContents {
-                fp32_contents: golden.input[..ROW].to_vec(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }],
-        ..Default::default()
-    }
+    grpc_request("auth", 1, golden().input[..ROW].to_vec(), false)
 }
 
 fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {

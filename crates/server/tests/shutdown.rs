@@ -144,21 +144,7 @@ mod grpc {
     use super::*;
 
     fn request(golden: &Golden) -> pb::ModelInferRequest {
-        pb::ModelInferRequest {
-            model_name: "cnn_lstm".into(),
-            id: "s".into(),
-            inputs: vec![pb::model_infer_request::InferInputTensor {
-                name: "input".into(),
-                datatype: "FP32".into(),
-                shape: vec![1, 50, 60],
-                contents: Some(pb::InferTensorContents {
-                    fp32_contents: golden.input[..ROW].to_vec(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }],
-            ..Default::default()
-        }
+        grpc_request("s", 1, golden.input[..ROW].to_vec(), false)
     }
 
     /// Outcome of one call: `ok`; clean failures that prove the request was

@@ -66,12 +66,7 @@ fn tick(id: Value, rows: &[Vec<f32>], parameters: Value) -> Value {
 }
 
 async fn post(server: &TestServer, model: &str, body: &Value) -> (u16, Value) {
-    let response = server
-        .client
-        .post(server.url(&format!("/v2/models/{model}/infer")))
-        .json(body)
-        .sent()
-        .await;
+    let response = server.post_infer(model, body).await;
     (response.status().as_u16(), response.json().await.unwrap())
 }
 

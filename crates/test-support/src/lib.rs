@@ -29,4 +29,4 @@ pub use fixture::{
 };
 pub use repo::{cnn_lstm_config, fresh_dir, repository_with, with_version};
 #[cfg(feature = "server")]
-pub use server::{RequestExt, TestServer, config, start, start_default};
+pub use server::{RequestExt, TestServer, config, grpc_request, start, start_default};

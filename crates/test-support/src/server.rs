@@ -45,6 +45,15 @@ impl TestServer {
         self.client.get(self.url(path)).json_value().await
     }
 
+    /// POSTs an inference request for `model` as JSON.
+    pub async fn post_infer(&self, model: &str, body: &serde_json::Value) -> reqwest::Response {
+        self.client
+            .post(self.url(&format!("/v2/models/{model}/infer")))
+            .json(body)
+            .sent()
+            .await
+    }
+
     /// POSTs an inference request for the bundled model as JSON.
     pub async fn infer(&self, body: &serde_json::Value) -> reqwest::Response {
         self.client
@@ -143,4 +152,36 @@ impl RequestExt for reqwest::RequestBuilder {
     async fn text_body(self) -> String {
         self.send().await.unwrap().text().await.unwrap()
     }
+}
+
+/// A gRPC inference request of `rows` rows of the bundled model's input
+/// (`data`, row-major), in `fp32_contents` or, when `raw`, in
+/// `raw_input_contents` (little-endian bytes).
+pub fn grpc_request(
+    id: &str,
+    rows: usize,
+    data: Vec<f32>,
+    raw: bool,
+) -> tickserve_server::grpc::pb::ModelInferRequest {
+    use tickserve_server::grpc::pb;
+    let mut request = pb::ModelInferRequest {
+        model_name: "cnn_lstm".into(),
+        id: id.into(),
+        inputs: vec![pb::model_infer_request::InferInputTensor {
+            name: "input".into(),
+            datatype: "FP32".into(),
+            shape: vec![rows as i64, 50, 60],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    if raw {
+        request.raw_input_contents = vec![data.iter().flat_map(|v| v.to_le_bytes()).collect()];
+    } else {
+        request.inputs[0].contents = Some(pb::InferTensorContents {
+            fp32_contents: data,
+            ..Default::default()
+        });
+    }
+    request
 }

@@ -32,6 +32,15 @@ fn rows(values: &[f32]) -> Vec<f32> {
     values.iter().flat_map(|&v| [v, v + 0.5]).collect()
 }
 
+/// A tick without `sequence_start` on stream `id` is refused as unknown.
+async fn assert_unknown(store: &StreamStore, id: u64, values: &[f32]) {
+    let err = store
+        .begin(n(id), false, false, rows(values))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StreamError::Unknown { .. }), "{err:?}");
+}
+
 /// Appends and commits; returns the model's input.
 async fn append(store: &StreamStore, id: u64, start: bool, values: &[f32]) -> Vec<f32> {
     let mut turn = store
@@ -146,11 +155,7 @@ async fn an_unanswered_start_leaves_no_stream() {
     let store = store(config());
     drop(store.begin(n(1), true, false, rows(&[1.0])).await.unwrap());
     assert_eq!(store.usage(), (0, 0));
-    let err = store
-        .begin(n(1), false, false, rows(&[1.0]))
-        .await
-        .unwrap_err();
-    assert!(matches!(err, StreamError::Unknown { .. }), "{err:?}");
+    assert_unknown(&store, 1, &[1.0]).await;
 }
 
 #[tokio::test(start_paused = true)]
@@ -165,11 +170,7 @@ async fn unknown_and_ended_streams_are_refused() {
     let turn = store.begin(n(1), false, true, rows(&[2.0])).await.unwrap();
     turn.commit();
     assert_eq!(store.usage(), (0, 0));
-    let err = store
-        .begin(n(1), false, false, rows(&[3.0]))
-        .await
-        .unwrap_err();
-    assert!(matches!(err, StreamError::Unknown { .. }), "{err:?}");
+    assert_unknown(&store, 1, &[3.0]).await;
     // Numbers and strings are different ids.
     append(&store, 2, true, &[1.0]).await;
     let err = store
@@ -190,11 +191,7 @@ async fn the_stream_cap_evicts_the_least_recently_used() {
     append(&store, 1, false, &[1.5]).await; // 2 is now the least recently used
     append(&store, 3, true, &[3.0]).await;
     assert_eq!(store.usage(), (2, 48));
-    let err = store
-        .begin(n(2), false, false, rows(&[2.5]))
-        .await
-        .unwrap_err();
-    assert!(matches!(err, StreamError::Unknown { .. }), "{err:?}");
+    assert_unknown(&store, 2, &[2.5]).await;
     assert_eq!(
         append(&store, 1, false, &[1.7]).await,
         rows(&[1.0, 1.5, 1.7])
@@ -229,11 +226,7 @@ async fn the_memory_cap_counts_windows_and_ids() {
     turn.take_input();
     turn.commit();
     assert_eq!(store.usage(), (2, 58));
-    let err = store
-        .begin(n(1), false, false, rows(&[1.5]))
-        .await
-        .unwrap_err();
-    assert!(matches!(err, StreamError::Unknown { .. }), "{err:?}");
+    assert_unknown(&store, 1, &[1.5]).await;
 }
 
 #[tokio::test(start_paused = true)]
@@ -250,18 +243,10 @@ async fn idle_streams_are_dropped_after_the_timeout() {
     store.sweep();
     // 2 was idle for 10 s; 1 for 1 s.
     assert_eq!(store.usage(), (1, 24));
-    let err = store
-        .begin(n(2), false, false, rows(&[2.5]))
-        .await
-        .unwrap_err();
-    assert!(matches!(err, StreamError::Unknown { .. }), "{err:?}");
+    assert_unknown(&store, 2, &[2.5]).await;
     tokio::time::advance(Duration::from_secs(9)).await;
     // A request finds its stream gone without waiting for the sweep.
-    let err = store
-        .begin(n(1), false, false, rows(&[1.7]))
-        .await
-        .unwrap_err();
-    assert!(matches!(err, StreamError::Unknown { .. }), "{err:?}");
+    assert_unknown(&store, 1, &[1.7]).await;
     assert_eq!(store.usage(), (0, 0));
 }
 

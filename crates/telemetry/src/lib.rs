@@ -1,5 +1,6 @@
 //! Telemetry in one place: every Prometheus metric name, label and bucket
-//! set tickserve exports, the recorder that renders them, and logging.
+//! set tickserve exports, the recorder that renders them, logging, and the
+//! OTLP export of request traces ([`traces`]).
 //!
 //! Names follow the platform's design document (seed-requirements.md,
 //! Metrics) where a metric there fits — `batch_processing_*` with its
@@ -10,6 +11,7 @@
 pub mod cgroup;
 pub mod sla;
 pub mod throughput;
+pub mod traces;
 
 use std::sync::OnceLock;
 

@@ -88,9 +88,9 @@ pub enum TraceError {
     Install(String),
 }
 
-/// Installs the global `tracing` subscriber: log lines as
-/// [`crate::init_logging`] writes them, plus, when `otlp` is given, the
-/// export of request spans. Must run inside a tokio runtime when `otlp` is
+/// Installs the global `tracing` subscriber: log lines (text or JSON on
+/// stderr, filtered by `filter` in `RUST_LOG` syntax) plus, when `otlp` is
+/// given, the export of request spans. Must run inside a tokio runtime when `otlp` is
 /// given (the gRPC exporter's connection lives on it).
 pub fn init_logging_and_traces(
     format: LogFormat,

@@ -18,6 +18,7 @@ use tickserve_server::{
     ServerConfig,
 };
 use tickserve_telemetry::LogFormat;
+use tickserve_telemetry::traces::OtlpConfig;
 
 const DEFAULT_REPOSITORY: &str = "models";
 const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:8000";
@@ -204,6 +205,8 @@ pub struct ServeArgs {
     pub repository_poll_interval: Option<Duration>,
     #[command(flatten)]
     pub security: crate::security::SecurityArgs,
+    #[command(flatten)]
+    pub traces: crate::traces::TraceArgs,
 }
 
 /// The TOML file's contents: every key optional, unknown keys refused.
@@ -253,6 +256,9 @@ struct FileConfig {
     max_connections: Option<usize>,
     grpc_max_message_bytes: Option<usize>,
     max_concurrent_streams: Option<u32>,
+    otlp_endpoint: Option<String>,
+    otlp_service_name: Option<String>,
+    otlp_sample_ratio: Option<f64>,
 }
 
 /// The merged settings.
@@ -261,6 +267,8 @@ pub struct Settings {
     pub server: ServerConfig,
     pub log_format: LogFormat,
     pub log_level: String,
+    /// The OTLP trace export; `None`: off.
+    pub otlp: Option<OtlpConfig>,
 }
 
 pub(crate) fn humantime_duration(text: &str) -> Result<Duration, String> {
@@ -414,6 +422,11 @@ impl ServeArgs {
             },
             max_body_bytes,
         )?;
+        let otlp = self.traces.resolve(crate::traces::TraceFile {
+            otlp_endpoint: file.otlp_endpoint,
+            otlp_service_name: file.otlp_service_name,
+            otlp_sample_ratio: file.otlp_sample_ratio,
+        })?;
         Ok(Settings {
             server: ServerConfig {
                 model_repository: self
@@ -456,6 +469,7 @@ impl ServeArgs {
                 .log_level
                 .or(file.log_level)
                 .unwrap_or_else(|| DEFAULT_LOG_LEVEL.to_owned()),
+            otlp,
         })
     }
 }
@@ -496,6 +510,7 @@ mod tests {
             "Redis is off by default"
         );
         assert!(settings.server.admin_token.is_none());
+        assert!(settings.otlp.is_none(), "trace export is off by default");
     }
 
     #[test]

@@ -132,22 +132,21 @@ impl RequestTrace {
         if let Some(parent) = &parent {
             // Fails only when the span is not exported; the ids below are
             // then made here.
-            let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(parent.clone()));
+            let _ = span
+                .set_parent(opentelemetry::Context::new().with_remote_span_context(parent.clone()));
         }
         let exported = span.context().span().span_context().clone();
         let traceparent = if exported.is_valid() {
             format_traceparent(&exported)
         } else {
             let ids = RandomIdGenerator::default();
-            let trace_id = parent.as_ref().map_or_else(|| ids.new_trace_id(), SpanContext::trace_id);
+            let trace_id = parent
+                .as_ref()
+                .map_or_else(|| ids.new_trace_id(), SpanContext::trace_id);
             let flags = parent
                 .as_ref()
                 .map_or(TraceFlags::default(), SpanContext::trace_flags);
-            format!(
-                "00-{trace_id}-{}-{:02x}",
-                ids.new_span_id(),
-                flags.to_u8()
-            )
+            format!("00-{trace_id}-{}-{:02x}", ids.new_span_id(), flags.to_u8())
         };
         RequestTrace {
             span,
@@ -168,7 +167,10 @@ impl RequestTrace {
 
     /// Adds `traceparent` and `x-request-id` to HTTP response headers.
     pub(crate) fn tag_http(&self, headers: &mut HeaderMap) {
-        for (name, value) in [(TRACEPARENT, &self.traceparent), (REQUEST_ID, &self.request_id)] {
+        for (name, value) in [
+            (TRACEPARENT, &self.traceparent),
+            (REQUEST_ID, &self.request_id),
+        ] {
             if let Ok(value) = HeaderValue::from_str(value) {
                 headers.insert(name, value);
             }
@@ -177,7 +179,10 @@ impl RequestTrace {
 
     /// Adds `traceparent` and `x-request-id` to gRPC response metadata.
     pub(crate) fn tag_grpc(&self, metadata: &mut tonic::metadata::MetadataMap) {
-        for (name, value) in [(TRACEPARENT, &self.traceparent), (REQUEST_ID, &self.request_id)] {
+        for (name, value) in [
+            (TRACEPARENT, &self.traceparent),
+            (REQUEST_ID, &self.request_id),
+        ] {
             if let Ok(value) = value.parse() {
                 metadata.insert(name, value);
             }

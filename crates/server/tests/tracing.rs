@@ -117,7 +117,11 @@ fn check_trace(spans: &[Received], trace_id: &str, protocol: &str) -> Received {
         .filter(|s| hex(&s.span.trace_id) == trace_id)
         .collect();
     let infer: Vec<&&Received> = trace.iter().filter(|s| s.span.name == "infer").collect();
-    assert_eq!(infer.len(), 1, "one infer span in trace {trace_id}: {trace:#?}");
+    assert_eq!(
+        infer.len(),
+        1,
+        "one infer span in trace {trace_id}: {trace:#?}"
+    );
     let infer = (*infer[0]).clone();
     assert_eq!(infer.service, "tickserve");
     assert_eq!(infer.span.kind, SpanKind::Server as i32);
@@ -127,7 +131,11 @@ fn check_trace(spans: &[Received], trace_id: &str, protocol: &str) -> Received {
     assert_eq!(infer.attribute("rows").as_deref(), Some("2"));
     for name in CHILDREN {
         let named: Vec<&&Received> = trace.iter().filter(|s| s.span.name == name).collect();
-        assert_eq!(named.len(), 1, "one {name} span in trace {trace_id}: {trace:#?}");
+        assert_eq!(
+            named.len(),
+            1,
+            "one {name} span in trace {trace_id}: {trace:#?}"
+        );
         assert_eq!(
             hex(&named[0].span.parent_span_id),
             hex(&infer.span.span_id),
@@ -264,12 +272,23 @@ async fn traceparent_is_propagated_and_spans_reach_the_otlp_receiver() {
     assert_eq!(by_trace.len(), 2, "two traces: {by_trace:?}");
 
     let http = check_trace(&spans, TRACE_ID, "http");
-    assert_eq!(hex(&http.span.parent_span_id), PARENT_ID, "a child of the caller's span");
-    assert_eq!(hex(&http.span.span_id), http_span_id, "the answer names the infer span");
+    assert_eq!(
+        hex(&http.span.parent_span_id),
+        PARENT_ID,
+        "a child of the caller's span"
+    );
+    assert_eq!(
+        hex(&http.span.span_id),
+        http_span_id,
+        "the answer names the infer span"
+    );
     assert_eq!(http.attribute("request_id").as_deref(), Some("order-7"));
 
     let grpc = check_trace(&spans, &grpc_trace_id, "grpc");
-    assert!(grpc.span.parent_span_id.is_empty(), "the root of a new trace");
+    assert!(
+        grpc.span.parent_span_id.is_empty(),
+        "the root of a new trace"
+    );
     assert_eq!(hex(&grpc.span.span_id), grpc_span_id);
     assert_eq!(grpc.attribute("request_id").as_deref(), Some(&*request_id));
 

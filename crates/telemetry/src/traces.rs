@@ -101,13 +101,10 @@ pub fn init_logging_and_traces(
         filter: filter.to_owned(),
         message: e.to_string(),
     })?;
-    let not_request_spans =
-        filter_fn(|meta| !(meta.is_span() && meta.target() == TRACE_TARGET));
+    let not_request_spans = filter_fn(|meta| !(meta.is_span() && meta.target() == TRACE_TARGET));
     let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let logs = match format {
-        LogFormat::Text => logs
-            .with_filter(env_filter.and(not_request_spans))
-            .boxed(),
+        LogFormat::Text => logs.with_filter(env_filter.and(not_request_spans)).boxed(),
         LogFormat::Json => logs
             .json()
             .flatten_event(true)

@@ -345,8 +345,14 @@ impl InFlight {
             };
             before_send(&outcome);
             answered.push(outcome);
+            // Our hold on the request's span goes before the answer, so the
+            // span ends with its handler, not whenever this thread drops it.
+            let Request {
+                response_tx, spans, ..
+            } = request;
+            drop(spans);
             // The client may have gone meanwhile; nothing to do then.
-            let _ = request.response_tx.send(result);
+            let _ = response_tx.send(result);
         }
         answered
     }

@@ -74,6 +74,7 @@ pub(crate) async fn infer(
             // No model to label it with: one error counter, nothing else.
             counter!(telemetry::ERRORS_TOTAL, "model" => "unknown", "error_type" => error.kind(), "priority" => "none")
                 .increment(1);
+            crate::trace::record_outcome(error.kind(), error.status().is_server_error());
             return Err(error);
         }
     };

@@ -200,8 +200,7 @@ fn format_traceparent(context: &SpanContext) -> String {
 }
 
 /// Records what the request was and how it ended on its span (the
-/// current one): `outcome` is `success` or the error kind; a server-side
-/// failure also marks the span as an error.
+/// current one).
 pub(crate) fn record_request(
     (model, version): (&str, &str),
     priority: Option<u8>,
@@ -219,6 +218,14 @@ pub(crate) fn record_request(
         span.record("priority", priority);
     }
     span.record("rows", rows);
+    record_outcome(outcome, server_error);
+}
+
+/// Records how the request ended on its span (the current one): `outcome`
+/// is `success` or the error kind; a server-side failure also marks the
+/// span as an error.
+pub(crate) fn record_outcome(outcome: &str, server_error: bool) {
+    let span = Span::current();
     span.record("outcome", outcome);
     if server_error {
         span.record("otel.status_code", "error");

@@ -71,18 +71,19 @@ fn max_abs(a: &[f32], b: &[f32]) -> f64 {
 }
 
 /// How an LSTM layer runs: a fused kernel per step, cuBLAS plus the cell
-/// kernel per step, or (up to 4 rows, else fused) one persistent kernel.
+/// kernel per step, or one cluster kernel per layer (the default where
+/// the GPU has clusters).
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Steps {
     Fused,
-    Persist,
+    Cluster,
     Gemm,
 }
 
 impl Steps {
     fn min_rows(self) -> usize {
         match self {
-            Steps::Fused | Steps::Persist => usize::MAX,
+            Steps::Fused | Steps::Cluster => usize::MAX,
             Steps::Gemm => 1,
         }
     }
@@ -90,7 +91,7 @@ impl Steps {
     fn name(self) -> &'static str {
         match self {
             Steps::Fused => "fused",
-            Steps::Persist => "persist",
+            Steps::Cluster => "cluster",
             Steps::Gemm => "gemm",
         }
     }
@@ -108,10 +109,18 @@ fn load(
         max_batch_size: max_batch,
         graphs,
         step_gemm_min_rows: steps.min_rows(),
-        persistent_max_rows: if steps == Steps::Persist { 4 } else { 0 },
+        cluster_max_rows: if steps == Steps::Cluster {
+            usize::MAX
+        } else {
+            0
+        },
         ..CudaOptions::default()
     };
-    CudaEngine::load(path, &options).map_err(|e| e.to_string())
+    let engine = CudaEngine::load(path, &options).map_err(|e| e.to_string())?;
+    if steps == Steps::Cluster && !engine.uses_clusters() {
+        return Err("the cluster kernels are unavailable on this GPU".into());
+    }
+    Ok(engine)
 }
 
 fn golden(root: &Path) -> Result<(), String> {
@@ -128,7 +137,8 @@ fn golden(root: &Path) -> Result<(), String> {
                 (true, Steps::Fused),
                 (false, Steps::Fused),
                 (true, Steps::Gemm),
-                (true, Steps::Persist),
+                (true, Steps::Cluster),
+                (false, Steps::Cluster),
             ] {
                 if !graphs && precision != CudaPrecision::Fp32 {
                     continue;
@@ -273,7 +283,7 @@ fn bench(root: &Path, seconds: f64) -> Result<(), String> {
     let budget = Duration::from_secs_f64(seconds);
     for (precision, steps) in CudaPrecision::ALL
         .into_iter()
-        .flat_map(|p| [(p, Steps::Fused), (p, Steps::Gemm), (p, Steps::Persist)])
+        .flat_map(|p| [(p, Steps::Fused), (p, Steps::Gemm), (p, Steps::Cluster)])
     {
         let engine = load(
             &root.join("models/cnn_lstm/1/model.onnx"),

@@ -3,9 +3,14 @@
 //! The model is recognised by the native engine's recogniser
 //! ([`NativeEngine::weights`]): the same family, the same refusals. On the
 //! GPU, convolutions are im2col + one cuBLAS GEMM each, an LSTM layer's
-//! input projection for all time steps is one GEMM, each time step is one
-//! fused kernel (recurrent product, gates and cell update), and the head
-//! is GEMMs. Kernels are CUDA C compiled at load by NVRTC.
+//! input projection for all time steps is one GEMM, and the head is GEMMs.
+//! The recurrence runs, on GPUs with thread-block clusters and up to
+//! [`DEFAULT_CLUSTER_MAX_ROWS`] rows, as one cluster kernel per layer
+//! whose blocks keep the recurrent weights in shared memory across every
+//! time step; otherwise as one fused kernel per time step (recurrent
+//! product, gates and cell update), or cuBLAS plus a cell kernel from
+//! [`DEFAULT_STEP_GEMM_MIN_ROWS`] rows. Kernels are CUDA C compiled at
+//! load by NVRTC.
 //!
 //! CUDA is loaded at run time (cudarc's dynamic loading): building and
 //! testing need no CUDA, and on a machine without it [`CudaEngine::load`]
@@ -96,9 +101,12 @@ pub struct CudaOptions {
     /// cell kernel instead of the fused step kernel
     /// ([`DEFAULT_STEP_GEMM_MIN_ROWS`]; `usize::MAX`: never).
     pub step_gemm_min_rows: usize,
-    /// Batches up to this many rows (at most 4) run each LSTM layer as one
-    /// persistent kernel (every time step in one launch); 0: never.
-    pub persistent_max_rows: usize,
+    /// Batches up to this many rows run each LSTM layer as one cluster
+    /// kernel (every time step in one launch, the recurrent weights in the
+    /// shared memory of a thread-block cluster) when the GPU has clusters
+    /// (compute capability 9.0 and up) and the layer fits
+    /// ([`DEFAULT_CLUSTER_MAX_ROWS`]; 0: never).
+    pub cluster_max_rows: usize,
 }
 
 /// Batch size from which a time step's recurrent product goes to cuBLAS
@@ -108,10 +116,14 @@ pub struct CudaOptions {
 /// sizes between were not measured.
 pub const DEFAULT_STEP_GEMM_MIN_ROWS: usize = 32;
 
-/// Batches up to this many rows run each LSTM layer as one persistent
-/// kernel. Off: on the H200 the one-block kernel took 0.97 ms at batch 1
-/// against 0.53 ms for a fused kernel per step (docs/gpu.md).
-pub const DEFAULT_PERSISTENT_MAX_ROWS: usize = 0;
+/// Batches up to this many rows run each LSTM layer as one cluster kernel,
+/// where the GPU has clusters. On the H200 (docs/gpu.md) it was the
+/// fastest at batches 1 and 32 at every precision (fp32: 0.26 ms against
+/// 0.53 for a kernel per step, and 0.51 against 0.83 for cuBLAS steps)
+/// and at 256 in fp32 and tf32 (1.17 against 1.34 ms); at 1024 cuBLAS
+/// steps were faster (fp32 3.00 against 3.44 ms), and in bf16 already at
+/// 256 (1.02 against 1.12 ms).
+pub const DEFAULT_CLUSTER_MAX_ROWS: usize = 256;
 
 impl Default for CudaOptions {
     fn default() -> Self {
@@ -123,7 +135,7 @@ impl Default for CudaOptions {
             gpu_memory_fraction: DEFAULT_GPU_MEMORY_FRACTION,
             graphs: true,
             step_gemm_min_rows: DEFAULT_STEP_GEMM_MIN_ROWS,
-            persistent_max_rows: DEFAULT_PERSISTENT_MAX_ROWS,
+            cluster_max_rows: DEFAULT_CLUSTER_MAX_ROWS,
         }
     }
 }
@@ -168,7 +180,7 @@ impl CudaEngine {
             &weights,
             options.precision,
             options.step_gemm_min_rows.max(1),
-            options.persistent_max_rows,
+            options.cluster_max_rows,
         )
         .map_err(EngineError::Execution)?;
         let (free, total) = device.memory().map_err(EngineError::Execution)?;
@@ -211,6 +223,11 @@ impl CudaEngine {
             max_batch_size,
             workers,
             graphs = pool.first().map_or(0, Worker::graphs),
+            lstm = if device.has_clusters() && options.cluster_max_rows > 0 {
+                "cluster kernel per layer"
+            } else {
+                "kernel per time step"
+            },
             "CUDA engine ready"
         );
         let signature = tickserve_engine::Engine::signature(native).clone();
@@ -231,6 +248,12 @@ impl CudaEngine {
     /// most what was asked); larger batches are run in parts.
     pub fn max_batch_size(&self) -> usize {
         self.max_batch_size
+    }
+
+    /// Whether LSTM layers can run as one cluster kernel each on this GPU
+    /// (compute capability 9.0 and up, the kernels compiled).
+    pub fn uses_clusters(&self) -> bool {
+        self.device.has_clusters()
     }
 
     pub fn precision(&self) -> CudaPrecision {

@@ -226,6 +226,80 @@ pub fn bucket_for(buckets: &[usize], rows: usize) -> Option<usize> {
     buckets.iter().copied().find(|&b| b >= rows)
 }
 
+/// How one LSTM layer runs as a cluster kernel (kernels_cluster.cu): the
+/// kernel's name, and its launch shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClusterShape {
+    /// Blocks per cluster; each keeps `hidden / cluster` units' recurrent
+    /// weights in shared memory.
+    pub cluster: usize,
+    /// Rows each cluster runs (the kernel's `ROWS`: one of
+    /// [`CLUSTER_ROWS`]).
+    pub rows_per_cluster: usize,
+    /// Threads per block: the block's `4·hidden/cluster` gate columns
+    /// times the slices the reduction over `k` is split into.
+    pub threads: usize,
+    /// Clusters in the grid (`ceil(rows / rows_per_cluster)`).
+    pub groups: usize,
+    /// Dynamic shared memory per block, bytes.
+    pub shared_bytes: usize,
+}
+
+/// Cluster sizes compiled into kernels_cluster.cu, tried in this order
+/// (fewer blocks first: fewer remote stores and a cheaper barrier).
+pub const CLUSTER_SIZES: [usize; 2] = [4, 8];
+
+/// Rows per cluster compiled into kernels_cluster.cu: one row alone (the
+/// latency case), else eight.
+pub const CLUSTER_ROWS: [usize; 2] = [1, 8];
+
+/// The cluster kernel's shape for `rows` rows of hidden size `hidden`,
+/// with recurrent weights of `weight_bytes` bytes each (4 fp32, 2 bf16),
+/// when one of [`CLUSTER_SIZES`] keeps a block's slice of the weights
+/// within `max_shared` bytes of shared memory; `None` otherwise (the
+/// per-step kernels run the layer).
+pub fn cluster_shape(
+    rows: usize,
+    hidden: usize,
+    weight_bytes: usize,
+    max_shared: usize,
+) -> Option<ClusterShape> {
+    if rows == 0 || hidden == 0 {
+        return None;
+    }
+    let rows_per_cluster = if rows == 1 { 1 } else { 8 };
+    CLUSTER_SIZES.into_iter().find_map(|cluster| {
+        if !hidden.is_multiple_of(cluster) {
+            return None;
+        }
+        let units = hidden / cluster;
+        let columns = 4 * units;
+        // One row: short reduction chains (latency); eight rows: fewer,
+        // longer ones (registers, and fewer partial sums to add).
+        let (most_threads, most_slices) = if rows_per_cluster == 1 {
+            (1024, 8)
+        } else {
+            (512, 4)
+        };
+        let slices = (most_threads / columns).min(most_slices).min(hidden);
+        // At least two slices: the cell threads (rows × units) must exist.
+        if slices < 2 {
+            return None;
+        }
+        let weights = (hidden * columns * weight_bytes).div_ceil(16) * 16;
+        let shared_bytes = weights
+            + 4 * (2 * rows_per_cluster * hidden)
+            + 4 * (slices * rows_per_cluster * columns);
+        (shared_bytes <= max_shared).then_some(ClusterShape {
+            cluster,
+            rows_per_cluster,
+            threads: columns * slices,
+            groups: rows.div_ceil(rows_per_cluster),
+            shared_bytes,
+        })
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -396,5 +470,59 @@ mod tests {
             bias: vec![],
         };
         assert!(check_supported(&model).unwrap_err().contains("2048"));
+    }
+
+    /// An H200: 227 KiB of shared memory per block.
+    const SHARED: usize = 227 << 10;
+
+    #[test]
+    fn the_reference_lstm_fits_a_cluster_of_four() {
+        let one = cluster_shape(1, 128, 4, SHARED).unwrap();
+        assert_eq!((one.cluster, one.rows_per_cluster, one.groups), (4, 1, 1));
+        // 128 gate columns × 8 slices; 64 KiB of fp32 weights.
+        assert_eq!(one.threads, 1024);
+        assert_eq!(one.shared_bytes, (64 << 10) + 4 * 2 * 128 + 4 * 8 * 128);
+        // Eight rows per cluster beyond one row: 125 clusters for 1000.
+        let many = cluster_shape(1000, 128, 4, SHARED).unwrap();
+        assert_eq!(
+            (many.rows_per_cluster, many.groups, many.threads),
+            (8, 125, 512)
+        );
+        // bf16 weights take half the space.
+        let half = cluster_shape(8, 128, 2, SHARED).unwrap();
+        assert_eq!(
+            half.shared_bytes,
+            (32 << 10) + 4 * 2 * 8 * 128 + 4 * 4 * 8 * 128
+        );
+    }
+
+    #[test]
+    fn larger_hidden_sizes_spread_over_more_blocks_or_fall_back() {
+        // H = 256: a quarter of R is 256 KiB in fp32, an eighth fits.
+        assert_eq!(cluster_shape(1, 256, 4, SHARED).unwrap().cluster, 8);
+        // ...and a quarter fits in bf16.
+        assert_eq!(cluster_shape(1, 256, 2, SHARED).unwrap().cluster, 4);
+        // H = 512 in fp32 fits in neither: the per-step kernels run it.
+        assert_eq!(cluster_shape(1, 512, 4, SHARED), None);
+        // Hidden sizes the cluster does not divide, and no shared memory.
+        assert_eq!(cluster_shape(1, 30, 4, SHARED), None);
+        assert_eq!(cluster_shape(1, 128, 4, 16 << 10), None);
+        assert_eq!(cluster_shape(0, 128, 4, SHARED), None);
+    }
+
+    #[test]
+    fn small_hidden_sizes_keep_enough_threads_for_every_cell() {
+        for hidden in [4, 8, 12, 16, 32, 64, 96, 128, 256] {
+            for rows in [1, 2, 8, 9, 40, 300] {
+                let Some(s) = cluster_shape(rows, hidden, 4, SHARED) else {
+                    continue;
+                };
+                let units = hidden / s.cluster;
+                assert!(s.threads >= s.rows_per_cluster * units, "{hidden} {rows}");
+                assert!(s.threads <= if s.rows_per_cluster == 1 { 1024 } else { 512 });
+                assert_eq!(s.threads % (4 * units), 0);
+                assert!(s.groups * s.rows_per_cluster >= rows);
+            }
+        }
     }
 }

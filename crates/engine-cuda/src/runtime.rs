@@ -17,28 +17,26 @@ use std::sync::Arc;
 use cudarc::cublas::{CudaBlas, sys as blas};
 use cudarc::driver::sys as drv;
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, LaunchConfig,
-    PinnedHostSlice, PushKernelArg,
+    CudaContext, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, DevicePtr,
+    LaunchConfig, PinnedHostSlice, PushKernelArg,
 };
 use cudarc::nvrtc::Ptx;
 use tickserve_engine_native::{LinearWeights, ModelWeights, SeqWeights};
 
 use crate::CudaPrecision;
-use crate::plan::{BufferPlan, CUBLAS_WORKSPACE_BYTES, Layout};
+use crate::plan::{BufferPlan, CUBLAS_WORKSPACE_BYTES, ClusterShape, Layout};
 
 mod launch;
 
 const KERNELS: &str = include_str!("kernels.cu");
+/// The cluster kernels: compiled only on GPUs with thread-block clusters.
+const CLUSTER_KERNELS: &str = include_str!("kernels_cluster.cu");
 /// The fused step kernel's two shapes (kernels.cu): rows per block and
 /// reduction slices (warps) per block.
 const WIDE: (u32, u32) = (8, 4);
 const NARROW: (u32, u32) = (2, 8);
 /// Batches up to this many rows use the narrow step kernel.
 const NARROW_MAX_ROWS: usize = 8;
-/// Most rows the one-block persistent layer kernel runs (`PERSIST_ROWS`).
-pub(crate) const PERSIST_ROWS: usize = 4;
-/// Shared memory a kernel may use without opting in.
-const SHARED_LIMIT: usize = 48 << 10;
 
 /// A failure on the device, as text for `EngineError`.
 pub(crate) type DevResult<T> = Result<T, String>;
@@ -59,8 +57,28 @@ struct Kernels {
     lstm_f32_narrow: CudaFunction,
     lstm_bf16_narrow: CudaFunction,
     lstm_cell: CudaFunction,
-    persist_f32: CudaFunction,
-    persist_bf16: CudaFunction,
+    /// `None` on GPUs without clusters (before Hopper), or when they did
+    /// not compile (logged).
+    cluster: Option<ClusterKernels>,
+}
+
+/// The cluster layer kernels (kernels_cluster.cu), by cluster size, rows
+/// per cluster and weight type.
+#[derive(Debug)]
+struct ClusterKernels {
+    /// `(cluster, rows per cluster, bf16, kernel)`.
+    functions: Vec<(usize, usize, bool, CudaFunction)>,
+    /// Dynamic shared memory a block may opt in to, bytes.
+    max_shared: usize,
+}
+
+impl ClusterKernels {
+    fn get(&self, shape: &ClusterShape, bf16: bool) -> Option<&CudaFunction> {
+        self.functions
+            .iter()
+            .find(|(c, r, b, _)| *c == shape.cluster && *r == shape.rows_per_cluster && *b == bf16)
+            .map(|(.., f)| f)
+    }
 }
 
 /// A weight matrix on the device: fp32 always, bf16 when the layer runs in
@@ -120,9 +138,9 @@ pub(crate) struct Device {
     /// product, on tensor cores at tf32/bf16) and the cell kernel, instead
     /// of the fused step kernel.
     step_gemm_min_rows: usize,
-    /// Batches up to this many rows (at most [`PERSIST_ROWS`]) run each
-    /// LSTM layer as one persistent kernel; 0: never.
-    persist_max_rows: usize,
+    /// Batches up to this many rows run each LSTM layer as one cluster
+    /// kernel (when the GPU has clusters and the layer fits); 0: never.
+    cluster_max_rows: usize,
 }
 
 /// Host-side weight arena under construction (256-byte aligned pieces).
@@ -173,7 +191,7 @@ impl Device {
         model: &ModelWeights,
         precision: CudaPrecision,
         step_gemm_min_rows: usize,
-        persist_max_rows: usize,
+        cluster_max_rows: usize,
     ) -> DevResult<Device> {
         let ctx = CudaContext::new(ordinal).map_err(err("cannot open the CUDA device"))?;
         // Each worker's buffers are used on its own stream only.
@@ -331,12 +349,17 @@ impl Device {
             plan: BufferPlan::new(model),
             name,
             step_gemm_min_rows,
-            persist_max_rows: persist_max_rows.min(PERSIST_ROWS),
+            cluster_max_rows,
         })
     }
 
     pub(crate) fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Whether LSTM layers can run as cluster kernels on this GPU.
+    pub(crate) fn has_clusters(&self) -> bool {
+        self.kernels.cluster.is_some()
     }
 
     pub(crate) fn weight_bytes(&self) -> usize {
@@ -507,12 +530,6 @@ enum PendingLayer {
     },
 }
 
-/// Reduction slices of the persistent kernel: as many as 1024 threads
-/// hold for the `4h` gate columns, at most one per k.
-fn persist_slices(h: usize) -> usize {
-    (1024 / (4 * h).max(1)).clamp(1, h.max(1))
-}
-
 fn elementwise(n: usize) -> LaunchConfig {
     let blocks = n.div_ceil(256).clamp(1, 65_536) as u32;
     LaunchConfig {
@@ -522,12 +539,18 @@ fn elementwise(n: usize) -> LaunchConfig {
     }
 }
 
-/// Compiles kernels.cu to a CUBIN for this GPU's architecture (a CUBIN
-/// does not depend on the driver accepting NVRTC's PTX version).
-fn compile(ctx: &Arc<CudaContext>, major: i32, minor: i32) -> DevResult<Kernels> {
+/// Compiles CUDA C source to a CUBIN for this GPU's architecture (a CUBIN
+/// does not depend on the driver accepting NVRTC's PTX version) and loads it.
+fn compile_module(
+    ctx: &Arc<CudaContext>,
+    source: &str,
+    file: &str,
+    major: i32,
+    minor: i32,
+) -> DevResult<Arc<CudaModule>> {
     use cudarc::nvrtc::{result as nvrtc, sys as nv};
-    let src = CString::new(KERNELS).map_err(err("kernel source"))?;
-    let name = CString::new("tickserve_kernels.cu").map_err(err("kernel source"))?;
+    let src = CString::new(source).map_err(err("kernel source"))?;
+    let name = CString::new(file).map_err(err("kernel source"))?;
     let prog = nvrtc::create_program(&src, Some(&name)).map_err(err("NVRTC create"))?;
     let options = [
         format!("--gpu-architecture=sm_{major}{minor}"),
@@ -545,7 +568,7 @@ fn compile(ctx: &Arc<CudaContext>, major: i32, minor: i32) -> DevResult<Kernels>
     if let Err(e) = compiled {
         unsafe { nvrtc::destroy_program(prog) }.ok();
         return Err(format!(
-            "NVRTC could not compile the kernels ({e:?}, options {options:?}):\n{log}"
+            "NVRTC could not compile {file} ({e:?}, options {options:?}):\n{log}"
         ));
     }
     let mut size = 0usize;
@@ -561,13 +584,35 @@ fn compile(ctx: &Arc<CudaContext>, major: i32, minor: i32) -> DevResult<Kernels>
     };
     unsafe { nvrtc::destroy_program(prog) }.ok();
     let cubin = cubin.map_err(err("NVRTC CUBIN"))?;
-    let module = ctx
-        .load_module(Ptx::from_binary(cubin))
-        .map_err(err("cannot load the compiled kernels"))?;
-    let f = |name: &str| {
-        module
-            .load_function(name)
-            .map_err(|e| format!("kernel {name} missing: {e:?}"))
+    ctx.load_module(Ptx::from_binary(cubin))
+        .map_err(err("cannot load the compiled kernels"))
+}
+
+fn function(module: &Arc<CudaModule>, name: &str) -> DevResult<CudaFunction> {
+    module
+        .load_function(name)
+        .map_err(|e| format!("kernel {name} missing: {e:?}"))
+}
+
+/// Compiles every kernel this GPU can run: kernels.cu always, the cluster
+/// kernels from compute capability 9.0 (a failure there only turns them
+/// off, with a warning).
+fn compile(ctx: &Arc<CudaContext>, major: i32, minor: i32) -> DevResult<Kernels> {
+    let module = compile_module(ctx, KERNELS, "tickserve_kernels.cu", major, minor)?;
+    let f = |name: &str| function(&module, name);
+    let cluster = if major >= 9 {
+        match compile_cluster(ctx, major, minor) {
+            Ok(kernels) => Some(kernels),
+            Err(e) => {
+                tracing::warn!(
+                    error = %e,
+                    "CUDA engine: the cluster LSTM kernels are unavailable; using one kernel per time step"
+                );
+                None
+            }
+        }
+    } else {
+        None
     };
     Ok(Kernels {
         im2col: f("im2col")?,
@@ -579,8 +624,34 @@ fn compile(ctx: &Arc<CudaContext>, major: i32, minor: i32) -> DevResult<Kernels>
         lstm_f32_narrow: f("lstm_step_f32_narrow")?,
         lstm_bf16_narrow: f("lstm_step_bf16_narrow")?,
         lstm_cell: f("lstm_cell")?,
-        persist_f32: f("lstm_layer_persist_f32")?,
-        persist_bf16: f("lstm_layer_persist_bf16")?,
+        cluster,
+    })
+}
+
+fn compile_cluster(ctx: &Arc<CudaContext>, major: i32, minor: i32) -> DevResult<ClusterKernels> {
+    let module = compile_module(ctx, CLUSTER_KERNELS, "tickserve_cluster.cu", major, minor)?;
+    let optin = ctx
+        .attribute(drv::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+        .map_err(err("cannot read the shared memory limit"))?;
+    let max_shared = usize::try_from(optin).unwrap_or(0);
+    let mut functions = Vec::new();
+    for cluster in crate::plan::CLUSTER_SIZES {
+        for rows in crate::plan::CLUSTER_ROWS {
+            for bf16 in [false, true] {
+                let ty = if bf16 { "bf16" } else { "f32" };
+                let f = function(&module, &format!("lstm_cluster{cluster}_{ty}_r{rows}"))?;
+                f.set_attribute(
+                    drv::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    optin,
+                )
+                .map_err(err("cannot raise the cluster kernel's shared memory"))?;
+                functions.push((cluster, rows, bf16, f));
+            }
+        }
+    }
+    Ok(ClusterKernels {
+        functions,
+        max_shared,
     })
 }
 

@@ -131,6 +131,13 @@ pub struct Limits {
     pub grpc_max_message_bytes: usize,
     /// Most concurrent HTTP/2 streams (gRPC calls) per connection.
     pub max_concurrent_streams: u32,
+    /// Connections the kernel queues per listener before the server
+    /// accepts them (`listen(2)`'s backlog, capped by the kernel at
+    /// `net.core.somaxconn`). Past it the kernel drops new connections'
+    /// handshakes, and a client that already sent its request sees the
+    /// connection reset: a burst of new connections under overload (the
+    /// accept loop runs on the same busy cores) must fit here.
+    pub listen_backlog: u32,
 }
 
 impl Default for Limits {
@@ -141,6 +148,7 @@ impl Default for Limits {
             max_connections: 4096,
             grpc_max_message_bytes: 16 * 1024 * 1024,
             max_concurrent_streams: 1024,
+            listen_backlog: 4096,
         }
     }
 }
@@ -233,6 +241,21 @@ impl std::fmt::Debug for BoundServer {
     }
 }
 
+/// A listener on `addr` with room for `backlog` connections not yet
+/// accepted (tokio's `TcpListener::bind` asks for 1024).
+fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // As `TcpListener::bind`: a restarted server can bind at once although
+    // the previous one's connections are in TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
+}
+
 impl BoundServer {
     /// Binds the HTTP, gRPC and metrics listeners (port 0 picks a free port).
     pub async fn bind(config: ServerConfig) -> Result<Self, StartError> {
@@ -246,14 +269,13 @@ impl BoundServer {
             ),
             None => (None, None),
         };
-        let bind = |addr: SocketAddr| async move {
-            TcpListener::bind(addr)
-                .await
-                .map_err(|source| StartError::Bind { addr, source })
+        let backlog = config.limits.listen_backlog;
+        let bind = |addr: SocketAddr| {
+            listen(addr, backlog).map_err(|source| StartError::Bind { addr, source })
         };
-        let http_listener = bind(config.http_addr).await?;
-        let grpc_listener = bind(config.grpc_addr).await?;
-        let metrics_listener = bind(config.metrics_addr).await?;
+        let http_listener = bind(config.http_addr)?;
+        let grpc_listener = bind(config.grpc_addr)?;
+        let metrics_listener = bind(config.metrics_addr)?;
         Ok(BoundServer {
             config,
             http_listener,
@@ -505,4 +527,34 @@ fn metrics_router(handle: PrometheusHandle) -> Router {
             }
         }),
     )
+}
+
+#[cfg(test)]
+mod listen_tests {
+    use super::listen;
+
+    #[tokio::test]
+    async fn listeners_take_the_configured_backlog_on_both_families() {
+        for addr in ["127.0.0.1:0", "[::1]:0"] {
+            let Ok(addr) = addr.parse() else {
+                panic!("bad test address {addr}");
+            };
+            let listener = match listen(addr, 8) {
+                Ok(l) => l,
+                // A machine without IPv6 on loopback.
+                Err(e) if addr.is_ipv6() => {
+                    eprintln!("no IPv6 loopback here: {e}");
+                    continue;
+                }
+                Err(e) => panic!("cannot listen on {addr}: {e}"),
+            };
+            let bound = listener.local_addr().expect("bound address");
+            let client = tokio::net::TcpStream::connect(bound);
+            let (accepted, connected) = tokio::join!(listener.accept(), client);
+            assert!(accepted.is_ok() && connected.is_ok(), "{addr}");
+        }
+        // Zero is refused by the configuration; the socket layer takes any
+        // positive size and the kernel caps it at somaxconn.
+        assert!(listen("127.0.0.1:0".parse().expect("address"), u32::MAX >> 1).is_ok());
+    }
 }

@@ -256,6 +256,7 @@ struct FileConfig {
     max_connections: Option<usize>,
     grpc_max_message_bytes: Option<usize>,
     max_concurrent_streams: Option<u32>,
+    listen_backlog: Option<u32>,
     otlp_endpoint: Option<String>,
     otlp_service_name: Option<String>,
     otlp_sample_ratio: Option<f64>,
@@ -419,6 +420,7 @@ impl ServeArgs {
                 max_connections: file.max_connections,
                 grpc_max_message_bytes: file.grpc_max_message_bytes,
                 max_concurrent_streams: file.max_concurrent_streams,
+                listen_backlog: file.listen_backlog,
             },
             max_body_bytes,
         )?;

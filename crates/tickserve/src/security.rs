@@ -78,6 +78,13 @@ pub struct SecurityArgs {
     /// [default: 1024]
     #[arg(long, env = "TICKSERVE_MAX_CONCURRENT_STREAMS", value_name = "N")]
     pub max_concurrent_streams: Option<u32>,
+
+    /// Connections the kernel queues per listener until the server accepts
+    /// them (the kernel caps it at net.core.somaxconn). Past it new
+    /// connections are dropped during their handshake, which a client that
+    /// already sent its request sees as a reset connection. [default: 4096]
+    #[arg(long, env = "TICKSERVE_LISTEN_BACKLOG", value_name = "N")]
+    pub listen_backlog: Option<u32>,
 }
 
 /// The same settings from the TOML file (keys as the long flags, with
@@ -94,6 +101,7 @@ pub struct SecurityFile {
     pub max_connections: Option<usize>,
     pub grpc_max_message_bytes: Option<usize>,
     pub max_concurrent_streams: Option<u32>,
+    pub listen_backlog: Option<u32>,
 }
 
 /// The merged settings.
@@ -170,6 +178,10 @@ impl SecurityArgs {
                 .max_concurrent_streams
                 .or(file.max_concurrent_streams)
                 .unwrap_or(d.max_concurrent_streams),
+            listen_backlog: self
+                .listen_backlog
+                .or(file.listen_backlog)
+                .unwrap_or(d.listen_backlog),
         };
         anyhow::ensure!(
             !limits.header_read_timeout.is_zero() && !limits.body_read_timeout.is_zero(),
@@ -178,8 +190,9 @@ impl SecurityArgs {
         anyhow::ensure!(
             limits.max_connections > 0
                 && limits.grpc_max_message_bytes > 0
-                && limits.max_concurrent_streams > 0,
-            "max_connections, grpc_max_message_bytes and max_concurrent_streams must be positive"
+                && limits.max_concurrent_streams > 0
+                && limits.listen_backlog > 0,
+            "max_connections, grpc_max_message_bytes, max_concurrent_streams and listen_backlog must be positive"
         );
         Ok(Security { auth, tls, limits })
     }
@@ -202,6 +215,7 @@ mod tests {
             Duration::from_secs(120)
         );
         assert_eq!(security.limits.max_connections, 4096);
+        assert_eq!(security.limits.listen_backlog, 4096);
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! What one batch runs on the GPU: [`Device::enqueue`] puts every layer's
 //! kernels and cuBLAS GEMMs for `rows` rows on the worker's stream (the
-//! sequence a CUDA graph captures per bucket), choosing the persistent LSTM
-//! kernel when it fits; the helpers pick launch shapes and wrap cuBLAS.
+//! sequence a CUDA graph captures per bucket), choosing the cluster LSTM
+//! kernel (one launch per layer) when the GPU has clusters and the layer
+//! fits; the helpers pick launch shapes and wrap cuBLAS.
 
 use super::*;
 
@@ -76,11 +77,8 @@ impl Device {
                     let gates = buf(l.gates);
                     self.gemm(w, rows * time, 4 * h, *input, src, *wm, gates, buf(l.low))?;
                     let last_only = index == last;
-                    if let Some(cfg) = self.persist_config(rows, h) {
-                        let (func, rptr) = match r.bf16 {
-                            Some(p) => (&self.kernels.persist_bf16, p),
-                            None => (&self.kernels.persist_f32, r.f32),
-                        };
+                    if let Some((func, cfg)) = self.cluster_config(rows, h, r.bf16.is_some()) {
+                        let rptr = r.bf16.unwrap_or(r.f32);
                         let (y, y_rs) = if last_only {
                             (0u64, 0i64)
                         } else {
@@ -89,7 +87,6 @@ impl Device {
                         let hlast = buf(l.h[0]);
                         let gx_rs = (time * 4 * h) as i64;
                         let (bi, hi, ti) = (rows as i32, h as i32, time as i32);
-                        let slices = persist_slices(h) as i32;
                         let mut b = w.stream.launch_builder(func);
                         b.arg(&gates)
                             .arg(&gx_rs)
@@ -100,9 +97,8 @@ impl Device {
                             .arg(&hlast)
                             .arg(&bi)
                             .arg(&hi)
-                            .arg(&ti)
-                            .arg(&slices);
-                        unsafe { b.launch(cfg) }.map_err(err("persistent LSTM launch"))?;
+                            .arg(&ti);
+                        unsafe { b.launch(cfg) }.map_err(err("cluster LSTM launch"))?;
                         channels = h;
                         if last_only {
                             vec_ptr = Some(hlast);
@@ -264,18 +260,29 @@ impl Device {
         Ok(())
     }
 
-    /// The persistent layer kernel's launch for `rows` rows of hidden size
-    /// `h`, when it applies.
-    pub(super) fn persist_config(&self, rows: usize, h: usize) -> Option<LaunchConfig> {
-        let slices = persist_slices(h);
-        let shared = 4 * (2 * PERSIST_ROWS * h + slices * rows * 4 * h);
-        (rows <= self.persist_max_rows && 4 * h <= 1024 && shared <= SHARED_LIMIT).then_some(
+    /// The cluster layer kernel and its launch for `rows` rows of hidden
+    /// size `h`, when it applies (see [`crate::plan::cluster_shape`]).
+    pub(super) fn cluster_config(
+        &self,
+        rows: usize,
+        h: usize,
+        bf16: bool,
+    ) -> Option<(&CudaFunction, LaunchConfig)> {
+        let kernels = self.kernels.cluster.as_ref()?;
+        if rows > self.cluster_max_rows {
+            return None;
+        }
+        let weight_bytes = if bf16 { 2 } else { 4 };
+        let shape = crate::plan::cluster_shape(rows, h, weight_bytes, kernels.max_shared)?;
+        let func = kernels.get(&shape, bf16)?;
+        Some((
+            func,
             LaunchConfig {
-                grid_dim: (1, 1, 1),
-                block_dim: (1024, 1, 1),
-                shared_mem_bytes: shared as u32,
+                grid_dim: (shape.cluster as u32, shape.groups as u32, 1),
+                block_dim: (shape.threads as u32, 1, 1),
+                shared_mem_bytes: shape.shared_bytes as u32,
             },
-        )
+        ))
     }
 
     pub(super) fn bias_act(

@@ -603,7 +603,9 @@ impl Batcher {
                     .queue_wait
                     .record(waited.as_secs_f64());
                 self.stats.class(chosen.priority).record_queue(waited);
-                requests.push(chosen.item);
+                let mut request = chosen.item;
+                request.spans.end_queue();
+                requests.push(request);
             }
             let class = requests
                 .iter()

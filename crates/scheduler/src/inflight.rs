@@ -22,6 +22,7 @@ use std::panic::AssertUnwindSafe;
 use std::time::Duration;
 
 use tickserve_engine::{Batch, BatchOutput, Engine, EngineError};
+use tickserve_telemetry::traces::TRACE_TARGET;
 use tokio::time::Instant;
 
 use crate::priority::{ClassSet, Priority};
@@ -117,6 +118,38 @@ impl InFlight {
     /// Rows the next engine call runs.
     pub fn next_chunk(&self) -> usize {
         self.chunk.min(self.remaining())
+    }
+
+    /// One `engine` span per traced request with rows in the next chunk,
+    /// each under that request's span: a batch serves many traces, so each
+    /// gets its own span of the same engine call. Empty, and free, when
+    /// traces are not exported.
+    pub fn engine_spans(&self, worker: usize) -> Vec<tracing::Span> {
+        let rows = self.next_chunk();
+        let end = self.done + rows;
+        let mut start = self.first_row;
+        let mut spans = Vec::new();
+        for request in &self.requests {
+            if start >= end {
+                break;
+            }
+            start += request.rows;
+            let parent = &request.spans.parent;
+            if parent.is_disabled() {
+                continue;
+            }
+            let span = tracing::info_span!(
+                target: TRACE_TARGET,
+                parent: parent,
+                "engine",
+                rows,
+                batch_rows = self.rows,
+                worker,
+                retries = tracing::field::Empty,
+            );
+            spans.push(span);
+        }
+        spans
     }
 
     pub fn class(&self) -> Priority {
@@ -312,8 +345,14 @@ impl InFlight {
             };
             before_send(&outcome);
             answered.push(outcome);
+            // Our hold on the request's span goes before the answer, so the
+            // span ends with its handler, not whenever this thread drops it.
+            let Request {
+                response_tx, spans, ..
+            } = request;
+            drop(spans);
             // The client may have gone meanwhile; nothing to do then.
-            let _ = request.response_tx.send(result);
+            let _ = response_tx.send(result);
         }
         answered
     }
@@ -419,6 +458,7 @@ mod tests {
                     arrived: Instant::now(),
                     timeout: Duration::from_secs(60),
                     response_tx,
+                    spans: crate::RequestSpans::none(),
                 };
                 (request, reply)
             })

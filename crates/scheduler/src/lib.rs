@@ -257,6 +257,54 @@ pub struct Request {
     /// The timeout it runs under; `arrived + timeout` is its deadline.
     pub timeout: Duration,
     pub response_tx: oneshot::Sender<Result<Outputs, SchedulerError>>,
+    /// Its trace spans (docs/operations.md, "Tracing").
+    pub spans: RequestSpans,
+}
+
+/// The trace spans of one request in the scheduler: a `queue` span open
+/// from submission until its batch starts (or until it is refused,
+/// expires or is withdrawn), and the span of the request itself, parent of
+/// the `engine` span of every engine call its rows are in (created by the
+/// worker thread). Disabled, and free, when traces are not exported.
+#[derive(Debug)]
+pub struct RequestSpans {
+    /// The request's span, parent of its `engine` spans.
+    pub parent: tracing::Span,
+    /// Closed when the request's batch starts.
+    pub queue: tracing::Span,
+}
+
+impl RequestSpans {
+    /// No spans (tests, and requests nobody traces).
+    pub fn none() -> Self {
+        RequestSpans {
+            parent: tracing::Span::none(),
+            queue: tracing::Span::none(),
+        }
+    }
+
+    /// A `queue` span opened now under the current span, which becomes the
+    /// parent of the engine spans.
+    fn open(priority: Priority, rows: usize) -> Self {
+        let parent = tracing::Span::current();
+        if parent.is_disabled() {
+            // An untraced caller: a queue span would start a trace of its own.
+            return RequestSpans::none();
+        }
+        let queue = tracing::info_span!(
+            target: tickserve_telemetry::traces::TRACE_TARGET,
+            parent: &parent,
+            "queue",
+            priority = priority.level(),
+            rows,
+        );
+        RequestSpans { parent, queue }
+    }
+
+    /// Closes the `queue` span: the request's batch starts.
+    pub(crate) fn end_queue(&mut self) {
+        self.queue = tracing::Span::none();
+    }
 }
 
 impl queue::Pending for Request {
@@ -354,6 +402,7 @@ impl Scheduler {
             arrived: Instant::now(),
             timeout,
             response_tx,
+            spans: RequestSpans::open(priority, rows),
         };
         self.command_tx
             .try_send(SchedulerCommand::Enqueue(request))

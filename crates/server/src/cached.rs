@@ -29,6 +29,7 @@ use serde_json::Value;
 use tickserve_cache::flight::{Claim, Leader, SingleFlight};
 use tickserve_cache::{CacheKey, KeyInput, ResultCache, Row, row_key};
 use tickserve_scheduler::Priority;
+use tickserve_telemetry::traces::TRACE_TARGET;
 
 use crate::error::ServeError;
 use crate::models::{InferRequest, ModelVersion};
@@ -128,6 +129,16 @@ impl CacheLayer {
         trace: &mut Trace,
     ) -> Result<Vec<Vec<f32>>, ServeError> {
         let started = Instant::now();
+        // Open over the lookups only; the rows computed afterwards show as
+        // their own queue and engine spans.
+        let lookup = tracing::info_span!(
+            target: TRACE_TARGET,
+            "cache",
+            rows,
+            hits = tracing::field::Empty,
+            computed = tracing::field::Empty,
+            coalesced = tracing::field::Empty,
+        );
         let model = version.name.as_str();
         let ttl = version.cache.ttl.unwrap_or(self.cache.config().ttl);
         let parameters = key_parameters(&request.parameters);
@@ -201,6 +212,10 @@ impl CacheLayer {
         }
 
         trace.cache_time = started.elapsed();
+        lookup.record("hits", found.iter().filter(|row| row.is_some()).count());
+        lookup.record("computed", pending.len());
+        lookup.record("coalesced", followers.len());
+        drop(lookup);
         if !pending.is_empty() {
             let indices: Vec<usize> = pending.iter().map(|(i, _)| *i).collect();
             trace.queued = true;

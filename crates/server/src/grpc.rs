@@ -12,13 +12,16 @@
 //! little-endian `raw_input_contents`; the answer uses the same form the
 //! request used. The stream RPC runs a bounded number of requests of one
 //! stream at once and answers each as it completes (clients match answers
-//! by `id`, as with Triton).
+//! by `id`, as with Triton). ModelInfer reads the caller's trace context
+//! from the `traceparent` metadata and answers with `traceparent` and
+//! `x-request-id` metadata ([`crate::trace`]).
 
 use std::sync::Arc;
 
 use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
 
 use crate::AppState;
 use crate::codec;
@@ -26,6 +29,7 @@ use crate::error::ServeError;
 use crate::infer::Protocol;
 use crate::models::{InferRequest, InferResponse, InputTensor, ModelVersion};
 use crate::scheduling::{self, Param};
+use crate::trace::{Incoming, RequestTrace};
 use crate::triton;
 use tickserve_scheduler::stats::Timing;
 
@@ -138,9 +142,22 @@ impl GrpcInferenceService for InferenceService {
         &self,
         request: Request<pb::ModelInferRequest>,
     ) -> Result<Response<pb::ModelInferResponse>, Status> {
-        Ok(Response::new(
-            infer(&self.state, request.into_inner()).await?,
-        ))
+        let trace = RequestTrace::start(Protocol::Grpc, &Incoming::from_grpc(request.metadata()));
+        let answer = infer(&self.state, request.into_inner(), &trace)
+            .instrument(trace.span().clone())
+            .await;
+        match answer {
+            Ok(answer) => {
+                let mut response = Response::new(answer);
+                trace.tag_grpc(response.metadata_mut());
+                Ok(response)
+            }
+            Err(error) => {
+                let mut status = Status::from(error);
+                trace.tag_grpc(status.metadata_mut());
+                Err(status)
+            }
+        }
     }
 
     type ModelStreamInferStream = ReceiverStream<Result<pb::ModelStreamInferResponse, Status>>;
@@ -149,6 +166,14 @@ impl GrpcInferenceService for InferenceService {
         &self,
         request: Request<Streaming<pb::ModelInferRequest>>,
     ) -> Result<Response<Self::ModelStreamInferStream>, Status> {
+        // Every request of the stream joins the caller's trace, if any,
+        // with an `infer` span of its own; a stream's answers carry no
+        // metadata of their own, so no ids go back.
+        let incoming = Incoming::from_grpc(request.metadata());
+        let parent = (
+            incoming.traceparent.map(str::to_owned),
+            incoming.tracestate.map(str::to_owned),
+        );
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let state = self.state.clone();
@@ -161,13 +186,24 @@ impl GrpcInferenceService for InferenceService {
                             break;
                         };
                         let (tx, state) = (tx.clone(), state.clone());
+                        let trace = RequestTrace::start(
+                            Protocol::Grpc,
+                            &Incoming {
+                                traceparent: parent.0.as_deref(),
+                                tracestate: parent.1.as_deref(),
+                                request_id: None,
+                            },
+                        );
                         tokio::spawn(async move {
                             let (id, model_name, model_version) = (
                                 request.id.clone(),
                                 request.model_name.clone(),
                                 request.model_version.clone(),
                             );
-                            let answer = match infer(&state, request).await {
+                            let answered = infer(&state, request, &trace)
+                                .instrument(trace.span().clone())
+                                .await;
+                            let answer = match answered {
                                 Ok(response) => pb::ModelStreamInferResponse {
                                     error_message: String::new(),
                                     infer_response: Some(response),
@@ -362,6 +398,7 @@ fn model_config(config: &triton::ModelConfigJson) -> pb::ModelConfig {
 async fn infer(
     state: &AppState,
     mut request: pb::ModelInferRequest,
+    trace: &RequestTrace,
 ) -> Result<pb::ModelInferResponse, ServeError> {
     let model = std::mem::take(&mut request.model_name);
     let version = std::mem::take(&mut request.model_version);
@@ -370,7 +407,7 @@ async fn infer(
         request_from_proto(request).0
     })
     .await
-    .map(|response| response_to_proto(response, raw))
+    .map(|response| trace.encode(|| response_to_proto(response, raw)))
 }
 
 /// Decodes a serialized `ModelInferRequest` exactly as the service does.

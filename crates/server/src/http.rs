@@ -8,6 +8,8 @@
 //! The binary-tensor, MessagePack and raw forms of the same request and
 //! answer are chosen by headers in [`crate::codec`]; compression is a tower
 //! layer around the router.
+//! An inference request runs in its trace's `infer` span and its answer
+//! carries `traceparent` and `x-request-id` ([`crate::trace`]).
 
 use axum::Json;
 use axum::Router;
@@ -18,11 +20,13 @@ use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Deserialize;
+use tracing::Instrument;
 
 use crate::AppState;
 use crate::codec;
 use crate::error::ServeError;
 use crate::infer::Protocol;
+use crate::trace::{Incoming, RequestTrace};
 
 pub(crate) fn router(state: AppState) -> Router {
     let limit = state.max_body_bytes;
@@ -259,6 +263,7 @@ async fn infer(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    let trace = RequestTrace::start(Protocol::Http, &Incoming::from_http(&headers));
     let mut answer = codec::Answer::from_accept(&headers);
     let result = crate::infer::infer(
         &state,
@@ -287,9 +292,12 @@ async fn infer(
             codec::decode_request(&headers, &body, Some(version), &mut answer)
         },
     )
+    .instrument(trace.span().clone())
     .await;
-    match result {
+    let mut response = trace.encode(|| match result {
         Ok(response) => answer.encode(&response),
         Err(error) => error.into_response(),
-    }
+    });
+    trace.tag_http(response.headers_mut());
+    response
 }

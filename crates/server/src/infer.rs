@@ -10,6 +10,11 @@
 //!   ─▶ front end: encode the answer or the error
 //! ```
 //!
+//! The front end runs it inside the request's `infer` span
+//! (crate::trace); the decode, cache, queue and engine spans open under
+//! it, and the request's model, class, rows and outcome are recorded on
+//! it.
+//!
 //! The front ends never touch the scheduler, the cache or the metrics, so
 //! a request counts the same whichever protocol carried it: the same
 //! series in Prometheus, the same sample in `/v2/sla` and the dashboard.
@@ -20,6 +25,7 @@ use metrics::{counter, histogram};
 use serde_json::Value;
 use tickserve_scheduler::Priority;
 use tickserve_telemetry as telemetry;
+use tickserve_telemetry::traces::TRACE_TARGET;
 
 use crate::AppState;
 use crate::error::ServeError;
@@ -34,7 +40,7 @@ pub(crate) enum Protocol {
 }
 
 impl Protocol {
-    fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             Protocol::Http => "http",
             Protocol::Grpc => "grpc",
@@ -68,13 +74,15 @@ pub(crate) async fn infer(
             // No model to label it with: one error counter, nothing else.
             counter!(telemetry::ERRORS_TOTAL, "model" => "unknown", "error_type" => error.kind(), "priority" => "none")
                 .increment(1);
+            crate::trace::record_outcome(error.kind(), error.status().is_server_error());
             return Err(error);
         }
     };
     let mut priority = None;
     let mut rows = 0;
     let result = async {
-        let mut request = decode(&version)?;
+        let mut request =
+            tracing::info_span!(target: TRACE_TARGET, "decode").in_scope(|| decode(&version))?;
         let chosen = request
             .options
             .priority
@@ -186,6 +194,13 @@ fn record(
             error.kind()
         }
     };
+    crate::trace::record_request(
+        (model, &version),
+        priority.map(Priority::level),
+        rows,
+        outcome,
+        result.as_ref().is_err_and(|e| e.status().is_server_error()),
+    );
     let batch_type = if rows <= 1 { "single" } else { "multi" };
     counter!(telemetry::REQUESTS_TOTAL, "model" => model.to_owned(), "version" => version.clone(), "outcome" => outcome, "batch_type" => batch_type, "source" => protocol.label(), "priority" => label)
         .increment(1);

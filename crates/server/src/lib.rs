@@ -42,6 +42,7 @@ pub mod sla;
 mod state;
 pub mod streams;
 pub mod tls;
+mod trace;
 pub mod triton;
 
 /// Entry points of the fuzz targets (fuzz/) and their corpus replay.

@@ -111,3 +111,24 @@ async fn unknown_routes_and_models_are_404_with_a_reason() {
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert!(body["error"].as_str().unwrap().contains('9'), "{body}");
 }
+
+#[tokio::test]
+async fn an_error_answer_carries_the_trace_id_and_the_request_id() {
+    let state = starting();
+    let request = Request::post("/v2/models/cnn_lstm/infer")
+        .header(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        )
+        .header("x-request-id", "order-9")
+        .body(Body::from("{}"))
+        .unwrap();
+    let response = router(state).oneshot(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let traceparent = response.headers()["traceparent"].to_str().unwrap();
+    assert!(
+        traceparent.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+        "{traceparent}"
+    );
+    assert_eq!(response.headers()["x-request-id"], "order-9");
+}

@@ -1,5 +1,6 @@
 //! Telemetry in one place: every Prometheus metric name, label and bucket
-//! set tickserve exports, the recorder that renders them, and logging.
+//! set tickserve exports, the recorder that renders them, logging, and the
+//! OTLP export of request traces ([`traces`]).
 //!
 //! Names follow the platform's design document (seed-requirements.md,
 //! Metrics) where a metric there fits — `batch_processing_*` with its
@@ -10,6 +11,7 @@
 pub mod cgroup;
 pub mod sla;
 pub mod throughput;
+pub mod traces;
 
 use std::sync::OnceLock;
 
@@ -343,18 +345,12 @@ pub enum LogFormat {
 }
 
 /// Installs the global `tracing` subscriber. `filter` takes `RUST_LOG`
-/// syntax (`info`, `tickserve_scheduler=debug,info`).
+/// syntax (`info`, `tickserve_scheduler=debug,info`). The same as
+/// [`traces::init_logging_and_traces`] with the trace export off.
 pub fn init_logging(format: LogFormat, filter: &str) -> Result<(), String> {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
-        .map_err(|e| format!("invalid log level '{filter}': {e}"))?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let result = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-    };
-    result.map_err(|e| e.to_string())
+    traces::init_logging_and_traces(format, filter, None)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

@@ -18,6 +18,7 @@ use tickserve_server::{
     ServerConfig,
 };
 use tickserve_telemetry::LogFormat;
+use tickserve_telemetry::traces::OtlpConfig;
 
 const DEFAULT_REPOSITORY: &str = "models";
 const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:8000";
@@ -204,6 +205,8 @@ pub struct ServeArgs {
     pub repository_poll_interval: Option<Duration>,
     #[command(flatten)]
     pub security: crate::security::SecurityArgs,
+    #[command(flatten)]
+    pub traces: crate::traces::TraceArgs,
 }
 
 /// The TOML file's contents: every key optional, unknown keys refused.
@@ -254,6 +257,9 @@ struct FileConfig {
     grpc_max_message_bytes: Option<usize>,
     max_concurrent_streams: Option<u32>,
     listen_backlog: Option<u32>,
+    otlp_endpoint: Option<String>,
+    otlp_service_name: Option<String>,
+    otlp_sample_ratio: Option<f64>,
 }
 
 /// The merged settings.
@@ -262,6 +268,8 @@ pub struct Settings {
     pub server: ServerConfig,
     pub log_format: LogFormat,
     pub log_level: String,
+    /// The OTLP trace export; `None`: off.
+    pub otlp: Option<OtlpConfig>,
 }
 
 pub(crate) fn humantime_duration(text: &str) -> Result<Duration, String> {
@@ -416,6 +424,11 @@ impl ServeArgs {
             },
             max_body_bytes,
         )?;
+        let otlp = self.traces.resolve(crate::traces::TraceFile {
+            otlp_endpoint: file.otlp_endpoint,
+            otlp_service_name: file.otlp_service_name,
+            otlp_sample_ratio: file.otlp_sample_ratio,
+        })?;
         Ok(Settings {
             server: ServerConfig {
                 model_repository: self
@@ -458,6 +471,7 @@ impl ServeArgs {
                 .log_level
                 .or(file.log_level)
                 .unwrap_or_else(|| DEFAULT_LOG_LEVEL.to_owned()),
+            otlp,
         })
     }
 }
@@ -498,6 +512,7 @@ mod tests {
             "Redis is off by default"
         );
         assert!(settings.server.admin_token.is_none());
+        assert!(settings.otlp.is_none(), "trace export is off by default");
     }
 
     #[test]

@@ -8,6 +8,7 @@
 
 mod config;
 mod security;
+mod traces;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -61,24 +62,41 @@ fn bench(args: tickserve_bench::cli::BenchArgs) -> anyhow::Result<std::process::
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let settings = args.resolve()?;
-    tickserve_telemetry::init_logging(settings.log_format, &settings.log_level)
-        .map_err(anyhow::Error::msg)
-        .context("cannot set up logging")?;
-    tracing::info!(
-        ?settings,
-        "starting tickserve {}",
-        env!("CARGO_PKG_VERSION")
-    );
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("tickserve-io")
         .build()
         .context("cannot start the async runtime")?;
+    // The OTLP exporter's gRPC connection lives on the runtime.
+    let traces = {
+        let _runtime = runtime.enter();
+        tickserve_telemetry::traces::init_logging_and_traces(
+            settings.log_format,
+            &settings.log_level,
+            settings.otlp.as_ref(),
+        )
+        .context("cannot set up logging")?
+    };
+    tracing::info!(
+        ?settings,
+        "starting tickserve {}",
+        env!("CARGO_PKG_VERSION")
+    );
     runtime.block_on(async move {
         let server = tickserve_server::BoundServer::bind(settings.server).await?;
         tracing::info!(http = %server.http_addr(), grpc = %server.grpc_addr(), metrics = %server.metrics_addr(), "listening");
         reload_tokens_on_sighup(server.auth_handle());
-        server.serve(shutdown_signal()).await?;
+        let served = server.serve(shutdown_signal()).await;
+        if let Some(traces) = traces {
+            // The last spans, after the drain; blocking, so off the runtime
+            // that the exporter sends on.
+            match tokio::task::spawn_blocking(move || traces.shutdown()).await {
+                Ok(Ok(())) => tracing::info!("trace export flushed"),
+                Ok(Err(error)) => tracing::warn!(%error, "trace export not flushed"),
+                Err(error) => tracing::warn!(%error, "trace export not flushed"),
+            }
+        }
+        served?;
         anyhow::Ok(())
     })
 }

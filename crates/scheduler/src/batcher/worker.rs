@@ -61,7 +61,13 @@ pub(super) fn engine_worker(
     let retries = counter!(telemetry::ENGINE_RETRIES_TOTAL, "model" => model.to_owned(), "version" => version.to_owned());
     while let Ok(mut batch) = job_rx.recv() {
         let rows = batch.next_chunk();
+        let spans = batch.engine_spans(index);
         let run = batch.run_chunk(engine);
+        for span in &spans {
+            span.record("retries", run.retries);
+        }
+        // The engine spans end with the engine call, before the answers.
+        drop(spans);
         let took = run.engine;
         // Metrics before the answers, so a client that reads them after
         // its response sees its own call.

@@ -21,7 +21,13 @@ pub struct Served {
 /// on port 0, JSON logs and `extra` arguments, and returns once the log
 /// names the bound HTTP address.
 pub fn spawn_serve(extra: &[&str]) -> Served {
+    spawn_serve_with_env(extra, &[])
+}
+
+/// [`spawn_serve`] with these environment variables set as well.
+pub fn spawn_serve_with_env(extra: &[&str], env: &[(&str, &str)]) -> Served {
     let mut child = Command::new(env!("CARGO_BIN_EXE_tickserve"))
+        .envs(env.iter().copied())
         .current_dir(root())
         .args([
             "serve",

@@ -1,0 +1,135 @@
+//! The binary's trace export: `tickserve serve --otlp-endpoint` sends the
+//! spans of a request to an OTLP receiver this test runs, and sends the
+//! last ones on SIGTERM. The batch delay is set to an hour
+//! (`OTEL_BSP_SCHEDULE_DELAY`), so the spans can only arrive through the
+//! flush at shutdown.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::Command;
+use std::time::Duration;
+
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::any_value::Value;
+
+mod common;
+
+use common::root;
+
+const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+
+struct Receiver {
+    exports: tokio::sync::mpsc::Sender<ExportTraceServiceRequest>,
+}
+
+#[tonic::async_trait]
+impl TraceService for Receiver {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        self.exports
+            .send(request.into_inner())
+            .await
+            .map_err(|_| tonic::Status::unavailable("the test has finished"))?;
+        Ok(tonic::Response::new(ExportTraceServiceResponse {
+            partial_success: None,
+        }))
+    }
+}
+
+#[test]
+fn spans_are_exported_and_flushed_on_sigterm() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (exports_tx, mut exports_rx) = tokio::sync::mpsc::channel(64);
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let collector = listener.local_addr().unwrap();
+    runtime.spawn(
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(Receiver {
+                exports: exports_tx,
+            }))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+
+    let endpoint = format!("http://{collector}");
+    let common::Served {
+        mut child,
+        http,
+        log: lines,
+        ..
+    } = common::spawn_serve_with_env(
+        &[
+            "--otlp-endpoint",
+            &endpoint,
+            "--otlp-service-name",
+            "pricing-test",
+        ],
+        &[("OTEL_BSP_SCHEDULE_DELAY", "3600000")],
+    );
+    let client = reqwest::blocking::Client::new();
+    common::wait_ready(&client, &http, Duration::from_secs(30));
+    let body = std::fs::read(root().join("fixtures/golden/cnn_lstm/request.json")).unwrap();
+    let response = client
+        .post(format!("http://{http}/v2/models/cnn_lstm/infer"))
+        .header("traceparent", format!("00-{TRACE_ID}-00f067aa0ba902b7-01"))
+        .body(body)
+        .send()
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(
+        response.headers()["traceparent"]
+            .to_str()
+            .unwrap()
+            .contains(TRACE_ID)
+    );
+    assert!(
+        exports_rx.try_recv().is_err(),
+        "nothing is sent before the batch delay or the shutdown"
+    );
+
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let drained = std::thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<_>>());
+    let exit = child.wait().unwrap();
+    let log = drained.join().unwrap().join("\n");
+    assert!(exit.success(), "exit status {exit:?}\n{log}");
+    assert!(log.contains("trace export flushed"), "{log}");
+
+    // The process has exited: whatever it sent is here already.
+    let mut names = Vec::new();
+    while let Ok(export) = exports_rx.try_recv() {
+        for resource in export.resource_spans {
+            let service = resource
+                .resource
+                .iter()
+                .flat_map(|r| &r.attributes)
+                .find(|kv| kv.key == "service.name")
+                .and_then(|kv| kv.value.as_ref()?.value.clone());
+            assert_eq!(service, Some(Value::StringValue("pricing-test".into())));
+            for scope in resource.scope_spans {
+                for span in scope.spans {
+                    let trace_id: String =
+                        span.trace_id.iter().map(|b| format!("{b:02x}")).collect();
+                    assert_eq!(trace_id, TRACE_ID, "{}", span.name);
+                    names.push(span.name);
+                }
+            }
+        }
+    }
+    names.sort();
+    assert_eq!(
+        names,
+        ["cache", "decode", "encode", "engine", "infer", "queue"],
+        "{log}"
+    );
+}

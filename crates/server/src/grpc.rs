@@ -168,7 +168,7 @@ impl GrpcInferenceService for InferenceService {
     ) -> Result<Response<Self::ModelStreamInferStream>, Status> {
         // Every request of the stream joins the caller's trace, if any,
         // with an `infer` span of its own; a stream's answers carry no
-        // metadata of their own, so no ids go back.
+        // metadata of their own, so each names its ids in its parameters.
         let incoming = Incoming::from_grpc(request.metadata());
         let parent = (
             incoming.traceparent.map(str::to_owned),
@@ -203,7 +203,7 @@ impl GrpcInferenceService for InferenceService {
                             let answered = infer(&state, request, &trace)
                                 .instrument(trace.span().clone())
                                 .await;
-                            let answer = match answered {
+                            let mut answer = match answered {
                                 Ok(response) => pb::ModelStreamInferResponse {
                                     error_message: String::new(),
                                     infer_response: Some(response),
@@ -218,6 +218,9 @@ impl GrpcInferenceService for InferenceService {
                                     }),
                                 },
                             };
+                            if let Some(response) = answer.infer_response.as_mut() {
+                                trace.tag_parameters(&mut response.parameters);
+                            }
                             let _ = tx.send(Ok(answer)).await;
                             drop(slot);
                         });

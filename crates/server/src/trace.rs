@@ -177,6 +177,27 @@ impl RequestTrace {
         }
     }
 
+    /// Adds `traceparent` and `x-request-id` to the parameters of one
+    /// `ModelStreamInfer` answer: a stream has one set of metadata for all
+    /// its answers, so each answer names its own request's ids.
+    pub(crate) fn tag_parameters(
+        &self,
+        parameters: &mut std::collections::HashMap<String, crate::grpc::pb::InferParameter>,
+    ) {
+        use crate::grpc::pb::{InferParameter, infer_parameter::ParameterChoice};
+        for (name, value) in [
+            (TRACEPARENT, &self.traceparent),
+            (REQUEST_ID, &self.request_id),
+        ] {
+            parameters.insert(
+                name.to_owned(),
+                InferParameter {
+                    parameter_choice: Some(ParameterChoice::StringParam(value.clone())),
+                },
+            );
+        }
+    }
+
     /// Adds `traceparent` and `x-request-id` to gRPC response metadata.
     pub(crate) fn tag_grpc(&self, metadata: &mut tonic::metadata::MetadataMap) {
         for (name, value) in [

@@ -224,14 +224,30 @@ async fn a_stream_answers_every_request_and_reports_errors_in_band() {
     let mut bad = request("bad", 1, vec![0.0; 10], false);
     bad.inputs[0].shape = vec![1, 10];
     requests.push(bad);
-    let mut answers = c
-        .model_stream_infer(tokio_stream::iter(requests))
-        .await
-        .unwrap()
-        .into_inner();
+    // The stream joins the caller's trace; each answer names its own
+    // request's span and id in its parameters.
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let mut stream = tonic::Request::new(tokio_stream::iter(requests));
+    stream.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace_id}-00f067aa0ba902b7-01")
+            .parse()
+            .unwrap(),
+    );
+    let mut answers = c.model_stream_infer(stream).await.unwrap().into_inner();
     let mut seen = Vec::new();
+    let mut span_ids = std::collections::HashSet::new();
     while let Some(answer) = answers.message().await.unwrap() {
         let response = answer.infer_response.unwrap();
+        let text = |name: &str| match &response.parameters[name].parameter_choice {
+            Some(pb::infer_parameter::ParameterChoice::StringParam(v)) => v.clone(),
+            other => panic!("{name}: {other:?}"),
+        };
+        let traceparent = text("traceparent");
+        let fields: Vec<&str> = traceparent.split('-').collect();
+        assert_eq!((fields[0], fields[1], fields[3]), ("00", trace_id, "01"));
+        assert!(span_ids.insert(fields[2].to_owned()), "{traceparent}");
+        assert_eq!(text("x-request-id").len(), 32);
         if response.id == "bad" {
             assert!(
                 answer.error_message.contains("shape"),

@@ -25,6 +25,21 @@ pub struct RedisOptions<'a> {
     pub require_client_cert: bool,
 }
 
+/// How long a starting redis-server may take to answer PING (generous: the
+/// CI machine runs tests in parallel on two cores).
+const READY_WITHIN: Duration = Duration::from_secs(30);
+/// Free ports tried before giving up.
+const PORT_ATTEMPTS: usize = 5;
+
+/// How a launch of redis-server ended.
+enum Launch {
+    Ready,
+    /// It exited before answering: its port was taken.
+    Exited,
+    /// It runs but did not answer within [`READY_WITHIN`].
+    Silent,
+}
+
 pub struct RedisServer {
     pub port: u16,
     child: Option<Child>,
@@ -39,12 +54,31 @@ impl RedisServer {
         RedisServer::start_with(&RedisOptions::default())
     }
 
+    /// Starts redis-server on a free port. The port is free when picked but
+    /// not reserved: when another process takes it first (tests run in
+    /// parallel, and every outgoing connection takes an ephemeral port),
+    /// redis-server exits at once and another port is tried.
     pub fn start_with(options: &RedisOptions<'_>) -> RedisServer {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        for _ in 0..PORT_ATTEMPTS {
+            let port = TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let mut server = RedisServer::configure(options, port);
+            match server.launch() {
+                Launch::Ready => return server,
+                Launch::Exited => continue,
+                Launch::Silent => panic!(
+                    "redis-server on port {port} did not answer PING in {} s",
+                    READY_WITHIN.as_secs()
+                ),
+            }
+        }
+        panic!("redis-server could not bind a free port in {PORT_ATTEMPTS} attempts");
+    }
+
+    fn configure(options: &RedisOptions<'_>, port: u16) -> RedisServer {
         let mut args = Vec::new();
         let mut tls_client = None;
         match options.tls {
@@ -87,15 +121,13 @@ impl RedisServer {
         if let Some(password) = options.password {
             args.extend(["--requirepass".to_owned(), password.to_owned()]);
         }
-        let mut server = RedisServer {
+        RedisServer {
             port,
             child: None,
             args,
             tls_client,
             password: options.password.map(str::to_owned),
-        };
-        server.restart();
-        server
+        }
     }
 
     /// `redis://` or `rediss://`, with the password when there is one.
@@ -115,6 +147,23 @@ impl RedisServer {
 
     /// Starts redis-server (again) on the same port and waits for PONG.
     pub fn restart(&mut self) {
+        match self.launch() {
+            Launch::Ready => {}
+            Launch::Exited => panic!(
+                "redis-server exited at once: port {} is taken by another process",
+                self.port
+            ),
+            Launch::Silent => panic!(
+                "redis-server on port {} did not answer PING in {} s",
+                self.port,
+                READY_WITHIN.as_secs()
+            ),
+        }
+    }
+
+    /// Spawns redis-server with this server's arguments and waits until it
+    /// answers PING or exits.
+    fn launch(&mut self) -> Launch {
         assert!(self.child.is_none(), "redis-server is already running");
         let child = Command::new("redis-server")
             .args(&self.args)
@@ -131,17 +180,22 @@ impl RedisServer {
                 )
             });
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + READY_WITHIN;
         while Instant::now() < deadline {
             if self.ping() {
-                return;
+                return Launch::Ready;
+            }
+            let exited = self
+                .child
+                .as_mut()
+                .is_some_and(|child| matches!(child.try_wait(), Ok(Some(_))));
+            if exited {
+                self.child = None;
+                return Launch::Exited;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!(
-            "redis-server on port {} did not answer PING in 10 s",
-            self.port
-        );
+        Launch::Silent
     }
 
     fn ping(&self) -> bool {
@@ -216,5 +270,22 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_taken_port_is_seen_as_an_exit_and_start_moves_on() {
+        let held = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = held.local_addr().unwrap().port();
+        let mut server = RedisServer::configure(&RedisOptions::default(), port);
+        assert!(matches!(server.launch(), Launch::Exited));
+        assert!(server.child.is_none());
+        let started = RedisServer::start();
+        assert_ne!(started.port, port);
+        assert!(started.ping());
     }
 }

@@ -165,12 +165,17 @@ impl RequestTrace {
         tracing::info_span!(target: TRACE_TARGET, parent: &self.span, "encode").in_scope(encode)
     }
 
-    /// Adds `traceparent` and `x-request-id` to HTTP response headers.
-    pub(crate) fn tag_http(&self, headers: &mut HeaderMap) {
-        for (name, value) in [
+    /// The ids an answer carries, by header (or parameter) name.
+    fn ids(&self) -> [(&'static str, &str); 2] {
+        [
             (TRACEPARENT, &self.traceparent),
             (REQUEST_ID, &self.request_id),
-        ] {
+        ]
+    }
+
+    /// Adds `traceparent` and `x-request-id` to HTTP response headers.
+    pub(crate) fn tag_http(&self, headers: &mut HeaderMap) {
+        for (name, value) in self.ids() {
             if let Ok(value) = HeaderValue::from_str(value) {
                 headers.insert(name, value);
             }
@@ -185,14 +190,11 @@ impl RequestTrace {
         parameters: &mut std::collections::HashMap<String, crate::grpc::pb::InferParameter>,
     ) {
         use crate::grpc::pb::{InferParameter, infer_parameter::ParameterChoice};
-        for (name, value) in [
-            (TRACEPARENT, &self.traceparent),
-            (REQUEST_ID, &self.request_id),
-        ] {
+        for (name, value) in self.ids() {
             parameters.insert(
                 name.to_owned(),
                 InferParameter {
-                    parameter_choice: Some(ParameterChoice::StringParam(value.clone())),
+                    parameter_choice: Some(ParameterChoice::StringParam(value.to_owned())),
                 },
             );
         }
@@ -200,10 +202,7 @@ impl RequestTrace {
 
     /// Adds `traceparent` and `x-request-id` to gRPC response metadata.
     pub(crate) fn tag_grpc(&self, metadata: &mut tonic::metadata::MetadataMap) {
-        for (name, value) in [
-            (TRACEPARENT, &self.traceparent),
-            (REQUEST_ID, &self.request_id),
-        ] {
+        for (name, value) in self.ids() {
             if let Ok(value) = value.parse() {
                 metadata.insert(name, value);
             }

@@ -16,12 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
-    TraceService, TraceServiceServer,
-};
-use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
-};
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
@@ -29,7 +24,6 @@ use tickserve_server::grpc::pb;
 use tickserve_server::grpc::pb::grpc_inference_service_client::GrpcInferenceServiceClient;
 use tickserve_telemetry::LogFormat;
 use tickserve_telemetry::traces::{OtlpConfig, init_logging_and_traces};
-use tokio::sync::mpsc;
 
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const PARENT_ID: &str = "00f067aa0ba902b7";
@@ -37,26 +31,6 @@ const PARENT_ID: &str = "00f067aa0ba902b7";
 const CHILDREN: [&str; 5] = ["decode", "cache", "queue", "engine", "encode"];
 
 /// An OTLP trace receiver: hands every export to the test.
-struct Receiver {
-    exports: mpsc::Sender<ExportTraceServiceRequest>,
-}
-
-#[tonic::async_trait]
-impl TraceService for Receiver {
-    async fn export(
-        &self,
-        request: tonic::Request<ExportTraceServiceRequest>,
-    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        self.exports
-            .send(request.into_inner())
-            .await
-            .map_err(|_| tonic::Status::unavailable("the test has finished"))?;
-        Ok(tonic::Response::new(ExportTraceServiceResponse {
-            partial_success: None,
-        }))
-    }
-}
-
 /// A received span with its service name.
 #[derive(Debug, Clone)]
 struct Received {
@@ -156,16 +130,11 @@ fn check_trace(spans: &[Received], trace_id: &str, protocol: &str) -> Received {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn traceparent_is_propagated_and_spans_reach_the_otlp_receiver() {
     // The receiver.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let collector = listener.local_addr().unwrap();
-    let (exports_tx, mut exports_rx) = mpsc::channel(256);
-    let receiver = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(TraceServiceServer::new(Receiver {
-                exports: exports_tx,
-            }))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
+    let OtlpReceiver {
+        addr: collector,
+        exports: mut exports_rx,
+        task: receiver,
+    } = otlp_receiver(256).await;
 
     // The export, as `--otlp-endpoint` sets it up.
     let export = init_logging_and_traces(

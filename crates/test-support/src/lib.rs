@@ -15,6 +15,8 @@
 )]
 
 mod fixture;
+#[cfg(feature = "otlp")]
+mod otlp;
 #[cfg(feature = "server")]
 pub mod redis;
 mod repo;
@@ -27,6 +29,8 @@ pub use fixture::{
     Golden, ROW, argmax, assert_golden_rows, available_or_skip, golden, read_npy, request_for,
     root, sine_input,
 };
+#[cfg(feature = "otlp")]
+pub use otlp::{OtlpReceiver, otlp_receiver};
 pub use repo::{cnn_lstm_config, fresh_dir, repository_with, with_version};
 #[cfg(feature = "server")]
 pub use server::{RequestExt, TestServer, config, grpc_request, start, start_default};

@@ -90,9 +90,12 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         if let Some(traces) = traces {
             // The last spans, after the drain; blocking, so off the runtime
             // that the exporter sends on.
-            match tokio::task::spawn_blocking(move || traces.shutdown()).await {
-                Ok(Ok(())) => tracing::info!("trace export flushed"),
-                Ok(Err(error)) => tracing::warn!(%error, "trace export not flushed"),
+            let flushed = tokio::task::spawn_blocking(move || traces.shutdown())
+                .await
+                .map_err(|error| error.to_string())
+                .and_then(|shutdown| shutdown);
+            match flushed {
+                Ok(()) => tracing::info!("trace export flushed"),
                 Err(error) => tracing::warn!(%error, "trace export not flushed"),
             }
         }

@@ -8,12 +8,6 @@
 use std::process::Command;
 use std::time::Duration;
 
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
-    TraceService, TraceServiceServer,
-};
-use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
-};
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 
 mod common;
@@ -22,41 +16,14 @@ use common::root;
 
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 
-struct Receiver {
-    exports: tokio::sync::mpsc::Sender<ExportTraceServiceRequest>,
-}
-
-#[tonic::async_trait]
-impl TraceService for Receiver {
-    async fn export(
-        &self,
-        request: tonic::Request<ExportTraceServiceRequest>,
-    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        self.exports
-            .send(request.into_inner())
-            .await
-            .map_err(|_| tonic::Status::unavailable("the test has finished"))?;
-        Ok(tonic::Response::new(ExportTraceServiceResponse {
-            partial_success: None,
-        }))
-    }
-}
-
 #[test]
 fn spans_are_exported_and_flushed_on_sigterm() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let (exports_tx, mut exports_rx) = tokio::sync::mpsc::channel(64);
-    let listener = runtime
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let collector = listener.local_addr().unwrap();
-    runtime.spawn(
-        tonic::transport::Server::builder()
-            .add_service(TraceServiceServer::new(Receiver {
-                exports: exports_tx,
-            }))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
+    let tickserve_test_support::OtlpReceiver {
+        addr: collector,
+        exports: mut exports_rx,
+        ..
+    } = runtime.block_on(tickserve_test_support::otlp_receiver(64));
 
     let endpoint = format!("http://{collector}");
     let common::Served {

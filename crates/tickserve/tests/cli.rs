@@ -13,7 +13,7 @@ use common::root;
 #[test]
 fn serve_answers_and_exits_zero_on_sigterm() {
     let common::Served {
-        mut child,
+        child,
         http,
         log: lines,
         ..
@@ -28,16 +28,7 @@ fn serve_answers_and_exits_zero_on_sigterm() {
         .unwrap();
     assert_eq!(response.status(), 200);
 
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    // Keep draining stderr so the server never blocks on a full pipe.
-    let drained = std::thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<_>>());
-    let exit = child.wait().unwrap();
-    let log = drained.join().unwrap().join("\n");
-    assert!(exit.success(), "exit status {exit:?}\n{log}");
+    let log = common::terminate(child, lines);
     assert!(log.contains("SIGTERM"), "{log}");
     assert!(log.contains("drained"), "{log}");
 }

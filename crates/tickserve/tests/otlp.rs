@@ -5,7 +5,6 @@
 //! flush at shutdown.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::process::Command;
 use std::time::Duration;
 
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
@@ -27,7 +26,7 @@ fn spans_are_exported_and_flushed_on_sigterm() {
 
     let endpoint = format!("http://{collector}");
     let common::Served {
-        mut child,
+        child,
         http,
         log: lines,
         ..
@@ -61,15 +60,7 @@ fn spans_are_exported_and_flushed_on_sigterm() {
         "nothing is sent before the batch delay or the shutdown"
     );
 
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let drained = std::thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<_>>());
-    let exit = child.wait().unwrap();
-    let log = drained.join().unwrap().join("\n");
-    assert!(exit.success(), "exit status {exit:?}\n{log}");
+    let log = common::terminate(child, lines);
     assert!(log.contains("trace export flushed"), "{log}");
 
     // The process has exited: whatever it sent is here already.

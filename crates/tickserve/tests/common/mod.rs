@@ -77,3 +77,18 @@ pub fn wait_ready(client: &reqwest::blocking::Client, http: &str, within: Durati
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Sends SIGTERM, keeps reading the log so the server never blocks on a
+/// full pipe, checks that it exits with status 0, and returns the log.
+pub fn terminate(mut child: Child, log: Lines<BufReader<ChildStderr>>) -> String {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let drained = std::thread::spawn(move || log.map_while(Result::ok).collect::<Vec<_>>());
+    let exit = child.wait().unwrap();
+    let log = drained.join().unwrap().join("\n");
+    assert!(exit.success(), "exit status {exit:?}\n{log}");
+    log
+}

@@ -66,10 +66,22 @@ for protocol in http grpc; do
     url="127.0.0.1:$http_port"
     [[ $protocol == grpc ]] && url="127.0.0.1:$grpc_port"
     echo "== perf_analyzer -i $protocol"
-    # shellcheck disable=SC2086 # PA_ARGS is a list of extra flags
-    timeout 300 "$venv/bin/perf_analyzer" "${common[@]}" -i "$protocol" -u "$url" \
-        -f "$out/$protocol.csv" ${PA_ARGS:-} | tee "$out/$protocol.txt"
-    grep -q "Throughput:" "$out/$protocol.txt"
+    # One client-side failure is reported and the protocol run once more:
+    # on one CI run of many, perf_analyzer's gRPC client stopped with "No
+    # message returned for unary request" (its C++ layer's words for a
+    # response it could not read) at one concurrency level, and 18 repeats
+    # of this check on the same build did not show it again. A second
+    # failure fails the check.
+    for attempt in 1 2; do
+        # shellcheck disable=SC2086 # PA_ARGS is a list of extra flags
+        if timeout 300 "$venv/bin/perf_analyzer" "${common[@]}" -i "$protocol" -u "$url" \
+            -f "$out/$protocol.csv" ${PA_ARGS:-} | tee "$out/$protocol.txt" \
+            && grep -q "Throughput:" "$out/$protocol.txt"; then
+            break
+        fi
+        echo "perf_analyzer -i $protocol failed (attempt $attempt of 2)" >&2
+        [[ $attempt -eq 2 ]] && exit 1
+    done
     # Columns: Concurrency, Inferences/Second, ... (perf_analyzer's CSV).
     rows=$(tail -n +2 "$out/$protocol.csv" | wc -l)
     [[ $rows -eq 8 ]] || { echo "expected 8 concurrency rows, got $rows" >&2; exit 1; }

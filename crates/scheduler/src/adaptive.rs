@@ -6,7 +6,11 @@
 //! 70 %, between `min_batch_size` and the model's `max_batch_size`. On top
 //! of that (serving-systems.md §9.8) it halves when the p99 latency of the
 //! highest class nears that class's SLO, so real-time latency wins over
-//! throughput.
+//! throughput. No rule goes below the batch size that keeps up with the
+//! rows arriving, and past capacity the size doubles: a smaller batch costs
+//! the engine efficiency, so under a load at or past capacity shrinking
+//! would only lower the capacity and let admitted requests expire (the
+//! overload of docs/scheduling.md).
 
 use std::time::Duration;
 
@@ -56,6 +60,19 @@ pub struct Observation {
     pub memory: Option<f64>,
     /// p99 latency of priority-1 requests answered in the interval.
     pub p99_highest: Option<Duration>,
+    /// The smallest batch that keeps up with the rows that arrived in the
+    /// interval; `None` before the engine time has been measured.
+    pub keep_up: Option<KeepUp>,
+}
+
+/// Which live batch sizes keep up with the arrivals, from the engine-time
+/// fit (`LatencyModel::rows_to_keep_up`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeepUp {
+    /// Batches of at least this many rows.
+    From(usize),
+    /// None: more rows arrive than the engine serves at any batch size.
+    Never,
 }
 
 /// Why the controller moved (or kept) the batch size.
@@ -63,6 +80,12 @@ pub struct Observation {
 pub enum Decision {
     ShrinkForSlo,
     ShrinkForUtilisation,
+    /// A shrink was due, but a smaller batch would not keep up with the
+    /// arrivals: the size stays at what keeps up.
+    HoldForLoad,
+    /// The current size does not keep up with the arrivals: grown to the
+    /// size that does, or doubled when none does.
+    GrowForLoad,
     Grow,
     Keep,
 }
@@ -89,7 +112,24 @@ impl AdaptiveConfig {
         } else {
             (current, Decision::Keep)
         };
-        (next.clamp(min, max.max(min)), why)
+        let next = next.clamp(min, max.max(min));
+        // The batch that keeps up with the arrivals is a floor for every
+        // rule; past capacity the size doubles towards the most the engine
+        // serves.
+        let floor = match seen.keep_up {
+            Some(KeepUp::From(rows)) => rows.min(max),
+            Some(KeepUp::Never) => current.saturating_mul(2).min(max),
+            None => next,
+        };
+        if floor > next {
+            let why = if floor > current {
+                Decision::GrowForLoad
+            } else {
+                Decision::HoldForLoad
+            };
+            return (floor, why);
+        }
+        (next, why)
     }
 }
 
@@ -103,6 +143,7 @@ mod tests {
             gpu: None,
             memory: Some(memory),
             p99_highest: p99_ms.map(Duration::from_millis),
+            keep_up: None,
         }
     }
 
@@ -155,5 +196,28 @@ mod tests {
             c.step(16, 32, &seen(10.0, 10.0, Some(39))),
             (32, Decision::Grow)
         );
+    }
+
+    #[test]
+    fn no_rule_goes_below_the_batch_that_keeps_up_with_arrivals() {
+        let c = AdaptiveConfig::default();
+        let mut s = seen(95.0, 10.0, Some(45));
+        // 8 rows keep up: halving 32 stops at 8 (not 16 → 8 → … → 1).
+        s.keep_up = Some(KeepUp::From(8));
+        assert_eq!(c.step(32, 32, &s), (16, Decision::ShrinkForSlo));
+        assert_eq!(c.step(16, 32, &s), (8, Decision::ShrinkForSlo));
+        assert_eq!(c.step(8, 32, &s), (8, Decision::HoldForLoad));
+        // Below it, the size grows to it whatever the utilisation says.
+        assert_eq!(c.step(2, 32, &s), (8, Decision::GrowForLoad));
+        s.keep_up = Some(KeepUp::From(100));
+        assert_eq!(c.step(2, 32, &s), (32, Decision::GrowForLoad));
+        // Past capacity nothing keeps up: the size doubles up to the max.
+        s.keep_up = Some(KeepUp::Never);
+        assert_eq!(c.step(4, 32, &s), (8, Decision::GrowForLoad));
+        assert_eq!(c.step(32, 32, &s), (32, Decision::HoldForLoad));
+        // Growing for utilisation is not held back.
+        let mut idle = seen(10.0, 10.0, None);
+        idle.keep_up = Some(KeepUp::From(2));
+        assert_eq!(c.step(8, 32, &idle), (16, Decision::Grow));
     }
 }

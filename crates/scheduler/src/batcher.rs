@@ -40,8 +40,8 @@ use tickserve_telemetry as telemetry;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::adaptive::Observation;
-use crate::estimate::{LatencyModel, RateEstimator};
+use crate::adaptive::{KeepUp, Observation};
+use crate::estimate::{LatencyModel, RateEstimator, WaitScale};
 use crate::inflight::{Answered, InFlight};
 use crate::monitor::ResourceMonitor;
 use crate::priority::{ClassSet, Priority};
@@ -49,6 +49,7 @@ use crate::queue::{BatchLimits, PriorityQueue, Taken};
 use crate::stats::SchedulerStats;
 use crate::{Request, SchedulerCommand, SchedulerConfig, SchedulerError, WorkerPlan};
 
+mod admission;
 mod worker;
 
 use worker::{Done, engine_worker, pin_to};
@@ -57,6 +58,8 @@ use worker::{Done, engine_worker, pin_to};
 const MODEL_WINDOW: usize = 64;
 /// Time constant of the arrival-rate estimate.
 const RATE_TAU: Duration = Duration::from_millis(50);
+/// Weight of the newest sample in the per-call overhead average.
+const OVERHEAD_WEIGHT: f64 = 0.05;
 /// Priority-1 latencies kept per controller interval (bounded memory).
 const P99_WINDOW: usize = 4096;
 /// How long after a refusal of a class the classes below it are shed.
@@ -102,6 +105,7 @@ pub(crate) fn start(
                 jobs: job_tx,
                 plan,
                 busy_until: None,
+                sent_at: None,
             }),
             Err(e) => {
                 tracing::error!(model = %config.model, error = %e, "cannot start engine thread")
@@ -142,6 +146,8 @@ struct Worker {
     plan: WorkerPlan,
     /// When its running chunk is predicted to finish; `None` when idle.
     busy_until: Option<Instant>,
+    /// When its running chunk was sent to it.
+    sent_at: Option<Instant>,
 }
 
 /// Metric handles of one class.
@@ -175,6 +181,16 @@ struct Batcher {
     arrived_at: [Option<Instant>; Priority::LEVELS],
     models: Vec<LatencyModel>,
     arrivals: RateEstimator,
+    /// Rows that arrived (admitted or not) since the controller last ran,
+    /// and when that was.
+    interval_rows: usize,
+    interval_start: Instant,
+    /// Average time a chunk takes from dispatch to its report beyond its
+    /// engine time, seconds (see `Batcher::service_rate`).
+    call_overhead: f64,
+    /// How many times longer than predicted admitted requests have lately
+    /// waited.
+    wait_scale: WaitScale,
     live_max: usize,
     monitor: Option<Arc<ResourceMonitor>>,
     highest_latencies: Vec<Duration>,
@@ -182,6 +198,7 @@ struct Batcher {
     dropped: Counter,
     live_max_gauge: Gauge,
     chunk_rows_gauge: Gauge,
+    wait_scale_gauge: Gauge,
 }
 
 impl Batcher {
@@ -232,12 +249,17 @@ impl Batcher {
             models: vec![LatencyModel::new(MODEL_WINDOW); n.max(1)],
             workers,
             arrivals: RateEstimator::new(RATE_TAU),
+            interval_rows: 0,
+            interval_start: Instant::now(),
+            call_overhead: 0.0,
+            wait_scale: WaitScale::default(),
             monitor,
             highest_latencies: Vec::new(),
             class_metrics,
             dropped: counter!(telemetry::DROPPED_TOTAL, "model" => model.clone(), "version" => version.clone()),
             live_max_gauge,
-            chunk_rows_gauge: gauge!(telemetry::CHUNK_ROWS, "model" => model, "version" => version),
+            chunk_rows_gauge: gauge!(telemetry::CHUNK_ROWS, "model" => model.clone(), "version" => version.clone()),
+            wait_scale_gauge: gauge!(telemetry::ADMISSION_WAIT_SCALE, "model" => model, "version" => version),
             config,
         }
     }
@@ -255,181 +277,27 @@ impl Batcher {
         &self.models[self.model_index(worker)]
     }
 
-    /// Rows per second all instances serve at the live batch size; `None`
-    /// before the first batch has been measured.
-    fn service_rate(&self) -> Option<f64> {
-        let full = self.model_for(None).predict(self.live_max).as_secs_f64();
-        (full > 0.0).then(|| self.workers.len().max(1) as f64 * self.live_max as f64 / full)
-    }
-
-    /// How long until some worker is free (zero when one is idle). With
-    /// chunked batches that is the end of the running chunk.
-    fn until_a_worker_is_free(&self, now: Instant) -> Duration {
-        if !self.idle.is_empty() {
-            return Duration::ZERO;
-        }
-        self.workers
-            .iter()
-            .filter_map(|w| w.busy_until)
-            .map(|t| t.saturating_duration_since(now))
-            .min()
-            .unwrap_or(Duration::ZERO)
-    }
-
-    /// Time to work off `rows` queued rows, plus the running chunks.
-    fn drain_time(&self, now: Instant, rows: usize) -> Option<Duration> {
-        let rate = self.service_rate()?;
-        Some(self.until_a_worker_is_free(now) + Duration::from_secs_f64(rows as f64 / rate))
-    }
-
-    /// Rows a new request of class `priority` has ahead of it: waiting
-    /// rows of its class and above, and the rest of parked batches it
-    /// cannot go ahead of.
-    fn rows_ahead(&self, priority: Priority) -> usize {
-        let parked: usize = self
-            .parked
-            .iter()
-            .filter(|b| b.class() <= priority)
-            .map(|b| b.remaining())
-            .sum();
-        self.queue.rows_at_or_above(priority) + parked
-    }
-
-    /// Retry-After for a refused client: when the queue as it stands now
-    /// would be worked off at the measured service rate.
-    fn retry_after(&self, now: Instant, priority: Priority) -> Duration {
-        self.drain_time(now, self.queue.rows())
-            .unwrap_or(self.config.class(priority).max_queue_delay)
-            .max(Duration::from_millis(1))
-    }
-
     /// Rows worth waiting for before an idle engine starts.
     fn fill_rows(&self, now: Instant, worker: usize) -> usize {
         if !self.config.work_conserving {
             return self.live_max;
         }
         let rate = self.arrivals.rate(now);
-        match self.model_for(Some(worker)).rows_to_keep_up(rate) {
+        match self
+            .model_for(Some(worker))
+            .rows_to_keep_up(rate, self.call_overhead)
+        {
             Some(rows) => (rows.ceil() as usize).clamp(1, self.live_max),
             None => self.live_max,
         }
     }
 
-    /// A higher class refused for capacity within [`SHED_WINDOW`], if any:
-    /// requests of lower classes are then refused at once.
-    fn shed_by(&self, now: Instant, priority: Priority) -> Option<Priority> {
-        Priority::ALL[..priority.index()].iter().copied().find(|p| {
-            self.refused_at[p.index()]
-                .is_some_and(|at| now.saturating_duration_since(at) < SHED_WINDOW)
-        })
-    }
-
-    fn admit(&mut self, request: Request) {
-        let now = Instant::now();
-        let priority = request.priority;
-        self.arrivals.record(now, request.rows);
-        self.arrived_at[priority.index()] = Some(now);
-        let class_stats = self.stats.class(priority);
-        let metrics = &self.class_metrics[priority.index()];
-        let deadline = request.arrived + request.timeout;
-        // Under overload the lowest classes go first: while a higher class
-        // is being refused, a lower one would only wait for capacity that
-        // is not there.
-        if let Some(higher) = self.shed_by(now, priority) {
-            class_stats.count_rejected_queue_full();
-            metrics.rejected_shed.increment(1);
-            let error = SchedulerError::Shed {
-                model: self.config.model.clone(),
-                priority,
-                higher,
-                retry_after: self.retry_after(now, priority),
-            };
-            let _ = request.response_tx.send(Err(error));
-            return;
-        }
-        // Admission: the rows of this and every higher class go first; if
-        // working them off plus this request's own batch ends past the
-        // deadline, answer now rather than late.
-        let ahead = self.rows_ahead(priority);
-        let drain = self.drain_time(now, ahead);
-        // The engine-time fit knows nothing of the cores the protocol
-        // front end takes from the engine under load; the queue's own age
-        // does: a newcomer waits at least as long as the oldest request
-        // ahead of it has waited so far.
-        let sojourn = self
-            .queue
-            .oldest_at_or_above(priority)
-            .map(|at| now.saturating_duration_since(at));
-        if drain.is_some() || sojourn.is_some() {
-            let wait = drain.unwrap_or_default().max(sojourn.unwrap_or_default());
-            let own = self.model_for(None).predict(request.rows);
-            let finish = now + wait + own;
-            // Admitted requests must meet their deadline although the
-            // prediction is a point estimate: the queue ahead may take at
-            // most half of what is left of the timeout.
-            let margin = deadline.saturating_duration_since(now) / 2;
-            if finish + margin > deadline {
-                class_stats.count_rejected_deadline();
-                metrics.rejected_deadline.increment(1);
-                let error = SchedulerError::DeadlineUnmeetable {
-                    model: self.config.model.clone(),
-                    priority,
-                    timeout: request.timeout,
-                    predicted: finish.saturating_duration_since(request.arrived),
-                    retry_after: self.retry_after(now, priority),
-                };
-                let _ = request.response_tx.send(Err(error));
-                // A deadline the client shortened says nothing about
-                // capacity; the class's own one does.
-                if request.timeout >= self.config.class(priority).default_timeout {
-                    self.refused(now, priority);
-                }
-                return;
-            }
-        }
-        let arrived = request.arrived;
-        if let Err(request) = self.queue.push(request, priority, arrived, deadline) {
-            class_stats.count_rejected_queue_full();
-            metrics.rejected_queue_full.increment(1);
-            let error = SchedulerError::QueueFull {
-                model: self.config.model.clone(),
-                priority,
-                capacity: self.config.class(priority).max_queue_size,
-                retry_after: self.retry_after(now, priority),
-            };
-            let _ = request.response_tx.send(Err(error));
-            self.refused(now, priority);
-        }
-    }
-
-    /// A request of `priority` was refused for capacity: lower classes are
-    /// shed for [`SHED_WINDOW`], those already waiting at once (they would
-    /// only take engine time, through the starvation guard, from the class
-    /// that is being refused).
-    fn refused(&mut self, now: Instant, priority: Priority) {
-        self.refused_at[priority.index()] = Some(now);
-        for lower in &Priority::ALL[priority.index() + 1..] {
-            let shed = self.queue.drain_class(*lower);
-            if shed.is_empty() {
-                continue;
-            }
-            let retry_after = self.retry_after(now, *lower);
-            for request in shed {
-                self.stats.class(*lower).count_rejected_queue_full();
-                self.class_metrics[lower.index()].rejected_shed.increment(1);
-                let error = SchedulerError::Shed {
-                    model: self.config.model.clone(),
-                    priority: *lower,
-                    higher: priority,
-                    retry_after,
-                };
-                let _ = request.response_tx.send(Err(error));
-            }
-        }
-    }
-
-    fn answer_expired(&self, now: Instant, expired: Vec<(Request, Priority)>) {
+    fn answer_expired(&mut self, now: Instant, expired: Vec<(Request, Priority)>) {
         for (request, priority) in expired {
+            self.wait_scale.calibrate(
+                request.predicted_wait,
+                now.saturating_duration_since(request.arrived),
+            );
             self.stats.class(priority).count_expired();
             self.class_metrics[priority.index()].expired.increment(1);
             let error = SchedulerError::TimeoutExpired {
@@ -444,6 +312,12 @@ impl Batcher {
 
     fn finished(&mut self, done: Done) {
         let now = Instant::now();
+        if let Some(sent) = self.workers.get(done.worker).and_then(|w| w.sent_at) {
+            let overhead = now
+                .saturating_duration_since(sent)
+                .saturating_sub(done.took);
+            self.call_overhead += OVERHEAD_WEIGHT * (overhead.as_secs_f64() - self.call_overhead);
+        }
         if done.clean
             && let Some(model) = self.models.get_mut(done.worker)
         {
@@ -451,6 +325,7 @@ impl Batcher {
         }
         if let Some(worker) = self.workers.get_mut(done.worker) {
             worker.busy_until = None;
+            worker.sent_at = None;
             self.idle.push(done.worker);
             let workers = &self.workers;
             self.idle.sort_by_key(|&w| workers[w].plan.classes.len());
@@ -573,21 +448,24 @@ impl Batcher {
     /// the live batch size, lower classes only within the latency budget.
     fn take_batch(&mut self, worker: usize, now: Instant) -> Option<InFlight> {
         let classes = self.workers[worker].plan.classes;
-        let model = &self.models[self.model_index(Some(worker))];
+        let index = self.model_index(Some(worker));
         loop {
-            let predict = |rows: usize| model.predict(rows);
-            let limits = BatchLimits {
-                max_rows: self.live_max,
-                classes,
-                targets: self.targets,
-                predict: &predict,
-            };
             let Taken {
                 items,
                 rows,
                 dropped,
                 expired,
-            } = self.queue.take_within(now, &limits);
+            } = {
+                let model = &self.models[index];
+                let predict = |rows: usize| model.predict(rows);
+                let limits = BatchLimits {
+                    max_rows: self.live_max,
+                    classes,
+                    targets: self.targets,
+                    predict: &predict,
+                };
+                self.queue.take_within(now, &limits)
+            };
             self.dropped.increment(dropped.len() as u64);
             self.answer_expired(now, expired);
             if items.is_empty() {
@@ -604,6 +482,7 @@ impl Batcher {
                     .record(waited.as_secs_f64());
                 self.stats.class(chosen.priority).record_queue(waited);
                 let mut request = chosen.item;
+                self.wait_scale.calibrate(request.predicted_wait, waited);
                 request.spans.end_queue();
                 requests.push(request);
             }
@@ -612,7 +491,7 @@ impl Batcher {
                 .map(|r| r.priority)
                 .min()
                 .unwrap_or(Priority::LOWEST);
-            let chunk = self.chunk_rows(now, class, rows, model);
+            let chunk = self.chunk_rows(now, class, rows, &self.models[index]);
             return Some(InFlight::new(requests, chunk));
         }
     }
@@ -645,6 +524,7 @@ impl Batcher {
     fn send(&mut self, worker: usize, batch: InFlight, now: Instant) {
         let predicted = self.model_for(Some(worker)).predict(batch.next_chunk());
         self.workers[worker].busy_until = Some(now + predicted);
+        self.workers[worker].sent_at = Some(now);
         if let Err(std_mpsc::TrySendError::Full(job) | std_mpsc::TrySendError::Disconnected(job)) =
             self.workers[worker].jobs.try_send(batch)
         {
@@ -658,6 +538,26 @@ impl Batcher {
                 )),
             );
         }
+    }
+
+    /// Which batch sizes keep up with the rows that arrived since the
+    /// last call, each worker taking its share; `None` before the engine
+    /// time has been measured. Starts the next interval.
+    fn keep_up(&mut self, now: Instant) -> Option<KeepUp> {
+        let elapsed = now.saturating_duration_since(self.interval_start);
+        let rows = std::mem::take(&mut self.interval_rows);
+        self.interval_start = now;
+        let model = self.model_for(None);
+        if !model.has_samples() || elapsed.is_zero() {
+            return None;
+        }
+        let per_worker = rows as f64 / elapsed.as_secs_f64() / self.workers.len().max(1) as f64;
+        Some(
+            match model.rows_to_keep_up(per_worker, self.call_overhead) {
+                Some(rows) => KeepUp::From(rows.ceil() as usize),
+                None => KeepUp::Never,
+            },
+        )
     }
 
     fn adapt(&mut self) {
@@ -680,6 +580,7 @@ impl Batcher {
             gpu: self.monitor.as_ref().and_then(|m| m.gpu()),
             memory,
             p99_highest,
+            keep_up: self.keep_up(Instant::now()),
         };
         let (next, why) =
             self.config
@@ -703,6 +604,7 @@ impl Batcher {
         }
         self.stats
             .set_retry_hint(self.retry_after(now, self.config.default_priority));
+        self.wait_scale_gauge.set(self.wait_scale.get());
     }
 
     /// Whether nothing is queued, parked or running.

@@ -91,13 +91,15 @@ impl LatencyModel {
         (self.a, self.b)
     }
 
-    /// The smallest batch that keeps up with `rate` rows/s: running a batch
-    /// of `n` rows takes `a·n + b`, during which `rate·(a·n + b)` rows
-    /// arrive; the queue does not grow when that is at most `n`, i.e.
-    /// `n ≥ rate·b / (1 − rate·a)`. `None` when no batch size keeps up.
-    pub fn rows_to_keep_up(&self, rate: f64) -> Option<f64> {
+    /// The smallest batch that keeps up with `rate` rows/s when each call
+    /// also costs `overhead` seconds outside the engine: running a batch of
+    /// `n` rows takes `a·n + b + overhead`, during which that many seconds'
+    /// rows arrive; the queue does not grow when they are at most `n`, i.e.
+    /// `n ≥ rate·(b + overhead) / (1 − rate·a)`. `None` when no batch size
+    /// keeps up.
+    pub fn rows_to_keep_up(&self, rate: f64, overhead: f64) -> Option<f64> {
         let load = rate * self.a;
-        (load < 1.0).then(|| rate * self.b / (1.0 - load))
+        (load < 1.0).then(|| rate * (self.b + overhead) / (1.0 - load))
     }
 }
 
@@ -138,6 +140,57 @@ impl RateEstimator {
     /// The rate at `now`, per second.
     pub fn rate(&self, now: Instant) -> f64 {
         self.decayed(now)
+    }
+}
+
+/// How many times longer than predicted admitted requests have lately
+/// waited for their batch: at least 1, at most [`MAX_WAIT_SCALE`].
+///
+/// Admission predicts each request's wait from the engine-time fit and the
+/// queue, a point estimate on cores it shares with the protocol front end
+/// and anything else on the machine. Each request that starts (or expires)
+/// tells how far off its prediction was, and admission scales later
+/// predictions by the recent ratio, so that admitted requests meet their
+/// deadline when the machine is slower than the fit (docs/scheduling.md,
+/// "Overload"). The scale rises fast (half way to a late request's ratio)
+/// and falls slowly, so one early start does not undo a slow period.
+#[derive(Debug, Clone)]
+pub struct WaitScale {
+    scale: f64,
+}
+
+/// The most the wait scale grows to.
+pub const MAX_WAIT_SCALE: f64 = 8.0;
+/// Share of the way to a request's ratio the scale moves: up, and down.
+const WAIT_SCALE_RISE: f64 = 0.5;
+const WAIT_SCALE_FALL: f64 = 0.02;
+/// Predicted waits shorter than this say little about the prediction's
+/// error (one thread wake-up costs as much) and are not used.
+const MIN_CALIBRATING_WAIT: Duration = Duration::from_millis(1);
+
+impl Default for WaitScale {
+    fn default() -> Self {
+        WaitScale { scale: 1.0 }
+    }
+}
+
+impl WaitScale {
+    pub fn get(&self) -> f64 {
+        self.scale
+    }
+
+    /// A request predicted to wait `predicted` waited `waited`.
+    pub fn calibrate(&mut self, predicted: Option<Duration>, waited: Duration) {
+        let Some(predicted) = predicted.filter(|p| *p >= MIN_CALIBRATING_WAIT) else {
+            return;
+        };
+        let ratio = (waited.as_secs_f64() / predicted.as_secs_f64()).min(MAX_WAIT_SCALE);
+        let weight = if ratio > self.scale {
+            WAIT_SCALE_RISE
+        } else {
+            WAIT_SCALE_FALL
+        };
+        self.scale = (self.scale + weight * (ratio - self.scale)).max(1.0);
     }
 }
 
@@ -197,10 +250,10 @@ mod tests {
         m.record(1, us(600));
         m.record(32, us(9000));
         // a ≈ 271 µs/row, b ≈ 329 µs.
-        assert!(m.rows_to_keep_up(100.0).unwrap() < 1.0);
-        let at_3000 = m.rows_to_keep_up(3000.0).unwrap();
+        assert!(m.rows_to_keep_up(100.0, 0.0).unwrap() < 1.0);
+        let at_3000 = m.rows_to_keep_up(3000.0, 0.0).unwrap();
         assert!((5.0..6.0).contains(&at_3000), "{at_3000}");
-        assert_eq!(m.rows_to_keep_up(4000.0), None);
+        assert_eq!(m.rows_to_keep_up(4000.0, 0.0), None);
     }
 
     #[test]
@@ -214,5 +267,32 @@ mod tests {
         assert!((900.0..1100.0).contains(&steady), "{steady}");
         let later = r.rate(t0 + Duration::from_millis(1999));
         assert!(later < 1.0, "{later}");
+    }
+
+    #[test]
+    fn the_wait_scale_rises_fast_falls_slowly_and_stays_within_bounds() {
+        let mut w = WaitScale::default();
+        // Waits at or below the prediction keep it at 1.
+        w.calibrate(Some(us(10_000)), us(5_000));
+        assert_eq!(w.get(), 1.0);
+        // Twice the prediction: half way to 2 at once.
+        w.calibrate(Some(us(10_000)), us(20_000));
+        assert!((w.get() - 1.5).abs() < 1e-9);
+        // Short predictions and requests that were not predicted say nothing.
+        w.calibrate(Some(us(500)), us(50_000));
+        w.calibrate(None, us(50_000));
+        assert!((w.get() - 1.5).abs() < 1e-9);
+        // A wildly late request moves it to at most the cap.
+        for _ in 0..64 {
+            w.calibrate(Some(us(1_000)), us(1_000_000));
+        }
+        assert!(w.get() <= MAX_WAIT_SCALE && w.get() > MAX_WAIT_SCALE - 0.01);
+        // On time again: it falls slowly, then back to 1.
+        w.calibrate(Some(us(10_000)), us(10_000));
+        assert!(w.get() > 7.8);
+        for _ in 0..1000 {
+            w.calibrate(Some(us(10_000)), us(5_000));
+        }
+        assert_eq!(w.get(), 1.0);
     }
 }

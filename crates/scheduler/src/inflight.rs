@@ -458,6 +458,7 @@ mod tests {
                     arrived: Instant::now(),
                     timeout: Duration::from_secs(60),
                     response_tx,
+                    predicted_wait: None,
                     spans: crate::RequestSpans::none(),
                 };
                 (request, reply)

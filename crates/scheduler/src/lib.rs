@@ -257,6 +257,10 @@ pub struct Request {
     /// The timeout it runs under; `arrived + timeout` is its deadline.
     pub timeout: Duration,
     pub response_tx: oneshot::Sender<Result<Outputs, SchedulerError>>,
+    /// How long admission predicted it would wait from `arrived` to the
+    /// start of its batch; set by the scheduler (`None` before admission,
+    /// or when nothing was ahead of it).
+    pub predicted_wait: Option<Duration>,
     /// Its trace spans (docs/operations.md, "Tracing").
     pub spans: RequestSpans,
 }
@@ -402,6 +406,7 @@ impl Scheduler {
             arrived: Instant::now(),
             timeout,
             response_tx,
+            predicted_wait: None,
             spans: RequestSpans::open(priority, rows),
         };
         self.command_tx

@@ -58,6 +58,10 @@ pub const ADAPTIVE_BATCH_SIZE: &str = "batch_processing_adaptive_batch_size";
 /// Gauge of the rows per engine call of batches that run in preemptible
 /// chunks (docs/scheduling.md). Labels: `model`, `version`.
 pub const CHUNK_ROWS: &str = "tickserve_chunk_rows";
+/// Gauge of how many times longer than predicted admitted requests have
+/// lately waited; admission scales its predictions by it
+/// (docs/scheduling.md). Labels: `model`, `version`.
+pub const ADMISSION_WAIT_SCALE: &str = "tickserve_admission_wait_scale";
 /// Counter of engine calls retried on halves of a failed batch. Labels:
 /// `model`, `version`.
 pub const ENGINE_RETRIES_TOTAL: &str = "tickserve_engine_retries_total";
@@ -278,6 +282,11 @@ fn describe() {
         GPU_MEMORY_TOTAL,
         Unit::Bytes,
         "GPU memory in total (NVML), by gpu_id"
+    );
+    describe_gauge!(
+        ADMISSION_WAIT_SCALE,
+        Unit::Count,
+        "How many times longer than predicted admitted requests lately waited"
     );
     describe_gauge!(
         CHUNK_ROWS,

@@ -218,6 +218,7 @@ async fn dropping_every_handle_flushes_the_queue() {
             timeout: Duration::from_secs(3600),
             arrived: Instant::now(),
             response_tx: tx,
+            predicted_wait: None,
             spans: crate::RequestSpans::none(),
         }))
         .await

@@ -158,6 +158,7 @@ struct ClassMetrics {
     rejected_deadline: Counter,
     rejected_shed: Counter,
     expired: Counter,
+    wait_scale: Gauge,
 }
 
 struct Batcher {
@@ -188,9 +189,10 @@ struct Batcher {
     /// Average time a chunk takes from dispatch to its report beyond its
     /// engine time, seconds (see `Batcher::service_rate`).
     call_overhead: f64,
-    /// How many times longer than predicted admitted requests have lately
-    /// waited.
-    wait_scale: WaitScale,
+    /// Per class: how many times longer than predicted its admitted
+    /// requests have lately waited (a lower class's waits grow with the
+    /// higher classes' traffic, which says nothing about the engine).
+    wait_scales: [WaitScale; Priority::LEVELS],
     live_max: usize,
     monitor: Option<Arc<ResourceMonitor>>,
     highest_latencies: Vec<Duration>,
@@ -198,7 +200,6 @@ struct Batcher {
     dropped: Counter,
     live_max_gauge: Gauge,
     chunk_rows_gauge: Gauge,
-    wait_scale_gauge: Gauge,
 }
 
 impl Batcher {
@@ -223,6 +224,7 @@ impl Batcher {
                     rejected_deadline: rejected(telemetry::rejection::DEADLINE),
                     rejected_shed: rejected(telemetry::rejection::SHED),
                     expired: rejected(telemetry::rejection::TIMEOUT_EXPIRED),
+                    wait_scale: gauge!(telemetry::ADMISSION_WAIT_SCALE, "model" => model.clone(), "version" => version.clone(), "priority" => label),
                 }
             })
             .collect();
@@ -252,14 +254,13 @@ impl Batcher {
             interval_rows: 0,
             interval_start: Instant::now(),
             call_overhead: 0.0,
-            wait_scale: WaitScale::default(),
+            wait_scales: std::array::from_fn(|_| WaitScale::default()),
             monitor,
             highest_latencies: Vec::new(),
             class_metrics,
             dropped: counter!(telemetry::DROPPED_TOTAL, "model" => model.clone(), "version" => version.clone()),
             live_max_gauge,
             chunk_rows_gauge: gauge!(telemetry::CHUNK_ROWS, "model" => model.clone(), "version" => version.clone()),
-            wait_scale_gauge: gauge!(telemetry::ADMISSION_WAIT_SCALE, "model" => model, "version" => version),
             config,
         }
     }
@@ -294,7 +295,7 @@ impl Batcher {
 
     fn answer_expired(&mut self, now: Instant, expired: Vec<(Request, Priority)>) {
         for (request, priority) in expired {
-            self.wait_scale.calibrate(
+            self.wait_scales[request.priority.index()].calibrate(
                 request.predicted_wait,
                 now.saturating_duration_since(request.arrived),
             );
@@ -482,7 +483,8 @@ impl Batcher {
                     .record(waited.as_secs_f64());
                 self.stats.class(chosen.priority).record_queue(waited);
                 let mut request = chosen.item;
-                self.wait_scale.calibrate(request.predicted_wait, waited);
+                self.wait_scales[request.priority.index()]
+                    .calibrate(request.predicted_wait, waited);
                 request.spans.end_queue();
                 requests.push(request);
             }
@@ -597,14 +599,13 @@ impl Batcher {
     fn publish(&self, now: Instant) {
         for p in Priority::ALL {
             let waiting = self.queue.len_of(p);
-            self.class_metrics[p.index()]
-                .queue_length
-                .set(waiting as f64);
+            let metrics = &self.class_metrics[p.index()];
+            metrics.queue_length.set(waiting as f64);
+            metrics.wait_scale.set(self.wait_scales[p.index()].get());
             self.stats.class(p).set_queue_length(waiting);
         }
         self.stats
             .set_retry_hint(self.retry_after(now, self.config.default_priority));
-        self.wait_scale_gauge.set(self.wait_scale.get());
     }
 
     /// Whether nothing is queued, parked or running.

@@ -58,9 +58,9 @@ pub const ADAPTIVE_BATCH_SIZE: &str = "batch_processing_adaptive_batch_size";
 /// Gauge of the rows per engine call of batches that run in preemptible
 /// chunks (docs/scheduling.md). Labels: `model`, `version`.
 pub const CHUNK_ROWS: &str = "tickserve_chunk_rows";
-/// Gauge of how many times longer than predicted admitted requests have
-/// lately waited; admission scales its predictions by it
-/// (docs/scheduling.md). Labels: `model`, `version`.
+/// Gauge of how many times longer than predicted admitted requests of a
+/// class have lately waited; admission scales its predictions by it
+/// (docs/scheduling.md). Labels: `model`, `version`, `priority`.
 pub const ADMISSION_WAIT_SCALE: &str = "tickserve_admission_wait_scale";
 /// Counter of engine calls retried on halves of a failed batch. Labels:
 /// `model`, `version`.

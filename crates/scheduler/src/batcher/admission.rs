@@ -122,7 +122,7 @@ impl Batcher {
             let predicted = drain.unwrap_or_default().max(sojourn.unwrap_or_default());
             request.predicted_wait =
                 Some((now + predicted).saturating_duration_since(request.arrived));
-            let wait = predicted.mul_f64(self.wait_scale.get());
+            let wait = predicted.mul_f64(self.wait_scales[priority.index()].get());
             let own = self.model_for(None).predict(request.rows)
                 + Duration::from_secs_f64(self.call_overhead);
             let finish = now + wait + own;

@@ -31,6 +31,9 @@ pub use fixture::{
 };
 #[cfg(feature = "otlp")]
 pub use otlp::{OtlpReceiver, otlp_receiver};
-pub use repo::{cnn_lstm_config, fresh_dir, repository_with, with_version};
+pub use repo::{
+    cnn_lstm_config, fresh_dir, repository_with, repository_with_two_versions, waiting_batches,
+    with_version,
+};
 #[cfg(feature = "server")]
-pub use server::{RequestExt, TestServer, config, grpc_request, start, start_default};
+pub use server::{RequestExt, TestServer, config, grpc_request, start, start_default, start_model};

@@ -10,7 +10,7 @@ use tickserve_server::{BoundServer, ServerConfig, StartError};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use crate::root;
+use crate::{cnn_lstm_config, repository_with, root};
 
 pub struct TestServer {
     pub http: SocketAddr,
@@ -127,6 +127,12 @@ pub async fn start(config: ServerConfig) -> TestServer {
 /// The bundled repository.
 pub async fn start_default() -> TestServer {
     start(config(root().join("models"))).await
+}
+
+/// A server for a fresh repository holding the bundled model as `name`
+/// (version 1) with [`cnn_lstm_config`]`(extra)`.
+pub async fn start_model(name: &str, extra: &str) -> TestServer {
+    start(config(repository_with(name, &cnn_lstm_config(extra)))).await
 }
 
 /// The awaits and unwraps that end every request a test sends, as one

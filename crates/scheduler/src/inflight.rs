@@ -379,7 +379,7 @@ impl InFlight {
 mod tests {
     use std::sync::Mutex;
 
-    use tickserve_engine::{DataType, Signature, TensorSpec};
+    use tickserve_engine::Signature;
     use tokio::sync::oneshot;
 
     use super::*;
@@ -395,16 +395,8 @@ mod tests {
 
     impl RowEngine {
         fn new(poison: &[f32]) -> Self {
-            let spec = |name: &str| TensorSpec {
-                name: name.into(),
-                datatype: DataType::Fp32,
-                dims: vec![2],
-            };
             RowEngine {
-                signature: Signature {
-                    inputs: vec![spec("x")],
-                    outputs: vec![spec("y")],
-                },
+                signature: crate::tests::pair_signature(),
                 poison: poison.to_vec(),
                 calls: Mutex::new(Vec::new()),
             }

@@ -39,18 +39,7 @@ impl FakeEngine {
 
     fn with_busy(fail: bool, busy: Duration) -> Arc<Self> {
         Arc::new(FakeEngine {
-            signature: Signature {
-                inputs: vec![TensorSpec {
-                    name: "x".into(),
-                    datatype: DataType::Fp32,
-                    dims: vec![2],
-                }],
-                outputs: vec![TensorSpec {
-                    name: "y".into(),
-                    datatype: DataType::Fp32,
-                    dims: vec![2],
-                }],
-            },
+            signature: pair_signature(),
             batches: Mutex::new(Vec::new()),
             fail,
             busy,
@@ -59,6 +48,20 @@ impl FakeEngine {
 
     fn batches(&self) -> Vec<usize> {
         self.batches.lock().unwrap().clone()
+    }
+}
+
+/// The signature of the test engines: input `x` and output `y`, two FP32
+/// values a row.
+pub(crate) fn pair_signature() -> Signature {
+    let spec = |name: &str| TensorSpec {
+        name: name.into(),
+        datatype: DataType::Fp32,
+        dims: vec![2],
+    };
+    Signature {
+        inputs: vec![spec("x")],
+        outputs: vec![spec("y")],
     }
 }
 
@@ -121,6 +124,14 @@ fn at(level: i64) -> InferOptions {
     InferOptions {
         priority: Priority::new(level),
         timeout: None,
+    }
+}
+
+/// Priority `level` with a timeout of its own.
+fn at_within(level: i64, timeout: Duration) -> InferOptions {
+    InferOptions {
+        timeout: Some(timeout),
+        ..at(level)
     }
 }
 

@@ -30,7 +30,7 @@ pub use fixture::{
     root, sine_input,
 };
 #[cfg(feature = "otlp")]
-pub use otlp::{OtlpReceiver, otlp_receiver};
+pub use otlp::{OtlpReceiver, Received, hex, otlp_receiver, spans_of};
 pub use repo::{
     cnn_lstm_config, fresh_dir, repository_with, repository_with_two_versions, waiting_batches,
     with_version,

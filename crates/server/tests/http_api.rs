@@ -40,12 +40,6 @@ async fn post_json(server: &TestServer, path: &str, body: &Value) -> (u16, Value
     post(server, path, serde_json::to_vec(body).unwrap()).await
 }
 
-fn error_of(body: &Value) -> &str {
-    body["error"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no error message in {body}"))
-}
-
 #[tokio::test]
 async fn server_metadata_and_health() {
     let server = start_default().await;

@@ -109,3 +109,10 @@ pub fn available_or_skip<E: std::fmt::Display>(
         }
     }
 }
+
+/// The message of an error answer (`{"error": "…"}`); panics without one.
+pub fn error_of(body: &serde_json::Value) -> &str {
+    body["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error message in {body}"))
+}

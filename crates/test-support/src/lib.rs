@@ -26,8 +26,8 @@ mod server;
 pub mod tls;
 
 pub use fixture::{
-    Golden, ROW, argmax, assert_golden_rows, available_or_skip, error_of, golden, read_npy,
-    request_for, root, sine_input,
+    Golden, ROW, argmax, assert_golden_rows, available_or_skip, bench_budget, error_of, golden,
+    max_abs_diff, read_npy, request_for, root, sine_input,
 };
 #[cfg(feature = "otlp")]
 pub use otlp::{OtlpReceiver, Received, hex, otlp_receiver, spans_of};

@@ -36,4 +36,7 @@ pub use repo::{
     with_version,
 };
 #[cfg(feature = "server")]
-pub use server::{RequestExt, TestServer, config, grpc_request, start, start_default, start_model};
+pub use server::{
+    RequestExt, TestServer, config, grpc_request, msgpack_request, start, start_default,
+    start_model,
+};

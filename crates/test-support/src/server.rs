@@ -160,6 +160,32 @@ impl RequestExt for reqwest::RequestBuilder {
     }
 }
 
+/// An OIP request body of `rows` rows of the bundled model's input (`data`,
+/// row-major) as a MessagePack client builds it: FP32 values as MessagePack
+/// float32 (5 bytes each), not float64.
+pub fn msgpack_request(rows: usize, data: &[f32]) -> Vec<u8> {
+    #[derive(serde::Serialize)]
+    struct Request<'a> {
+        inputs: [Input<'a>; 1],
+    }
+    #[derive(serde::Serialize)]
+    struct Input<'a> {
+        name: &'a str,
+        shape: [usize; 3],
+        datatype: &'a str,
+        data: &'a [f32],
+    }
+    rmp_serde::to_vec_named(&Request {
+        inputs: [Input {
+            name: "input",
+            shape: [rows, 50, 60],
+            datatype: "FP32",
+            data,
+        }],
+    })
+    .unwrap()
+}
+
 /// A gRPC inference request of `rows` rows of the bundled model's input
 /// (`data`, row-major), in `fp32_contents` or, when `raw`, in
 /// `raw_input_contents` (little-endian bytes).

@@ -531,8 +531,7 @@ mod tests {
 
     #[test]
     fn rows_come_from_a_json_file() {
-        let dir = std::env::temp_dir().join(format!("tickserve-bench-wl-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = tickserve_test_support::fresh_dir("tickserve-bench-wl");
         let path = dir.join("rows.json");
         std::fs::write(&path, "[[[1,2,3],[4,5,6]],[[7,8,9],[10,11,12]]]").unwrap();
         let mut s = spec();

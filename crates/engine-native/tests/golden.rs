@@ -191,8 +191,7 @@ fn a_graph_outside_the_family_is_refused_naming_the_node() {
 
 #[test]
 fn a_file_that_is_not_onnx_is_refused() {
-    let dir = std::env::temp_dir().join(format!("tickserve-not-onnx-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = tickserve_test_support::fresh_dir("tickserve-not-onnx");
     let path = dir.join("model.onnx");
     std::fs::write(&path, b"this is not a protobuf \xff\xff\xff").unwrap();
     let err = NativeEngine::load(&path).unwrap_err();

@@ -333,8 +333,7 @@ fn pruned_models_run_the_same_in_onnxruntime_and_the_native_engine() {
     if !onnxruntime_or_skip("pruned_models_run_the_same_in_onnxruntime_and_the_native_engine") {
         return;
     }
-    let dir = std::env::temp_dir().join(format!("tickserve-prune-ort-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = tickserve_test_support::fresh_dir("tickserve-prune-ort");
     for arch in &ARCHS {
         let (pruned, report) = prune_bytes(
             &model(arch.model),

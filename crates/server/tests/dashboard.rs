@@ -83,8 +83,7 @@ async fn sla_view_and_dashboard_show_live_numbers() {
 
     // Real browser: let the page's script fetch /v2/sla and fill the
     // panels, then read the DOM and take a screenshot.
-    let dir = std::env::temp_dir().join(format!("tickserve-dashboard-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = tickserve_test_support::fresh_dir("tickserve-dashboard");
     let url = server.url("/dashboard");
     let chromium = chromium();
     let dir2 = dir.clone();

@@ -10,20 +10,18 @@ use super::*;
 /// its rows) and holds every call until the gate opens.
 #[derive(Debug)]
 struct GatedEngine {
-    signature: Signature,
     calls: Mutex<Vec<(String, Vec<f32>)>>,
     open: Mutex<bool>,
     opened: std::sync::Condvar,
 }
 
 impl GatedEngine {
-    fn new(open: bool) -> Arc<Self> {
-        Arc::new(GatedEngine {
-            signature: pair_signature(),
+    fn new(open: bool) -> Arc<TestEngine<Self>> {
+        Arc::new(TestEngine::new(GatedEngine {
             calls: Mutex::new(Vec::new()),
             open: Mutex::new(open),
             opened: std::sync::Condvar::new(),
-        })
+        }))
     }
 
     fn open(&self) {
@@ -50,14 +48,9 @@ impl GatedEngine {
     }
 }
 
-impl Engine for GatedEngine {
-    fn kind(&self) -> &'static str {
-        "gated"
-    }
-    fn signature(&self) -> &Signature {
-        &self.signature
-    }
-    fn infer(&self, batch: &Batch) -> Result<BatchOutput, EngineError> {
+impl Answers for GatedEngine {
+    const KIND: &'static str = "gated";
+    fn answer(&self, batch: &Batch) -> Result<BatchOutput, EngineError> {
         let firsts = batch.inputs[0].chunks(2).map(|r| r[0]).collect();
         let thread = std::thread::current().name().unwrap_or("?").to_owned();
         self.calls.lock().unwrap().push((thread, firsts));
@@ -145,7 +138,7 @@ fn chunking(
     max_batch_size: usize,
     chunk_rows: usize,
     real_time_target: bool,
-) -> (Arc<GatedEngine>, Scheduler) {
+) -> (Arc<TestEngine<GatedEngine>>, Scheduler) {
     let engine = GatedEngine::new(matches!(gate, Gate::Open));
     let mut cfg = config(max_batch_size);
     if real_time_target {
@@ -326,7 +319,7 @@ async fn while_real_time_requests_are_refused_background_ones_are_shed() {
 
 /// One batch size, priority 3 with a 100 ms timeout: one request of
 /// priority 3 running at the (closed) gate, one queued behind it.
-async fn one_running_one_queued() -> (Arc<GatedEngine>, Scheduler, Handle, Handle) {
+async fn one_running_one_queued() -> (Arc<TestEngine<GatedEngine>>, Scheduler, Handle, Handle) {
     let engine = GatedEngine::new(false);
     let mut cfg = config(1);
     cfg.classes[2].default_timeout = Duration::from_millis(100);

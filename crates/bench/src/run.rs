@@ -257,6 +257,32 @@ pub fn open_loop_sample(
     }
 }
 
+/// The sample of a closed-loop request sent at `sent` and answered now.
+pub fn closed_loop_sample(
+    class: String,
+    outcome: Outcome,
+    started: Instant,
+    sent: Instant,
+) -> Sample {
+    Sample {
+        class,
+        outcome,
+        latency: sent.elapsed(),
+        actual_latency: None,
+        late: false,
+        at: sent.saturating_duration_since(started),
+    }
+}
+
+/// Records `sample` in the recorder the senders share (a poisoned lock
+/// still holds valid samples).
+pub fn record(recorder: &Mutex<Recorder>, sample: &Sample) {
+    recorder
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .record(sample);
+}
+
 /// Live progress: a bar with the rate and p99 so far.
 #[derive(Debug, Clone)]
 pub struct Progress {
@@ -352,18 +378,8 @@ pub async fn closed_loop(
                 let class = class_label(request.priority);
                 let sent = Instant::now();
                 let outcome = target.send(request).await;
-                let sample = Sample {
-                    class,
-                    outcome,
-                    latency: sent.elapsed(),
-                    actual_latency: None,
-                    late: false,
-                    at: sent.saturating_duration_since(started),
-                };
-                recorder
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .record(&sample);
+                let sample = closed_loop_sample(class, outcome, started, sent);
+                record(&recorder, &sample);
             }
         });
     }
@@ -374,15 +390,28 @@ pub async fn closed_loop(
             _ = tick.tick() => progress.update(&recorder, started, limits),
         }
     }
+    measured(recorder, started, limits, progress, false)
+}
+
+/// The run's measurements, once every sender has finished: the last
+/// progress update, the samples and the time the run took.
+fn measured(
+    recorder: Arc<Mutex<Recorder>>,
+    started: Instant,
+    limits: Limits,
+    progress: &Progress,
+    open_loop: bool,
+) -> Measured {
     let elapsed = started.elapsed();
     progress.update(&recorder, started, limits);
     Measured {
-        recorder: take(recorder, false),
+        recorder: take(recorder, open_loop),
         elapsed,
     }
 }
 
-fn take(recorder: Arc<Mutex<Recorder>>, open_loop: bool) -> Recorder {
+/// The recorder back from the senders, once every one has finished.
+pub fn take(recorder: Arc<Mutex<Recorder>>, open_loop: bool) -> Recorder {
     match Arc::try_unwrap(recorder) {
         Ok(m) => m.into_inner().unwrap_or_else(PoisonError::into_inner),
         // Every task has finished, so this cannot happen; keep the data
@@ -454,12 +483,7 @@ pub async fn open_loop(
             _ = tick.tick() => progress.update(&recorder, started, limits),
         }
     }
-    let elapsed = started.elapsed();
-    progress.update(&recorder, started, limits);
-    Measured {
-        recorder: take(recorder, true),
-        elapsed,
-    }
+    measured(recorder, started, limits, progress, true)
 }
 
 /// The thread that keeps an open loop's schedule (see [`open_loop`]).
@@ -502,10 +526,7 @@ impl Pacer {
                     now,
                     late_threshold,
                 );
-                recorder
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .record(&sample);
+                record(&recorder, &sample);
                 continue;
             };
             let target = self.target.clone();
@@ -522,10 +543,7 @@ impl Pacer {
                     Instant::now(),
                     late_threshold,
                 );
-                recorder
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .record(&sample);
+                record(&recorder, &sample);
                 // Released only once recorded: the caller waits for every
                 // permit before it reads the recorder.
                 drop(permit);

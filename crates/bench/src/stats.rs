@@ -555,19 +555,29 @@ mod tests {
         assert_eq!(s.overall.goodput_rps, 2.0);
     }
 
+    /// The good requests of `samples` (one second's worth) under `limits`:
+    /// in each of the two `classes`, then overall.
+    fn good(samples: &[Sample], limits: &GoodputLimits, classes: [&str; 2]) -> (u64, u64, u64) {
+        let mut r = Recorder::new(false);
+        for sample in samples {
+            r.record(sample);
+        }
+        let s = r.summarise(Duration::from_secs(1), limits);
+        let [a, b] = classes.map(|c| s.classes[c].good);
+        (a, b, s.overall.good)
+    }
+
     #[test]
     fn goodput_uses_each_class_override() {
         let limits = GoodputLimits {
             classes: BTreeMap::from([("priority 1".to_owned(), 5.0)]),
             ..seed_limits()
         };
-        let mut r = Recorder::new(false);
-        r.record(&ok("priority 1", 10));
-        r.record(&ok("priority 3", 10));
-        let s = r.summarise(Duration::from_secs(1), &limits);
-        assert_eq!(s.classes["priority 1"].good, 0);
-        assert_eq!(s.classes["priority 3"].good, 1);
-        assert_eq!(s.overall.good, 1);
+        let samples = [ok("priority 1", 10), ok("priority 3", 10)];
+        assert_eq!(
+            good(&samples, &limits, ["priority 1", "priority 3"]),
+            (0, 1, 1)
+        );
     }
 
     #[test]
@@ -576,14 +586,15 @@ mod tests {
             default_ms: None,
             classes: BTreeMap::from([("priority 1".to_owned(), 2.0)]),
         };
-        let mut r = Recorder::new(false);
-        r.record(&ok("priority 1", 1));
-        r.record(&ok("priority 1", 10));
-        r.record(&ok("priority 5", 1000));
-        let s = r.summarise(Duration::from_secs(1), &limits);
-        assert_eq!(s.classes["priority 1"].good, 1);
-        assert_eq!(s.classes["priority 5"].good, 1);
-        assert_eq!(s.overall.good, 2);
+        let samples = [
+            ok("priority 1", 1),
+            ok("priority 1", 10),
+            ok("priority 5", 1000),
+        ];
+        assert_eq!(
+            good(&samples, &limits, ["priority 1", "priority 5"]),
+            (1, 1, 2)
+        );
     }
 
     #[test]

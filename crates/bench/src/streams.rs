@@ -32,8 +32,9 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::BenchError;
+use crate::run::{closed_loop_sample, record, take};
 use crate::sla::{Check, Compliance};
-use crate::stats::{ClassStats, DEFAULT_CLASS, GoodputLimits, Outcome, Recorder, RunStats, Sample};
+use crate::stats::{ClassStats, DEFAULT_CLASS, GoodputLimits, Outcome, Recorder, RunStats};
 
 /// The header that carries the stream's id for load balancers (nginx
 /// `hash $http_x_sequence_id`; deploy/local).
@@ -383,32 +384,15 @@ async fn phase(
                     Err(e) if e.is_timeout() => Outcome::Timeout,
                     Err(e) => Outcome::Transport(e.to_string()),
                 };
-                let sample = Sample {
-                    class: DEFAULT_CLASS.to_owned(),
-                    outcome,
-                    latency: sent.elapsed(),
-                    actual_latency: None,
-                    late: false,
-                    at: sent.saturating_duration_since(started),
-                };
-                recorder
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .record(&sample);
+                let sample = closed_loop_sample(DEFAULT_CLASS.to_owned(), outcome, started, sent);
+                record(&recorder, &sample);
             }
         });
     }
     while tasks.join_next().await.is_some() {}
     let elapsed = started.elapsed();
-    let recorder = match Arc::try_unwrap(recorder) {
-        Ok(m) => m.into_inner().unwrap_or_else(PoisonError::into_inner),
-        Err(shared) => std::mem::replace(
-            &mut *shared.lock().unwrap_or_else(PoisonError::into_inner),
-            Recorder::new(false),
-        ),
-    };
     PhaseResult {
-        recorder,
+        recorder: take(recorder, false),
         elapsed,
         bytes: bytes.load(std::sync::atomic::Ordering::Relaxed),
     }

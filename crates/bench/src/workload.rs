@@ -462,6 +462,16 @@ mod tests {
         serde_json::from_slice(body.as_bytes().unwrap()).unwrap()
     }
 
+    /// The input values of JSON request `seq`.
+    fn data_of(w: &Workload, seq: u64) -> Vec<f32> {
+        body(w, seq)["inputs"][0]["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect()
+    }
+
     #[test]
     fn priority_mix_parses_and_picks_by_weight() {
         let m: PriorityMix = "1:10,3:60,5:30".parse().unwrap();
@@ -520,19 +530,13 @@ mod tests {
         s.repeat_fraction = 1.0;
         s.hot_set = 1;
         let w = Workload::new(s).unwrap();
-        let data: Vec<f32> = body(&w, 0)["inputs"][0]["data"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_f64().unwrap() as f32)
-            .collect();
+        let data: Vec<f32> = data_of(&w, 0);
         assert_eq!(data, first);
     }
 
     #[test]
     fn rows_come_from_a_json_file() {
-        let dir = std::env::temp_dir().join(format!("tickserve-bench-wl-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = tickserve_test_support::fresh_dir("tickserve-bench-wl");
         let path = dir.join("rows.json");
         std::fs::write(&path, "[[[1,2,3],[4,5,6]],[[7,8,9],[10,11,12]]]").unwrap();
         let mut s = spec();
@@ -554,12 +558,7 @@ mod tests {
         let mut s = spec();
         s.priorities = Some("3:1".parse().unwrap());
         let json = Workload::new(s.clone()).unwrap();
-        let want: Vec<f32> = body(&json, 9)["inputs"][0]["data"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_f64().unwrap() as f32)
-            .collect();
+        let want: Vec<f32> = data_of(&json, 9);
         let le = |bytes: &[u8]| -> Vec<f32> {
             bytes
                 .chunks(4)

@@ -511,24 +511,35 @@ mod tests {
         Arc::new(vec![vec![v; values]])
     }
 
+    /// A cache of at most `capacity` entries and `max_bytes` bytes.
+    fn limited(capacity: Option<u64>, max_bytes: Option<u64>) -> ResultCache {
+        ResultCache::new(CacheConfig {
+            capacity,
+            max_bytes,
+            ..CacheConfig::default()
+        })
+        .unwrap()
+    }
+
+    /// Puts a row of `values` floats (each the key's number) under each of
+    /// `keys` for a minute, applying each put before the next.
+    async fn put_rows(cache: &ResultCache, keys: std::ops::Range<u128>, values: usize) {
+        for i in keys {
+            let ttl = Duration::from_secs(60);
+            cache
+                .put("m", CacheKey(i), wide_row(values, i as f32), ttl)
+                .await;
+            cache.sync().await;
+        }
+    }
+
     #[tokio::test]
     async fn the_byte_budget_evicts_and_the_stats_agree() {
         let per_row = entry_bytes("m", &wide_row(256, 0.0));
         assert!(per_row > 1024, "256 floats and bookkeeping: {per_row}");
         let budget = 10 * per_row;
-        let cache = ResultCache::new(CacheConfig {
-            capacity: None,
-            max_bytes: Some(budget),
-            ..CacheConfig::default()
-        })
-        .unwrap();
-        let ttl = Duration::from_secs(60);
-        for i in 0..10u128 {
-            cache
-                .put("m", CacheKey(i), wide_row(256, i as f32), ttl)
-                .await;
-        }
-        cache.sync().await;
+        let cache = limited(None, Some(budget));
+        put_rows(&cache, 0..10, 256).await;
         let l1 = cache.stats().l1;
         assert_eq!(
             (l1.entries, l1.bytes),
@@ -537,12 +548,7 @@ mod tests {
         );
         assert_eq!((l1.capacity, l1.max_bytes), (None, Some(budget)));
 
-        for i in 10..40u128 {
-            cache
-                .put("m", CacheKey(i), wide_row(256, i as f32), ttl)
-                .await;
-            cache.sync().await;
-        }
+        put_rows(&cache, 10..40, 256).await;
         let l1 = cache.stats().l1;
         assert!(l1.bytes <= budget, "over the byte budget: {l1:?}");
         assert!(l1.entries <= 10, "{l1:?}");
@@ -559,32 +565,18 @@ mod tests {
 
     #[tokio::test]
     async fn with_both_limits_the_tighter_one_evicts() {
-        let small = entry_bytes("m", &row(0.0));
+        let small = entry_bytes("m", &wide_row(3, 0.0));
         let big = entry_bytes("m", &wide_row(1024, 0.0));
         // Room for 8 small rows by count; by bytes, for 2 big ones.
-        let cache = ResultCache::new(CacheConfig {
-            capacity: Some(8),
-            max_bytes: Some(2 * big),
-            ..CacheConfig::default()
-        })
-        .unwrap();
+        let cache = limited(Some(8), Some(2 * big));
         assert!(small * 8 < 2 * big);
-        let ttl = Duration::from_secs(60);
-        for i in 0..50u128 {
-            cache.put("m", CacheKey(i), row(i as f32), ttl).await;
-            cache.sync().await;
-        }
+        put_rows(&cache, 0..50, 3).await;
         assert!(
             cache.stats().l1.entries <= 8,
             "the entry limit holds: {:?}",
             cache.stats().l1
         );
-        for i in 100..110u128 {
-            cache
-                .put("m", CacheKey(i), wide_row(1024, i as f32), ttl)
-                .await;
-            cache.sync().await;
-        }
+        put_rows(&cache, 100..110, 1024).await;
         let l1 = cache.stats().l1;
         assert!(l1.bytes <= 2 * big, "the byte limit holds: {l1:?}");
         assert_eq!((l1.capacity, l1.max_bytes), (Some(8), Some(2 * big)));

@@ -152,25 +152,27 @@ fn reference_outputs_vary_with_the_input() {
     }
 }
 
+/// The golden check of `fixtures/models/{name}`, whose input rows are
+/// `steps × features` and whose output rows are `width` wide.
+fn variant(name: &str, [steps, features]: [usize; 2], width: usize) -> Golden {
+    let g = golden(
+        &root().join(format!("fixtures/models/{name}/model.onnx")),
+        name,
+    );
+    assert_eq!(g.engine.signature().inputs[0].dims, vec![steps, features]);
+    assert_eq!(g.engine.signature().outputs[0].dims, vec![width]);
+    g
+}
+
 #[test]
 fn variant_a_one_conv_kernel_5_one_lstm_layer() {
-    let g = golden(
-        &root().join("fixtures/models/variant_a/model.onnx"),
-        "variant_a",
-    );
-    assert_eq!(g.engine.signature().inputs[0].dims, vec![20, 8]);
-    assert_eq!(g.engine.signature().outputs[0].dims, vec![5]);
+    let g = variant("variant_a", [20, 8], 5);
     check_all_batch_sizes(&g, 16);
 }
 
 #[test]
 fn variant_b_unpadded_convs_three_lstm_layers_width_one() {
-    let g = golden(
-        &root().join("fixtures/models/variant_b/model.onnx"),
-        "variant_b",
-    );
-    assert_eq!(g.engine.signature().inputs[0].dims, vec![30, 12]);
-    assert_eq!(g.engine.signature().outputs[0].dims, vec![1]);
+    let g = variant("variant_b", [30, 12], 1);
     let arch = g.engine.architecture();
     assert_eq!((arch.conv_layers, arch.lstm_layers), (2, 3));
     check_all_batch_sizes(&g, 16);
@@ -189,8 +191,7 @@ fn a_graph_outside_the_family_is_refused_naming_the_node() {
 
 #[test]
 fn a_file_that_is_not_onnx_is_refused() {
-    let dir = std::env::temp_dir().join(format!("tickserve-not-onnx-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = tickserve_test_support::fresh_dir("tickserve-not-onnx");
     let path = dir.join("model.onnx");
     std::fs::write(&path, b"this is not a protobuf \xff\xff\xff").unwrap();
     let err = NativeEngine::load(&path).unwrap_err();
@@ -200,15 +201,22 @@ fn a_file_that_is_not_onnx_is_refused() {
     assert!(missing.to_string().contains("absent.onnx"), "{missing}");
 }
 
-#[test]
-fn splitting_a_batch_across_threads_gives_the_same_results() {
+/// The bundled model on the calling thread, the same with
+/// `with_threads(threads, callers)`, and the golden input.
+fn single_and_threaded(threads: usize, callers: usize) -> (NativeEngine, NativeEngine, Vec<f32>) {
     let path = root().join("models/cnn_lstm/1/model.onnx");
     let single = NativeEngine::load(&path).unwrap();
-    let split = NativeEngine::load(&path)
+    let threaded = NativeEngine::load(&path)
         .unwrap()
-        .with_threads(3, 1)
+        .with_threads(threads, callers)
         .unwrap();
     let (_, input) = read_npy(&root().join("fixtures/golden/cnn_lstm/input.npy"));
+    (single, threaded, input)
+}
+
+#[test]
+fn splitting_a_batch_across_threads_gives_the_same_results() {
+    let (single, split, input) = single_and_threaded(3, 1);
     for rows in [1usize, 2, 3, 7, 32] {
         let batch = Batch {
             rows,
@@ -225,14 +233,8 @@ fn splitting_a_batch_across_threads_gives_the_same_results() {
 
 #[test]
 fn batches_from_concurrent_callers_give_the_same_results() {
-    let path = root().join("models/cnn_lstm/1/model.onnx");
-    let single = NativeEngine::load(&path).unwrap();
     // Helpers sized for two callers at once (two scheduler instances).
-    let shared = NativeEngine::load(&path)
-        .unwrap()
-        .with_threads(2, 2)
-        .unwrap();
-    let (_, input) = read_npy(&root().join("fixtures/golden/cnn_lstm/input.npy"));
+    let (single, shared, input) = single_and_threaded(2, 2);
     // One row (the two-stage pipeline) and two split batches, from three
     // callers: one more than the helpers were sized for.
     let batches: Vec<Batch> = [1usize, 5, 8]

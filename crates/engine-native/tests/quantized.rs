@@ -111,8 +111,7 @@ fn static_int8_differs_from_dynamic_and_switching_back_is_dynamic() {
 
 #[test]
 fn a_bad_calibration_file_is_refused_with_a_clear_error() {
-    let dir = std::env::temp_dir().join(format!("tickserve-calibration-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = tickserve_test_support::fresh_dir("tickserve-calibration");
 
     let missing = Calibration::read_npy(&dir.join("absent.npy"), CalibrationMethod::MinMax)
         .unwrap_err()

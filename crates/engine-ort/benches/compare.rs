@@ -93,12 +93,7 @@ fn gemm_peak(threads: usize) -> f64 {
 
 fn main() {
     // `cargo bench` passes `--bench`; nothing else to parse.
-    let budget = Duration::from_secs_f64(
-        std::env::var("BENCH_SECONDS")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(1.5),
-    );
+    let budget = tickserve_test_support::bench_budget(1.5);
     let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/cnn_lstm/1/model.onnx");
     let flops_per_row = NativeEngine::load(&model)
         .map(|e| e.architecture().flops_per_row as f64)

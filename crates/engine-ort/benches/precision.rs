@@ -87,12 +87,7 @@ fn error_table(root: &Path, engines: &[(String, Box<dyn Engine>)]) {
 }
 
 fn main() {
-    let budget = Duration::from_secs_f64(
-        std::env::var("BENCH_SECONDS")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(1.5),
-    );
+    let budget = tickserve_test_support::bench_budget(1.5);
     let root = tickserve_test_support::root();
     let model = root.join("models/cnn_lstm/1/model.onnx");
     let qdq = root.join("fixtures/models/cnn_lstm_qdq/model.onnx");

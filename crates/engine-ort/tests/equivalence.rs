@@ -10,21 +10,13 @@
 use tickserve_engine::{Batch, Engine};
 use tickserve_engine_native::NativeEngine;
 use tickserve_engine_ort::OrtEngine;
-use tickserve_test_support::{read_npy, root};
+use tickserve_test_support::{max_abs_diff, read_npy, root};
 
 /// `true` when ONNX Runtime is usable; otherwise reports the skip (or
 /// fails, when TICKSERVE_REQUIRE_ORT is set).
 fn onnxruntime_or_skip(test: &str) -> bool {
     let required = std::env::var_os("TICKSERVE_REQUIRE_ORT").is_some();
     tickserve_test_support::available_or_skip(test, tickserve_engine_ort::is_available(), required)
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 fn run(engine: &dyn Engine, rows: usize, data: &[f32]) -> Vec<f32> {
@@ -64,10 +56,10 @@ fn onnxruntime_and_native_agree_with_pytorch_and_each_other() {
             let from_native = run(&native, rows, data);
             let torch = &expected[..rows * width];
             assert!(
-                max_diff(&from_ort, torch) <= 1e-5,
+                max_abs_diff(&from_ort, torch) <= 1e-5,
                 "{model} batch {rows}: ONNX Runtime vs PyTorch"
             );
-            let diff = max_diff(&from_native, &from_ort);
+            let diff = max_abs_diff(&from_native, &from_ort);
             assert!(
                 diff <= 1e-5,
                 "{model} batch {rows}: native vs ONNX Runtime differ by {diff}"
@@ -148,14 +140,14 @@ fn native_and_onnxruntime_agree_on_qdq_models() {
         for rows in [1, 3, shape[0]] {
             let data = &input[..rows * row_len];
             let got = run(&native, rows, data);
-            let live = max_diff(&got, &run(&ort, rows, data));
+            let live = max_abs_diff(&got, &run(&ort, rows, data));
             let diff = if vnni {
                 live
             } else {
                 eprintln!(
                     "{model} batch {rows}: no VNNI, ONNX Runtime here is {live:e} from the native engine; comparing with the stored VNNI answer"
                 );
-                max_diff(&got, &reference[..rows * width])
+                max_abs_diff(&got, &reference[..rows * width])
             };
             assert!(diff <= bound, "{model} batch {rows}: {diff}");
             worst = worst.max(diff);

@@ -17,7 +17,7 @@ use tickserve_model_tools::npy;
 use tickserve_model_tools::onnx::{self, FloatTensor};
 use tickserve_model_tools::prune::{PruneOptions, prune_bytes};
 
-use tickserve_test_support::root;
+use tickserve_test_support::{max_abs_diff, root};
 
 /// (model file, golden fixture, [(conv weight, dims after 25 % channel
 /// pruning)], LSTM input weight name and dims after).
@@ -78,14 +78,6 @@ fn run(engine: &dyn Engine, data: &npy::Dataset) -> Vec<f32> {
         .unwrap()
         .outputs
         .remove(0)
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 fn weight(bytes: &[u8], name: &str) -> FloatTensor {
@@ -278,7 +270,7 @@ fn removing_dead_channels_keeps_the_outputs() {
         let data = golden(arch.fixture);
         let full = run(&NativeEngine::from_bytes(&dead).unwrap(), &data);
         let narrow = run(&NativeEngine::from_bytes(&pruned).unwrap(), &data);
-        let diff = max_diff(&full, &narrow);
+        let diff = max_abs_diff(&full, &narrow);
         assert!(diff <= 1e-5, "{}: {diff}", arch.model);
     }
 }
@@ -341,8 +333,7 @@ fn pruned_models_run_the_same_in_onnxruntime_and_the_native_engine() {
     if !onnxruntime_or_skip("pruned_models_run_the_same_in_onnxruntime_and_the_native_engine") {
         return;
     }
-    let dir = std::env::temp_dir().join(format!("tickserve-prune-ort-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = tickserve_test_support::fresh_dir("tickserve-prune-ort");
     for arch in &ARCHS {
         let (pruned, report) = prune_bytes(
             &model(arch.model),
@@ -362,7 +353,7 @@ fn pruned_models_run_the_same_in_onnxruntime_and_the_native_engine() {
             format!("onnxruntime+pruned({})", report.record)
         );
         let data = golden(arch.fixture);
-        let diff = max_diff(&run(&ort, &data), &run(&native, &data));
+        let diff = max_abs_diff(&run(&ort, &data), &run(&native, &data));
         assert!(
             diff <= 1e-5,
             "{}: native vs ONNX Runtime {diff}",

@@ -235,8 +235,7 @@ fn engine_onnxruntime_runs_the_reference_model_or_says_why_not() {
 
 #[test]
 fn empty_repositories_and_models_without_versions_are_refused() {
-    let dir = std::env::temp_dir().join(format!("tickserve-empty-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = tickserve_test_support::fresh_dir("tickserve-empty");
     assert!(matches!(scan(&dir), Err(RepositoryError::Empty(_))));
     std::fs::create_dir_all(dir.join("m")).unwrap();
     std::fs::write(dir.join("m/config.toml"), VARIANT_A).unwrap();

@@ -379,46 +379,31 @@ impl InFlight {
 mod tests {
     use std::sync::Mutex;
 
-    use tickserve_engine::{DataType, Signature, TensorSpec};
     use tokio::sync::oneshot;
 
     use super::*;
+    use crate::tests::{Answers, TestEngine};
 
     /// Answers each row `[a, b]` with `[a + b, a * b]`; fails every call
     /// that holds a row whose first value is in `poison`.
     #[derive(Debug)]
     struct RowEngine {
-        signature: Signature,
         poison: Vec<f32>,
         calls: Mutex<Vec<usize>>,
     }
 
     impl RowEngine {
-        fn new(poison: &[f32]) -> Self {
-            let spec = |name: &str| TensorSpec {
-                name: name.into(),
-                datatype: DataType::Fp32,
-                dims: vec![2],
-            };
-            RowEngine {
-                signature: Signature {
-                    inputs: vec![spec("x")],
-                    outputs: vec![spec("y")],
-                },
+        fn new(poison: &[f32]) -> TestEngine<Self> {
+            TestEngine::new(RowEngine {
                 poison: poison.to_vec(),
                 calls: Mutex::new(Vec::new()),
-            }
+            })
         }
     }
 
-    impl Engine for RowEngine {
-        fn kind(&self) -> &'static str {
-            "rows"
-        }
-        fn signature(&self) -> &Signature {
-            &self.signature
-        }
-        fn infer(&self, batch: &Batch) -> Result<BatchOutput, EngineError> {
+    impl Answers for RowEngine {
+        const KIND: &'static str = "rows";
+        fn answer(&self, batch: &Batch) -> Result<BatchOutput, EngineError> {
             self.calls.lock().unwrap().push(batch.rows);
             let rows: Vec<&[f32]> = batch.inputs[0].chunks(2).collect();
             if rows.iter().any(|r| self.poison.contains(&r[0])) {
@@ -475,7 +460,7 @@ mod tests {
             .collect()
     }
 
-    fn run_all(batch: &mut InFlight, engine: &RowEngine) -> (usize, usize) {
+    fn run_all(batch: &mut InFlight, engine: &TestEngine<RowEngine>) -> (usize, usize) {
         let (mut calls, mut retries) = (0, 0);
         while !batch.is_finished() {
             let run = batch.run_chunk(engine);

@@ -11,23 +11,30 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::priority::Priority;
 
-/// A count and the total time of the counted events, Triton's `{count, ns}`.
+/// A count and the total time of the counted events, Triton's `{count, ns}`
+/// (also the server's counters for requests the result cache answers).
 #[derive(Debug, Default)]
-struct Timed {
+pub struct Timed {
     count: AtomicU64,
     ns: AtomicU64,
 }
 
 impl Timed {
-    fn add(&self, took: Duration) {
+    /// One event that took `took`.
+    pub fn add(&self, took: Duration) {
         self.count.fetch_add(1, Ordering::Relaxed);
+        self.add_ns(took);
+    }
+
+    /// Time only, no event: added to an event counted elsewhere.
+    pub fn add_ns(&self, took: Duration) {
         self.ns.fetch_add(
             took.as_nanos().min(u128::from(u64::MAX)) as u64,
             Ordering::Relaxed,
         );
     }
 
-    fn read(&self) -> Timing {
+    pub fn read(&self) -> Timing {
         Timing {
             count: self.count.load(Ordering::Relaxed),
             ns: self.ns.load(Ordering::Relaxed),

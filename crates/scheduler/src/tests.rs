@@ -22,9 +22,52 @@ mod batching;
 mod isolation;
 mod priorities;
 
+/// What a test engine does with a batch; [`TestEngine`] makes it an
+/// [`Engine`] with the [`pair_signature`].
+pub(crate) trait Answers: std::fmt::Debug + Send + Sync {
+    /// [`Engine::kind`].
+    const KIND: &'static str;
+    fn answer(&self, batch: &Batch) -> Result<BatchOutput, EngineError>;
+}
+
+/// A test engine: the [`pair_signature`] and `A`'s answers (reachable
+/// through `Deref`).
+#[derive(Debug)]
+pub(crate) struct TestEngine<A> {
+    signature: Signature,
+    answers: A,
+}
+
+impl<A> TestEngine<A> {
+    pub(crate) fn new(answers: A) -> Self {
+        TestEngine {
+            signature: pair_signature(),
+            answers,
+        }
+    }
+}
+
+impl<A> std::ops::Deref for TestEngine<A> {
+    type Target = A;
+    fn deref(&self) -> &A {
+        &self.answers
+    }
+}
+
+impl<A: Answers> Engine for TestEngine<A> {
+    fn kind(&self) -> &'static str {
+        A::KIND
+    }
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+    fn infer(&self, batch: &Batch) -> Result<BatchOutput, EngineError> {
+        self.answers.answer(batch)
+    }
+}
+
 #[derive(Debug)]
 struct FakeEngine {
-    signature: Signature,
     batches: Mutex<Vec<usize>>,
     fail: bool,
     /// Real time each batch takes, to keep the engine busy in tests that
@@ -33,28 +76,16 @@ struct FakeEngine {
 }
 
 impl FakeEngine {
-    fn new(fail: bool) -> Arc<Self> {
+    fn new(fail: bool) -> Arc<TestEngine<Self>> {
         Self::with_busy(fail, Duration::ZERO)
     }
 
-    fn with_busy(fail: bool, busy: Duration) -> Arc<Self> {
-        Arc::new(FakeEngine {
-            signature: Signature {
-                inputs: vec![TensorSpec {
-                    name: "x".into(),
-                    datatype: DataType::Fp32,
-                    dims: vec![2],
-                }],
-                outputs: vec![TensorSpec {
-                    name: "y".into(),
-                    datatype: DataType::Fp32,
-                    dims: vec![2],
-                }],
-            },
+    fn with_busy(fail: bool, busy: Duration) -> Arc<TestEngine<Self>> {
+        Arc::new(TestEngine::new(FakeEngine {
             batches: Mutex::new(Vec::new()),
             fail,
             busy,
-        })
+        }))
     }
 
     fn batches(&self) -> Vec<usize> {
@@ -62,14 +93,23 @@ impl FakeEngine {
     }
 }
 
-impl Engine for FakeEngine {
-    fn kind(&self) -> &'static str {
-        "fake"
+/// The signature of the test engines: input `x` and output `y`, two FP32
+/// values a row.
+pub(crate) fn pair_signature() -> Signature {
+    let spec = |name: &str| TensorSpec {
+        name: name.into(),
+        datatype: DataType::Fp32,
+        dims: vec![2],
+    };
+    Signature {
+        inputs: vec![spec("x")],
+        outputs: vec![spec("y")],
     }
-    fn signature(&self) -> &Signature {
-        &self.signature
-    }
-    fn infer(&self, batch: &Batch) -> Result<BatchOutput, EngineError> {
+}
+
+impl Answers for FakeEngine {
+    const KIND: &'static str = "fake";
+    fn answer(&self, batch: &Batch) -> Result<BatchOutput, EngineError> {
         self.batches.lock().unwrap().push(batch.rows);
         std::thread::sleep(self.busy);
         if self.fail {
@@ -121,6 +161,14 @@ fn at(level: i64) -> InferOptions {
     InferOptions {
         priority: Priority::new(level),
         timeout: None,
+    }
+}
+
+/// Priority `level` with a timeout of its own.
+fn at_within(level: i64, timeout: Duration) -> InferOptions {
+    InferOptions {
+        timeout: Some(timeout),
+        ..at(level)
     }
 }
 

@@ -30,32 +30,9 @@ fn json_body(rows: usize) -> Vec<u8> {
     .unwrap_or_default()
 }
 
-/// The request as a MessagePack client builds it: FP32 values as
-/// MessagePack float32 (5 bytes each), not float64.
-#[derive(serde::Serialize)]
-struct MsgpackRequest<'a> {
-    inputs: [MsgpackInput<'a>; 1],
-}
-
-#[derive(serde::Serialize)]
-struct MsgpackInput<'a> {
-    name: &'a str,
-    shape: [usize; 3],
-    datatype: &'a str,
-    data: &'a [f32],
-}
-
+/// The request as a MessagePack client builds it (FP32 values as float32).
 fn msgpack_body(rows: usize) -> Vec<u8> {
-    let data = data(rows);
-    rmp_serde::to_vec_named(&MsgpackRequest {
-        inputs: [MsgpackInput {
-            name: "input",
-            shape: [rows, 50, 60],
-            datatype: "FP32",
-            data: &data,
-        }],
-    })
-    .unwrap_or_default()
+    tickserve_test_support::msgpack_request(rows, &data(rows))
 }
 
 fn binary_body(rows: usize) -> (HeaderMap, Vec<u8>) {

@@ -86,21 +86,6 @@ fn read_ok(response: reqwest::Response) -> Ready {
     Box::pin(async move { response.status().is_success() && response.bytes().await.is_ok() })
 }
 
-/// The request as a MessagePack client builds it: FP32 values as
-/// MessagePack float32 (5 bytes each), not float64.
-#[derive(serde::Serialize)]
-struct MsgpackRequest<'a> {
-    inputs: [MsgpackInput<'a>; 1],
-}
-
-#[derive(serde::Serialize)]
-struct MsgpackInput<'a> {
-    name: &'a str,
-    shape: [usize; 3],
-    datatype: &'a str,
-    data: &'a [f32],
-}
-
 #[derive(Clone, Copy, PartialEq)]
 enum Form {
     Json,
@@ -117,15 +102,7 @@ async fn main() {
         "inputs": [{"name": "input", "shape": [args.rows, 50, 60], "datatype": "FP32", "data": data}]
     });
     let json = serde_json::to_vec(&json_value).unwrap();
-    let msgpack = rmp_serde::to_vec_named(&MsgpackRequest {
-        inputs: [MsgpackInput {
-            name: "input",
-            shape: [args.rows, 50, 60],
-            datatype: "FP32",
-            data: &data,
-        }],
-    })
-    .unwrap();
+    let msgpack = tickserve_test_support::msgpack_request(args.rows, &data);
     let raw: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
     let header = serde_json::to_vec(&serde_json::json!({
         "inputs": [{"name": "input", "shape": [args.rows, 50, 60], "datatype": "FP32",

@@ -9,13 +9,12 @@
 //! carries per-priority counts.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde::Serialize;
 use serde_json::{Value, json};
 use tickserve_engine::{DataType, TensorSpec};
-use tickserve_scheduler::stats::Timing;
+use tickserve_scheduler::stats::{Timed, Timing};
 use tickserve_scheduler::{Priority, StatsSnapshot};
 
 use crate::error::ServeError;
@@ -159,35 +158,6 @@ pub fn versions(
 }
 
 // === statistics ===
-
-/// A count and the total time of the counted events, Triton's `{count, ns}`.
-#[derive(Debug, Default)]
-struct Timed {
-    count: AtomicU64,
-    ns: AtomicU64,
-}
-
-impl Timed {
-    fn add(&self, took: Duration) {
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.add_ns(took);
-    }
-
-    /// Time only, no event: added to an event counted elsewhere.
-    fn add_ns(&self, took: Duration) {
-        self.ns.fetch_add(
-            took.as_nanos().min(u128::from(u64::MAX)) as u64,
-            Ordering::Relaxed,
-        );
-    }
-
-    fn read(&self) -> Timing {
-        Timing {
-            count: self.count.load(Ordering::Relaxed),
-            ns: self.ns.load(Ordering::Relaxed),
-        }
-    }
-}
 
 /// Per-class counts the result cache adds to the scheduler's.
 #[derive(Debug, Default)]

@@ -28,10 +28,12 @@ fn redis_config(redis: &RedisServer) -> RedisConfig {
     }
 }
 
-fn cached_config(repository: std::path::PathBuf, redis: Option<&RedisServer>) -> ServerConfig {
+/// The default cache with `redis` as L2 (none: L1 only), and the admin
+/// token.
+fn cached_config(repository: std::path::PathBuf, redis: Option<RedisConfig>) -> ServerConfig {
     ServerConfig {
         cache: CacheConfig {
-            redis: redis.map(redis_config),
+            redis,
             ..CacheConfig::default()
         },
         admin_token: Some(AdminToken::new(TOKEN)),
@@ -46,26 +48,77 @@ async fn infer(server: &TestServer, model: &str, body: &serde_json::Value) -> se
     response.json().await.unwrap()
 }
 
-async fn stats(server: &TestServer) -> serde_json::Value {
-    let response = server
-        .client
-        .get(server.url("/v2/cache/stats"))
-        .bearer_auth(TOKEN)
-        .sent()
-        .await;
+/// Sends an admin request with the token.
+async fn admin_request(request: reqwest::RequestBuilder) -> reqwest::Response {
+    request.bearer_auth(TOKEN).sent().await
+}
+
+/// Sends an admin request with the token; its JSON answer, which must be
+/// a 200.
+async fn admin(request: reqwest::RequestBuilder) -> serde_json::Value {
+    let response = admin_request(request).await;
     assert_eq!(response.status(), 200);
     response.json().await.unwrap()
 }
 
+async fn stats(server: &TestServer) -> serde_json::Value {
+    admin(server.client.get(server.url("/v2/cache/stats"))).await
+}
+
 async fn clear(server: &TestServer, model: &str, tier: &str) -> serde_json::Value {
-    let response = server
-        .client
-        .delete(server.url(&format!("/v2/cache/models/{model}?tier={tier}")))
-        .bearer_auth(TOKEN)
-        .sent()
-        .await;
-    assert_eq!(response.status(), 200);
-    response.json().await.unwrap()
+    let path = format!("/v2/cache/models/{model}?tier={tier}");
+    admin(server.client.delete(server.url(&path))).await
+}
+
+/// Asserts that no request for `model` failed (the error counter has no
+/// series for it).
+async fn assert_no_request_failed(server: &TestServer, model: &str) {
+    let metrics = server.metrics_text().await;
+    assert!(
+        !metrics.contains(&format!("batch_processing_errors_total{{model=\"{model}\"")),
+        "{metrics}"
+    );
+}
+
+/// Whether L2 hits resume (bounded, `attempts` fresh rows from
+/// `distinct_request(first..)`): a row computed now reaches Redis and is
+/// read back from it after an L1 clear. The stats of that hit, if any.
+async fn l2_hit_again(
+    server: &TestServer,
+    model: &str,
+    first: usize,
+    attempts: usize,
+) -> Option<serde_json::Value> {
+    let g = golden();
+    for attempt in 0..attempts {
+        let body = distinct_request(&g, first + attempt);
+        infer(server, model, &body).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        clear(server, model, "l1").await;
+        let before = stats(server).await["l2"]["hits"].as_u64().unwrap();
+        infer(server, model, &body).await;
+        let s = stats(server).await;
+        if s["l2"]["hits"].as_u64().unwrap() == before + 1 {
+            return Some(s);
+        }
+    }
+    None
+}
+
+/// Server `a` computes golden `rows` and writes them to Redis; `b`, which
+/// shares that Redis, must read them from it. `b`'s cache stats after.
+async fn b_reads_what_a_wrote(
+    redis: &RedisServer,
+    (a, b): (&TestServer, &TestServer),
+    model: &str,
+    rows: &[usize],
+) -> serde_json::Value {
+    let g = golden();
+    let body = request_for(&g, rows, "shared");
+    assert_golden_rows(&g, &infer(a, model, &body).await, rows);
+    wait_for_keys(redis, rows.len() as i64).await;
+    assert_golden_rows(&g, &infer(b, model, &body).await, rows);
+    stats(b).await
 }
 
 /// Rows the engine ran for `model` (every version), from the batch-size
@@ -104,7 +157,7 @@ async fn l1_hit_then_after_l1_clear_an_l2_hit_that_is_promoted() {
     let redis = RedisServer::start();
     let model = "cache_tiers";
     let repo = repository_with(model, &cnn_lstm_config(""));
-    let server = start(cached_config(repo, Some(&redis))).await;
+    let server = start(cached_config(repo, Some(redis_config(&redis)))).await;
     let g = golden();
     let body = request_for(&g, &[0, 1], "a");
 
@@ -165,14 +218,9 @@ async fn two_servers_sharing_redis_share_results() {
     let redis = RedisServer::start();
     let model = "cache_shared";
     let repo = repository_with(model, &cnn_lstm_config(""));
-    let a = start(cached_config(repo.clone(), Some(&redis))).await;
-    let b = start(cached_config(repo, Some(&redis))).await;
-    let g = golden();
-    let body = request_for(&g, &[3, 4, 5], "x");
-    assert_golden_rows(&g, &infer(&a, model, &body).await, &[3, 4, 5]);
-    wait_for_keys(&redis, 3).await;
-    assert_golden_rows(&g, &infer(&b, model, &body).await, &[3, 4, 5]);
-    let s = stats(&b).await;
+    let a = start(cached_config(repo.clone(), Some(redis_config(&redis)))).await;
+    let b = start(cached_config(repo, Some(redis_config(&redis)))).await;
+    let s = b_reads_what_a_wrote(&redis, (&a, &b), model, &[3, 4, 5]).await;
     assert_eq!(s["l2"]["hits"], 3, "{s}");
     assert_eq!(s["l1"]["misses"], 3);
     // Both servers record into one process-wide registry: 3 rows in all
@@ -187,7 +235,7 @@ async fn entries_expire_in_both_tiers() {
     let redis = RedisServer::start();
     let model = "cache_ttl";
     let repo = repository_with(model, &cnn_lstm_config("[cache]\nttl = \"300ms\"\n"));
-    let server = start(cached_config(repo, Some(&redis))).await;
+    let server = start(cached_config(repo, Some(redis_config(&redis)))).await;
     let g = golden();
     let body = request_for(&g, &[6], "t");
     infer(&server, model, &body).await;
@@ -209,7 +257,7 @@ async fn an_l2_hit_lives_in_l1_only_as_long_as_it_had_left_in_redis() {
     let redis = RedisServer::start();
     let model = "cache_remaining_ttl";
     let repo = repository_with(model, &cnn_lstm_config("[cache]\nttl = \"3s\"\n"));
-    let server = start(cached_config(repo, Some(&redis))).await;
+    let server = start(cached_config(repo, Some(redis_config(&redis)))).await;
     let g = golden();
     let body = request_for(&g, &[16], "r");
     let written = std::time::Instant::now();
@@ -243,18 +291,7 @@ async fn an_l2_hit_lives_in_l1_only_as_long_as_it_had_left_in_redis() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn versions_and_parameters_get_their_own_entries() {
     let model = "cache_keys";
-    // Both versions served (the default policy serves the latest only).
-    let config = cnn_lstm_config("").replace(
-        "max_batch_size = 32",
-        "max_batch_size = 32\nversion_policy = \"all\"",
-    );
-    let repo = repository_with(model, &config);
-    std::fs::create_dir_all(repo.join(model).join("2")).unwrap();
-    std::fs::copy(
-        repo.join(model).join("1/model.onnx"),
-        repo.join(model).join("2/model.onnx"),
-    )
-    .unwrap();
+    let repo = repository_with_two_versions(model, "");
     let server = start(cached_config(repo, None)).await;
     let g = golden();
     let body = request_for(&g, &[7], "k");
@@ -313,32 +350,18 @@ async fn versions_and_parameters_get_their_own_entries() {
     );
 
     // Admin endpoints need the token.
-    let r = server
-        .client
-        .get(server.url("/v2/cache/stats"))
-        .sent()
-        .await;
-    assert_eq!(r.status(), 401);
-    let r = server
-        .client
-        .delete(server.url("/v2/cache/models/nope"))
-        .bearer_auth(TOKEN)
-        .sent()
-        .await;
-    assert_eq!(r.status(), 404);
+    let stats_url = server.url("/v2/cache/stats");
+    assert_eq!(server.client.get(stats_url).sent().await.status(), 401);
+    let unknown = server.client.delete(server.url("/v2/cache/models/nope"));
+    assert_eq!(admin_request(unknown).await.status(), 404);
     server.shutdown().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_endpoints_are_off_without_a_token() {
     let server = start(config(root().join("models"))).await;
-    let r = server
-        .client
-        .get(server.url("/v2/cache/stats"))
-        .bearer_auth(TOKEN)
-        .sent()
-        .await;
-    assert_eq!(r.status(), 404);
+    let stats = server.client.get(server.url("/v2/cache/stats"));
+    assert_eq!(admin_request(stats).await.status(), 404);
     server.shutdown().await.unwrap();
 }
 
@@ -348,12 +371,7 @@ async fn concurrent_identical_requests_run_one_engine_row() {
     // Waiting mode and a long queue delay keep the first row waiting
     // (alone, its batch never fills) while the others arrive, so they meet
     // it in flight.
-    let repo = repository_with(
-        model,
-        &cnn_lstm_config(
-            "[dynamic_batching]\nmax_queue_delay = \"1s\"\nwork_conserving = false\n[dynamic_batching.priority.3]\ndefault_timeout = \"10s\"\n",
-        ),
-    );
+    let repo = repository_with(model, &cnn_lstm_config(&waiting_batches("")));
     let server = start(cached_config(repo, None)).await;
     let g = golden();
     let body = request_for(&g, &[8], "c");
@@ -404,7 +422,7 @@ async fn redis_dying_and_coming_back_fails_no_request() {
     let mut redis = RedisServer::start();
     let model = "cache_outage";
     let repo = repository_with(model, &cnn_lstm_config(""));
-    let server = start(cached_config(repo, Some(&redis))).await;
+    let server = start(cached_config(repo, Some(redis_config(&redis)))).await;
     let g = golden();
     for i in 0..90 {
         if i == 30 {
@@ -423,34 +441,13 @@ async fn redis_dying_and_coming_back_fails_no_request() {
         s["l2"]["errors"].as_u64().unwrap() > 0,
         "the outage was noticed: {s}"
     );
-    let metrics = server.metrics_text().await;
-    assert!(
-        !metrics.contains(&format!("batch_processing_errors_total{{model=\"{model}\"")),
-        "{metrics}"
-    );
+    assert_no_request_failed(&server, model).await;
 
-    // L2 hits resume on their own: a fresh row computed now reaches the
-    // restarted Redis and is read back from it after an L1 clear.
-    let mut resumed = false;
-    for attempt in 0..100 {
-        let body = distinct_request(&g, 1000 + attempt);
-        infer(&server, model, &body).await;
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        clear(&server, model, "l1").await;
-        let before = stats(&server).await["l2"]["hits"].as_u64().unwrap();
-        infer(&server, model, &body).await;
-        let s = stats(&server).await;
-        if s["l2"]["hits"].as_u64().unwrap() == before + 1 {
-            assert_eq!(s["l2"]["state"], "closed", "{s}");
-            resumed = true;
-            break;
-        }
-    }
-    assert!(
-        resumed,
-        "no L2 hit after Redis came back: {}",
-        stats(&server).await
-    );
+    // L2 hits resume on their own, from the restarted Redis.
+    let Some(s) = l2_hit_again(&server, model, 1000, 100).await else {
+        panic!("no L2 hit after Redis came back: {}", stats(&server).await);
+    };
+    assert_eq!(s["l2"]["state"], "closed", "{s}");
     server.shutdown().await.unwrap();
 }
 
@@ -464,18 +461,6 @@ fn tls_config(redis: &RedisServer, pki: &TestPki, client_certificate: bool) -> R
             }),
         },
         ..redis_config(redis)
-    }
-}
-
-fn with_redis(repository: std::path::PathBuf, redis: RedisConfig) -> ServerConfig {
-    ServerConfig {
-        cache: CacheConfig {
-            redis: Some(redis),
-            ..CacheConfig::default()
-        },
-        admin_token: Some(AdminToken::new(TOKEN)),
-        model_control: tickserve_server::ModelControl::default(),
-        ..config(repository)
     }
 }
 
@@ -514,14 +499,13 @@ async fn rediss_with_a_private_ca_and_a_password_shares_results() {
     );
     let model = "cache_tls";
     let repo = repository_with(model, &cnn_lstm_config(""));
-    let a = start(with_redis(repo.clone(), tls_config(&redis, &pki, false))).await;
-    let b = start(with_redis(repo, tls_config(&redis, &pki, false))).await;
-    let g = golden();
-    let body = request_for(&g, &[9, 10], "tls");
-    assert_golden_rows(&g, &infer(&a, model, &body).await, &[9, 10]);
-    wait_for_keys(&redis, 2).await;
-    assert_golden_rows(&g, &infer(&b, model, &body).await, &[9, 10]);
-    let s = stats(&b).await;
+    let a = start(cached_config(
+        repo.clone(),
+        Some(tls_config(&redis, &pki, false)),
+    ))
+    .await;
+    let b = start(cached_config(repo, Some(tls_config(&redis, &pki, false)))).await;
+    let s = b_reads_what_a_wrote(&redis, (&a, &b), model, &[9, 10]).await;
     assert_eq!(s["l2"]["hits"], 2, "B read A's rows over TLS: {s}");
     assert_eq!(s["l2"]["state"], "closed", "{s}");
     assert_eq!(s["l2"]["errors"], 0, "{s}");
@@ -540,7 +524,11 @@ async fn mutual_tls_uses_the_client_certificate() {
     });
     let model = "cache_mtls";
     let repo = repository_with(model, &cnn_lstm_config(""));
-    let server = start(with_redis(repo.clone(), tls_config(&redis, &pki, true))).await;
+    let server = start(cached_config(
+        repo.clone(),
+        Some(tls_config(&redis, &pki, true)),
+    ))
+    .await;
     let g = golden();
     let body = request_for(&g, &[11], "m");
     infer(&server, model, &body).await;
@@ -552,7 +540,7 @@ async fn mutual_tls_uses_the_client_certificate() {
 
     // Without a client certificate the server refuses the connection;
     // requests go on from memory and the engine.
-    let anonymous = start(with_redis(repo, tls_config(&redis, &pki, false))).await;
+    let anonymous = start(cached_config(repo, Some(tls_config(&redis, &pki, false)))).await;
     for round in 0..3 {
         assert_golden_rows(&g, &infer(&anonymous, model, &body).await, &[11]);
         if round == 0 {
@@ -576,7 +564,7 @@ async fn a_wrong_ca_is_a_clear_error_and_no_request_fails() {
     });
     let model = "cache_wrong_ca";
     let repo = repository_with(model, &cnn_lstm_config(""));
-    let server = start(with_redis(repo, tls_config(&redis, &other, false))).await;
+    let server = start(cached_config(repo, Some(tls_config(&redis, &other, false)))).await;
     let g = golden();
     for i in 0..6 {
         // Every other request repeats the first row: L1 still works.
@@ -601,10 +589,7 @@ async fn a_wrong_ca_is_a_clear_error_and_no_request_fails() {
         metrics.contains("tickserve_cache_redis_errors_total{operation=\"connect\"}"),
         "{metrics}"
     );
-    assert!(
-        !metrics.contains(&format!("batch_processing_errors_total{{model=\"{model}\"")),
-        "{metrics}"
-    );
+    assert_no_request_failed(&server, model).await;
     server.shutdown().await.unwrap();
 }
 
@@ -613,12 +598,12 @@ async fn a_paused_redis_times_out_opens_the_breaker_and_comes_back() {
     let redis = RedisServer::start();
     let model = "cache_slow";
     let repo = repository_with(model, &cnn_lstm_config(""));
-    let server = start(with_redis(
+    let server = start(cached_config(
         repo,
-        RedisConfig {
+        Some(RedisConfig {
             timeout: Duration::from_millis(50),
             ..redis_config(&redis)
-        },
+        }),
     ))
     .await;
     let g = golden();
@@ -644,29 +629,10 @@ async fn a_paused_redis_times_out_opens_the_breaker_and_comes_back() {
 
     // After the pause, the breaker's probe succeeds and L2 is used again.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let mut resumed = false;
-    for attempt in 0..50 {
-        let body = distinct_request(&g, 5000 + attempt);
-        infer(&server, model, &body).await;
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        clear(&server, model, "l1").await;
-        let before = stats(&server).await["l2"]["hits"].as_u64().unwrap();
-        infer(&server, model, &body).await;
-        if stats(&server).await["l2"]["hits"].as_u64().unwrap() == before + 1 {
-            resumed = true;
-            break;
-        }
+    if l2_hit_again(&server, model, 5000, 50).await.is_none() {
+        panic!("no L2 hit after the pause: {}", stats(&server).await);
     }
-    assert!(
-        resumed,
-        "no L2 hit after the pause: {}",
-        stats(&server).await
-    );
-    let metrics = server.metrics_text().await;
-    assert!(
-        !metrics.contains(&format!("batch_processing_errors_total{{model=\"{model}\"")),
-        "{metrics}"
-    );
+    assert_no_request_failed(&server, model).await;
     server.shutdown().await.unwrap();
 }
 

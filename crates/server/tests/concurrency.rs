@@ -95,13 +95,7 @@ async fn sixty_four_concurrent_clients_each_get_their_golden_rows_in_shared_batc
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_disconnects_while_queued_is_dropped_before_the_engine() {
-    let repo = repository_with(
-        "slow",
-        &cnn_lstm_config(
-            "[dynamic_batching]\nmax_queue_delay = \"1s\"\nwork_conserving = false\n[dynamic_batching.priority.3]\ndefault_timeout = \"10s\"\n",
-        ),
-    );
-    let server = start(config(repo)).await;
+    let server = start_model("slow", &waiting_batches("")).await;
     let golden = golden();
 
     // A raw connection that sends a full request and hangs up while the

@@ -83,8 +83,7 @@ async fn sla_view_and_dashboard_show_live_numbers() {
 
     // Real browser: let the page's script fetch /v2/sla and fill the
     // panels, then read the DOM and take a screenshot.
-    let dir = std::env::temp_dir().join(format!("tickserve-dashboard-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = tickserve_test_support::fresh_dir("tickserve-dashboard");
     let url = server.url("/dashboard");
     let chromium = chromium();
     let dir2 = dir.clone();
@@ -104,32 +103,25 @@ async fn sla_view_and_dashboard_show_live_numbers() {
                 "--virtual-time-budget=5000".to_owned(),
             ]
         };
-        let out = Command::new(&chromium)
-            .args(common_flags("dom"))
-            .arg("--dump-dom")
-            .arg(&url)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "chromium failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let shot = Command::new(&chromium)
-            .args(common_flags("shot"))
-            .arg("--window-size=1280,1000")
-            .arg(format!(
-                "--screenshot={}",
-                dir2.join("dashboard.png").display()
-            ))
-            .arg(&url)
-            .output()
-            .unwrap();
-        assert!(
-            shot.status.success(),
-            "chromium screenshot failed: {}",
-            String::from_utf8_lossy(&shot.stderr)
-        );
+        // Runs chromium on the page with its own profile and `extra`
+        // arguments; its output, which must be a success.
+        let run = |profile: &str, extra: &[String]| {
+            let out = Command::new(&chromium)
+                .args(common_flags(profile))
+                .args(extra)
+                .arg(&url)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "chromium ({profile}) failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            out
+        };
+        let out = run("dom", &["--dump-dom".to_owned()]);
+        let screenshot = format!("--screenshot={}", dir2.join("dashboard.png").display());
+        run("shot", &["--window-size=1280,1000".to_owned(), screenshot]);
         String::from_utf8(out.stdout).unwrap()
     })
     .await

@@ -353,13 +353,7 @@ async fn errors_map_to_grpc_codes_with_the_reason() {
 #[tokio::test]
 async fn a_full_queue_is_resource_exhausted_as_http_is_429() {
     // As the HTTP test: waiting mode, a long delay and a queue of two.
-    let repo = repository_with(
-        "cnn_lstm",
-        &cnn_lstm_config(
-            "[dynamic_batching]\nmax_queue_delay = \"1s\"\nmax_queue_size = 2\nwork_conserving = false\n[dynamic_batching.priority.3]\ndefault_timeout = \"10s\"\n",
-        ),
-    );
-    let server = start(config(repo)).await;
+    let server = start_model("cnn_lstm", &waiting_batches("max_queue_size = 2\n")).await;
     let golden = golden();
     let c = client(&server).await;
     let send = |i: usize| {
@@ -382,8 +376,7 @@ async fn a_full_queue_is_resource_exhausted_as_http_is_429() {
 async fn a_grpc_request_counts_under_its_priority_and_reaches_the_sla_view() {
     // A model name of its own: the metrics recorder is shared by every
     // server of this test binary.
-    let repo = repository_with("grpc_priority", &cnn_lstm_config(""));
-    let server = start(config(repo)).await;
+    let server = start_model("grpc_priority", "").await;
     let golden = golden();
     let mut c = client(&server).await;
     let mut prioritised = request("p1", 1, rows_of(&golden, &[0]), false);

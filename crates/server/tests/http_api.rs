@@ -40,12 +40,6 @@ async fn post_json(server: &TestServer, path: &str, body: &Value) -> (u16, Value
     post(server, path, serde_json::to_vec(body).unwrap()).await
 }
 
-fn error_of(body: &Value) -> &str {
-    body["error"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no error message in {body}"))
-}
-
 #[tokio::test]
 async fn server_metadata_and_health() {
     let server = start_default().await;
@@ -357,13 +351,7 @@ async fn a_full_queue_answers_429_with_retry_after_and_says_so() {
     // Waiting mode, a long delay and a queue of two: the first two
     // requests wait in the queue (the batch is not full), the third finds
     // it full.
-    let repo = repository_with(
-        "cnn_lstm",
-        &cnn_lstm_config(
-            "[dynamic_batching]\nmax_queue_delay = \"1s\"\nmax_queue_size = 2\nwork_conserving = false\n[dynamic_batching.priority.3]\ndefault_timeout = \"10s\"\n",
-        ),
-    );
-    let server = start(config(repo)).await;
+    let server = start_model("cnn_lstm", &waiting_batches("max_queue_size = 2\n")).await;
     let golden = golden();
     let send = |i: usize| {
         let client = server.client.clone();
@@ -405,13 +393,11 @@ async fn a_full_queue_answers_429_with_retry_after_and_says_so() {
 
 #[tokio::test]
 async fn shutdown_drains_queued_requests_then_returns() {
-    let repo = repository_with(
+    let mut server = start_model(
         "cnn_lstm",
-        &cnn_lstm_config(
-            "[dynamic_batching]\nmax_queue_delay = \"400ms\"\nwork_conserving = false\n",
-        ),
-    );
-    let mut server = start(config(repo)).await;
+        "[dynamic_batching]\nmax_queue_delay = \"400ms\"\nwork_conserving = false\n",
+    )
+    .await;
     let golden = golden();
     let client = server.client.clone();
     let url = server.url("/v2/models/cnn_lstm/infer");

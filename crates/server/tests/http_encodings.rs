@@ -71,14 +71,16 @@ async fn binary_inputs_and_outputs_round_trip() {
     .unwrap();
     let mut body = header.clone();
     body.extend_from_slice(&data);
-    let response = server
-        .client
-        .post(server.url("/v2/models/cnn_lstm/infer"))
-        .header(HEADER_LEN, header.len())
-        .header("content-type", "application/octet-stream")
-        .body(body)
-        .sent()
-        .await;
+    let header_len = header.len().to_string();
+    let response = post_bytes(
+        &server,
+        &[
+            (HEADER_LEN, &header_len),
+            ("content-type", "application/octet-stream"),
+        ],
+        body,
+    )
+    .await;
     assert_eq!(response.status(), 200);
     let (json, tail) = split_binary(response).await;
     assert_eq!(json["id"], "bin");
@@ -101,13 +103,12 @@ async fn binary_inputs_and_outputs_round_trip() {
 async fn the_raw_single_input_form_answers_binary() {
     let server = start_default().await;
     let golden = golden();
-    let response = server
-        .client
-        .post(server.url("/v2/models/cnn_lstm/infer"))
-        .header(HEADER_LEN, "0")
-        .body(le_bytes(&input_rows(&golden, &[3])))
-        .sent()
-        .await;
+    let response = post_bytes(
+        &server,
+        &[(HEADER_LEN, "0")],
+        le_bytes(&input_rows(&golden, &[3])),
+    )
+    .await;
     assert_eq!(response.status(), 200);
     let (json, tail) = split_binary(response).await;
     assert_eq!(json["outputs"][0]["shape"], json!([1, 3]));
@@ -151,14 +152,15 @@ async fn msgpack_requests_and_answers_have_the_json_structure() {
     let golden = golden();
     let request = request_for(&golden, &[0, 4], "mp");
     let body = rmp_serde::to_vec_named(&request).unwrap();
-    let response = server
-        .client
-        .post(server.url("/v2/models/cnn_lstm/infer"))
-        .header("content-type", "application/msgpack")
-        .header("accept", "application/msgpack")
-        .body(body)
-        .sent()
-        .await;
+    let response = post_bytes(
+        &server,
+        &[
+            ("content-type", "application/msgpack"),
+            ("accept", "application/msgpack"),
+        ],
+        body,
+    )
+    .await;
     assert_eq!(response.status(), 200);
     assert_eq!(
         response.headers()["content-type"].to_str().unwrap(),
@@ -170,26 +172,32 @@ async fn msgpack_requests_and_answers_have_the_json_structure() {
 
     // Without Accept: msgpack in, JSON out.
     let body = rmp_serde::to_vec_named(&request).unwrap();
-    let response = server
-        .client
-        .post(server.url("/v2/models/cnn_lstm/infer"))
-        .header("content-type", "application/msgpack")
-        .body(body)
-        .sent()
-        .await;
+    let response = post_bytes(&server, &[("content-type", "application/msgpack")], body).await;
     let answer: Value = response.json().await.unwrap();
     assert_golden_rows(&golden, &answer, &[0, 4]);
 
-    let garbage = server
-        .client
-        .post(server.url("/v2/models/cnn_lstm/infer"))
-        .header("content-type", "application/msgpack")
-        .body(vec![0xc1, 0x00])
-        .sent()
-        .await;
+    let garbage = post_bytes(
+        &server,
+        &[("content-type", "application/msgpack")],
+        vec![0xc1, 0x00],
+    )
+    .await;
     assert_eq!(garbage.status(), 400);
     assert!(garbage.text().await.unwrap().contains("MessagePack"));
     server.shutdown().await.unwrap();
+}
+
+/// POSTs `body` to the bundled model's infer endpoint with `headers`.
+async fn post_bytes(
+    server: &TestServer,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> reqwest::Response {
+    let mut request = server.client.post(server.url("/v2/models/cnn_lstm/infer"));
+    for &(name, value) in headers {
+        request = request.header(name, value);
+    }
+    request.body(body).sent().await
 }
 
 fn gzip(bytes: &[u8]) -> Vec<u8> {
@@ -212,15 +220,16 @@ async fn a_max_batch_request_round_trips_gzip_and_is_smaller_on_the_wire() {
         compressed.len(),
         plain.len()
     );
-    let response = server
-        .client
-        .post(server.url("/v2/models/cnn_lstm/infer"))
-        .header("content-type", "application/json")
-        .header("content-encoding", "gzip")
-        .header("accept-encoding", "gzip")
-        .body(compressed)
-        .sent()
-        .await;
+    let response = post_bytes(
+        &server,
+        &[
+            ("content-type", "application/json"),
+            ("content-encoding", "gzip"),
+            ("accept-encoding", "gzip"),
+        ],
+        compressed,
+    )
+    .await;
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["content-encoding"], "gzip");
     let wire = response.bytes().await.unwrap();
@@ -235,13 +244,12 @@ async fn a_max_batch_request_round_trips_gzip_and_is_smaller_on_the_wire() {
     // deflate (zlib) request body, plain answer.
     let mut encoder = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
     encoder.write_all(&plain).unwrap();
-    let response = server
-        .client
-        .post(server.url("/v2/models/cnn_lstm/infer"))
-        .header("content-encoding", "deflate")
-        .body(encoder.finish().unwrap())
-        .sent()
-        .await;
+    let response = post_bytes(
+        &server,
+        &[("content-encoding", "deflate")],
+        encoder.finish().unwrap(),
+    )
+    .await;
     assert_eq!(response.status(), 200);
     assert!(response.headers().get("content-encoding").is_none());
     assert_golden_rows(&golden, &response.json().await.unwrap(), &rows);

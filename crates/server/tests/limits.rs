@@ -33,28 +33,37 @@ async fn read_to_close(stream: &mut TcpStream) -> String {
     String::from_utf8_lossy(&answer).into_owned()
 }
 
+/// Starts a server with `limits`, sends it `parts` on one connection and
+/// stops there: the server, everything it sent until it closed the
+/// connection, and how long that took.
+async fn stall(limits: Limits, parts: &[&[u8]]) -> (TestServer, String, Duration) {
+    let server = start(with_limits(limits)).await;
+    let mut stream = TcpStream::connect(server.http).await.unwrap();
+    for part in parts {
+        stream.write_all(part).await.unwrap();
+    }
+    let started = tokio::time::Instant::now();
+    let answer = read_to_close(&mut stream).await;
+    (server, answer, started.elapsed())
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_body_that_stalls_gets_408() {
-    let server = start(with_limits(Limits {
+    let limits = Limits {
         body_read_timeout: Duration::from_secs(30),
         ..Limits::default()
-    }))
-    .await;
-    let mut stream = TcpStream::connect(server.http).await.unwrap();
+    };
     // Headers promise 10 000 bytes; a tenth arrives, then nothing.
     let head = "POST /v2/models/cnn_lstm/infer HTTP/1.1\r\nhost: localhost\r\n\
                 content-type: application/json\r\ncontent-length: 10000\r\n\r\n";
-    stream.write_all(head.as_bytes()).await.unwrap();
-    stream.write_all(&[b' '; 1000][..]).await.unwrap();
-    let started = tokio::time::Instant::now();
-    let answer = read_to_close(&mut stream).await;
+    let (server, answer, waited) = stall(limits, &[head.as_bytes(), &[b' '; 1000]]).await;
     assert!(
         answer.starts_with("HTTP/1.1 408"),
         "a stalled body was answered: {answer}"
     );
     assert!(answer.contains("--body-read-timeout"), "{answer}");
     // The paused clock moved by the timeout, no less.
-    assert!(started.elapsed() >= Duration::from_secs(30));
+    assert!(waited >= Duration::from_secs(30));
     // A client that sends its whole body is still answered.
     let golden = golden();
     let response = server.infer(&request_for(&golden, &[2], "whole")).await;
@@ -64,23 +73,17 @@ async fn a_body_that_stalls_gets_408() {
 
 #[tokio::test(start_paused = true)]
 async fn headers_that_stall_close_the_connection() {
-    let server = start(with_limits(Limits {
+    let limits = Limits {
         header_read_timeout: Duration::from_secs(10),
         ..Limits::default()
-    }))
-    .await;
-    let mut stream = TcpStream::connect(server.http).await.unwrap();
-    stream
-        .write_all(b"GET /v2/health/live HTTP/1.1\r\nhost: localhost\r\n")
-        .await
-        .unwrap();
-    let started = tokio::time::Instant::now();
-    let answer = read_to_close(&mut stream).await;
+    };
+    let head = b"GET /v2/health/live HTTP/1.1\r\nhost: localhost\r\n";
+    let (server, answer, waited) = stall(limits, &[head]).await;
     assert!(
         !answer.contains("200 OK"),
         "answered unfinished headers: {answer}"
     );
-    assert!(started.elapsed() >= Duration::from_secs(10));
+    assert!(waited >= Duration::from_secs(10));
     server.shutdown().await.unwrap();
 }
 

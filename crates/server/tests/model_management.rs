@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 use tickserve_test_support::RequestExt;
 
-use common::{TestServer, assert_golden_rows, config, golden, request_for, root, start};
+use common::{TestServer, assert_golden_rows, config, error_of, golden, request_for, root, start};
 use serde_json::{Value, json};
 use tickserve_server::{ControlMode, ModelControl, ServerConfig};
 
@@ -186,13 +186,7 @@ async fn explicit_mode_loads_unloads_and_reports_the_index() {
     assert_eq!(config["max_batch_size"], 4);
     let (status, body) = post(&server, "/v2/repository/models/nope/load", json!({})).await;
     assert_eq!(status, 400);
-    assert!(
-        body["error"]
-            .as_str()
-            .unwrap()
-            .contains("no such model folder"),
-        "{body}"
-    );
+    assert!(error_of(&body).contains("no such model folder"), "{body}");
     assert!(!index(&server).await.iter().any(|r| r["name"] == "nope"));
     server.shutdown().await.unwrap();
 }
@@ -205,10 +199,7 @@ async fn load_and_unload_are_refused_outside_explicit_mode() {
     let (status, body) = post(&server, "/v2/repository/models/a/unload", json!({})).await;
     assert_eq!(status, 400);
     assert!(
-        body["error"]
-            .as_str()
-            .unwrap()
-            .contains("--model-control-mode none"),
+        error_of(&body).contains("--model-control-mode none"),
         "{body}"
     );
     assert_eq!(infer_golden(&server, "a").await.0, 200);

@@ -33,15 +33,13 @@ async fn real_time_requests_overtake_a_background_flood() {
     // and engine share it) a batch can take far longer than its 9 ms, so
     // real-time requests get a 2 s timeout instead of 100 ms, which
     // admission control would rightly refuse.
-    let repo = repository_with(
-        "cnn_lstm",
-        &cnn_lstm_config(
-            "[dynamic_batching.priority.5]\nmax_queue_size = 60\n[dynamic_batching.priority.1]\ndefault_timeout = \"2s\"\n[adaptive_batching]\nenabled = false\n[cache]\nenabled = false\n",
-        ),
-    );
     // The flood repeats its rows: with the result cache on, they would be
     // answered without ever queueing (hence `[cache] enabled = false`).
-    let server = start(config(repo)).await;
+    let server = start_model(
+        "cnn_lstm",
+        "[dynamic_batching.priority.5]\nmax_queue_size = 60\n[dynamic_batching.priority.1]\ndefault_timeout = \"2s\"\n[adaptive_batching]\nenabled = false\n[cache]\nenabled = false\n",
+    )
+    .await;
     let golden = golden();
     let url = server.url("/v2/models/cnn_lstm/infer");
     // Eight rows per background request: the engine, not the HTTP front end

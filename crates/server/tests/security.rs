@@ -27,6 +27,15 @@ fn infer_request() -> pb::ModelInferRequest {
     grpc_request("auth", 1, golden().input[..ROW].to_vec(), false)
 }
 
+/// The bundled repository behind token authentication ([`TOKEN`]).
+async fn start_with_token() -> TestServer {
+    start(ServerConfig {
+        auth: Some(AuthConfig::Token(TOKEN.into())),
+        ..config(root().join("models"))
+    })
+    .await
+}
+
 fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     request
@@ -37,11 +46,7 @@ fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {
 
 #[tokio::test]
 async fn http_routes_need_the_token_and_health_and_metrics_do_not() {
-    let server = start(ServerConfig {
-        auth: Some(AuthConfig::Token(TOKEN.into())),
-        ..config(root().join("models"))
-    })
-    .await;
+    let server = start_with_token().await;
     let golden = golden();
     let body = request_for(&golden, &[0], "auth");
     let url = server.url("/v2/models/cnn_lstm/infer");
@@ -104,11 +109,7 @@ async fn http_routes_need_the_token_and_health_and_metrics_do_not() {
 
 #[tokio::test]
 async fn grpc_calls_need_the_token_and_health_does_not() {
-    let server = start(ServerConfig {
-        auth: Some(AuthConfig::Token(TOKEN.into())),
-        ..config(root().join("models"))
-    })
-    .await;
+    let server = start_with_token().await;
     let mut client = GrpcInferenceServiceClient::connect(format!("http://{}", server.grpc))
         .await
         .unwrap();
@@ -301,6 +302,20 @@ async fn grpc_tls_client(
     Ok(GrpcInferenceServiceClient::new(channel))
 }
 
+/// A gRPC inference over TLS (with a client certificate when
+/// `client_certificate`) is answered.
+async fn assert_grpc_tls_answers(server: &TlsServer, pki: &TestPki, client_certificate: bool) {
+    let mut client = grpc_tls_client(server, pki, client_certificate)
+        .await
+        .unwrap();
+    let answer = client
+        .model_infer(infer_request())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.outputs[0].shape, vec![1, 3]);
+}
+
 #[tokio::test]
 async fn tls_serves_http_and_grpc_and_refuses_plain_text() {
     let pki = pki("plain");
@@ -326,13 +341,7 @@ async fn tls_serves_http_and_grpc_and_refuses_plain_text() {
         .await;
     assert!(plain.is_err(), "plain HTTP answered on a TLS port");
 
-    let mut client = grpc_tls_client(&server, &pki, false).await.unwrap();
-    let answer = client
-        .model_infer(infer_request())
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(answer.outputs[0].shape, vec![1, 3]);
+    assert_grpc_tls_answers(&server, &pki, false).await;
     server.shutdown().await;
 }
 
@@ -392,13 +401,7 @@ async fn mutual_tls_needs_a_client_certificate_from_the_ca() {
         "answered a client certificate of another CA"
     );
 
-    let mut client = grpc_tls_client(&server, &pki, true).await.unwrap();
-    let answer = client
-        .model_infer(infer_request())
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(answer.outputs[0].shape, vec![1, 3]);
+    assert_grpc_tls_answers(&server, &pki, true).await;
     let without = match grpc_tls_client(&server, &pki, false).await {
         Err(_) => true,
         Ok(mut client) => client.model_infer(infer_request()).await.is_err(),

@@ -92,15 +92,30 @@ async fn one_shutdown(clients: usize, after: Duration) -> Arc<Outcomes> {
             Arc::clone(&stop),
         );
         tasks.push(tokio::spawn(async move {
-            // Bounded: at most this many requests per client.
-            for _ in 0..10_000 {
-                if stop.load(Ordering::Relaxed) {
-                    break;
-                }
+            for () in until_stopped(&stop) {
                 outcomes.record(send(&client, &url, &body).await);
             }
         }));
     }
+    shut_down_under_load(&mut server, after, &stop, tasks).await;
+    outcomes
+}
+
+/// A client's rounds: until `stop` is set, and at most 10 000 (bounded).
+fn until_stopped(stop: &AtomicBool) -> impl Iterator<Item = ()> + '_ {
+    (0..10_000)
+        .map(|_| ())
+        .take_while(|()| !stop.load(Ordering::Relaxed))
+}
+
+/// Shuts `server` down after `after` while the client `tasks` run, checks
+/// that it stopped cleanly, then stops the clients and waits for them.
+async fn shut_down_under_load(
+    server: &mut TestServer,
+    after: Duration,
+    stop: &AtomicBool,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+) {
     tokio::time::sleep(after).await;
     server.trigger_shutdown();
     let result = server.task.take().unwrap().await.unwrap();
@@ -111,7 +126,6 @@ async fn one_shutdown(clients: usize, after: Duration) -> Arc<Outcomes> {
     for task in tasks {
         task.await.unwrap();
     }
-    outcomes
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -215,24 +229,14 @@ mod grpc {
                     Arc::clone(&stop),
                 );
                 tasks.push(tokio::spawn(async move {
-                    for _ in 0..10_000 {
-                        if stop.load(Ordering::Relaxed) {
-                            break;
-                        }
+                    for () in until_stopped(&stop) {
                         let outcome = call(shared.as_ref(), &endpoint, request(&golden)).await;
                         *outcomes.lock().unwrap().entry(outcome).or_default() += 1;
                     }
                 }));
             }
-            tokio::time::sleep(Duration::from_millis(300 + 37 * round)).await;
-            server.trigger_shutdown();
-            let result = server.task.take().unwrap().await.unwrap();
-            assert!(result.is_ok(), "{result:?}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            stop.store(true, Ordering::Relaxed);
-            for task in tasks {
-                task.await.unwrap();
-            }
+            let after = Duration::from_millis(300 + 37 * round);
+            shut_down_under_load(&mut server, after, &stop, tasks).await;
             for (outcome, n) in outcomes.lock().unwrap().iter() {
                 *seen.entry(outcome.clone()).or_default() += n;
             }

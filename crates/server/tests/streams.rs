@@ -91,18 +91,10 @@ fn window_of(rows: &[Vec<f32>]) -> Vec<Vec<f32>> {
     rows[rows.len() - T..].to_vec()
 }
 
-async fn start_with(name: &str, stream_table: &str) -> TestServer {
-    start(config(repository_with(
-        name,
-        &cnn_lstm_config(stream_table),
-    )))
-    .await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_answers_equal_whole_windows_across_starts_ends_evictions_and_restarts() {
     let model = "streams_equal";
-    let server = start_with(model, "[stream]\nmax_streams = 2").await;
+    let server = start_model(model, "[stream]\nmax_streams = 2").await;
     let rows = series(T + 40);
 
     // A starts with a whole window, then gets one tick at a time, then
@@ -269,7 +261,7 @@ async fn stream_answers_equal_whole_windows_across_starts_ends_evictions_and_res
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn padding_with_zeros_answers_like_the_padded_window() {
     let model = "streams_pad";
-    let server = start_with(model, "[stream]\nwarmup = \"pad\"").await;
+    let server = start_model(model, "[stream]\nwarmup = \"pad\"").await;
     let rows = series(3);
     let answer = answered(
         &server,
@@ -290,7 +282,7 @@ async fn padding_with_zeros_answers_like_the_padded_window() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_sequences_get_clear_errors_and_leave_the_window_unchanged() {
     let model = "streams_bad";
-    let server = start_with(model, "").await;
+    let server = start_model(model, "").await;
     let rows = series(T + 2);
     let id = json!(77);
     answered(
@@ -370,7 +362,7 @@ async fn bad_sequences_get_clear_errors_and_leave_the_window_unchanged() {
 async fn concurrent_ticks_on_one_stream_are_applied_one_at_a_time() {
     const N: usize = 6;
     let model = "streams_concurrent";
-    let server = start_with(model, "").await;
+    let server = start_model(model, "").await;
     let rows = series(T + N);
     let id = json!("one");
     answered(
@@ -465,7 +457,7 @@ fn grpc_request(
 async fn grpc_streams_answer_like_whole_windows_and_map_their_errors() {
     use pb::infer_parameter::ParameterChoice::{StringParam, Uint64Param};
     let model = "streams_grpc";
-    let server = start_with(model, "").await;
+    let server = start_model(model, "").await;
     let mut client = GrpcInferenceServiceClient::connect(format!("http://{}", server.grpc))
         .await
         .unwrap();

@@ -16,9 +16,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-use opentelemetry_proto::tonic::common::v1::any_value::Value;
-use opentelemetry_proto::tonic::trace::v1::Span;
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use tickserve_server::grpc::pb;
 use tickserve_server::grpc::pb::grpc_inference_service_client::GrpcInferenceServiceClient;
@@ -29,58 +26,6 @@ const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const PARENT_ID: &str = "00f067aa0ba902b7";
 /// The spans under a request's `infer` span when its rows miss the cache.
 const CHILDREN: [&str; 5] = ["decode", "cache", "queue", "engine", "encode"];
-
-/// An OTLP trace receiver: hands every export to the test.
-/// A received span with its service name.
-#[derive(Debug, Clone)]
-struct Received {
-    service: String,
-    span: Span,
-}
-
-impl Received {
-    fn attribute(&self, key: &str) -> Option<String> {
-        self.span
-            .attributes
-            .iter()
-            .find(|kv| kv.key == key)
-            .and_then(|kv| kv.value.as_ref()?.value.as_ref())
-            .map(|value| match value {
-                Value::StringValue(s) => s.clone(),
-                Value::IntValue(i) => i.to_string(),
-                other => format!("{other:?}"),
-            })
-    }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn spans_of(export: ExportTraceServiceRequest) -> Vec<Received> {
-    let mut spans = Vec::new();
-    for resource in export.resource_spans {
-        let service = resource
-            .resource
-            .iter()
-            .flat_map(|r| &r.attributes)
-            .find(|kv| kv.key == "service.name")
-            .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
-                Value::StringValue(s) => Some(s.clone()),
-                _ => None,
-            })
-            .unwrap_or_default();
-        for scope in resource.scope_spans {
-            for span in scope.spans {
-                spans.push(Received {
-                    service: service.clone(),
-                    span,
-                });
-            }
-        }
-    }
-    spans
-}
 
 /// The spans of trace `trace_id`: its `infer` span and its children by
 /// name. Panics unless each named child is there exactly once, as a child

@@ -25,13 +25,7 @@ fn series(metrics: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_versions_keep_separate_series() {
     let model = "two_versions";
-    // Both versions served (Triton's default policy serves the latest).
-    let config_toml = cnn_lstm_config("[cache]\nenabled = false\n").replace(
-        "max_batch_size = 32",
-        "max_batch_size = 32\nversion_policy = \"all\"",
-    );
-    let repo = repository_with(model, &config_toml);
-    with_version(&repo, model, 2);
+    let repo = repository_with_two_versions(model, "[cache]\nenabled = false\n");
     let server = start(config(repo)).await;
     let golden = golden();
     let body = request_for(&golden, &[3], "v");

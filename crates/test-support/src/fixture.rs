@@ -109,3 +109,30 @@ pub fn available_or_skip<E: std::fmt::Display>(
         }
     }
 }
+
+/// The message of an error answer (`{"error": "…"}`); panics without one.
+pub fn error_of(body: &serde_json::Value) -> &str {
+    body["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error message in {body}"))
+}
+
+/// The largest absolute difference between two outputs of equal length.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// A benchmark's time budget: `BENCH_SECONDS` when set, else
+/// `default_seconds`.
+pub fn bench_budget(default_seconds: f64) -> std::time::Duration {
+    std::time::Duration::from_secs_f64(
+        std::env::var("BENCH_SECONDS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(default_seconds),
+    )
+}

@@ -26,11 +26,17 @@ mod server;
 pub mod tls;
 
 pub use fixture::{
-    Golden, ROW, argmax, assert_golden_rows, available_or_skip, golden, read_npy, request_for,
-    root, sine_input,
+    Golden, ROW, argmax, assert_golden_rows, available_or_skip, bench_budget, error_of, golden,
+    max_abs_diff, read_npy, request_for, root, sine_input,
 };
 #[cfg(feature = "otlp")]
-pub use otlp::{OtlpReceiver, otlp_receiver};
-pub use repo::{cnn_lstm_config, fresh_dir, repository_with, with_version};
+pub use otlp::{OtlpReceiver, Received, hex, otlp_receiver, spans_of};
+pub use repo::{
+    cnn_lstm_config, fresh_dir, repository_with, repository_with_two_versions, waiting_batches,
+    with_version,
+};
 #[cfg(feature = "server")]
-pub use server::{RequestExt, TestServer, config, grpc_request, start, start_default};
+pub use server::{
+    RequestExt, TestServer, config, grpc_request, msgpack_request, start, start_default,
+    start_model,
+};

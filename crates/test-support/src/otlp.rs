@@ -1,6 +1,6 @@
 //! An OTLP trace receiver on 127.0.0.1:0, for the tests of the trace
 //! export: every export request it gets is handed to the test through a
-//! channel.
+//! channel, and the spans of an export with their service name.
 
 use std::net::SocketAddr;
 
@@ -10,6 +10,8 @@ use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
 use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
+use opentelemetry_proto::tonic::common::v1::any_value::Value;
+use opentelemetry_proto::tonic::trace::v1::Span;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -58,4 +60,59 @@ pub async fn otlp_receiver(capacity: usize) -> OtlpReceiver {
         exports,
         task,
     }
+}
+
+/// A received span with its service name.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub service: String,
+    pub span: Span,
+}
+
+impl Received {
+    /// The value of the span's attribute `key`, as text.
+    pub fn attribute(&self, key: &str) -> Option<String> {
+        self.span
+            .attributes
+            .iter()
+            .find(|kv| kv.key == key)
+            .and_then(|kv| kv.value.as_ref()?.value.as_ref())
+            .map(|value| match value {
+                Value::StringValue(s) => s.clone(),
+                Value::IntValue(i) => i.to_string(),
+                other => format!("{other:?}"),
+            })
+    }
+}
+
+/// A trace or span id as lower-case hex.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Every span of an export, each with its resource's `service.name`
+/// (empty when it has none).
+pub fn spans_of(export: ExportTraceServiceRequest) -> Vec<Received> {
+    let mut spans = Vec::new();
+    for resource in export.resource_spans {
+        let service = resource
+            .resource
+            .iter()
+            .flat_map(|r| &r.attributes)
+            .find(|kv| kv.key == "service.name")
+            .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
+                Value::StringValue(s) => Some(s.clone()),
+                _ => None,
+            })
+            .unwrap_or_default();
+        for scope in resource.scope_spans {
+            for span in scope.spans {
+                spans.push(Received {
+                    service: service.clone(),
+                    span,
+                });
+            }
+        }
+    }
+    spans
 }

@@ -29,6 +29,19 @@ pub fn repository_with(name: &str, config_toml: &str) -> PathBuf {
     dir
 }
 
+/// A repository like [`repository_with`]`(name, cnn_lstm_config(extra))`
+/// that holds versions 1 and 2 and serves both (`version_policy = "all"`;
+/// the default serves the latest only).
+pub fn repository_with_two_versions(name: &str, extra: &str) -> PathBuf {
+    let config_toml = cnn_lstm_config(extra).replace(
+        "max_batch_size = 32",
+        "max_batch_size = 32\nversion_policy = \"all\"",
+    );
+    let dir = repository_with(name, &config_toml);
+    with_version(&dir, name, 2);
+    dir
+}
+
 /// Adds the bundled model as `version` of `name` in `repository`.
 pub fn with_version(repository: &Path, name: &str, version: u64) {
     let folder = repository.join(name).join(version.to_string());
@@ -57,5 +70,15 @@ datatype = "FP32"
 dims = [3]
 {extra}
 "#
+    )
+}
+
+/// Waiting mode (`work_conserving = false`) with a 1 s queue delay and a
+/// 10 s default timeout: a request alone in its queue waits there, so
+/// others meet it. `queue` adds lines to `[dynamic_batching]` (a
+/// `max_queue_size`). A section for [`cnn_lstm_config`].
+pub fn waiting_batches(queue: &str) -> String {
+    format!(
+        "[dynamic_batching]\nmax_queue_delay = \"1s\"\nwork_conserving = false\n{queue}[dynamic_batching.priority.3]\ndefault_timeout = \"10s\"\n"
     )
 }

@@ -10,7 +10,7 @@ use tickserve_server::{BoundServer, ServerConfig, StartError};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use crate::root;
+use crate::{cnn_lstm_config, repository_with, root};
 
 pub struct TestServer {
     pub http: SocketAddr,
@@ -129,6 +129,12 @@ pub async fn start_default() -> TestServer {
     start(config(root().join("models"))).await
 }
 
+/// A server for a fresh repository holding the bundled model as `name`
+/// (version 1) with [`cnn_lstm_config`]`(extra)`.
+pub async fn start_model(name: &str, extra: &str) -> TestServer {
+    start(config(repository_with(name, &cnn_lstm_config(extra)))).await
+}
+
 /// The awaits and unwraps that end every request a test sends, as one
 /// call each.
 pub trait RequestExt {
@@ -152,6 +158,32 @@ impl RequestExt for reqwest::RequestBuilder {
     async fn text_body(self) -> String {
         self.send().await.unwrap().text().await.unwrap()
     }
+}
+
+/// An OIP request body of `rows` rows of the bundled model's input (`data`,
+/// row-major) as a MessagePack client builds it: FP32 values as MessagePack
+/// float32 (5 bytes each), not float64.
+pub fn msgpack_request(rows: usize, data: &[f32]) -> Vec<u8> {
+    #[derive(serde::Serialize)]
+    struct Request<'a> {
+        inputs: [Input<'a>; 1],
+    }
+    #[derive(serde::Serialize)]
+    struct Input<'a> {
+        name: &'a str,
+        shape: [usize; 3],
+        datatype: &'a str,
+        data: &'a [f32],
+    }
+    rmp_serde::to_vec_named(&Request {
+        inputs: [Input {
+            name: "input",
+            shape: [rows, 50, 60],
+            datatype: "FP32",
+            data,
+        }],
+    })
+    .unwrap()
 }
 
 /// A gRPC inference request of `rows` rows of the bundled model's input

@@ -595,8 +595,7 @@ mod tests {
 
     #[test]
     fn redis_tls_files_are_read_and_need_rediss() {
-        let dir = std::env::temp_dir().join(format!("tickserve-cfg-tls-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = tickserve_test_support::fresh_dir("tickserve-cfg-tls");
         for name in ["ca.pem", "client.pem", "client.key"] {
             std::fs::write(dir.join(name), format!("PEM of {name}")).unwrap();
         }
@@ -653,8 +652,7 @@ mod tests {
 
     #[test]
     fn flags_override_the_file_and_the_file_overrides_defaults() {
-        let dir = std::env::temp_dir().join(format!("tickserve-cfg-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = tickserve_test_support::fresh_dir("tickserve-cfg");
         let file = dir.join("tickserve.toml");
         std::fs::write(
             &file,
@@ -697,8 +695,7 @@ mod tests {
         let deployment = std::fs::read_to_string(base.join("deployment.yaml")).unwrap();
         let toml = configmap_toml(&configmap);
         assert!(toml.contains("model_repository"), "{toml}");
-        let dir = std::env::temp_dir().join(format!("tickserve-cfg-k8s-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = tickserve_test_support::fresh_dir("tickserve-cfg-k8s");
         let file = dir.join("tickserve.toml");
         std::fs::write(&file, &toml).unwrap();
 
@@ -744,8 +741,7 @@ mod tests {
 
     #[test]
     fn unknown_keys_in_the_file_are_refused() {
-        let dir = std::env::temp_dir().join(format!("tickserve-cfg-bad-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = tickserve_test_support::fresh_dir("tickserve-cfg-bad");
         let file = dir.join("tickserve.toml");
         std::fs::write(&file, "http_adr = \"127.0.0.1:9000\"\n").unwrap();
         let err = parse(&["--config", file.to_str().unwrap()])

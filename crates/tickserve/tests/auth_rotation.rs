@@ -20,8 +20,7 @@ fn status(client: &reqwest::blocking::Client, http: &str, token: &str) -> u16 {
 
 #[test]
 fn sighup_rereads_the_token_file() {
-    let dir = std::env::temp_dir().join(format!("tickserve-rotation-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = tickserve_test_support::fresh_dir("tickserve-rotation");
     let tokens = dir.join("tokens");
     std::fs::write(&tokens, "old-token-1234\n").unwrap();
     let common::Served {

@@ -7,7 +7,6 @@
 //! for the machine's two cores, and the test stays a few seconds per mode.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
@@ -50,12 +49,6 @@ fn start_server() -> Server {
     }
 }
 
-fn temp_dir() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("tickserve-bench-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 /// An SLA loose enough for a debug build on a loaded 2-core machine:
 /// what is checked here is the plumbing, not the speed.
 const LOOSE_SLA: &str = "p50_ms = 5000\np95_ms = 5000\np99_ms = 5000\nmax_ms = 10000\nmin_throughput_rps = 1\nmax_error_rate = 0.0\n";
@@ -63,7 +56,7 @@ const LOOSE_SLA: &str = "p50_ms = 5000\np95_ms = 5000\np99_ms = 5000\nmax_ms = 1
 /// Runs `tickserve bench <args>` with a JSON report; returns the exit code
 /// and the parsed report.
 fn bench(server: &Server, sla: &str, name: &str, args: &[&str]) -> (i32, Report) {
-    let dir = temp_dir();
+    let dir = tickserve_test_support::fresh_dir("tickserve-bench-test");
     let sla_path = dir.join(format!("{name}.sla.toml"));
     std::fs::write(&sla_path, sla).unwrap();
     let json = dir.join(format!("{name}.json"));

@@ -36,17 +36,8 @@ fn serve_answers_and_exits_zero_on_sigterm() {
 #[test]
 fn a_missing_repository_exits_non_zero_with_the_reason() {
     let output = Command::new(env!("CARGO_BIN_EXE_tickserve"))
-        .args([
-            "serve",
-            "--model-repository",
-            "/nonexistent/repo",
-            "--http-addr",
-            "127.0.0.1:0",
-            "--metrics-addr",
-            "127.0.0.1:0",
-            "--grpc-addr",
-            "127.0.0.1:0",
-        ])
+        .args(["serve", "--model-repository", "/nonexistent/repo"])
+        .args(common::FREE_PORTS)
         .output()
         .unwrap();
     assert!(!output.status.success());

@@ -58,6 +58,32 @@ fn row(text: &str, first: &str) -> Vec<String> {
         .unwrap_or_else(|| panic!("no row '{first}' in\n{text}"))
 }
 
+/// `tickserve optimize` on `repo`, measuring `variants` for `seconds` each,
+/// with `extra` arguments.
+fn optimize(repo: &Path, variants: &str, seconds: &str, extra: &[&str]) -> Output {
+    let args = [
+        &["optimize", "--variants", variants, "--seconds", seconds][..],
+        extra,
+    ]
+    .concat();
+    tickserve(repo, &args)
+}
+
+/// The standard error of a command that must have failed.
+fn failure(output: &Output) -> String {
+    assert!(!output.status.success());
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// Asserts that the version.toml of `version` holds each of `lines`.
+fn assert_version_toml(repo: &Path, version: u64, lines: &[&str]) {
+    let path = repo.join(format!("cnn_lstm/{version}/version.toml"));
+    let version_toml = std::fs::read_to_string(path).unwrap();
+    for line in lines {
+        assert!(version_toml.contains(line), "{line}:\n{version_toml}");
+    }
+}
+
 fn variant_of(repo: &Path, version: u64) -> String {
     let models = tickserve_repository::scan(repo).unwrap();
     models[0].load_version(version).unwrap().engine.variant()
@@ -123,16 +149,13 @@ fn prune_writes_a_narrower_version_and_leaves_the_source_alone() {
 #[test]
 fn optimize_prints_a_table_and_writes_a_loadable_version() {
     let repo = repository();
-    let text = stdout(&tickserve(
+    let text = stdout(&optimize(
         &repo,
+        "fp32,bf16,int8,pruned",
+        "0.05",
         &[
-            "optimize",
-            "--variants",
-            "fp32,bf16,int8,pruned",
             "--channels",
             "0.25",
-            "--seconds",
-            "0.05",
             "--write",
             "int8",
             "--max-abs-error",
@@ -180,11 +203,7 @@ fn optimize_prints_a_table_and_writes_a_loadable_version() {
     // The golden outputs are the reference by default.
     assert!(text.contains("against the reference outputs"), "{text}");
     assert!(text.contains("wrote cnn_lstm version 2"), "{text}");
-    let version_toml = std::fs::read_to_string(repo.join("cnn_lstm/2/version.toml")).unwrap();
-    assert!(
-        version_toml.contains("precision = \"int8\""),
-        "{version_toml}"
-    );
+    assert_version_toml(&repo, 2, &["precision = \"int8\""]);
     assert_eq!(variant_of(&repo, 2), "native/int8");
     assert_eq!(variant_of(&repo, 1), "native/fp32");
     std::fs::remove_dir_all(&repo).unwrap();
@@ -193,22 +212,13 @@ fn optimize_prints_a_table_and_writes_a_loadable_version() {
 #[test]
 fn optimize_refuses_to_write_a_variant_above_the_error_bound() {
     let repo = repository();
-    let output = tickserve(
+    let output = optimize(
         &repo,
-        &[
-            "optimize",
-            "--variants",
-            "fp32",
-            "--seconds",
-            "0.02",
-            "--write",
-            "int8",
-            "--max-abs-error",
-            "1e-6",
-        ],
+        "fp32",
+        "0.02",
+        &["--write", "int8", "--max-abs-error", "1e-6"],
     );
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = failure(&output);
     assert!(
         stderr.contains("refusing to write variant 'int8'")
             && stderr.contains("above --max-abs-error 1e-6"),
@@ -230,20 +240,17 @@ fn optimize_refuses_to_write_a_variant_above_the_error_bound() {
 fn optimize_reports_json_with_regression_outputs_on_a_custom_validation_set() {
     let repo = repository();
     let inputs = root().join("fixtures/golden/cnn_lstm/input.npy");
-    let json = stdout(&tickserve(
+    let json = stdout(&optimize(
         &repo,
+        "fp32,bf16",
+        "0.02",
         &[
-            "optimize",
-            "--variants",
-            "fp32,bf16",
             "--inputs",
             inputs.to_str().unwrap(),
             "--task",
             "regression",
             "--batch-sizes",
             "1,4",
-            "--seconds",
-            "0.02",
             "--json",
         ],
     ));
@@ -277,19 +284,11 @@ fn optimize_writes_int8_static_calibrated_as_measured() {
         repo.join("cnn_lstm/calibration.npy"),
     )
     .unwrap();
-    let text = stdout(&tickserve(
+    let text = stdout(&optimize(
         &repo,
-        &[
-            "optimize",
-            "--variants",
-            "fp32,int8-static",
-            "--seconds",
-            "0.05",
-            "--write",
-            "int8-static",
-            "--max-abs-error",
-            "2e-2",
-        ],
+        "fp32,int8-static",
+        "0.05",
+        &["--write", "int8-static", "--max-abs-error", "2e-2"],
     ));
     assert!(
         text.contains("int8-static calibrated on")
@@ -305,16 +304,17 @@ fn optimize_writes_int8_static_calibrated_as_measured() {
         text.contains("wrote cnn_lstm version 2") && text.contains("loads as native/int8-static"),
         "{text}"
     );
-    let version_toml = std::fs::read_to_string(repo.join("cnn_lstm/2/version.toml")).unwrap();
-    for line in [
-        "precision = \"int8\"",
-        "[quantization]",
-        "activations = \"static\"",
-        "calibration = \"calibration.npy\"",
-        "method = \"minmax\"",
-    ] {
-        assert!(version_toml.contains(line), "{line}:\n{version_toml}");
-    }
+    assert_version_toml(
+        &repo,
+        2,
+        &[
+            "precision = \"int8\"",
+            "[quantization]",
+            "activations = \"static\"",
+            "calibration = \"calibration.npy\"",
+            "method = \"minmax\"",
+        ],
+    );
     // The calibration set travels with the version.
     assert_eq!(
         std::fs::read(repo.join("cnn_lstm/2/calibration.npy")).unwrap(),
@@ -352,16 +352,13 @@ fn optimize_writes_int8_static_calibrated_as_measured() {
         .replace("activations = \"dynamic\"", "activations = \"static\"");
     std::fs::write(&config_path, config).unwrap();
     assert_eq!(variant_of(&repo, 1), "native/int8-static");
-    let text = stdout(&tickserve(
+    let text = stdout(&optimize(
         &repo,
+        "int8",
+        "0.02",
         &[
-            "optimize",
             "--model-version",
             "1",
-            "--variants",
-            "int8",
-            "--seconds",
-            "0.02",
             "--write",
             "int8",
             "--max-abs-error",
@@ -369,11 +366,7 @@ fn optimize_writes_int8_static_calibrated_as_measured() {
         ],
     ));
     assert!(text.contains("loads as native/int8\n"), "{text}");
-    let version_toml = std::fs::read_to_string(repo.join("cnn_lstm/4/version.toml")).unwrap();
-    assert!(
-        version_toml.contains("activations = \"dynamic\""),
-        "{version_toml}"
-    );
+    assert_version_toml(&repo, 4, &["activations = \"dynamic\""]);
     std::fs::remove_dir_all(&repo).unwrap();
 }
 
@@ -382,18 +375,8 @@ fn optimize_refuses_int8_static_without_calibration_inputs() {
     // The copy has config.toml's `calibration = "calibration.npy"` but not
     // the file: int8-static is refused before anything is measured.
     let repo = repository();
-    let output = tickserve(
-        &repo,
-        &[
-            "optimize",
-            "--variants",
-            "fp32,int8-static",
-            "--seconds",
-            "0.02",
-        ],
-    );
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let output = optimize(&repo, "fp32,int8-static", "0.02", &[]);
+    let stderr = failure(&output);
     assert!(
         stderr.contains("give --calibration <NPY>")
             && stderr.contains("not the validation set")
@@ -405,20 +388,17 @@ fn optimize_refuses_int8_static_without_calibration_inputs() {
     // --calibration names the file; the method and percentile flags
     // override the model's.
     let calibration = root().join("models/cnn_lstm/calibration.npy");
-    let json = stdout(&tickserve(
+    let json = stdout(&optimize(
         &repo,
+        "int8-static,pruned+int8-static",
+        "0.02",
         &[
-            "optimize",
-            "--variants",
-            "int8-static,pruned+int8-static",
             "--calibration",
             calibration.to_str().unwrap(),
             "--calibration-method",
             "percentile",
             "--percentile",
             "99.9",
-            "--seconds",
-            "0.02",
             "--json",
         ],
     ));

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use opentelemetry_proto::tonic::common::v1::any_value::Value;
+use tickserve_test_support::{hex, spans_of};
 
 mod common;
 
@@ -66,22 +66,11 @@ fn spans_are_exported_and_flushed_on_sigterm() {
     // The process has exited: whatever it sent is here already.
     let mut names = Vec::new();
     while let Ok(export) = exports_rx.try_recv() {
-        for resource in export.resource_spans {
-            let service = resource
-                .resource
-                .iter()
-                .flat_map(|r| &r.attributes)
-                .find(|kv| kv.key == "service.name")
-                .and_then(|kv| kv.value.as_ref()?.value.clone());
-            assert_eq!(service, Some(Value::StringValue("pricing-test".into())));
-            for scope in resource.scope_spans {
-                for span in scope.spans {
-                    let trace_id: String =
-                        span.trace_id.iter().map(|b| format!("{b:02x}")).collect();
-                    assert_eq!(trace_id, TRACE_ID, "{}", span.name);
-                    names.push(span.name);
-                }
-            }
+        for received in spans_of(export) {
+            assert_eq!(received.service, "pricing-test");
+            let span = received.span;
+            assert_eq!(hex(&span.trace_id), TRACE_ID, "{}", span.name);
+            names.push(span.name);
         }
     }
     names.sort();

@@ -4,6 +4,16 @@
 
 use super::*;
 
+/// The limits of a run of `duration` and at most `max_requests`, and its
+/// progress bar.
+fn timed(c: &Common, label: &str, duration: Duration, max_requests: u64) -> (Limits, Progress) {
+    let limits = Limits {
+        duration: Some(duration),
+        count: Some(max_requests),
+    };
+    (limits, Progress::new(!c.quiet, label, limits))
+}
+
 pub(super) async fn run_load(
     t: &Target,
     w: Arc<Workload>,
@@ -12,11 +22,7 @@ pub(super) async fn run_load(
     max_requests: u64,
     c: &Common,
 ) -> Measured {
-    let limits = Limits {
-        duration: Some(duration),
-        count: Some(max_requests),
-    };
-    let progress = Progress::new(!c.quiet, &format!("load c={concurrency}"), limits);
+    let (limits, progress) = timed(c, &format!("load c={concurrency}"), duration, max_requests);
     let m = closed_loop(t, w, concurrency, limits, c.warmup, &progress).await;
     progress.finish();
     m
@@ -30,11 +36,7 @@ pub(super) async fn run_rate(
     max_requests: u64,
     c: &Common,
 ) -> Measured {
-    let limits = Limits {
-        duration: Some(duration),
-        count: Some(max_requests),
-    };
-    let progress = Progress::new(!c.quiet, &format!("rate {}/s", open.rate), limits);
+    let (limits, progress) = timed(c, &format!("rate {}/s", open.rate), duration, max_requests);
     let m = open_loop(t, w, open, limits, c.warmup, &progress).await;
     progress.finish();
     m
@@ -210,33 +212,27 @@ pub(super) async fn run_compare(
         }
     }
     let [baseline_runs, candidate_runs] = runs;
-    let pick = |runs: &[RunStats], f: fn(&RunStats) -> f64| runs.iter().map(f).collect::<Vec<_>>();
-    let improvements = vec![
-        improvement(
-            "throughput rps",
-            pick(&baseline_runs, |r| r.overall.throughput_rps),
-            pick(&candidate_runs, |r| r.overall.throughput_rps),
-            true,
-        ),
-        improvement(
-            "mean ms",
-            pick(&baseline_runs, |r| r.overall.latency_ms.mean),
-            pick(&candidate_runs, |r| r.overall.latency_ms.mean),
-            false,
-        ),
-        improvement(
-            "p50 ms",
-            pick(&baseline_runs, |r| r.overall.latency_ms.median),
-            pick(&candidate_runs, |r| r.overall.latency_ms.median),
-            false,
-        ),
-        improvement(
-            "p99 ms",
-            pick(&baseline_runs, |r| r.overall.latency_ms.p99),
-            pick(&candidate_runs, |r| r.overall.latency_ms.p99),
-            false,
-        ),
+    // A metric's value in one run.
+    type Value = fn(&RunStats) -> f64;
+    let pick = |runs: &[RunStats], f: Value| runs.iter().map(f).collect::<Vec<_>>();
+    // Metric, its value, whether higher is better.
+    let metrics: [(&str, Value, bool); 4] = [
+        ("throughput rps", |r| r.overall.throughput_rps, true),
+        ("mean ms", |r| r.overall.latency_ms.mean, false),
+        ("p50 ms", |r| r.overall.latency_ms.median, false),
+        ("p99 ms", |r| r.overall.latency_ms.p99, false),
     ];
+    let improvements = metrics
+        .into_iter()
+        .map(|(metric, value, higher_is_better)| {
+            improvement(
+                metric,
+                pick(&baseline_runs, value),
+                pick(&candidate_runs, value),
+                higher_is_better,
+            )
+        })
+        .collect();
     let [(baseline, _, _), (candidate, _, _)] = sides;
     Ok(CompareReport {
         baseline,

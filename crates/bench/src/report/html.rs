@@ -3,9 +3,19 @@
 use std::fmt::Write as _;
 
 use super::svg::{bar_chart, esc, line_chart};
-use super::{Report, mean, mixed_rows, ratio_text, target_text};
+use super::{
+    Report, StressStep, latency_rows, mean, mixed_rows, open_loop_cells, ratio_text, target_text,
+};
 use crate::mixed::MixedReport;
 use crate::stats::{ClassStats, RunStats, TimelinePoint};
+
+/// A stress chart: its title, y axis, series name and a step's value.
+type StepMetric = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&StressStep) -> f64,
+);
 
 /// One HTML file with inline SVG plots.
 pub(super) fn render(r: &Report) -> String {
@@ -49,25 +59,9 @@ pub(super) fn render(r: &Report) -> String {
                 (k, pts)
             })
             .collect();
-    body.push_str(&line_chart(
-        "Latency by percentile (CDF)",
-        "percentile (0, 90, 99, 99.9, … : log scale of nines)",
-        "latency ms",
-        &series,
-        Some(&NINES_TICKS),
-    ));
+    body.push_str(&cdf_chart("Latency by percentile (CDF)", &series));
     body.push_str(&timeline_chart(&r.result));
     if let Some(s) = &r.stress {
-        let rps: Vec<(f64, f64)> = s
-            .steps
-            .iter()
-            .map(|st| (st.level, st.stats.overall.throughput_rps))
-            .collect();
-        let p99: Vec<(f64, f64)> = s
-            .steps
-            .iter()
-            .map(|st| (st.level, st.stats.overall.latency_ms.p99))
-            .collect();
         let _ = write!(
             body,
             "<h2>Stress by {}</h2><p>Stopped: {}. Last step within SLA: {}.</p>",
@@ -76,20 +70,25 @@ pub(super) fn render(r: &Report) -> String {
             s.last_compliant_level
                 .map_or("none".to_owned(), |l| l.to_string())
         );
-        body.push_str(&line_chart(
-            &format!("Throughput against {}", s.by),
-            &s.by,
-            "requests/s",
-            &[("throughput".to_owned(), rps)],
-            None,
-        ));
-        body.push_str(&line_chart(
-            &format!("p99 latency against {}", s.by),
-            &s.by,
-            "p99 ms",
-            &[("p99".to_owned(), p99)],
-            None,
-        ));
+        // One chart per metric against the stepped level.
+        let metrics: [StepMetric; 2] = [
+            ("Throughput", "requests/s", "throughput", |st| {
+                st.stats.overall.throughput_rps
+            }),
+            ("p99 latency", "p99 ms", "p99", |st| {
+                st.stats.overall.latency_ms.p99
+            }),
+        ];
+        for (title, y, name, value) in metrics {
+            let points = s.steps.iter().map(|st| (st.level, value(st))).collect();
+            body.push_str(&line_chart(
+                &format!("{title} against {}", s.by),
+                &s.by,
+                y,
+                &[(name.to_owned(), points)],
+                None,
+            ));
+        }
     }
     if let Some(cmp) = &r.compare {
         let _ = write!(
@@ -169,24 +168,8 @@ fn mixed_html(body: &mut String, m: &MixedReport) {
         target_text(b.target_ms)
     );
     body.push_str("<table><tr><th>phase</th><th>class</th><th>requests</th><th>200</th><th>429</th><th>503</th><th>other</th><th>req/s</th><th>rows/s</th><th>goodput</th><th>p50 ms</th><th>p99 ms</th></tr>");
-    for (phase, role, c) in mixed_rows(m) {
-        let n = &c.counts;
-        let _ = write!(
-            body,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.1}</td><td>{:.1}</td><td>{:.1}</td><td>{:.2}</td><td>{:.2}</td></tr>",
-            esc(phase),
-            role,
-            n.requests,
-            n.ok,
-            n.http_429,
-            n.http_503,
-            n.other,
-            c.stats.throughput_rps,
-            c.rows_per_s,
-            c.stats.goodput_rps,
-            c.stats.latency_ms.median,
-            c.stats.latency_ms.p99
-        );
+    for row in mixed_rows(m) {
+        table_row(body, &row);
     }
     let _ = write!(
         body,
@@ -209,13 +192,21 @@ fn mixed_html(body: &mut String, m: &MixedReport) {
             })
         })
         .collect();
-    body.push_str(&line_chart(
+    body.push_str(&cdf_chart(
         "Foreground latency alone and under the flood (CDF)",
+        &series,
+    ));
+}
+
+/// Latency by percentile, the percentiles on the scale of nines.
+fn cdf_chart(title: &str, series: &[(String, Vec<(f64, f64)>)]) -> String {
+    line_chart(
+        title,
         "percentile (0, 90, 99, 99.9, … : log scale of nines)",
         "latency ms",
-        &series,
+        series,
         Some(&NINES_TICKS),
-    ));
+    )
 }
 
 const NINES_TICKS: [(f64, &str); 5] = [
@@ -252,42 +243,27 @@ fn timeline_chart(r: &RunStats) -> String {
     )
 }
 
+/// One table row, its cells escaped.
+fn table_row(t: &mut String, cells: &[String]) {
+    t.push_str("<tr>");
+    for cell in cells {
+        let _ = write!(t, "<td>{}</td>", esc(cell));
+    }
+    t.push_str("</tr>");
+}
+
 fn stats_table(r: &RunStats) -> String {
     let mut t = String::from(
         "<table><tr><th>class</th><th>requests</th><th>errors %</th><th>req/s</th><th>goodput</th><th>mean</th><th>p50</th><th>p90</th><th>p95</th><th>p99</th><th>p99.9</th><th>min</th><th>max</th><th>std</th></tr>",
     );
-    let mut rows: Vec<(&str, &ClassStats)> = vec![("all", &r.overall)];
-    rows.extend(r.classes.iter().map(|(k, v)| (k.as_str(), v)));
-    for (name, c) in rows {
-        let l = &c.latency_ms;
-        let _ = write!(
-            t,
-            "<tr><td>{}</td><td>{}</td><td>{:.2}</td><td>{:.1}</td><td>{:.1}</td><td>{:.2}</td><td>{:.2}</td><td>{:.2}</td><td>{:.2}</td><td>{:.2}</td><td>{:.2}</td><td>{:.2}</td><td>{:.2}</td><td>{:.2}</td></tr>",
-            esc(name),
-            c.requests,
-            c.error_rate * 100.0,
-            c.throughput_rps,
-            c.goodput_rps,
-            l.mean,
-            l.median,
-            l.p90,
-            l.p95,
-            l.p99,
-            l.p999,
-            l.min,
-            l.max,
-            l.std
-        );
+    for row in latency_rows(r, true) {
+        table_row(&mut t, &row);
     }
     t.push_str("</table><p>Latencies in ms.");
-    if let Some(a) = &r.overall.actual_latency_ms {
+    if let Some([p50, p99, max, late]) = open_loop_cells(r) {
         let _ = write!(
             t,
-            " Open loop: latencies are from the intended send time (coordinated-omission corrected). From the actual send time: p50 {:.2}, p99 {:.2}, max {:.2} ms. Late sends: {}.",
-            a.median,
-            a.p99,
-            a.max,
-            r.overall.late_sends.unwrap_or(0)
+            " Open loop: latencies are from the intended send time (coordinated-omission corrected). From the actual send time: p50 {p50}, p99 {p99}, max {max} ms. Late sends: {late}."
         );
     }
     t.push_str("</p>");

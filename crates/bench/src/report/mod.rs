@@ -121,17 +121,71 @@ pub(super) fn mean(v: &[f64]) -> f64 {
 }
 
 /// The rows of a mixed run's table: phase, role, class.
-pub(super) fn mixed_rows(m: &MixedReport) -> Vec<(&str, &str, &PhaseClass)> {
+/// The rows of the latency table, each cell formatted as both reports
+/// show it: class, requests, error %, req/s, goodput, then mean, p50, p90,
+/// p95, p99, p99.9, min, max and std in ms. "all" first, then each class
+/// when `classes`.
+pub(super) fn latency_rows(r: &RunStats, classes: bool) -> Vec<Vec<String>> {
+    let mut rows: Vec<(&str, &ClassStats)> = vec![("all", &r.overall)];
+    if classes {
+        rows.extend(r.classes.iter().map(|(k, v)| (k.as_str(), v)));
+    }
+    rows.into_iter()
+        .map(|(name, c)| {
+            let l = &c.latency_ms;
+            let mut cells = vec![
+                name.to_owned(),
+                c.requests.to_string(),
+                format!("{:.2}", c.error_rate * 100.0),
+                format!("{:.1}", c.throughput_rps),
+                format!("{:.1}", c.goodput_rps),
+            ];
+            let ms = [
+                l.mean, l.median, l.p90, l.p95, l.p99, l.p999, l.min, l.max, l.std,
+            ];
+            cells.extend(ms.map(|v| format!("{v:.2}")));
+            cells
+        })
+        .collect()
+}
+
+/// An open-loop run's latencies from the actual send time, as both
+/// reports show them: p50, p99 and max in ms, and the late sends. `None`
+/// for a closed-loop run.
+pub(super) fn open_loop_cells(r: &RunStats) -> Option<[String; 4]> {
+    let a = r.overall.actual_latency_ms.as_ref()?;
+    Some([
+        format!("{:.2}", a.median),
+        format!("{:.2}", a.p99),
+        format!("{:.2}", a.max),
+        r.overall.late_sends.unwrap_or(0).to_string(),
+    ])
+}
+
+/// The rows of the mixed table, each cell formatted as both reports show
+/// it: phase, class, requests, answers by status (200, 429, 503, other),
+/// req/s, rows/s, goodput, p50 and p99 ms.
+pub(super) fn mixed_rows(m: &MixedReport) -> Vec<Vec<String>> {
     let mut rows = Vec::new();
     for p in &m.phases {
-        if let Some(c) = &p.foreground {
-            rows.push((p.name.as_str(), "foreground", c));
-        }
-        if let Some(c) = &p.background {
-            rows.push((p.name.as_str(), "background", c));
+        for (role, c) in [("foreground", &p.foreground), ("background", &p.background)] {
+            if let Some(c) = c {
+                rows.push(mixed_cells(&p.name, role, c));
+            }
         }
     }
     rows
+}
+
+fn mixed_cells(phase: &str, role: &str, c: &PhaseClass) -> Vec<String> {
+    let n = &c.counts;
+    let mut cells = vec![phase.to_owned(), role.to_owned()];
+    cells.extend([n.requests, n.ok, n.http_429, n.http_503, n.other].map(|v| v.to_string()));
+    let per_s = [c.stats.throughput_rps, c.rows_per_s, c.stats.goodput_rps];
+    cells.extend(per_s.map(|v| format!("{v:.1}")));
+    let ms = [c.stats.latency_ms.median, c.stats.latency_ms.p99];
+    cells.extend(ms.map(|v| format!("{v:.2}")));
+    cells
 }
 
 pub(super) fn target_text(t: Option<f64>) -> String {

@@ -2,9 +2,9 @@
 
 use std::fmt::Write as _;
 
-use super::{Report, mean, mixed_rows, ratio_text, target_text};
+use super::{Report, latency_rows, mean, mixed_rows, open_loop_cells, ratio_text, target_text};
 use crate::mixed::MixedReport;
-use crate::stats::{ClassStats, RunStats};
+use crate::stats::RunStats;
 
 /// The text report.
 pub(super) fn render(r: &Report) -> String {
@@ -114,61 +114,23 @@ pub(super) fn render(r: &Report) -> String {
 
 fn section(o: &mut String, title: &str, r: &RunStats) {
     let _ = writeln!(o, "\n{title} ({:.1} s)", r.duration_s);
-    let _ = writeln!(
-        o,
-        "  {:<12} {:>8} {:>7} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
-        "class",
-        "requests",
-        "err %",
-        "req/s",
-        "goodput",
-        "mean",
-        "p50",
-        "p90",
-        "p95",
-        "p99",
-        "p99.9",
-        "min",
-        "max",
-        "std"
-    );
-    let mut rows: Vec<(&str, &ClassStats)> = vec![("all", &r.overall)];
-    if r.classes.len() > 1 {
-        rows.extend(r.classes.iter().map(|(k, v)| (k.as_str(), v)));
-    }
-    for (name, c) in rows {
-        let l = &c.latency_ms;
-        let _ = writeln!(
-            o,
-            "  {:<12} {:>8} {:>7.2} {:>9.1} {:>9.1} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2}",
-            name,
-            c.requests,
-            c.error_rate * 100.0,
-            c.throughput_rps,
-            c.goodput_rps,
-            l.mean,
-            l.median,
-            l.p90,
-            l.p95,
-            l.p99,
-            l.p999,
-            l.min,
-            l.max,
-            l.std
-        );
+    const WIDTHS: [usize; 14] = [12, 8, 7, 9, 9, 8, 8, 8, 8, 8, 8, 8, 8, 8];
+    let header = [
+        "class", "requests", "err %", "req/s", "goodput", "mean", "p50", "p90", "p95", "p99",
+        "p99.9", "min", "max", "std",
+    ];
+    table_line(o, &header, 1, &WIDTHS);
+    for row in latency_rows(r, r.classes.len() > 1) {
+        table_line(o, &row, 1, &WIDTHS);
     }
     let _ = writeln!(
         o,
         "  (latencies in ms; goodput = req/s within the SLA's max latency)"
     );
-    if let Some(a) = &r.overall.actual_latency_ms {
+    if let Some([p50, p99, max, late]) = open_loop_cells(r) {
         let _ = writeln!(
             o,
-            "  open loop: latency above is from the intended send time (coordinated-omission corrected)\n  from the actual send time: p50 {:.2}  p99 {:.2}  max {:.2} ms; late sends: {}",
-            a.median,
-            a.p99,
-            a.max,
-            r.overall.late_sends.unwrap_or(0)
+            "  open loop: latency above is from the intended send time (coordinated-omission corrected)\n  from the actual send time: p50 {p50}  p99 {p99}  max {max} ms; late sends: {late}"
         );
     }
     if !r.overall.errors_by_reason.is_empty() {
@@ -177,6 +139,20 @@ fn section(o: &mut String, title: &str, r: &RunStats) {
             let _ = writeln!(o, "    {reason}: {n}");
         }
     }
+}
+
+/// One line of a table: two spaces, then each cell padded to its width,
+/// the first `left` cells to the left, the others to the right.
+fn table_line(o: &mut String, cells: &[impl std::fmt::Display], left: usize, widths: &[usize]) {
+    o.push(' ');
+    for (i, (cell, &w)) in cells.iter().zip(widths).enumerate() {
+        let _ = if i < left {
+            write!(o, " {cell:<w$}")
+        } else {
+            write!(o, " {cell:>w$}")
+        };
+    }
+    o.push('\n');
 }
 
 fn mixed_text(o: &mut String, m: &MixedReport) {
@@ -193,41 +169,14 @@ fn mixed_text(o: &mut String, m: &MixedReport) {
         b.rows_per_request,
         target_text(b.target_ms)
     );
-    let _ = writeln!(
-        o,
-        "  {:<17} {:<11} {:>8} {:>8} {:>6} {:>6} {:>6} {:>9} {:>9} {:>9} {:>8} {:>8}",
-        "phase",
-        "class",
-        "requests",
-        "200",
-        "429",
-        "503",
-        "other",
-        "req/s",
-        "rows/s",
-        "goodput",
-        "p50 ms",
-        "p99 ms"
-    );
-    for (phase, role, c) in mixed_rows(m) {
-        let n = &c.counts;
-        let l = &c.stats.latency_ms;
-        let _ = writeln!(
-            o,
-            "  {:<17} {:<11} {:>8} {:>8} {:>6} {:>6} {:>6} {:>9.1} {:>9.1} {:>9.1} {:>8.2} {:>8.2}",
-            phase,
-            role,
-            n.requests,
-            n.ok,
-            n.http_429,
-            n.http_503,
-            n.other,
-            c.stats.throughput_rps,
-            c.rows_per_s,
-            c.stats.goodput_rps,
-            l.median,
-            l.p99
-        );
+    const WIDTHS: [usize; 12] = [17, 11, 8, 8, 6, 6, 6, 9, 9, 9, 8, 8];
+    let header = [
+        "phase", "class", "requests", "200", "429", "503", "other", "req/s", "rows/s", "goodput",
+        "p50 ms", "p99 ms",
+    ];
+    table_line(o, &header, 2, &WIDTHS);
+    for row in mixed_rows(m) {
+        table_line(o, &row, 2, &WIDTHS);
     }
     let _ = writeln!(
         o,

@@ -10,28 +10,18 @@ use super::*;
 /// its rows) and holds every call until the gate opens.
 #[derive(Debug)]
 struct GatedEngine {
-    signature: Signature,
     calls: Mutex<Vec<(String, Vec<f32>)>>,
     open: Mutex<bool>,
     opened: std::sync::Condvar,
 }
 
 impl GatedEngine {
-    fn new(open: bool) -> Arc<Self> {
-        let spec = |name: &str| TensorSpec {
-            name: name.into(),
-            datatype: DataType::Fp32,
-            dims: vec![2],
-        };
-        Arc::new(GatedEngine {
-            signature: Signature {
-                inputs: vec![spec("x")],
-                outputs: vec![spec("y")],
-            },
+    fn new(open: bool) -> Arc<TestEngine<Self>> {
+        Arc::new(TestEngine::new(GatedEngine {
             calls: Mutex::new(Vec::new()),
             open: Mutex::new(open),
             opened: std::sync::Condvar::new(),
-        })
+        }))
     }
 
     fn open(&self) {
@@ -58,14 +48,9 @@ impl GatedEngine {
     }
 }
 
-impl Engine for GatedEngine {
-    fn kind(&self) -> &'static str {
-        "gated"
-    }
-    fn signature(&self) -> &Signature {
-        &self.signature
-    }
-    fn infer(&self, batch: &Batch) -> Result<BatchOutput, EngineError> {
+impl Answers for GatedEngine {
+    const KIND: &'static str = "gated";
+    fn answer(&self, batch: &Batch) -> Result<BatchOutput, EngineError> {
         let firsts = batch.inputs[0].chunks(2).map(|r| r[0]).collect();
         let thread = std::thread::current().name().unwrap_or("?").to_owned();
         self.calls.lock().unwrap().push((thread, firsts));
@@ -105,14 +90,26 @@ async fn settle() {
     tokio::time::sleep(Duration::from_millis(1)).await;
 }
 
-fn send_rows(
+type Handle = tokio::task::JoinHandle<Result<Outputs, SchedulerError>>;
+
+fn send_rows(s: &Scheduler, first: f32, rows: usize, level: i64) -> Handle {
+    let s = s.clone();
+    tokio::spawn(async move { s.infer(rows, vec![rows_from(first, rows)], at(level)).await })
+}
+
+/// Sends a request to the empty scheduler and waits until it is the
+/// engine's first call, held at the (closed) gate.
+async fn send_to_the_gate(
     s: &Scheduler,
+    engine: &GatedEngine,
     first: f32,
     rows: usize,
     level: i64,
-) -> tokio::task::JoinHandle<Result<Outputs, SchedulerError>> {
-    let s = s.clone();
-    tokio::spawn(async move { s.infer(rows, vec![rows_from(first, rows)], at(level)).await })
+) -> Handle {
+    let sent = send_rows(s, first, rows, level);
+    settle().await;
+    until(|| engine.calls().len() == 1).await;
+    sent
 }
 
 /// One real-time request through the (closed) gate: a class with a
@@ -127,17 +124,35 @@ async fn real_time_seen(scheduler: &Scheduler, engine: &GatedEngine) {
     engine.calls.lock().unwrap().clear();
 }
 
+#[derive(Clone, Copy)]
+enum Gate {
+    Open,
+    Closed,
+}
+
+/// A scheduler for batches of up to `max_batch_size` rows that runs them
+/// in chunks of `chunk_rows` while a class with a latency target has
+/// traffic; with `real_time_target`, the highest class has a 2 ms target.
+fn chunking(
+    gate: Gate,
+    max_batch_size: usize,
+    chunk_rows: usize,
+    real_time_target: bool,
+) -> (Arc<TestEngine<GatedEngine>>, Scheduler) {
+    let engine = GatedEngine::new(matches!(gate, Gate::Open));
+    let mut cfg = config(max_batch_size);
+    if real_time_target {
+        cfg.classes[0].target_latency = Some(Duration::from_millis(2));
+    }
+    cfg.chunk_rows = Some(chunk_rows);
+    (engine.clone(), Scheduler::spawn(engine, cfg))
+}
+
 #[tokio::test]
 async fn a_real_time_request_runs_between_the_chunks_of_a_background_batch() {
-    let engine = GatedEngine::new(false);
-    let mut cfg = config(8);
-    cfg.classes[0].target_latency = Some(Duration::from_millis(2));
-    cfg.chunk_rows = Some(2);
-    let scheduler = Scheduler::spawn(engine.clone(), cfg);
+    let (engine, scheduler) = chunking(Gate::Closed, 8, 2, true);
     real_time_seen(&scheduler, &engine).await;
-    let background = send_rows(&scheduler, 100.0, 8, 5);
-    settle().await;
-    until(|| engine.calls().len() == 1).await;
+    let background = send_to_the_gate(&scheduler, &engine, 100.0, 8, 5).await;
     // The first chunk is in the engine; a real-time request arrives.
     let realtime = send_rows(&scheduler, 1.0, 1, 1);
     settle().await;
@@ -161,10 +176,7 @@ async fn a_real_time_request_runs_between_the_chunks_of_a_background_batch() {
 
 #[tokio::test]
 async fn without_a_target_above_it_a_batch_runs_in_one_call() {
-    let engine = GatedEngine::new(true);
-    let mut cfg = config(8);
-    cfg.chunk_rows = Some(2);
-    let scheduler = Scheduler::spawn(engine.clone(), cfg);
+    let (engine, scheduler) = chunking(Gate::Open, 8, 2, false);
     let out = send_rows(&scheduler, 0.0, 8, 5).await.unwrap().unwrap();
     assert_eq!(out, vec![answer_of(&rows_from(0.0, 8))]);
     assert_eq!(engine.calls().len(), 1);
@@ -172,11 +184,7 @@ async fn without_a_target_above_it_a_batch_runs_in_one_call() {
 
 #[tokio::test]
 async fn background_batches_run_in_chunks_only_while_a_targeted_class_has_traffic() {
-    let engine = GatedEngine::new(true);
-    let mut cfg = config(8);
-    cfg.classes[0].target_latency = Some(Duration::from_millis(2));
-    cfg.chunk_rows = Some(2);
-    let scheduler = Scheduler::spawn(engine.clone(), cfg);
+    let (engine, scheduler) = chunking(Gate::Open, 8, 2, true);
     // No real-time traffic yet: one call.
     send_rows(&scheduler, 0.0, 8, 5).await.unwrap().unwrap();
     assert_eq!(engine.calls().len(), 1);
@@ -190,18 +198,12 @@ async fn background_batches_run_in_chunks_only_while_a_targeted_class_has_traffi
 
 #[tokio::test]
 async fn chunked_batches_answer_every_request_with_its_rows_once() {
-    let engine = GatedEngine::new(false);
-    let mut cfg = config(16);
-    cfg.classes[0].target_latency = Some(Duration::from_millis(2));
-    cfg.chunk_rows = Some(3);
-    let scheduler = Scheduler::spawn(engine.clone(), cfg);
+    let (engine, scheduler) = chunking(Gate::Closed, 16, 3, true);
     real_time_seen(&scheduler, &engine).await;
     // One request holds the engine while eleven more (17 rows) queue up;
     // the first ten leave as one batch of 16 rows in chunks of 3, the last
     // one after them.
-    let first = send_rows(&scheduler, 0.0, 1, 5);
-    settle().await;
-    until(|| engine.calls().len() == 1).await;
+    let first = send_to_the_gate(&scheduler, &engine, 0.0, 1, 5).await;
     let sizes = [1usize, 3, 2, 1, 4, 1, 1, 1, 1, 1, 1];
     let mut handles = Vec::new();
     let mut start = 10.0;
@@ -230,21 +232,22 @@ async fn chunked_batches_answer_every_request_with_its_rows_once() {
     assert_eq!(seen.len(), 17);
 }
 
+/// An instance group of one worker, unpinned, for `classes`.
+fn one_worker_for(classes: ClassSet) -> InstanceGroup {
+    InstanceGroup {
+        count: 1,
+        classes,
+        cores: Vec::new(),
+    }
+}
+
 #[tokio::test]
 async fn a_reserved_instance_never_takes_other_classes() {
     let engine = GatedEngine::new(false);
     let mut cfg = config(4);
     cfg.instance_groups = vec![
-        InstanceGroup {
-            count: 1,
-            classes: ClassSet::ALL,
-            cores: Vec::new(),
-        },
-        InstanceGroup {
-            count: 1,
-            classes: ClassSet::of([Priority::HIGHEST, Priority::new(2).unwrap()]),
-            cores: Vec::new(),
-        },
+        one_worker_for(ClassSet::ALL),
+        one_worker_for(ClassSet::of([Priority::HIGHEST, Priority::new(2).unwrap()])),
     ];
     let plans = cfg.workers();
     assert_eq!(plans.len(), 2);
@@ -288,9 +291,7 @@ async fn while_real_time_requests_are_refused_background_ones_are_shed() {
     let mut cfg = config(1);
     cfg.classes[0].max_queue_size = 1;
     let scheduler = Scheduler::spawn(engine.clone(), cfg);
-    let running = send_rows(&scheduler, 1.0, 1, 1);
-    settle().await;
-    until(|| engine.calls().len() == 1).await;
+    let running = send_to_the_gate(&scheduler, &engine, 1.0, 1, 1).await;
     let queued = send_rows(&scheduler, 2.0, 1, 1);
     let waiting_background = send_rows(&scheduler, 9.0, 1, 4);
     settle().await;
@@ -316,19 +317,30 @@ async fn while_real_time_requests_are_refused_background_ones_are_shed() {
     assert!(engine.calls().iter().all(|rows| rows != &[9.0]));
 }
 
-// Paused clock: time moves only by `advance` and when every task idles;
-// the gate keeps the engine busy without any timer.
-#[tokio::test(start_paused = true)]
-async fn admission_counts_how_long_the_queue_ahead_has_waited() {
+/// One batch size, priority 3 with a 100 ms timeout: one request of
+/// priority 3 running at the (closed) gate, one queued behind it.
+async fn one_running_one_queued() -> (Arc<TestEngine<GatedEngine>>, Scheduler, Handle, Handle) {
     let engine = GatedEngine::new(false);
     let mut cfg = config(1);
     cfg.classes[2].default_timeout = Duration::from_millis(100);
     let scheduler = Scheduler::spawn(engine.clone(), cfg);
-    let running = send_rows(&scheduler, 1.0, 1, 3);
+    let running = send_to_the_gate(&scheduler, &engine, 1.0, 1, 3).await;
+    let queued = send_rows(&scheduler, 2.0, 1, 3);
     settle().await;
-    until(|| engine.calls().len() == 1).await;
-    let _queued = send_rows(&scheduler, 2.0, 1, 3);
-    settle().await;
+    (engine, scheduler, running, queued)
+}
+
+/// Class `class`'s refusals: (deadline unmeetable, queue full).
+fn refusals(scheduler: &Scheduler, class: usize) -> (u64, u64) {
+    let stats = &scheduler.stats().classes[class];
+    (stats.rejected_deadline, stats.rejected_queue_full)
+}
+
+// Paused clock: time moves only by `advance` and when every task idles;
+// the gate keeps the engine busy without any timer.
+#[tokio::test(start_paused = true)]
+async fn admission_counts_how_long_the_queue_ahead_has_waited() {
+    let (engine, scheduler, running, _queued) = one_running_one_queued().await;
     // No batch has been measured: only the queue's age speaks. The queued
     // request has waited 56 ms of its 100: a newcomer would wait at least
     // as long, more than half of its own 100 ms.
@@ -346,34 +358,16 @@ async fn admission_counts_how_long_the_queue_ahead_has_waited() {
     // A higher class is not held up by the queue below it: admitted.
     let _realtime = send_rows(&scheduler, 5.0, 1, 1);
     settle().await;
-    let stats = scheduler.stats();
-    assert_eq!(
-        (
-            stats.classes[0].rejected_deadline,
-            stats.classes[0].rejected_queue_full
-        ),
-        (0, 0)
-    );
+    assert_eq!(refusals(&scheduler, 0), (0, 0));
     engine.open();
     assert!(running.await.unwrap().is_ok());
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_deadline_the_client_shortened_sheds_nothing() {
-    let engine = GatedEngine::new(false);
-    let mut cfg = config(1);
-    cfg.classes[2].default_timeout = Duration::from_millis(100);
-    let scheduler = Scheduler::spawn(engine.clone(), cfg);
-    let running = send_rows(&scheduler, 1.0, 1, 3);
-    settle().await;
-    until(|| engine.calls().len() == 1).await;
-    let _queued = send_rows(&scheduler, 2.0, 1, 3);
-    settle().await;
+    let (engine, scheduler, running, _queued) = one_running_one_queued().await;
     tokio::time::advance(Duration::from_millis(30)).await;
-    let short = InferOptions {
-        priority: Priority::new(3),
-        timeout: Some(Duration::from_millis(40)),
-    };
+    let short = at_within(3, Duration::from_millis(40));
     let refused = scheduler.infer(1, vec![row(3.0)], short).await.unwrap_err();
     assert!(
         matches!(refused, SchedulerError::DeadlineUnmeetable { .. }),
@@ -383,15 +377,8 @@ async fn a_deadline_the_client_shortened_sheds_nothing() {
     // on the paused clock they could expire while the engine thread runs.)
     let _background = send_rows(&scheduler, 4.0, 1, 5);
     settle().await;
-    let stats = scheduler.stats();
-    assert_eq!(stats.classes[2].rejected_deadline, 1);
-    assert_eq!(
-        (
-            stats.classes[4].rejected_deadline,
-            stats.classes[4].rejected_queue_full
-        ),
-        (0, 0)
-    );
+    assert_eq!(refusals(&scheduler, 2).0, 1);
+    assert_eq!(refusals(&scheduler, 4), (0, 0));
     engine.open();
     assert!(running.await.unwrap().is_ok());
 }
@@ -405,16 +392,8 @@ async fn an_idle_reserved_worker_does_not_hide_a_batch_due_on_a_general_one() {
     let engine = FakeEngine::new(false);
     let mut cfg = waiting_config(8);
     cfg.instance_groups = vec![
-        InstanceGroup {
-            count: 1,
-            classes: ClassSet::of([Priority::HIGHEST]),
-            cores: Vec::new(),
-        },
-        InstanceGroup {
-            count: 1,
-            classes: ClassSet::ALL,
-            cores: Vec::new(),
-        },
+        one_worker_for(ClassSet::of([Priority::HIGHEST])),
+        one_worker_for(ClassSet::ALL),
     ];
     let scheduler = Scheduler::spawn(engine.clone(), cfg);
     let start = Instant::now();

@@ -37,14 +37,7 @@ async fn a_timeout_is_answered_by_the_timer_while_a_long_batch_runs() {
     let start = Instant::now();
     let long = send(&scheduler, 1.0, at(5));
     tokio::task::yield_now().await;
-    let queued = send(
-        &scheduler,
-        2.0,
-        InferOptions {
-            priority: Priority::new(5),
-            timeout: Some(Duration::from_millis(50)),
-        },
-    );
+    let queued = send(&scheduler, 2.0, at_within(5, Duration::from_millis(50)));
     let (result, answered) = queued.await.unwrap();
     match result {
         Err(e @ SchedulerError::TimeoutExpired { .. }) => {
@@ -85,14 +78,7 @@ async fn a_request_timeout_is_capped_at_its_class_default_and_may_be_forbidden()
     let busy = send(&scheduler, 1.0, at(1));
     tokio::task::yield_now().await;
     // Asks for 10 s; its class allows 20 ms.
-    let capped = send(
-        &scheduler,
-        2.0,
-        InferOptions {
-            priority: Priority::new(5),
-            timeout: Some(Duration::from_secs(10)),
-        },
-    );
+    let capped = send(&scheduler, 2.0, at_within(5, Duration::from_secs(10)));
     let (result, answered) = capped.await.unwrap();
     assert!(matches!(result, Err(SchedulerError::TimeoutExpired { .. })));
     assert_eq!(answered - start, Duration::from_millis(20));
@@ -112,14 +98,7 @@ async fn admission_refuses_a_request_that_cannot_meet_its_deadline() {
     until(|| engine.batches().len() == 2).await;
     let start = Instant::now();
     let err = scheduler
-        .infer(
-            1,
-            vec![row(2.0)],
-            InferOptions {
-                priority: Priority::new(3),
-                timeout: Some(Duration::from_millis(10)),
-            },
-        )
+        .infer(1, vec![row(2.0)], at_within(3, Duration::from_millis(10)))
         .await
         .unwrap_err();
     assert_eq!(start.elapsed(), Duration::ZERO, "refused at arrival");
@@ -159,16 +138,9 @@ async fn a_batch_leaves_early_for_the_earliest_deadline() {
     assert!(out.is_ok());
     until_recorded(&scheduler, 2, 1).await;
     let start = Instant::now();
-    let (out, answered) = send(
-        &scheduler,
-        1.0,
-        InferOptions {
-            priority: Priority::new(3),
-            timeout: Some(Duration::from_millis(100)),
-        },
-    )
-    .await
-    .unwrap();
+    let (out, answered) = send(&scheduler, 1.0, at_within(3, Duration::from_millis(100)))
+        .await
+        .unwrap();
     assert!(out.is_ok(), "{out:?}");
     let waited = answered - start;
     assert!(

@@ -17,6 +17,16 @@ pub struct Served {
     pub log: Lines<BufReader<ChildStderr>>,
 }
 
+/// `serve` arguments that put every listener on a free loopback port.
+pub const FREE_PORTS: [&str; 6] = [
+    "--http-addr",
+    "127.0.0.1:0",
+    "--metrics-addr",
+    "127.0.0.1:0",
+    "--grpc-addr",
+    "127.0.0.1:0",
+];
+
 /// Starts `tickserve serve` from the repository root with every listener
 /// on port 0, JSON logs and `extra` arguments, and returns once the log
 /// names the bound HTTP address.
@@ -29,17 +39,9 @@ pub fn spawn_serve_with_env(extra: &[&str], env: &[(&str, &str)]) -> Served {
     let mut child = Command::new(env!("CARGO_BIN_EXE_tickserve"))
         .envs(env.iter().copied())
         .current_dir(root())
-        .args([
-            "serve",
-            "--http-addr",
-            "127.0.0.1:0",
-            "--metrics-addr",
-            "127.0.0.1:0",
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-        ])
+        .arg("serve")
+        .args(FREE_PORTS)
+        .args(["--log-format", "json"])
         .args(extra)
         .stderr(Stdio::piped())
         .spawn()

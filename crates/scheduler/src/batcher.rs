@@ -52,7 +52,7 @@ use crate::{Request, SchedulerCommand, SchedulerConfig, SchedulerError, WorkerPl
 mod admission;
 mod worker;
 
-use worker::{Done, Waiting, WorkerContext, engine_worker, pin_to};
+use worker::{Done, engine_worker, pin_to};
 
 /// Batches the latency fit looks back on, per instance.
 const MODEL_WINDOW: usize = 64;
@@ -76,7 +76,6 @@ pub(crate) fn start(
     command_rx: mpsc::Receiver<SchedulerCommand>,
 ) {
     let plans = config.workers();
-    let waiting = Arc::new(Waiting::default());
     // Workers report "done" here; one slot per worker is enough as each
     // sends at most once per job.
     let (done_tx, done_rx) = mpsc::channel(plans.len().max(1));
@@ -88,21 +87,18 @@ pub(crate) fn start(
         let done_tx = done_tx.clone();
         let (model, version) = (config.model.clone(), config.version.clone());
         let stats = Arc::clone(&stats);
-        let waiting = Arc::clone(&waiting);
         let spawned = std::thread::Builder::new()
             .name(format!("engine-{index}"))
             .spawn(move || {
                 pin_to(plan.core, &model, index);
-                let context = WorkerContext {
+                engine_worker(
                     index,
-                    engine: &*engine,
-                    model: &model,
-                    version: &version,
-                    stats: &stats,
-                    classes: plan.classes,
-                    waiting: &waiting,
-                };
-                engine_worker(context, &job_rx, &done_tx);
+                    &*engine,
+                    (&model, &version),
+                    &stats,
+                    &job_rx,
+                    &done_tx,
+                );
             });
         match spawned {
             Ok(_) => workers.push(Worker {
@@ -119,7 +115,7 @@ pub(crate) fn start(
     let monitor = config.adaptive.enabled.then(ResourceMonitor::global);
     let own_thread = config.own_thread;
     let model = config.model.clone();
-    let batcher = Batcher::new(config, stats, workers, monitor, waiting);
+    let batcher = Batcher::new(config, stats, workers, monitor);
     let task = batcher.run(command_rx, done_rx);
     if !own_thread {
         tokio::spawn(task);
@@ -204,8 +200,6 @@ struct Batcher {
     dropped: Counter,
     live_max_gauge: Gauge,
     chunk_rows_gauge: Gauge,
-    /// The classes with work waiting, for the workers (`publish`).
-    waiting: Arc<Waiting>,
 }
 
 impl Batcher {
@@ -214,7 +208,6 @@ impl Batcher {
         stats: Arc<SchedulerStats>,
         workers: Vec<Worker>,
         monitor: Option<Arc<ResourceMonitor>>,
-        waiting: Arc<Waiting>,
     ) -> Self {
         let (model, version) = (config.model.clone(), config.version.clone());
         let class_metrics = Priority::ALL
@@ -268,7 +261,6 @@ impl Batcher {
             dropped: counter!(telemetry::DROPPED_TOTAL, "model" => model.clone(), "version" => version.clone()),
             live_max_gauge,
             chunk_rows_gauge: gauge!(telemetry::CHUNK_ROWS, "model" => model.clone(), "version" => version.clone()),
-            waiting,
             config,
         }
     }
@@ -332,14 +324,7 @@ impl Batcher {
         {
             model.record(done.rows, done.took);
         }
-        if let Some(rows) = done.continuing {
-            // The worker went on with the batch's next chunk.
-            let predicted = self.model_for(Some(done.worker)).predict(rows);
-            if let Some(worker) = self.workers.get_mut(done.worker) {
-                worker.busy_until = Some(now + predicted);
-                worker.sent_at = Some(now);
-            }
-        } else if let Some(worker) = self.workers.get_mut(done.worker) {
+        if let Some(worker) = self.workers.get_mut(done.worker) {
             worker.busy_until = None;
             worker.sent_at = None;
             self.idle.push(done.worker);
@@ -612,11 +597,6 @@ impl Batcher {
     }
 
     fn publish(&self, now: Instant) {
-        let parked = self.parked.iter().map(InFlight::class);
-        let queued = Priority::ALL
-            .into_iter()
-            .filter(|p| self.queue.len_of(*p) > 0);
-        self.waiting.publish(ClassSet::of(parked.chain(queued)));
         for p in Priority::ALL {
             let waiting = self.queue.len_of(p);
             let metrics = &self.class_metrics[p.index()];

@@ -176,30 +176,6 @@ impl ClassSet {
         self.0.count_ones() as usize
     }
 
-    /// The classes strictly above `priority`.
-    pub fn above(priority: Priority) -> ClassSet {
-        ClassSet((1 << priority.index()) - 1)
-    }
-
-    /// The classes in both sets.
-    pub fn and(self, other: ClassSet) -> ClassSet {
-        ClassSet(self.0 & other.0)
-    }
-
-    /// Whether the two sets share a class.
-    pub fn intersects(self, other: ClassSet) -> bool {
-        self.0 & other.0 != 0
-    }
-
-    /// The set as bits (bit `i`: the class of index `i`), for an atomic.
-    pub fn bits(self) -> u8 {
-        self.0
-    }
-
-    pub fn from_bits(bits: u8) -> ClassSet {
-        ClassSet(bits & ClassSet::ALL.0)
-    }
-
     /// Whether every class of `other` is in this set.
     pub fn covers(self, other: ClassSet) -> bool {
         other.0 & !self.0 == 0

@@ -260,7 +260,7 @@ impl Batcher {
             class_metrics,
             dropped: counter!(telemetry::DROPPED_TOTAL, "model" => model.clone(), "version" => version.clone()),
             live_max_gauge,
-            chunk_rows_gauge: gauge!(telemetry::CHUNK_ROWS, "model" => model.clone(), "version" => version.clone()),
+            chunk_rows_gauge: gauge!(telemetry::CHUNK_ROWS, "model" => model, "version" => version),
             config,
         }
     }

@@ -80,7 +80,7 @@ impl Batcher {
         })
     }
 
-    pub(super) fn admit(&mut self, request: Request) {
+    pub(super) fn admit(&mut self, mut request: Request) {
         let now = Instant::now();
         let priority = request.priority;
         self.arrivals.record(now, request.rows);
@@ -117,7 +117,6 @@ impl Batcher {
             .queue
             .oldest_at_or_above(priority)
             .map(|at| now.saturating_duration_since(at));
-        let mut request = request;
         if drain.is_some() || sojourn.is_some() {
             let predicted = drain.unwrap_or_default().max(sojourn.unwrap_or_default());
             request.predicted_wait =

@@ -184,6 +184,65 @@ pub struct MixedOutcome {
 
 pub const PHASES: [&str; 3] = ["foreground alone", "background alone", "both"];
 
+/// The foreground's own runtime, on a thread of its own: a real-time
+/// client is a separate process from the analytics flood, and in one
+/// runtime the flood's client tasks (building, sending and reading
+/// hundreds of requests) would delay the foreground's sends and reads and
+/// count that delay as server latency.
+struct Foreground {
+    /// Always `Some` until dropped.
+    runtime: Option<tokio::runtime::Runtime>,
+    target: Target,
+    open: OpenLoop,
+}
+
+impl Foreground {
+    fn start(target: Target, open: OpenLoop) -> Result<Self, crate::BenchError> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .thread_name("bench-foreground")
+            .build()
+            .map_err(|e| {
+                crate::BenchError::Config(format!("cannot start the foreground's runtime: {e}"))
+            })?;
+        Ok(Foreground {
+            runtime: Some(runtime),
+            target,
+            open,
+        })
+    }
+
+    /// One open-loop phase of the foreground on its runtime.
+    async fn run(
+        &self,
+        workload: Arc<Workload>,
+        limits: Limits,
+        warmup: u64,
+        progress: Progress,
+    ) -> Result<Measured, crate::BenchError> {
+        let (target, open) = (self.target.clone(), self.open);
+        let runtime = self.runtime.as_ref().ok_or_else(|| {
+            crate::BenchError::Config("the foreground's runtime has stopped".into())
+        })?;
+        runtime
+            .spawn(async move { open_loop(&target, workload, open, limits, warmup, &progress).await })
+            .await
+            .map_err(|e| crate::BenchError::Config(format!("the foreground's run failed: {e}")))
+    }
+
+}
+
+impl Drop for Foreground {
+    /// Ends the runtime without blocking the caller's (dropping a runtime
+    /// inside another one would panic).
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
 /// Runs the three phases against `url`. `fg_spec` is the foreground's
 /// request stream; the background's is the same with its own priority,
 /// rows per request and seed.
@@ -228,11 +287,14 @@ pub async fn run_mixed(
     };
     let [d_fg, d_bg, d_both] = plan.durations;
     let show = plan.show_progress;
+    let foreground = Foreground::start(fg_target.clone(), fg_open)?;
 
     // 1. The foreground alone.
     let (fg_w, _) = streams(0)?;
     let p = Progress::new(show, PHASES[0], limit(d_fg));
-    let fg_alone = open_loop(fg_target, fg_w, fg_open, limit(d_fg), plan.warmup, &p).await;
+    let fg_alone = foreground
+        .run(fg_w, limit(d_fg), plan.warmup, p.clone())
+        .await?;
     p.finish();
 
     // 2. The background alone.
@@ -254,7 +316,7 @@ pub async fn run_mixed(
     let p = Progress::new(show, PHASES[2], limit(d_both));
     let hidden = Progress::new(false, PHASES[2], limit(d_both));
     let (fg_both, bg_both) = tokio::join!(
-        open_loop(fg_target, fg_w, fg_open, limit(d_both), 0, &p),
+        foreground.run(fg_w, limit(d_both), 0, p.clone()),
         closed_loop(
             bg_target,
             bg_w,
@@ -265,6 +327,8 @@ pub async fn run_mixed(
         ),
     );
     p.finish();
+    drop(foreground);
+    let fg_both = fg_both?;
 
     let fg_rows = fg_spec.shape.first().copied().unwrap_or(1).max(1);
     let bg_rows = plan.bg_rows.max(1);

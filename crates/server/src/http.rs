@@ -30,29 +30,28 @@ use crate::trace::{Incoming, RequestTrace};
 
 pub(crate) fn router(state: AppState) -> Router {
     let limit = state.max_body_bytes;
-    Router::new()
+    let mut router = Router::new()
         .route("/v2", get(server_metadata))
         .route("/v2/health/live", get(live))
-        .route("/v2/health/ready", get(ready))
-        .route("/v2/models/{model}", get(model_metadata))
-        .route("/v2/models/{model}/versions/{version}", get(model_metadata))
-        .route("/v2/models/{model}/ready", get(model_ready))
-        .route(
-            "/v2/models/{model}/versions/{version}/ready",
-            get(model_ready),
-        )
-        .route("/v2/models/{model}/stats", get(model_stats))
-        .route(
-            "/v2/models/{model}/versions/{version}/stats",
-            get(model_stats),
-        )
-        .route("/v2/models/{model}/infer", post(infer))
-        .route("/v2/models/{model}/versions/{version}/infer", post(infer))
-        .route("/v2/models/{model}/config", get(model_config))
-        .route(
-            "/v2/models/{model}/versions/{version}/config",
-            get(model_config),
-        )
+        .route("/v2/health/ready", get(ready));
+    // Every model route also stands under one named version; without it
+    // the request goes to the version the model's policy serves.
+    let model_routes = [
+        ("", get(model_metadata)),
+        ("/ready", get(model_ready)),
+        ("/stats", get(model_stats)),
+        ("/infer", post(infer)),
+        ("/config", get(model_config)),
+    ];
+    for (action, handler) in model_routes {
+        router = router
+            .route(&format!("/v2/models/{{model}}{action}"), handler.clone())
+            .route(
+                &format!("/v2/models/{{model}}/versions/{{version}}{action}"),
+                handler,
+            );
+    }
+    router
         .route("/v2/models/stats", get(all_stats))
         .route("/v2/repository/index", post(repository_index))
         .route("/v2/repository/models/{model}/load", post(load_model))

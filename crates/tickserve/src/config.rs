@@ -20,6 +20,8 @@ use tickserve_server::{
 use tickserve_telemetry::LogFormat;
 use tickserve_telemetry::traces::OtlpConfig;
 
+use crate::security::{read_cert_and_key, read_pem};
+
 const DEFAULT_REPOSITORY: &str = "models";
 const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:8000";
 const DEFAULT_GRPC_ADDR: &str = "127.0.0.1:8001";
@@ -282,19 +284,17 @@ fn redis_tls(
     cert: Option<PathBuf>,
     key: Option<PathBuf>,
 ) -> anyhow::Result<RedisTls> {
-    let read = |what: &str, path: &Path| {
-        std::fs::read(path).with_context(|| format!("cannot read the {what} {}", path.display()))
-    };
-    let client = match (cert, key) {
-        (None, None) => None,
-        (Some(cert), Some(key)) => Some(ClientIdentity {
-            cert_pem: read("Redis client certificate", &cert)?,
-            key_pem: read("Redis client key", &key)?,
-        }),
-        _ => anyhow::bail!("redis_client_cert and redis_client_key go together"),
-    };
+    let client = read_cert_and_key(
+        "Redis client",
+        ["redis_client_cert", "redis_client_key"],
+        cert,
+        key,
+    )?
+    .map(|(cert_pem, key_pem)| ClientIdentity { cert_pem, key_pem });
     Ok(RedisTls {
-        ca_pem: ca.map(|ca| read("Redis CA certificate", &ca)).transpose()?,
+        ca_pem: ca
+            .map(|ca| read_pem("Redis CA certificate", &ca))
+            .transpose()?,
         client,
     })
 }

@@ -112,8 +112,29 @@ pub struct Security {
     pub limits: Limits,
 }
 
-fn read(what: &str, path: &Path) -> anyhow::Result<Vec<u8>> {
+/// Reads a PEM file now (before the runtime starts); `what` names it in
+/// the error.
+pub(crate) fn read_pem(what: &str, path: &Path) -> anyhow::Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("cannot read the {what} {}", path.display()))
+}
+
+/// A certificate (chain) and its private key, read now: both or neither.
+/// `what` names the pair in errors ("TLS"), `settings` the two settings
+/// that must go together.
+pub(crate) fn read_cert_and_key(
+    what: &str,
+    settings: [&str; 2],
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+) -> anyhow::Result<Option<(Vec<u8>, Vec<u8>)>> {
+    match (cert, key) {
+        (None, None) => Ok(None),
+        (Some(cert), Some(key)) => Ok(Some((
+            read_pem(&format!("{what} certificate"), &cert)?,
+            read_pem(&format!("{what} key"), &key)?,
+        ))),
+        _ => anyhow::bail!("{} and {} go together", settings[0], settings[1]),
+    }
 }
 
 impl SecurityArgs {
@@ -138,23 +159,27 @@ impl SecurityArgs {
             auth != Some(AuthConfig::Token(String::new())),
             "auth_token must not be empty"
         );
-        let cert = self.tls_cert.or(file.tls_cert);
-        let key = self.tls_key.or(file.tls_key);
         let client_ca = self.tls_client_ca.or(file.tls_client_ca);
-        let tls = match (cert, key) {
-            (None, None) => {
+        let tls = match read_cert_and_key(
+            "TLS",
+            ["tls_cert", "tls_key"],
+            self.tls_cert.or(file.tls_cert),
+            self.tls_key.or(file.tls_key),
+        )? {
+            None => {
                 anyhow::ensure!(
                     client_ca.is_none(),
                     "tls_client_ca needs tls_cert and tls_key"
                 );
                 None
             }
-            (Some(cert), Some(key)) => Some(TlsConfig {
-                cert_pem: read("TLS certificate", &cert)?,
-                key_pem: read("TLS key", &key)?,
-                client_ca_pem: client_ca.map(|ca| read("TLS client CA", &ca)).transpose()?,
+            Some((cert_pem, key_pem)) => Some(TlsConfig {
+                cert_pem,
+                key_pem,
+                client_ca_pem: client_ca
+                    .map(|ca| read_pem("TLS client CA", &ca))
+                    .transpose()?,
             }),
-            _ => anyhow::bail!("tls_cert and tls_key go together"),
         };
         let d = Limits::default();
         let limits = Limits {

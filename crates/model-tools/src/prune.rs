@@ -229,6 +229,15 @@ fn report_for<'a>(
     &mut layers[index]
 }
 
+/// The axis that holds the input channels of a Conv's weights
+/// (`[out, in, kernel]`) or an LSTM's (`[directions, 4·hidden, in]`); it is
+/// also the channel axis of the layer's input activations (`[batch,
+/// channels, time]` and `[time, batch, channels]`), so a pruned channel
+/// reaches the weights only along it.
+fn input_channel_axis(op: &str) -> usize {
+    if op == "Conv" { 1 } else { 2 }
+}
+
 /// Keeps, along axis `axis` of `tensor`, only the indices in `keep`.
 fn keep_along(tensor: &FloatTensor, axis: usize, keep: &[usize]) -> FloatTensor {
     let outer: usize = tensor.dims[..axis].iter().product();
@@ -351,23 +360,13 @@ fn prune_channels(
                     pending.push((next.output[0].clone(), moved));
                 }
                 ("Shape", 0) => {}
-                ("Conv", 0) if axis == 1 => {
+                ("Conv" | "LSTM", 0) if axis == input_channel_axis(op) => {
                     let name = next.input[1].clone();
                     let w = onnx::read_float(graph, &name)?;
-                    if w.dims.len() != 3 || w.dims[1] != cout || onnx::uses(graph, &name) != 1 {
+                    if w.dims.len() != 3 || w.dims[axis] != cout || onnx::uses(graph, &name) != 1 {
                         return Err(cannot());
                     }
-                    onnx::write_float(graph, &name, &keep_along(&w, 1, &keep))?;
-                    report_for(layers, &next, &name, &w.dims);
-                    shrunk += 1;
-                }
-                ("LSTM", 0) if axis == 2 => {
-                    let name = next.input[1].clone();
-                    let w = onnx::read_float(graph, &name)?;
-                    if w.dims.len() != 3 || w.dims[2] != cout || onnx::uses(graph, &name) != 1 {
-                        return Err(cannot());
-                    }
-                    onnx::write_float(graph, &name, &keep_along(&w, 2, &keep))?;
+                    onnx::write_float(graph, &name, &keep_along(&w, axis, &keep))?;
                     report_for(layers, &next, &name, &w.dims);
                     shrunk += 1;
                 }

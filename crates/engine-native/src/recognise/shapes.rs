@@ -144,24 +144,14 @@ impl Recogniser {
                 Ok(())
             }
             Value::Zeros(mut dims) if !unsqueeze => {
-                let mut idx: Vec<usize> = axes_list
-                    .iter()
-                    .map(|&a| normalise_axis(node, a, dims.len()))
-                    .collect::<Result<_, _>>()?;
-                idx.sort_unstable();
-                for a in idx.into_iter().rev() {
+                for a in removal_order(node, &axes_list, dims.len())? {
                     dims.remove(a);
                 }
                 self.set(node, 0, Value::Zeros(dims));
                 Ok(())
             }
             Value::Act(mut axes) if !unsqueeze => {
-                let mut idx: Vec<usize> = axes_list
-                    .iter()
-                    .map(|&a| normalise_axis(node, a, axes.len()))
-                    .collect::<Result<_, _>>()?;
-                idx.sort_unstable();
-                for a in idx.into_iter().rev() {
+                for a in removal_order(node, &axes_list, axes.len())? {
                     if axes[a] != Axis::Direction {
                         return Err(unsupported(
                             node,
@@ -296,4 +286,17 @@ impl Recogniser {
         self.carry(node);
         Ok(())
     }
+}
+
+/// The squeezed `axes` of a tensor of `rank` dimensions as indices, highest
+/// first, so that removing them one by one leaves the indices still to
+/// come valid.
+fn removal_order(node: &NodeProto, axes: &[i64], rank: usize) -> Result<Vec<usize>, String> {
+    let mut indices = axes
+        .iter()
+        .map(|&a| normalise_axis(node, a, rank))
+        .collect::<Result<Vec<_>, _>>()?;
+    indices.sort_unstable();
+    indices.reverse();
+    Ok(indices)
 }

@@ -13,11 +13,12 @@
 //! value instead of computing it a second time.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
 
 use crate::key::CacheKey;
+use crate::sync::lock;
 
 type Slot<V> = watch::Receiver<Option<V>>;
 
@@ -70,7 +71,7 @@ impl<V: Clone> SingleFlight<V> {
     }
 
     pub fn claim(&self, key: CacheKey) -> Claim<V> {
-        let mut table = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut table = lock(&self.inner);
         if let Some(rx) = table.get(&key) {
             return Claim::Follower(Follower { rx: rx.clone() });
         }
@@ -85,10 +86,7 @@ impl<V: Clone> SingleFlight<V> {
 
     /// Computations in flight.
     pub fn len(&self) -> usize {
-        self.inner
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len()
+        lock(&self.inner).len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -96,10 +94,7 @@ impl<V: Clone> SingleFlight<V> {
     }
 
     fn remove(&self, key: &CacheKey) {
-        self.inner
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(key);
+        lock(&self.inner).remove(key);
     }
 }
 
@@ -123,11 +118,7 @@ impl<V> Drop for Leader<V> {
         if self.tx.is_some() {
             // Abandoned: remove the entry so the next claim leads; dropping
             // the sender wakes the followers with `None`.
-            self.table
-                .inner
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .remove(&self.key);
+            lock(&self.table.inner).remove(&self.key);
         }
     }
 }

@@ -19,7 +19,7 @@
 //! connection failure like any other: logged, counted, breaker open.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use metrics::{counter, gauge, histogram};
@@ -34,6 +34,7 @@ use tokio::time::Instant;
 use crate::breaker::{Breaker, BreakerState};
 use crate::codec::{self, RowOutputs};
 use crate::key::CacheKey;
+use crate::sync::lock;
 
 /// TLS material for `rediss://` URLs, as PEM text (read from files at
 /// start-up by the binary). `Debug` shows only which parts are present.
@@ -304,11 +305,7 @@ impl L2 {
     }
 
     pub fn state(&self) -> BreakerState {
-        self.inner
-            .breaker
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .state()
+        lock(&self.inner.breaker).state()
     }
 
     pub(crate) fn counters(&self) -> &L2Counters {
@@ -328,12 +325,7 @@ impl L2 {
         if !self.inner.allow() {
             return None;
         }
-        let connection = self
-            .inner
-            .connection
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
+        let connection = lock(&self.inner.connection).clone();
         if connection.is_none() {
             self.ensure_connection();
         }
@@ -365,10 +357,7 @@ impl L2 {
             };
             match tokio::time::timeout(inner.config.connect_timeout, connect).await {
                 Ok(Ok(manager)) => {
-                    *inner
-                        .connection
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner) = Some(manager);
+                    *lock(&inner.connection) = Some(manager);
                     inner.succeeded();
                     tracing::info!(db = inner.config.db, "connected to Redis");
                 }
@@ -513,7 +502,7 @@ impl L2 {
 
 impl Inner {
     fn allow(&self) -> bool {
-        let mut breaker = self.breaker.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut breaker = lock(&self.breaker);
         let before = breaker.state();
         let allowed = breaker.allow(Instant::now());
         if breaker.state() != before {
@@ -524,11 +513,7 @@ impl Inner {
     }
 
     fn succeeded(&self) {
-        let changed = self
-            .breaker
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .success(Instant::now());
+        let changed = lock(&self.breaker).success(Instant::now());
         if changed.is_some() {
             gauge!(telemetry::CACHE_REDIS_CIRCUIT).set(BreakerState::Closed.gauge());
             tracing::info!("Redis is back: circuit closed, L2 cache in use again");
@@ -537,25 +522,14 @@ impl Inner {
 
     fn failed(&self, operation: &'static str, error: &L2Error) {
         self.counters.errors.fetch_add(1, Ordering::Relaxed);
-        *self
-            .counters
-            .last_error
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some(format!("{operation}: {error}"));
+        *lock(&self.counters.last_error) = Some(format!("{operation}: {error}"));
         counter!(telemetry::CACHE_REDIS_ERRORS, "operation" => operation).increment(1);
-        let changed = self
-            .breaker
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .failure(Instant::now());
+        let changed = lock(&self.breaker).failure(Instant::now());
         if changed.is_some() {
             gauge!(telemetry::CACHE_REDIS_CIRCUIT).set(BreakerState::Open.gauge());
             // A fresh connection on the next probe, whatever state the old
             // one's reconnect logic is in.
-            *self
-                .connection
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner) = None;
+            *lock(&self.connection) = None;
             tracing::warn!(
                 operation,
                 %error,

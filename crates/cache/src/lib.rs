@@ -23,6 +23,7 @@ pub mod codec;
 pub mod flight;
 pub mod key;
 pub mod l2;
+mod sync;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,6 +35,8 @@ use moka::future::Cache;
 use serde::Serialize;
 use tickserve_telemetry as telemetry;
 use tokio::time::Instant;
+
+use crate::sync::lock;
 
 pub use crate::codec::RowOutputs;
 pub use crate::key::{CacheKey, KeyInput, row_key};
@@ -402,11 +405,7 @@ impl ResultCache {
                     misses: load(&k.misses),
                     errors: load(&k.errors),
                     writes_dropped: load(&k.writes_dropped),
-                    last_error: k
-                        .last_error
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .clone(),
+                    last_error: lock(&k.last_error).clone(),
                 }
             }
             None => L2Stats {

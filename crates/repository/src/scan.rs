@@ -71,13 +71,9 @@ pub fn scan(root: &Path) -> Result<Vec<ModelEntry>, RepositoryError> {
 /// The model folders under `root`, sorted: those with a configuration file
 /// or at least one `<version>/model.onnx`. Other folders are skipped.
 pub fn model_names(root: &Path) -> Result<Vec<String>, RepositoryError> {
-    let io = |source| RepositoryError::Io {
-        path: root.to_path_buf(),
-        source,
-    };
     let mut names = Vec::new();
-    for dir_entry in std::fs::read_dir(root).map_err(io)? {
-        let dir = dir_entry.map_err(io)?.path();
+    for dir in folder_paths(root)? {
+        let dir = dir?;
         if !dir.is_dir() {
             continue;
         }
@@ -207,13 +203,9 @@ pub fn scan_model_with(
 }
 
 fn list_versions(dir: &Path) -> Result<Vec<u64>, RepositoryError> {
-    let io = |source| RepositoryError::Io {
-        path: dir.to_path_buf(),
-        source,
-    };
     let mut versions = Vec::new();
-    for entry in std::fs::read_dir(dir).map_err(io)? {
-        let path = entry.map_err(io)?.path();
+    for path in folder_paths(dir)? {
+        let path = path?;
         let Some(version) = path
             .file_name()
             .and_then(|n| n.to_str())
@@ -228,6 +220,19 @@ fn list_versions(dir: &Path) -> Result<Vec<u64>, RepositoryError> {
     }
     versions.sort_unstable();
     Ok(versions)
+}
+
+/// The paths in the folder `dir`, read as they are taken; an error names
+/// `dir`.
+fn folder_paths(
+    dir: &Path,
+) -> Result<impl Iterator<Item = Result<PathBuf, RepositoryError>> + '_, RepositoryError> {
+    let io = move |source| RepositoryError::Io {
+        path: dir.to_path_buf(),
+        source,
+    };
+    let entries = std::fs::read_dir(dir).map_err(io)?;
+    Ok(entries.map(move |entry| entry.map(|e| e.path()).map_err(io)))
 }
 
 impl ModelEntry {

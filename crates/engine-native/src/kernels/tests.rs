@@ -16,6 +16,20 @@ fn sigmoid_exact(x: f64) -> f64 {
     1.0 / (1.0 + (-x).exp())
 }
 
+/// `len` test values `amplitude · sin(step · i)`.
+fn sine(len: usize, step: f32, amplitude: f32) -> Vec<f32> {
+    (0..len)
+        .map(|v| ((v as f32) * step).sin() * amplitude)
+        .collect()
+}
+
+/// `len` test values `amplitude · cos(step · i)`.
+fn cosine(len: usize, step: f32, amplitude: f32) -> Vec<f32> {
+    (0..len)
+        .map(|v| ((v as f32) * step).cos() * amplitude)
+        .collect()
+}
+
 fn simd_levels() -> Vec<Simd> {
     available_simd()
 }
@@ -32,8 +46,8 @@ fn packed_gemm_matches_the_naive_product_on_every_simd_level() {
         (13, 64, 1),
         (4, 16, 0),
     ] {
-        let lhs: Vec<f32> = (0..m * k).map(|v| ((v as f32) * 0.7).sin()).collect();
-        let rhs: Vec<f32> = (0..k * n).map(|v| ((v as f32) * 0.3).cos()).collect();
+        let lhs = sine(m * k, 0.7, 1.0);
+        let rhs = cosine(k * n, 0.3, 1.0);
         let product = naive(m, n, k, &lhs, &rhs);
         // dst rows 2 wider than n: the gap must stay untouched.
         let dst_rs = n + 2;
@@ -104,29 +118,17 @@ fn fused_step_matches_the_textbook_step_on_every_simd_level() {
         (6, 16),
         (32, 24),
     ] {
-        let r_t: Vec<f32> = (0..hidden * 4 * hidden)
-            .map(|v| ((v as f32) * 0.37).cos() * 0.2)
-            .collect();
-        let h: Vec<f32> = (0..rows * hidden)
-            .map(|v| ((v as f32) * 0.7).sin())
-            .collect();
-        let gates: Vec<f32> = (0..rows * 4 * hidden)
-            .map(|v| ((v as f32) * 0.13).sin() * 2.0)
-            .collect();
-        let c0: Vec<f32> = (0..rows * hidden)
-            .map(|v| ((v as f32) * 0.11).cos())
-            .collect();
+        let r_t = cosine(hidden * 4 * hidden, 0.37, 0.2);
+        let h = sine(rows * hidden, 0.7, 1.0);
+        let gates = sine(rows * 4 * hidden, 0.13, 2.0);
+        let c0 = cosine(rows * hidden, 0.11, 1.0);
         // The same step with the input projection inside: `k_in` input
         // values per row (stride 5 wider), `W`, and a bias row that
         // every row shares (`g_rs = 0`).
         let k_in = 11;
         let x_rs = k_in + 5;
-        let x: Vec<f32> = (0..rows * x_rs)
-            .map(|v| ((v as f32) * 0.29).cos())
-            .collect();
-        let w_t: Vec<f32> = (0..k_in * 4 * hidden)
-            .map(|v| ((v as f32) * 0.53).sin() * 0.3)
-            .collect();
+        let x = cosine(rows * x_rs, 0.29, 1.0);
+        let w_t = sine(k_in * 4 * hidden, 0.53, 0.3);
         let bias = &gates[..4 * hidden];
         let projected: Vec<f32> = (0..rows * 4 * hidden)
             .map(|i| {
@@ -206,10 +208,8 @@ fn fast_activations_are_accurate_over_the_whole_range() {
 #[test]
 fn every_simd_level_computes_the_textbook_cell() {
     let hidden = 37; // not a multiple of any vector width
-    let gates: Vec<f32> = (0..4 * hidden)
-        .map(|v| ((v as f32) * 0.37).sin() * 4.0)
-        .collect();
-    let c0: Vec<f32> = (0..hidden).map(|v| ((v as f32) * 0.11).cos()).collect();
+    let gates = sine(4 * hidden, 0.37, 4.0);
+    let c0 = cosine(hidden, 0.11, 1.0);
     for level in simd_levels() {
         let mut c = c0.clone();
         let mut h = vec![0.0; hidden];

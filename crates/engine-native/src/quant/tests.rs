@@ -16,6 +16,25 @@ fn values(len: usize, seed: u32) -> Vec<f32> {
         .collect()
 }
 
+/// The operands of an int8 GEMM: `w` (`k × n`) quantised per column, and
+/// the `m` rows of `x` (`k` wide) per row on the portable level.
+fn int8_operands(m: usize, k: usize, n: usize, w: &[f32], x: &[f32]) -> (QWeights, QRows) {
+    let qw = QWeights::new(w, k, n);
+    let mut a = QRows::default();
+    quantize_rows(LowSimd::Portable, m, k, qw.k_pad, x, k, &mut a);
+    (qw, a)
+}
+
+/// `a` and `qw` with every scale 1, so that a GEMM of them yields the raw
+/// integer sums.
+fn with_unit_scales(a: &QRows, qw: &QWeights) -> (QRows, QWeights) {
+    let mut unit = a.clone();
+    unit.scale.iter_mut().for_each(|s| *s = 1.0);
+    let mut raw_w = qw.clone();
+    raw_w.col_scale.iter_mut().for_each(|s| *s = 1.0);
+    (unit, raw_w)
+}
+
 /// Shapes that cover partial 4-groups, partial 16-column blocks,
 /// fewer and more than one 4×4-block tile, and 1 row.
 const SHAPES: [(usize, usize, usize); 7] = [
@@ -64,14 +83,9 @@ fn int8_kernels_equal_exact_integer_arithmetic_on_every_level() {
     for (seed, &(m, n, k)) in SHAPES.iter().enumerate() {
         let w = values(k * n, seed as u32);
         let x = values(m * k, 100 + seed as u32);
-        let qw = QWeights::new(&w, k, n);
-        let mut a = QRows::default();
-        quantize_rows(LowSimd::Portable, m, k, qw.k_pad, &x, k, &mut a);
+        let (qw, a) = int8_operands(m, k, n, &w, &x);
         // Raw integer dot products: unit scales, zero start.
-        let mut unit = a.clone();
-        unit.scale.iter_mut().for_each(|s| *s = 1.0);
-        let mut raw_w = qw.clone();
-        raw_w.col_scale.iter_mut().for_each(|s| *s = 1.0);
+        let (unit, raw_w) = with_unit_scales(&a, &qw);
         let mut expected_raw = vec![0.0f32; m * n];
         int8_reference(m, &unit, &raw_w, &mut expected_raw);
         let start = values(m * n, 200 + seed as u32);
@@ -103,16 +117,11 @@ fn int8_kernels_do_not_saturate_at_the_extremes() {
     let w: Vec<f32> = (0..k * n)
         .map(|i| if (i % n) % 2 == 0 { 1.0 } else { -1.0 })
         .collect();
-    let qw = QWeights::new(&w, k, n);
     let mut x = vec![1.0f32; m * k];
     x[0] = 0.0;
-    let mut a = QRows::default();
-    quantize_rows(LowSimd::Portable, m, k, qw.k_pad, &x, k, &mut a);
+    let (qw, a) = int8_operands(m, k, n, &w, &x);
     assert_eq!((a.q[1], a.zero[0]), (255, 0));
-    let mut unit = a.clone();
-    unit.scale.iter_mut().for_each(|s| *s = 1.0);
-    let mut raw_w = qw.clone();
-    raw_w.col_scale.iter_mut().for_each(|s| *s = 1.0);
+    let (unit, raw_w) = with_unit_scales(&a, &qw);
     let mut expected = vec![0.0f32; m * n];
     int8_reference(m, &unit, &raw_w, &mut expected);
     assert_eq!(expected[0], (255 * 127 * (k as i32 - 1)) as f32);
@@ -130,17 +139,7 @@ fn a_bias_gives_what_filling_the_rows_with_it_first_gives_on_every_level() {
     // wider than n whose extra columns must stay untouched.
     for (m, k, n) in [(9, 48, 130), (5, 200, 7), (33, 64, 256)] {
         let rs = n + 5;
-        let qw = QWeights::new(&values(k * n, 3), k, n);
-        let mut a = QRows::default();
-        quantize_rows(
-            LowSimd::Portable,
-            m,
-            k,
-            qw.k_pad,
-            &values(m * k, 4),
-            k,
-            &mut a,
-        );
+        let (qw, a) = int8_operands(m, k, n, &values(k * n, 3), &values(m * k, 4));
         let bias = values(n, 5);
         for level in low_simd_levels() {
             let mut expected = values(m * rs, 6);
@@ -175,17 +174,7 @@ fn the_vnni_and_bf16_kernels_are_tested_where_the_cpu_has_them() {
 #[test]
 fn int8_kernels_respect_the_destination_row_stride() {
     let (m, n, k, rs) = (6, 40, 12, 57);
-    let qw = QWeights::new(&values(k * n, 1), k, n);
-    let mut a = QRows::default();
-    quantize_rows(
-        LowSimd::Portable,
-        m,
-        k,
-        qw.k_pad,
-        &values(m * k, 2),
-        k,
-        &mut a,
-    );
+    let (qw, a) = int8_operands(m, k, n, &values(k * n, 1), &values(m * k, 2));
     for level in low_simd_levels() {
         let mut dst = vec![7.0f32; (m - 1) * rs + n + 5];
         int8_gemm(level, m, &mut dst, rs, a.view(0, qw.k_pad), &qw, None);

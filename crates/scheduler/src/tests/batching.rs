@@ -4,27 +4,31 @@
 
 use super::*;
 
+/// How long one request with nobody else coming waits for its batch,
+/// which holds it alone and answers its row.
+async fn lone_request_wait(config: SchedulerConfig) -> Duration {
+    let engine = FakeEngine::new(false);
+    let scheduler = Scheduler::spawn(engine.clone(), config);
+    let start = Instant::now();
+    let out = scheduler.infer(1, vec![row(1.0)], NONE).await.unwrap();
+    let waited = start.elapsed();
+    assert_eq!(out, vec![vec![1001.0, 1.0]]);
+    assert_eq!(engine.batches(), [1]);
+    waited
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_lone_request_is_dispatched_at_once() {
     // Work-conserving: nobody else is coming, so waiting is useless.
-    let engine = FakeEngine::new(false);
-    let scheduler = Scheduler::spawn(engine.clone(), config(8));
-    let start = Instant::now();
-    let out = scheduler.infer(1, vec![row(1.0)], NONE).await.unwrap();
-    assert_eq!(start.elapsed(), Duration::ZERO);
-    assert_eq!(out, vec![vec![1001.0, 1.0]]);
-    assert_eq!(engine.batches(), [1]);
+    assert_eq!(lone_request_wait(config(8)).await, Duration::ZERO);
 }
 
 #[tokio::test(start_paused = true)]
 async fn without_work_conserving_a_lone_request_waits_exactly_the_delay() {
-    let engine = FakeEngine::new(false);
-    let scheduler = Scheduler::spawn(engine.clone(), waiting_config(8));
-    let start = Instant::now();
-    let out = scheduler.infer(1, vec![row(1.0)], NONE).await.unwrap();
-    assert_eq!(start.elapsed(), Duration::from_millis(5));
-    assert_eq!(out, vec![vec![1001.0, 1.0]]);
-    assert_eq!(engine.batches(), [1]);
+    assert_eq!(
+        lone_request_wait(waiting_config(8)).await,
+        Duration::from_millis(5)
+    );
 }
 
 #[tokio::test(start_paused = true)]

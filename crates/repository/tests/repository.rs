@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use tickserve_repository::{RepositoryError, scan};
 
-use tickserve_test_support::root;
+use tickserve_test_support::{CNN_LSTM_SIGNATURE, root, signature_tables};
 
 /// A repository with one model `name` whose version 1 is `model` and whose
 /// config.toml is `config`.
@@ -18,17 +18,7 @@ fn repo(name: &str, model: &Path, config: &str) -> PathBuf {
     dir
 }
 
-const VARIANT_A: &str = r#"
-max_batch_size = 16
-[[input]]
-name = "input"
-datatype = "FP32"
-dims = [20, 8]
-[[output]]
-name = "output"
-datatype = "FP32"
-dims = [5]
-"#;
+const VARIANT_A: &str = concat!("max_batch_size = 16\n", signature_tables!("[20, 8]", "[5]"));
 
 #[test]
 fn the_bundled_repository_loads_with_its_defaults() {
@@ -278,21 +268,10 @@ fn precision_is_applied_by_the_native_engine_and_refused_for_onnxruntime() {
     assert!(err.contains("fp16"), "{err}");
 }
 
-const CNN_LSTM: &str = r#"
-[[input]]
-name = "input"
-datatype = "FP32"
-dims = [50, 60]
-[[output]]
-name = "output"
-datatype = "FP32"
-dims = [3]
-"#;
-
 #[test]
 fn static_int8_calibrates_on_the_configured_file() {
     let config = format!(
-        "precision = \"int8\"\n{CNN_LSTM}\n[quantization]\nactivations = \"static\"\ncalibration = \"calibration.npy\"\nmethod = \"percentile\"\npercentile = 99.999\n"
+        "precision = \"int8\"\n{CNN_LSTM_SIGNATURE}\n[quantization]\nactivations = \"static\"\ncalibration = \"calibration.npy\"\nmethod = \"percentile\"\npercentile = 99.999\n"
     );
     let dir = repo("m", &root().join("models/cnn_lstm/1/model.onnx"), &config);
     std::fs::copy(
@@ -317,22 +296,28 @@ fn static_int8_calibrates_on_the_configured_file() {
 fn static_int8_options_are_checked_when_the_config_is_read() {
     let model = "models/cnn_lstm/1/model.onnx";
     let err = load_error(
-        &format!("{CNN_LSTM}\n[quantization]\nactivations = \"static\"\ncalibration = \"c.npy\"\n"),
+        &format!(
+            "{CNN_LSTM_SIGNATURE}\n[quantization]\nactivations = \"static\"\ncalibration = \"c.npy\"\n"
+        ),
         model,
     );
     assert!(err.contains("needs precision = \"int8\""), "{err}");
     let err = load_error(
-        &format!("precision = \"int8\"\n{CNN_LSTM}\n[quantization]\nactivations = \"static\"\n"),
+        &format!(
+            "precision = \"int8\"\n{CNN_LSTM_SIGNATURE}\n[quantization]\nactivations = \"static\"\n"
+        ),
         model,
     );
     assert!(err.contains("needs calibration"), "{err}");
     let err = load_error(
-        &format!("precision = \"int8\"\n{CNN_LSTM}\n[quantization]\npercentile = 120\n"),
+        &format!("precision = \"int8\"\n{CNN_LSTM_SIGNATURE}\n[quantization]\npercentile = 120\n"),
         model,
     );
     assert!(err.contains("outside [50, 100]"), "{err}");
     let err = load_error(
-        &format!("precision = \"int8\"\n{CNN_LSTM}\n[quantization]\nmethod = \"entropy\"\n"),
+        &format!(
+            "precision = \"int8\"\n{CNN_LSTM_SIGNATURE}\n[quantization]\nmethod = \"entropy\"\n"
+        ),
         model,
     );
     assert!(err.contains("entropy"), "{err}");
@@ -345,13 +330,13 @@ fn a_qdq_model_runs_with_its_own_quantisation() {
         let dir = repo(
             "m",
             &model,
-            &format!("precision = \"{precision}\"\n{CNN_LSTM}"),
+            &format!("precision = \"{precision}\"\n{CNN_LSTM_SIGNATURE}"),
         );
         let loaded = scan(&dir).unwrap()[0].load_version(1).unwrap();
         assert_eq!(loaded.engine.variant(), "native/int8-qdq");
     }
     let err = load_error(
-        &format!("precision = \"bf16\"\n{CNN_LSTM}"),
+        &format!("precision = \"bf16\"\n{CNN_LSTM_SIGNATURE}"),
         "fixtures/models/cnn_lstm_qdq/model.onnx",
     );
     assert!(err.contains("its own int8 quantisation"), "{err}");
@@ -417,7 +402,11 @@ fn a_version_toml_overrides_the_precision_of_its_version_only() {
 fn a_version_toml_may_carry_static_quantisation_with_its_own_calibration() {
     let model = root().join("models/cnn_lstm/1/model.onnx");
     // The model itself runs fp32 with dynamic int8 options.
-    let dir = repo("m", &model, &format!("engine = \"native\"\n{CNN_LSTM}"));
+    let dir = repo(
+        "m",
+        &model,
+        &format!("engine = \"native\"\n{CNN_LSTM_SIGNATURE}"),
+    );
     std::fs::create_dir_all(dir.join("m/2")).unwrap();
     std::fs::copy(&model, dir.join("m/2/model.onnx")).unwrap();
     let version_toml = dir.join("m/2/version.toml");
@@ -480,7 +469,11 @@ fn a_version_toml_may_carry_static_quantisation_with_its_own_calibration() {
         );
     }
     // The model's precision counts when the version sets none.
-    let dir = repo("m", &model, &format!("precision = \"int8\"\n{CNN_LSTM}"));
+    let dir = repo(
+        "m",
+        &model,
+        &format!("precision = \"int8\"\n{CNN_LSTM_SIGNATURE}"),
+    );
     std::fs::write(
         dir.join("m/1/version.toml"),
         "[quantization]\nactivations = \"static\"\ncalibration = \"c.npy\"\n",

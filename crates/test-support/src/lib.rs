@@ -32,8 +32,8 @@ pub use fixture::{
 #[cfg(feature = "otlp")]
 pub use otlp::{OtlpReceiver, Received, hex, otlp_receiver, spans_of};
 pub use repo::{
-    cnn_lstm_config, fresh_dir, repository_with, repository_with_two_versions, waiting_batches,
-    with_version,
+    CNN_LSTM_SIGNATURE, cnn_lstm_config, fresh_dir, repository_with, repository_with_two_versions,
+    waiting_batches, with_version,
 };
 #[cfg(feature = "server")]
 pub use server::{

@@ -53,24 +53,30 @@ pub fn with_version(repository: &Path, name: &str, version: u64) {
     .unwrap_or_else(|e| panic!("{}: {e}", folder.display()));
 }
 
+/// The `[[input]]` and `[[output]]` tables of a config.toml: one FP32
+/// input `input` and one FP32 output `output` with the given dims (TOML
+/// arrays as string literals, e.g. `"[50, 60]"`). A macro, so that a
+/// test's config can be a `const`.
+#[macro_export]
+macro_rules! signature_tables {
+    ($input_dims:literal, $output_dims:literal) => {
+        concat!(
+            "[[input]]\nname = \"input\"\ndatatype = \"FP32\"\ndims = ",
+            $input_dims,
+            "\n[[output]]\nname = \"output\"\ndatatype = \"FP32\"\ndims = ",
+            $output_dims,
+            "\n",
+        )
+    };
+}
+
+/// The signature tables of the bundled model.
+pub const CNN_LSTM_SIGNATURE: &str = signature_tables!("[50, 60]", "[3]");
+
 /// config.toml of the bundled model with `extra` appended (batching,
 /// cache and other sections).
 pub fn cnn_lstm_config(extra: &str) -> String {
-    format!(
-        r#"
-engine = "native"
-max_batch_size = 32
-[[input]]
-name = "input"
-datatype = "FP32"
-dims = [50, 60]
-[[output]]
-name = "output"
-datatype = "FP32"
-dims = [3]
-{extra}
-"#
-    )
+    format!("engine = \"native\"\nmax_batch_size = 32\n{CNN_LSTM_SIGNATURE}{extra}\n")
 }
 
 /// Waiting mode (`work_conserving = false`) with a 1 s queue delay and a

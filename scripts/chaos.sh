@@ -53,13 +53,6 @@ case "$variant" in
         ;;
 esac
 
-for tool in redis-server redis-cli nginx curl python3; do
-    command -v "$tool" >/dev/null 2>&1 || {
-        echo "missing $tool (Debian: apt-get install redis-server nginx curl python3)" >&2
-        exit 1
-    }
-done
-
 # Settings lib.sh reads. mode=test: the debug binary (dependencies and the
 # engine are optimised in it; capacity is measured in the same run).
 mode=test

@@ -1,8 +1,18 @@
 # Shared by deploy/local/run.sh and scripts/chaos.sh (sourced, not run):
-# the tickserve binary, process bookkeeping and clean-up, free ports,
-# Redis, replicas, nginx, metrics and bench helpers. The sourcing script
+# the tools both need, the tickserve binary, process bookkeeping and
+# clean-up, free ports, Redis, replicas, nginx, metrics and bench
+# helpers. The sourcing script
 # sets mode, replicas, concurrency, drain_timeout, redis_timeout,
 # fail_timeout_s, here and root first.
+
+# === what it needs ===
+
+for tool in redis-server redis-cli nginx curl python3; do
+    if ! command -v "$tool" >/dev/null 2>&1; then
+        echo "missing $tool (Debian: apt-get install redis-server nginx curl python3)" >&2
+        exit 1
+    fi
+done
 
 # === the binary ===
 

@@ -71,13 +71,6 @@ case "$mode" in
         ;;
 esac
 
-for tool in redis-server redis-cli nginx curl python3; do
-    if ! command -v "$tool" >/dev/null 2>&1; then
-        echo "missing $tool (Debian: apt-get install redis-server nginx curl python3)" >&2
-        exit 1
-    fi
-done
-
 # The binary, processes, ports, Redis, replicas, nginx and the bench
 # helpers.
 # shellcheck source=deploy/local/lib.sh

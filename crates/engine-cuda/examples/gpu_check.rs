@@ -340,26 +340,11 @@ fn weights(root: &Path, out: &Path) -> Result<(), String> {
             .seq
             .iter()
             .map(|layer| match layer {
-                SeqWeights::Conv {
-                    in_channels,
-                    out_channels,
-                    kernel,
-                    pad_begin,
-                    pad_end,
-                    taps,
-                    bias,
-                    relu,
-                } => serde_json::json!({"kind": "conv", "in": in_channels, "out": out_channels,
-                    "kernel": kernel, "pad_begin": pad_begin, "pad_end": pad_end,
-                    "taps": taps, "bias": bias, "relu": relu}),
-                SeqWeights::Lstm {
-                    input,
-                    hidden,
-                    w_t,
-                    r_t,
-                    bias,
-                } => serde_json::json!({"kind": "lstm", "in": input, "hidden": hidden,
-                    "w_t": w_t, "r_t": r_t, "bias": bias}),
+                SeqWeights::Conv(c) => serde_json::json!({"kind": "conv", "in": c.in_channels,
+                    "out": c.out_channels, "kernel": c.kernel, "pad_begin": c.pad_begin,
+                    "pad_end": c.pad_end, "taps": c.taps, "bias": c.bias, "relu": c.relu}),
+                SeqWeights::Lstm(l) => serde_json::json!({"kind": "lstm", "in": l.input,
+                    "hidden": l.hidden, "w_t": l.w_t, "r_t": l.r_t, "bias": l.bias}),
             })
             .collect();
         let head: Vec<serde_json::Value> = w

@@ -45,26 +45,19 @@ impl BufferPlan {
         let (mut act, mut col, mut gates, mut state, mut low) = (0, 0, 0, 0, 0);
         for layer in &model.seq {
             match layer {
-                SeqWeights::Conv {
-                    in_channels,
-                    out_channels,
-                    kernel,
-                    pad_begin,
-                    pad_end,
-                    ..
-                } => {
-                    let out_time = time + pad_begin + pad_end + 1 - kernel;
-                    col = col.max(out_time * kernel * in_channels);
-                    low = low.max(out_time * kernel * in_channels);
+                SeqWeights::Conv(conv) => {
+                    let out_time = conv.out_time(time);
+                    col = col.max(out_time * conv.kernel * conv.in_channels);
+                    low = low.max(out_time * conv.kernel * conv.in_channels);
                     time = out_time;
-                    channels = *out_channels;
+                    channels = conv.out_channels;
                 }
-                SeqWeights::Lstm { input, hidden, .. } => {
-                    gates = gates.max(time * 4 * hidden);
-                    state = state.max(*hidden);
+                SeqWeights::Lstm(lstm) => {
+                    gates = gates.max(time * 4 * lstm.hidden);
+                    state = state.max(lstm.hidden);
                     // The projection's bf16 input, then each step's bf16 h.
-                    low = low.max(time * input).max(*hidden);
-                    channels = *hidden;
+                    low = low.max(time * lstm.input).max(lstm.hidden);
+                    channels = lstm.hidden;
                 }
             }
             act = act.max(time * channels);
@@ -149,11 +142,12 @@ pub struct Layout {
 /// Why a model cannot run on the CUDA engine at all.
 pub fn check_supported(model: &ModelWeights) -> Result<(), String> {
     for layer in &model.seq {
-        if let SeqWeights::Lstm { hidden, .. } = layer
-            && *hidden > MAX_HIDDEN
+        if let SeqWeights::Lstm(lstm) = layer
+            && lstm.hidden > MAX_HIDDEN
         {
             return Err(format!(
-                "LSTM hidden size {hidden} is above the CUDA engine's {MAX_HIDDEN}"
+                "LSTM hidden size {} is above the CUDA engine's {MAX_HIDDEN}",
+                lstm.hidden
             ));
         }
     }
@@ -303,26 +297,30 @@ pub fn cluster_shape(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tickserve_engine_native::LinearWeights;
+    use tickserve_engine_native::{ConvWeights, LinearWeights, LstmWeights};
 
     /// The reference model's shapes (no weights needed for planning).
     fn reference() -> ModelWeights {
-        let conv = |cin: usize, cout: usize| SeqWeights::Conv {
-            in_channels: cin,
-            out_channels: cout,
-            kernel: 3,
-            pad_begin: 1,
-            pad_end: 1,
-            taps: vec![],
-            bias: vec![],
-            relu: true,
+        let conv = |cin: usize, cout: usize| {
+            SeqWeights::Conv(ConvWeights {
+                in_channels: cin,
+                out_channels: cout,
+                kernel: 3,
+                pad_begin: 1,
+                pad_end: 1,
+                taps: vec![],
+                bias: vec![],
+                relu: true,
+            })
         };
-        let lstm = |input: usize| SeqWeights::Lstm {
-            input,
-            hidden: 128,
-            w_t: vec![],
-            r_t: vec![],
-            bias: vec![],
+        let lstm = |input: usize| {
+            SeqWeights::Lstm(LstmWeights {
+                input,
+                hidden: 128,
+                w_t: vec![],
+                r_t: vec![],
+                bias: vec![],
+            })
         };
         let linear = |input, output, relu| LinearWeights {
             input,
@@ -358,16 +356,9 @@ mod tests {
     #[test]
     fn a_convolution_without_padding_shortens_time() {
         let mut model = reference();
-        model.seq[0] = SeqWeights::Conv {
-            in_channels: 60,
-            out_channels: 64,
-            kernel: 3,
-            pad_begin: 0,
-            pad_end: 0,
-            taps: vec![],
-            bias: vec![],
-            relu: true,
-        };
+        if let SeqWeights::Conv(conv) = &mut model.seq[0] {
+            (conv.pad_begin, conv.pad_end) = (0, 0);
+        }
         assert_eq!(model.seq_time_steps(), 48);
         let plan = BufferPlan::new(&model);
         assert_eq!(plan.col, 48 * 3 * 64, "the second conv: 48 steps of 3 taps");
@@ -462,13 +453,9 @@ mod tests {
     fn hidden_sizes_beyond_the_kernel_are_refused() {
         let mut model = reference();
         assert!(check_supported(&model).is_ok());
-        model.seq[3] = SeqWeights::Lstm {
-            input: 128,
-            hidden: 2048,
-            w_t: vec![],
-            r_t: vec![],
-            bias: vec![],
-        };
+        if let SeqWeights::Lstm(lstm) = &mut model.seq[3] {
+            lstm.hidden = 2048;
+        }
         assert!(check_supported(&model).unwrap_err().contains("2048"));
     }
 

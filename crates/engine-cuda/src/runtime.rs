@@ -213,49 +213,34 @@ impl Device {
         for (index, layer) in model.seq.iter().enumerate() {
             let bf = low(index, false);
             match layer {
-                SeqWeights::Conv {
-                    in_channels,
-                    out_channels,
-                    kernel,
-                    pad_begin,
-                    pad_end,
-                    taps,
-                    bias,
-                    relu,
-                } => {
-                    let out_time = time + pad_begin + pad_end + 1 - kernel;
-                    let t = arena.push_f32(taps);
-                    let tb = bf.then(|| arena.push_bf16(taps));
-                    let b = arena.push_f32(bias);
+                SeqWeights::Conv(conv) => {
+                    let out_time = conv.out_time(time);
+                    let t = arena.push_f32(&conv.taps);
+                    let tb = bf.then(|| arena.push_bf16(&conv.taps));
+                    let b = arena.push_f32(&conv.bias);
                     pending_seq.push((
                         PendingLayer::Conv {
-                            cin: *in_channels,
-                            cout: *out_channels,
-                            kernel: *kernel,
-                            pad: *pad_begin,
+                            cin: conv.in_channels,
+                            cout: conv.out_channels,
+                            kernel: conv.kernel,
+                            pad: conv.pad_begin,
                             out_time,
-                            relu: *relu,
+                            relu: conv.relu,
                         },
                         [Some(t), tb, None, None, Some(b)],
                     ));
                     time = out_time;
                 }
-                SeqWeights::Lstm {
-                    input,
-                    hidden,
-                    w_t,
-                    r_t,
-                    bias,
-                } => {
-                    let w = arena.push_f32(w_t);
-                    let wb = bf.then(|| arena.push_bf16(w_t));
-                    let r = arena.push_f32(r_t);
-                    let rb = bf.then(|| arena.push_bf16(r_t));
-                    let b = arena.push_f32(bias);
+                SeqWeights::Lstm(lstm) => {
+                    let w = arena.push_f32(&lstm.w_t);
+                    let wb = bf.then(|| arena.push_bf16(&lstm.w_t));
+                    let r = arena.push_f32(&lstm.r_t);
+                    let rb = bf.then(|| arena.push_bf16(&lstm.r_t));
+                    let b = arena.push_f32(&lstm.bias);
                     pending_seq.push((
                         PendingLayer::Lstm {
-                            input: *input,
-                            hidden: *hidden,
+                            input: lstm.input,
+                            hidden: lstm.hidden,
                         },
                         [Some(w), wb, Some(r), rb, Some(b)],
                     ));

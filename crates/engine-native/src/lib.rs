@@ -41,7 +41,7 @@ pub use crate::kernels::{Simd, available_simd, detect_simd};
 use crate::model::{Ctx, HandOff, Plan, SeqLayer};
 use crate::offer::{Job, Spin, run_offering};
 pub use crate::quant::Precision;
-pub use crate::weights::{LinearWeights, ModelWeights, SeqWeights};
+pub use crate::weights::{ConvWeights, LinearWeights, LstmWeights, ModelWeights, SeqWeights};
 
 /// How long helper threads spin after a call unless
 /// [`NativeEngine::with_helper_spin`] says otherwise: longer than the idle

@@ -22,29 +22,42 @@ pub struct ModelWeights {
 /// One sequence layer.
 #[derive(Debug, Clone, PartialEq)]
 pub enum SeqWeights {
-    /// Conv1d over time, stride 1, dilation 1.
-    Conv {
-        in_channels: usize,
-        out_channels: usize,
-        kernel: usize,
-        pad_begin: usize,
-        pad_end: usize,
-        /// `[kernel][in_channels][out_channels]`.
-        taps: Vec<f32>,
-        bias: Vec<f32>,
-        relu: bool,
-    },
-    /// One forward LSTM layer, zero initial state.
-    Lstm {
-        input: usize,
-        hidden: usize,
-        /// `[input][4·hidden]`, gates i, o, f, c.
-        w_t: Vec<f32>,
-        /// `[hidden][4·hidden]`, gates i, o, f, c.
-        r_t: Vec<f32>,
-        /// Input and recurrent biases summed, `[4·hidden]`.
-        bias: Vec<f32>,
-    },
+    Conv(ConvWeights),
+    Lstm(LstmWeights),
+}
+
+/// Conv1d over time, stride 1, dilation 1.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConvWeights {
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub kernel: usize,
+    pub pad_begin: usize,
+    pub pad_end: usize,
+    /// `[kernel][in_channels][out_channels]`.
+    pub taps: Vec<f32>,
+    pub bias: Vec<f32>,
+    pub relu: bool,
+}
+
+impl ConvWeights {
+    /// Output time steps for `time` input steps.
+    pub fn out_time(&self, time: usize) -> usize {
+        time + self.pad_begin + self.pad_end + 1 - self.kernel
+    }
+}
+
+/// One forward LSTM layer, zero initial state.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LstmWeights {
+    pub input: usize,
+    pub hidden: usize,
+    /// `[input][4·hidden]`, gates i, o, f, c.
+    pub w_t: Vec<f32>,
+    /// `[hidden][4·hidden]`, gates i, o, f, c.
+    pub r_t: Vec<f32>,
+    /// Input and recurrent biases summed, `[4·hidden]`.
+    pub bias: Vec<f32>,
 }
 
 /// `y = x · w_t + bias`, optionally followed by ReLU.
@@ -65,13 +78,8 @@ impl ModelWeights {
         self.seq
             .iter()
             .fold(self.time_steps, |time, layer| match layer {
-                SeqWeights::Conv {
-                    kernel,
-                    pad_begin,
-                    pad_end,
-                    ..
-                } => time + pad_begin + pad_end + 1 - kernel,
-                SeqWeights::Lstm { .. } => time,
+                SeqWeights::Conv(conv) => conv.out_time(time),
+                SeqWeights::Lstm(_) => time,
             })
     }
 }
@@ -86,7 +94,7 @@ pub(crate) fn export(plan: &Plan) -> Result<ModelWeights, String> {
         .seq
         .iter()
         .map(|layer| match layer {
-            SeqLayer::Conv(c) => SeqWeights::Conv {
+            SeqLayer::Conv(c) => SeqWeights::Conv(ConvWeights {
                 in_channels: c.in_channels,
                 out_channels: c.out_channels,
                 kernel: c.kernel,
@@ -95,14 +103,14 @@ pub(crate) fn export(plan: &Plan) -> Result<ModelWeights, String> {
                 taps: c.taps.clone(),
                 bias: c.bias.clone(),
                 relu: c.relu,
-            },
-            SeqLayer::Lstm(l) => SeqWeights::Lstm {
+            }),
+            SeqLayer::Lstm(l) => SeqWeights::Lstm(LstmWeights {
                 input: l.input,
                 hidden: l.hidden,
                 w_t: l.w_t.clone(),
                 r_t: l.r_t.clone(),
                 bias: l.bias.clone(),
-            },
+            }),
         })
         .collect();
     let head = plan
@@ -149,31 +157,18 @@ mod tests {
         assert_eq!(w.seq.len(), 4);
         assert_eq!(w.seq_time_steps(), 50);
         match &w.seq[0] {
-            SeqWeights::Conv {
-                in_channels,
-                out_channels,
-                kernel,
-                taps,
-                bias,
-                ..
-            } => {
-                assert_eq!((*in_channels, *out_channels, *kernel), (60, 64, 3));
-                assert_eq!(taps.len(), 3 * 60 * 64);
-                assert_eq!(bias.len(), 64);
+            SeqWeights::Conv(c) => {
+                assert_eq!((c.in_channels, c.out_channels, c.kernel), (60, 64, 3));
+                assert_eq!(c.taps.len(), 3 * 60 * 64);
+                assert_eq!(c.bias.len(), 64);
             }
             other => panic!("expected a convolution, got {other:?}"),
         }
         match &w.seq[3] {
-            SeqWeights::Lstm {
-                input,
-                hidden,
-                w_t,
-                r_t,
-                bias,
-            } => {
-                assert_eq!((*input, *hidden), (128, 128));
+            SeqWeights::Lstm(l) => {
+                assert_eq!((l.input, l.hidden), (128, 128));
                 assert_eq!(
-                    (w_t.len(), r_t.len(), bias.len()),
+                    (l.w_t.len(), l.r_t.len(), l.bias.len()),
                     (128 * 512, 128 * 512, 512)
                 );
             }

@@ -54,22 +54,20 @@ fn main() {
             name,
             &rmp_serde::to_vec_named(&request).unwrap(),
         );
+        // compressed_body reads its first byte as the encoding: even gzip,
+        // odd deflate.
         let mut gzip = flate2::write::GzEncoder::new(vec![0u8], flate2::Compression::default());
         gzip.write_all(&json).unwrap();
-        write(
-            &dir,
-            "compressed_body",
-            &format!("{name}.gz"),
-            &gzip.finish().unwrap(),
-        );
         let mut zlib = flate2::write::ZlibEncoder::new(vec![1u8], flate2::Compression::default());
         zlib.write_all(&json).unwrap();
-        write(
-            &dir,
-            "compressed_body",
-            &format!("{name}.deflate"),
-            &zlib.finish().unwrap(),
-        );
+        for (suffix, body) in [("gz", gzip.finish()), ("deflate", zlib.finish())] {
+            write(
+                &dir,
+                "compressed_body",
+                &format!("{name}.{suffix}"),
+                &body.unwrap(),
+            );
+        }
     }
     // Binary tensors: a JSON header whose input names its byte size, then
     // the little-endian values.

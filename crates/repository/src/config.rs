@@ -490,10 +490,7 @@ pub struct VersionConfig {
 
 /// Parses and checks one config.toml.
 pub fn read_config(path: &Path) -> Result<ModelConfig, RepositoryError> {
-    let text = std::fs::read_to_string(path).map_err(|source| RepositoryError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let text = std::fs::read_to_string(path).map_err(RepositoryError::io(path))?;
     parse_config(path, &text)
 }
 
@@ -702,10 +699,7 @@ pub fn check_version_config(
 /// Parses one version.toml (see [`check_version_config`] for the checks
 /// that need the model's config).
 pub fn read_version_config(path: &Path) -> Result<VersionConfig, RepositoryError> {
-    let text = std::fs::read_to_string(path).map_err(|source| RepositoryError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let text = std::fs::read_to_string(path).map_err(RepositoryError::io(path))?;
     parse_version_config(path, &text)
 }
 

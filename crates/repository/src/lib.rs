@@ -34,7 +34,7 @@
 //! and their versions on disk) and `load` (building an engine for one
 //! version and checking it against the configuration).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use tickserve_engine::EngineError;
 
@@ -100,4 +100,14 @@ pub enum RepositoryError {
         file: &'static str,
         reason: String,
     },
+}
+
+impl RepositoryError {
+    /// The error of an I/O call on `path`, for `map_err`.
+    pub(crate) fn io(path: &Path) -> impl Fn(std::io::Error) -> RepositoryError + Copy + '_ {
+        move |source| RepositoryError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
 }

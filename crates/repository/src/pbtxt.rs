@@ -170,10 +170,7 @@ pub struct Pbtxt {
 
 /// Reads and converts one config.pbtxt.
 pub fn read_pbtxt(path: &Path) -> Result<Pbtxt, RepositoryError> {
-    let text = std::fs::read_to_string(path).map_err(|source| RepositoryError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let text = std::fs::read_to_string(path).map_err(RepositoryError::io(path))?;
     parse_pbtxt(&text).map_err(|reason| RepositoryError::Config {
         path: path.to_path_buf(),
         reason,

@@ -227,10 +227,7 @@ fn list_versions(dir: &Path) -> Result<Vec<u64>, RepositoryError> {
 fn folder_paths(
     dir: &Path,
 ) -> Result<impl Iterator<Item = Result<PathBuf, RepositoryError>> + '_, RepositoryError> {
-    let io = move |source| RepositoryError::Io {
-        path: dir.to_path_buf(),
-        source,
-    };
+    let io = RepositoryError::io(dir);
     let entries = std::fs::read_dir(dir).map_err(io)?;
     Ok(entries.map(move |entry| entry.map(|e| e.path()).map_err(io)))
 }

@@ -182,31 +182,19 @@ impl SecurityArgs {
             }),
         };
         let d = Limits::default();
+        // The flag, else the file's key of the same name, else `default`.
+        macro_rules! merged {
+            ($setting:ident, $default:expr) => {
+                self.$setting.or(file.$setting).unwrap_or($default)
+            };
+        }
         let limits = Limits {
-            header_read_timeout: self
-                .header_read_timeout
-                .or(file.header_read_timeout)
-                .unwrap_or(d.header_read_timeout),
-            body_read_timeout: self
-                .body_read_timeout
-                .or(file.body_read_timeout)
-                .unwrap_or(d.body_read_timeout),
-            max_connections: self
-                .max_connections
-                .or(file.max_connections)
-                .unwrap_or(d.max_connections),
-            grpc_max_message_bytes: self
-                .grpc_max_message_bytes
-                .or(file.grpc_max_message_bytes)
-                .unwrap_or(max_body_bytes),
-            max_concurrent_streams: self
-                .max_concurrent_streams
-                .or(file.max_concurrent_streams)
-                .unwrap_or(d.max_concurrent_streams),
-            listen_backlog: self
-                .listen_backlog
-                .or(file.listen_backlog)
-                .unwrap_or(d.listen_backlog),
+            header_read_timeout: merged!(header_read_timeout, d.header_read_timeout),
+            body_read_timeout: merged!(body_read_timeout, d.body_read_timeout),
+            max_connections: merged!(max_connections, d.max_connections),
+            grpc_max_message_bytes: merged!(grpc_max_message_bytes, max_body_bytes),
+            max_concurrent_streams: merged!(max_concurrent_streams, d.max_concurrent_streams),
+            listen_backlog: merged!(listen_backlog, d.listen_backlog),
         };
         anyhow::ensure!(
             !limits.header_read_timeout.is_zero() && !limits.body_read_timeout.is_zero(),

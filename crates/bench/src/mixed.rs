@@ -226,11 +226,12 @@ impl Foreground {
             crate::BenchError::Config("the foreground's runtime has stopped".into())
         })?;
         runtime
-            .spawn(async move { open_loop(&target, workload, open, limits, warmup, &progress).await })
+            .spawn(
+                async move { open_loop(&target, workload, open, limits, warmup, &progress).await },
+            )
             .await
             .map_err(|e| crate::BenchError::Config(format!("the foreground's run failed: {e}")))
     }
-
 }
 
 impl Drop for Foreground {

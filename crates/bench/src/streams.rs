@@ -50,7 +50,7 @@ pub struct StreamsArgs {
     #[arg(long, short = 'c', default_value_t = 32)]
     pub concurrency: usize,
     /// Run time of each of the two workloads.
-    #[arg(long, short = 'd', default_value = "10s", value_parser = crate::cli::parse_duration)]
+    #[arg(long, short = 'd', default_value = "10s", value_parser = humantime_serde::re::humantime::parse_duration)]
     #[serde(with = "humantime_serde")]
     pub duration: Duration,
     /// Goal: whole-window request bytes ÷ stream request bytes at least

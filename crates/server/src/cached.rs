@@ -17,7 +17,7 @@
 //! `enabled = false`, or the request sets the parameter `"cache": false`.
 //!
 //! Triton's statistics are kept here for what the scheduler cannot see
-//! (triton.rs `CacheStats`, merged with the scheduler's counters): a request answered
+//! (version_stats.rs `CacheStats`, merged with the scheduler's counters): a request answered
 //! without the queue counts in `success` and `queue`, and every cached
 //! request is a `cache_hit` (all rows found) or a `cache_miss` (some rows
 //! computed, here or by an identical request in flight).

@@ -18,7 +18,7 @@ use axum::response::{IntoResponse, Response};
 use tickserve_scheduler::SchedulerError;
 use tickserve_telemetry::error_type;
 
-use crate::streams::StreamError;
+use crate::stream_store::StreamError;
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum ServeError {

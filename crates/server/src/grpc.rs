@@ -26,9 +26,9 @@ use tracing::Instrument;
 use crate::AppState;
 use crate::codec;
 use crate::error::ServeError;
-use crate::infer::Protocol;
 use crate::models::{InferRequest, InferResponse, InputTensor, ModelVersion};
 use crate::scheduling::{self, Param};
+use crate::trace::Protocol;
 use crate::trace::{Incoming, RequestTrace};
 use crate::triton;
 use tickserve_scheduler::stats::Timing;
@@ -219,7 +219,7 @@ impl GrpcInferenceService for InferenceService {
                                 },
                             };
                             if let Some(response) = answer.infer_response.as_mut() {
-                                trace.tag_parameters(&mut response.parameters);
+                                tag_parameters(&trace, &mut response.parameters);
                             }
                             let _ = tx.send(Ok(answer)).await;
                             drop(slot);
@@ -548,5 +548,23 @@ fn response_to_proto(response: InferResponse, raw: bool) -> pb::ModelInferRespon
         parameters: Default::default(),
         outputs,
         raw_output_contents,
+    }
+}
+
+/// Adds `traceparent` and `x-request-id` to the parameters of one
+/// `ModelStreamInfer` answer: a stream has one set of metadata for all its
+/// answers, so each answer names its own request's ids.
+fn tag_parameters(
+    trace: &RequestTrace,
+    parameters: &mut std::collections::HashMap<String, pb::InferParameter>,
+) {
+    use pb::infer_parameter::ParameterChoice;
+    for (name, value) in trace.ids() {
+        parameters.insert(
+            name.to_owned(),
+            pb::InferParameter {
+                parameter_choice: Some(ParameterChoice::StringParam(value.to_owned())),
+            },
+        );
     }
 }

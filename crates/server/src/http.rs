@@ -25,7 +25,7 @@ use tracing::Instrument;
 use crate::AppState;
 use crate::codec;
 use crate::error::ServeError;
-use crate::infer::Protocol;
+use crate::trace::Protocol;
 use crate::trace::{Incoming, RequestTrace};
 
 pub(crate) fn router(state: AppState) -> Router {

@@ -31,22 +31,7 @@ use crate::AppState;
 use crate::error::ServeError;
 use crate::models::{InferRequest, InferResponse, InputTensor, ModelVersion};
 use crate::streams;
-
-/// The front end a request came through: the `source` label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Protocol {
-    Http,
-    Grpc,
-}
-
-impl Protocol {
-    pub(crate) fn label(self) -> &'static str {
-        match self {
-            Protocol::Http => "http",
-            Protocol::Grpc => "grpc",
-        }
-    }
-}
+use crate::trace::Protocol;
 
 /// Request parameter: `false` skips the result cache.
 pub(crate) const CACHE_PARAMETER: &str = "cache";

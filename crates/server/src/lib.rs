@@ -40,10 +40,12 @@ pub mod scheduling;
 mod serve;
 pub mod sla;
 mod state;
+mod stream_store;
 pub mod streams;
 pub mod tls;
 mod trace;
 pub mod triton;
+mod version_stats;
 
 /// Entry points of the fuzz targets (fuzz/) and their corpus replay.
 #[doc(hidden)]

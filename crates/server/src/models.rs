@@ -16,8 +16,8 @@ use tickserve_repository::ModelCacheConfig;
 use tickserve_scheduler::{InferOptions, Priority, Scheduler};
 
 use crate::error::ServeError;
-use crate::streams::StreamStore;
-use crate::triton::{CacheStats, TritonStats};
+use crate::stream_store::StreamStore;
+use crate::version_stats::{CacheStats, TritonStats};
 
 /// One decoded input tensor of a request.
 #[derive(Debug, Clone, PartialEq)]

@@ -33,7 +33,7 @@ use tickserve_scheduler::{Priority, Scheduler};
 
 use crate::error::ServeError;
 use crate::models::{Model, ModelVersion};
-use crate::triton::CacheStats;
+use crate::version_stats::CacheStats;
 
 /// Which models are loaded, and who may change that (Triton's
 /// `--model-control-mode`).

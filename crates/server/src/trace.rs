@@ -24,7 +24,22 @@ use tickserve_telemetry::traces::TRACE_TARGET;
 use tracing::Span;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use crate::infer::Protocol;
+/// The front end a request came through: the `source` label of its
+/// metrics and the protocol of its span.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Protocol {
+    Http,
+    Grpc,
+}
+
+impl Protocol {
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Protocol::Http => "http",
+            Protocol::Grpc => "grpc",
+        }
+    }
+}
 
 /// W3C trace context header (request and response).
 pub const TRACEPARENT: &str = "traceparent";
@@ -166,7 +181,7 @@ impl RequestTrace {
     }
 
     /// The ids an answer carries, by header (or parameter) name.
-    fn ids(&self) -> [(&'static str, &str); 2] {
+    pub(crate) fn ids(&self) -> [(&'static str, &str); 2] {
         [
             (TRACEPARENT, &self.traceparent),
             (REQUEST_ID, &self.request_id),
@@ -179,24 +194,6 @@ impl RequestTrace {
             if let Ok(value) = HeaderValue::from_str(value) {
                 headers.insert(name, value);
             }
-        }
-    }
-
-    /// Adds `traceparent` and `x-request-id` to the parameters of one
-    /// `ModelStreamInfer` answer: a stream has one set of metadata for all
-    /// its answers, so each answer names its own request's ids.
-    pub(crate) fn tag_parameters(
-        &self,
-        parameters: &mut std::collections::HashMap<String, crate::grpc::pb::InferParameter>,
-    ) {
-        use crate::grpc::pb::{InferParameter, infer_parameter::ParameterChoice};
-        for (name, value) in self.ids() {
-            parameters.insert(
-                name.to_owned(),
-                InferParameter {
-                    parameter_choice: Some(ParameterChoice::StringParam(value.to_owned())),
-                },
-            );
         }
     }
 

@@ -20,16 +20,14 @@
 //! result cache keys on the window alone: a stream's answer and the same
 //! window sent whole share one cache entry.
 
-mod store;
-
 use serde_json::Value;
 
 use crate::error::ServeError;
 use crate::models::{InferRequest, ModelVersion};
 
-pub use store::StreamError;
+pub use crate::stream_store::StreamError;
 
-pub(crate) use store::{StreamId, StreamStore, Turn, WindowShape};
+pub(crate) use crate::stream_store::{StreamId, StreamStore, Turn, WindowShape};
 use tickserve_engine::{DataType, Signature};
 use tickserve_repository::ModelEntry;
 

@@ -519,5 +519,4 @@ impl Drop for Turn {
 }
 
 #[cfg(test)]
-#[path = "store_tests.rs"]
 mod tests;

@@ -28,8 +28,7 @@ use crate::codec;
 use crate::error::ServeError;
 use crate::models::{InferRequest, InferResponse, InputTensor, ModelVersion};
 use crate::scheduling::{self, Param};
-use crate::trace::Protocol;
-use crate::trace::{Incoming, RequestTrace};
+use crate::trace::{Incoming, Protocol, RequestTrace};
 use crate::triton;
 use tickserve_scheduler::stats::Timing;
 

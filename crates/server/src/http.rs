@@ -25,8 +25,7 @@ use tracing::Instrument;
 use crate::AppState;
 use crate::codec;
 use crate::error::ServeError;
-use crate::trace::Protocol;
-use crate::trace::{Incoming, RequestTrace};
+use crate::trace::{Incoming, Protocol, RequestTrace};
 
 pub(crate) fn router(state: AppState) -> Router {
     let limit = state.max_body_bytes;

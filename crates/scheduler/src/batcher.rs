@@ -181,10 +181,14 @@ struct Batcher {
     /// Per class: when a request of it last arrived.
     arrived_at: [Option<Instant>; Priority::LEVELS],
     models: Vec<LatencyModel>,
-    arrivals: RateEstimator,
-    /// Rows that arrived (admitted or not) since the controller last ran,
-    /// and when that was.
-    interval_rows: usize,
+    /// Per class: its arrival rate, rows/s.
+    arrivals: [RateEstimator; Priority::LEVELS],
+    /// Per worker and class: the share of that class's rows the worker is
+    /// expected to run ([`class_shares`]).
+    shares: Vec<[f64; Priority::LEVELS]>,
+    /// Per class: rows that arrived (admitted or not) since the controller
+    /// last ran, and when that was.
+    interval_rows: [usize; Priority::LEVELS],
     interval_start: Instant,
     /// Average time a chunk takes from dispatch to its report beyond its
     /// engine time, seconds (see `Batcher::service_rate`).
@@ -236,6 +240,7 @@ impl Batcher {
         let live_max_gauge = gauge!(telemetry::ADAPTIVE_BATCH_SIZE, "model" => model.clone(), "version" => version.clone());
         live_max_gauge.set(config.max_batch_size as f64);
         let n = workers.len();
+        let plans: Vec<ClassSet> = workers.iter().map(|w| w.plan.classes).collect();
         let mut idle: Vec<usize> = (0..n).collect();
         idle.sort_by_key(|&w| workers[w].plan.classes.len());
         Batcher {
@@ -250,8 +255,9 @@ impl Batcher {
             arrived_at: [None; Priority::LEVELS],
             models: vec![LatencyModel::new(MODEL_WINDOW); n.max(1)],
             workers,
-            arrivals: RateEstimator::new(RATE_TAU),
-            interval_rows: 0,
+            arrivals: std::array::from_fn(|_| RateEstimator::new(RATE_TAU)),
+            shares: class_shares(&plans),
+            interval_rows: [0; Priority::LEVELS],
             interval_start: Instant::now(),
             call_overhead: 0.0,
             wait_scales: std::array::from_fn(|_| WaitScale::default()),
@@ -278,12 +284,25 @@ impl Batcher {
         &self.models[self.model_index(worker)]
     }
 
-    /// Rows worth waiting for before an idle engine starts.
+    /// Rows/s that `worker` is expected to run: its share of each class's
+    /// arrivals, given per class as `rate_of`.
+    fn worker_rate(&self, worker: usize, rate_of: impl Fn(usize) -> f64) -> f64 {
+        self.shares
+            .get(worker)
+            .map_or(0.0, |shares| {
+                shares.iter().enumerate().map(|(class, share)| share * rate_of(class)).sum()
+            })
+    }
+
+    /// Rows worth waiting for before an idle engine starts: from the
+    /// arrivals of the classes this worker runs, so a worker reserved for
+    /// real-time classes does not wait for rows that the flood of a class
+    /// it does not serve makes likely.
     fn fill_rows(&self, now: Instant, worker: usize) -> usize {
         if !self.config.work_conserving {
             return self.live_max;
         }
-        let rate = self.arrivals.rate(now);
+        let rate = self.worker_rate(worker, |class| self.arrivals[class].rate(now));
         match self
             .model_for(Some(worker))
             .rows_to_keep_up(rate, self.call_overhead)
@@ -543,23 +562,34 @@ impl Batcher {
     }
 
     /// Which batch sizes keep up with the rows that arrived since the
-    /// last call, each worker taking its share; `None` before the engine
-    /// time has been measured. Starts the next interval.
+    /// last call: the largest floor over the workers, each with its own
+    /// engine-time fit and its share of the classes it serves (a worker
+    /// reserved for real-time classes sees only their rows, a general one
+    /// the flood); `None` before the engine time has been measured. Starts
+    /// the next interval.
     fn keep_up(&mut self, now: Instant) -> Option<KeepUp> {
         let elapsed = now.saturating_duration_since(self.interval_start);
         let rows = std::mem::take(&mut self.interval_rows);
         self.interval_start = now;
-        let model = self.model_for(None);
-        if !model.has_samples() || elapsed.is_zero() {
+        if !self.model_for(None).has_samples() || elapsed.is_zero() {
             return None;
         }
-        let per_worker = rows as f64 / elapsed.as_secs_f64() / self.workers.len().max(1) as f64;
-        Some(
-            match model.rows_to_keep_up(per_worker, self.call_overhead) {
-                Some(rows) => KeepUp::From(rows.ceil() as usize),
-                None => KeepUp::Never,
-            },
-        )
+        let seconds = elapsed.as_secs_f64();
+        (0..self.workers.len())
+            .map(|worker| {
+                let rate = self.worker_rate(worker, |class| rows[class] as f64 / seconds);
+                match self
+                    .model_for(Some(worker))
+                    .rows_to_keep_up(rate, self.call_overhead)
+                {
+                    Some(rows) => KeepUp::From(rows.ceil() as usize),
+                    None => KeepUp::Never,
+                }
+            })
+            .max_by_key(|keep_up| match keep_up {
+                KeepUp::From(rows) => *rows,
+                KeepUp::Never => usize::MAX,
+            })
     }
 
     fn adapt(&mut self) {
@@ -668,6 +698,30 @@ impl Batcher {
     }
 }
 
+/// Per worker and class: the share of the class's rows the worker is
+/// expected to run. A class's rows go to the workers with the fewest
+/// classes among those that serve it, evenly: idle workers are offered
+/// work most reserved first, so a class with a reserved worker runs there
+/// and a general worker sees the classes no reserved worker covers.
+fn class_shares(plans: &[ClassSet]) -> Vec<[f64; Priority::LEVELS]> {
+    let mut shares = vec![[0.0; Priority::LEVELS]; plans.len()];
+    for class in Priority::ALL {
+        let narrowest = plans
+            .iter()
+            .filter(|plan| plan.contains(class))
+            .map(|plan| plan.len())
+            .min();
+        let Some(narrowest) = narrowest else { continue };
+        let takers: Vec<usize> = (0..plans.len())
+            .filter(|&w| plans[w].contains(class) && plans[w].len() == narrowest)
+            .collect();
+        for &w in &takers {
+            shares[w][class.index()] = 1.0 / takers.len() as f64;
+        }
+    }
+    shares
+}
+
 async fn sleep_until(deadline: Option<Instant>) {
     if let Some(deadline) = deadline {
         tokio::time::sleep_until(deadline).await;
@@ -677,5 +731,30 @@ async fn sleep_until(deadline: Option<Instant>) {
 fn fail(requests: Vec<Request>, error: &SchedulerError) {
     for request in requests {
         let _ = request.response_tx.send(Err(error.clone()));
+    }
+}
+
+#[cfg(test)]
+mod share_tests {
+    use super::*;
+
+    fn classes(levels: &[u8]) -> ClassSet {
+        ClassSet::of(levels.iter().filter_map(|&l| Priority::new(i64::from(l))))
+    }
+
+    #[test]
+    fn a_reserved_worker_takes_its_classes_and_the_general_ones_the_rest() {
+        let plans = [classes(&[1, 2]), ClassSet::ALL, ClassSet::ALL];
+        let shares = class_shares(&plans);
+        assert_eq!(shares[0], [1.0, 1.0, 0.0, 0.0, 0.0]);
+        assert_eq!(shares[1], [0.0, 0.0, 0.5, 0.5, 0.5]);
+        assert_eq!(shares[2], shares[1]);
+    }
+
+    #[test]
+    fn general_workers_share_every_class_evenly() {
+        let shares = class_shares(&[ClassSet::ALL, ClassSet::ALL]);
+        assert_eq!(shares, vec![[0.5; Priority::LEVELS]; 2]);
+        assert_eq!(class_shares(&[ClassSet::ALL]), vec![[1.0; Priority::LEVELS]]);
     }
 }

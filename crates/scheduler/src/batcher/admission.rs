@@ -83,8 +83,8 @@ impl Batcher {
     pub(super) fn admit(&mut self, mut request: Request) {
         let now = Instant::now();
         let priority = request.priority;
-        self.arrivals.record(now, request.rows);
-        self.interval_rows += request.rows;
+        self.arrivals[priority.index()].record(now, request.rows);
+        self.interval_rows[priority.index()] += request.rows;
         self.arrived_at[priority.index()] = Some(now);
         let class_stats = self.stats.class(priority);
         let metrics = &self.class_metrics[priority.index()];

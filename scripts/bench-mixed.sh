@@ -41,7 +41,8 @@ priorities = [1, 2]
 cores = [0]
 [[instance_group]]
 count = 1
-cores = [1]'
+cores = [1]
+nice = 10'
 
 # Prints the config.toml of configuration $1.
 config_of() {

@@ -299,6 +299,12 @@ pub struct InstanceGroupConfig {
     /// the OS places them.
     #[serde(default)]
     pub cores: Vec<usize>,
+    /// OS scheduling niceness of its worker threads, −20 to 19 (Linux):
+    /// higher yields the cores to the front end and the other workers when
+    /// they are short. Negative values need `CAP_SYS_NICE`. None: the
+    /// process's.
+    #[serde(default)]
+    pub nice: Option<i32>,
 }
 
 /// `[adaptive_batching]`: the live max batch size controller.
@@ -537,6 +543,12 @@ pub(crate) fn check_config(config: &ModelConfig) -> Result<(), String> {
         if let Some(bad) = group.priorities.iter().find(|p| !(1..=5).contains(*p)) {
             return Err(invalid(format!(
                 "instance_group {}: priority {bad}; expected 1 (highest) to 5 (lowest)",
+                i + 1
+            )));
+        }
+        if let Some(nice) = group.nice.filter(|n| !(-20..=19).contains(n)) {
+            return Err(invalid(format!(
+                "instance_group {}: nice {nice}; expected -20 (most favoured) to 19 (least)",
                 i + 1
             )));
         }

@@ -141,6 +141,11 @@ fn invalid_configs_are_refused_with_the_reason() {
     );
     let err = load_error(&format!("helper_spin = \"2s\"\n{VARIANT_A}"), a);
     assert!(err.contains("helper_spin is 2s; at most 1s"), "{err}");
+    let err = load_error(&format!("{VARIANT_A}[[instance_group]]\nnice = 20\n"), a);
+    assert!(
+        err.contains("instance_group 1: nice 20; expected -20 (most favoured) to 19"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -52,7 +52,7 @@ use crate::{Request, SchedulerCommand, SchedulerConfig, SchedulerError, WorkerPl
 mod admission;
 mod worker;
 
-use worker::{Done, engine_worker, pin_to};
+use worker::{Done, engine_worker, pin_to, set_nice};
 
 /// Batches the latency fit looks back on, per instance.
 const MODEL_WINDOW: usize = 64;
@@ -87,10 +87,21 @@ pub(crate) fn start(
         let done_tx = done_tx.clone();
         let (model, version) = (config.model.clone(), config.version.clone());
         let stats = Arc::clone(&stats);
+        // Reserved for classes that all have a latency target: on the
+        // real-time path (crate::os_thread).
+        let realtime = plan.classes.len() < Priority::LEVELS
+            && plan
+                .classes
+                .iter()
+                .all(|class| config.class(class).target_latency.is_some());
         let spawned = std::thread::Builder::new()
             .name(format!("engine-{index}"))
             .spawn(move || {
                 pin_to(plan.core, &model, index);
+                set_nice(plan.nice, &model, index);
+                if realtime {
+                    crate::os_thread::enter_realtime("engine worker");
+                }
                 engine_worker(
                     index,
                     &*engine,
@@ -127,6 +138,7 @@ pub(crate) fn start(
     let spawned = std::thread::Builder::new()
         .name(format!("batcher-{model}"))
         .spawn(move || {
+            crate::os_thread::enter_realtime("batcher");
             match tokio::runtime::Builder::new_current_thread()
                 .enable_time()
                 .build()
@@ -287,11 +299,13 @@ impl Batcher {
     /// Rows/s that `worker` is expected to run: its share of each class's
     /// arrivals, given per class as `rate_of`.
     fn worker_rate(&self, worker: usize, rate_of: impl Fn(usize) -> f64) -> f64 {
-        self.shares
-            .get(worker)
-            .map_or(0.0, |shares| {
-                shares.iter().enumerate().map(|(class, share)| share * rate_of(class)).sum()
-            })
+        self.shares.get(worker).map_or(0.0, |shares| {
+            shares
+                .iter()
+                .enumerate()
+                .map(|(class, share)| share * rate_of(class))
+                .sum()
+        })
     }
 
     /// Rows worth waiting for before an idle engine starts: from the
@@ -735,26 +749,4 @@ fn fail(requests: Vec<Request>, error: &SchedulerError) {
 }
 
 #[cfg(test)]
-mod share_tests {
-    use super::*;
-
-    fn classes(levels: &[u8]) -> ClassSet {
-        ClassSet::of(levels.iter().filter_map(|&l| Priority::new(i64::from(l))))
-    }
-
-    #[test]
-    fn a_reserved_worker_takes_its_classes_and_the_general_ones_the_rest() {
-        let plans = [classes(&[1, 2]), ClassSet::ALL, ClassSet::ALL];
-        let shares = class_shares(&plans);
-        assert_eq!(shares[0], [1.0, 1.0, 0.0, 0.0, 0.0]);
-        assert_eq!(shares[1], [0.0, 0.0, 0.5, 0.5, 0.5]);
-        assert_eq!(shares[2], shares[1]);
-    }
-
-    #[test]
-    fn general_workers_share_every_class_evenly() {
-        let shares = class_shares(&[ClassSet::ALL, ClassSet::ALL]);
-        assert_eq!(shares, vec![[0.5; Priority::LEVELS]; 2]);
-        assert_eq!(class_shares(&[ClassSet::ALL]), vec![[1.0; Priority::LEVELS]]);
-    }
-}
+mod tests;

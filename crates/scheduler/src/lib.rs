@@ -36,6 +36,7 @@ mod batcher;
 pub mod estimate;
 mod inflight;
 pub mod monitor;
+pub mod os_thread;
 pub mod priority;
 pub mod queue;
 pub mod stats;
@@ -103,13 +104,18 @@ pub struct InstanceGroup {
     /// Cores its workers are pinned to, one each, round robin; empty: the
     /// OS places them.
     pub cores: Vec<usize>,
+    /// The OS scheduling niceness of its worker threads (Linux: −20 to 19;
+    /// higher yields the cores to everything else). `None`: the process's.
+    pub nice: Option<i32>,
 }
 
-/// One engine worker thread: the classes it serves and its core.
+/// One engine worker thread: the classes it serves, its core and its
+/// niceness.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WorkerPlan {
     pub classes: ClassSet,
     pub core: Option<usize>,
+    pub nice: Option<i32>,
 }
 
 impl SchedulerConfig {
@@ -144,6 +150,7 @@ impl SchedulerConfig {
                 WorkerPlan {
                     classes: ClassSet::ALL,
                     core: None,
+                    nice: None,
                 };
                 self.instances.max(1)
             ];
@@ -156,6 +163,7 @@ impl SchedulerConfig {
                 (0..group.count).map(move |i| WorkerPlan {
                     classes: group.classes,
                     core: (!group.cores.is_empty()).then(|| group.cores[i % group.cores.len()]),
+                    nice: group.nice,
                 })
             })
             .collect()

@@ -29,7 +29,7 @@ use std::time::{Duration, SystemTime};
 
 use tickserve_engine::{Batch, Engine};
 use tickserve_repository::{self as repository, ModelEntry, RepositoryError};
-use tickserve_scheduler::{Priority, Scheduler};
+use tickserve_scheduler::{Priority, Scheduler, os_thread};
 
 use crate::error::ServeError;
 use crate::models::{Model, ModelVersion};
@@ -164,6 +164,9 @@ impl ModelRegistry {
     /// Blocking. On failure what was served stays, and the index reports
     /// the reason.
     pub fn load_model(&self, name: &str, config: Option<&str>) -> Result<(), RepositoryError> {
+        // Loading and warm-up are long CPU work: never at the request
+        // path's real-time priority (tickserve_scheduler::os_thread).
+        os_thread::leave_realtime();
         let _one_load_at_a_time = lock(&self.loads);
         let dir = self.root.join(name);
         if !dir.is_dir() {
@@ -209,6 +212,7 @@ impl ModelRegistry {
 
     /// Stops serving model `name`. Requests it is answering finish first.
     pub fn unload_model(&self, name: &str) -> Result<(), ServeError> {
+        os_thread::leave_realtime();
         let _one_load_at_a_time = lock(&self.loads);
         let known = self.root.join(name).is_dir() || self.snapshot().contains_key(name);
         if !known {
@@ -230,6 +234,7 @@ impl ModelRegistry {
     /// unloads those whose folder is gone. Blocking. Returns the models it
     /// loaded anew.
     pub fn poll(&self) -> Vec<String> {
+        os_thread::leave_realtime();
         let mut loaded = Vec::new();
         let names = match repository::model_names(&self.root) {
             Ok(names) => names,

@@ -47,6 +47,7 @@ pub fn scheduler_config(entry: &ModelEntry) -> SchedulerConfig {
                 )
             },
             cores: group.cores.clone(),
+            nice: group.nice,
         })
         .collect();
     scheduler.chunking = batching.chunking;

@@ -77,6 +77,17 @@ pub struct ServeArgs {
     #[arg(long, env = "TICKSERVE_METRICS_ADDR", value_name = "ADDR")]
     pub metrics_addr: Option<SocketAddr>,
 
+    /// Runs the threads a real-time request passes through under the
+    /// SCHED_FIFO policy at this priority (1-99, Linux, needs
+    /// CAP_SYS_NICE): the async runtime's threads, each model's batcher
+    /// thread and the engine workers reserved for priorities with a
+    /// target_latency. On a machine whose cores are all busy this keeps
+    /// their waits for a core short; other engine workers, model loading
+    /// and other processes get the rest. Refused by the OS: logged, normal
+    /// policy (docs/scheduling.md). [default: none]
+    #[arg(long, env = "TICKSERVE_REALTIME_PRIORITY", value_name = "1-99", value_parser = clap::value_parser!(u8).range(1..=99))]
+    pub realtime_priority: Option<u8>,
+
     /// On SIGTERM/SIGINT, how long to let queued and running requests
     /// finish before exiting, e.g. "30s", "500ms". [default: 30s]
     #[arg(long, env = "TICKSERVE_DRAIN_TIMEOUT", value_name = "DURATION", value_parser = humantime_duration)]
@@ -262,6 +273,7 @@ struct FileConfig {
     otlp_endpoint: Option<String>,
     otlp_service_name: Option<String>,
     otlp_sample_ratio: Option<f64>,
+    realtime_priority: Option<u8>,
 }
 
 /// The merged settings.
@@ -272,6 +284,8 @@ pub struct Settings {
     pub log_level: String,
     /// The OTLP trace export; `None`: off.
     pub otlp: Option<OtlpConfig>,
+    /// SCHED_FIFO priority of the real-time request path; `None`: off.
+    pub realtime_priority: Option<u8>,
 }
 
 pub(crate) fn humantime_duration(text: &str) -> Result<Duration, String> {
@@ -424,6 +438,11 @@ impl ServeArgs {
             },
             max_body_bytes,
         )?;
+        let realtime_priority = self.realtime_priority.or(file.realtime_priority);
+        anyhow::ensure!(
+            realtime_priority.is_none_or(|p| (1..=99).contains(&p)),
+            "realtime_priority must be 1 to 99"
+        );
         let otlp = self.traces.resolve(crate::traces::TraceFile {
             otlp_endpoint: file.otlp_endpoint,
             otlp_service_name: file.otlp_service_name,
@@ -472,6 +491,7 @@ impl ServeArgs {
                 .or(file.log_level)
                 .unwrap_or_else(|| DEFAULT_LOG_LEVEL.to_owned()),
             otlp,
+            realtime_priority,
         })
     }
 }
@@ -513,6 +533,17 @@ mod tests {
         );
         assert!(settings.server.admin_token.is_none());
         assert!(settings.otlp.is_none(), "trace export is off by default");
+        assert_eq!(settings.realtime_priority, None, "SCHED_FIFO is opt-in");
+    }
+
+    #[test]
+    fn the_realtime_priority_is_read_and_bounded() {
+        let settings = parse(&["--realtime-priority", "10"]).resolve().unwrap();
+        assert_eq!(settings.realtime_priority, Some(10));
+        for bad in ["0", "100"] {
+            let refused = Wrapper::try_parse_from(["serve", "--realtime-priority", bad]);
+            assert!(refused.is_err(), "--realtime-priority {bad} was accepted");
+        }
     }
 
     #[test]

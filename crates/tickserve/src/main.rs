@@ -12,6 +12,7 @@ mod traces;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use tickserve_scheduler::os_thread;
 
 use crate::config::ServeArgs;
 
@@ -62,9 +63,15 @@ fn bench(args: tickserve_bench::cli::BenchArgs) -> anyhow::Result<std::process::
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let settings = args.resolve()?;
+    if let Some(priority) = settings.realtime_priority {
+        os_thread::set_realtime_priority(priority);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("tickserve-io")
+        // Worker and blocking threads alike: blocking work returns itself
+        // to the normal policy (os_thread::leave_realtime).
+        .on_thread_start(|| os_thread::enter_realtime("runtime"))
         .build()
         .context("cannot start the async runtime")?;
     // The OTLP exporter's gRPC connection lives on the runtime.

@@ -47,6 +47,23 @@ pub(super) fn pin_to(core: Option<usize>, model: &str, worker: usize) {
     }
 }
 
+/// Sets the calling thread's OS scheduling niceness, logging (not
+/// failing) when the OS refuses: a negative value needs `CAP_SYS_NICE`,
+/// and a worker at the process's niceness still serves.
+pub(super) fn set_nice(nice: Option<i32>, model: &str, worker: usize) {
+    let Some(nice) = nice else { return };
+    match crate::os_thread::set_current_nice(nice) {
+        Ok(()) => tracing::debug!(model, worker, nice, "engine worker niceness set"),
+        Err(error) => tracing::warn!(
+            model,
+            worker,
+            nice,
+            %error,
+            "cannot set the engine worker's niceness; it runs at the process's"
+        ),
+    }
+}
+
 pub(super) fn engine_worker(
     index: usize,
     engine: &dyn Engine,

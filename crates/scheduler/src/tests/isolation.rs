@@ -238,6 +238,7 @@ fn one_worker_for(classes: ClassSet) -> InstanceGroup {
         count: 1,
         classes,
         cores: Vec::new(),
+        nice: None,
     }
 }
 
@@ -400,4 +401,39 @@ async fn an_idle_reserved_worker_does_not_hide_a_batch_due_on_a_general_one() {
     let (out, answered) = send(&scheduler, 1.0, at(5)).await.unwrap();
     assert!(out.is_ok(), "{out:?}");
     assert_eq!(answered - start, Duration::from_millis(5));
+}
+
+/// Records the niceness of the thread each call runs on.
+#[cfg(target_os = "linux")]
+#[derive(Debug, Default)]
+struct NicenessEngine {
+    seen: Mutex<Vec<i32>>,
+}
+
+#[cfg(target_os = "linux")]
+impl Answers for NicenessEngine {
+    const KIND: &'static str = "niceness";
+    fn answer(&self, batch: &Batch) -> Result<BatchOutput, EngineError> {
+        // SAFETY: getpriority and gettid read only their integer arguments.
+        let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t) };
+        self.seen.lock().unwrap().push(nice);
+        Ok(BatchOutput {
+            rows: batch.rows,
+            outputs: vec![batch.inputs[0].clone()],
+        })
+    }
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn a_group_runs_its_workers_at_its_niceness() {
+    let engine = Arc::new(TestEngine::new(NicenessEngine::default()));
+    let mut cfg = config(4);
+    cfg.instance_groups = vec![InstanceGroup {
+        nice: Some(7),
+        ..one_worker_for(ClassSet::ALL)
+    }];
+    let scheduler = Scheduler::spawn(engine.clone(), cfg);
+    assert!(send_rows(&scheduler, 1.0, 1, 5).await.unwrap().is_ok());
+    assert_eq!(*engine.seen.lock().unwrap(), vec![7]);
 }

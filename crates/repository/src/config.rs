@@ -299,10 +299,11 @@ pub struct InstanceGroupConfig {
     /// the OS places them.
     #[serde(default)]
     pub cores: Vec<usize>,
-    /// OS scheduling niceness of its worker threads, −20 to 19 (Linux):
-    /// higher yields the cores to the front end and the other workers when
-    /// they are short. Negative values need `CAP_SYS_NICE`. None: the
-    /// process's.
+    /// OS scheduling niceness its workers run background work at, −20 to
+    /// 19 (Linux): higher yields the cores to the front end and the other
+    /// workers when they are short. Batches led by a class with a
+    /// `target_latency` keep the thread's own. Negative values need
+    /// `CAP_SYS_NICE`. None: the process's.
     #[serde(default)]
     pub nice: Option<i32>,
 }

@@ -52,7 +52,7 @@ use crate::{Request, SchedulerCommand, SchedulerConfig, SchedulerError, WorkerPl
 mod admission;
 mod worker;
 
-use worker::{Done, engine_worker, pin_to, set_nice};
+use worker::{Done, Niceness, engine_worker, pin_to};
 
 /// Batches the latency fit looks back on, per instance.
 const MODEL_WINDOW: usize = 64;
@@ -76,6 +76,11 @@ pub(crate) fn start(
     command_rx: mpsc::Receiver<SchedulerCommand>,
 ) {
     let plans = config.workers();
+    let targeted = ClassSet::of(
+        Priority::ALL
+            .into_iter()
+            .filter(|&class| config.class(class).target_latency.is_some()),
+    );
     // Workers report "done" here; one slot per worker is enough as each
     // sends at most once per job.
     let (done_tx, done_rx) = mpsc::channel(plans.len().max(1));
@@ -89,16 +94,12 @@ pub(crate) fn start(
         let stats = Arc::clone(&stats);
         // Reserved for classes that all have a latency target: on the
         // real-time path (crate::os_thread).
-        let realtime = plan.classes.len() < Priority::LEVELS
-            && plan
-                .classes
-                .iter()
-                .all(|class| config.class(class).target_latency.is_some());
+        let realtime = plan.classes.len() < Priority::LEVELS && targeted.covers(plan.classes);
         let spawned = std::thread::Builder::new()
             .name(format!("engine-{index}"))
             .spawn(move || {
                 pin_to(plan.core, &model, index);
-                set_nice(plan.nice, &model, index);
+                let niceness = Niceness::of_this_thread(plan.nice, targeted, &model, index);
                 if realtime {
                     crate::os_thread::enter_realtime("engine worker");
                 }
@@ -109,6 +110,7 @@ pub(crate) fn start(
                     &stats,
                     &job_rx,
                     &done_tx,
+                    niceness,
                 );
             });
         match spawned {

@@ -104,8 +104,10 @@ pub struct InstanceGroup {
     /// Cores its workers are pinned to, one each, round robin; empty: the
     /// OS places them.
     pub cores: Vec<usize>,
-    /// The OS scheduling niceness of its worker threads (Linux: −20 to 19;
-    /// higher yields the cores to everything else). `None`: the process's.
+    /// The OS scheduling niceness its workers run background batches at
+    /// (Linux: −20 to 19; higher yields the cores to everything else);
+    /// batches led by a class with a `target_latency` run at the thread's
+    /// own. `None`: the process's.
     pub nice: Option<i32>,
 }
 

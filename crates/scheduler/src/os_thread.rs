@@ -69,6 +69,11 @@ pub fn set_current_nice(nice: i32) -> std::io::Result<()> {
     imp::set_nice(nice)
 }
 
+/// The calling thread's niceness.
+pub fn current_nice() -> std::io::Result<i32> {
+    imp::nice()
+}
+
 enum Policy {
     Normal,
     Fifo(u8),
@@ -101,6 +106,20 @@ mod imp {
         check(unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, nice) })
     }
 
+    pub(super) fn nice() -> std::io::Result<i32> {
+        // SAFETY: errno is this thread's; getpriority reads only its
+        // integer arguments. It may return −1 as a value, so errno tells
+        // an error apart.
+        unsafe {
+            *libc::__errno_location() = 0;
+            let nice = libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t);
+            if nice == -1 && *libc::__errno_location() != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(nice)
+        }
+    }
+
     pub(super) fn set_policy(policy: i32, priority: i32) -> std::io::Result<()> {
         let param = libc::sched_param {
             sched_priority: priority,
@@ -124,6 +143,10 @@ mod imp {
     }
 
     pub(super) fn set_nice(_nice: i32) -> std::io::Result<()> {
+        Err(unsupported())
+    }
+
+    pub(super) fn nice() -> std::io::Result<i32> {
         Err(unsupported())
     }
 

@@ -13,6 +13,8 @@ use tickserve_telemetry as telemetry;
 use tokio::sync::mpsc;
 
 use crate::inflight::{Answered, InFlight};
+use crate::os_thread;
+use crate::priority::{ClassSet, Priority};
 use crate::stats::SchedulerStats;
 
 /// What a worker reports when a chunk is done.
@@ -47,20 +49,67 @@ pub(super) fn pin_to(core: Option<usize>, model: &str, worker: usize) {
     }
 }
 
-/// Sets the calling thread's OS scheduling niceness, logging (not
-/// failing) when the OS refuses: a negative value needs `CAP_SYS_NICE`,
-/// and a worker at the process's niceness still serves.
-pub(super) fn set_nice(nice: Option<i32>, model: &str, worker: usize) {
-    let Some(nice) = nice else { return };
-    match crate::os_thread::set_current_nice(nice) {
-        Ok(()) => tracing::debug!(model, worker, nice, "engine worker niceness set"),
-        Err(error) => tracing::warn!(
-            model,
-            worker,
-            nice,
-            %error,
-            "cannot set the engine worker's niceness; it runs at the process's"
-        ),
+/// The niceness an engine worker runs each chunk at: the group's `nice`
+/// for background work, the thread's own for a batch led by a class with a
+/// latency target. A general worker then yields its core to the front end
+/// while it runs a background flood, but not while it serves real-time
+/// rows (under real-time overload it runs them too).
+pub(super) struct Niceness {
+    background: Option<i32>,
+    targeted: ClassSet,
+    base: i32,
+    current: i32,
+}
+
+impl Niceness {
+    /// For the calling thread; `None` when the group sets no niceness or
+    /// the OS cannot read it (logged).
+    pub(super) fn of_this_thread(
+        background: Option<i32>,
+        targeted: ClassSet,
+        model: &str,
+        worker: usize,
+    ) -> Option<Niceness> {
+        background?;
+        match os_thread::current_nice() {
+            Ok(base) => Some(Niceness {
+                background,
+                targeted,
+                base,
+                current: base,
+            }),
+            Err(error) => {
+                tracing::warn!(model, worker, %error, "cannot read the engine worker's niceness; it keeps the process's");
+                None
+            }
+        }
+    }
+
+    /// Sets the niceness for a batch led by `class`; logs (does not fail)
+    /// when the OS refuses, and then stops trying.
+    fn set_for(this: &mut Option<Niceness>, class: Priority, model: &str, worker: usize) {
+        let Some(niceness) = this else { return };
+        let wanted = if niceness.targeted.contains(class) {
+            niceness.base
+        } else {
+            niceness.background.unwrap_or(niceness.base)
+        };
+        if wanted == niceness.current {
+            return;
+        }
+        match os_thread::set_current_nice(wanted) {
+            Ok(()) => niceness.current = wanted,
+            Err(error) => {
+                tracing::warn!(
+                    model,
+                    worker,
+                    nice = wanted,
+                    %error,
+                    "cannot set the engine worker's niceness; it runs at the process's"
+                );
+                *this = None;
+            }
+        }
     }
 }
 
@@ -71,12 +120,14 @@ pub(super) fn engine_worker(
     stats: &SchedulerStats,
     job_rx: &std_mpsc::Receiver<InFlight>,
     done_tx: &mpsc::Sender<Done>,
+    mut niceness: Option<Niceness>,
 ) {
     let batch_size = histogram!(telemetry::BATCH_SIZE, "model" => model.to_owned(), "version" => version.to_owned());
     let execution = histogram!(telemetry::ENGINE_EXECUTION, "model" => model.to_owned(), "version" => version.to_owned());
     let batches = counter!(telemetry::BATCHES_TOTAL, "model" => model.to_owned(), "version" => version.to_owned());
     let retries = counter!(telemetry::ENGINE_RETRIES_TOTAL, "model" => model.to_owned(), "version" => version.to_owned());
     while let Ok(mut batch) = job_rx.recv() {
+        Niceness::set_for(&mut niceness, batch.class(), model, index);
         let rows = batch.next_chunk();
         let spans = batch.engine_spans(index);
         let run = batch.run_chunk(engine);

@@ -426,14 +426,19 @@ impl Answers for NicenessEngine {
 
 #[cfg(target_os = "linux")]
 #[tokio::test]
-async fn a_group_runs_its_workers_at_its_niceness() {
+async fn a_group_runs_background_work_at_its_niceness_and_real_time_work_at_the_thread_s() {
+    // SAFETY: getpriority and gettid read only their integer arguments.
+    let base = unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t) };
     let engine = Arc::new(TestEngine::new(NicenessEngine::default()));
     let mut cfg = config(4);
+    cfg.classes[0].target_latency = Some(Duration::from_millis(2));
     cfg.instance_groups = vec![InstanceGroup {
         nice: Some(7),
         ..one_worker_for(ClassSet::ALL)
     }];
     let scheduler = Scheduler::spawn(engine.clone(), cfg);
     assert!(send_rows(&scheduler, 1.0, 1, 5).await.unwrap().is_ok());
-    assert_eq!(*engine.seen.lock().unwrap(), vec![7]);
+    assert!(send_rows(&scheduler, 2.0, 1, 1).await.unwrap().is_ok());
+    assert!(send_rows(&scheduler, 3.0, 1, 4).await.unwrap().is_ok());
+    assert_eq!(*engine.seen.lock().unwrap(), vec![7, base, 7]);
 }

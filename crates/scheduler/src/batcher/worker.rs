@@ -70,19 +70,36 @@ impl Niceness {
         model: &str,
         worker: usize,
     ) -> Option<Niceness> {
-        background?;
-        match os_thread::current_nice() {
-            Ok(base) => Some(Niceness {
-                background,
-                targeted,
-                base,
-                current: base,
-            }),
+        let nice = background?;
+        let base = match os_thread::current_nice() {
+            Ok(base) => base,
             Err(error) => {
                 tracing::warn!(model, worker, %error, "cannot read the engine worker's niceness; it keeps the process's");
-                None
+                return None;
             }
+        };
+        if let Err(error) = os_thread::set_current_nice(nice) {
+            tracing::warn!(model, worker, nice, %error, "cannot set the engine worker's niceness; it keeps the process's");
+            return None;
         }
+        // Lowering it again needs CAP_SYS_NICE or a RLIMIT_NICE that allows
+        // it: without, the worker stays at `nice` for every batch.
+        if let Err(error) = os_thread::set_current_nice(base) {
+            tracing::warn!(
+                model,
+                worker,
+                nice,
+                %error,
+                "the engine worker cannot return to its own niceness (needs CAP_SYS_NICE or RLIMIT_NICE): it runs every batch, real-time ones too, at this niceness"
+            );
+            return None;
+        }
+        Some(Niceness {
+            background,
+            targeted,
+            base,
+            current: base,
+        })
     }
 
     /// Sets the niceness for a batch led by `class`; logs (does not fail)

@@ -42,7 +42,7 @@ pub fn enter_realtime(thread: &str) {
     let Some(priority) = realtime_priority() else {
         return;
     };
-    match set_current_policy(Policy::Fifo(priority)) {
+    match imp::set_policy(imp::FIFO, i32::from(priority)) {
         Ok(()) => tracing::debug!(thread, priority, "thread runs under SCHED_FIFO"),
         Err(error) => tracing::warn!(
             thread,
@@ -58,7 +58,7 @@ pub fn enter_realtime(thread: &str) {
 /// not run at that priority.
 pub fn leave_realtime() {
     if realtime_priority().is_some()
-        && let Err(error) = set_current_policy(Policy::Normal)
+        && let Err(error) = imp::set_policy(imp::NORMAL, 0)
     {
         tracing::warn!(%error, "cannot return a blocking thread to the normal policy");
     }
@@ -72,18 +72,6 @@ pub fn set_current_nice(nice: i32) -> std::io::Result<()> {
 /// The calling thread's niceness.
 pub fn current_nice() -> std::io::Result<i32> {
     imp::nice()
-}
-
-enum Policy {
-    Normal,
-    Fifo(u8),
-}
-
-fn set_current_policy(policy: Policy) -> std::io::Result<()> {
-    match policy {
-        Policy::Normal => imp::set_policy(imp::NORMAL, 0),
-        Policy::Fifo(priority) => imp::set_policy(imp::FIFO, i32::from(priority)),
-    }
 }
 
 #[cfg(target_os = "linux")]
@@ -168,10 +156,10 @@ mod tests {
     #[test]
     fn fifo_is_entered_and_left_or_refused_for_want_of_the_capability() {
         // A thread of its own: the policy must not leak into other tests.
-        std::thread::spawn(|| match set_current_policy(Policy::Fifo(1)) {
+        std::thread::spawn(|| match imp::set_policy(imp::FIFO, 1) {
             Ok(()) => {
                 assert_eq!(policy(), libc::SCHED_FIFO);
-                set_current_policy(Policy::Normal).unwrap();
+                imp::set_policy(imp::NORMAL, 0).unwrap();
                 assert_eq!(policy(), libc::SCHED_OTHER);
             }
             Err(error) => {
@@ -187,15 +175,14 @@ mod tests {
     fn niceness_is_the_calling_thread_s_alone() {
         std::thread::spawn(|| {
             set_current_nice(12).unwrap();
-            // SAFETY: getpriority reads only its integer arguments.
-            let own =
-                unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t) };
-            assert_eq!(own, 12);
+            assert_eq!(current_nice().unwrap(), 12);
         })
         .join()
         .unwrap();
-        // SAFETY: as above.
-        let this = unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t) };
-        assert_ne!(this, 12, "another thread's niceness leaked into this one");
+        assert_ne!(
+            current_nice().unwrap(),
+            12,
+            "another thread's niceness leaked into this one"
+        );
     }
 }

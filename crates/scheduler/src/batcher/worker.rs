@@ -55,7 +55,7 @@ pub(super) fn pin_to(core: Option<usize>, model: &str, worker: usize) {
 /// while it runs a background flood, but not while it serves real-time
 /// rows (under real-time overload it runs them too).
 pub(super) struct Niceness {
-    background: Option<i32>,
+    background: i32,
     targeted: ClassSet,
     base: i32,
     current: i32,
@@ -95,7 +95,7 @@ impl Niceness {
             return None;
         }
         Some(Niceness {
-            background,
+            background: nice,
             targeted,
             base,
             current: base,
@@ -109,7 +109,7 @@ impl Niceness {
         let wanted = if niceness.targeted.contains(class) {
             niceness.base
         } else {
-            niceness.background.unwrap_or(niceness.base)
+            niceness.background
         };
         if wanted == niceness.current {
             return;

@@ -414,8 +414,8 @@ struct NicenessEngine {
 impl Answers for NicenessEngine {
     const KIND: &'static str = "niceness";
     fn answer(&self, batch: &Batch) -> Result<BatchOutput, EngineError> {
-        // SAFETY: getpriority and gettid read only their integer arguments.
-        let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t) };
+        let nice =
+            crate::os_thread::current_nice().map_err(|e| EngineError::Execution(e.to_string()))?;
         self.seen.lock().unwrap().push(nice);
         Ok(BatchOutput {
             rows: batch.rows,
@@ -427,8 +427,7 @@ impl Answers for NicenessEngine {
 #[cfg(target_os = "linux")]
 #[tokio::test]
 async fn a_group_runs_background_work_at_its_niceness_and_real_time_work_at_the_thread_s() {
-    // SAFETY: getpriority and gettid read only their integer arguments.
-    let base = unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t) };
+    let base = crate::os_thread::current_nice().unwrap();
     let engine = Arc::new(TestEngine::new(NicenessEngine::default()));
     let mut cfg = config(4);
     cfg.classes[0].target_latency = Some(Duration::from_millis(2));

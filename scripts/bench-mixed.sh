@@ -7,8 +7,9 @@
 #
 #   scripts/bench-mixed.sh [phase-seconds] [config…]
 #
-# Configurations: today (chunking and the latency targets off: the
-# scheduler before real-time isolation, 1 instance), bundled (the bundled
+# Configurations: today (chunking and the latency targets off, bodies
+# decoded on the runtime, the kernel's time slice: the server before
+# real-time isolation, 1 instance), bundled (the bundled
 # config.toml: a worker for priorities 1–2 pinned to core 0 and one for
 # all on core 1), one (1 instance), two (2 instances), threads2 (1
 # instance of 2 threads), int8 and int8-today (the bundled workers in
@@ -70,9 +71,13 @@ for name in "${configs[@]}"; do
     cp models/cnn_lstm/1/model.onnx "$repo/cnn_lstm/1/"
     config_of "$name" > "$repo/cnn_lstm/config.toml"
     port=$((20000 + RANDOM % 5000))
+    before=()
+    case $name in
+        *today) before=(--background-decode-threads 0 --request-slice 0s) ;;
+    esac
     "$bin" serve --model-repository "$repo" --http-addr "127.0.0.1:$port" \
         --grpc-addr "127.0.0.1:$((port + 5000))" --metrics-addr "127.0.0.1:$((port + 10000))" \
-        --cache false --log-level warn > "$work/$name.log" 2>&1 &
+        --cache false --log-level warn "${before[@]}" > "$work/$name.log" 2>&1 &
     server=$!
     for _ in $(seq 1 600); do
         curl -sf "http://127.0.0.1:$port/v2/health/ready" > /dev/null && break

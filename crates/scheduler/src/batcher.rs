@@ -101,7 +101,7 @@ pub(crate) fn start(
                 pin_to(plan.core, &model, index);
                 let niceness = Niceness::of_this_thread(plan.nice, targeted, &model, index);
                 if realtime {
-                    crate::os_thread::enter_realtime("engine worker");
+                    crate::os_thread::enter_request_path("engine worker");
                 }
                 engine_worker(
                     index,
@@ -140,7 +140,7 @@ pub(crate) fn start(
     let spawned = std::thread::Builder::new()
         .name(format!("batcher-{model}"))
         .spawn(move || {
-            crate::os_thread::enter_realtime("batcher");
+            crate::os_thread::enter_request_path("batcher");
             match tokio::runtime::Builder::new_current_thread()
                 .enable_time()
                 .build()

@@ -1,7 +1,8 @@
 //! How the OS schedules the server's threads, beside the async runtime's
 //! own ordering: niceness for engine workers that should yield the cores
-//! (`[[instance_group]] nice`), and an opt-in real-time policy for the
-//! threads a real-time request passes through (`--realtime-priority`).
+//! (`[[instance_group]] nice`), a short time slice for the threads a
+//! real-time request passes through (`--request-slice`, on by default), and
+//! an opt-in real-time policy for the same threads (`--realtime-priority`).
 //!
 //! On a machine whose cores are all busy, a real-time request's latency is
 //! mostly its wait for a core at each hop: the runtime thread that reads
@@ -15,14 +16,43 @@
 //! machine use what is left (Linux keeps 5 % of each second for them
 //! through `sched_rt_runtime_us`).
 //!
+//! Without privileges, Linux 6.12 and later still let a thread ask for a
+//! shorter slice of the fair scheduler (EEVDF's `sched_runtime`): its
+//! virtual deadline comes sooner, so when it wakes on a busy core it
+//! preempts a thread with the default slice (an engine worker, a load
+//! generator) instead of queueing behind it, while its share of the CPU
+//! stays that of its niceness. The request path's threads ask for one
+//! (default 100 µs); older kernels ignore the request.
+//!
 //! Linux only; elsewhere the calls fail with `Unsupported` and the callers
 //! log it. A thread's policy and niceness are its own (`gettid`), never the
 //! whole process's.
 
 use std::sync::OnceLock;
+use std::time::Duration;
 
 /// The `SCHED_FIFO` priority (1–99) of the request path; unset: none.
 static REALTIME_PRIORITY: OnceLock<u8> = OnceLock::new();
+
+/// The fair-scheduler slice of the request path; unset or zero: the
+/// kernel's default.
+static REQUEST_SLICE: OnceLock<Duration> = OnceLock::new();
+
+/// The shortest and longest slice Linux accepts (it clamps to these).
+pub const SLICE_RANGE: std::ops::RangeInclusive<Duration> =
+    Duration::from_micros(100)..=Duration::from_millis(100);
+
+/// Sets the process-wide slice of the request path's threads, before any
+/// scheduler starts; zero keeps the kernel's default. Later calls are
+/// ignored (it is fixed at start).
+pub fn set_request_slice(slice: Duration) {
+    let _ = REQUEST_SLICE.set(slice);
+}
+
+/// The request path's slice, when one is set (non-zero).
+pub fn request_slice() -> Option<Duration> {
+    REQUEST_SLICE.get().copied().filter(|s| !s.is_zero())
+}
 
 /// Sets the process-wide real-time priority of the request path, before
 /// any scheduler starts. Later calls are ignored (it is fixed at start).
@@ -35,10 +65,20 @@ pub fn realtime_priority() -> Option<u8> {
     REALTIME_PRIORITY.get().copied()
 }
 
-/// Puts the calling thread under `SCHED_FIFO` at the configured priority,
-/// when one is set; logs (does not fail) when the OS refuses, which it
-/// does without `CAP_SYS_NICE`: the thread then keeps the normal policy.
-pub fn enter_realtime(thread: &str) {
+/// Makes the calling thread one of the request path's: it asks for the
+/// configured slice, then enters `SCHED_FIFO` at the configured priority,
+/// each when one is set. Logs (does not fail) when the OS refuses, which
+/// it does for `SCHED_FIFO` without `CAP_SYS_NICE`: the thread then keeps
+/// the normal policy.
+pub fn enter_request_path(thread: &str) {
+    if let Some(slice) = request_slice() {
+        match imp::set_slice(slice) {
+            Ok(()) => tracing::debug!(thread, ?slice, "thread asks for a short slice"),
+            Err(error) => {
+                tracing::warn!(thread, ?slice, %error, "cannot set this thread's time slice")
+            }
+        }
+    }
     let Some(priority) = realtime_priority() else {
         return;
     };
@@ -53,14 +93,19 @@ pub fn enter_realtime(thread: &str) {
     }
 }
 
-/// Returns the calling thread to the normal policy, for blocking work
-/// (model loading, warm-up) that a runtime thread under `SCHED_FIFO` must
-/// not run at that priority.
-pub fn leave_realtime() {
+/// Returns the calling thread to the normal policy and the kernel's
+/// default slice, for blocking work (model loading, warm-up) that a
+/// runtime thread must not run as part of the request path.
+pub fn leave_request_path() {
     if realtime_priority().is_some()
         && let Err(error) = imp::set_policy(imp::NORMAL, 0)
     {
         tracing::warn!(%error, "cannot return a blocking thread to the normal policy");
+    }
+    if request_slice().is_some()
+        && let Err(error) = imp::set_slice(Duration::ZERO)
+    {
+        tracing::warn!(%error, "cannot return a blocking thread to the default slice");
     }
 }
 
@@ -116,6 +161,55 @@ mod imp {
         // the calling thread.
         check(unsafe { libc::sched_setscheduler(0, policy, &param) })
     }
+
+    /// `struct sched_attr` of `sched_setattr(2)`, first version (56 bytes).
+    #[repr(C)]
+    #[derive(Default)]
+    pub(super) struct SchedAttr {
+        size: u32,
+        policy: u32,
+        flags: u64,
+        nice: i32,
+        priority: u32,
+        /// For the fair policies (Linux 6.12+): the requested slice, ns.
+        pub(super) runtime: u64,
+        deadline: u64,
+        period: u64,
+        util_min: u32,
+        util_max: u32,
+    }
+
+    pub(super) fn attributes() -> std::io::Result<SchedAttr> {
+        let mut attr = SchedAttr::default();
+        let size = std::mem::size_of::<SchedAttr>() as libc::c_uint;
+        // SAFETY: the kernel writes at most `size` bytes into `attr`, a
+        // `repr(C)` struct of that size; pid 0 is the calling thread.
+        let result = unsafe {
+            libc::syscall(
+                libc::SYS_sched_getattr,
+                0,
+                &mut attr as *mut SchedAttr,
+                size,
+                0,
+            )
+        };
+        check(result as i32)?;
+        Ok(attr)
+    }
+
+    /// Keeps the thread's policy, priority and niceness; changes only the
+    /// slice (zero: the kernel's default).
+    pub(super) fn set_slice(slice: std::time::Duration) -> std::io::Result<()> {
+        let mut attr = attributes()?;
+        attr.size = std::mem::size_of::<SchedAttr>() as u32;
+        attr.flags = 0;
+        attr.runtime = u64::try_from(slice.as_nanos()).unwrap_or(u64::MAX);
+        // SAFETY: the kernel only reads `attr`, which outlives the call;
+        // pid 0 is the calling thread.
+        let result =
+            unsafe { libc::syscall(libc::SYS_sched_setattr, 0, &attr as *const SchedAttr, 0) };
+        check(result as i32)
+    }
 }
 
 #[cfg(not(target_os = "linux"))]
@@ -139,6 +233,10 @@ mod imp {
     }
 
     pub(super) fn set_policy(_policy: i32, _priority: i32) -> std::io::Result<()> {
+        Err(unsupported())
+    }
+
+    pub(super) fn set_slice(_slice: std::time::Duration) -> std::io::Result<()> {
         Err(unsupported())
     }
 }
@@ -166,6 +264,38 @@ mod tests {
                 assert_eq!(error.kind(), std::io::ErrorKind::PermissionDenied);
                 assert_eq!(policy(), libc::SCHED_OTHER);
             }
+        })
+        .join()
+        .unwrap();
+    }
+
+    /// Whether the running kernel honours a fair thread's own slice
+    /// (Linux 6.12 and later).
+    fn kernel_has_custom_slices() -> bool {
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .expect("Linux reports its release");
+        let mut numbers = release
+            .split(|c: char| !c.is_ascii_digit())
+            .map(|n| n.parse::<u32>().unwrap_or(0));
+        let major = numbers.next().unwrap_or(0);
+        let minor = numbers.next().unwrap_or(0);
+        (major, minor) >= (6, 12)
+    }
+
+    #[test]
+    fn a_thread_asks_for_its_own_slice_and_keeps_its_niceness() {
+        std::thread::spawn(|| {
+            set_current_nice(3).unwrap();
+            let default = imp::attributes().unwrap().runtime;
+            imp::set_slice(Duration::from_micros(200)).unwrap();
+            let attr = imp::attributes().unwrap();
+            if kernel_has_custom_slices() {
+                assert_eq!(attr.runtime, 200_000);
+            }
+            assert_eq!(current_nice().unwrap(), 3, "the slice reset the niceness");
+            assert_eq!(policy(), libc::SCHED_OTHER);
+            imp::set_slice(Duration::ZERO).unwrap();
+            assert_eq!(imp::attributes().unwrap().runtime, default);
         })
         .join()
         .unwrap();

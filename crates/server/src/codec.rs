@@ -150,6 +150,16 @@ impl Answer {
     }
 }
 
+/// Whether the body is in the raw single-input form
+/// (`Inference-Header-Content-Length: 0`), which needs the model's
+/// signature to decode.
+pub(crate) fn is_raw(headers: &HeaderMap) -> bool {
+    headers
+        .get(INFERENCE_HEADER_CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim() == "0")
+}
+
 /// Decodes an inference body in whichever form its headers announce.
 pub(crate) fn decode_request(
     headers: &HeaderMap,

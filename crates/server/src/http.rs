@@ -10,20 +10,26 @@
 //! layer around the router.
 //! An inference request runs in its trace's `infer` span and its answer
 //! carries `traceparent` and `x-request-id` ([`crate::trace`]).
+//! After a background request on a connection, the connection's next body
+//! is decoded on the background decode threads ([`crate::decode_pool`]),
+//! off the runtime that carries real-time requests.
 
 use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{DefaultBodyLimit, Extension, Path, State};
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Deserialize;
+use tickserve_telemetry as telemetry;
+use tickserve_telemetry::traces::TRACE_TARGET;
 use tracing::Instrument;
 
 use crate::AppState;
 use crate::codec;
+use crate::decode_pool::ConnectionHistory;
 use crate::error::ServeError;
 use crate::trace::{Incoming, Protocol, RequestTrace};
 
@@ -244,6 +250,26 @@ async fn no_route(uri: Uri) -> ServeError {
 
 /// Whether the body failed because the client stopped sending it (the
 /// body read timeout of crate::serve).
+/// The error of a body that could not be read.
+fn body_error(state: &AppState, rejection: &BytesRejection) -> ServeError {
+    if body_timed_out(rejection) {
+        ServeError::RequestTimeout(format!(
+            "the request body stalled: no data for {:?} (--body-read-timeout)",
+            state.limits.body_read_timeout
+        ))
+    } else if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ServeError::PayloadTooLarge(format!(
+            "request body is larger than the limit of {} bytes (--max-body-bytes)",
+            state.max_body_bytes
+        ))
+    } else {
+        ServeError::Invalid(format!(
+            "cannot read the request body: {}",
+            rejection.body_text()
+        ))
+    }
+}
+
 fn body_timed_out(rejection: &BytesRejection) -> bool {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(rejection);
     while let Some(error) = source {
@@ -258,40 +284,70 @@ fn body_timed_out(rejection: &BytesRejection) -> bool {
 async fn infer(
     State(state): State<AppState>,
     Path(path): Path<ModelPath>,
+    history: Option<Extension<ConnectionHistory>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let trace = RequestTrace::start(Protocol::Http, &Incoming::from_http(&headers));
-    let mut answer = codec::Answer::from_accept(&headers);
-    let result = crate::infer::infer(
-        &state,
-        Protocol::Http,
-        &path.model,
-        path.version.as_deref(),
-        |version| {
-            let body = body.map_err(|rejection| {
-                if body_timed_out(&rejection) {
-                    ServeError::RequestTimeout(format!(
-                        "the request body stalled: no data for {:?} (--body-read-timeout)",
-                        state.limits.body_read_timeout
-                    ))
-                } else if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                    ServeError::PayloadTooLarge(format!(
-                        "request body is larger than the limit of {} bytes (--max-body-bytes)",
-                        state.max_body_bytes
-                    ))
-                } else {
-                    ServeError::Invalid(format!(
-                        "cannot read the request body: {}",
-                        rejection.body_text()
-                    ))
+    let answer = codec::Answer::from_accept(&headers);
+    let body = body.map_err(|rejection| body_error(&state, &rejection));
+    let history = history.map(|Extension(history)| history);
+    let result = async {
+        // After a background request on this connection, the body is
+        // decoded off the runtime (crate::decode_pool); the raw binary
+        // form needs the model's signature and is cheap: never.
+        let (decoded, mut answer) = match &state.decode_pool {
+            Some(pool)
+                if history.as_ref().is_some_and(|h| h.last_was_background())
+                    && !codec::is_raw(&headers) =>
+            {
+                metrics::counter!(telemetry::BACKGROUND_DECODES_TOTAL).increment(1);
+                let (headers, body) = (headers.clone(), body.clone());
+                let mut decoded_answer = answer.clone();
+                let decoded = pool
+                    .run(move || {
+                        let decoded = body.and_then(|body| {
+                            codec::decode_request(&headers, &body, None, &mut decoded_answer)
+                        });
+                        (decoded, decoded_answer)
+                    })
+                    .instrument(tracing::info_span!(target: TRACE_TARGET, "background_decode"))
+                    .await;
+                match decoded {
+                    Ok((decoded, answer)) => (Some(decoded), answer),
+                    Err(error) => (Some(Err(error)), answer),
                 }
-            })?;
-            codec::decode_request(&headers, &body, Some(version), &mut answer)
-        },
-    )
+            }
+            _ => (None, answer),
+        };
+        let result = crate::infer::infer(
+            &state,
+            Protocol::Http,
+            &path.model,
+            path.version.as_deref(),
+            |version| {
+                let request = match decoded {
+                    Some(decoded) => decoded,
+                    None => body.and_then(|body| {
+                        codec::decode_request(&headers, &body, Some(version), &mut answer)
+                    }),
+                }?;
+                if let Some(history) = &history {
+                    let class = request
+                        .options
+                        .priority
+                        .unwrap_or_else(|| version.default_priority());
+                    history.record(version.is_background(class));
+                }
+                Ok(request)
+            },
+        )
+        .await;
+        (result, answer)
+    }
     .instrument(trace.span().clone())
     .await;
+    let (result, answer) = result;
     let mut response = trace.encode(|| match result {
         Ok(response) => answer.encode(&response),
         Err(error) => error.into_response(),

@@ -27,6 +27,7 @@ pub mod auth;
 mod cache_admin;
 mod cached;
 mod codec;
+mod decode_pool;
 pub mod error;
 pub mod grpc;
 mod http;
@@ -79,6 +80,7 @@ pub use crate::registry::{ControlMode, ModelControl};
 pub(crate) use crate::state::AppState;
 
 pub use crate::auth::{AuthConfig, AuthError, AuthHandle};
+pub use crate::decode_pool::DecodeConfig;
 pub use crate::tls::{TlsConfig, TlsError};
 pub use tickserve_cache::{CacheConfig, ClientIdentity, RedisConfig, RedisTls};
 
@@ -112,6 +114,9 @@ pub struct ServerConfig {
     pub tls: Option<TlsConfig>,
     /// Limits against slow or abusive clients.
     pub limits: Limits,
+    /// Threads that decode background requests' bodies off the async
+    /// runtime (docs/scheduling.md).
+    pub decode: DecodeConfig,
 }
 
 /// Limits against slow or abusive clients, per address (HTTP and gRPC
@@ -174,6 +179,7 @@ impl ServerConfig {
             auth: None,
             tls: None,
             limits: Limits::default(),
+            decode: DecodeConfig::default(),
         }
     }
 }

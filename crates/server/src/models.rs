@@ -115,6 +115,16 @@ impl Model {
 }
 
 impl ModelVersion {
+    /// Whether requests of `priority` are background work: their class
+    /// has no `target_latency`.
+    pub(crate) fn is_background(&self, priority: Priority) -> bool {
+        self.scheduler
+            .config()
+            .class(priority)
+            .target_latency
+            .is_none()
+    }
+
     /// Class of a request that names none.
     pub fn default_priority(&self) -> Priority {
         self.scheduler.config().default_priority

@@ -164,9 +164,10 @@ impl ModelRegistry {
     /// Blocking. On failure what was served stays, and the index reports
     /// the reason.
     pub fn load_model(&self, name: &str, config: Option<&str>) -> Result<(), RepositoryError> {
-        // Loading and warm-up are long CPU work: never at the request
-        // path's real-time priority (tickserve_scheduler::os_thread).
-        os_thread::leave_realtime();
+        // Loading and warm-up are long CPU work: never with the request
+        // path's real-time priority or short slice
+        // (tickserve_scheduler::os_thread).
+        os_thread::leave_request_path();
         let _one_load_at_a_time = lock(&self.loads);
         let dir = self.root.join(name);
         if !dir.is_dir() {
@@ -212,7 +213,7 @@ impl ModelRegistry {
 
     /// Stops serving model `name`. Requests it is answering finish first.
     pub fn unload_model(&self, name: &str) -> Result<(), ServeError> {
-        os_thread::leave_realtime();
+        os_thread::leave_request_path();
         let _one_load_at_a_time = lock(&self.loads);
         let known = self.root.join(name).is_dir() || self.snapshot().contains_key(name);
         if !known {
@@ -234,7 +235,7 @@ impl ModelRegistry {
     /// unloads those whose folder is gone. Blocking. Returns the models it
     /// loaded anew.
     pub fn poll(&self) -> Vec<String> {
-        os_thread::leave_realtime();
+        os_thread::leave_request_path();
         let mut loaded = Vec::new();
         let names = match repository::model_names(&self.root) {
             Ok(names) => names,

@@ -54,6 +54,7 @@ use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 
 use crate::Limits;
+use crate::decode_pool::ConnectionHistory;
 use crate::error::ServeError;
 use crate::tls::Conn;
 
@@ -293,8 +294,13 @@ async fn connection(
     let Some(stream) = accept.handshake(stream, permit).await else {
         return;
     };
-    let service =
-        hyper::service::service_fn(move |request: Request<Incoming>| app.clone().oneshot(request));
+    // The connection's requests share what its last one was (background or
+    // not), which decides where the next body is decoded.
+    let history = ConnectionHistory::default();
+    let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
+        request.extensions_mut().insert(history.clone());
+        app.clone().oneshot(request)
+    });
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()

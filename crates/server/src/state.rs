@@ -8,6 +8,7 @@ use tickserve_telemetry::throughput::Throughput;
 use crate::ServerConfig;
 use crate::auth::AuthHandle;
 use crate::cached::CacheLayer;
+use crate::decode_pool::DecodePool;
 use crate::error::ServeError;
 use crate::registry::ModelRegistry;
 use crate::sla::SlaMonitor;
@@ -28,6 +29,9 @@ pub(crate) struct AppState {
     pub(crate) admin_token: Option<Arc<str>>,
     /// Bearer tokens of the inference address (crate::auth).
     pub(crate) auth: AuthHandle,
+    /// Where background requests' bodies are decoded; `None`: on the
+    /// runtime (crate::decode_pool).
+    pub(crate) decode_pool: Option<DecodePool>,
 }
 
 impl AppState {
@@ -44,6 +48,7 @@ impl AppState {
             cache,
             admin_token: config.admin_token.as_ref().map(|t| Arc::from(t.expose())),
             auth: AuthHandle::off(),
+            decode_pool: DecodePool::start(config.decode),
         }
     }
 

@@ -65,6 +65,9 @@ pub const ADMISSION_WAIT_SCALE: &str = "tickserve_admission_wait_scale";
 /// Counter of engine calls retried on halves of a failed batch. Labels:
 /// `model`, `version`.
 pub const ENGINE_RETRIES_TOTAL: &str = "tickserve_engine_retries_total";
+/// Counter of HTTP request bodies decoded on the background decode threads
+/// instead of the async runtime (docs/scheduling.md). No labels.
+pub const BACKGROUND_DECODES_TOTAL: &str = "tickserve_background_decodes_total";
 /// Gauge of a GPU's utilisation, percent (resource monitor, NVML). Label:
 /// `gpu_id`.
 pub const GPU_UTILISATION: &str = "batch_processing_gpu_utilization_percent";
@@ -292,6 +295,11 @@ fn describe() {
         CHUNK_ROWS,
         Unit::Count,
         "Rows per engine call of batches that run in preemptible chunks"
+    );
+    describe_counter!(
+        BACKGROUND_DECODES_TOTAL,
+        Unit::Count,
+        "HTTP request bodies decoded on the background decode threads"
     );
     describe_counter!(
         ENGINE_RETRIES_TOTAL,

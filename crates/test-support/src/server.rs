@@ -72,21 +72,7 @@ impl TestServer {
 }
 
 pub fn config(repository: PathBuf) -> ServerConfig {
-    ServerConfig {
-        model_repository: repository,
-        http_addr: "127.0.0.1:0".parse().unwrap(),
-        grpc_addr: "127.0.0.1:0".parse().unwrap(),
-        metrics_addr: "127.0.0.1:0".parse().unwrap(),
-        drain_timeout: Duration::from_secs(10),
-        shutdown_delay: Duration::ZERO,
-        max_body_bytes: 16 * 1024 * 1024,
-        cache: tickserve_server::CacheConfig::default(),
-        admin_token: None,
-        model_control: tickserve_server::ModelControl::default(),
-        auth: None,
-        tls: None,
-        limits: tickserve_server::Limits::default(),
-    }
+    ServerConfig::loopback(repository)
 }
 
 /// Starts a server and waits until it reports ready.

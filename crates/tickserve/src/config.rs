@@ -13,9 +13,10 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, ValueEnum};
 use serde::Deserialize;
+use tickserve_scheduler::os_thread;
 use tickserve_server::{
-    AdminToken, CacheConfig, ClientIdentity, ControlMode, ModelControl, RedisConfig, RedisTls,
-    ServerConfig,
+    AdminToken, CacheConfig, ClientIdentity, ControlMode, DecodeConfig, ModelControl, RedisConfig,
+    RedisTls, ServerConfig,
 };
 use tickserve_telemetry::LogFormat;
 use tickserve_telemetry::traces::OtlpConfig;
@@ -29,6 +30,7 @@ const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:8002";
 const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
 const DEFAULT_LOG_LEVEL: &str = "info";
+const DEFAULT_REQUEST_SLICE: Duration = Duration::from_micros(100);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -87,6 +89,33 @@ pub struct ServeArgs {
     /// policy (docs/scheduling.md). [default: none]
     #[arg(long, env = "TICKSERVE_REALTIME_PRIORITY", value_name = "1-99", value_parser = clap::value_parser!(u8).range(1..=99))]
     pub realtime_priority: Option<u8>,
+
+    /// The time slice the same threads ask of Linux's fair scheduler
+    /// (EEVDF, Linux 6.12+; no privileges needed), from "100us" to
+    /// "100ms": a short one lets them preempt engine workers and other
+    /// processes as soon as a request wakes them, at no change to their
+    /// share of the CPU. "0s": the kernel's default (0.7-3 ms by core
+    /// count). Older kernels ignore it (docs/scheduling.md). [default: 100us]
+    #[arg(long, env = "TICKSERVE_REQUEST_SLICE", value_name = "DURATION", value_parser = humantime_duration)]
+    pub request_slice: Option<Duration>,
+
+    /// Threads that decode HTTP bodies of background requests (classes
+    /// without a target_latency) off the async runtime, so that parsing
+    /// them never delays a real-time request. Chosen per connection: after
+    /// a background request, the connection's next body is decoded there.
+    /// 0: every body on the runtime. [default: one per two cores, at least 1]
+    #[arg(long, env = "TICKSERVE_BACKGROUND_DECODE_THREADS", value_name = "N")]
+    pub background_decode_threads: Option<usize>,
+
+    /// Niceness of those threads (-20 to 19, Linux; negative values need
+    /// CAP_SYS_NICE). [default: 10]
+    #[arg(
+        long,
+        env = "TICKSERVE_BACKGROUND_DECODE_NICE",
+        value_name = "NICE",
+        allow_hyphen_values = true
+    )]
+    pub background_decode_nice: Option<i32>,
 
     /// On SIGTERM/SIGINT, how long to let queued and running requests
     /// finish before exiting, e.g. "30s", "500ms". [default: 30s]
@@ -274,6 +303,10 @@ struct FileConfig {
     otlp_service_name: Option<String>,
     otlp_sample_ratio: Option<f64>,
     realtime_priority: Option<u8>,
+    #[serde(default, with = "humantime_serde")]
+    request_slice: Option<Duration>,
+    background_decode_threads: Option<usize>,
+    background_decode_nice: Option<i32>,
 }
 
 /// The merged settings.
@@ -286,6 +319,8 @@ pub struct Settings {
     pub otlp: Option<OtlpConfig>,
     /// SCHED_FIFO priority of the real-time request path; `None`: off.
     pub realtime_priority: Option<u8>,
+    /// The request path's fair-scheduler slice; zero: the kernel's.
+    pub request_slice: Duration,
 }
 
 pub(crate) fn humantime_duration(text: &str) -> Result<Duration, String> {
@@ -443,6 +478,30 @@ impl ServeArgs {
             realtime_priority.is_none_or(|p| (1..=99).contains(&p)),
             "realtime_priority must be 1 to 99"
         );
+        let request_slice = self
+            .request_slice
+            .or(file.request_slice)
+            .unwrap_or(DEFAULT_REQUEST_SLICE);
+        anyhow::ensure!(
+            request_slice.is_zero() || os_thread::SLICE_RANGE.contains(&request_slice),
+            "request_slice must be 0s (the kernel's default) or from 100us to 100ms, got {request_slice:?}"
+        );
+        let default_decode = DecodeConfig::default();
+        let decode = DecodeConfig {
+            threads: self
+                .background_decode_threads
+                .or(file.background_decode_threads)
+                .unwrap_or(default_decode.threads),
+            nice: self
+                .background_decode_nice
+                .or(file.background_decode_nice)
+                .unwrap_or(default_decode.nice),
+        };
+        anyhow::ensure!(
+            (-20..=19).contains(&decode.nice),
+            "background_decode_nice must be -20 to 19, got {}",
+            decode.nice
+        );
         let otlp = self.traces.resolve(crate::traces::TraceFile {
             otlp_endpoint: file.otlp_endpoint,
             otlp_service_name: file.otlp_service_name,
@@ -481,6 +540,7 @@ impl ServeArgs {
                 auth: security.auth,
                 tls: security.tls,
                 limits: security.limits,
+                decode,
             },
             log_format: match log_format {
                 LogFormatArg::Text => LogFormat::Text,
@@ -492,292 +552,10 @@ impl ServeArgs {
                 .unwrap_or_else(|| DEFAULT_LOG_LEVEL.to_owned()),
             otlp,
             realtime_priority,
+            request_slice,
         })
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use clap::Parser;
-
-    #[derive(Debug, Parser)]
-    struct Wrapper {
-        #[command(flatten)]
-        args: ServeArgs,
-    }
-
-    fn parse(argv: &[&str]) -> ServeArgs {
-        Wrapper::try_parse_from(std::iter::once("serve").chain(argv.iter().copied()))
-            .unwrap()
-            .args
-    }
-
-    #[test]
-    fn defaults_apply_when_nothing_is_given() {
-        let settings = parse(&[]).resolve().unwrap();
-        assert_eq!(settings.server.model_repository, PathBuf::from("models"));
-        assert_eq!(settings.server.http_addr.to_string(), "127.0.0.1:8000");
-        assert_eq!(settings.server.grpc_addr.to_string(), "127.0.0.1:8001");
-        assert_eq!(settings.server.metrics_addr.to_string(), "127.0.0.1:8002");
-        assert_eq!(settings.server.drain_timeout, Duration::from_secs(30));
-        assert_eq!(settings.log_format, LogFormat::Text);
-        assert_eq!(settings.log_level, "info");
-        assert!(settings.server.cache.enabled);
-        assert_eq!(settings.server.cache.capacity, Some(10_000));
-        assert_eq!(settings.server.cache.max_bytes, None);
-        assert_eq!(settings.server.cache.ttl, Duration::from_secs(600));
-        assert!(
-            settings.server.cache.redis.is_none(),
-            "Redis is off by default"
-        );
-        assert!(settings.server.admin_token.is_none());
-        assert!(settings.otlp.is_none(), "trace export is off by default");
-        assert_eq!(settings.realtime_priority, None, "SCHED_FIFO is opt-in");
-    }
-
-    #[test]
-    fn the_realtime_priority_is_read_and_bounded() {
-        let settings = parse(&["--realtime-priority", "10"]).resolve().unwrap();
-        assert_eq!(settings.realtime_priority, Some(10));
-        for bad in ["0", "100"] {
-            let refused = Wrapper::try_parse_from(["serve", "--realtime-priority", bad]);
-            assert!(refused.is_err(), "--realtime-priority {bad} was accepted");
-        }
-    }
-
-    #[test]
-    fn redis_settings_merge_and_secrets_stay_out_of_debug_output() {
-        let settings = parse(&[
-            "--redis-url",
-            "redis://:hunter2@127.0.0.1:6390",
-            "--redis-timeout",
-            "20ms",
-            "--admin-token",
-            "s3cret",
-        ])
-        .resolve()
-        .unwrap();
-        let redis = settings.server.cache.redis.clone().unwrap();
-        assert_eq!(redis.db, 1);
-        assert_eq!(redis.key_prefix, "tickserve:");
-        assert_eq!(redis.timeout, Duration::from_millis(20));
-        let shown = format!("{settings:?}");
-        assert!(
-            !shown.contains("hunter2") && !shown.contains("s3cret"),
-            "{shown}"
-        );
-    }
-
-    #[test]
-    fn model_control_flags_resolve_and_load_model_needs_explicit_mode() {
-        let control = parse(&[]).resolve().unwrap().server.model_control;
-        assert_eq!(control.mode, ControlMode::None);
-        assert_eq!(control.poll_interval, Duration::from_secs(5));
-        let control = parse(&[
-            "--model-control-mode",
-            "explicit",
-            "--load-model",
-            "a",
-            "--load-model",
-            "b",
-        ])
-        .resolve()
-        .unwrap()
-        .server
-        .model_control;
-        assert_eq!(control.mode, ControlMode::Explicit);
-        assert_eq!(control.load_models, vec!["a", "b"]);
-        let control = parse(&[
-            "--model-control-mode",
-            "poll",
-            "--repository-poll-interval",
-            "250ms",
-        ])
-        .resolve()
-        .unwrap()
-        .server
-        .model_control;
-        assert_eq!(control.mode, ControlMode::Poll);
-        assert_eq!(control.poll_interval, Duration::from_millis(250));
-        let err = parse(&["--load-model", "a"]).resolve().unwrap_err();
-        assert!(err.to_string().contains("explicit"), "{err}");
-    }
-
-    #[test]
-    fn a_byte_limit_alone_lifts_the_row_limit_and_both_can_be_set() {
-        let cache = parse(&["--cache-max-bytes", "1000000"])
-            .resolve()
-            .unwrap()
-            .server
-            .cache;
-        assert_eq!((cache.capacity, cache.max_bytes), (None, Some(1_000_000)));
-        let cache = parse(&["--cache-max-bytes", "1000000", "--cache-capacity", "50"])
-            .resolve()
-            .unwrap()
-            .server
-            .cache;
-        assert_eq!(
-            (cache.capacity, cache.max_bytes),
-            (Some(50), Some(1_000_000))
-        );
-        assert!(parse(&["--cache-max-bytes", "0"]).resolve().is_err());
-    }
-
-    #[test]
-    fn redis_tls_files_are_read_and_need_rediss() {
-        let dir = tickserve_test_support::fresh_dir("tickserve-cfg-tls");
-        for name in ["ca.pem", "client.pem", "client.key"] {
-            std::fs::write(dir.join(name), format!("PEM of {name}")).unwrap();
-        }
-        let path = |name: &str| dir.join(name).to_str().unwrap().to_owned();
-        let settings = parse(&[
-            "--redis-url",
-            "rediss://:pw@cache.internal:6380",
-            "--redis-ca-cert",
-            &path("ca.pem"),
-            "--redis-client-cert",
-            &path("client.pem"),
-            "--redis-client-key",
-            &path("client.key"),
-        ])
-        .resolve()
-        .unwrap();
-        let tls = settings.server.cache.redis.clone().unwrap().tls;
-        assert_eq!(tls.ca_pem.as_deref(), Some(&b"PEM of ca.pem"[..]));
-        let client = tls.client.unwrap();
-        assert_eq!(client.key_pem, b"PEM of client.key");
-        assert!(!format!("{settings:?}").contains("PEM of client.key"));
-
-        let err = parse(&[
-            "--redis-url",
-            "redis://h:6379",
-            "--redis-ca-cert",
-            &path("ca.pem"),
-        ])
-        .resolve()
-        .unwrap_err();
-        assert!(format!("{err:#}").contains("rediss://"), "{err:#}");
-        let err = parse(&[
-            "--redis-url",
-            "rediss://h:6380",
-            "--redis-client-cert",
-            &path("client.pem"),
-        ])
-        .resolve()
-        .unwrap_err();
-        assert!(format!("{err:#}").contains("go together"), "{err:#}");
-        let err = parse(&[
-            "--redis-url",
-            "rediss://h:6380",
-            "--redis-ca-cert",
-            &path("missing"),
-        ])
-        .resolve()
-        .unwrap_err();
-        assert!(
-            format!("{err:#}").contains("Redis CA certificate"),
-            "{err:#}"
-        );
-    }
-
-    #[test]
-    fn flags_override_the_file_and_the_file_overrides_defaults() {
-        let dir = tickserve_test_support::fresh_dir("tickserve-cfg");
-        let file = dir.join("tickserve.toml");
-        std::fs::write(
-            &file,
-            "http_addr = \"127.0.0.1:9000\"\ndrain_timeout = \"2s\"\nshutdown_delay = \"3s\"\nlog_format = \"json\"\n",
-        )
-        .unwrap();
-        let settings = parse(&[
-            "--config",
-            file.to_str().unwrap(),
-            "--http-addr",
-            "127.0.0.1:9100",
-        ])
-        .resolve()
-        .unwrap();
-        assert_eq!(settings.server.http_addr.to_string(), "127.0.0.1:9100");
-        assert_eq!(settings.server.drain_timeout, Duration::from_secs(2));
-        assert_eq!(settings.server.shutdown_delay, Duration::from_secs(3));
-        assert_eq!(settings.log_format, LogFormat::Json);
-    }
-
-    /// The literal block `tickserve.toml: |` of a ConfigMap manifest.
-    fn configmap_toml(manifest: &str) -> String {
-        let mut lines = manifest
-            .lines()
-            .skip_while(|l| l.trim() != "tickserve.toml: |")
-            .skip(1)
-            .peekable();
-        let indent = lines.peek().map_or(0, |l| l.len() - l.trim_start().len());
-        lines
-            .take_while(|l| l.trim().is_empty() || l.len() - l.trim_start().len() >= indent)
-            .map(|l| l.get(indent..).unwrap_or(""))
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
-
-    #[test]
-    fn the_kubernetes_config_is_valid_and_reaches_redis() {
-        let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/kubernetes/base");
-        let configmap = std::fs::read_to_string(base.join("configmap.yaml")).unwrap();
-        let deployment = std::fs::read_to_string(base.join("deployment.yaml")).unwrap();
-        let toml = configmap_toml(&configmap);
-        assert!(toml.contains("model_repository"), "{toml}");
-        let dir = tickserve_test_support::fresh_dir("tickserve-cfg-k8s");
-        let file = dir.join("tickserve.toml");
-        std::fs::write(&file, &toml).unwrap();
-
-        // The Deployment sets the variables clap reads: the config file's
-        // path and the Redis URL it builds from the Secret.
-        let command = <Wrapper as clap::CommandFactory>::command();
-        let env_of = |id: &str| {
-            command
-                .get_arguments()
-                .find(|a| a.get_id() == id)
-                .and_then(|a| a.get_env())
-                .and_then(|e| e.to_str())
-                .unwrap()
-                .to_owned()
-        };
-        for variable in [env_of("config"), env_of("redis_url")] {
-            assert!(
-                deployment.contains(&format!("- name: {variable}\n")),
-                "deployment.yaml does not set {variable}"
-            );
-        }
-        assert!(
-            deployment.contains("value: redis://:$(REDIS_PASSWORD)@redis:6379"),
-            "the Redis URL must name the Service of redis.yaml"
-        );
-
-        let settings = parse(&[
-            "--config",
-            file.to_str().unwrap(),
-            "--redis-url",
-            "redis://:change-me@redis:6379",
-        ])
-        .resolve()
-        .unwrap();
-        assert_eq!(settings.server.http_addr.to_string(), "0.0.0.0:8000");
-        assert_eq!(settings.server.drain_timeout, Duration::from_secs(25));
-        assert!(settings.server.cache.enabled);
-        let redis = settings.server.cache.redis.clone().unwrap();
-        assert_eq!(redis.db, 1);
-        assert_eq!(redis.key_prefix, "tickserve:");
-        assert_eq!(redis.timeout, Duration::from_millis(5));
-    }
-
-    #[test]
-    fn unknown_keys_in_the_file_are_refused() {
-        let dir = tickserve_test_support::fresh_dir("tickserve-cfg-bad");
-        let file = dir.join("tickserve.toml");
-        std::fs::write(&file, "http_adr = \"127.0.0.1:9000\"\n").unwrap();
-        let err = parse(&["--config", file.to_str().unwrap()])
-            .resolve()
-            .unwrap_err();
-        assert!(format!("{err:#}").contains("http_adr"), "{err:#}");
-    }
-}
+mod tests;

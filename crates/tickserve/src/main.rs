@@ -66,12 +66,13 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(priority) = settings.realtime_priority {
         os_thread::set_realtime_priority(priority);
     }
+    os_thread::set_request_slice(settings.request_slice);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("tickserve-io")
         // Worker and blocking threads alike: blocking work returns itself
-        // to the normal policy (os_thread::leave_realtime).
-        .on_thread_start(|| os_thread::enter_realtime("runtime"))
+        // to the normal policy and slice (os_thread::leave_request_path).
+        .on_thread_start(|| os_thread::enter_request_path("runtime"))
         .build()
         .context("cannot start the async runtime")?;
     // The OTLP exporter's gRPC connection lives on the runtime.

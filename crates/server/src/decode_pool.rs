@@ -1,0 +1,215 @@
+//! Background decoding: the bodies of background requests are parsed on
+//! threads of their own, at a low niceness, so that the async runtime's
+//! threads stay free for the requests a latency target protects.
+//!
+//! Why: a JSON inference body carries its tensor as text (about 60 KB for
+//! the bundled model's 50 × 60 window), and parsing it is most of what the
+//! runtime does per request. Under a flood of background requests, every
+//! finished batch sets dozens of closed-loop clients sending again at once;
+//! a real-time request that arrives then waits for their parses on the
+//! runtime before its own even starts, and the runtime threads compete for
+//! the cores at the same niceness as the parses they run.
+//!
+//! A request's class is only known once its body is parsed, so the server
+//! decides by connection: a request on a connection whose previous request
+//! belonged to a class without a `target_latency` is decoded here; the
+//! first request of a connection, and every request after one of a class
+//! with a target, on the runtime as before. Clients that keep real-time and
+//! background traffic on separate connections (as one client object per
+//! class does) never have a real-time request decoded here; one that
+//! switches a connection from background to real-time work has that first
+//! real-time request decoded here, at the pool's niceness.
+//!
+//! ```text
+//!  HTTP handler ── job (body, headers) ──▶ bounded queue ──▶ decode-N threads (nice)
+//!       ▲                                                        │
+//!       └──────────── decoded request (oneshot) ◀────────────────┘
+//! ```
+//!
+//! The queue is bounded: when it is full the handler waits for room, as
+//! the request would have waited for a runtime thread. A request is never
+//! dropped: if the pool has stopped, the handler decodes it itself.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tickserve_scheduler::os_thread;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::error::ServeError;
+
+/// Jobs that may wait per decode thread.
+const QUEUE_PER_THREAD: usize = 128;
+
+/// The background decode threads (`--background-decode-threads`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecodeConfig {
+    /// Threads; 0: every body is decoded on the runtime.
+    pub threads: usize,
+    /// Their niceness (Linux, −20 to 19).
+    pub nice: i32,
+}
+
+impl Default for DecodeConfig {
+    /// One thread per two cores, at the niceness of the bundled general
+    /// engine worker's background batches.
+    fn default() -> Self {
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        DecodeConfig {
+            threads: (cores / 2).max(1),
+            nice: 10,
+        }
+    }
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// A handle on the decode threads; cheap to clone. The threads stop when
+/// the last handle is dropped.
+#[derive(Debug, Clone)]
+pub(crate) struct DecodePool {
+    jobs: mpsc::Sender<Job>,
+}
+
+impl DecodePool {
+    /// Starts the threads; `None` when `config.threads` is 0 or none could
+    /// start (then every body is decoded on the runtime).
+    pub(crate) fn start(config: DecodeConfig) -> Option<Self> {
+        if config.threads == 0 {
+            return None;
+        }
+        let (jobs, queue) = mpsc::channel::<Job>(QUEUE_PER_THREAD * config.threads);
+        let queue = Arc::new(Mutex::new(queue));
+        let mut started = 0;
+        for index in 0..config.threads {
+            let queue = Arc::clone(&queue);
+            let spawned = std::thread::Builder::new()
+                .name(format!("decode-{index}"))
+                .spawn(move || decode_thread(&queue, config.nice));
+            match spawned {
+                Ok(_) => started += 1,
+                Err(error) => tracing::error!(%error, "cannot start a background decode thread"),
+            }
+        }
+        (started > 0).then_some(DecodePool { jobs })
+    }
+
+    /// Runs `work` on a decode thread and returns what it returned.
+    pub(crate) async fn run<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, ServeError> {
+        let (done, result) = oneshot::channel();
+        let job: Job = Box::new(move || {
+            let _ = done.send(work());
+        });
+        if let Err(mpsc::error::SendError(job)) = self.jobs.send(job).await {
+            // The threads have stopped: decode here rather than lose it.
+            job();
+        }
+        result.await.map_err(|_| {
+            ServeError::Internal("the background decode thread stopped while decoding".into())
+        })
+    }
+}
+
+fn decode_thread(queue: &Mutex<mpsc::Receiver<Job>>, nice: i32) {
+    if let Err(error) = os_thread::set_current_nice(nice) {
+        tracing::warn!(nice, %error, "cannot set the background decode thread's niceness");
+    }
+    loop {
+        // One thread waits on the queue at a time; it lets go of the lock
+        // before running the job.
+        let job = queue
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .blocking_recv();
+        let Some(job) = job else { return };
+        // A decoder bug fails its request (the caller sees the result
+        // channel close), not the thread.
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).is_err() {
+            tracing::error!("a background decode panicked; its request failed");
+        }
+    }
+}
+
+/// What one connection's previous decoded request was: a request of a
+/// class without a latency target ("background") or not. Shared by the
+/// connection's requests (HTTP/2 streams included).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ConnectionHistory(Arc<AtomicBool>);
+
+impl ConnectionHistory {
+    pub(crate) fn last_was_background(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn record(&self, background: bool) {
+        self.0.store(background, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn work_runs_on_a_decode_thread_at_the_pool_s_niceness() {
+        let pool = DecodePool::start(DecodeConfig {
+            threads: 2,
+            nice: 7,
+        })
+        .unwrap();
+        let (name, nice) = pool
+            .run(|| {
+                let name = std::thread::current().name().map(str::to_owned);
+                (name, os_thread::current_nice().ok())
+            })
+            .await
+            .unwrap();
+        assert!(name.unwrap().starts_with("decode-"));
+        if cfg!(target_os = "linux") {
+            assert_eq!(nice, Some(7));
+        }
+    }
+
+    #[tokio::test]
+    async fn many_jobs_each_come_back_once_with_their_own_result() {
+        let pool = DecodePool::start(DecodeConfig {
+            threads: 2,
+            nice: 0,
+        })
+        .unwrap();
+        let runs: Vec<_> = (0..1000u32)
+            .map(|i| {
+                let pool = pool.clone();
+                tokio::spawn(async move { pool.run(move || i * 2).await })
+            })
+            .collect();
+        for (i, run) in (0u32..).zip(runs) {
+            assert_eq!(run.await.unwrap().unwrap(), i * 2);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panicking_job_is_an_internal_error_and_the_pool_goes_on() {
+        let pool = DecodePool::start(DecodeConfig {
+            threads: 1,
+            nice: 0,
+        })
+        .unwrap();
+        let failed = pool.run(|| -> u32 { panic!("decoder bug") }).await;
+        assert!(matches!(failed, Err(ServeError::Internal(_))), "{failed:?}");
+        let name = pool.run(|| std::thread::current().name().map(str::to_owned));
+        assert_eq!(name.await.unwrap().as_deref(), Some("decode-0"));
+    }
+
+    #[test]
+    fn no_threads_means_no_pool() {
+        let off = DecodeConfig {
+            threads: 0,
+            nice: 10,
+        };
+        assert!(DecodePool::start(off).is_none());
+    }
+}

@@ -11,10 +11,11 @@
 //! the cores at the same niceness as the parses they run.
 //!
 //! A request's class is only known once its body is parsed, so the server
-//! decides by connection: a request on a connection whose previous request
-//! belonged to a class without a `target_latency` is decoded here; the
-//! first request of a connection, and every request after one of a class
-//! with a target, on the runtime as before. Clients that keep real-time and
+//! decides by connection: a body of at least [`MIN_BODY_BYTES`] on a
+//! connection whose previous request belonged to a class without a
+//! `target_latency` is decoded here; the first request of a connection,
+//! every request after one of a class with a target, and small bodies, on
+//! the runtime as before. Clients that keep real-time and
 //! background traffic on separate connections (as one client object per
 //! class does) never have a real-time request decoded here; one that
 //! switches a connection from background to real-time work has that first
@@ -26,9 +27,12 @@
 //!       └──────────── decoded request (oneshot) ◀────────────────┘
 //! ```
 //!
-//! The queue is bounded: when it is full the handler waits for room, as
-//! the request would have waited for a runtime thread. A request is never
-//! dropped: if the pool has stopped, the handler decodes it itself.
+//! The queue is bounded: when it is full (the decode threads cannot keep
+//! up, or the cores are busy with work of a lower niceness) the handler
+//! decodes the body itself, as it did before there was a pool, so the pool
+//! never holds background work back from admission control and its 429s.
+//! A request is never dropped: if the pool has stopped, the handler decodes
+//! it itself too.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -40,6 +44,11 @@ use crate::error::ServeError;
 
 /// Jobs that may wait per decode thread.
 const QUEUE_PER_THREAD: usize = 128;
+
+/// Smaller bodies are decoded on the runtime whatever their connection:
+/// parsing one (a stream's tick, a few rows) takes a few microseconds, not
+/// more than handing it to a decode thread and back.
+pub(crate) const MIN_BODY_BYTES: usize = 16 * 1024;
 
 /// The background decode threads (`--background-decode-threads`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,14 +80,26 @@ pub(crate) struct DecodePool {
     jobs: mpsc::Sender<Job>,
 }
 
+/// Where [`DecodePool::run`] ran its work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RanOn {
+    DecodeThread,
+    /// The queue was full or the threads had stopped: the caller's thread.
+    Caller,
+}
+
 impl DecodePool {
     /// Starts the threads; `None` when `config.threads` is 0 or none could
     /// start (then every body is decoded on the runtime).
     pub(crate) fn start(config: DecodeConfig) -> Option<Self> {
+        Self::with_queue(config, QUEUE_PER_THREAD * config.threads)
+    }
+
+    fn with_queue(config: DecodeConfig, capacity: usize) -> Option<Self> {
         if config.threads == 0 {
             return None;
         }
-        let (jobs, queue) = mpsc::channel::<Job>(QUEUE_PER_THREAD * config.threads);
+        let (jobs, queue) = mpsc::channel::<Job>(capacity.max(1));
         let queue = Arc::new(Mutex::new(queue));
         let mut started = 0;
         for index in 0..config.threads {
@@ -94,22 +115,27 @@ impl DecodePool {
         (started > 0).then_some(DecodePool { jobs })
     }
 
-    /// Runs `work` on a decode thread and returns what it returned.
+    /// Runs `work` on a decode thread, or on the caller's when the queue
+    /// is full, and returns what it returned and where it ran.
     pub(crate) async fn run<T: Send + 'static>(
         &self,
         work: impl FnOnce() -> T + Send + 'static,
-    ) -> Result<T, ServeError> {
+    ) -> Result<(T, RanOn), ServeError> {
         let (done, result) = oneshot::channel();
         let job: Job = Box::new(move || {
             let _ = done.send(work());
         });
-        if let Err(mpsc::error::SendError(job)) = self.jobs.send(job).await {
-            // The threads have stopped: decode here rather than lose it.
-            job();
-        }
-        result.await.map_err(|_| {
+        let ran_on = match self.jobs.try_send(job) {
+            Ok(()) => RanOn::DecodeThread,
+            Err(mpsc::error::TrySendError::Full(job) | mpsc::error::TrySendError::Closed(job)) => {
+                job();
+                RanOn::Caller
+            }
+        };
+        let value = result.await.map_err(|_| {
             ServeError::Internal("the background decode thread stopped while decoding".into())
-        })
+        })?;
+        Ok((value, ran_on))
     }
 }
 
@@ -160,13 +186,14 @@ mod tests {
             nice: 7,
         })
         .unwrap();
-        let (name, nice) = pool
+        let ((name, nice), ran_on) = pool
             .run(|| {
                 let name = std::thread::current().name().map(str::to_owned);
                 (name, os_thread::current_nice().ok())
             })
             .await
             .unwrap();
+        assert_eq!(ran_on, RanOn::DecodeThread);
         assert!(name.unwrap().starts_with("decode-"));
         if cfg!(target_os = "linux") {
             assert_eq!(nice, Some(7));
@@ -183,7 +210,7 @@ mod tests {
         let runs: Vec<_> = (0..1000u32)
             .map(|i| {
                 let pool = pool.clone();
-                tokio::spawn(async move { pool.run(move || i * 2).await })
+                tokio::spawn(async move { pool.run(move || i * 2).await.map(|(v, _)| v) })
             })
             .collect();
         for (i, run) in (0u32..).zip(runs) {
@@ -201,7 +228,48 @@ mod tests {
         let failed = pool.run(|| -> u32 { panic!("decoder bug") }).await;
         assert!(matches!(failed, Err(ServeError::Internal(_))), "{failed:?}");
         let name = pool.run(|| std::thread::current().name().map(str::to_owned));
-        assert_eq!(name.await.unwrap().as_deref(), Some("decode-0"));
+        assert_eq!(name.await.unwrap().0.as_deref(), Some("decode-0"));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_queue_runs_the_work_on_the_caller_s_thread() {
+        let one = DecodeConfig {
+            threads: 1,
+            nice: 0,
+        };
+        let pool = DecodePool::with_queue(one, 1).unwrap();
+        // The one thread busy until released, and the one place taken.
+        let (started_tx, started) = std::sync::mpsc::channel();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let busy = tokio::spawn({
+            let pool = pool.clone();
+            async move {
+                pool.run(move || {
+                    started_tx.send(()).unwrap();
+                    released.recv().unwrap();
+                })
+                .await
+            }
+        });
+        started.recv().unwrap();
+        let queued = tokio::spawn({
+            let pool = pool.clone();
+            async move { pool.run(|| 1).await }
+        });
+        // The queued job's place is taken once it is sent.
+        while pool.jobs.capacity() > 0 {
+            tokio::task::yield_now().await;
+        }
+        let caller = std::thread::current().id();
+        let (here, ran_on) = pool
+            .run(move || std::thread::current().id() == caller)
+            .await
+            .unwrap();
+        assert_eq!(ran_on, RanOn::Caller);
+        assert!(here, "the work ran on another thread");
+        release.send(()).unwrap();
+        assert_eq!(busy.await.unwrap().unwrap().1, RanOn::DecodeThread);
+        assert_eq!(queued.await.unwrap().unwrap(), (1, RanOn::DecodeThread));
     }
 
     #[test]

@@ -29,7 +29,7 @@ use tracing::Instrument;
 
 use crate::AppState;
 use crate::codec;
-use crate::decode_pool::ConnectionHistory;
+use crate::decode_pool::{self, ConnectionHistory};
 use crate::error::ServeError;
 use crate::trace::{Incoming, Protocol, RequestTrace};
 
@@ -293,15 +293,17 @@ async fn infer(
     let body = body.map_err(|rejection| body_error(&state, &rejection));
     let history = history.map(|Extension(history)| history);
     let result = async {
-        // After a background request on this connection, the body is
+        // After a background request on this connection, a large body is
         // decoded off the runtime (crate::decode_pool); the raw binary
         // form needs the model's signature and is cheap: never.
         let (decoded, mut answer) = match &state.decode_pool {
             Some(pool)
                 if history.as_ref().is_some_and(|h| h.last_was_background())
+                    && body
+                        .as_ref()
+                        .is_ok_and(|b| b.len() >= decode_pool::MIN_BODY_BYTES)
                     && !codec::is_raw(&headers) =>
             {
-                metrics::counter!(telemetry::BACKGROUND_DECODES_TOTAL).increment(1);
                 let (headers, body) = (headers.clone(), body.clone());
                 let mut decoded_answer = answer.clone();
                 let decoded = pool
@@ -314,7 +316,12 @@ async fn infer(
                     .instrument(tracing::info_span!(target: TRACE_TARGET, "background_decode"))
                     .await;
                 match decoded {
-                    Ok((decoded, answer)) => (Some(decoded), answer),
+                    Ok(((decoded, answer), ran_on)) => {
+                        if ran_on == decode_pool::RanOn::DecodeThread {
+                            metrics::counter!(telemetry::BACKGROUND_DECODES_TOTAL).increment(1);
+                        }
+                        (Some(decoded), answer)
+                    }
                     Err(error) => (Some(Err(error)), answer),
                 }
             }

@@ -50,6 +50,7 @@ async fn bodies_after_a_background_request_are_decoded_off_the_runtime() {
     let off_runtime = post(&background).await;
     assert_eq!(decodes().await, 1);
     assert_eq!(off_runtime["outputs"], on_runtime["outputs"]);
+    let on_runtime_answer = on_runtime["outputs"].clone();
     // The first real-time request after background work is decoded there
     // too; the next ones on the runtime.
     assert_golden_rows(&golden, &post(&realtime).await, &[2]);
@@ -57,13 +58,14 @@ async fn bodies_after_a_background_request_are_decoded_off_the_runtime() {
     assert_golden_rows(&golden, &post(&realtime).await, &[2]);
     assert_eq!(decodes().await, 2);
 
-    // A malformed body gets the same 400 wherever it is decoded.
-    let malformed = "{\"inputs\": [";
+    // A malformed body gets the same 400 wherever it is decoded (large
+    // enough to be decoded off the runtime: small bodies never are).
+    let malformed = format!("{{\"inputs\": [{}", " ".repeat(20_000));
     let send_malformed = || {
         client
             .post(&url)
             .header("content-type", "application/json")
-            .body(malformed)
+            .body(malformed.clone())
             .sent()
     };
     let on_runtime = send_malformed().await;
@@ -77,5 +79,14 @@ async fn bodies_after_a_background_request_are_decoded_off_the_runtime() {
     let off_runtime: Value = off_runtime.json().await.unwrap();
     assert_eq!(off_runtime, on_runtime);
     assert!(error_of(&off_runtime).contains("malformed inference request JSON"));
+    // Small bodies stay on the runtime after background work too.
+    assert_eq!(post(&background).await["outputs"], on_runtime_answer);
+    let before = decodes().await;
+    let small = client
+        .post(&url)
+        .header("content-type", "application/json")
+        .body("{}");
+    assert_eq!(small.sent().await.status(), 400);
+    assert_eq!(decodes().await, before);
     server.shutdown().await.unwrap();
 }

@@ -35,10 +35,23 @@ async fn real_time_requests_overtake_a_background_flood() {
     // admission control would rightly refuse.
     // The flood repeats its rows: with the result cache on, they would be
     // answered without ever queueing (hence `[cache] enabled = false`).
-    let server = start_model(
+    // Bodies are decoded on the runtime: in this debug build parsing a
+    // background body takes longer than the engine's rows, and the one
+    // background decode thread of a 2-core machine would hold the flood
+    // back before the queue (tests/background_decode.rs covers it).
+    let repository = repository_with(
         "cnn_lstm",
-        "[dynamic_batching.priority.5]\nmax_queue_size = 60\n[dynamic_batching.priority.1]\ndefault_timeout = \"2s\"\n[adaptive_batching]\nenabled = false\n[cache]\nenabled = false\n",
-    )
+        &cnn_lstm_config(
+            "[dynamic_batching.priority.5]\nmax_queue_size = 60\n[dynamic_batching.priority.1]\ndefault_timeout = \"2s\"\n[adaptive_batching]\nenabled = false\n[cache]\nenabled = false\n",
+        ),
+    );
+    let server = start(tickserve_server::ServerConfig {
+        decode: tickserve_server::DecodeConfig {
+            threads: 0,
+            nice: 0,
+        },
+        ..config(repository)
+    })
     .await;
     let golden = golden();
     let url = server.url("/v2/models/cnn_lstm/infer");

@@ -102,7 +102,8 @@ pub struct ServeArgs {
     /// Threads that decode HTTP bodies of background requests (classes
     /// without a target_latency) off the async runtime, so that parsing
     /// them never delays a real-time request. Chosen per connection: after
-    /// a background request, the connection's next body is decoded there.
+    /// a background request, the connection's next body of 16 KiB or more
+    /// is decoded there.
     /// 0: every body on the runtime. [default: one per two cores, at least 1]
     #[arg(long, env = "TICKSERVE_BACKGROUND_DECODE_THREADS", value_name = "N")]
     pub background_decode_threads: Option<usize>,

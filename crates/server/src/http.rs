@@ -31,6 +31,7 @@ use crate::AppState;
 use crate::codec;
 use crate::decode_pool::{self, ConnectionHistory};
 use crate::error::ServeError;
+use crate::models::InferRequest;
 use crate::trace::{Incoming, Protocol, RequestTrace};
 
 pub(crate) fn router(state: AppState) -> Router {
@@ -281,6 +282,33 @@ fn body_timed_out(rejection: &BytesRejection) -> bool {
     false
 }
 
+/// Decodes a body on the background decode threads (crate::decode_pool).
+async fn decode_in_background(
+    pool: &decode_pool::DecodePool,
+    headers: HeaderMap,
+    body: Result<Bytes, ServeError>,
+    answer: codec::Answer,
+) -> (Result<InferRequest, ServeError>, codec::Answer) {
+    let mut decoded_answer = answer.clone();
+    let decoded = pool
+        .run(move || {
+            let decoded = body
+                .and_then(|body| codec::decode_request(&headers, &body, None, &mut decoded_answer));
+            (decoded, decoded_answer)
+        })
+        .instrument(tracing::info_span!(target: TRACE_TARGET, "background_decode"))
+        .await;
+    match decoded {
+        Ok(((decoded, answer), ran_on)) => {
+            if ran_on == decode_pool::RanOn::DecodeThread {
+                metrics::counter!(telemetry::BACKGROUND_DECODES_TOTAL).increment(1);
+            }
+            (decoded, answer)
+        }
+        Err(error) => (Err(error), answer),
+    }
+}
+
 async fn infer(
     State(state): State<AppState>,
     Path(path): Path<ModelPath>,
@@ -304,26 +332,9 @@ async fn infer(
                         .is_ok_and(|b| b.len() >= decode_pool::MIN_BODY_BYTES)
                     && !codec::is_raw(&headers) =>
             {
-                let (headers, body) = (headers.clone(), body.clone());
-                let mut decoded_answer = answer.clone();
-                let decoded = pool
-                    .run(move || {
-                        let decoded = body.and_then(|body| {
-                            codec::decode_request(&headers, &body, None, &mut decoded_answer)
-                        });
-                        (decoded, decoded_answer)
-                    })
-                    .instrument(tracing::info_span!(target: TRACE_TARGET, "background_decode"))
-                    .await;
-                match decoded {
-                    Ok(((decoded, answer), ran_on)) => {
-                        if ran_on == decode_pool::RanOn::DecodeThread {
-                            metrics::counter!(telemetry::BACKGROUND_DECODES_TOTAL).increment(1);
-                        }
-                        (Some(decoded), answer)
-                    }
-                    Err(error) => (Some(Err(error)), answer),
-                }
+                let (decoded, answer) =
+                    decode_in_background(pool, headers.clone(), body.clone(), answer).await;
+                (Some(decoded), answer)
             }
             _ => (None, answer),
         };

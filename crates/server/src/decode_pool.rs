@@ -42,8 +42,13 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::error::ServeError;
 
-/// Jobs that may wait per decode thread.
-const QUEUE_PER_THREAD: usize = 128;
+/// Jobs that may wait per decode thread: about 50 ms of parsing for the
+/// bundled model's 60 KB bodies. Long enough that a closed-loop flood of a
+/// few hundred clients, whose bodies wait here while the decode threads
+/// yield the cores to real-time work, never spills onto the runtime; short
+/// enough that a flood the threads cannot keep up with reaches admission
+/// control (and its 429s) within that time.
+const QUEUE_PER_THREAD: usize = 1024;
 
 /// Smaller bodies are decoded on the runtime whatever their connection:
 /// parsing one (a stream's tick, a few rows) takes a few microseconds, not

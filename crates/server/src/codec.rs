@@ -154,20 +154,13 @@ impl Answer {
 /// (`Inference-Header-Content-Length: 0`), which needs the model's
 /// signature to decode.
 pub(crate) fn is_raw(headers: &HeaderMap) -> bool {
-    headers
-        .get(INFERENCE_HEADER_CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.trim() == "0")
+    matches!(binary_header_length(headers), Ok(Some(0)))
 }
 
-/// Decodes an inference body in whichever form its headers announce.
-pub(crate) fn decode_request(
-    headers: &HeaderMap,
-    body: &[u8],
-    version: Option<&ModelVersion>,
-    answer: &mut Answer,
-) -> Result<InferRequest, ServeError> {
-    let header_len = headers
+/// The `Inference-Header-Content-Length` header: the length of the JSON
+/// header before binary tensors (0: the raw form); `None` when absent.
+fn binary_header_length(headers: &HeaderMap) -> Result<Option<usize>, ServeError> {
+    headers
         .get(INFERENCE_HEADER_CONTENT_LENGTH)
         .map(|v| {
             v.to_str()
@@ -179,7 +172,17 @@ pub(crate) fn decode_request(
                     ))
                 })
         })
-        .transpose()?;
+        .transpose()
+}
+
+/// Decodes an inference body in whichever form its headers announce.
+pub(crate) fn decode_request(
+    headers: &HeaderMap,
+    body: &[u8],
+    version: Option<&ModelVersion>,
+    answer: &mut Answer,
+) -> Result<InferRequest, ServeError> {
+    let header_len = binary_header_length(headers)?;
     let priority_header = headers
         .get(scheduling::PRIORITY_HEADER)
         .map(|h| {
@@ -519,6 +522,22 @@ mod tests {
         assert_eq!(tensor_from_le_bytes("x", "FP32", &bytes).unwrap(), values);
         let err = tensor_from_le_bytes("x", "FP32", &bytes[..5]).unwrap_err();
         assert!(err.to_string().contains("multiple of 4"), "{err}");
+    }
+
+    #[test]
+    fn the_raw_form_is_recognised_as_decode_request_reads_the_header() {
+        let with = |value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(INFERENCE_HEADER_CONTENT_LENGTH, value.parse().unwrap());
+            headers
+        };
+        for raw in ["0", " 0 ", "00"] {
+            assert!(is_raw(&with(raw)), "{raw:?}");
+        }
+        for not_raw in ["12", "x"] {
+            assert!(!is_raw(&with(not_raw)), "{not_raw:?}");
+        }
+        assert!(!is_raw(&HeaderMap::new()));
     }
 
     #[test]

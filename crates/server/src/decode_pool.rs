@@ -38,6 +38,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tickserve_scheduler::os_thread;
+use tickserve_telemetry as telemetry;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::ServeError;
@@ -85,14 +86,6 @@ pub(crate) struct DecodePool {
     jobs: mpsc::Sender<Job>,
 }
 
-/// Where [`DecodePool::run`] ran its work.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum RanOn {
-    DecodeThread,
-    /// The queue was full or the threads had stopped: the caller's thread.
-    Caller,
-}
-
 impl DecodePool {
     /// Starts the threads; `None` when `config.threads` is 0 or none could
     /// start (then every body is decoded on the runtime).
@@ -120,27 +113,26 @@ impl DecodePool {
         (started > 0).then_some(DecodePool { jobs })
     }
 
-    /// Runs `work` on a decode thread, or on the caller's when the queue
-    /// is full, and returns what it returned and where it ran.
+    /// Runs `work` on a decode thread (counted in
+    /// `tickserve_background_decodes_total`), or on the caller's when the
+    /// queue is full, and returns what it returned.
     pub(crate) async fn run<T: Send + 'static>(
         &self,
         work: impl FnOnce() -> T + Send + 'static,
-    ) -> Result<(T, RanOn), ServeError> {
+    ) -> Result<T, ServeError> {
         let (done, result) = oneshot::channel();
         let job: Job = Box::new(move || {
             let _ = done.send(work());
         });
-        let ran_on = match self.jobs.try_send(job) {
-            Ok(()) => RanOn::DecodeThread,
+        match self.jobs.try_send(job) {
+            Ok(()) => metrics::counter!(telemetry::BACKGROUND_DECODES_TOTAL).increment(1),
             Err(mpsc::error::TrySendError::Full(job) | mpsc::error::TrySendError::Closed(job)) => {
-                job();
-                RanOn::Caller
+                job()
             }
-        };
-        let value = result.await.map_err(|_| {
+        }
+        result.await.map_err(|_| {
             ServeError::Internal("the background decode thread stopped while decoding".into())
-        })?;
-        Ok((value, ran_on))
+        })
     }
 }
 
@@ -191,14 +183,13 @@ mod tests {
             nice: 7,
         })
         .unwrap();
-        let ((name, nice), ran_on) = pool
+        let (name, nice) = pool
             .run(|| {
                 let name = std::thread::current().name().map(str::to_owned);
                 (name, os_thread::current_nice().ok())
             })
             .await
             .unwrap();
-        assert_eq!(ran_on, RanOn::DecodeThread);
         assert!(name.unwrap().starts_with("decode-"));
         if cfg!(target_os = "linux") {
             assert_eq!(nice, Some(7));
@@ -215,7 +206,7 @@ mod tests {
         let runs: Vec<_> = (0..1000u32)
             .map(|i| {
                 let pool = pool.clone();
-                tokio::spawn(async move { pool.run(move || i * 2).await.map(|(v, _)| v) })
+                tokio::spawn(async move { pool.run(move || i * 2).await })
             })
             .collect();
         for (i, run) in (0u32..).zip(runs) {
@@ -233,7 +224,7 @@ mod tests {
         let failed = pool.run(|| -> u32 { panic!("decoder bug") }).await;
         assert!(matches!(failed, Err(ServeError::Internal(_))), "{failed:?}");
         let name = pool.run(|| std::thread::current().name().map(str::to_owned));
-        assert_eq!(name.await.unwrap().0.as_deref(), Some("decode-0"));
+        assert_eq!(name.await.unwrap().as_deref(), Some("decode-0"));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -246,12 +237,14 @@ mod tests {
         // The one thread busy until released, and the one place taken.
         let (started_tx, started) = std::sync::mpsc::channel();
         let (release, released) = std::sync::mpsc::channel::<()>();
+        let thread_name = || std::thread::current().name().map(str::to_owned);
         let busy = tokio::spawn({
             let pool = pool.clone();
             async move {
                 pool.run(move || {
                     started_tx.send(()).unwrap();
                     released.recv().unwrap();
+                    thread_name()
                 })
                 .await
             }
@@ -259,22 +252,19 @@ mod tests {
         started.recv().unwrap();
         let queued = tokio::spawn({
             let pool = pool.clone();
-            async move { pool.run(|| 1).await }
+            async move { pool.run(thread_name).await }
         });
         // The queued job's place is taken once it is sent.
         while pool.jobs.capacity() > 0 {
             tokio::task::yield_now().await;
         }
         let caller = std::thread::current().id();
-        let (here, ran_on) = pool
-            .run(move || std::thread::current().id() == caller)
-            .await
-            .unwrap();
-        assert_eq!(ran_on, RanOn::Caller);
-        assert!(here, "the work ran on another thread");
+        let here = pool.run(move || std::thread::current().id() == caller);
+        assert!(here.await.unwrap(), "the work ran on another thread");
         release.send(()).unwrap();
-        assert_eq!(busy.await.unwrap().unwrap().1, RanOn::DecodeThread);
-        assert_eq!(queued.await.unwrap().unwrap(), (1, RanOn::DecodeThread));
+        let decode_0 = Some("decode-0".to_owned());
+        assert_eq!(busy.await.unwrap().unwrap(), decode_0);
+        assert_eq!(queued.await.unwrap().unwrap(), decode_0);
     }
 
     #[test]

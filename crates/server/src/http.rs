@@ -23,7 +23,6 @@ use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Deserialize;
-use tickserve_telemetry as telemetry;
 use tickserve_telemetry::traces::TRACE_TARGET;
 use tracing::Instrument;
 
@@ -282,30 +281,33 @@ fn body_timed_out(rejection: &BytesRejection) -> bool {
     false
 }
 
-/// Decodes a body on the background decode threads (crate::decode_pool).
+/// A request body: decoded already on the background decode threads
+/// (crate::decode_pool), or still as it came.
+enum Body {
+    Decoded(Result<InferRequest, ServeError>),
+    Wire(HeaderMap, Result<Bytes, ServeError>),
+}
+
+/// Decodes a body on the background decode threads; returns it with the
+/// answer's form the body asked for.
 async fn decode_in_background(
     pool: &decode_pool::DecodePool,
     headers: HeaderMap,
     body: Result<Bytes, ServeError>,
-    answer: codec::Answer,
-) -> (Result<InferRequest, ServeError>, codec::Answer) {
-    let mut decoded_answer = answer.clone();
+    mut answer: codec::Answer,
+) -> (Body, codec::Answer) {
+    let fallback = answer.clone();
     let decoded = pool
         .run(move || {
-            let decoded = body
-                .and_then(|body| codec::decode_request(&headers, &body, None, &mut decoded_answer));
-            (decoded, decoded_answer)
+            let decoded =
+                body.and_then(|body| codec::decode_request(&headers, &body, None, &mut answer));
+            (decoded, answer)
         })
         .instrument(tracing::info_span!(target: TRACE_TARGET, "background_decode"))
         .await;
     match decoded {
-        Ok(((decoded, answer), ran_on)) => {
-            if ran_on == decode_pool::RanOn::DecodeThread {
-                metrics::counter!(telemetry::BACKGROUND_DECODES_TOTAL).increment(1);
-            }
-            (decoded, answer)
-        }
-        Err(error) => (Err(error), answer),
+        Ok((decoded, answer)) => (Body::Decoded(decoded), answer),
+        Err(error) => (Body::Decoded(Err(error)), fallback),
     }
 }
 
@@ -324,7 +326,7 @@ async fn infer(
         // After a background request on this connection, a large body is
         // decoded off the runtime (crate::decode_pool); the raw binary
         // form needs the model's signature and is cheap: never.
-        let (decoded, mut answer) = match &state.decode_pool {
+        let (body, mut answer) = match &state.decode_pool {
             Some(pool)
                 if history.as_ref().is_some_and(|h| h.last_was_background())
                     && body
@@ -332,11 +334,9 @@ async fn infer(
                         .is_ok_and(|b| b.len() >= decode_pool::MIN_BODY_BYTES)
                     && !codec::is_raw(&headers) =>
             {
-                let (decoded, answer) =
-                    decode_in_background(pool, headers.clone(), body.clone(), answer).await;
-                (Some(decoded), answer)
+                decode_in_background(pool, headers, body, answer).await
             }
-            _ => (None, answer),
+            _ => (Body::Wire(headers, body), answer),
         };
         let result = crate::infer::infer(
             &state,
@@ -344,9 +344,9 @@ async fn infer(
             &path.model,
             path.version.as_deref(),
             |version| {
-                let request = match decoded {
-                    Some(decoded) => decoded,
-                    None => body.and_then(|body| {
+                let request = match body {
+                    Body::Decoded(decoded) => decoded,
+                    Body::Wire(headers, body) => body.and_then(|body| {
                         codec::decode_request(&headers, &body, Some(version), &mut answer)
                     }),
                 }?;

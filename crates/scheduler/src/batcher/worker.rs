@@ -122,7 +122,7 @@ impl Niceness {
                     worker,
                     nice = wanted,
                     %error,
-                    "cannot set the engine worker's niceness; it runs at the process's"
+                    "cannot change the engine worker's niceness; it keeps its current one"
                 );
                 *this = None;
             }

@@ -61,19 +61,26 @@ async fn bodies_after_a_background_request_are_decoded_off_the_runtime() {
     // A malformed body gets the same 400 wherever it is decoded (large
     // enough to be decoded off the runtime: small bodies never are).
     let malformed = format!("{{\"inputs\": [{}", " ".repeat(20_000));
-    let send_malformed = || {
+    let send_malformed = |client: &reqwest::Client| {
         client
             .post(&url)
             .header("content-type", "application/json")
             .body(malformed.clone())
             .sent()
     };
-    let on_runtime = send_malformed().await;
+    let on_runtime = send_malformed(&client).await;
     assert_eq!(on_runtime.status(), 400);
     let on_runtime: Value = on_runtime.json().await.unwrap();
-    assert_eq!(post(&background).await["outputs"], off_runtime["outputs"]);
+    // A fresh connection for the background request and the malformed body
+    // after it: a client may replace a connection that answered an error.
+    let fresh = reqwest::Client::builder()
+        .pool_max_idle_per_host(1)
+        .build()
+        .unwrap();
+    let answer: Value = fresh.post(&url).json(&background).json_value().await;
+    assert_eq!(answer["outputs"], off_runtime["outputs"]);
     let before = decodes().await;
-    let off_runtime = send_malformed().await;
+    let off_runtime = send_malformed(&fresh).await;
     assert_eq!(decodes().await, before + 1);
     assert_eq!(off_runtime.status(), 400);
     let off_runtime: Value = off_runtime.json().await.unwrap();

@@ -1,6 +1,7 @@
 //! CPU time to decode one inference request in each wire form, from the
 //! bytes on the wire to the protocol-neutral `InferRequest` (what the server
-//! does before validation): HTTP JSON, HTTP binary tensors, HTTP
+//! does before validation): HTTP JSON (values widened to f64 as Python
+//! prints them, and printed as the shortest f32 text), HTTP binary tensors, HTTP
 //! MessagePack and gRPC (typed contents and raw bytes). One golden row
 //! (50×60 FP32) and a max batch of 32 rows.
 //!
@@ -23,10 +24,37 @@ fn data(rows: usize) -> Vec<f32> {
         .collect()
 }
 
+/// The values as Python's `json` writes a float32 array after `tolist()`:
+/// widened to f64, up to 17 digits each.
 fn json_body(rows: usize) -> Vec<u8> {
     serde_json::to_vec(&serde_json::json!({
         "inputs": [{"name": "input", "shape": [rows, 50, 60], "datatype": "FP32", "data": data(rows)}]
     }))
+    .unwrap_or_default()
+}
+
+/// The values printed as the shortest text that reads back as the same
+/// f32 (as `tickserve bench` and most non-Python clients send them).
+fn json_f32_text_body(rows: usize) -> Vec<u8> {
+    #[derive(serde::Serialize)]
+    struct Input {
+        name: &'static str,
+        shape: [usize; 3],
+        datatype: &'static str,
+        data: Vec<f32>,
+    }
+    #[derive(serde::Serialize)]
+    struct Request {
+        inputs: [Input; 1],
+    }
+    serde_json::to_vec(&Request {
+        inputs: [Input {
+            name: "input",
+            shape: [rows, 50, 60],
+            datatype: "FP32",
+            data: data(rows),
+        }],
+    })
     .unwrap_or_default()
 }
 
@@ -63,6 +91,10 @@ fn decode(c: &mut Criterion) {
         group.bench_function("http_json", |b| {
             b.iter(|| decode_http_body(&plain, black_box(&json)))
         });
+        let json_f32_text = json_f32_text_body(rows);
+        group.bench_function("http_json_f32_text", |b| {
+            b.iter(|| decode_http_body(&plain, black_box(&json_f32_text)))
+        });
         let (headers, binary) = binary_body(rows);
         group.bench_function("http_binary", |b| {
             b.iter(|| decode_http_body(&headers, black_box(&binary)))
@@ -85,8 +117,9 @@ fn decode(c: &mut Criterion) {
             b.iter(|| decode_infer_message(black_box(&raw)))
         });
         println!(
-            "bytes/{rows}rows: json {} binary {} msgpack {} grpc_contents {} grpc_raw {}",
+            "bytes/{rows}rows: json {} json_f32_text {} binary {} msgpack {} grpc_contents {} grpc_raw {}",
             json.len(),
+            json_f32_text.len(),
             binary.len(),
             msgpack.len(),
             typed.len(),

@@ -32,6 +32,12 @@ fn requests() -> Vec<(&'static str, serde_json::Value)> {
             json!({"id": "o", "parameters": {"priority": 1, "timeout": 5000, "cache": false, "binary_data_output": true}, "inputs": [{"name": "input", "shape": [1, 1], "datatype": "FP32", "data": [1.0]}]}),
         ),
         (
+            // Every text form the fast JSON number reader handles or hands
+            // back to serde: exponents, -0, long mantissas, big integers.
+            "numbers",
+            json!({"inputs": [{"name": "input", "shape": [10], "datatype": "FP32", "data": [0.1, -0.0, 1e22, 1e-23, 1.2345678901234567e17, 9007199254740993u64, -42, 3.4028235e38, 0.10000000149011612, 18446744073709551615u64]}]}),
+        ),
+        (
             "int64",
             json!({"inputs": [{"name": "x", "shape": [3], "datatype": "INT64", "data": [1, 2, 3]}, {"name": "s", "shape": [1], "datatype": "BYTES", "data": ["abc"]}]}),
         ),

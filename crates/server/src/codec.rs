@@ -21,6 +21,7 @@ use tower_http::compression::CompressionLayer;
 use tower_http::decompression::RequestDecompressionLayer;
 
 use crate::error::ServeError;
+use crate::json_numbers;
 use crate::models::{InferRequest, InferResponse, InputTensor, ModelVersion};
 use crate::scheduling::{self, Param};
 
@@ -206,7 +207,7 @@ pub(crate) fn decode_request(
                     body.len()
                 )));
             };
-            let request: RequestJson = serde_json::from_slice(json).map_err(|e| {
+            let request = read_json(json).map_err(|e| {
                 ServeError::Invalid(format!("malformed inference request JSON header: {e}"))
             })?;
             answer.binary = binary_outputs(&request);
@@ -220,13 +221,39 @@ pub(crate) fn decode_request(
             request_from_wire(request, &[], priority_header)
         }
         None => {
-            let request: RequestJson = serde_json::from_slice(body).map_err(|e| {
+            let request = read_json(body).map_err(|e| {
                 ServeError::Invalid(format!("malformed inference request JSON: {e}"))
             })?;
             answer.binary = binary_outputs(&request);
             request_from_wire(request, &[], priority_header)
         }
     }
+}
+
+/// Reads a JSON request: the flat `data` arrays with
+/// [`json_numbers::split_request`], the rest with serde. When serde refuses
+/// the rest, the whole body is read again by serde alone, so every error
+/// (and its position) is the one serde gives.
+fn read_json(body: &[u8]) -> Result<RequestJson, serde_json::Error> {
+    if let Some(split) = json_numbers::split_request(body)
+        && let Ok(mut request) = serde_json::from_slice::<RequestJson>(&split.rest)
+    {
+        for (input, values) in request.inputs.iter_mut().zip(split.data) {
+            if let Some(values) = values {
+                input.data = Some(FlatData(values));
+            }
+        }
+        return Ok(request);
+    }
+    serde_json::from_slice(body)
+}
+
+/// A plain JSON body decoded by serde alone, without [`read_json`]'s fast
+/// reader: the reference the fuzz target `infer_json` holds it to.
+pub(crate) fn decode_json_with_serde_only(body: &[u8]) -> Result<InferRequest, ServeError> {
+    let request: RequestJson = serde_json::from_slice(body)
+        .map_err(|e| ServeError::Invalid(format!("malformed inference request JSON: {e}")))?;
+    request_from_wire(request, &[], None)
 }
 
 /// Decodes an HTTP inference body (JSON, MessagePack or binary-tensor form,
@@ -591,9 +618,49 @@ mod json_tests {
     use axum::http::StatusCode;
 
     fn decode_json(body: &[u8], priority_header: Option<&str>) -> Result<InferRequest, ServeError> {
-        let request: RequestJson = serde_json::from_slice(body)
+        let request = read_json(body)
             .map_err(|e| ServeError::Invalid(format!("malformed inference request JSON: {e}")))?;
         request_from_wire(request, &[], priority_header)
+    }
+
+    #[test]
+    fn the_fast_json_reader_gives_what_serde_alone_gives() {
+        let input =
+            |data: &str| format!(r#"{{"name":"x","shape":[2],"datatype":"FP32","data":{data}}}"#);
+        let bodies = [
+            format!(r#"{{"inputs":[{}]}}"#, input("[1.5,-0.0]")),
+            format!(
+                r#"{{"id":"\"data\":[1]","inputs":[{},{}]}}"#,
+                input("[[1],[2]]"),
+                input("[3e-1, 4]")
+            ),
+            format!(
+                r#"{{"inputs":[{}],"parameters":{{"priority":1}}}}"#,
+                input(" [ 0.1 , 0.2 ] ")
+            ),
+            r#"{"inputs":[{"name":"x","shape":[2],"datatype":"FP32","d\u0061ta":[1,2]}]}"#.into(),
+            // Errors after, inside and around a flat array keep serde's
+            // message and position.
+            r#"{"inputs":[{"name":"x","data":[1,2],"shape":"two","datatype":"FP32"}]}"#.into(),
+            r#"{"inputs":[{"name":"x","data":[1,2],"data":[3,4],"shape":[2],"datatype":"FP32"}]}"#
+                .into(),
+            r#"{"inputs":[{"name":"x","shape":[2],"datatype":"FP32","data":[1,02]}]}"#.into(),
+            r#"{"inputs":[{"name":"x","shape":[2],"datatype":"FP32","data":[1,2]}]} x"#.into(),
+            r#"{"inputs":[{"name":"x","shape":[2],"datatype":"FP32","data":[1,2]}],"inputs":[]}"#
+                .into(),
+            r#"{"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":[1e400]}]}"#.into(),
+        ];
+        for body in &bodies {
+            let text = |r: Result<InferRequest, ServeError>| match r {
+                Ok(request) => format!("{request:?}"),
+                Err(e) => e.to_string(),
+            };
+            assert_eq!(
+                text(decode_json(body.as_bytes(), None)),
+                text(decode_json_with_serde_only(body.as_bytes())),
+                "{body}"
+            );
+        }
     }
 
     #[test]

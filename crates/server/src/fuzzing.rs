@@ -5,6 +5,9 @@
 //! replay the corpus and the crash files as ordinary tests
 //! (tests/fuzz_corpus.rs), so a crash once found stays fixed.
 //!
+//! `infer_json` also fails when the fast reader of JSON tensor data
+//! disagrees with serde alone.
+//!
 //! Where a decoder also reads headers, the first bytes choose them, so the
 //! fuzzer explores them too.
 
@@ -36,9 +39,22 @@ fn headers(content_type: &'static str) -> HeaderMap {
     headers
 }
 
-/// The JSON inference body.
+/// The JSON inference body, also checked against serde alone: the fast
+/// reader of tensor data must give the same request, bit for bit, or the
+/// same error.
 pub fn infer_json(data: &[u8]) {
-    let _ = codec::decode_http_body(&headers("application/json"), data);
+    let fast = codec::decode_http_body(&headers("application/json"), data);
+    let reference = codec::decode_json_with_serde_only(data);
+    // Debug text tells -0.0 from 0.0, which `==` does not.
+    let text = |r: &Result<_, crate::error::ServeError>| match r {
+        Ok(request) => format!("{request:?}"),
+        Err(e) => e.to_string(),
+    };
+    assert_eq!(
+        text(&fast),
+        text(&reference),
+        "the fast JSON reader disagrees with serde"
+    );
 }
 
 /// Triton's binary-tensor body: the first two bytes (little-endian) give

@@ -32,6 +32,7 @@ pub mod error;
 pub mod grpc;
 mod http;
 mod infer;
+mod json_numbers;
 pub mod models;
 pub mod registry;
 mod repository_api;

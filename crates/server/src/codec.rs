@@ -221,9 +221,7 @@ pub(crate) fn decode_request(
             request_from_wire(request, &[], priority_header)
         }
         None => {
-            let request = read_json(body).map_err(|e| {
-                ServeError::Invalid(format!("malformed inference request JSON: {e}"))
-            })?;
+            let request = read_json(body).map_err(malformed_json)?;
             answer.binary = binary_outputs(&request);
             request_from_wire(request, &[], priority_header)
         }
@@ -251,9 +249,12 @@ fn read_json(body: &[u8]) -> Result<RequestJson, serde_json::Error> {
 /// A plain JSON body decoded by serde alone, without [`read_json`]'s fast
 /// reader: the reference the fuzz target `infer_json` holds it to.
 pub(crate) fn decode_json_with_serde_only(body: &[u8]) -> Result<InferRequest, ServeError> {
-    let request: RequestJson = serde_json::from_slice(body)
-        .map_err(|e| ServeError::Invalid(format!("malformed inference request JSON: {e}")))?;
+    let request: RequestJson = serde_json::from_slice(body).map_err(malformed_json)?;
     request_from_wire(request, &[], None)
+}
+
+fn malformed_json(error: serde_json::Error) -> ServeError {
+    ServeError::Invalid(format!("malformed inference request JSON: {error}"))
 }
 
 /// Decodes an HTTP inference body (JSON, MessagePack or binary-tensor form,
@@ -618,8 +619,7 @@ mod json_tests {
     use axum::http::StatusCode;
 
     fn decode_json(body: &[u8], priority_header: Option<&str>) -> Result<InferRequest, ServeError> {
-        let request = read_json(body)
-            .map_err(|e| ServeError::Invalid(format!("malformed inference request JSON: {e}")))?;
+        let request = read_json(body).map_err(malformed_json)?;
         request_from_wire(request, &[], priority_header)
     }
 

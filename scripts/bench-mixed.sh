@@ -11,10 +11,14 @@
 # decoded on the runtime, the kernel's time slice: the server before
 # real-time isolation, 1 instance), bundled (the bundled
 # config.toml: a worker for priorities 1–2 pinned to core 0 and one for
-# all on core 1), one (1 instance), two (2 instances), threads2 (1
-# instance of 2 threads), int8 and int8-today (the bundled workers in
-# int8, and int8 before isolation). Default: all of them. Bounded: each
-# configuration takes 3 phases plus start-up.
+# all on core 1), bundled-main (the same, with the priority-1 client on
+# the main address instead of the real-time listener), one (1 instance),
+# two (2 instances), threads2 (1 instance of 2 threads), int8 and
+# int8-today (the bundled workers in int8, and int8 before isolation).
+# Every configuration but the *today ones and bundled-main sends the
+# priority-1 client to the real-time listener (--realtime-http-addr).
+# Default: all of them. Bounded: each configuration takes 3 phases plus
+# start-up.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,7 +26,7 @@ phase=${1:-10}
 shift || true
 configs=("$@")
 if [ ${#configs[@]} -eq 0 ]; then
-    configs=(today bundled one two threads2 int8 int8-today)
+    configs=(today bundled bundled-main one two threads2 int8 int8-today)
 fi
 
 cargo build --release -q -p tickserve
@@ -51,7 +55,7 @@ config_of() {
     case $1 in
         today) top="instances = 1"; extra=$unchunked ;;
         two) top="instances = 2" ;;
-        bundled) cat models/cnn_lstm/config.toml; return ;;
+        bundled | bundled-main) cat models/cnn_lstm/config.toml; return ;;
         one) top="instances = 1" ;;
         threads2) top="threads = 2" ;;
         int8) top='precision = "int8"'; extra=$reserved ;;
@@ -72,8 +76,14 @@ for name in "${configs[@]}"; do
     config_of "$name" > "$repo/cnn_lstm/config.toml"
     port=$((20000 + RANDOM % 5000))
     before=()
+    fg_url=http://127.0.0.1:$port
     case $name in
         *today) before=(--background-decode-threads 0 --request-slice 0s) ;;
+        bundled-main) ;;
+        *)
+            before=(--realtime-http-addr "127.0.0.1:$((port + 15000))")
+            fg_url=http://127.0.0.1:$((port + 15000))
+            ;;
     esac
     "$bin" serve --model-repository "$repo" --http-addr "127.0.0.1:$port" \
         --grpc-addr "127.0.0.1:$((port + 5000))" --metrics-addr "127.0.0.1:$((port + 10000))" \
@@ -83,7 +93,7 @@ for name in "${configs[@]}"; do
         curl -sf "http://127.0.0.1:$port/v2/health/ready" > /dev/null && break
         sleep 0.1
     done
-    "$bin" bench mixed --url "http://127.0.0.1:$port" --phase "${phase}s" -q --format none \
+    "$bin" bench mixed --url "http://127.0.0.1:$port" --fg-url "$fg_url" --phase "${phase}s" -q --format none \
         --json "$work/$name.json" || true
     kill "$server"; wait "$server" 2>/dev/null || true
     server=

@@ -34,6 +34,7 @@ mod http;
 mod infer;
 mod json_numbers;
 pub mod models;
+mod realtime;
 pub mod registry;
 mod repository_api;
 #[cfg(test)]
@@ -94,6 +95,11 @@ pub struct ServerConfig {
     /// Address of the gRPC service (and gRPC health checking).
     pub grpc_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
+    /// Addresses of the real-time listeners: the same HTTP API and gRPC
+    /// service, served by a runtime thread of their own (docs/scheduling.md);
+    /// `None`: not served.
+    pub realtime_http_addr: Option<SocketAddr>,
+    pub realtime_grpc_addr: Option<SocketAddr>,
     /// How long shutdown waits for queued and running requests.
     pub drain_timeout: Duration,
     /// How long shutdown keeps serving normally after readiness turns
@@ -171,6 +177,8 @@ impl ServerConfig {
             http_addr: any_port,
             grpc_addr: any_port,
             metrics_addr: any_port,
+            realtime_http_addr: None,
+            realtime_grpc_addr: None,
             drain_timeout: Duration::from_secs(10),
             shutdown_delay: Duration::ZERO,
             max_body_bytes: 16 * 1024 * 1024,
@@ -227,6 +235,8 @@ pub enum StartError {
     Auth(#[from] AuthError),
     #[error("cannot set up TLS: {0}")]
     Tls(#[from] TlsError),
+    #[error("cannot start the real-time listeners' thread: {0}")]
+    RealtimeThread(#[source] std::io::Error),
 }
 
 /// A server whose listeners are bound; [`BoundServer::serve`] runs it.
@@ -235,6 +245,8 @@ pub struct BoundServer {
     http_listener: TcpListener,
     grpc_listener: TcpListener,
     metrics_listener: TcpListener,
+    realtime_http_listener: Option<TcpListener>,
+    realtime_grpc_listener: Option<TcpListener>,
     metrics: PrometheusHandle,
     auth: AuthHandle,
     http_tls: Option<tokio_rustls::TlsAcceptor>,
@@ -285,11 +297,15 @@ impl BoundServer {
         let http_listener = bind(config.http_addr)?;
         let grpc_listener = bind(config.grpc_addr)?;
         let metrics_listener = bind(config.metrics_addr)?;
+        let realtime_http_listener = config.realtime_http_addr.map(bind).transpose()?;
+        let realtime_grpc_listener = config.realtime_grpc_addr.map(bind).transpose()?;
         Ok(BoundServer {
             config,
             http_listener,
             grpc_listener,
             metrics_listener,
+            realtime_http_listener,
+            realtime_grpc_listener,
             metrics,
             auth,
             http_tls,
@@ -315,6 +331,24 @@ impl BoundServer {
             .unwrap_or(self.config.grpc_addr)
     }
 
+    /// The real-time HTTP listener's address, when it is served.
+    pub fn realtime_http_addr(&self) -> Option<SocketAddr> {
+        let listener = self.realtime_http_listener.as_ref()?;
+        listener
+            .local_addr()
+            .ok()
+            .or(self.config.realtime_http_addr)
+    }
+
+    /// The real-time gRPC listener's address, when it is served.
+    pub fn realtime_grpc_addr(&self) -> Option<SocketAddr> {
+        let listener = self.realtime_grpc_listener.as_ref()?;
+        listener
+            .local_addr()
+            .ok()
+            .or(self.config.realtime_grpc_addr)
+    }
+
     pub fn metrics_addr(&self) -> SocketAddr {
         self.metrics_listener
             .local_addr()
@@ -332,6 +366,8 @@ impl BoundServer {
             http_listener,
             grpc_listener,
             metrics_listener,
+            realtime_http_listener,
+            realtime_grpc_listener,
             metrics,
             auth,
             http_tls,
@@ -353,14 +389,8 @@ impl BoundServer {
         };
 
         let http_app = router(state.clone());
-        let http_accept = serve::Accept::new("http", http_tls, config.limits);
-        let grpc_accept = serve::Accept::new("grpc", grpc_tls, config.limits);
-        let http_server = tokio::spawn(serve::serve_http(
-            http_listener,
-            http_app,
-            http_accept,
-            stop_rx.clone(),
-        ));
+        let http_accept = serve::Accept::new("http", http_tls.clone(), config.limits);
+        let grpc_accept = serve::Accept::new("grpc", grpc_tls.clone(), config.limits);
         let (health, health_service) = tonic_health::server::health_reporter();
         set_health(&health, tonic_health::ServingStatus::NotServing).await;
         let inference =
@@ -369,20 +399,55 @@ impl BoundServer {
                 .send_compressed(tonic::codec::CompressionEncoding::Gzip)
                 .max_decoding_message_size(config.limits.grpc_max_message_bytes)
                 .max_encoding_message_size(usize::MAX);
-        let grpc_server = tokio::spawn(
+        let grpc_routes = || {
             tonic::transport::Server::builder()
                 .max_concurrent_streams(config.limits.max_concurrent_streams)
-                .layer(auth::GrpcAuthLayer { auth })
-                .add_service(health_service)
-                .add_service(inference)
-                // The drain starts when the incoming stream ends (after the
-                // queued connections are taken), not on a signal: tonic
-                // would drop connections it has not yet served.
-                .serve_with_incoming_shutdown(
-                    serve::grpc_incoming(grpc_listener, grpc_accept, stop_rx.clone()),
-                    std::future::pending::<()>(),
-                ),
-        );
+                .layer(auth::GrpcAuthLayer { auth: auth.clone() })
+                .add_service(health_service.clone())
+                .add_service(inference.clone())
+        };
+        // Started before the main listeners, so that a failure to start
+        // its thread stops the start with nothing yet served.
+        let realtime = realtime::Listeners {
+            http: realtime_http_listener.map(|listener| {
+                let (app, stop) = (http_app.clone(), stop_rx.clone());
+                let accept = serve::Accept::new("realtime_http", http_tls.clone(), config.limits);
+                let serve: realtime::Serve = Box::new(move |listener| {
+                    Box::pin(serve::serve_http(listener, app, accept, stop))
+                });
+                (listener, serve)
+            }),
+            grpc: realtime_grpc_listener.map(|listener| {
+                let (routes, stop) = (grpc_routes(), stop_rx.clone());
+                let accept = serve::Accept::new("realtime_grpc", grpc_tls.clone(), config.limits);
+                let serve: realtime::Serve = Box::new(move |listener| {
+                    Box::pin(async move {
+                        let incoming = serve::grpc_incoming(listener, accept, stop);
+                        let served = routes
+                            .serve_with_incoming_shutdown(incoming, std::future::pending::<()>())
+                            .await;
+                        if let Err(error) = served {
+                            tracing::error!(%error, "real-time gRPC listener failed");
+                        }
+                    })
+                });
+                (listener, serve)
+            }),
+        }
+        .start()?;
+        let http_server = tokio::spawn(serve::serve_http(
+            http_listener,
+            http_app,
+            http_accept,
+            stop_rx.clone(),
+        ));
+        // The drain starts when the incoming stream ends (after the queued
+        // connections are taken), not on a signal: tonic would drop
+        // connections it has not yet served.
+        let grpc_server = tokio::spawn(grpc_routes().serve_with_incoming_shutdown(
+            serve::grpc_incoming(grpc_listener, grpc_accept, stop_rx.clone()),
+            std::future::pending::<()>(),
+        ));
         let metrics_app = metrics_router(metrics.clone());
         let metrics_server = tokio::spawn(
             axum::serve(metrics_listener, metrics_app)
@@ -434,7 +499,7 @@ impl BoundServer {
         });
         metrics::gauge!(telemetry::READY).set(1.0);
         set_health(&health, tonic_health::ServingStatus::Serving).await;
-        tracing::info!(http = %config.http_addr, grpc = %config.grpc_addr, "ready");
+        tracing::info!(http = %config.http_addr, grpc = %config.grpc_addr, realtime_http = ?config.realtime_http_addr, realtime_grpc = ?config.realtime_grpc_addr, "ready");
 
         shutdown.await;
         if let Some(poll) = poll {
@@ -453,6 +518,7 @@ impl BoundServer {
             let _ = http_server.await;
             let _ = grpc_server.await;
             let _ = metrics_server.await;
+            realtime.drained().await;
         })
         .await;
         upkeep.abort();

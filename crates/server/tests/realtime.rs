@@ -1,12 +1,15 @@
 //! Real-time isolation end to end with the real engine: a background batch
 //! runs in chunks, a real-time request that arrives meanwhile is answered
-//! before the batch ends, and chunked answers are the same bits as one
-//! engine call gives. Order and completion are asserted, never wall-clock
+//! before the batch ends, chunked answers are the same bits as one engine
+//! call gives, and the real-time listeners answer while the main runtime
+//! cannot run at all. Order and completion are asserted, never wall-clock
 //! thresholds.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
+use std::net::SocketAddr;
+use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, Instant};
 use tickserve_test_support::RequestExt;
 
@@ -166,4 +169,111 @@ async fn chunked_answers_are_the_same_bits_as_the_whole_batch() {
         "chunked outputs differ from the whole batch"
     );
     assert_golden_rows(&golden, &whole, &rows);
+}
+
+/// Runs `calls` on a runtime of its own in a new thread (so that it needs
+/// nothing of the test's runtime) and sends its result.
+fn on_own_thread<T: Send + 'static, F: Future<Output = T> + 'static>(
+    calls: impl FnOnce() -> F + Send + 'static,
+) -> std_mpsc::Receiver<T> {
+    let (tx, rx) = std_mpsc::channel();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _ = tx.send(runtime.block_on(calls()));
+    });
+    rx
+}
+
+/// POSTs `body` to the bundled model at `addr`: status and JSON answer.
+async fn post_infer(addr: SocketAddr, body: Value) -> (u16, Value) {
+    let response = reqwest::Client::new()
+        .post(format!("http://{addr}/v2/models/cnn_lstm/infer"))
+        .json(&body)
+        .sent()
+        .await;
+    (response.status().as_u16(), response.json().await.unwrap())
+}
+
+/// The gRPC answer of the bundled model at `addr` for golden `row`.
+async fn grpc_infer(addr: SocketAddr, golden: &Golden, row: usize) -> Vec<f32> {
+    use tickserve_server::grpc::pb::grpc_inference_service_client::GrpcInferenceServiceClient;
+    let mut client = GrpcInferenceServiceClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let data = golden.input[row * ROW..(row + 1) * ROW].to_vec();
+    let response = client
+        .model_infer(grpc_request("rt", 1, data, false))
+        .await
+        .unwrap()
+        .into_inner();
+    response.outputs[0]
+        .contents
+        .as_ref()
+        .unwrap()
+        .fp32_contents
+        .clone()
+}
+
+/// The real-time listeners serve the same API on a thread of their own: with
+/// the main runtime's only worker held, a request on the main address waits,
+/// and requests on the real-time addresses (HTTP and gRPC) are answered,
+/// with the same bits as the main addresses give.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn the_real_time_listeners_answer_while_the_main_runtime_is_held() {
+    let any = SocketAddr::from(([127, 0, 0, 1], 0));
+    let mut config = config(repository_with("cnn_lstm", &cnn_lstm_config("")));
+    config.realtime_http_addr = Some(any);
+    config.realtime_grpc_addr = Some(any);
+    let server = start(config).await;
+    let (rt_http, rt_grpc) = (server.realtime_http.unwrap(), server.realtime_grpc.unwrap());
+    assert_ne!(rt_http, server.http);
+    let golden = golden();
+    let (status, answer) = post_infer(rt_http, request_for(&golden, &[2], "rt")).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_golden_rows(&golden, &answer, &[2]);
+    assert_eq!(
+        grpc_infer(rt_grpc, &golden, 3).await,
+        grpc_infer(server.grpc, &golden, 3).await
+    );
+
+    // Hold the main runtime's only worker: nothing spawned on it runs.
+    let (held_tx, held_rx) = std_mpsc::channel();
+    let (release_tx, release_rx) = std_mpsc::channel::<()>();
+    let holder = tokio::spawn(async move {
+        held_tx.send(()).unwrap();
+        // Bounded: a failing test below still ends.
+        let _ = release_rx.recv_timeout(Duration::from_secs(120));
+    });
+    held_rx.recv_timeout(Duration::from_secs(60)).unwrap();
+
+    let main = server.http;
+    let main_request = request_for(&golden, &[4], "main");
+    let main_done = on_own_thread(move || post_infer(main, main_request));
+    let realtime_request = request_for(&golden, &[5], "rt");
+    let realtime_done = on_own_thread(move || async move {
+        let http = post_infer(rt_http, realtime_request).await;
+        let grpc = grpc_infer(rt_grpc, &tickserve_test_support::golden(), 5).await;
+        (http, grpc)
+    });
+    let ((status, answer), grpc) = realtime_done
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the real-time listeners depend on the main runtime");
+    assert_eq!(status, 200, "{answer}");
+    assert_golden_rows(&golden, &answer, &[5]);
+    assert_eq!(grpc.len(), 3);
+    assert!(
+        matches!(main_done.try_recv(), Err(std_mpsc::TryRecvError::Empty)),
+        "the main address answered while its runtime was held"
+    );
+
+    release_tx.send(()).unwrap();
+    holder.await.unwrap();
+    let (status, answer) = main_done.recv_timeout(Duration::from_secs(60)).unwrap();
+    assert_eq!(status, 200, "{answer}");
+    assert_golden_rows(&golden, &answer, &[4]);
+    assert_eq!(grpc, grpc_infer(server.grpc, &golden, 5).await);
+    server.shutdown().await.unwrap();
 }

@@ -16,6 +16,9 @@ pub struct TestServer {
     pub http: SocketAddr,
     pub grpc: SocketAddr,
     pub metrics: SocketAddr,
+    /// The real-time listeners, when the config asks for them.
+    pub realtime_http: Option<SocketAddr>,
+    pub realtime_grpc: Option<SocketAddr>,
     pub client: reqwest::Client,
     stop: Option<oneshot::Sender<()>>,
     pub task: Option<JoinHandle<Result<(), StartError>>>,
@@ -83,6 +86,7 @@ pub async fn start(config: ServerConfig) -> TestServer {
         server.grpc_addr(),
         server.metrics_addr(),
     );
+    let (realtime_http, realtime_grpc) = (server.realtime_http_addr(), server.realtime_grpc_addr());
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(server.serve(async move {
         let _ = stopped.await;
@@ -99,6 +103,8 @@ pub async fn start(config: ServerConfig) -> TestServer {
                 http,
                 grpc,
                 metrics,
+                realtime_http,
+                realtime_grpc,
                 client,
                 stop: Some(stop),
                 task: Some(task),

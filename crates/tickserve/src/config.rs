@@ -79,6 +79,18 @@ pub struct ServeArgs {
     #[arg(long, env = "TICKSERVE_METRICS_ADDR", value_name = "ADDR")]
     pub metrics_addr: Option<SocketAddr>,
 
+    /// Address of a second HTTP listener for real-time clients: the same
+    /// API, read and answered by a thread of its own, so that its requests
+    /// never wait behind the connections of a background flood on the main
+    /// address (docs/scheduling.md). [default: none]
+    #[arg(long, env = "TICKSERVE_REALTIME_HTTP_ADDR", value_name = "ADDR")]
+    pub realtime_http_addr: Option<SocketAddr>,
+
+    /// The same for gRPC: a second address of the gRPC service, served on
+    /// the real-time listeners' thread. [default: none]
+    #[arg(long, env = "TICKSERVE_REALTIME_GRPC_ADDR", value_name = "ADDR")]
+    pub realtime_grpc_addr: Option<SocketAddr>,
+
     /// Runs the threads a real-time request passes through under the
     /// SCHED_FIFO policy at this priority (1-99, Linux, needs
     /// CAP_SYS_NICE): the async runtime's threads, each model's batcher
@@ -260,6 +272,8 @@ struct FileConfig {
     http_addr: Option<SocketAddr>,
     grpc_addr: Option<SocketAddr>,
     metrics_addr: Option<SocketAddr>,
+    realtime_http_addr: Option<SocketAddr>,
+    realtime_grpc_addr: Option<SocketAddr>,
     #[serde(default, with = "humantime_serde")]
     drain_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
@@ -526,6 +540,8 @@ impl ServeArgs {
                     Some(addr) => addr,
                     None => parse_addr(DEFAULT_METRICS_ADDR)?,
                 },
+                realtime_http_addr: self.realtime_http_addr.or(file.realtime_http_addr),
+                realtime_grpc_addr: self.realtime_grpc_addr.or(file.realtime_grpc_addr),
                 drain_timeout: self
                     .drain_timeout
                     .or(file.drain_timeout)

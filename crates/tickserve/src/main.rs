@@ -92,7 +92,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     );
     runtime.block_on(async move {
         let server = tickserve_server::BoundServer::bind(settings.server).await?;
-        tracing::info!(http = %server.http_addr(), grpc = %server.grpc_addr(), metrics = %server.metrics_addr(), "listening");
+        tracing::info!(http = %server.http_addr(), grpc = %server.grpc_addr(), metrics = %server.metrics_addr(), realtime_http = ?server.realtime_http_addr(), realtime_grpc = ?server.realtime_grpc_addr(), "listening");
         reload_tokens_on_sighup(server.auth_handle());
         let served = server.serve(shutdown_signal()).await;
         if let Some(traces) = traces {

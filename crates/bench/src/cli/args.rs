@@ -308,6 +308,14 @@ pub struct MixedArgs {
     /// Foreground priority (1-5).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5))]
     pub fg_priority: u8,
+    /// Where the foreground is sent over HTTP (default: `--url`): e.g. the
+    /// server's real-time listener (`tickserve serve --realtime-http-addr`).
+    #[arg(long, value_name = "URL")]
+    pub fg_url: Option<String>,
+    /// Where the foreground is sent with `--protocol grpc` (default:
+    /// `--grpc-url`).
+    #[arg(long, value_name = "URL")]
+    pub fg_grpc_url: Option<String>,
     /// Foreground requests per second (open loop).
     #[arg(long, short = 'r', default_value_t = 100.0)]
     pub fg_rate: f64,

@@ -291,7 +291,12 @@ pub(super) async fn run_mixed(
         show_progress: !c.quiet,
     };
     let fg_spec = workload(c, params)?.spec().clone();
-    let fg_target = target(c, &c.url, m.max_in_flight)?;
+    let fg_target = target_at(
+        c,
+        m.fg_url.as_deref().unwrap_or(&c.url),
+        m.fg_grpc_url.as_deref().unwrap_or(&c.grpc_url),
+        m.max_in_flight,
+    )?;
     let bg_target = target(c, &c.url, plan.bg_concurrency)?;
     crate::mixed::run_mixed(&fg_target, &bg_target, &fg_spec, &plan).await
 }

@@ -42,13 +42,23 @@ pub(super) fn workload(
 }
 
 pub(super) fn target(c: &Common, url: &str, connections: usize) -> Result<Target, BenchError> {
+    target_at(c, url, &c.grpc_url, connections)
+}
+
+/// As [`target`], with gRPC at `grpc_url` instead of `--grpc-url`.
+pub(super) fn target_at(
+    c: &Common,
+    url: &str,
+    grpc_url: &str,
+    connections: usize,
+) -> Result<Target, BenchError> {
     Target::new(
         url,
         &c.model,
         c.model_version.as_deref(),
         c.timeout,
         connections,
-        (c.protocol == Protocol::Grpc).then_some(c.grpc_url.as_str()),
+        (c.protocol == Protocol::Grpc).then_some(grpc_url),
     )
 }
 

@@ -37,6 +37,54 @@ fn defaults_apply_when_nothing_is_given() {
     assert_eq!(settings.request_slice, Duration::from_micros(100));
     assert_eq!(settings.server.decode, DecodeConfig::default());
     assert_eq!(settings.server.decode.nice, 10);
+    assert_eq!(settings.server.realtime_http_addr, None);
+    assert_eq!(settings.server.realtime_grpc_addr, None);
+}
+
+#[test]
+fn the_realtime_listeners_come_from_flags_or_the_file() {
+    let dir = tickserve_test_support::fresh_dir("tickserve-cfg-rt");
+    let file = dir.join("tickserve.toml");
+    std::fs::write(
+        &file,
+        "realtime_http_addr = \"127.0.0.1:8003\"\nrealtime_grpc_addr = \"127.0.0.1:8004\"\n",
+    )
+    .unwrap();
+    let settings = parse(&["--config", file.to_str().unwrap()])
+        .resolve()
+        .unwrap();
+    assert_eq!(
+        settings
+            .server
+            .realtime_http_addr
+            .map(|a| a.to_string())
+            .as_deref(),
+        Some("127.0.0.1:8003")
+    );
+    assert_eq!(
+        settings
+            .server
+            .realtime_grpc_addr
+            .map(|a| a.to_string())
+            .as_deref(),
+        Some("127.0.0.1:8004")
+    );
+    let flag = parse(&[
+        "--config",
+        file.to_str().unwrap(),
+        "--realtime-http-addr",
+        "[::1]:9003",
+    ])
+    .resolve()
+    .unwrap();
+    assert_eq!(
+        flag.server
+            .realtime_http_addr
+            .map(|a| a.to_string())
+            .as_deref(),
+        Some("[::1]:9003")
+    );
+    assert!(Wrapper::try_parse_from(["serve", "--realtime-grpc-addr", "nowhere"]).is_err());
 }
 
 #[test]

@@ -14,7 +14,8 @@
 # all on core 1), bundled-main (the same, with the priority-1 client on
 # the main address instead of the real-time listener), one (1 instance),
 # two (2 instances), threads2 (1 instance of 2 threads), int8 and
-# int8-today (the bundled workers in int8, and int8 before isolation).
+# int8-today (the bundled workers in int8, the general one at nice 10,
+# and int8 before isolation).
 # Every configuration but the *today ones and bundled-main sends the
 # priority-1 client to the real-time listener (--realtime-http-addr).
 # Default: all of them. Bounded: each configuration takes 3 phases plus

@@ -94,6 +94,11 @@ for name in "${configs[@]}"; do
         curl -sf "http://127.0.0.1:$port/v2/health/ready" > /dev/null && break
         sleep 0.1
     done
+    if ! curl -sf "http://127.0.0.1:$port/v2/health/ready" > /dev/null; then
+        echo "$name: the server did not become ready; its log:" >&2
+        cat "$work/$name.log" >&2
+        exit 1
+    fi
     "$bin" bench mixed --url "http://127.0.0.1:$port" --fg-url "$fg_url" --phase "${phase}s" -q --format none \
         --json "$work/$name.json" || true
     kill "$server"; wait "$server" 2>/dev/null || true

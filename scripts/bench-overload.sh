@@ -34,6 +34,10 @@ for _ in $(seq 1 600); do
     curl -sf "$url/v2/health/ready" > /dev/null && break
     sleep 0.1
 done
+curl -sf "$url/v2/health/ready" > /dev/null || {
+    echo "the server on port $port did not become ready (a port in use?); run again" >&2
+    exit 1
+}
 if $hog; then
     for _ in 1 2; do
         timeout 40 sh -c 'while :; do :; done' &

@@ -8,7 +8,6 @@
 
 mod common;
 
-use std::io::Write;
 use std::time::Duration;
 use tickserve_test_support::RequestExt;
 
@@ -102,13 +101,7 @@ async fn a_client_that_disconnects_while_queued_is_dropped_before_the_engine() {
     // request waits for its batch.
     let body = serde_json::to_vec(&request_for(&golden, &[1, 2, 3], "gone")).unwrap();
     let mut socket = std::net::TcpStream::connect(server.http).unwrap();
-    write!(
-        socket,
-        "POST /v2/models/slow/infer HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    )
-    .unwrap();
-    socket.write_all(&body).unwrap();
+    write_json_post(&mut socket, "/v2/models/slow/infer", &body);
     tokio::time::sleep(Duration::from_millis(200)).await;
     drop(socket);
 

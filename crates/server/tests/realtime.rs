@@ -283,7 +283,7 @@ async fn the_real_time_listeners_answer_while_the_main_runtime_is_held() {
 /// before `serve` returns, and the listener is closed by then.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shutdown_answers_a_request_queued_on_the_real_time_listener() {
-    use std::io::{Read, Write};
+    use std::io::Read;
     let mut config = config(repository_with(
         "slow",
         &cnn_lstm_config(&waiting_batches("")),
@@ -294,13 +294,7 @@ async fn a_shutdown_answers_a_request_queued_on_the_real_time_listener() {
     let golden = golden();
     let body = serde_json::to_vec(&request_for(&golden, &[6], "queued")).unwrap();
     let mut socket = std::net::TcpStream::connect(rt).unwrap();
-    write!(
-        socket,
-        "POST /v2/models/slow/infer HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    )
-    .unwrap();
-    socket.write_all(&body).unwrap();
+    write_json_post(&mut socket, "/v2/models/slow/infer", &body);
     // Waiting mode holds a lone request for its 1 s queue delay.
     let series = "batch_processing_queue_length{model=\"slow\",version=\"1\",priority=\"3\"} 1";
     for _ in 0..2000 {

@@ -38,5 +38,5 @@ pub use repo::{
 #[cfg(feature = "server")]
 pub use server::{
     RequestExt, TestServer, config, grpc_request, msgpack_request, start, start_default,
-    start_model,
+    start_model, write_json_post,
 };

@@ -152,6 +152,19 @@ impl RequestExt for reqwest::RequestBuilder {
     }
 }
 
+/// Writes an HTTP/1.1 POST of the JSON `body` to `path` on a raw
+/// `socket`, for tests that control the connection themselves (hang up,
+/// read the answer at a chosen moment).
+pub fn write_json_post(socket: &mut impl std::io::Write, path: &str, body: &[u8]) {
+    write!(
+        socket,
+        "POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    socket.write_all(body).unwrap();
+}
+
 /// An OIP request body of `rows` rows of the bundled model's input (`data`,
 /// row-major) as a MessagePack client builds it: FP32 values as MessagePack
 /// float32 (5 bytes each), not float64.

@@ -13,6 +13,13 @@ fn parse(argv: &[&str]) -> ServeArgs {
         .args
 }
 
+/// A fresh `tickserve.toml` holding `text`.
+fn config_file(prefix: &str, text: &str) -> PathBuf {
+    let file = tickserve_test_support::fresh_dir(prefix).join("tickserve.toml");
+    std::fs::write(&file, text).unwrap();
+    file
+}
+
 #[test]
 fn defaults_apply_when_nothing_is_given() {
     let settings = parse(&[]).resolve().unwrap();
@@ -43,13 +50,10 @@ fn defaults_apply_when_nothing_is_given() {
 
 #[test]
 fn the_realtime_listeners_come_from_flags_or_the_file() {
-    let dir = tickserve_test_support::fresh_dir("tickserve-cfg-rt");
-    let file = dir.join("tickserve.toml");
-    std::fs::write(
-        &file,
+    let file = config_file(
+        "tickserve-cfg-rt",
         "realtime_http_addr = \"127.0.0.1:8003\"\nrealtime_grpc_addr = \"127.0.0.1:8004\"\n",
-    )
-    .unwrap();
+    );
     let settings = parse(&["--config", file.to_str().unwrap()])
         .resolve()
         .unwrap();
@@ -275,13 +279,10 @@ fn redis_tls_files_are_read_and_need_rediss() {
 
 #[test]
 fn flags_override_the_file_and_the_file_overrides_defaults() {
-    let dir = tickserve_test_support::fresh_dir("tickserve-cfg");
-    let file = dir.join("tickserve.toml");
-    std::fs::write(
-        &file,
+    let file = config_file(
+        "tickserve-cfg",
         "http_addr = \"127.0.0.1:9000\"\ndrain_timeout = \"2s\"\nshutdown_delay = \"3s\"\nlog_format = \"json\"\n",
-    )
-    .unwrap();
+    );
     let settings = parse(&[
         "--config",
         file.to_str().unwrap(),
@@ -318,9 +319,7 @@ fn the_kubernetes_config_is_valid_and_reaches_redis() {
     let deployment = std::fs::read_to_string(base.join("deployment.yaml")).unwrap();
     let toml = configmap_toml(&configmap);
     assert!(toml.contains("model_repository"), "{toml}");
-    let dir = tickserve_test_support::fresh_dir("tickserve-cfg-k8s");
-    let file = dir.join("tickserve.toml");
-    std::fs::write(&file, &toml).unwrap();
+    let file = config_file("tickserve-cfg-k8s", &toml);
 
     // The Deployment sets the variables clap reads: the config file's
     // path and the Redis URL it builds from the Secret.
@@ -364,9 +363,7 @@ fn the_kubernetes_config_is_valid_and_reaches_redis() {
 
 #[test]
 fn unknown_keys_in_the_file_are_refused() {
-    let dir = tickserve_test_support::fresh_dir("tickserve-cfg-bad");
-    let file = dir.join("tickserve.toml");
-    std::fs::write(&file, "http_adr = \"127.0.0.1:9000\"\n").unwrap();
+    let file = config_file("tickserve-cfg-bad", "http_adr = \"127.0.0.1:9000\"\n");
     let err = parse(&["--config", file.to_str().unwrap()])
         .resolve()
         .unwrap_err();

@@ -93,9 +93,9 @@ pub struct ServeArgs {
 
     /// Runs the threads a real-time request passes through under the
     /// SCHED_FIFO policy at this priority (1-99, Linux, needs
-    /// CAP_SYS_NICE): the async runtime's threads, each model's batcher
-    /// thread and the engine workers reserved for priorities with a
-    /// target_latency. On a machine whose cores are all busy this keeps
+    /// CAP_SYS_NICE): the async runtime's threads, the real-time
+    /// listeners' thread, each model's batcher thread and the engine
+    /// workers reserved for priorities with a target_latency. On a machine whose cores are all busy this keeps
     /// their waits for a core short; other engine workers, model loading
     /// and other processes get the rest. Refused by the OS: logged, normal
     /// policy (docs/scheduling.md). [default: none]

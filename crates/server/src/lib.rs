@@ -499,7 +499,7 @@ impl BoundServer {
         });
         metrics::gauge!(telemetry::READY).set(1.0);
         set_health(&health, tonic_health::ServingStatus::Serving).await;
-        tracing::info!(http = %config.http_addr, grpc = %config.grpc_addr, realtime_http = ?config.realtime_http_addr, realtime_grpc = ?config.realtime_grpc_addr, "ready");
+        tracing::info!(http = %config.http_addr, grpc = %config.grpc_addr, "ready");
 
         shutdown.await;
         if let Some(poll) = poll {

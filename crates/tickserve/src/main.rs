@@ -92,7 +92,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     );
     runtime.block_on(async move {
         let server = tickserve_server::BoundServer::bind(settings.server).await?;
-        tracing::info!(http = %server.http_addr(), grpc = %server.grpc_addr(), metrics = %server.metrics_addr(), realtime_http = ?server.realtime_http_addr(), realtime_grpc = ?server.realtime_grpc_addr(), "listening");
+        tracing::info!(http = %server.http_addr(), grpc = %server.grpc_addr(), metrics = %server.metrics_addr(), realtime_http = %shown(server.realtime_http_addr()), realtime_grpc = %shown(server.realtime_grpc_addr()), "listening");
         reload_tokens_on_sighup(server.auth_handle());
         let served = server.serve(shutdown_signal()).await;
         if let Some(traces) = traces {
@@ -168,4 +168,9 @@ async fn shutdown_signal() {
         () = ctrl_c => tracing::info!("received SIGINT"),
         () = terminate => tracing::info!("received SIGTERM"),
     }
+}
+
+/// An optional listener's address for the logs: the address, or "off".
+fn shown(addr: Option<std::net::SocketAddr>) -> String {
+    addr.map_or_else(|| "off".to_owned(), |addr| addr.to_string())
 }

@@ -262,6 +262,12 @@ impl std::fmt::Debug for BoundServer {
     }
 }
 
+/// The address `listener` is bound to (the port chosen for port 0), or the
+/// `configured` one if the OS cannot say.
+fn bound_addr(listener: &TcpListener, configured: SocketAddr) -> SocketAddr {
+    listener.local_addr().unwrap_or(configured)
+}
+
 /// A listener on `addr` with room for `backlog` connections not yet
 /// accepted (tokio's `TcpListener::bind` asks for 1024).
 fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
@@ -320,39 +326,27 @@ impl BoundServer {
     }
 
     pub fn http_addr(&self) -> SocketAddr {
-        self.http_listener
-            .local_addr()
-            .unwrap_or(self.config.http_addr)
+        bound_addr(&self.http_listener, self.config.http_addr)
     }
 
     pub fn grpc_addr(&self) -> SocketAddr {
-        self.grpc_listener
-            .local_addr()
-            .unwrap_or(self.config.grpc_addr)
+        bound_addr(&self.grpc_listener, self.config.grpc_addr)
     }
 
     /// The real-time HTTP listener's address, when it is served.
     pub fn realtime_http_addr(&self) -> Option<SocketAddr> {
         let listener = self.realtime_http_listener.as_ref()?;
-        listener
-            .local_addr()
-            .ok()
-            .or(self.config.realtime_http_addr)
+        Some(bound_addr(listener, self.config.realtime_http_addr?))
     }
 
     /// The real-time gRPC listener's address, when it is served.
     pub fn realtime_grpc_addr(&self) -> Option<SocketAddr> {
         let listener = self.realtime_grpc_listener.as_ref()?;
-        listener
-            .local_addr()
-            .ok()
-            .or(self.config.realtime_grpc_addr)
+        Some(bound_addr(listener, self.config.realtime_grpc_addr?))
     }
 
     pub fn metrics_addr(&self) -> SocketAddr {
-        self.metrics_listener
-            .local_addr()
-            .unwrap_or(self.config.metrics_addr)
+        bound_addr(&self.metrics_listener, self.config.metrics_addr)
     }
 
     /// Serves until `shutdown` resolves, then drains. Returns an error if
@@ -408,33 +402,31 @@ impl BoundServer {
         };
         // Started before the main listeners, so that a failure to start
         // its thread stops the start with nothing yet served.
-        let realtime = realtime::Listeners {
-            http: realtime_http_listener.map(|listener| {
-                let (app, stop) = (http_app.clone(), stop_rx.clone());
-                let accept = serve::Accept::new("realtime_http", http_tls.clone(), config.limits);
-                let serve: realtime::Serve = Box::new(move |listener| {
-                    Box::pin(serve::serve_http(listener, app, accept, stop))
-                });
-                (listener, serve)
-            }),
-            grpc: realtime_grpc_listener.map(|listener| {
-                let (routes, stop) = (grpc_routes(), stop_rx.clone());
-                let accept = serve::Accept::new("realtime_grpc", grpc_tls.clone(), config.limits);
-                let serve: realtime::Serve = Box::new(move |listener| {
-                    Box::pin(async move {
-                        let incoming = serve::grpc_incoming(listener, accept, stop);
-                        let served = routes
-                            .serve_with_incoming_shutdown(incoming, std::future::pending::<()>())
-                            .await;
-                        if let Err(error) = served {
-                            tracing::error!(%error, "real-time gRPC listener failed");
-                        }
-                    })
-                });
-                (listener, serve)
-            }),
+        let mut realtime = Vec::new();
+        if let Some(listener) = realtime_http_listener {
+            let (app, stop) = (http_app.clone(), stop_rx.clone());
+            let accept = serve::Accept::new("realtime_http", http_tls.clone(), config.limits);
+            let serve: realtime::Serve =
+                Box::new(move |listener| Box::pin(serve::serve_http(listener, app, accept, stop)));
+            realtime.push((listener, serve));
         }
-        .start()?;
+        if let Some(listener) = realtime_grpc_listener {
+            let (routes, stop) = (grpc_routes(), stop_rx.clone());
+            let accept = serve::Accept::new("realtime_grpc", grpc_tls.clone(), config.limits);
+            let serve: realtime::Serve = Box::new(move |listener| {
+                Box::pin(async move {
+                    let incoming = serve::grpc_incoming(listener, accept, stop);
+                    let served = routes
+                        .serve_with_incoming_shutdown(incoming, std::future::pending::<()>())
+                        .await;
+                    if let Err(error) = served {
+                        tracing::error!(%error, "real-time gRPC listener failed");
+                    }
+                })
+            });
+            realtime.push((listener, serve));
+        }
+        let realtime = realtime::start(realtime)?;
         let http_server = tokio::spawn(serve::serve_http(
             http_listener,
             http_app,

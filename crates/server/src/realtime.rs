@@ -31,12 +31,6 @@ use crate::StartError;
 pub(crate) type Serve =
     Box<dyn FnOnce(TcpListener) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
 
-/// The real-time listeners to start, each with what serves it.
-pub(crate) struct Listeners {
-    pub(crate) http: Option<(TcpListener, Serve)>,
-    pub(crate) grpc: Option<(TcpListener, Serve)>,
-}
-
 /// The running real-time thread, if any.
 pub(crate) struct Running {
     /// Resolves (or is dropped) when the thread's listeners have drained.
@@ -53,50 +47,47 @@ impl Running {
     }
 }
 
-impl Listeners {
-    /// Moves the listeners to a new runtime on a thread of their own and
-    /// serves them there. Nothing to serve: no thread.
-    pub(crate) fn start(self) -> Result<Running, StartError> {
-        let served: Vec<(TcpListener, Serve)> = self.http.into_iter().chain(self.grpc).collect();
-        if served.is_empty() {
-            return Ok(Running { done: None });
-        }
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(StartError::RealtimeThread)?;
-        // A listener's readiness is reported by the reactor it is registered
-        // with: register each with the new runtime's.
-        let mut moved = Vec::with_capacity(served.len());
-        {
-            let _entered = runtime.enter();
-            for (listener, serve) in served {
-                let listener = listener
-                    .into_std()
-                    .and_then(TcpListener::from_std)
-                    .map_err(StartError::RealtimeThread)?;
-                moved.push((listener, serve));
-            }
-        }
-        let (done_tx, done_rx) = oneshot::channel();
-        std::thread::Builder::new()
-            .name("realtime-listen".into())
-            .spawn(move || {
-                tickserve_scheduler::os_thread::enter_request_path("real-time listeners");
-                runtime.block_on(async move {
-                    let serving: Vec<_> = moved
-                        .into_iter()
-                        .map(|(listener, serve)| tokio::spawn(serve(listener)))
-                        .collect();
-                    for listener in serving {
-                        let _ = listener.await;
-                    }
-                });
-                let _ = done_tx.send(());
-            })
-            .map_err(StartError::RealtimeThread)?;
-        Ok(Running {
-            done: Some(done_rx),
-        })
+/// Moves the real-time listeners to a new runtime on a thread of their own
+/// and serves each there with what serves it. Nothing to serve: no thread.
+pub(crate) fn start(served: Vec<(TcpListener, Serve)>) -> Result<Running, StartError> {
+    if served.is_empty() {
+        return Ok(Running { done: None });
     }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(StartError::RealtimeThread)?;
+    // A listener's readiness is reported by the reactor it is registered
+    // with: register each with the new runtime's.
+    let mut moved = Vec::with_capacity(served.len());
+    {
+        let _entered = runtime.enter();
+        for (listener, serve) in served {
+            let listener = listener
+                .into_std()
+                .and_then(TcpListener::from_std)
+                .map_err(StartError::RealtimeThread)?;
+            moved.push((listener, serve));
+        }
+    }
+    let (done_tx, done_rx) = oneshot::channel();
+    std::thread::Builder::new()
+        .name("realtime-listen".into())
+        .spawn(move || {
+            tickserve_scheduler::os_thread::enter_request_path("real-time listeners");
+            runtime.block_on(async move {
+                let serving: Vec<_> = moved
+                    .into_iter()
+                    .map(|(listener, serve)| tokio::spawn(serve(listener)))
+                    .collect();
+                for listener in serving {
+                    let _ = listener.await;
+                }
+            });
+            let _ = done_tx.send(());
+        })
+        .map_err(StartError::RealtimeThread)?;
+    Ok(Running {
+        done: Some(done_rx),
+    })
 }

@@ -54,25 +54,12 @@ fn the_realtime_listeners_come_from_flags_or_the_file() {
         "tickserve-cfg-rt",
         "realtime_http_addr = \"127.0.0.1:8003\"\nrealtime_grpc_addr = \"127.0.0.1:8004\"\n",
     );
+    let addr = |text: &str| Some(text.parse::<std::net::SocketAddr>().unwrap());
     let settings = parse(&["--config", file.to_str().unwrap()])
         .resolve()
         .unwrap();
-    assert_eq!(
-        settings
-            .server
-            .realtime_http_addr
-            .map(|a| a.to_string())
-            .as_deref(),
-        Some("127.0.0.1:8003")
-    );
-    assert_eq!(
-        settings
-            .server
-            .realtime_grpc_addr
-            .map(|a| a.to_string())
-            .as_deref(),
-        Some("127.0.0.1:8004")
-    );
+    assert_eq!(settings.server.realtime_http_addr, addr("127.0.0.1:8003"));
+    assert_eq!(settings.server.realtime_grpc_addr, addr("127.0.0.1:8004"));
     let flag = parse(&[
         "--config",
         file.to_str().unwrap(),
@@ -81,13 +68,7 @@ fn the_realtime_listeners_come_from_flags_or_the_file() {
     ])
     .resolve()
     .unwrap();
-    assert_eq!(
-        flag.server
-            .realtime_http_addr
-            .map(|a| a.to_string())
-            .as_deref(),
-        Some("[::1]:9003")
-    );
+    assert_eq!(flag.server.realtime_http_addr, addr("[::1]:9003"));
     assert!(Wrapper::try_parse_from(["serve", "--realtime-grpc-addr", "nowhere"]).is_err());
 }
 

@@ -13,7 +13,9 @@
 # config.toml: a worker for priorities 1–2 pinned to core 0 and one for
 # all on core 1), bundled-main (the same, with the priority-1 client on
 # the main address instead of the real-time listener), one (1 instance),
-# two (2 instances), threads2 (1 instance of 2 threads), int8 and
+# two (2 instances), threads2 (1 instance of 2 threads), bundled-threads2
+# (the bundled workers with threads = 2, helpers parked after each call)
+# and threads2-today (1 instance of 2 threads before isolation), int8 and
 # int8-today (the bundled workers in int8, the general one at nice 10,
 # and int8 before isolation).
 # Every configuration but the *today ones and bundled-main sends the
@@ -27,7 +29,7 @@ phase=${1:-10}
 shift || true
 configs=("$@")
 if [ ${#configs[@]} -eq 0 ]; then
-    configs=(today bundled bundled-main one two threads2 int8 int8-today)
+    configs=(today bundled bundled-main one two threads2 bundled-threads2 threads2-today int8 int8-today)
 fi
 
 cargo build --release -q -p tickserve
@@ -59,6 +61,12 @@ config_of() {
         bundled | bundled-main) cat models/cnn_lstm/config.toml; return ;;
         one) top="instances = 1" ;;
         threads2) top="threads = 2" ;;
+        bundled-threads2)
+            sed -e 's/^threads = 1$/threads = 2/' -e 's/^helper_spin = .*/helper_spin = "0s"/' \
+                models/cnn_lstm/config.toml
+            return
+            ;;
+        threads2-today) top=$'instances = 1\nthreads = 2'; extra=$unchunked ;;
         int8) top='precision = "int8"'; extra=$reserved ;;
         int8-today) top=$'instances = 1\nprecision = "int8"'; extra=$unchunked ;;
         *) echo "unknown configuration $1" >&2; exit 2 ;;
@@ -75,19 +83,21 @@ for name in "${configs[@]}"; do
     mkdir -p "$repo/cnn_lstm/1"
     cp models/cnn_lstm/1/model.onnx "$repo/cnn_lstm/1/"
     config_of "$name" > "$repo/cnn_lstm/config.toml"
-    port=$((20000 + RANDOM % 5000))
+    # All four ports stay below the ephemeral range (32768 up) that the
+    # load generator's own connections take theirs from.
+    port=$((20000 + RANDOM % 3000))
     before=()
     fg_url=http://127.0.0.1:$port
     case $name in
         *today) before=(--background-decode-threads 0 --request-slice 0s) ;;
         bundled-main) ;;
         *)
-            before=(--realtime-http-addr "127.0.0.1:$((port + 15000))")
-            fg_url=http://127.0.0.1:$((port + 15000))
+            before=(--realtime-http-addr "127.0.0.1:$((port + 9000))")
+            fg_url=http://127.0.0.1:$((port + 9000))
             ;;
     esac
     "$bin" serve --model-repository "$repo" --http-addr "127.0.0.1:$port" \
-        --grpc-addr "127.0.0.1:$((port + 5000))" --metrics-addr "127.0.0.1:$((port + 10000))" \
+        --grpc-addr "127.0.0.1:$((port + 3000))" --metrics-addr "127.0.0.1:$((port + 6000))" \
         --cache false --log-level warn "${before[@]}" > "$work/$name.log" 2>&1 &
     server=$!
     for _ in $(seq 1 600); do

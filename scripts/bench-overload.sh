@@ -25,9 +25,11 @@ fi
 work=$(mktemp -d)
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null || true; rm -rf "$work"' EXIT
-port=$((20000 + RANDOM % 5000))
+# The three ports stay below the ephemeral range (32768 up) that the load
+# generator's own connections take theirs from.
+port=$((20000 + RANDOM % 3000))
 "$bin" serve --cache false --log-level error --http-addr "127.0.0.1:$port" \
-    --grpc-addr "127.0.0.1:$((port + 5000))" --metrics-addr "127.0.0.1:$((port + 10000))" &
+    --grpc-addr "127.0.0.1:$((port + 3000))" --metrics-addr "127.0.0.1:$((port + 6000))" &
 pids+=($!)
 url="http://127.0.0.1:$port"
 for _ in $(seq 1 600); do

@@ -95,10 +95,11 @@ pub struct ServeArgs {
     /// SCHED_FIFO policy at this priority (1-99, Linux, needs
     /// CAP_SYS_NICE): the async runtime's threads, the real-time
     /// listeners' thread, each model's batcher thread and the engine
-    /// workers reserved for priorities with a target_latency. On a machine whose cores are all busy this keeps
-    /// their waits for a core short; other engine workers, model loading
-    /// and other processes get the rest. Refused by the OS: logged, normal
-    /// policy (docs/scheduling.md). [default: none]
+    /// workers reserved for priorities with a target_latency. On a machine
+    /// whose cores are all busy this keeps their waits for a core short;
+    /// other engine workers, model loading and other processes get the
+    /// rest. Refused by the OS: logged, normal policy (docs/scheduling.md).
+    /// [default: none]
     #[arg(long, env = "TICKSERVE_REALTIME_PRIORITY", value_name = "1-99", value_parser = clap::value_parser!(u8).range(1..=99))]
     pub realtime_priority: Option<u8>,
 

@@ -320,11 +320,10 @@ impl NativeEngine {
                 return Ok(());
             }
         };
-        // Each thread's share is whole samples, rows divided evenly;
-        // results differ from a single-threaded run only by the input
-        // projection GEMM's summation order for a different row count
-        // (~1e-6). The shares are fixed by `rows` and `threads` alone, so
-        // whichever thread runs a share, the result is the same.
+        // Each thread's share is whole samples, rows divided evenly. A
+        // row's result does not depend on the rows computed beside it
+        // (`tests/batch_invariance.rs`), so the split changes no bit of
+        // any answer.
         let first = rows / threads;
         let (first_out, mut output_rest) = output.split_at_mut(first * width);
         let mut input_rest = &input[first * row_len..];

@@ -15,9 +15,11 @@
 # the main address instead of the real-time listener), one (1 instance),
 # two (2 instances), threads2 (1 instance of 2 threads), bundled-threads2
 # (the bundled workers with threads = 2, helpers parked after each call)
-# and threads2-today (1 instance of 2 threads before isolation), int8 and
-# int8-today (the bundled workers in int8, the general one at nice 10,
-# and int8 before isolation).
+# and threads2-today (1 instance of 2 threads before isolation), int8
+# (the bundled workers in int8, the general one at nice 10),
+# int8-scavenger (the same plus a third worker for all priorities at
+# nice 19 on the real-time worker's core, using its spare time) and
+# int8-today (int8 before isolation).
 # Every configuration but the *today ones and bundled-main sends the
 # priority-1 client to the real-time listener (--realtime-http-addr).
 # Default: all of them. Bounded: each configuration takes 3 phases plus
@@ -29,7 +31,7 @@ phase=${1:-10}
 shift || true
 configs=("$@")
 if [ ${#configs[@]} -eq 0 ]; then
-    configs=(today bundled bundled-main one two threads2 bundled-threads2 threads2-today int8 int8-today)
+    configs=(today bundled bundled-main one two threads2 bundled-threads2 threads2-today int8 int8-scavenger int8-today)
 fi
 
 cargo build --release -q -p tickserve
@@ -51,6 +53,11 @@ cores = [0]
 count = 1
 cores = [1]
 nice = 10'
+scavenger='
+[[instance_group]]
+count = 1
+cores = [0]
+nice = 19'
 
 # Prints the config.toml of configuration $1.
 config_of() {
@@ -68,6 +75,7 @@ config_of() {
             ;;
         threads2-today) top=$'instances = 1\nthreads = 2'; extra=$unchunked ;;
         int8) top='precision = "int8"'; extra=$reserved ;;
+        int8-scavenger) top='precision = "int8"'; extra="$reserved$scavenger" ;;
         int8-today) top=$'instances = 1\nprecision = "int8"'; extra=$unchunked ;;
         *) echo "unknown configuration $1" >&2; exit 2 ;;
     esac

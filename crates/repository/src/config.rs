@@ -302,8 +302,9 @@ pub struct InstanceGroupConfig {
     /// OS scheduling niceness its workers run background work at, −20 to
     /// 19 (Linux): higher yields the cores to the front end and the other
     /// workers when they are short. Batches led by a class with a
-    /// `target_latency` keep the thread's own. Negative values need
-    /// `CAP_SYS_NICE`. None: the process's.
+    /// `target_latency` keep the thread's own. Among idle workers of the
+    /// same priorities, the lowest `nice` is offered work first. Negative
+    /// values need `CAP_SYS_NICE`. None: the process's.
     #[serde(default)]
     pub nice: Option<i32>,
 }

@@ -18,7 +18,8 @@
 //!   a one-row batch fit the tightest higher target; between chunks an
 //!   idle worker takes waiting work of a strictly higher class first;
 //! * workers may be reserved for some classes ([`WorkerPlan`]); an idle
-//!   reserved worker is offered work before a general one;
+//!   reserved worker is offered work before a general one, and among
+//!   workers of the same classes the one at the lowest niceness first;
 //! * under overload lower classes are refused first: while a class is
 //!   refused for capacity, lower classes are shed at admission and their
 //!   queued requests answered 429 at once.
@@ -180,8 +181,9 @@ struct Batcher {
     stats: Arc<SchedulerStats>,
     queue: PriorityQueue<Request>,
     workers: Vec<Worker>,
-    /// Idle workers, the most reserved first: a class with a reserved
-    /// instance goes there before taking a general one.
+    /// Idle workers in offer order ([`WorkerPlan::offer_rank`]): a class
+    /// with a reserved instance goes there before taking a general one,
+    /// and a scavenger at a high niceness gets work last.
     idle: Vec<usize>,
     /// Chunked batches between two chunks.
     parked: Vec<InFlight>,
@@ -256,7 +258,7 @@ impl Batcher {
         let n = workers.len();
         let plans: Vec<ClassSet> = workers.iter().map(|w| w.plan.classes).collect();
         let mut idle: Vec<usize> = (0..n).collect();
-        idle.sort_by_key(|&w| workers[w].plan.classes.len());
+        idle.sort_by_key(|&w| workers[w].plan.offer_rank());
         Batcher {
             live_max: config.max_batch_size.max(1),
             stats,
@@ -364,7 +366,7 @@ impl Batcher {
             worker.sent_at = None;
             self.idle.push(done.worker);
             let workers = &self.workers;
-            self.idle.sort_by_key(|&w| workers[w].plan.classes.len());
+            self.idle.sort_by_key(|&w| workers[w].plan.offer_rank());
         }
         for Answered {
             priority,

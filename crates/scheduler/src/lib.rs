@@ -120,6 +120,17 @@ pub struct WorkerPlan {
     pub nice: Option<i32>,
 }
 
+impl WorkerPlan {
+    /// Where the worker stands when idle workers are offered work, lowest
+    /// first: the most reserved, then, among workers of as many classes,
+    /// the one whose background work yields least (`nice`; none counts as
+    /// 0). A worker at a high niceness (a scavenger using a core's spare
+    /// time) then takes only what the others are too busy for.
+    pub(crate) fn offer_rank(&self) -> (usize, i32) {
+        (self.classes.len(), self.nice.unwrap_or(0))
+    }
+}
+
 impl SchedulerConfig {
     /// The seed's defaults for every class, one instance, version "1"
     /// (set [`SchedulerConfig::version`] for any other).
@@ -145,7 +156,8 @@ impl SchedulerConfig {
         &self.classes[priority.index()]
     }
 
-    /// Every engine worker thread to start, reserved ones first.
+    /// Every engine worker thread to start, in the order they are offered
+    /// work ([`WorkerPlan::offer_rank`]): reserved ones first.
     pub fn workers(&self) -> Vec<WorkerPlan> {
         if self.instance_groups.is_empty() {
             return vec![
@@ -157,10 +169,9 @@ impl SchedulerConfig {
                 self.instances.max(1)
             ];
         }
-        let mut groups: Vec<&InstanceGroup> = self.instance_groups.iter().collect();
-        groups.sort_by_key(|g| g.classes.len());
-        groups
-            .into_iter()
+        let mut plans: Vec<WorkerPlan> = self
+            .instance_groups
+            .iter()
             .flat_map(|group| {
                 (0..group.count).map(move |i| WorkerPlan {
                     classes: group.classes,
@@ -168,7 +179,9 @@ impl SchedulerConfig {
                     nice: group.nice,
                 })
             })
-            .collect()
+            .collect();
+        plans.sort_by_key(WorkerPlan::offer_rank);
+        plans
     }
 }
 

@@ -287,6 +287,38 @@ async fn a_reserved_instance_never_takes_other_classes() {
 }
 
 #[tokio::test]
+async fn idle_workers_of_the_same_classes_are_offered_work_lowest_niceness_first() {
+    let engine = GatedEngine::new(true);
+    let mut cfg = config(4);
+    cfg.instance_groups = vec![
+        InstanceGroup {
+            nice: Some(19),
+            ..one_worker_for(ClassSet::ALL)
+        },
+        one_worker_for(ClassSet::ALL),
+    ];
+    let plans = cfg.workers();
+    assert_eq!(
+        plans.iter().map(|p| p.nice).collect::<Vec<_>>(),
+        [None, Some(19)]
+    );
+    let scheduler = Scheduler::spawn(engine.clone(), cfg);
+    // One request at a time: each time both workers are idle, and the one
+    // that finished last (engine-0, first in line) must still be offered
+    // the next before the scavenger.
+    for i in 0..4 {
+        assert!(send_rows(&scheduler, i as f32, 1, 5).await.unwrap().is_ok());
+        settle().await;
+    }
+    let threads: Vec<String> = engine
+        .calls_by_thread()
+        .into_iter()
+        .map(|(thread, _)| thread)
+        .collect();
+    assert_eq!(threads, ["engine-0"; 4]);
+}
+
+#[tokio::test]
 async fn while_real_time_requests_are_refused_background_ones_are_shed() {
     let engine = GatedEngine::new(false);
     let mut cfg = config(1);

@@ -69,8 +69,15 @@ config_of() {
         one) top="instances = 1" ;;
         threads2) top="threads = 2" ;;
         bundled-threads2)
-            sed -e 's/^threads = 1$/threads = 2/' -e 's/^helper_spin = .*/helper_spin = "0s"/' \
-                models/cnn_lstm/config.toml
+            local edited
+            edited=$(sed -e 's/^threads = 1$/threads = 2/' -e 's/^helper_spin = .*/helper_spin = "0s"/' \
+                models/cnn_lstm/config.toml)
+            # A silent no-op would measure the bundled workers under this name.
+            if ! grep -q '^threads = 2$' <<< "$edited" || ! grep -q '^helper_spin = "0s"$' <<< "$edited"; then
+                echo "bundled-threads2: models/cnn_lstm/config.toml lacks the threads/helper_spin lines it edits" >&2
+                exit 2
+            fi
+            printf '%s\n' "$edited"
             return
             ;;
         threads2-today) top=$'instances = 1\nthreads = 2'; extra=$unchunked ;;

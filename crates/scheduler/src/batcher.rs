@@ -165,6 +165,13 @@ struct Worker {
     sent_at: Option<Instant>,
 }
 
+/// Orders idle workers as they are offered work
+/// ([`WorkerPlan::offer_rank`]). Stable: among equal ranks the worker idle
+/// longest stays first.
+fn sort_in_offer_order(idle: &mut [usize], workers: &[Worker]) {
+    idle.sort_by_key(|&w| workers[w].plan.offer_rank());
+}
+
 /// Metric handles of one class.
 struct ClassMetrics {
     queue_length: Gauge,
@@ -258,7 +265,7 @@ impl Batcher {
         let n = workers.len();
         let plans: Vec<ClassSet> = workers.iter().map(|w| w.plan.classes).collect();
         let mut idle: Vec<usize> = (0..n).collect();
-        idle.sort_by_key(|&w| workers[w].plan.offer_rank());
+        sort_in_offer_order(&mut idle, &workers);
         Batcher {
             live_max: config.max_batch_size.max(1),
             stats,
@@ -365,8 +372,7 @@ impl Batcher {
             worker.busy_until = None;
             worker.sent_at = None;
             self.idle.push(done.worker);
-            let workers = &self.workers;
-            self.idle.sort_by_key(|&w| workers[w].plan.offer_rank());
+            sort_in_offer_order(&mut self.idle, &self.workers);
         }
         for Answered {
             priority,
